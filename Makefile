@@ -1,0 +1,30 @@
+# Two entry points, both safe on a fresh clone:
+#   make demo  -> set up .venv and run the main job on the embedded default model
+#   make test  -> set up .venv and run the test suite (CI calls this)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mechicl-installed
+
+.PHONY: setup demo test bench clean-venv
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: the CPU wheel for 2.13.0 is on the
+# machine's disk, while a bare `torch` requirement resolves to a multi-GB CUDA
+# build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mechicl demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

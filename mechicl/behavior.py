@@ -1,0 +1,123 @@
+"""Kossen et al.'s behavioural readout: accuracy, log-likelihood and entropy against k.
+
+Every label condition runs on the *same* context draws (same inputs, same
+order), so conditions can be compared pairwise. Each context yields the whole
+curve k = 0..K-1 from one teacher-forced forward (see ``readout``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from scipy import stats
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechicl.models import DEFAULT_MODEL, LoadedModel
+from mechicl.prompts import PromptBatch, build_prompt_batch, parse_conditions, sample_contexts
+from mechicl.readout import label_logits
+from mechicl.tasks import Task
+
+METRICS = ("accuracy", "log_likelihood", "entropy")
+SUMMARY_COLUMNS = ["model", "task", "condition", "k", "metric", "mean", "ci_low", "ci_high", "n"]
+
+
+@dataclass(frozen=True)
+class BehaviorConfig:
+    """One behaviour experiment.
+
+    Cost: ``len(conditions) * n_contexts`` forwards of contexts with ``k_max + 1``
+    examples (about 9 tokens per example on vader-words). Memory: one batch of
+    residual streams (``batch_size x pos x d_model`` floats).
+    """
+
+    model: str = DEFAULT_MODEL
+    task: str = "vader-words"
+    conditions: tuple[str, ...] = ("default", "random", "flipped")
+    k_max: int = 16  # largest number of observed examples; contexts hold k_max + 1 examples
+    n_contexts: int = 64
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.k_max < 0 or self.n_contexts < 2:
+            raise ValueError(f"need k_max >= 0 and n_contexts >= 2 (got {self.k_max}, {self.n_contexts})")
+
+
+@dataclass(frozen=True)
+class BehaviorResult:
+    """Per-context scores (``raw``: condition, context, k, metric, value) and their summary."""
+
+    config: BehaviorConfig
+    raw: pd.DataFrame = field(repr=False)
+    summary: pd.DataFrame = field(repr=False)
+    seconds: float = 0.0
+
+
+def score(logits: Float[Tensor, "batch example n_labels"], batch: PromptBatch) -> pd.DataFrame:
+    """Long table of per-context metrics at each k, scored against the *shown* labels.
+
+    Conditions whose shown labels can differ from the true ones (random, flipped)
+    also get ``accuracy_true`` and ``log_likelihood_true``.
+    """
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    n, k, _ = logp.shape
+    cols: dict[str, Tensor] = {}
+    for suffix, target in [("", batch.shown_labels), ("_true", batch.true_labels)]:
+        if suffix and batch.condition not in {"random", "flipped"}:
+            continue
+        cols["accuracy" + suffix] = (logp.argmax(-1) == target).double()
+        cols["log_likelihood" + suffix] = logp.gather(-1, target[..., None])[..., 0]
+    cols["entropy"] = -(logp.exp() * logp).sum(-1)
+    frames = [
+        pd.DataFrame(
+            {
+                "condition": batch.condition,
+                "context": np.repeat(np.arange(n), k),
+                "k": np.tile(np.arange(k), n),
+                "metric": name,
+                "value": v.reshape(-1).numpy(),
+            }
+        )
+        for name, v in cols.items()
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize(raw: pd.DataFrame, model: str, task: str, level: float = 0.95) -> pd.DataFrame:
+    """Mean and a t-interval over contexts for every (condition, k, metric)."""
+    g = raw.groupby(["condition", "k", "metric"], sort=False)["value"]
+    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    half = stats.t.ppf(0.5 + level / 2, np.maximum(out["n"] - 1, 1)) * out["std"] / np.sqrt(out["n"])
+    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    out["model"], out["task"] = model, task
+    return out[SUMMARY_COLUMNS]
+
+
+def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress: bool = True) -> BehaviorResult:
+    """Score every condition on the same ``cfg.n_contexts`` context draws."""
+    t0 = time.perf_counter()
+    ids = sample_contexts(task, cfg.n_contexts, cfg.k_max + 1, seed=cfg.seed)
+    conditions = parse_conditions(cfg.conditions)
+    batches = [
+        build_prompt_batch(task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=cfg.seed)
+        for c in conditions
+    ]  # build all first: tokenization errors surface before any forward
+    raws = []
+    for batch in tqdm(batches, desc="conditions", unit="cond", disable=not progress):
+        raws.append(score(label_logits(loaded.model, batch, cfg.batch_size, progress), batch))
+    raw = pd.concat(raws, ignore_index=True)
+    return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0)
+
+
+def value_at(summary: pd.DataFrame, condition: str, metric: str, k: int) -> pd.Series:
+    """The summary row for one (condition, metric, k)."""
+    row = summary[(summary.condition == condition) & (summary.metric == metric) & (summary.k == k)]
+    if row.empty:
+        raise KeyError(f"no summary row for condition={condition} metric={metric} k={k}")
+    return row.iloc[0]

@@ -1,0 +1,103 @@
+"""Command line: ``mechicl demo | behavior | models | tasks``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mechicl.fetch import ResourceUnavailable
+from mechicl.models import DEFAULT_MODEL, UnknownModel, known_models
+from mechicl.prompts import PromptError
+from mechicl.tasks import TaskError, known_tasks
+
+USER_ERRORS = (PromptError, TaskError, ResourceUnavailable, UnknownModel)
+
+
+def _default_out(kind: str, model: str, task: str) -> Path:
+    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in s)  # noqa: E731
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{safe(model)}-{safe(task)}"
+
+
+def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
+    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path; see `mechicl tasks`")
+    p.add_argument("--conditions", default=conditions, help="comma list of default, random, flipped, arbitrary[:w1/w2]")
+    p.add_argument("--k-max", type=int, default=16, help="largest number of in-context examples scored (default 16)")
+    p.add_argument("--n-contexts", type=int, default=64, help="context draws per condition (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
+
+
+def cmd_behavior(args: argparse.Namespace) -> int:
+    import torch
+
+    from mechicl.behavior import BehaviorConfig, run_behavior
+    from mechicl.models import load_model
+    from mechicl.prompts import parse_conditions
+    from mechicl.report import write_behavior
+    from mechicl.tasks import load_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
+    cfg = BehaviorConfig(args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size)
+    task = load_task(cfg.task, seed=cfg.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model)
+    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"[mechicl] task {task.name}: {task.description}", flush=True)
+    result = run_behavior(loaded, task, cfg)
+    out = args.out or _default_out("behavior", cfg.model, cfg.task)
+    files = write_behavior(result, out)
+    print(files["markdown"].read_text())
+    print(f"[mechicl] wrote {', '.join(p.name for p in files.values())} to {out}")
+    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mechicl.models import EMBEDDED
+
+    for name in known_models():
+        desc = EMBEDDED[name].description if name in EMBEDDED else "random 2-layer boot_native model for tests"
+        print(f"{name:14s} {desc}{'  (default)' if name == DEFAULT_MODEL else ''}")
+    print("Also: a .gguf file, a local Hugging Face model directory, or a Hub id org/name (needs internet).")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from mechicl import tasks
+
+    print(tasks.__doc__)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mechicl", description="Mechanistic interpretability of in-context learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the main job: default model, vader-words, default/random/flipped labels")
+    _add_behavior_args(demo, "default,random,flipped")
+    demo.set_defaults(func=cmd_behavior)
+    beh = sub.add_parser("behavior", help="accuracy / log-likelihood / entropy against k per label condition")
+    _add_behavior_args(beh, "default,random,flipped")
+    beh.set_defaults(func=cmd_behavior)
+    sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"mechicl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

