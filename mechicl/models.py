@@ -62,7 +62,7 @@ EMBEDDED: dict[str, EmbeddedGGUF] = {
     ),
 }
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "gemma3-270m"
 TINY_MODELS = ("tiny",)
 
 

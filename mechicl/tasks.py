@@ -134,15 +134,13 @@ _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]")
 def vader_words(min_abs_rating: float = 1.5, seed: int = 0) -> Task:
     """VADER lexicon entries that are plain lower-case words, labelled by the sign of the mean rating."""
     lex = resources.files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8")
-    texts, labels = [], []
-    for line in lex.splitlines():
+    ratings: dict[str, float] = {}
+    for line in lex.splitlines():  # a few words appear twice; the last entry wins, as in VADER itself
         parts = line.split("\t")
-        if len(parts) < 2 or not _WORD.fullmatch(parts[0]):
-            continue
-        rating = float(parts[1])
-        if abs(rating) >= min_abs_rating:
-            texts.append(parts[0])
-            labels.append(int(rating > 0))
+        if len(parts) >= 2 and _WORD.fullmatch(parts[0]):
+            ratings[parts[0]] = float(parts[1])
+    kept = [(w, r) for w, r in ratings.items() if abs(r) >= min_abs_rating]
+    texts, labels = [w for w, _ in kept], [int(r > 0) for _, r in kept]
     texts, labels = _balance(texts, labels, 2, seed)
     return Task(
         "vader-words",

@@ -1,0 +1,36 @@
+"""Seeded fixtures shared by the suite. Real-model fixtures are session-scoped: each loads once."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tests import helpers
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return helpers.tiny_model()
+
+
+@pytest.fixture(scope="session")
+def toy():
+    return helpers.toy_task()
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The embedded default model (Gemma-3-270M), loaded once per session."""
+    from mechicl.models import DEFAULT_MODEL, load_model
+
+    return load_model(DEFAULT_MODEL)
