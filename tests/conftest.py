@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 
 import numpy as np
@@ -9,6 +11,15 @@ import pytest
 import torch
 
 from tests import helpers
+
+_LOCK = None
+
+
+def pytest_configure(config) -> None:
+    """Serialize test sessions on one machine: two torch processes on 2 cores run ~10x slower."""
+    global _LOCK
+    _LOCK = open(os.environ.get("MECHICL_TEST_LOCK", "/tmp/mechicl-pytest.lock"), "w")
+    fcntl.flock(_LOCK, fcntl.LOCK_EX)
 
 
 @pytest.fixture(autouse=True)
