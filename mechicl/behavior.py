@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.models import DEFAULT_MODEL, LoadedModel
-from mechicl.prompts import PromptBatch, build_prompt_batch, parse_conditions, sample_contexts
+from mechicl.prompts import LabelCondition, PromptBatch, PromptError, build_prompt_batch, sample_contexts
 from mechicl.readout import label_logits
 from mechicl.tasks import Task
 
@@ -38,7 +38,7 @@ class BehaviorConfig:
 
     model: str = DEFAULT_MODEL
     task: str = "vader-words"
-    conditions: tuple[str, ...] = ("default", "random", "flipped")
+    conditions: tuple[str | LabelCondition, ...] = ("default", "random", "flipped")
     k_max: int = 16  # largest number of observed examples; contexts hold k_max + 1 examples
     n_contexts: int = 64
     seed: int = 0
@@ -62,15 +62,21 @@ class BehaviorResult:
 def score(logits: Float[Tensor, "batch example n_labels"], batch: PromptBatch) -> pd.DataFrame:
     """Long table of per-context metrics at each k, scored against the *shown* labels.
 
-    Conditions whose shown labels can differ from the true ones (random, flipped)
-    also get ``accuracy_true`` and ``log_likelihood_true``.
+    Conditions whose shown labels can differ from the true ones (random, flipped,
+    mid-context changes) also get ``accuracy_true`` and ``log_likelihood_true``;
+    mid-context changes get ``*_initial``, scored against the map the context
+    started with (``accuracy``/``log_likelihood`` follow the *current* map).
     """
     logp = torch.log_softmax(logits.double(), dim=-1)
     n, k, _ = logp.shape
+    cond = batch.label_condition
+    targets = {"": batch.shown_labels}
+    if cond is not None and cond.compares_to_truth:
+        targets["_true"] = batch.true_labels
+    if cond is not None and cond.then is not None and batch.initial_labels is not None:
+        targets["_initial"] = batch.initial_labels
     cols: dict[str, Tensor] = {}
-    for suffix, target in [("", batch.shown_labels), ("_true", batch.true_labels)]:
-        if suffix and batch.condition not in {"random", "flipped"}:
-            continue
+    for suffix, target in targets.items():
         cols["accuracy" + suffix] = (logp.argmax(-1) == target).double()
         cols["log_likelihood" + suffix] = logp.gather(-1, target[..., None])[..., 0]
     cols["entropy"] = -(logp.exp() * logp).sum(-1)
@@ -103,7 +109,10 @@ def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress:
     """Score every condition on the same ``cfg.n_contexts`` context draws."""
     t0 = time.perf_counter()
     ids = sample_contexts(task, cfg.n_contexts, cfg.k_max + 1, seed=cfg.seed)
-    conditions = parse_conditions(cfg.conditions)
+    conditions = [c if isinstance(c, LabelCondition) else LabelCondition.parse(c) for c in cfg.conditions]
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise PromptError(f"condition names must be unique, got {names}; give repeated conditions an alias")
     batches = [
         build_prompt_batch(task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=cfg.seed)
         for c in conditions

@@ -49,16 +49,24 @@ ROLE_NAMES = ("pad", "bos", "template", "input", "label")
 class LabelCondition:
     """Which label each in-context example shows, given its true class.
 
-    kinds:
+    kinds (the label map):
       ``default``    the true label;
       ``random``     labels drawn i.i.d. from the task's label marginal;
       ``flipped``    class c shows c+1 mod C (a swap for binary tasks);
       ``arbitrary``  the true class, written with replacement label words
                      (``verbalizers``, e.g. ("A", "B") or ("B", "A")).
+    A mid-context change (``then``) switches from ``kind`` to ``then`` at example
+    ``switch_at`` (``None``: alternate every example). ``prefix`` replaces the
+    template's prefix (instructions; ``{label_0}``, ``{label_1}``, ... are filled
+    with the label words). ``alias`` names the condition in results.
     """
 
     kind: str = "default"
     verbalizers: tuple[str, ...] | None = None
+    then: str | None = None
+    switch_at: int | None = None
+    prefix: str | None = None
+    alias: str | None = None
 
     KINDS = ("default", "random", "flipped", "arbitrary")
 
@@ -67,15 +75,36 @@ class LabelCondition:
             raise PromptError(f"unknown label condition {self.kind!r}; use one of {', '.join(self.KINDS)}")
         if self.kind == "arbitrary" and not self.verbalizers:
             raise PromptError("the arbitrary condition needs replacement label words, e.g. 'arbitrary:A/B'")
+        if self.then is not None and {self.kind, self.then} - {"default", "flipped"}:
+            raise PromptError(
+                f"mid-context changes switch between 'default' and 'flipped' (got {self.kind} > {self.then}); "
+                f"write e.g. 'default>flipped@8' or 'default>flipped@alt'"
+            )
+        if self.switch_at is not None and self.switch_at < 0:
+            raise PromptError(f"switch_at must be >= 0, got {self.switch_at}")
 
     @property
     def name(self) -> str:
-        return f"arbitrary:{'/'.join(self.verbalizers)}" if self.kind == "arbitrary" else self.kind
+        if self.alias:
+            return self.alias
+        if self.kind == "arbitrary":
+            return f"arbitrary:{'/'.join(self.verbalizers or ())}"
+        if self.then is not None:
+            return f"{self.kind}>{self.then}@{'alt' if self.switch_at is None else self.switch_at}"
+        return self.kind
 
     @classmethod
     def parse(cls, spec: str) -> LabelCondition:
-        """``default`` | ``random`` | ``flipped`` | ``arbitrary`` (= A/B) | ``arbitrary:w1/w2[/...]``."""
-        kind, _, words = spec.strip().partition(":")
+        """``default`` | ``random`` | ``flipped`` | ``arbitrary`` (= A/B) | ``arbitrary:w1/w2[/...]``
+        | ``default>flipped@N`` | ``flipped>default@N`` | ``default>flipped@alt``."""
+        spec = spec.strip()
+        if ">" in spec:
+            first, _, rest = spec.partition(">")
+            then, _, at = rest.partition("@")
+            if not at or not (at == "alt" or at.isdigit()):
+                raise PromptError(f"condition {spec!r}: write the switch point as @N (an example index) or @alt")
+            return cls(first.strip(), then=then.strip(), switch_at=None if at == "alt" else int(at))
+        kind, _, words = spec.partition(":")
         if kind == "arbitrary":
             return cls("arbitrary", tuple(w.strip() for w in (words or "A/B").split("/")))
         if words:
@@ -93,14 +122,34 @@ class LabelCondition:
             )
         return self.verbalizers
 
+    def map_at(self, i: int) -> str:
+        """The label map in force at example ``i``."""
+        if self.then is None:
+            return self.kind
+        if self.switch_at is None:
+            return self.kind if i % 2 == 0 else self.then
+        return self.kind if i < self.switch_at else self.then
+
+    @property
+    def compares_to_truth(self) -> bool:
+        """Whether shown labels can differ from true ones (then results also score the truth)."""
+        return self.kind in {"random", "flipped"} or self.then is not None
+
     def shown_labels(self, true: np.ndarray, marginal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Map true classes ``[batch, example]`` to the classes the prompt shows."""
         n_classes = len(marginal)
-        if self.kind == "random":
-            return rng.choice(n_classes, size=true.shape, p=marginal)
-        if self.kind == "flipped":
-            return (true + 1) % n_classes
-        return true.copy()
+        out = true.copy()
+        for i in range(true.shape[1]):
+            kind = self.map_at(i)
+            if kind == "random":
+                out[:, i] = rng.choice(n_classes, size=true.shape[0], p=marginal)
+            elif kind == "flipped":
+                out[:, i] = (true[:, i] + 1) % n_classes
+        return out
+
+    def initial_labels(self, true: np.ndarray, n_classes: int) -> np.ndarray:
+        """Labels under the map the context starts with (for mid-context changes)."""
+        return (true + 1) % n_classes if self.kind == "flipped" else true.copy()
 
 
 def parse_conditions(spec: str | Sequence[str]) -> list[LabelCondition]:
@@ -133,6 +182,8 @@ class PromptBatch:
     condition: str
     task: str
     texts: tuple[str, ...] = field(repr=False)  # the rendered contexts
+    label_condition: LabelCondition | None = field(default=None, repr=False)
+    initial_labels: Int[Tensor, "batch example"] | None = field(default=None, repr=False)  # under the first map
 
     @property
     def n_contexts(self) -> int:
@@ -166,6 +217,8 @@ class PromptBatch:
             condition=self.condition,
             task=self.task,
             texts=tuple(self.texts[i] for i in rows),
+            label_condition=self.label_condition,
+            initial_labels=None if self.initial_labels is None else t(self.initial_labels),
         )
 
 
@@ -267,6 +320,11 @@ def build_prompt_batch(
     cond = LabelCondition.parse(condition) if isinstance(condition, str) else condition
     template = template or task.template
     words = cond.label_words(task)
+    if cond.prefix is not None:
+        prefix = cond.prefix
+        for i, w in enumerate(words):
+            prefix = prefix.replace(f"{{label_{i}}}", w)
+        template = Template(template.example, template.separator, prefix)
     word_ids = label_token_ids(tokenizer, template, words, prepend_bos)
     ex = example_ids.numpy()
     true = np.asarray(task.labels)[ex]
@@ -331,4 +389,6 @@ def build_prompt_batch(
         condition=cond.name,
         task=task.name,
         texts=tuple(texts),
+        label_condition=cond,
+        initial_labels=torch.as_tensor(cond.initial_labels(true, task.n_classes), dtype=torch.long),
     )

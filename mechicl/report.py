@@ -20,16 +20,20 @@ LABELS = {
     "entropy": "entropy over label set (nats)",
     "accuracy_true": "accuracy (vs. true label)",
     "log_likelihood_true": "log-likelihood of true label",
+    "accuracy_initial": "accuracy (vs. initial label map)",
+    "log_likelihood_initial": "log-likelihood under initial label map",
 }
 
 
-def plot_metric(summary: pd.DataFrame, metric: str, path: Path, title: str = "") -> Path:
-    """One line per condition with its 95% CI band, metric against k."""
+def plot_metric(summary: pd.DataFrame, metric: str, path: Path, title: str = "", vline: int | None = None) -> Path:
+    """One line per condition with its 95% CI band, metric against k (``vline``: a label-map switch)."""
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
     for cond, d in summary[summary.metric == metric].groupby("condition", sort=False):
         d = d.sort_values("k")
         (line,) = ax.plot(d.k, d["mean"], marker="o", ms=3, label=cond)
         ax.fill_between(d.k, d.ci_low, d.ci_high, color=line.get_color(), alpha=0.2, lw=0)
+    if vline is not None:
+        ax.axvline(vline, color="k", ls="--", lw=1, alpha=0.7, label=f"switch at k = {vline}")
     ax.set_xlabel("number of in-context examples observed (k)")
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(title, fontsize=9)
@@ -63,7 +67,7 @@ def summary_markdown(result: BehaviorResult) -> str:
         "|---|---|" + "---|" * len(ks),
     ]
     for c in conds:
-        for m in ("accuracy", "log_likelihood", "entropy", "accuracy_true", "log_likelihood_true"):
+        for m in LABELS:
             if ((s.condition == c) & (s.metric == m)).any():
                 lines.append(f"| {c} | {m} | " + " | ".join(_fmt(value_at(s, c, m, k)) for k in ks) + " |")
     lines += ["", "## What the curves show", ""]

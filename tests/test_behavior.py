@@ -90,3 +90,14 @@ def test_run_behavior_shapes(tiny, toy):
     # k = 0 sees no labels, so every condition predicts the same distribution there
     e0 = s[(s.k == 0) & (s.metric == "entropy")]["mean"].to_numpy()
     assert np.allclose(e0[:3], e0[0])
+
+
+def test_switch_conditions_score_current_and_initial_maps(tiny, toy):
+    b = helpers.batch(tiny, toy, "default>flipped@2", n_contexts=2, n_examples=4)
+    logits = torch.randn(2, 4, 2)
+    raw = score(logits, b)
+    assert {"accuracy_initial", "log_likelihood_initial", "accuracy_true"} <= set(raw.metric)
+    acc = raw[raw.metric == "accuracy"].value.to_numpy().reshape(2, 4)
+    acc0 = raw[raw.metric == "accuracy_initial"].value.to_numpy().reshape(2, 4)
+    assert np.array_equal(acc[:, :2], acc0[:, :2])  # before the switch both maps agree
+    assert np.array_equal(acc[:, 2:], 1 - acc0[:, 2:])  # after it they are complementary (binary)

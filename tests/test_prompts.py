@@ -147,3 +147,26 @@ def test_select_trims_padding(tiny, toy):
     assert sub.tokens.shape[1] == int(b.lengths[[1, 3]].max())
     assert torch.equal(sub.label_pos, b.label_pos[[1, 3]])
     assert sub.texts == (b.texts[1], b.texts[3])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 5), st.sampled_from(["default", "flipped"]), st.integers(0, 9), st.booleans(), st.integers(0, 999))
+def test_mid_context_switch_follows_its_definition(tiny, n_classes, first, at, alternate, seed):
+    task = helpers.toy_task(n_classes=n_classes, n=60)
+    then = "flipped" if first == "default" else "default"
+    cond = LabelCondition.parse(f"{first}>{then}@{'alt' if alternate else at}")
+    b = build_prompt_batch(task, tiny.tokenizer, sample_contexts(task, 3, 8, seed=seed), cond, n_ctx=512, prepend_bos=True)
+    flip = (b.true_labels + 1) % n_classes
+    for i in range(8):
+        kind = (first if i % 2 == 0 else then) if alternate else (first if i < at else then)
+        want = b.true_labels[:, i] if kind == "default" else flip[:, i]
+        assert torch.equal(b.shown_labels[:, i], want)
+    assert torch.equal(b.initial_labels, b.true_labels if first == "default" else flip)
+    assert b.condition == cond.name
+
+
+def test_switch_syntax_errors():
+    with pytest.raises(PromptError, match="switch between 'default' and 'flipped'"):
+        LabelCondition.parse("random>flipped@3")
+    with pytest.raises(PromptError, match="@N"):
+        LabelCondition.parse("default>flipped")
