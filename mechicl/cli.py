@@ -7,12 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+from mechicl.experiments import ConfigError
 from mechicl.fetch import ResourceUnavailable
 from mechicl.models import DEFAULT_MODEL, UnknownModel, known_models
 from mechicl.prompts import PromptError
 from mechicl.tasks import TaskError, known_tasks
 
-USER_ERRORS = (PromptError, TaskError, ResourceUnavailable, UnknownModel)
+USER_ERRORS = (PromptError, TaskError, ResourceUnavailable, UnknownModel, ConfigError)
 
 
 def _default_out(kind: str, model: str, task: str) -> Path:
@@ -59,6 +60,27 @@ def cmd_behavior(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mechicl.experiments import load_config, run_experiment, write_experiment
+    from mechicl.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, model=args.model, n_contexts=args.n_contexts, seed=args.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model)
+    print(f"[mechicl] {cfg.name}: {cfg.hypothesis} on {loaded.name} / {cfg.task}, {len(cfg.conditions)} conditions", flush=True)
+    result = run_experiment(cfg, loaded)
+    out = args.out or _default_out(cfg.name, cfg.model, cfg.task)
+    files = write_experiment(result, out, Path(args.config).read_text())
+    print(result.verdict)
+    print(f"[mechicl] wrote {', '.join(p.name for p in files.values())} to {out}")
+    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mechicl.models import EMBEDDED
 
@@ -85,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     beh = sub.add_parser("behavior", help="accuracy / log-likelihood / entropy against k per label condition")
     _add_behavior_args(beh, "default,random,flipped")
     beh.set_defaults(func=cmd_behavior)
+    run = sub.add_parser("run", help="run an experiment config (experiments/*.toml) and write its verdict")
+    run.add_argument("config", type=Path, help="TOML experiment config, e.g. experiments/nh1_random_labels.toml")
+    run.add_argument("--model", default=None, help="override the config's model")
+    run.add_argument("--n-contexts", type=int, default=None, help="override the number of context draws")
+    run.add_argument("--seed", type=int, default=None, help="override the seed")
+    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    run.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-<name>-...)")
+    run.set_defaults(func=cmd_run)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser
