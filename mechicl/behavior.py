@@ -3,6 +3,13 @@
 Every label condition runs on the *same* context draws (same inputs, same
 order), so conditions can be compared pairwise. Each context yields the whole
 curve k = 0..K-1 from one teacher-forced forward (see ``readout``).
+
+Scoring: probabilities are normalised over the label set. With single-token
+labels that is a softmax over the label tokens' logits at the readout slot.
+With ``multi_token=True`` and a label of several tokens, each class's whole
+label sequence is scored (sum of its token log-probabilities given the context)
+and the softmax runs over those sequence scores; this costs
+``n_examples * n_labels`` prefix forwards per context instead of one.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mechicl.models import DEFAULT_MODEL, LoadedModel
 from mechicl.prompts import LabelCondition, PromptBatch, PromptError, build_prompt_batch, sample_contexts
-from mechicl.readout import label_logits
+from mechicl.readout import label_logits, label_sequence_logprobs
 from mechicl.tasks import Task
 
 METRICS = ("accuracy", "log_likelihood", "entropy")
@@ -43,6 +50,7 @@ class BehaviorConfig:
     n_contexts: int = 64
     seed: int = 0
     batch_size: int = 8
+    multi_token: bool = False  # allow label words of several tokens (sequence scoring, costlier)
 
     def __post_init__(self) -> None:
         if self.k_max < 0 or self.n_contexts < 2:
@@ -114,12 +122,19 @@ def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress:
     if len(set(names)) != len(names):
         raise PromptError(f"condition names must be unique, got {names}; give repeated conditions an alias")
     batches = [
-        build_prompt_batch(task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=cfg.seed)
+        build_prompt_batch(
+            task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=cfg.seed,
+            multi_token=cfg.multi_token,
+        )
         for c in conditions
     ]  # build all first: tokenization errors surface before any forward
     raws = []
     for batch in tqdm(batches, desc="conditions", unit="cond", disable=not progress):
-        raws.append(score(label_logits(loaded.model, batch, cfg.batch_size, progress), batch))
+        if batch.label_token_seqs is None:  # single-token labels: one forward per context
+            logits = label_logits(loaded.model, batch, cfg.batch_size, progress)
+        else:  # sequence scoring, normalised over the label set by score()
+            logits = label_sequence_logprobs(loaded.model, batch, progress=progress)
+        raws.append(score(logits, batch))
     raw = pd.concat(raws, ignore_index=True)
     return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0)
 

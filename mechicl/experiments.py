@@ -56,9 +56,12 @@ class ExperimentConfig:
     alpha: float = 0.05
     plot_metrics: tuple[str, ...] = ("accuracy", "log_likelihood", "entropy")
     switch_at: int | None = None  # drawn as a vertical line on the plots
+    multi_token: bool = False  # allow multi-token label words (sequence scoring)
 
     def behavior_config(self) -> BehaviorConfig:
-        return BehaviorConfig(self.model, self.task, self.conditions, self.k_max, self.n_contexts, self.seed, self.batch_size)
+        return BehaviorConfig(
+            self.model, self.task, self.conditions, self.k_max, self.n_contexts, self.seed, self.batch_size, self.multi_token
+        )
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:

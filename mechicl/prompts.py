@@ -184,6 +184,7 @@ class PromptBatch:
     texts: tuple[str, ...] = field(repr=False)  # the rendered contexts
     label_condition: LabelCondition | None = field(default=None, repr=False)
     initial_labels: Int[Tensor, "batch example"] | None = field(default=None, repr=False)  # under the first map
+    label_token_seqs: tuple[tuple[int, ...], ...] | None = None  # set only when some label has > 1 token
 
     @property
     def n_contexts(self) -> int:
@@ -219,6 +220,7 @@ class PromptBatch:
             texts=tuple(self.texts[i] for i in rows),
             label_condition=self.label_condition,
             initial_labels=None if self.initial_labels is None else t(self.initial_labels),
+            label_token_seqs=self.label_token_seqs,
         )
 
 
@@ -260,43 +262,57 @@ def _encode(tokenizer: Any, text: str, prepend_bos: bool) -> tuple[list[int], li
     return ids, offs
 
 
-def _locate(text: str, ids: list[int], offs: list[tuple[int, int]], in_spans, lab_spans, words, tokenizer):
-    """Token positions of each input span and label (exactly one token) from char offsets."""
+def _locate(text, ids, offs, in_spans, lab_spans, words, tokenizer, multi_token: bool = False):
+    """Token spans of each input and label from char offsets.
+
+    A label must be covered exactly by its tokens (one token unless ``multi_token``).
+    Returns ([(in_start, in_end)], [(label_start, label_end)]).
+    """
     inputs, labels = [], []
     for (i0, i1), (l0, l1), word in zip(in_spans, lab_spans, words):
         hit = [p for p, (s, e) in enumerate(offs) if s < l1 and e > l0 and e > s]
-        # the label token may absorb the whitespace right before the word (" positive")
+        # the first label token may absorb the whitespace right before the word (" positive")
         ws = len(text[:l0]) - len(text[:l0].rstrip())
-        if len(hit) != 1 or offs[hit[0]][0] < l0 - ws or offs[hit[0]][1] != l1:
+        exact = bool(hit) and offs[hit[0]][0] >= l0 - ws and offs[hit[-1]][1] == l1
+        if not exact or (len(hit) != 1 and not multi_token):
             near = hit[0] if hit else next((p for p, (s, _) in enumerate(offs) if s >= l0), len(ids) - 1)
+            what = "is not exactly one token" if exact or not multi_token else "does not align with token boundaries"
             raise LabelTokenError(
-                f"label word {word!r} is not exactly one token in its template context; the tokens "
-                f"around it are: {_show(tokenizer, ids, offs, text, near)}. Fix: choose label words "
-                f"that are single tokens after the template's separator (e.g. ' positive'), or change "
-                f"the template so the word is not merged with its neighbours."
+                f"label word {word!r} {what} in its template context; the tokens around it are: "
+                f"{_show(tokenizer, ids, offs, text, near)}. Fix: choose label words that are single tokens "
+                f"after the template's separator (e.g. ' positive'), change the template so the word is not "
+                f"merged with its neighbours, or allow multi-token labels (multi_token=True / --multi-token), "
+                f"which scores whole label sequences at a higher cost."
             )
         span = [p for p, (s, e) in enumerate(offs) if s < i1 and e > i0 and e > s]
         if not span:
             raise PromptError(f"an input produced no tokens in context: {text[i0:i1]!r}")
         inputs.append((span[0], span[-1] + 1))
-        labels.append(hit[0])
+        labels.append((hit[0], hit[-1] + 1))
     return inputs, labels
 
 
-def label_token_ids(tokenizer: Any, template: Template, words: Sequence[str], prepend_bos: bool) -> list[int]:
-    """The token id of each label word as it appears at the end of an example of ``template``."""
-    ids_out = []
+def label_token_sequences(
+    tokenizer: Any, template: Template, words: Sequence[str], prepend_bos: bool, multi_token: bool = False
+) -> list[tuple[int, ...]]:
+    """The token ids of each label word as it appears at the end of an example of ``template``."""
+    seqs = []
     for w in words:
         text, ins, labs = _render(Template(template.example, template.separator, ""), [("x", w)])
         ids, offs = _encode(tokenizer, text, prepend_bos)
-        _, pos = _locate(text, ids, offs, ins, labs, [w], tokenizer)
-        ids_out.append(ids[pos[0]])
-    if len(set(ids_out)) != len(ids_out):
+        _, spans = _locate(text, ids, offs, ins, labs, [w], tokenizer, multi_token)
+        seqs.append(tuple(ids[spans[0][0] : spans[0][1]]))
+    if len(set(seqs)) != len(seqs) or (not multi_token and len({q[0] for q in seqs}) != len(seqs)):
         raise LabelTokenError(
-            f"label words {list(words)} map to token ids {ids_out}; two classes share a token "
+            f"label words {list(words)} map to token ids {[list(q) for q in seqs]}; two classes share a token "
             f"(often the tokenizer's unknown token). Choose distinct words the tokenizer knows."
         )
-    return ids_out
+    return seqs
+
+
+def label_token_ids(tokenizer: Any, template: Template, words: Sequence[str], prepend_bos: bool) -> list[int]:
+    """The single token id of each label word in ``template`` context (LabelTokenError otherwise)."""
+    return [q[0] for q in label_token_sequences(tokenizer, template, words, prepend_bos)]
 
 
 def build_prompt_batch(
@@ -310,10 +326,14 @@ def build_prompt_batch(
     template: Template | None = None,
     seed: int = 0,
     shown_labels: Int[Tensor, "batch example"] | None = None,
+    multi_token: bool = False,
 ) -> PromptBatch:
     """Render and tokenize contexts of ``task`` rows ``example_ids`` under ``condition``.
 
     ``shown_labels`` overrides the condition's label draw (for custom schedules).
+    ``multi_token`` allows label words of several tokens: ``label_pos`` is then the
+    first label token, every label token gets the LABEL role, and
+    ``label_token_seqs`` holds each class's full sequence.
     Random labels use a generator seeded by ``seed`` and the condition name, so the
     same seed gives the same labels. Raises LabelTokenError / ContextOverflowError.
     """
@@ -325,7 +345,8 @@ def build_prompt_batch(
         for i, w in enumerate(words):
             prefix = prefix.replace(f"{{label_{i}}}", w)
         template = Template(template.example, template.separator, prefix)
-    word_ids = label_token_ids(tokenizer, template, words, prepend_bos)
+    seqs = label_token_sequences(tokenizer, template, words, prepend_bos, multi_token)
+    word_ids = [q[0] for q in seqs]
     ex = example_ids.numpy()
     true = np.asarray(task.labels)[ex]
     if shown_labels is None:
@@ -346,13 +367,14 @@ def build_prompt_batch(
                 f"context {b} is {len(ids)} tokens but the model's n_ctx is {n_ctx}. Nothing is truncated. "
                 f"Fix: use fewer in-context examples (now {ex.shape[1]}) or a task with shorter inputs."
             )
-        in_pos, lab_pos = _locate(text, ids, offs, ins, labs, [p[1] for p in pairs], tokenizer)
-        for p, s in zip(lab_pos, shown[b]):
-            if ids[p] != word_ids[s]:
+        in_pos, lab_spans = _locate(text, ids, offs, ins, labs, [p[1] for p in pairs], tokenizer, multi_token)
+        for (p, e), s in zip(lab_spans, shown[b]):
+            if tuple(ids[p:e]) != seqs[s]:
                 raise LabelTokenError(
-                    f"label {words[s]!r} tokenizes to id {ids[p]} in context {b} but to {word_ids[s]} "
+                    f"label {words[s]!r} tokenizes to {ids[p:e]} in context {b} but to {list(seqs[s])} "
                     f"in isolation: {_show(tokenizer, ids, offs, text, p)}. Change the template separator."
                 )
+        lab_pos = lab_spans
         rows.append((ids, in_pos, lab_pos, offs))
         texts.append(text)
 
@@ -369,9 +391,9 @@ def build_prompt_batch(
         roles[b, : len(ids)] = TEMPLATE
         if prepend_bos:
             roles[b, 0] = BOS
-        for i, ((s, e), p) in enumerate(zip(in_pos, lab_pos)):
+        for i, ((s, e), (p, q)) in enumerate(zip(in_pos, lab_pos)):
             roles[b, s:e] = INPUT
-            roles[b, p] = LABEL
+            roles[b, p:q] = LABEL
             spans[b, i] = torch.tensor([s, e])
             lpos[b, i] = p
     return PromptBatch(
@@ -391,4 +413,5 @@ def build_prompt_batch(
         texts=tuple(texts),
         label_condition=cond,
         initial_labels=torch.as_tensor(cond.initial_labels(true, task.n_classes), dtype=torch.long),
+        label_token_seqs=tuple(seqs) if any(len(q) > 1 for q in seqs) else None,
     )

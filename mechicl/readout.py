@@ -39,13 +39,15 @@ def final_residual(model: Any, tokens: Int[Tensor, "batch pos"], attention_mask:
     return store["resid"]
 
 
-def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: Int[Tensor, "n_labels"]) -> Float[Tensor, "... n_labels"]:
-    """Final norm + unembedding restricted to ``label_ids`` (with logit soft-capping if the model has it)."""
+def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: Int[Tensor, "n_labels"] | None) -> Float[Tensor, "... n_labels"]:
+    """Final norm + unembedding restricted to ``label_ids`` (all tokens if None), with the model's
+    logit soft-capping if it has one."""
     x = model.ln_final(resid)
-    logits = x @ model.W_U[:, label_ids]
+    cols = slice(None) if label_ids is None else label_ids
+    logits = x @ model.W_U[:, cols]
     b_U = getattr(model, "b_U", None)
     if b_U is not None:
-        logits = logits + b_U[label_ids]
+        logits = logits + b_U[cols]
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
@@ -66,3 +68,34 @@ def label_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: 
         at = resid[torch.arange(sub.n_contexts)[:, None], sub.readout_pos]  # [b, example, d_model]
         out.append(unembed_labels(model, at, sub.label_token_ids))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def label_sequence_logprobs(model: Any, batch: PromptBatch, rows_per_forward: int = 16, progress: bool = True) -> Float[Tensor, "batch example n_labels"]:
+    """log p(whole label word | context before it) for every class at every example.
+
+    For labels of several tokens: each (example, class) gets its own sequence,
+    the context up to that example's label followed by the class's tokens, so the
+    cost is ``n_examples * n_labels`` forwards of the prefix per context (batched
+    ``rows_per_forward`` at a time), not one. Log-softmax over the result
+    normalises over the label set (sequence-level scoring).
+    """
+    seqs = batch.label_token_seqs or tuple((int(t),) for t in batch.label_token_ids)
+    out = torch.zeros(batch.n_contexts, batch.n_examples, len(seqs))
+    for i in tqdm(range(batch.n_contexts), desc=f"label sequences {batch.condition}", disable=not progress, leave=False):
+        rows = [(j, c, int(batch.label_pos[i, j])) for j in range(batch.n_examples) for c in range(len(seqs))]
+        for start in range(0, len(rows), rows_per_forward):
+            chunk = rows[start : start + rows_per_forward]
+            width = max(p + len(seqs[c]) for _, c, p in chunk)
+            toks = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, (j, c, p) in enumerate(chunk):
+                toks[r, :p] = batch.tokens[i, :p]
+                toks[r, p : p + len(seqs[c])] = torch.tensor(seqs[c])
+                mask[r, : p + len(seqs[c])] = 1
+            resid = final_residual(model, toks, mask)
+            for r, (j, c, p) in enumerate(chunk):
+                q = torch.tensor(seqs[c])
+                logp = torch.log_softmax(unembed_labels(model, resid[r, p - 1 : p - 1 + len(q)], None), -1)
+                out[i, j, c] = logp[torch.arange(len(q)), q].sum()
+    return out

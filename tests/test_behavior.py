@@ -101,3 +101,35 @@ def test_switch_conditions_score_current_and_initial_maps(tiny, toy):
     acc0 = raw[raw.metric == "accuracy_initial"].value.to_numpy().reshape(2, 4)
     assert np.array_equal(acc[:, :2], acc0[:, :2])  # before the switch both maps agree
     assert np.array_equal(acc[:, 2:], 1 - acc0[:, 2:])  # after it they are complementary (binary)
+
+
+def test_sequence_scoring_equals_single_token_readout(tiny, toy):
+    from mechicl.readout import label_sequence_logprobs
+
+    b = helpers.batch(tiny, toy, "flipped", n_contexts=3, n_examples=5)
+    seq = torch.log_softmax(label_sequence_logprobs(tiny.model, b, rows_per_forward=4, progress=False), -1)
+    one = torch.log_softmax(label_logits(tiny.model, b, progress=False), -1)
+    assert torch.allclose(seq, one, atol=1e-5)
+
+
+def test_multi_token_labels_score_whole_sequences(tiny, toy):
+    """Labels 'the red' / 'the blue' share their first token; only sequence scoring can tell them apart."""
+    from mechicl.readout import label_sequence_logprobs
+    from mechicl.tasks import Task
+
+    task = Task("mt", toy.texts, toy.labels, ("the red", "the blue"), toy.template)
+    ids = helpers.sample_contexts(task, 2, 4, seed=0)
+    b = build_prompt_batch(task, tiny.tokenizer, ids, n_ctx=512, prepend_bos=True, multi_token=True)
+    tok = tiny.tokenizer.convert_tokens_to_ids
+    assert b.label_token_seqs == ((tok("the"), tok("red")), (tok("the"), tok("blue")))
+    rows = torch.arange(2)[:, None]
+    assert (b.roles[rows, b.label_pos] == 4).all() and (b.roles[rows, b.label_pos + 1] == 4).all()
+    got = label_sequence_logprobs(tiny.model, b, progress=False)
+    with torch.no_grad():  # by hand: context up to example 2's label, then 'the blue'
+        p = int(b.label_pos[1, 2])
+        seq = torch.cat([b.tokens[1, :p], torch.tensor([tok("the"), tok("blue")])])[None]
+        logp = torch.log_softmax(tiny.model(seq)[0], -1)
+        want = logp[p - 1, tok("the")] + logp[p, tok("blue")]
+    assert torch.allclose(got[1, 2, 1], want, atol=1e-5)
+    res = run_behavior(tiny, task, BehaviorConfig("tiny", "mt", ("default", "flipped"), k_max=3, n_contexts=3, multi_token=True), progress=False)
+    assert set(res.summary.condition) == {"default", "flipped"}
