@@ -29,6 +29,7 @@ def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
     p.add_argument("--n-contexts", type=int, default=64, help="context draws per condition (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--multi-token", action="store_true", help="allow label words of several tokens (sequence scoring; slower)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
 
@@ -45,7 +46,9 @@ def cmd_behavior(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
-    cfg = BehaviorConfig(args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size)
+    cfg = BehaviorConfig(
+        args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size, args.multi_token
+    )
     task = load_task(cfg.task, seed=cfg.seed)
     t0 = time.perf_counter()
     loaded = load_model(cfg.model)
