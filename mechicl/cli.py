@@ -25,6 +25,7 @@ def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
     p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path; see `mechicl tasks`")
     p.add_argument("--conditions", default=conditions, help="comma list of default, random, flipped, arbitrary[:w1/w2]")
+    p.add_argument("--label-names", default=None, help="comma list of label words for file tasks with integer labels")
     p.add_argument("--k-max", type=int, default=16, help="largest number of in-context examples scored (default 16)")
     p.add_argument("--n-contexts", type=int, default=64, help="context draws per condition (default 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,7 +50,8 @@ def cmd_behavior(args: argparse.Namespace) -> int:
     cfg = BehaviorConfig(
         args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size, args.multi_token
     )
-    task = load_task(cfg.task, seed=cfg.seed)
+    names = tuple(args.label_names.split(",")) if args.label_names else None
+    task = load_task(cfg.task, seed=cfg.seed, label_names=names)
     t0 = time.perf_counter()
     loaded = load_model(cfg.model)
     print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)

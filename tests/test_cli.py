@@ -29,3 +29,12 @@ def test_user_errors_exit_2(capsys, tmp_path):
 def test_list_commands(capsys):
     assert main(["models"]) == 0 and "smollm2-135m" in capsys.readouterr().out
     assert main(["tasks"]) == 0 and "vader-words" in capsys.readouterr().out
+
+
+def test_file_task_with_integer_labels(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} w{i + 1},{i % 2}\n" for i in range(20)))
+    out = tmp_path / "run"
+    assert main(["behavior", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive",
+                 "--k-max", "2", "--n-contexts", "3", "--conditions", "default,flipped", "--out", str(out)]) == 0
+    assert (out / "summary.csv").exists()
