@@ -86,6 +86,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inside_args(p: argparse.ArgumentParser, n_contexts: int) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    p.add_argument("--n-contexts", type=int, default=n_contexts, help=f"contexts per condition (default {n_contexts})")
+    p.add_argument("--n-examples", type=int, default=16, help="labelled examples per context (default 16)")
+    p.add_argument("--k-min", type=int, default=4, help="average over readout slots with >= k-min earlier examples (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top", type=int, default=10, help="rows in the printed top lists (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
+
+
+def cmd_inside(args: argparse.Namespace) -> int:
+    """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
+    import torch
+
+    from mechicl import viz
+    from mechicl.models import load_model
+    from mechicl.tasks import load_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = viz.InsideConfig(args.model, args.task, args.n_contexts, args.n_examples, args.k_min, args.seed,
+                           args.batch_size, args.top)
+    task = load_task(cfg.task, seed=cfg.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model)
+    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    out = args.out or _default_out(args.command, cfg.model, cfg.task)
+    if args.command == "attention":
+        text = viz.report_attention(loaded, task, cfg, out, saliency=not args.no_saliency)
+    elif args.command == "lens":
+        text = viz.report_lens(loaded, task, cfg, out, min_gap=args.min_gap)
+    else:
+        text = viz.report_dla(loaded, task, cfg, out)
+    print(text)
+    print(f"[mechicl] wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mechicl.models import EMBEDDED
 
@@ -120,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     run.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-<name>-...)")
     run.set_defaults(func=cmd_run)
+    att = sub.add_parser("attention", help="attention to label tokens, PM and induction scores, saliency; heatmaps and HTML views")
+    _add_inside_args(att, 32)
+    att.add_argument("--no-saliency", action="store_true", help="skip the attention-saliency backward passes")
+    att.set_defaults(func=cmd_inside)
+    lens = sub.add_parser("lens", help="logit lens per layer under default vs flipped contexts; the critical layer")
+    _add_inside_args(lens, 32)
+    lens.add_argument("--min-gap", type=float, default=0.05, help="accuracy gap that marks the critical layer (default 0.05)")
+    lens.set_defaults(func=cmd_inside)
+    dla = sub.add_parser("dla", help="direct logit attribution per head / MLP and the prior-vs-context table")
+    _add_inside_args(dla, 32)
+    dla.set_defaults(func=cmd_inside)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser

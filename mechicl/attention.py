@@ -1,0 +1,265 @@
+"""Where readout slots look: attention to label tokens, prefix-matching (PM) and induction scores.
+
+All positions come from the PromptBatch: the *query* of example ``i`` is its readout
+slot ``readout_pos[:, i]`` (the token that predicts label ``i``); the label tokens
+it can see are ``label_pos[:, :i]``, the inputs it can see ``input_spans[:, :i+1]``.
+
+One hooked forward per context gives every head's attention row at every readout
+slot; the model stops at its final norm (no unembedding). Each key position falls
+into exactly one category, so the masses of a query sum to 1:
+
+  ``first``          position 0 (BOS when the model prepends one);
+  ``label_same``     earlier label tokens whose word is the query's *true* class;
+  ``label_other``    earlier label tokens showing another class;
+  ``input_earlier``  input tokens of earlier examples;
+  ``input_query``    the query's own input tokens;
+  ``template``       every other visible token (separators, "Label:", the slot itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechicl.prompts import TEMPLATE, PromptBatch
+
+CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_until(model: Any, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
+              hooks: Sequence[tuple[str, Callable]], stop: str = "ln_final.hook_in") -> None:
+    """Run ``model`` with forward ``hooks`` and stop once hook ``stop`` fires (skips the unembedding).
+
+    Hooks store what they need themselves. Raises if ``stop`` never fires.
+    """
+    fired = []
+
+    def halt(x: Tensor, hook: Any) -> None:
+        fired.append(True)
+        raise _Stop
+
+    try:
+        model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=[*hooks, (stop, halt)])
+    except _Stop:
+        pass
+    if not fired:
+        raise RuntimeError(f"hook {stop!r} never fired; the model lacks it (mechicl needs a final-norm hook)")
+
+
+def at_slots(x: Tensor, pos: Int[Tensor, "batch example"]) -> Tensor:
+    """``x[b, pos[b, e], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, example, ...]``."""
+    return x[torch.arange(x.shape[0])[:, None], pos]
+
+
+def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True
+                     ) -> Float[Tensor, "batch example layer head key"]:
+    """Attention rows of every head at every readout slot. Cost: one forward per context, no unembedding.
+
+    Memory: ``batch x example x n_layers x n_heads x pos`` floats (~20 MB for 32 Gemma contexts of 16 examples).
+    """
+    n_layers = model.cfg.n_layers
+    out = torch.zeros(batch.n_contexts, batch.n_examples, n_layers, model.cfg.n_heads, batch.tokens.shape[1])
+    chunks = range(0, batch.n_contexts, batch_size)
+    for start in tqdm(chunks, desc=f"attention {batch.condition}", unit="batch", disable=not progress, leave=False):
+        sub = batch.select(slice(start, start + batch_size))
+        rows = torch.arange(sub.n_contexts)
+
+        def grab(layer: int) -> Callable:
+            def fn(x: Tensor, hook: Any) -> None:  # x: [b, head, query, key]
+                out[start + rows, :, layer, :, : x.shape[-1]] = x[rows[:, None], :, sub.readout_pos].detach().float()
+
+            return fn
+
+        hooks = [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(n_layers)]
+        with torch.no_grad():
+            run_until(model, sub.tokens, sub.attention_mask, hooks)
+    return out
+
+
+def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[tuple[int, int]]
+                     ) -> Float[Tensor, "head query key"]:
+    """Full attention patterns of the given (layer, head)s on context ``row`` (unpadded). One forward."""
+    n = int(batch.lengths[row])
+    store: dict[int, Tensor] = {}
+
+    def grab(layer: int) -> Callable:
+        def fn(x: Tensor, hook: Any) -> None:
+            store[layer] = x[0].detach().float()
+
+        return fn
+
+    layers = sorted({l for l, _ in heads})
+    with torch.no_grad():
+        run_until(model, batch.tokens[row : row + 1, :n], None, [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in layers])
+    return torch.stack([store[l][h] for l, h in heads])
+
+
+def key_categories(batch: PromptBatch) -> Bool[Tensor, "batch example category key"]:
+    """For each readout slot, which key positions fall in each of ``CATEGORIES`` (a partition of 0..slot)."""
+    n, k = batch.label_pos.shape
+    pos = torch.arange(batch.tokens.shape[1])
+    visible = pos[None, None] <= batch.readout_pos[..., None]  # [b, ex, W]
+    first = (pos == 0)[None, None].expand(n, k, -1)
+    s, e = batch.input_spans[..., 0:1], batch.input_spans[..., 1:2]
+    in_ex = (pos >= s) & (pos < e)  # [b, j, W]: input tokens of example j
+    lab_ex = pos[None, None] == batch.label_pos[..., None]  # [b, j, W]
+    before = torch.tril(torch.ones(k, k), diagonal=-1)  # [i, j]: j < i
+    same = (batch.shown_labels[:, None, :] == batch.true_labels[:, :, None]).float()  # [b, i, j]
+    lab_same = torch.einsum("bij,bjw->biw", before * same, lab_ex.float()) > 0
+    lab_other = torch.einsum("bij,bjw->biw", before * (1 - same), lab_ex.float()) > 0
+    in_earlier = torch.einsum("ij,bjw->biw", before, in_ex.float()) > 0
+    template = visible & (batch.roles == TEMPLATE)[:, None]
+    rest = torch.stack([lab_same, lab_other, in_earlier, in_ex, template], dim=2) & ~first[:, :, None]
+    return torch.cat([first[:, :, None], rest], dim=2)
+
+
+def label_token_attention(patterns: Float[Tensor, "batch example layer head key"], batch: PromptBatch
+                          ) -> Float[Tensor, "batch example layer head source"]:
+    """Attention from readout slot ``i`` to the label token of every example ``j`` (zero where ``j >= i``)."""
+    idx = batch.label_pos[:, None, None, None, :].expand(*patterns.shape[:4], batch.n_examples)
+    att = patterns.gather(-1, idx)
+    k = batch.n_examples
+    earlier = torch.tril(torch.ones(k, k, dtype=torch.bool), diagonal=-1)  # [i, j]
+    return att * earlier[None, :, None, None, :]
+
+
+@dataclass(frozen=True)
+class LabelAttention:
+    """Per-head attention of readout slots, by key category, by label distance/class, and PM scores.
+
+    ``mass``: condition, layer, head, category, mean (over queries with k >= k_min), n.
+    ``by_distance``: condition, layer, head, distance (examples back), same_class (demo's true
+    class == query's), same_word (shown word == query's true class), mean attention per label token, n.
+    ``pm``: condition, layer, head, pm (by the demonstrations' true classes), pm_word (by shown words).
+    """
+
+    mass: pd.DataFrame = field(repr=False)
+    by_distance: pd.DataFrame = field(repr=False)
+    pm: pd.DataFrame = field(repr=False)
+
+    def label_mass(self, condition: str = "default") -> pd.DataFrame:
+        """Total attention to earlier label tokens per head (``label_same + label_other``)."""
+        m = self.mass[(self.mass.condition == condition) & self.mass.category.isin(["label_same", "label_other"])]
+        return m.groupby(["layer", "head"], as_index=False)["mean"].sum().rename(columns={"mean": "label_attention"})
+
+
+def _heads_frame(values: np.ndarray, **cols: Any) -> pd.DataFrame:
+    """Long frame from ``values[layer, head, ...]`` with layer/head columns."""
+    n_layers, n_heads = values.shape[:2]
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    return pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), **cols})
+
+
+def pm_scores(att_lab: Float[Tensor, "batch example layer head source"], batch: PromptBatch, n_classes: int,
+              by: str = "true") -> Float[Tensor, "batch example layer head"]:
+    """PM_h = sum_j A(q->y_j) 1[same class] - 1/(C-1) sum_j A(q->y_j) 1[other class], per query.
+
+    ``by="true"`` compares each demonstration's true class with the query's (Halawi et al.'s
+    prefix matching: same-class inputs); ``by="word"`` compares the class the label word shows.
+    """
+    demo = batch.true_labels if by == "true" else batch.shown_labels
+    same = (demo[:, None, :] == batch.true_labels[:, :, None]).float()[:, :, None, None, :]  # [b, i, 1, 1, j]
+    return (att_lab * same).sum(-1) - (att_lab * (1 - same)).sum(-1) / max(n_classes - 1, 1)
+
+
+def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, k_min: int = 1,
+                    batch_size: int = 8, progress: bool = True,
+                    patterns: Sequence[Tensor] | None = None) -> LabelAttention:
+    """Label attention, its class/distance breakdown and PM scores for each batch (one per condition).
+
+    Cost: one forward per context per batch (skipped when ``patterns`` from ``readout_patterns`` are given).
+    """
+    if not batches:
+        raise ValueError("label_attention needs at least one PromptBatch")
+    if not 1 <= k_min < batches[0].n_examples:
+        raise ValueError(f"k_min must be in 1..{batches[0].n_examples - 1} (queries need earlier labels), got {k_min}")
+    mass_rows, dist_rows, pm_rows = [], [], []
+    for bi, batch in enumerate(batches):
+        pat = patterns[bi] if patterns is not None else readout_patterns(model, batch, batch_size, progress)
+        n_layers, n_heads = pat.shape[2:4]
+        q = slice(k_min, None)  # queries with at least k_min earlier labels
+        cats = key_categories(batch).float()
+        mass = torch.einsum("bilhw,bicw->bilhc", pat, cats)[:, q]  # [b, iq, L, H, C]
+        mean = mass.mean((0, 1)).numpy()  # [L, H, C]
+        for c, name in enumerate(CATEGORIES):
+            mass_rows.append(_heads_frame(mean, condition=batch.condition, category=name, mean=mean[..., c].ravel(),
+                                          n=mass.shape[0] * mass.shape[1]))
+        att = label_token_attention(pat, batch)  # [b, i, L, H, j]
+        k = batch.n_examples
+        i_idx, j_idx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+        keep = (j_idx < i_idx) & (i_idx >= k_min)  # [i, j]
+        dist = (i_idx - j_idx)[keep]  # [pairs]
+        same_cls = (batch.true_labels[:, :, None] == batch.true_labels[:, None, :])[:, keep]  # [b, pairs]
+        same_word = (batch.true_labels[:, :, None] == batch.shown_labels[:, None, :])[:, keep]
+        vals = att.permute(0, 2, 3, 1, 4)[..., keep]  # [b, L, H, pairs]
+        keys = (dist[None].expand_as(same_cls) * 4 + same_cls.long() * 2 + same_word.long()).reshape(-1)
+        flat = vals.permute(0, 3, 1, 2).reshape(-1, n_layers * n_heads)  # [b*pairs, L*H]
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(len(uniq), n_layers * n_heads).index_add_(0, inv, flat)
+        counts = torch.bincount(inv, minlength=len(uniq)).float()
+        for u, key in enumerate(uniq.tolist()):
+            m = (sums[u] / counts[u]).reshape(n_layers, n_heads).numpy()
+            dist_rows.append(_heads_frame(m, condition=batch.condition, distance=key // 4, same_class=bool(key & 2),
+                                          same_word=bool(key & 1), mean=m.ravel(), n=int(counts[u])))
+        pm_true = pm_scores(att, batch, n_classes, "true")[:, q].mean((0, 1)).numpy()
+        pm_word = pm_scores(att, batch, n_classes, "word")[:, q].mean((0, 1)).numpy()
+        pm_rows.append(_heads_frame(pm_true, condition=batch.condition, pm=pm_true.ravel(), pm_word=pm_word.ravel()))
+    return LabelAttention(pd.concat(mass_rows, ignore_index=True), pd.concat(dist_rows, ignore_index=True),
+                          pd.concat(pm_rows, ignore_index=True))
+
+
+# ------------------------------------------------------------ induction ---
+
+
+def repeated_random_tokens(loaded: Any, n_seqs: int = 8, seq_len: int = 40, seed: int = 0
+                           ) -> tuple[Int[Tensor, "batch pos"], int]:
+    """``[BOS] r r`` with ``r`` uniform over the non-special vocabulary; returns tokens and the offset of copy 1."""
+    tok = loaded.tokenizer
+    vocab = min(int(loaded.model.cfg.d_vocab), len(tok))
+    special = set(tok.all_special_ids)
+    allowed = np.array([i for i in range(vocab) if i not in special])
+    rng = np.random.default_rng(seed)
+    r = torch.as_tensor(allowed[rng.integers(0, len(allowed), size=(n_seqs, seq_len))], dtype=torch.long)
+    parts = [r, r]
+    if loaded.prepend_bos:
+        parts.insert(0, torch.full((n_seqs, 1), tok.bos_token_id, dtype=torch.long))
+    return torch.cat(parts, dim=1), int(loaded.prepend_bos)
+
+
+def induction_scores(loaded: Any, n_seqs: int = 8, seq_len: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Olsson et al.'s induction score per head: mean attention from each token of the second copy
+    to the token after its first occurrence. Cost: one forward of ``n_seqs`` x (2 seq_len + 1) tokens."""
+    model = loaded.model
+    tokens, off = repeated_random_tokens(loaded, n_seqs, seq_len, seed)
+    q = off + seq_len + torch.arange(seq_len)  # second copy
+    k = off + torch.arange(seq_len) + 1  # token after the first occurrence
+    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+
+    def grab(layer: int) -> Callable:
+        def fn(x: Tensor, hook: Any) -> None:  # [b, head, q, k]
+            scores[layer] = x[:, :, q, k].mean((0, 2)).float()
+
+        return fn
+
+    with torch.no_grad():
+        run_until(model, tokens, None, [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(model.cfg.n_layers)])
+    s = scores.numpy()
+    return _heads_frame(s, induction=s.ravel())
+
+
+def top_heads(df: pd.DataFrame, score: str, n: int = 10, ascending: bool = False) -> pd.DataFrame:
+    """The ``n`` heads with the largest (or smallest) ``score``, named ``L{layer}H{head}``."""
+    out = df.sort_values(score, ascending=ascending).head(n).copy()
+    out.insert(0, "name", [f"L{l}H{h}" for l, h in zip(out.layer, out["head"])])
+    return out.reset_index(drop=True)
