@@ -415,6 +415,16 @@ def dla_table(dl: DirectLogits, batch: PromptBatch, prior: Int[Tensor, "batch ex
     return pd.concat(frames, ignore_index=True)
 
 
+def balanced_mean(x: Float[Tensor, "component batch example"], cls: Int[Tensor, "batch example"]
+                  ) -> Float[Tensor, "component"]:
+    """Mean over the classes present in ``cls`` of the per-class mean over queries.
+
+    A component that pushes one label by the same amount everywhere averages to 0 this way, whatever
+    the class balance of the queries."""
+    means = [x[:, cls == c].mean(-1) for c in torch.unique(cls)]
+    return torch.stack(means).mean(0)
+
+
 def prior_vs_context(dl_default: DirectLogits, dl_flipped: DirectLogits, default: PromptBatch, flipped: PromptBatch,
                      prior: Int[Tensor, "batch example"], k_min: int = 1) -> pd.DataFrame:
     """Per component, how much of its direct effect follows the shown label vs the zero-shot prior.
@@ -423,8 +433,9 @@ def prior_vs_context(dl_default: DirectLogits, dl_flipped: DirectLogits, default
     the labels shown for the query's class in default / flipped contexts and p its zero-shot label:
       context = 1/4 [D_d(y_d) - D_d(y_f) - D_f(y_d) + D_f(y_f)]  (the part that moves with the shown label)
       prior   = 1/2 [D_d(p) + D_f(p)]                             (the part that stays on the prior)
-    For a binary task, D_d(y_d) = context + (prior-aligned part when p = y_d), etc. ``side = context - prior``.
-    Means over queries with k >= k_min.
+    context is averaged class-balanced over the query's true class, prior over its prior label
+    (``balanced_mean``), so a constant push toward one label counts as neither; queries with k >= k_min.
+    ``side = context - prior``. The ``dla_*`` columns are plain means (ordinary DLA).
     """
     if not torch.equal(default.example_ids, flipped.example_ids):
         raise ValueError("prior_vs_context needs default and flipped batches built from the same example ids")
@@ -435,7 +446,8 @@ def prior_vs_context(dl_default: DirectLogits, dl_flipped: DirectLogits, default
     context = 0.25 * (logit_diff(Dd, yd) - logit_diff(Dd, yf) - logit_diff(Df, yd) + logit_diff(Df, yf))
     prior_part = 0.5 * (logit_diff(Dd, prior) + logit_diff(Df, prior))
     f = _component_frame(dl_default)
-    f["context"], f["prior"] = m(context), m(prior_part)
+    f["context"] = balanced_mean(context[:, :, q], default.true_labels[:, q]).numpy()
+    f["prior"] = balanced_mean(prior_part[:, :, q], prior[:, q]).numpy()
     f["side"] = f["context"] - f["prior"]
     f["dla_shown_default"], f["dla_shown_flipped"] = m(logit_diff(Dd, yd)), m(logit_diff(Df, yf))
     f["dla_prior_default"], f["dla_prior_flipped"] = m(logit_diff(Dd, prior)), m(logit_diff(Df, prior))

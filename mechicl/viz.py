@@ -186,8 +186,27 @@ def _header(kind: str, loaded: Any, cfg: InsideConfig, extra: str = "") -> list[
             f"on the same example ids; queries = readout slots with k >= {cfg.k_min} earlier examples. {extra}", ""]
 
 
-def _finish(out: Path, cfg: InsideConfig, lines: list[str], seconds: float) -> str:
-    lines += ["", f"Wall time {seconds:.0f} s (model load excluded)."]
+class _Clock:
+    """Wall and process-CPU seconds per stage (CPU time is what a busy shared machine does not inflate)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.t = time.perf_counter()
+        self.c0 = time.process_time()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self.t))
+        self.t = now
+
+    def line(self) -> str:
+        stages = ", ".join(f"{n} {s:.0f} s" for n, s in self.laps)
+        return (f"Wall time {time.perf_counter() - self.t0:.0f} s, process CPU time {time.process_time() - self.c0:.0f} s "
+                f"(model load excluded; stages: {stages}).")
+
+
+def _finish(out: Path, cfg: InsideConfig, lines: list[str], clock: _Clock) -> str:
+    lines += ["", clock.line()]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -200,13 +219,15 @@ def report_attention(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progr
     from mechicl import attention as A
     from mechicl.attribution import attention_saliency
 
-    t0 = time.perf_counter()
+    clock = _Clock()
     out.mkdir(parents=True, exist_ok=True)
     model = loaded.model
     bd, bf = _batches(loaded, task, cfg)
     pats = [A.readout_patterns(model, b, cfg.batch_size, progress) for b in (bd, bf)]
     la = A.label_attention(model, [bd, bf], task.n_classes, cfg.k_min, patterns=pats)
+    clock.lap("label attention")
     ind = A.induction_scores(loaded, seed=cfg.seed)
+    clock.lap("induction")
     la.mass.to_csv(out / "label_attention.csv", index=False)
     la.by_distance.to_csv(out / "label_attention_by_distance.csv", index=False)
     la.pm.to_csv(out / "pm.csv", index=False)
@@ -219,6 +240,7 @@ def report_attention(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progr
     sal = None
     if saliency:
         sal = attention_saliency(model, [bd, bf], "last", cfg.k_min, max(1, cfg.batch_size // 2), progress)
+        clock.lap("saliency")
         sal.layers.to_csv(out / "saliency_layers.csv", index=False)
         sal.heads.to_csv(out / "saliency_heads.csv", index=False)
         heads = heads.merge(sal.heads[sal.heads.condition == "default"][["layer", "head", "saliency"]], on=["layer", "head"])
@@ -264,6 +286,7 @@ def report_attention(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progr
         head_heatmap(sal.heads[sal.heads.condition == "default"], "saliency", out / "saliency_heads_default.png",
                      f"saliency onto label tokens (default) - {title}")
 
+    clock.lap("plots and HTML")
     lines = _header("Attention", loaded, cfg)
     lines += [f"## Top {cfg.top} heads by attention to earlier label tokens (default labels)", "",
               md_table(top[["name", "label_attention", "label_attention_flipped", "pm", "pm_flipped", "induction"]
@@ -277,17 +300,18 @@ def report_attention(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progr
     if sal is not None:
         lines += ["## Attention saliency per layer (Wang et al.): S_wp text->labels, S_pq labels->query, S_ww rest", "",
                   md_table(sal.layers[sal.layers.condition == "default"][["layer", "S_wp", "S_pq", "S_ww", "share_wp", "share_pq"]], 5)]
-    return _finish(out, cfg, lines, time.perf_counter() - t0)
+    return _finish(out, cfg, lines, clock)
 
 
 def report_lens(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progress: bool = True, min_gap: float = 0.05) -> str:
     """Logit lens under default and flipped contexts and the critical layer. Returns the markdown summary."""
     from mechicl.attribution import logit_lens
 
-    t0 = time.perf_counter()
+    clock = _Clock()
     out.mkdir(parents=True, exist_ok=True)
     bd, bf = _batches(loaded, task, cfg)
     lens = logit_lens(loaded.model, [bd, bf], cfg.k_min, min_gap, cfg.batch_size, progress)
+    clock.lap("lens")
     lens.raw.to_csv(out / "lens_raw.csv", index=False)
     lens.summary.to_csv(out / "lens_summary.csv", index=False)
     lens.gap.to_csv(out / "lens_gap.csv", index=False)
@@ -321,20 +345,22 @@ def report_lens(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progress: 
                     "model's output); label-set accuracy against the true label.")
     lines += [verdict, "", f"## Top {cfg.top} depths by accuracy gap (default - flipped, true labels)", "",
               md_table(table.sort_values("gap", ascending=False).head(cfg.top)), "", "## All depths", "", md_table(table)]
-    return _finish(out, cfg, lines, time.perf_counter() - t0)
+    return _finish(out, cfg, lines, clock)
 
 
 def report_dla(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progress: bool = True) -> str:
     """DLA (shown-label and prior-label decompositions) and the prior-vs-context table."""
     from mechicl.attribution import dla_table, direct_logits, prior_vs_context, zero_shot_batch, zero_shot_prior
 
-    t0 = time.perf_counter()
+    clock = _Clock()
     out.mkdir(parents=True, exist_ok=True)
     model = loaded.model
     bd, bf = _batches(loaded, task, cfg)
     prior = zero_shot_prior(model, zero_shot_batch(task, loaded, bd), tuple(bd.example_ids.shape),
                             max(cfg.batch_size, 32), progress)
+    clock.lap("zero-shot prior")
     dd, df = direct_logits(model, bd, cfg.batch_size, progress), direct_logits(model, bf, cfg.batch_size, progress)
+    clock.lap("DLA")
     tab = pd.concat([dla_table(dd, bd, prior, cfg.k_min), dla_table(df, bf, prior, cfg.k_min)], ignore_index=True)
     pvc = prior_vs_context(dd, df, bd, bf, prior, cfg.k_min)
     tab.to_csv(out / "dla.csv", index=False)
@@ -371,4 +397,4 @@ def report_dla(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progress: b
               md_table(named.sort_values("side", ascending=False).head(5)[cols]), "",
               f"Most on the prior side (smallest context - prior):", "",
               md_table(named.sort_values("side").head(5)[cols])]
-    return _finish(out, cfg, lines, time.perf_counter() - t0)
+    return _finish(out, cfg, lines, clock)

@@ -166,11 +166,15 @@ def test_prior_vs_context_separates_followers(tiny):
     bd = helpers.batch(tiny, task, "default", n_contexts=4, n_examples=5, seed=4)
     bf = helpers.batch(tiny, task, "flipped", n_contexts=4, n_examples=5, seed=4)
     prior = torch.randint(0, 2, bd.true_labels.shape, generator=torch.Generator().manual_seed(0))
+    prior[:, 1:4] = 1  # unbalanced priors
     onehot = lambda y: torch.nn.functional.one_hot(y, 2).double()  # noqa: E731
-    mk = lambda shown: torch.stack([onehot(shown), onehot(prior), 0.5 * onehot(shown) + 2 * onehot(prior)])  # noqa: E731
+    const = onehot(torch.zeros_like(prior))  # pushes label 0 everywhere
+    mk = lambda shown: torch.stack([onehot(shown), onehot(prior), 0.5 * onehot(shown) + 2 * onehot(prior), 3 * const,  # noqa: E731
+                                    onehot(shown) + const])
     tab = T.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bf.shown_labels), "flipped"), bd, bf, prior, k_min=1)
-    np.testing.assert_allclose(tab.context, [1.0, 0.0, 0.5], atol=1e-12)
-    np.testing.assert_allclose(tab.prior, [0.0, 1.0, 2.0], atol=1e-12)
+    np.testing.assert_allclose(tab.context, [1.0, 0.0, 0.5, 0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(tab.prior, [0.0, 1.0, 2.0, 0.0, 0.0], atol=1e-12)
+    assert tab.dla_prior_default[3] != 0  # the plain mean does see the constant push (unbalanced priors)
     np.testing.assert_allclose(tab.side, tab.context - tab.prior)
     with pytest.raises(ValueError, match="same example ids"):
         other = helpers.batch(tiny, task, "flipped", n_contexts=4, n_examples=5, seed=5)
