@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def head_heatmap(df: pd.DataFrame, value: str, path: Path, title: str = "", labe
             ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=6,
                     color="black" if signed or x > np.nanmean(v) else "white")
     fig.colorbar(im, ax=ax, label=label or value, shrink=0.8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 48)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
