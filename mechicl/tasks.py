@@ -7,6 +7,7 @@ Sources (see ``load_task``):
                                   the vaderSentiment==3.3.2 sdist (downloaded once, hash-checked);
                                   label = sign of the mean rating, |rating| < 1.0 dropped, balanced.
   ``toy``                         synthetic words for the tiny test model.
+  ``organism``                    the model organisms' synthetic language (``mechicl.organism.language``).
   ``*.csv`` / ``*.jsonl``         local files with ``text`` and ``label`` columns.
   ``hf:<dataset id>``             a Hugging Face dataset (needs the Hub).
 No third-party text is stored in this repository.
@@ -95,7 +96,7 @@ HUTTO_FILES = {
 
 
 def known_tasks() -> list[str]:
-    return ["vader-words", *HUTTO_FILES, "toy"]
+    return ["vader-words", *HUTTO_FILES, "toy", "organism"]
 
 
 def load_task(spec: str, *, seed: int = 0, label_names: tuple[str, ...] | None = None) -> Task:
@@ -106,6 +107,10 @@ def load_task(spec: str, *, seed: int = 0, label_names: tuple[str, ...] | None =
         return vader_sentences(spec, seed=seed)
     if spec == "toy":
         return toy_task(seed=seed)
+    if spec == "organism":
+        from mechicl.organism.language import organism_task
+
+        return organism_task(seed=seed)
     if spec.startswith("hf:"):
         return hf_dataset(spec[3:], label_names=label_names)
     path = Path(spec).expanduser()
