@@ -147,6 +147,76 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_patch(args: argparse.Namespace) -> int:
+    """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
+    import torch
+
+    from mechicl.models import load_model
+    from mechicl.patching import KINDS, Patcher, pair_for, write_patch_results
+    from mechicl.tasks import load_task
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        print(f"mechicl: error: unknown sweep kind(s) {bad}; use a comma list of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    directions = ["denoise", "noise"] if args.direction == "both" else [args.direction]
+    task = load_task(args.task, seed=args.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    pair = pair_for(loaded, task, args.n_contexts, args.n_examples, seed=args.seed, last_m=args.last_m)
+    patcher = Patcher(loaded, pair, max_rows=args.max_rows, progress=True)
+    results = [patcher.sweep(k, d) for k in kinds for d in directions]
+    out = args.out or _default_out("patch", args.model, task.name)
+    files = write_patch_results(results, out, f"{loaded.name} on {task.name}")
+    lines = [f"# Activation patching: {loaded.name} on {task.name}", "",
+             f"{args.n_contexts} contexts x {args.n_examples} examples, {pair.description}, seed {args.seed}. "
+             f"Normalised logit difference at the query readout slot: 0 = corrupted run, 1 = clean run. "
+             f"Mean LD clean {float(patcher.baseline('clean').mean()):.3f}, corrupted "
+             f"{float(patcher.baseline('corrupted').mean()):.3f}.", "",
+             "| sweep | direction | top cells (effect) | seconds | forward-equivalents |", "|---|---|---|---|---|"]
+    for r in results:
+        t = r.table()
+        t = t.reindex(t.effect.abs().sort_values(ascending=False).index).head(args.top)
+        cells = ", ".join(f"L{int(row[r.axes[0]])}{r.axes[1][0].upper()}{int(row[r.axes[1]])} ({row.effect:+.3f})"
+                          for _, row in t.iterrows())
+        lines.append(f"| {r.kind} | {r.direction} | {cells} | {r.seconds:.1f} | {r.forwards:.1f} |")
+    text = "\n".join(lines) + "\n"
+    (Path(out) / "summary.md").write_text(text)
+    print(text)
+    print(f"[mechicl] wrote {len(files) + 1} files to {out}")
+    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
+    import torch
+
+    from mechicl.ablation import HeadFinderConfig, find_heads, write_heads
+    from mechicl.models import load_model
+    from mechicl.tasks import load_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = tuple(int(x) for x in args.set_sizes.split(",") if x.strip())
+    cfg = HeadFinderConfig(args.model, args.task, args.n_examples, args.n_screen, args.n_eval, args.candidates,
+                           sizes, args.n_control, args.ablation, args.seed)
+    task = load_task(cfg.task, seed=cfg.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model)
+    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    result = find_heads(loaded, task, cfg)
+    out = args.out or _default_out("heads", cfg.model, task.name)
+    files = write_heads(result, out)
+    print(result.markdown())
+    print(f"[mechicl] wrote {', '.join(p.name for p in files.values())} to {out}")
+    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mechicl.models import EMBEDDED
@@ -206,6 +276,37 @@ def build_parser() -> argparse.ArgumentParser:
     org_train.add_argument("--seed", type=int, default=0)
     org_train.add_argument("--out", type=Path, default=None, help="checkpoint path (.safetensors); a model card .md is written beside it")
     org_train.set_defaults(func=cmd_organism_train)
+    pat = sub.add_parser("patch", help="exact activation patching, correct- vs flipped-label contexts; heatmaps and tables")
+    pat.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    pat.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    pat.add_argument("--kinds", default="resid,head_out",
+                     help="comma list of resid, attn_out, mlp_out, head_out, head_out_label, head_out_readout, "
+                          "head_v_label, head_pattern_label (default resid,head_out)")
+    pat.add_argument("--direction", choices=["denoise", "noise", "both"], default="both",
+                     help="denoise = clean into corrupted, noise = corrupted into clean (default both)")
+    pat.add_argument("--n-contexts", type=int, default=4, help="contexts (default 4)")
+    pat.add_argument("--n-examples", type=int, default=8, help="examples per context, the last is the query (default 8)")
+    pat.add_argument("--last-m", type=int, default=None, help="flip only the last m demonstration labels")
+    pat.add_argument("--max-rows", type=int, default=64, help="rows per batched forward (memory; default 64)")
+    pat.add_argument("--top", type=int, default=5, help="cells listed per sweep in the summary (default 5)")
+    pat.add_argument("--seed", type=int, default=0)
+    pat.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    pat.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
+    pat.set_defaults(func=cmd_patch)
+    hds = sub.add_parser("heads", help="find label-aggregation heads: attribution screen, exact patching, ablation vs random heads")
+    hds.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    hds.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    hds.add_argument("--n-examples", type=int, default=17, help="examples per context incl. the query (default 17: k = 16)")
+    hds.add_argument("--n-screen", type=int, default=16, help="contexts for attribution and exact patching (default 16)")
+    hds.add_argument("--n-eval", type=int, default=64, help="held-out contexts for ablation (default 64)")
+    hds.add_argument("--candidates", type=int, default=12, help="heads confirmed with exact patching (default 12)")
+    hds.add_argument("--set-sizes", default="1,2,4", help="sizes of the top-n head sets ablated (default 1,2,4)")
+    hds.add_argument("--n-control", type=int, default=200, help="random head sets per size (default 200)")
+    hds.add_argument("--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)")
+    hds.add_argument("--seed", type=int, default=0)
+    hds.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    hds.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
+    hds.set_defaults(func=cmd_heads)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser

@@ -1,0 +1,310 @@
+"""Exact patching equals TransformerLens's patching functions; pairs are validated; attribution is exact when linear."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+import pandas as pd
+import pytest
+import torch
+import transformer_lens.patching as tlp
+
+from mechicl.attribution_patching import agreement, attribution_patch
+from mechicl.models import LoadedModel
+from mechicl.patching import (
+    KINDS,
+    PairError,
+    Patcher,
+    ReadoutStepper,
+    make_pair,
+    pair_for,
+    pair_from_batches,
+    write_patch_results,
+)
+from mechicl.prompts import INPUT, LABEL, sample_contexts
+from mechicl.tasks import load_task
+from mechicl.tiny import VOCAB, tiny_tokenizer
+from tests import helpers
+
+TL_SWEEPS = {
+    "resid": tlp.get_act_patch_resid_pre,
+    "attn_out": tlp.get_act_patch_attn_out,
+    "mlp_out": tlp.get_act_patch_mlp_out,
+    "head_out": tlp.get_act_patch_attn_head_out_all_pos,
+}
+
+
+# ------------------------------------------------------------- builders ---
+
+
+@lru_cache(maxsize=4)
+def tiny_hf(arch: str = "llama", sliding_window: int = 512) -> LoadedModel:
+    """A random 2-layer Hugging Face model (Llama or Gemma-3 layout, GQA) bridged with the tiny tokenizer."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    common = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch == "llama":
+            hf = LlamaForCausalLM(LlamaConfig(**common))
+        else:
+            hf = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=sliding_window, query_pre_attn_scalar=16,
+                                                    layer_types=["sliding_attention", "full_attention"]))
+    hf.config._attn_implementation = "eager"
+    hf.config.architectures = [type(hf).__name__]
+    hf.eval()
+    tok = tiny_tokenizer()
+    bridge = TransformerBridge.boot_transformers(f"tiny-{arch}", hf_model=hf, tokenizer=tok).eval()
+    return LoadedModel(f"tiny-{arch}", bridge, tok, True, "random HF model for tests")
+
+
+@lru_cache(maxsize=1)
+def linear_model() -> LoadedModel:
+    """1 layer, attention only, no norms: the logits are linear in every head output and in attn_out."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, n_ctx=256, d_vocab=len(VOCAB),
+                                  act_fn="gelu", normalization_type=None, attn_only=True, seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TransformerBridge.boot_native(cfg, tokenizer=tiny_tokenizer()).eval()
+    return LoadedModel("linear", model, tiny_tokenizer(), True, "1-layer attention-only model without norms")
+
+
+def tl_reference(loaded, pair, kind, direction, patcher):
+    """TransformerLens's own sweep with the same normalised metric."""
+    m = loaded.model
+    metric = pair.tl_metric(float(patcher.baseline("clean").mean()), float(patcher.baseline("corrupted").mean()))
+    recv, donor = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(donor.tokens)
+        return TL_SWEEPS[kind](m, recv.tokens, cache, metric)
+
+
+# --------------------------------------------------------------- pairs ---
+
+
+def test_pair_differs_only_at_labels(tiny, toy):
+    pair = pair_for(tiny, toy, 4, 6)
+    diff = pair.clean.tokens != pair.corrupted.tokens
+    assert diff.any() and (pair.clean.roles[diff] == LABEL).all()
+    assert torch.equal(pair.clean.readout_pos, pair.corrupted.readout_pos)
+    assert (pair.answer != pair.foil).all()
+    assert torch.equal(pair.answer, pair.clean.true_labels[:, -1])
+    assert torch.equal(pair.foil, pair.corrupted.shown_labels[:, -1])
+
+
+def test_last_m_flips_only_the_last_m_demonstrations(tiny, toy):
+    ids = sample_contexts(toy, 3, 6, seed=1)
+    pair = make_pair(toy, tiny.tokenizer, ids, n_ctx=tiny.n_ctx, prepend_bos=True, last_m=2)
+    differs = pair.clean.shown_labels != pair.corrupted.shown_labels
+    assert differs[:, 3:5].all() and not differs[:, :3].any() and not differs[:, 5].any()
+    assert (pair.answer != pair.foil).all()
+    with pytest.raises(PairError, match="last_m"):
+        make_pair(toy, tiny.tokenizer, ids, n_ctx=tiny.n_ctx, prepend_bos=True, last_m=6)
+
+
+def test_pair_builder_rejects_mismatched_pairs(tiny, toy):
+    pair = pair_for(tiny, toy, 3, 5)
+    clean, corr = pair.clean, pair.corrupted
+    with pytest.raises(PairError, match="shape"):
+        pair_from_batches(clean, corr.select([0, 1]))
+    mask = corr.attention_mask.clone()
+    n0 = int(mask[0].sum())
+    mask[0, n0 - 1] = 0
+    with pytest.raises(PairError, match="lengths"):
+        pair_from_batches(clean, dataclasses.replace(corr, attention_mask=mask))
+    tokens = corr.tokens.clone()
+    r, p = (corr.roles == INPUT).nonzero()[0].tolist()
+    tokens[r, p] = (tokens[r, p] + 1) % len(VOCAB)
+    with pytest.raises(PairError, match=rf"non-label token: context {r}, position {p}"):
+        pair_from_batches(clean, dataclasses.replace(corr, tokens=tokens))
+    with pytest.raises(PairError, match="identical"):
+        pair_from_batches(clean, clean)
+    other = helpers.batch(tiny, toy, "flipped", n_contexts=3, n_examples=5, seed=7)
+    with pytest.raises(PairError):
+        pair_from_batches(clean, other)
+
+
+# --------------------------------------------------- exact == TransformerLens ---
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("kind", list(TL_SWEEPS))
+def test_exact_patching_equals_transformer_lens_tiny(tiny, toy, kind, direction):
+    pair = pair_for(tiny, toy, 3, 5)
+    patcher = Patcher(tiny, pair, max_rows=8)
+    ours = patcher.sweep(kind, direction)
+    ref = tl_reference(tiny, pair, kind, direction, patcher)
+    ref = ref[:, : ours.values.shape[1]]  # TL also sweeps positions after the query slot (no effect there)
+    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+
+
+def _tl_generic(loaded, pair, kind, direction, patcher):
+    """TL's generic_activation_patch with the setter that defines each label/readout kind."""
+    rows = torch.arange(pair.n_contexts)
+    rr, lab, q = rows[:, None], pair.clean.label_pos[:, :-1], pair.query_pos
+
+    def setter(act, index, clean):
+        _, i = index
+        if kind == "head_out_readout":
+            act[rows, q, i] = clean[rows, q, i]
+        elif kind == "head_pattern_label":
+            act[rr, i, :, lab] = clean[rr, i, :, lab]
+        else:
+            act[rr, lab, i] = clean[rr, lab, i]
+        return act
+
+    act = {"head_v_label": "v", "head_pattern_label": "pattern"}.get(kind, "z")
+    metric = pair.tl_metric(float(patcher.baseline("clean").mean()), float(patcher.baseline("corrupted").mean()))
+    recv, donor = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
+    m = loaded.model
+    with torch.no_grad():
+        _, cache = m.run_with_cache(donor.tokens)
+        return tlp.generic_activation_patch(m, recv.tokens, cache, metric, setter, act, index_axis_names=("layer", "head"))
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("kind", ["head_out_readout", "head_out_label", "head_v_label", "head_pattern_label"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+def test_label_and_readout_kinds_equal_generic_tl_patching(tiny, toy, model, kind, direction):
+    loaded = tiny if model == "tiny" else tiny_hf("llama")
+    pair = pair_for(loaded, toy, 3, 5)
+    patcher = Patcher(loaded, pair)
+    ours = patcher.sweep(kind, direction)
+    ref = _tl_generic(loaded, pair, kind, direction, patcher)[:, : ours.values.shape[1]]
+    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+    if kind == "head_out_readout" and model == "tiny-llama":
+        assert patcher.stepper("corrupted").mode == "kv"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_block_skipping_exact_on_hf_architectures(toy, arch):
+    loaded = tiny_hf(arch)
+    pair = pair_for(loaded, toy, 3, 5)
+    patcher = Patcher(loaded, pair)
+    for kind in ("resid", "head_out"):
+        ours = patcher.sweep(kind, "denoise")
+        ref = tl_reference(loaded, pair, kind, "denoise", patcher)[:, : ours.values.shape[1]]
+        assert torch.allclose(ours.values, ref, atol=1e-4), (kind, (ours.values - ref).abs().max())
+
+
+def test_patching_every_head_recovers_clean_and_nothing_gives_zero(tiny, toy):
+    pair = pair_for(tiny, toy, 4, 6)
+    patcher = Patcher(tiny, pair)
+    L, H = tiny.model.cfg.n_layers, tiny.model.cfg.n_heads
+    every = [(l, h) for l in range(L) for h in range(H)]
+    for where in ("all", "readout"):
+        assert patcher.patch_heads(every, "denoise", where) == pytest.approx(1.0, abs=1e-5)
+        assert patcher.patch_heads(every, "noise", where) == pytest.approx(0.0, abs=1e-5)
+        assert patcher.patch_heads([], "denoise", where) == pytest.approx(0.0, abs=1e-6)
+        assert patcher.patch_heads([], "noise", where) == pytest.approx(1.0, abs=1e-6)
+    res = patcher.sweep("resid", "denoise")
+    first_diff = int((pair.clean.tokens != pair.corrupted.tokens).any(0).nonzero().min())
+    assert torch.equal(res.values[:, :first_diff], torch.zeros(L, first_diff))  # no-op cells: exactly 0
+    assert not res.computed[:, :first_diff].any() and res.computed[0, first_diff]
+
+
+def test_readout_stepper_kv_equals_full_forward(toy):
+    for loaded, mode in [(tiny_hf("llama"), "kv"), (tiny_hf("gemma3"), "kv"), (tiny_hf("gemma3", sliding_window=8), "full")]:
+        b = helpers.batch(loaded, toy, "flipped", n_contexts=3, n_examples=6)
+        st = ReadoutStepper(loaded, b)
+        assert st.mode == mode
+        ref = ReadoutStepper(loaded, b, mode="full")
+        masks = torch.rand(5, 2, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+        for src in (None, st.z.mean(0), st.z * 0.5):
+            assert torch.allclose(st.run(masks, src), ref.run(masks, src), atol=1e-4)
+        assert torch.allclose(st.base_logits, helpers.full_label_logits(loaded, b)[:, -1], atol=1e-4)
+
+
+# ------------------------------------------------------------ attribution ---
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_equals_exact_on_a_linear_model(toy, direction):
+    lin = linear_model()
+    pair = pair_for(lin, toy, 4, 6)
+    patcher = Patcher(lin, pair)
+    kinds = ("head_out", "head_out_readout", "head_out_label", "attn_out")
+    est = attribution_patch(lin, pair, kinds, direction)
+    for kind in kinds:
+        exact = patcher.sweep(kind, direction)
+        assert torch.allclose(est[kind].values, exact.values, atol=1e-4), (kind, (est[kind].values - exact.values).abs().max())
+    assert est["head_out"].effect.abs().max() > 1e-3  # the test is not vacuous
+
+
+def test_attribution_agreement_on_tiny(tiny, toy):
+    pair = pair_for(tiny, toy, 4, 6)
+    est = attribution_patch(tiny, pair, ("head_out", "resid"))
+    exact = Patcher(tiny, pair).sweep("head_out")
+    agr = agreement(est["head_out"].values, exact.values, k=3)
+    assert set(agr) == {"spearman", "pearson", "topk_overlap", "k"}
+    assert -1 <= agr["spearman"] <= 1 and 0 <= agr["topk_overlap"] <= 1
+    assert est["head_out"].by_pos.shape == (2, 4, pair.query_pos.max() + 1)
+    assert est["resid"].values.shape[0] == 2
+
+
+# ------------------------------------------------------------ tables, CLI ---
+
+
+def test_tables_and_files(tiny, toy, tmp_path):
+    pair = pair_for(tiny, toy, 2, 4)
+    patcher = Patcher(tiny, pair)
+    res = [patcher.sweep("resid"), patcher.sweep("head_out", "noise")]
+    t = res[0].table()
+    assert {"layer", "pos", "value", "effect", "role", "computed"} <= set(t.columns)
+    assert len(t) == res[0].values.numel()
+    files = write_patch_results(res, tmp_path)
+    assert (tmp_path / "resid_denoise.png").exists() and (tmp_path / "head_out_noise.csv").exists()
+    assert len(pd.read_csv(files["table"])) == sum(r.values.numel() for r in res)
+    assert set(KINDS) >= {"resid", "attn_out", "mlp_out", "head_out", "head_out_label", "head_out_readout", "head_v_label", "head_pattern_label"}
+
+
+def test_cli_patch_on_tiny(tmp_path, capsys):
+    from mechicl.cli import main
+
+    rc = main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "head_out,resid", "--n-contexts", "2",
+               "--n-examples", "4", "--direction", "both", "--out", str(tmp_path)])
+    assert rc == 0
+    assert (tmp_path / "head_out_denoise.png").exists() and (tmp_path / "resid_noise.csv").exists()
+    assert (tmp_path / "summary.md").exists()
+    assert "head_out" in capsys.readouterr().out
+    assert main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "bogus", "--out", str(tmp_path)]) == 2
+
+
+# ------------------------------------------------------------ real model ---
+
+
+@pytest.mark.real_model
+def test_exact_patching_equals_transformer_lens_real(real):
+    task = load_task("vader-words")
+    pair = pair_for(real, task, 2, 3)
+    patcher = Patcher(real, pair)
+    ours = patcher.sweep("head_out", "denoise")
+    ref = tl_reference(real, pair, "head_out", "denoise", patcher)
+    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+    res = patcher.sweep("resid", "noise")
+    metric = pair.tl_metric(float(patcher.baseline("clean").mean()), float(patcher.baseline("corrupted").mean()))
+    idx = pd.DataFrame([(l, p) for l in (0, 9, 17) for p in range(patcher.width)], columns=["layer", "pos"])
+    with torch.no_grad():
+        _, cache = real.model.run_with_cache(pair.corrupted.tokens)
+        tl = tlp.generic_activation_patch(real.model, pair.clean.tokens, cache, metric, tlp.layer_pos_patch_setter,
+                                          "resid_pre", index_df=idx)
+    assert torch.allclose(res.values[torch.tensor(idx["layer"].to_numpy()), torch.tensor(idx["pos"].to_numpy())], tl, atol=1e-4)
+
+
+@pytest.mark.real_model
+def test_all_heads_recover_clean_and_stepper_is_kv_on_real(real):
+    task = load_task("vader-words")
+    pair = pair_for(real, task, 2, 4)
+    patcher = Patcher(real, pair)
+    every = [(l, h) for l in range(18) for h in range(4)]
+    assert patcher.patch_heads(every, "denoise", "all") == pytest.approx(1.0, abs=1e-4)
+    assert patcher.patch_heads(every, "denoise", "readout") == pytest.approx(1.0, abs=1e-4)
+    assert patcher.patch_heads([], "denoise", "all") == pytest.approx(0.0, abs=1e-6)
+    assert patcher.stepper("corrupted").mode == "kv"
