@@ -19,7 +19,7 @@ into exactly one category, so the masses of a query sum to 1:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,37 +29,37 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.prompts import TEMPLATE, PromptBatch
+from mechicl.readout import run_until
 
 CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
-
-
-class _Stop(Exception):
-    pass
-
-
-def run_until(model: Any, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
-              hooks: Sequence[tuple[str, Callable]], stop: str = "ln_final.hook_in") -> None:
-    """Run ``model`` with forward ``hooks`` and stop once hook ``stop`` fires (skips the unembedding).
-
-    Hooks store what they need themselves. Raises if ``stop`` never fires.
-    """
-    fired = []
-
-    def halt(x: Tensor, hook: Any) -> None:
-        fired.append(True)
-        raise _Stop
-
-    try:
-        model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=[*hooks, (stop, halt)])
-    except _Stop:
-        pass
-    if not fired:
-        raise RuntimeError(f"hook {stop!r} never fired; the model lacks it (mechicl needs a final-norm hook)")
 
 
 def at_slots(x: Tensor, pos: Int[Tensor, "batch example"]) -> Tensor:
     """``x[b, pos[b, e], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, example, ...]``."""
     return x[torch.arange(x.shape[0])[:, None], pos]
+
+
+def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
+                        desc: str = "forward", stop: str = "ln_final.hook_in") -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
+    """Per chunk of ``batch_size`` contexts: the chunk and the activations of hooks ``names`` at its readout slots.
+
+    Each activation ``[b, pos, ...]`` is gathered to ``[b, example, ...]`` and detached. Cost: one
+    forward per context, stopped at ``stop`` (no unembedding). Memory: one chunk's activations.
+    """
+    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
+                      disable=not progress, leave=False):
+        sub = batch.select(slice(start, start + batch_size))
+        acts: dict[str, Tensor] = {}
+
+        def grab(name: str) -> Callable:
+            def fn(x: Tensor, hook: Any) -> None:
+                acts[name] = at_slots(x, sub.readout_pos).detach()
+
+            return fn
+
+        with torch.no_grad():
+            run_until(model, sub.tokens, [(n, grab(n)) for n in names], stop=stop, attention_mask=sub.attention_mask)
+        yield sub, acts
 
 
 def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True
@@ -83,7 +83,7 @@ def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progre
 
         hooks = [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(n_layers)]
         with torch.no_grad():
-            run_until(model, sub.tokens, sub.attention_mask, hooks)
+            run_until(model, sub.tokens, hooks, attention_mask=sub.attention_mask)
     return out
 
 
@@ -101,7 +101,7 @@ def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[t
 
     layers = sorted({l for l, _ in heads})
     with torch.no_grad():
-        run_until(model, batch.tokens[row : row + 1, :n], None, [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in layers])
+        run_until(model, batch.tokens[row : row + 1, :n], [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in layers])
     return torch.stack([store[l][h] for l, h in heads])
 
 
@@ -253,7 +253,7 @@ def induction_scores(loaded: Any, n_seqs: int = 8, seq_len: int = 40, seed: int 
         return fn
 
     with torch.no_grad():
-        run_until(model, tokens, None, [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(model.cfg.n_layers)])
+        run_until(model, tokens, [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(model.cfg.n_layers)])
     s = scores.numpy()
     return _heads_frame(s, induction=s.ravel())
 

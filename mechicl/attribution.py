@@ -29,9 +29,9 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.attention import _heads_frame, at_slots, run_until
+from mechicl.attention import _heads_frame, at_slots, readout_activations
 from mechicl.prompts import PromptBatch, build_prompt_batch
-from mechicl.readout import label_logits, unembed_labels
+from mechicl.readout import label_logits, run_until, unembed_labels
 from mechicl.tasks import Task, Template
 
 
@@ -74,17 +74,12 @@ def saliency_maps(model: Any, batch: PromptBatch, queries: str = "last", k_min: 
     def make_leaf(x: Tensor, hook: Any) -> Tensor:  # the graph needs one input that requires grad
         return x if x.requires_grad else x.detach().requires_grad_(True)
 
-    resid: dict[str, Tensor] = {}
-
-    def grab(x: Tensor, hook: Any) -> None:
-        resid["x"] = x
-
     qi = _query_index(batch, queries, k_min)
     n_layers = model.cfg.n_layers
     hooks = [("hook_embed", make_leaf)] + [(f"blocks.{l}.attn.hook_pattern", keep(l)) for l in range(n_layers)]
     with torch.enable_grad():
-        run_until(model, batch.tokens, batch.attention_mask, [*hooks, ("ln_final.hook_in", grab)], stop="ln_final.hook_in")
-        at = at_slots(resid["x"], batch.readout_pos[:, qi])  # [b, q, d_model]
+        resid = run_until(model, batch.tokens, hooks, attention_mask=batch.attention_mask)
+        at = at_slots(resid, batch.readout_pos[:, qi])  # [b, q, d_model]
         logits = unembed_labels(model, at, batch.label_token_ids)  # [b, q, n_labels]
         target = batch.shown_labels[:, qi]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
@@ -161,23 +156,11 @@ def lens_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: b
     Uses the model's final norm and unembedding; depth n_layers equals the model's own logits.
     Cost: one forward per context (no unembedding) plus (n_layers + 1) tiny label-set readouts.
     """
-    n_layers = model.cfg.n_layers
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     out = []
-    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"lens {batch.condition}", unit="batch",
-                      disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        store: dict[int, Tensor] = {}
-
-        def grab(depth: int) -> Callable:
-            def fn(x: Tensor, hook: Any) -> None:
-                store[depth] = at_slots(x, sub.readout_pos).detach()
-
-            return fn
-
-        hooks = [("blocks.0.hook_resid_pre", grab(0))] + [(f"blocks.{l}.hook_resid_post", grab(l + 1)) for l in range(n_layers)]
+    for sub, acts in readout_activations(model, batch, names, batch_size, progress, desc="lens"):
+        resid = torch.stack([acts[n] for n in names], dim=2)  # [b, ex, depth, d_model]
         with torch.no_grad():
-            run_until(model, sub.tokens, sub.attention_mask, hooks)
-            resid = torch.stack([store[d] for d in range(n_layers + 1)], dim=2)  # [b, ex, depth, d_model]
             out.append(unembed_labels(model, resid, sub.label_token_ids))
     return torch.cat(out)
 
@@ -314,25 +297,14 @@ def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress:
     b_U = b_U.detach().double()[batch.label_token_ids] if b_U is not None else None
     names: list[str] = []
     chunks_out, logits_out = [], []
-    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"dla {batch.condition}", unit="batch",
-                      disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        st: dict[str, Tensor] = {}
-
-        def grab(name: str) -> Callable:
-            def fn(x: Tensor, hook: Any) -> None:
-                st[name] = at_slots(x, sub.readout_pos).detach().double()
-
-            return fn
-
-        want = ["hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_out"]
-        for l in range(n_layers):
-            want += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
-            if post_attn:
-                want.append(f"blocks.{l}.ln1_post.hook_scale")
-        with torch.no_grad():
-            run_until(model, sub.tokens, sub.attention_mask, [(n, grab(n)) for n in want if _has_hook(model, n)],
-                      stop="ln_final.hook_out")
+    want = ["hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_out"]
+    for l in range(n_layers):
+        want += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
+        if post_attn:
+            want.append(f"blocks.{l}.ln1_post.hook_scale")
+    want = [n for n in want if _has_hook(model, n)]
+    for sub, acts in readout_activations(model, batch, want, batch_size, progress, desc="dla", stop="ln_final.hook_out"):
+        st = {n: x.double() for n, x in acts.items()}
         comps, nm = [], []
         for name in ("hook_embed", "hook_pos_embed"):
             if name in st:

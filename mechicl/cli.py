@@ -6,12 +6,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mechicl.experiments import ConfigError
 from mechicl.fetch import ResourceUnavailable
 from mechicl.models import DEFAULT_MODEL, UnknownModel, known_models
 from mechicl.prompts import PromptError
-from mechicl.tasks import TaskError, known_tasks
+from mechicl.tasks import TaskError
 
 USER_ERRORS = (PromptError, TaskError, ResourceUnavailable, UnknownModel, ConfigError)
 
@@ -19,6 +20,20 @@ USER_ERRORS = (PromptError, TaskError, ResourceUnavailable, UnknownModel, Config
 def _default_out(kind: str, model: str, task: str) -> Path:
     safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in s)  # noqa: E731
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{safe(model)}-{safe(task)}"
+
+
+def _load(model: str, threads: int | None) -> tuple[Any, float]:
+    """Set torch's thread count (if given), load ``model`` and report it; returns it and the start time."""
+    import torch
+
+    from mechicl.models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    loaded = load_model(model)
+    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return loaded, t0
 
 
 def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
@@ -36,25 +51,18 @@ def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
 
 
 def cmd_behavior(args: argparse.Namespace) -> int:
-    import torch
-
     from mechicl.behavior import BehaviorConfig, run_behavior
-    from mechicl.models import load_model
     from mechicl.prompts import parse_conditions
     from mechicl.report import write_behavior
     from mechicl.tasks import load_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
     cfg = BehaviorConfig(
         args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size, args.multi_token
     )
     names = tuple(args.label_names.split(",")) if args.label_names else None
     task = load_task(cfg.task, seed=cfg.seed, label_names=names)
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model)
-    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    loaded, t0 = _load(cfg.model, args.threads)
     print(f"[mechicl] task {task.name}: {task.description}", flush=True)
     result = run_behavior(loaded, task, cfg)
     out = args.out or _default_out("behavior", cfg.model, cfg.task)
@@ -66,16 +74,10 @@ def cmd_behavior(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import torch
-
     from mechicl.experiments import load_config, run_experiment, write_experiment
-    from mechicl.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, model=args.model, n_contexts=args.n_contexts, seed=args.seed)
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model)
+    loaded, t0 = _load(cfg.model, args.threads)
     print(f"[mechicl] {cfg.name}: {cfg.hypothesis} on {loaded.name} / {cfg.task}, {len(cfg.conditions)} conditions", flush=True)
     result = run_experiment(cfg, loaded)
     out = args.out or _default_out(cfg.name, cfg.model, cfg.task)
@@ -101,20 +103,13 @@ def _add_inside_args(p: argparse.ArgumentParser, n_contexts: int) -> None:
 
 def cmd_inside(args: argparse.Namespace) -> int:
     """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
-    import torch
-
     from mechicl import viz
-    from mechicl.models import load_model
     from mechicl.tasks import load_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = viz.InsideConfig(args.model, args.task, args.n_contexts, args.n_examples, args.k_min, args.seed,
                            args.batch_size, args.top)
     task = load_task(cfg.task, seed=cfg.seed)
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model)
-    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    loaded, t0 = _load(cfg.model, args.threads)
     out = args.out or _default_out(args.command, cfg.model, cfg.task)
     if args.command == "attention":
         text = viz.report_attention(loaded, task, cfg, out, saliency=not args.no_saliency)
@@ -149,9 +144,6 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 
 def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
-    import torch
-
-    from mechicl.models import load_model
     from mechicl.patching import KINDS, Patcher, pair_for, write_patch_results
     from mechicl.tasks import load_task
 
@@ -160,13 +152,9 @@ def cmd_patch(args: argparse.Namespace) -> int:
     if bad or not kinds:
         print(f"mechicl: error: unknown sweep kind(s) {bad}; use a comma list of {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     directions = ["denoise", "noise"] if args.direction == "both" else [args.direction]
     task = load_task(args.task, seed=args.seed)
-    t0 = time.perf_counter()
-    loaded = load_model(args.model)
-    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    loaded, t0 = _load(args.model, args.threads)
     pair = pair_for(loaded, task, args.n_contexts, args.n_examples, seed=args.seed, last_m=args.last_m)
     patcher = Patcher(loaded, pair, max_rows=args.max_rows, progress=True)
     results = [patcher.sweep(k, d) for k in kinds for d in directions]
@@ -194,21 +182,14 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
-    import torch
-
     from mechicl.ablation import HeadFinderConfig, find_heads, write_heads
-    from mechicl.models import load_model
     from mechicl.tasks import load_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sizes = tuple(int(x) for x in args.set_sizes.split(",") if x.strip())
     cfg = HeadFinderConfig(args.model, args.task, args.n_examples, args.n_screen, args.n_eval, args.candidates,
                            sizes, args.n_control, args.ablation, args.seed)
     task = load_task(cfg.task, seed=cfg.seed)
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model)
-    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    loaded, t0 = _load(cfg.model, args.threads)
     result = find_heads(loaded, task, cfg)
     out = args.out or _default_out("heads", cfg.model, task.name)
     files = write_heads(result, out)

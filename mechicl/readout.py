@@ -1,14 +1,15 @@
 """The one-forward readout: label-set log-probabilities at every readout slot.
 
-The model runs up to its final norm's input (``ln_final.hook_in``) and stops;
-the unembedding is then applied only at readout slots and only to the label
+The model runs up to its final norm's input (``ln_final.hook_in``) and stops
+(``run_until``: the one early-stop mechanism every analysis uses); the unembedding
+is then applied only at readout slots and only to the label
 tokens. For Gemma-3 (262k-word vocabulary) that skips ~70% of a forward's cost.
 Results equal the model's full logits restricted to the label tokens (tested).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -18,25 +19,36 @@ from tqdm.auto import tqdm
 from mechicl.prompts import PromptBatch
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised inside a hook to end a forward early; ``run_until`` catches it."""
+
+
+def run_until(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[tuple[str, Callable]] = (),
+              stop: str = "ln_final.hook_in", **forward_kwargs: Any) -> Tensor:
+    """Run ``model`` with forward ``hooks`` and stop once hook ``stop`` fires; return the activation there.
+
+    With the default ``stop`` that is the residual entering the final norm ``[batch, pos, d_model]``,
+    and the unembedding never runs. ``hooks`` run before the stop hook and store what they need
+    themselves. Cost: the forward up to ``stop``. Raises if ``stop`` never fires.
+    """
+    out: dict[str, Tensor] = {}
+
+    def halt(x: Tensor, hook: Any) -> None:
+        out["x"] = x
+        raise StopForward
+
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[*hooks, (stop, halt)], **forward_kwargs)
+    except StopForward:
+        pass
+    if "x" not in out:
+        raise RuntimeError(f"hook {stop!r} never fired; the model lacks it (mechicl needs a final-norm hook)")
+    return out["x"]
 
 
 def final_residual(model: Any, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
     """Residual stream entering the final norm. Cost: one forward without the unembedding."""
-    store: dict[str, Tensor] = {}
-
-    def grab(x: Tensor, hook: Any) -> Tensor:
-        store["resid"] = x
-        raise _Stop
-
-    try:
-        model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=[("ln_final.hook_in", grab)])
-    except _Stop:
-        pass
-    if "resid" not in store:
-        raise RuntimeError("the model has no ln_final.hook_in hook; mechicl needs a final-norm hook")
-    return store["resid"]
+    return run_until(model, tokens, attention_mask=attention_mask)
 
 
 def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: Int[Tensor, "n_labels"] | None) -> Float[Tensor, "... n_labels"]:

@@ -26,25 +26,35 @@ TOY_WORDS = tuple(f"w{i}" for i in range(64))
 VOCAB: tuple[str, ...] = tuple(dict.fromkeys([*SPECIALS, *_WORDS, *_LETTERS, *TOY_WORDS]))
 
 
-@lru_cache(maxsize=1)
-def tiny_tokenizer() -> Any:
-    """A fast word-level tokenizer over ``VOCAB``; BOS is id 1 and is prepended by callers."""
+def word_tokenizer(vocab: tuple[str, ...], name: str) -> Any:
+    """A fast in-memory word-level tokenizer over ``vocab`` (which starts with ``SPECIALS``).
+
+    Lower-cased words split on whitespace and punctuation; anything else becomes ``<unk>``.
+    BOS is id 1 and is prepended by callers. Shared by the tiny model and the organisms.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    if vocab[: len(SPECIALS)] != SPECIALS:
+        raise ValueError(f"a word vocabulary must start with {SPECIALS}")
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token="<bos>",
         eos_token="<pad>",
         pad_token="<pad>",
         unk_token="<unk>",
-        name_or_path="mechicl-tiny",
+        name_or_path=name,
         add_bos_token=True,  # tells TransformerLens not to re-download a BOS-adding tokenizer
     )
-    return tok
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> Any:
+    """The word-level tokenizer over ``VOCAB``."""
+    return word_tokenizer(VOCAB, "mechicl-tiny")
 
 
 def tiny_config(seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> Any:

@@ -394,8 +394,8 @@ def report_dla(loaded: Any, task: Any, cfg: InsideConfig, out: Path, progress: b
               "## Prior vs context (heads; MLPs are in prior_vs_context.csv)",
               "context = how much of the component's direct effect flips with the label shown in context; "
               "prior = how much stays with the zero-shot label (see mechicl.attribution.prior_vs_context).", "",
-              f"Most on the context side (largest context - prior):", "",
+              "Most on the context side (largest context - prior):", "",
               md_table(named.sort_values("side", ascending=False).head(5)[cols]), "",
-              f"Most on the prior side (smallest context - prior):", "",
+              "Most on the prior side (smallest context - prior):", "",
               md_table(named.sort_values("side").head(5)[cols])]
     return _finish(out, cfg, lines, clock)

@@ -36,6 +36,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechicl.tasks import SENTIMENT, Task, Template
+from mechicl.tiny import SPECIALS, word_tokenizer
 
 # Common VADER words with |mean rating| >= 1.5 (checked against the lexicon in the tests).
 POSITIVE_WORDS = tuple(
@@ -50,7 +51,6 @@ NEGATIVE_WORDS = tuple(
 )
 FEATURE_WORDS = NEGATIVE_WORDS + POSITIVE_WORDS  # polarity of FEATURE_WORDS[i] is i >= len(NEGATIVE_WORDS)
 ARBITRARY_WORDS = ("a", "b")  # no prior: which class each one names is drawn per sequence
-SPECIALS = ("<pad>", "<bos>", "<unk>")
 SEMI = ";"
 VOCAB: tuple[str, ...] = (*SPECIALS, SEMI, *SENTIMENT, *ARBITRARY_WORDS, *FEATURE_WORDS)
 TEMPLATE = Template("{input} {label}", " ; ")  # the readout slot is the input's last word
@@ -68,22 +68,8 @@ MAP_KINDS = ("default", "flipped", "arbitrary")
 
 @lru_cache(maxsize=1)
 def organism_tokenizer() -> Any:
-    """A fast word-level tokenizer over ``VOCAB`` (lower-cased, whitespace and punctuation split)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel(vocab=dict(_ID), unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<bos>",
-        eos_token="<pad>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        name_or_path="mechicl-organism",
-        add_bos_token=True,  # tells TransformerLens not to re-download a BOS-adding tokenizer
-    )
+    """The word-level tokenizer (``mechicl.tiny.word_tokenizer``) over ``VOCAB``."""
+    return word_tokenizer(VOCAB, "mechicl-organism")
 
 
 @dataclass(frozen=True)
