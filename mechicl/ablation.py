@@ -12,10 +12,13 @@ measured against the *true* label at the query slot::
 
 0 = the ablation leaves flipped-label contexts as they were, 1 = it closes the gap
 to correct-label contexts entirely (the model stops following the flipped labels).
-``d_acc_correct`` is what the same ablation does to correct-label contexts.
+``d_acc_correct`` is what the same ablation does to correct-label contexts, and
+``d_acc_zero_shot`` what it does to the zero-shot prediction (the query alone, k = 0,
+ablated at its readout slot with the same replacement): a head that carries in-context
+label information, not the prior, leaves it near 0.
 
 **Random control.** Every head set is compared with many random sets of the same
-size drawn (seeded) from the other heads; reported are the control mean, the 2.5-97.5%
+size drawn (seeded) from the other heads (for a single head: every other head, once); reported are the control mean, the 2.5-97.5%
 range of the draws (``control_ci_low/high``) and the one-sided empirical p-value of
 the set against the draws.
 
@@ -105,9 +108,9 @@ def _t_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
 class HeadAblator:
     """Ablations and function-vector effects on one set of held-out contexts.
 
-    Holds a ``ReadoutStepper`` for the correct-label and flipped-label renderings
-    (and, on first use, a shuffled-label one). Cost: one forward per rendering on
-    construction; each ablated head set then costs one one-token step per context
+    Holds a ``ReadoutStepper`` for the correct-label and flipped-label renderings, the
+    zero-shot rendering (each query alone, k = 0) and, on first use, a shuffled-label
+    one. Cost: one forward per rendering on construction; each ablated head set then costs one one-token step per context
     (KV path) or one forward (fallback). Memory: the steppers' prefix caches.
     """
 
@@ -120,10 +123,13 @@ class HeadAblator:
         kw = dict(n_ctx=n_ctx, prepend_bos=prepend_bos, seed=seed)
         self.correct = ReadoutStepper(self.model, build_prompt_batch(task, tokenizer, example_ids, "default", **kw), max_rows=max_rows)
         self.flipped = ReadoutStepper(self.model, build_prompt_batch(task, tokenizer, example_ids, "flipped", **kw), max_rows=max_rows)
+        self.zero_shot = ReadoutStepper(self.model, build_prompt_batch(task, tokenizer, example_ids[:, -1:], "default", **kw),
+                                        max_rows=max_rows)
         self._shuffled: ReadoutStepper | None = None
         self.target = self.correct.batch.true_labels[:, -1]  # true label of each query
         self.mean_z = self.correct.z.mean(0)  # [layer, head, d_head]: mean output at the query slot, clean distribution
-        self.base = {c: {k: v[0] for k, v in self._score(getattr(self, c).base_logits[None]).items()} for c in ("correct", "flipped")}
+        self.base = {c: {k: v[0] for k, v in self._score(getattr(self, c).base_logits[None]).items()}
+                     for c in ("correct", "flipped", "zero_shot")}
 
     @property
     def n_contexts(self) -> int:
@@ -162,8 +168,8 @@ class HeadAblator:
 
     def gap_table(self, sets: Sequence[Sequence[Head]], ablation: str = "mean", n_boot: int = 1000, seed: int = 0,
                   with_correct: bool = True) -> pd.DataFrame:
-        """Gap reduction (accuracy and P(true)), with a bootstrap CI over contexts, and Δ correct-label accuracy."""
-        conds = ("correct", "flipped") if with_correct else ("flipped",)
+        """Gap reduction (accuracy and P(true)) with a bootstrap CI over contexts; Δ correct-label and zero-shot accuracy."""
+        conds = ("correct", "flipped", "zero_shot") if with_correct else ("flipped",)
         res = self.ablate(sets, ablation, conds)
         bc, bf = self.base["correct"], self.base["flipped"]
         acc_c, acc_f = bc["correct"].mean(), bf["correct"].mean()
@@ -191,16 +197,24 @@ class HeadAblator:
         })
         if with_correct:
             df["d_acc_correct"] = res["correct"]["correct"].mean(1) - acc_c
+            df["d_acc_zero_shot"] = res["zero_shot"]["correct"].mean(1) - self.base["zero_shot"]["correct"].mean()
         return df
 
     def random_control(self, size: int, n_draws: int, seed: int = 0, exclude: Sequence[Head] = (),
                        ablation: str = "mean") -> pd.DataFrame:
-        """Gap reduction of ``n_draws`` random head sets of ``size`` heads (none from ``exclude``); seeded."""
+        """Gap reduction of ``n_draws`` random head sets of ``size`` heads (none from ``exclude``); seeded.
+
+        For ``size == 1`` the control is exact instead: every other head once (``n_draws`` is ignored).
+        """
         pool = [(l, h) for l in range(self.L) for h in range(self.H) if (l, h) not in set(exclude)]
         if size > len(pool):
             raise ValueError(f"cannot draw {size} heads from a pool of {len(pool)}")
-        rng = np.random.default_rng([seed, size])
-        sets = [sorted(pool[i] for i in rng.choice(len(pool), size=size, replace=False)) for _ in range(n_draws)]
+        if size == 1:
+            sets = [[x] for x in pool]
+        else:
+            rng = np.random.default_rng([seed, size])
+            sets = [sorted(pool[i] for i in rng.choice(len(pool), size=size, replace=False)) for _ in range(n_draws)]
+        n_draws = len(sets)
         df = self.gap_table(sets, ablation, n_boot=0, with_correct=False)
         df.insert(0, "draw", np.arange(n_draws))
         return df.drop(columns=["gap_reduction_ci_low", "gap_reduction_ci_high"])
@@ -280,9 +294,11 @@ class HeadFinderResult:
     ``heads``: the confirmed candidates, ranked by exact denoising effect (columns: rank,
       layer, head, attribution, patch_denoise, patch_noise, readout_patch_denoise,
       readout_patch_noise, gap_reduction(_zero/_mean), gap_reduction_ci_low/high,
-      d_acc_correct(_zero/_mean), fv_cie).
-    ``all_heads``: every (layer, head): attribution, exact readout-slot patching, FV effect.
-    ``sets``: the top-n sets: gap reduction with bootstrap CI, d_acc_correct and the
+      d_acc_correct(_zero/_mean), d_acc_zero_shot(_zero/_mean), fv_cie, and control_ci_high /
+      control_p: the head's gap reduction against every other head's, each ablated alone).
+    ``all_heads``: every (layer, head): attribution, exact readout-slot patching, gap reduction
+      when ablated alone (the headline ablation), FV effect.
+    ``sets``: the top-n sets: gap reduction with bootstrap CI, d_acc_correct, d_acc_zero_shot and the
       random-control summary (control_mean, control_ci_low/high, control_p, n_draws).
     ``control``: every control draw. ``baseline``: accuracies without ablation.
     ``agreement``: attribution vs exact (Spearman, top-k overlap). ``timings``: seconds per stage.
@@ -318,36 +334,41 @@ class HeadFinderResult:
             f"contexts x {c.n_examples} examples (correct vs flipped labels); {c.n_candidates} candidates confirmed with "
             f"exact patching (all positions, both "
             f"directions). Validation on {c.n_eval} held-out contexts: ablation of head outputs at the query readout "
-            f"slot; random control = {c.n_control} same-size random head sets per size ({c.ablation} ablation). "
+            f"slot; random control = {c.n_control} same-size random head sets per size (every other head for size 1; "
+            f"{c.ablation} ablation). "
             f"Seed {c.seed}. Wall time {self.seconds:.0f} s.",
             "",
             f"Without ablation: accuracy (vs true label) {b.get('acc_correct', float('nan')):.3f} with correct labels, "
             f"{b.get('acc_flipped', float('nan')):.3f} with flipped labels (gap {b.get('gap', float('nan')):.3f}); "
-            f"P(true) {b.get('p_correct', float('nan')):.3f} vs {b.get('p_flipped', float('nan')):.3f}.",
+            f"P(true) {b.get('p_correct', float('nan')):.3f} vs {b.get('p_flipped', float('nan')):.3f}; "
+            f"zero-shot accuracy (query alone) {b.get('acc_zero_shot', float('nan')):.3f}.",
             "",
             "Patching effects are normalised logit differences (denoise: 0 = corrupted, 1 = clean restored; "
             "noise: change from 1, negative = the head's corrupted output destroys the clean answer).",
             "",
-            "| rank | head | attribution | patch denoise | patch noise | readout denoise | gap red. (mean abl.) [95% CI] | gap red. (zero) | Δacc correct | FV CIE |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"Gap reduction vs other heads: the 97.5th percentile of every other head's gap reduction ({c.ablation} "
+            "ablation, each head alone) and the share of heads that reach this head's value (p).",
+            "",
+            "| rank | head | attribution | patch denoise | patch noise | readout denoise | gap red. (mean abl.) [95% CI] | gap red. (zero) | vs other heads: 97.5% / p | Δacc correct | Δacc zero-shot | FV CIE |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.heads.head(n).itertuples():
             lines.append(
                 f"| {r.rank} | L{r.layer}H{r.head} | {r.attribution:+.3f} | {r.patch_denoise:+.3f} | {r.patch_noise:+.3f} | "
                 f"{r.readout_patch_denoise:+.3f} | {r.gap_reduction_mean:+.3f} [{r.gap_reduction_ci_low:+.2f}, {r.gap_reduction_ci_high:+.2f}] | "
-                f"{r.gap_reduction_zero:+.3f} | {r.d_acc_correct_mean:+.3f} | {r.fv_cie:+.4f} |"
+                f"{r.gap_reduction_zero:+.3f} | {r.control_ci_high:+.3f} / {r.control_p:.3f} | {r.d_acc_correct_mean:+.3f} | {r.d_acc_zero_shot_mean:+.3f} | {r.fv_cie:+.4f} |"
             )
         lines += [
             "",
             f"## Top-n head sets vs random sets of the same size ({c.ablation} ablation)",
             "",
-            "| set | gap reduction [bootstrap 95% CI] | gap red. in P(true) | Δacc correct | random control mean | control 2.5-97.5% | p (control >= set) |",
-            "|---|---|---|---|---|---|---|",
+            "| set | gap reduction [bootstrap 95% CI] | gap red. in P(true) | Δacc correct | Δacc zero-shot | random control mean | control 2.5-97.5% | p (control >= set) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.sets.itertuples():
             lines.append(
                 f"| {r.heads} | {r.gap_reduction:+.3f} [{r.gap_reduction_ci_low:+.2f}, {r.gap_reduction_ci_high:+.2f}] | "
-                f"{r.gap_reduction_p:+.3f} | {r.d_acc_correct:+.3f} | {r.control_mean:+.3f} | [{r.control_ci_low:+.3f}, {r.control_ci_high:+.3f}] | {r.control_p:.3f} |"
+                f"{r.gap_reduction_p:+.3f} | {r.d_acc_correct:+.3f} | {r.d_acc_zero_shot:+.3f} | {r.control_mean:+.3f} | [{r.control_ci_low:+.3f}, {r.control_ci_high:+.3f}] | {r.control_p:.3f} |"
             )
         a = self.agreement
         if a:
@@ -406,15 +427,25 @@ def find_heads(loaded: Any, task: Task, cfg: HeadFinderConfig | None = None, pro
     baseline = {
         "acc_correct": float(bc["correct"].mean()), "acc_flipped": float(bf["correct"].mean()),
         "p_correct": float(bc["p_true"].mean()), "p_flipped": float(bf["p_true"].mean()),
+        "acc_zero_shot": float(abl.base["zero_shot"]["correct"].mean()),
     }
     baseline["gap"] = baseline["acc_correct"] - baseline["acc_flipped"]
     single = {a: abl.gap_table([[h] for h in ranked], a, seed=cfg.seed) for a in ABLATIONS}
+    # every head alone (flipped contexts only): the exact size-1 control, and each candidate's standing in it
+    every = [(l, h) for l in range(L) for h in range(H)]
+    each = abl.gap_table([[x] for x in every], cfg.ablation, n_boot=0, with_correct=False)
+    each_gr = each["gap_reduction"].to_numpy()  # [L * H]
     sizes = sorted({s for s in cfg.set_sizes if 1 <= s <= len(ranked)})
     set_rows, controls = [], []
     for s in tqdm(sizes, desc="random control", unit="size", disable=not progress, leave=False):
         top = sorted(ranked[:s])
         row = abl.gap_table([top], cfg.ablation, seed=cfg.seed).iloc[0].to_dict()
-        ctrl = abl.random_control(s, cfg.n_control, seed=cfg.seed, exclude=top, ablation=cfg.ablation)
+        if s == 1:  # every other head once
+            ctrl = each[each.heads != fmt_heads(top)].drop(columns=["gap_reduction_ci_low", "gap_reduction_ci_high"])
+            ctrl = ctrl.reset_index(drop=True)
+            ctrl.insert(0, "draw", np.arange(len(ctrl)))
+        else:
+            ctrl = abl.random_control(s, cfg.n_control, seed=cfg.seed, exclude=top, ablation=cfg.ablation)
         controls.append(ctrl)
         row.update(summarize_control(row["gap_reduction"], ctrl["gap_reduction"].to_numpy()))
         row["heads"] = fmt_heads(ranked[:s])
@@ -431,6 +462,8 @@ def find_heads(loaded: Any, task: Task, cfg: HeadFinderConfig | None = None, pro
     rows = []
     for rank, (l, h) in enumerate(ranked, 1):
         sz, sm = single["zero"].iloc[ranked.index((l, h))], single["mean"].iloc[ranked.index((l, h))]
+        ctl = summarize_control(float(single[cfg.ablation].iloc[ranked.index((l, h))].gap_reduction),
+                                np.delete(each_gr, l * H + h))
         rows.append({
             "rank": rank, "layer": l, "head": h,
             "attribution": float(a_all[l, h]),
@@ -445,14 +478,20 @@ def find_heads(loaded: Any, task: Task, cfg: HeadFinderConfig | None = None, pro
             "gap_reduction_p_mean": float(sm.gap_reduction_p),
             "d_acc_correct_mean": float(sm.d_acc_correct),
             "d_acc_correct_zero": float(sz.d_acc_correct),
+            "d_acc_zero_shot_mean": float(sm.d_acc_zero_shot),
+            "d_acc_zero_shot_zero": float(sz.d_acc_zero_shot),
             "fv_cie": float(fv_idx.loc[(l, h), "fv_cie"]),
+            "control_ci_high": ctl["control_ci_high"], "control_p": ctl["control_p"],
         })
     heads = pd.DataFrame(rows)
     heads["gap_reduction"] = heads[f"gap_reduction_{cfg.ablation}"]
+    heads["d_acc_zero_shot"] = heads[f"d_acc_zero_shot_{cfg.ablation}"]
+    heads["d_acc_correct"] = heads[f"d_acc_correct_{cfg.ablation}"]
     all_heads = pd.DataFrame({
         "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
         "attribution": a_all.reshape(-1).numpy(), "attribution_readout": a_read.reshape(-1).numpy(),
         "readout_patch_denoise": rd.values.reshape(-1).numpy(), "readout_patch_noise": rn.effect.reshape(-1).numpy(),
+        "gap_reduction": each_gr,
     }).merge(fv, on=["layer", "head"])
     all_heads["candidate"] = [(int(l), int(h)) in set(candidates) for l, h in zip(all_heads["layer"], all_heads["head"])]
     cand_est = torch.tensor([float(a_all[x]) for x in candidates])

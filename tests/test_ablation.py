@@ -89,13 +89,20 @@ def test_random_control_is_reproducible_given_a_seed(tiny, toy):
     assert list(a.heads) != list(c.heads)
     assert not a.heads.str.contains("L1H0").any()
     assert (a["size"] == 2).all() and len(a) == 12
+    one = abl.random_control(1, 3, exclude=[(1, 0)])  # size 1: every other head once, exactly
+    assert sorted(one.heads) == sorted(f"L{l}H{h}" for l in range(2) for h in range(4) if (l, h) != (1, 0))
 
 
 def test_gap_table_and_function_vectors(tiny, toy):
     abl = _ablator(tiny, toy, n=8)
     t = abl.gap_table([[(0, 0)], [(0, 0), (1, 2)]], "mean", n_boot=50)
     assert list(t.columns[:3]) == ["heads", "size", "ablation"]
-    assert {"gap_reduction", "gap_reduction_ci_low", "gap_reduction_ci_high", "d_acc_correct", "acc_flipped_ablated"} <= set(t.columns)
+    assert {"gap_reduction", "gap_reduction_ci_low", "gap_reduction_ci_high", "d_acc_correct", "d_acc_zero_shot",
+            "acc_flipped_ablated"} <= set(t.columns)
+    # zero-shot: the query alone (k = 0), ablated at its readout slot; no ablation changes nothing
+    zs = abl.zero_shot.batch
+    assert zs.example_ids.shape[1] == 1 and torch.equal(zs.example_ids[:, 0], abl.ids[:, -1])
+    assert abl.gap_table([[]], "mean", n_boot=0).d_acc_zero_shot.iloc[0] == 0
     empty = abl.ablate([[]], "zero")
     np.testing.assert_array_equal(empty["flipped"]["correct"][0], abl.base["flipped"]["correct"])
     fv = abl.function_vector_effects()
@@ -109,12 +116,19 @@ def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
     res = find_heads(tiny, toy, cfg, progress=False)
     assert list(res.heads["rank"]) == [1, 2, 3, 4] and len(res.top_heads) == 4
     assert res.heads.patch_denoise.is_monotonic_decreasing
-    assert {"gap_reduction", "gap_reduction_zero", "gap_reduction_mean", "d_acc_correct_mean", "fv_cie",
-            "patch_noise", "readout_patch_denoise"} <= set(res.heads.columns)
+    assert {"gap_reduction", "gap_reduction_zero", "gap_reduction_mean", "d_acc_correct_mean", "d_acc_zero_shot", "fv_cie",
+            "patch_noise", "readout_patch_denoise", "control_ci_high", "control_p"} <= set(res.heads.columns)
     assert len(res.all_heads) == 8 and res.all_heads.candidate.sum() == 4
     assert list(res.sets["size"]) == [1, 2]
-    assert {"control_mean", "control_ci_low", "control_ci_high", "control_p"} <= set(res.sets.columns)
-    assert len(res.control) == 20
+    assert {"control_mean", "control_ci_low", "control_ci_high", "control_p", "d_acc_zero_shot"} <= set(res.sets.columns)
+    assert len(res.control) == 7 + 10  # size 1: the 7 other heads; size 2: 10 random draws
+    # each candidate's control is every other head's single-head gap reduction (all_heads)
+    gr = res.all_heads.set_index(["layer", "head"]).gap_reduction
+    for r in res.heads.itertuples():
+        assert np.isclose(gr[(r.layer, r.head)], r.gap_reduction, equal_nan=True)
+        others = gr.drop((r.layer, r.head)).dropna().to_numpy()
+        if len(others) and np.isfinite(r.gap_reduction):
+            assert np.isclose(r.control_p, (1 + (others >= r.gap_reduction).sum()) / (1 + len(others)))
     files = write_heads(res, tmp_path)
     assert (tmp_path / "heads.csv").exists() and (tmp_path / "attribution.png").exists()
     assert "Label-aggregation heads" in files["markdown"].read_text()
