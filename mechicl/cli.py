@@ -131,7 +131,9 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in [("p_arbitrary", args.p_arbitrary), ("label_noise", args.label_noise)] if v is not None}
     try:
         lang = LanguageConfig.from_prior_strength(args.prior_strength, **given)
-        cfg = OrganismConfig(language=lang, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        recipe = {k: v for k, v in [("steps", args.steps), ("keep_heads", args.keep_heads),
+                                     ("prune_steps", args.prune_steps)] if v is not None}
+        cfg = OrganismConfig(language=lang, seed=args.seed, **recipe)
     except ValueError as e:
         print(f"mechicl: error: bad organism recipe: {e}", file=sys.stderr)
         return 2
@@ -248,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     dla.set_defaults(func=cmd_inside)
     org = sub.add_parser("organism", help="model organisms: small transformers with a known pre-training prior")
     org_sub = org.add_subparsers(dest="organism_command", required=True)
-    org_train = org_sub.add_parser("train", help="train an organism (deterministic; ~4 min on one CPU thread)")
+    org_train = org_sub.add_parser("train", help="train an organism (deterministic; ~5 min on one CPU thread)")
     org_train.add_argument("--prior-strength", type=float, required=True,
                            help="P(default label map | sentiment labels), in [0, 1]; shipped: 0.97 strong, 0.6 weak")
     org_train.add_argument("--p-arbitrary", type=float, default=None, help="share of sequences with arbitrary letter labels")
     org_train.add_argument("--label-noise", type=float, default=None, help="chance that a shown label is the other class's")
     org_train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe's)")
+    org_train.add_argument("--keep-heads", type=int, default=None,
+                           help="pruning stage: last-layer heads kept (default 1; 0 = no pruning stage)")
+    org_train.add_argument("--prune-steps", type=int, default=None, help="steps after pruning (default 1000)")
     org_train.add_argument("--seed", type=int, default=0)
     org_train.add_argument("--out", type=Path, default=None, help="checkpoint path (.safetensors); a model card .md is written beside it")
     org_train.set_defaults(func=cmd_organism_train)

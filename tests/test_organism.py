@@ -12,7 +12,7 @@ import torch
 
 from mechicl.models import known_models, load_model
 from mechicl.organism import CHECKPOINT_DIR, ORGANISMS, checkpoint_path
-from mechicl.organism.card import head_ablation, measure_curves
+from mechicl.organism.card import measure_curves
 from mechicl.organism.language import (
     ARBITRARY_IDS,
     FEATURE_WORDS,
@@ -20,15 +20,15 @@ from mechicl.organism.language import (
     POSITIVE_WORDS,
     SENTIMENT_IDS,
     LanguageConfig,
-    organism_task,
     organism_tokenizer,
     sample_sequences,
 )
-from mechicl.organism.train import OrganismConfig, load_checkpoint, save_checkpoint, train, weights_sha256
+from mechicl.ablation import HeadFinderConfig, find_heads
+from mechicl.organism.train import OrganismConfig, live_heads, load_checkpoint, save_checkpoint, train, weights_sha256
 from mechicl.prompts import build_prompt_batch, sample_contexts
 from mechicl.tasks import known_tasks, load_task
 
-TINY_RECIPE = dict(steps=3, batch=4, warmup=1)
+TINY_RECIPE = dict(steps=3, batch=4, warmup=1, prune_steps=2)
 
 
 # ------------------------------------------------------------- language ---
@@ -100,6 +100,7 @@ def test_checkpoint_round_trip(tmp_path):
     res = train(cfg, progress=False)
     path = save_checkpoint(res.model, cfg, tmp_path / "o.safetensors")
     loaded = load_model(str(path))
+    assert len(res.kept_heads) == 1 and live_heads(loaded.model, cfg.n_layers - 1) == list(res.kept_heads)
     assert loaded.prepend_bos and loaded.n_ctx == cfg.n_ctx and weights_sha256(loaded.model) == weights_sha256(res.model)
     x = torch.randint(0, 50, (2, 20))
     assert torch.equal(loaded.model(x), res.model(x))
@@ -166,18 +167,47 @@ def test_arbitrary_labels_are_learned_from_context(curves):
 # ------------------------------------------------------------- mechanism ---
 
 
-def test_readout_attention_heads_carry_flipped_label_icl_and_not_the_prior(organisms):
-    """Mean-ablating head outputs at the readout slots (strong organism): one layer's heads together collapse
-    flipped-label ICL and leave zero-shot accuracy intact. No single head does it, and random same-size sets
-    that share most of those heads do it too (measured: docs/organism.md), so no random-head contrast is asserted."""
+def test_heads_finds_the_planted_label_reading_head(organisms):
+    """`mechicl heads` (find_heads) on the strong organism: one head's readout-slot ablation collapses
+    flipped-label ICL, far above every other head ablated alone, and leaves zero-shot accuracy intact.
+    It must be the head training kept in the last layer (read from the weights, not hard-coded)."""
     loaded = organisms["organism-strong"]
-    L, H = loaded.model.cfg.n_layers, loaded.model.cfg.n_heads
-    layers = [[(l, h) for h in range(H)] for l in range(L)]
-    table, base = head_ablation(loaded, n_contexts=32, seed=1, sets=layers)
-    assert base["acc_correct"] - base["acc_flipped"] > 0.5  # with >= 4 demonstrations it follows flipped labels
-    found = table.gap_reduction.idxmax()
-    assert table.gap_reduction[found] > 0.9, table
-    assert table.zero_shot_acc[found] >= base["zero_shot_acc"] - 0.05, table
+    cfg = HeadFinderConfig("organism-strong", "organism", n_examples=17, n_screen=16, n_eval=64, n_candidates=8,
+                           set_sizes=(1,), seed=0)
+    res = find_heads(loaded, load_task("organism"), cfg, progress=False)
+    assert res.baseline["gap"] > 0.5  # with 16 flipped demonstrations it mostly follows them
+    best = res.heads.loc[res.heads.gap_reduction.idxmax()]
+    assert best.gap_reduction >= 0.9, res.heads
+    assert best.gap_reduction_ci_low > best.control_ci_high + 0.1, res.heads  # outside every other head's range
+    found = (int(best["layer"]), int(best["head"]))
+    others = res.all_heads.set_index(["layer", "head"]).gap_reduction.drop(found)
+    assert others.mean() < 0.5 * best.gap_reduction  # the typical other head does far less
+    assert abs(best.d_acc_zero_shot) <= 0.05 and abs(best.d_acc_correct) <= 0.05, res.heads
+    last = loaded.model.cfg.n_layers - 1
+    assert found in [(last, h) for h in live_heads(loaded.model, last)]
+
+
+def test_the_label_reading_head_attends_to_label_tokens(organisms):
+    """Attention analysis on the organism: the planted last-layer head reads label tokens (most of its
+    readout-slot attention) under flipped labels, more than the average head does."""
+    from mechicl.attention import label_attention
+
+    loaded = organisms["organism-strong"]
+    task = load_task("organism")
+    ids = sample_contexts(task, 32, 17, seed=3)
+    batch = build_prompt_batch(task, loaded.tokenizer, ids, "flipped", n_ctx=loaded.n_ctx, prepend_bos=True)
+    mass = label_attention(loaded.model, [batch], 2, k_min=4, progress=False).label_mass("flipped")
+    mass = mass.set_index(["layer", "head"]).label_attention
+    last = loaded.model.cfg.n_layers - 1
+    (h,) = live_heads(loaded.model, last)
+    assert mass[(last, h)] >= 0.5 and mass[(last, h)] > mass.mean(), mass
+
+
+def test_pruned_heads_write_nothing(organisms):
+    for name, loaded in organisms.items():
+        last = loaded.model.cfg.n_layers - 1
+        assert len(live_heads(loaded.model, last)) == 1, name  # the shipped recipe keeps one last-layer head
+        assert len(live_heads(loaded.model, 0)) == loaded.model.cfg.n_heads
 
 
 # ------------------------------------------------------------------- CLI ---
@@ -187,8 +217,8 @@ def test_cli_trains_an_organism_and_behaviour_runs_on_a_shipped_one(tmp_path, ca
     from mechicl.cli import main
 
     out = tmp_path / "o.safetensors"
-    assert main(["organism", "train", "--prior-strength", "0.9", "--steps", "2", "--out", str(out)]) == 0
-    assert out.exists() and "p_default" in out.with_suffix(".md").read_text()
+    assert main(["organism", "train", "--prior-strength", "0.9", "--steps", "2", "--prune-steps", "2", "--out", str(out)]) == 0
+    assert out.exists() and "p_default" in out.with_suffix(".md").read_text() and "pruning stage" in out.with_suffix(".md").read_text()
     assert main(["organism", "train", "--prior-strength", "2"]) == 2
     assert "prior_strength" in capsys.readouterr().err
     run = tmp_path / "beh"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -57,6 +57,7 @@ its task is `organism`.
   (each example's evidence: log-odds {_log_ratio(1 - lang.label_noise, lang.label_noise)})
 - {lang.n_examples} examples per sequence, loss on every label; {cfg.steps} AdamW steps of {cfg.batch} sequences,
   lr {cfg.lr} (warm-up {cfg.warmup}, cosine decay), weight decay {cfg.weight_decay}, seed {cfg.seed}, one CPU thread
+- {_pruning(result)}
 - config JSON (also in the safetensors metadata): `{cfg.to_json()}`
 
 ## Training
@@ -74,72 +75,19 @@ its task is `organism`.
     return out
 
 
+def _pruning(result: Any) -> str:
+    cfg = result.config
+    if not cfg.keep_heads:
+        return "no pruning stage"
+    last = cfg.n_layers - 1
+    gaps = ", ".join(f"L{last}H{h} {g:.2f}" for h, g in enumerate(result.gap_before_pruning))
+    kept = " ".join(f"L{last}H{h}" for h in result.kept_heads)
+    return (f"pruning stage: after step {cfg.steps} the last layer's heads closed the flipped-label gap at k=16 by "
+            f"{gaps} when mean-ablated alone at the readout slot; kept {kept}, zeroed the other heads' W_O and "
+            f"trained {cfg.prune_steps} more steps (lr {cfg.prune_lr}) with them held at zero")
+
+
 def _log_ratio(a: float, b: float) -> str:
     import math
 
     return "inf" if b == 0 else f"{math.log(a / b):.2f}"
-
-
-def _readout_label_logits(model: Any, batch: Any, heads: Sequence[tuple[int, int]], mean_z: Any) -> Any:
-    """Label logits ``[batch, example, n_labels]`` with each head's ``hook_z`` set to ``mean_z`` at every readout slot."""
-    import torch
-
-    rows = torch.arange(batch.n_contexts)[:, None]
-
-    def make_hook(layer: int) -> Any:
-        def hook(z: Any, hook: Any) -> Any:  # z: [batch, pos, head, d_head]
-            z = z.clone()
-            for h in [h for l, h in heads if l == layer]:
-                z[rows, batch.readout_pos, h] = mean_z[layer, h]
-            return z
-
-        return hook
-
-    hooks = [(f"blocks.{layer}.attn.hook_z", make_hook(layer)) for layer in sorted({l for l, _ in heads})]
-    with torch.no_grad():
-        logits = model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=hooks)
-    return logits[rows, batch.readout_pos][..., batch.label_token_ids]
-
-
-def head_ablation(loaded: Any, n_contexts: int = 64, seed: int = 1, k_min: int = 4,
-                  sets: Sequence[Sequence[tuple[int, int]]] | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Mean-ablate head outputs (``hook_z``) at every readout slot: each set in ``sets`` (default: every single head).
-
-    Per head: Halawi et al.'s gap reduction on readout slots with >= ``k_min`` demonstrations
-    (accuracy against the TRUE label; 1 = flipped contexts behave like correct ones, i.e. the
-    model stops following the flipped labels), and zero-shot (k = 0) default-label accuracy.
-    The mean is over readout slots of the default-label contexts. Cost: 2 + 2 x n_heads forwards
-    of ``n_contexts`` 17-example contexts (< 1 s for a 2-layer organism).
-    """
-    import torch
-
-    from mechicl.organism.language import organism_task
-    from mechicl.prompts import build_prompt_batch, sample_contexts
-
-    model, task = loaded.model, organism_task()
-    ids = sample_contexts(task, n_contexts, 17, seed=seed)
-    kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
-    default, flipped = (build_prompt_batch(task, loaded.tokenizer, ids, c, **kw) for c in ("default", "flipped"))
-    rows = torch.arange(default.n_contexts)[:, None]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(default.tokens, attention_mask=default.attention_mask,
-                                        names_filter=lambda n: n.endswith("attn.hook_z"))
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    mean_z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][rows, default.readout_pos].mean((0, 1)) for l in range(L)])
-
-    def acc(batch: Any, heads: Sequence[tuple[int, int]]) -> Any:  # [batch, example], vs the TRUE label
-        return (_readout_label_logits(model, batch, heads, mean_z).argmax(-1) == batch.true_labels).double()
-
-    base_c, base_f = acc(default, ()), acc(flipped, ())
-    acc_c, acc_f = float(base_c[:, k_min:].mean()), float(base_f[:, k_min:].mean())
-    out = []
-    for heads in sets if sets is not None else [[(l, h)] for l in range(L) for h in range(H)]:
-        af = float(acc(flipped, heads)[:, k_min:].mean())
-        out.append({
-            "heads": " ".join(f"L{l}H{h}" for l, h in heads), "size": len(heads),
-            "gap_reduction": 1 - (acc_c - af) / (acc_c - acc_f) if acc_c > acc_f else float("nan"),
-            "acc_flipped_ablated": af,
-            "zero_shot_acc": float(acc(default, heads)[:, 0].mean()),
-        })
-    base = {"acc_correct": acc_c, "acc_flipped": acc_f, "zero_shot_acc": float(base_c[:, 0].mean())}
-    return pd.DataFrame(out), base

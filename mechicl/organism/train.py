@@ -3,6 +3,15 @@
 Training is deterministic: one CPU thread, a seeded torch generator for the
 initial weights and a seeded numpy generator for the data, so the same
 ``OrganismConfig`` gives bit-identical weights (``weights_sha256``).
+
+Two stages. (1) ``steps`` steps with every head. Context reading then ends up
+spread over the last layer's heads, so no single head's ablation removes it.
+(2) If ``keep_heads > 0``: the last layer keeps only the ``keep_heads`` heads
+whose readout-slot mean ablation closes most of the flipped-label gap
+(``mechicl.ablation``, on contexts the evaluation does not use). The other heads'
+output weights (``W_O`` columns) are set to zero and held there while training
+continues for ``prune_steps`` steps, so the kept head takes over all label
+reading. This gives the organism a known ground truth: one label-reading head.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ from mechicl.organism.language import MAP_KINDS, TOKENS_PER_EXAMPLE, VOCAB, Lang
 class OrganismConfig:
     """Model shape and training recipe.
 
-    Cost: ``steps`` forward+backward passes of ``batch`` x ``6 * n_examples`` tokens;
-    the defaults take ~4 minutes on one CPU thread. Memory: < 200 MB.
+    Cost: ``steps + prune_steps`` forward+backward passes of ``batch`` x ``5 * n_examples``
+    tokens and one head-ablation sweep between the stages; the defaults take ~5 minutes on
+    one CPU thread. Memory: < 200 MB.
     """
 
     language: LanguageConfig = field(default_factory=LanguageConfig)
@@ -44,11 +54,18 @@ class OrganismConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     seed: int = 0
+    keep_heads: int = 1  # stage 2: last-layer heads kept (0 = no pruning stage)
+    prune_steps: int = 1000
+    prune_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         need = TOKENS_PER_EXAMPLE * self.language.n_examples
         if need > self.n_ctx:
             raise ValueError(f"{self.language.n_examples} examples need {need} positions but n_ctx = {self.n_ctx}")
+        if not 0 <= self.keep_heads <= self.n_heads:
+            raise ValueError(f"keep_heads must be in 0..n_heads={self.n_heads}, got {self.keep_heads}")
+        if self.steps < 1 or self.prune_steps < 0:
+            raise ValueError(f"need steps >= 1 and prune_steps >= 0, got {self.steps}, {self.prune_steps}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -78,12 +95,15 @@ class OrganismConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A trained bridge, its loss curve (mean label loss per logged step) and the wall time."""
+    """A trained bridge, its loss curve (mean label loss per logged step), the wall time, and the
+    pruning stage's choice: the last-layer heads' gap reductions before it and the heads kept."""
 
     model: Any  # TransformerBridge
     config: OrganismConfig
     loss_curve: tuple[tuple[int, float], ...]
     seconds: float
+    gap_before_pruning: tuple[float, ...] = ()  # last layer, per head
+    kept_heads: tuple[int, ...] = ()
 
 
 def build_model(cfg: OrganismConfig) -> Any:
@@ -120,40 +140,106 @@ def probe(model: Any, cfg: OrganismConfig, n: int = 256, ks: tuple[int, ...] = (
     }
 
 
+def _fit(model: Any, cfg: OrganismConfig, rng: np.random.Generator, steps: int, lr: float, warmup: int,
+         curve: list[tuple[int, float]], after_step: Any = None, progress: bool = True, log_every: int = 50,
+         desc: str = "train organism") -> None:
+    """``steps`` AdamW steps (linear warm-up, cosine decay, clipping 1.0) on fresh sequences from ``rng``."""
+    if steps <= 0:
+        return
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    offset, running = (curve[-1][0] if curve else 0), []
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    for step in bar:
+        seq = sample_sequences(cfg.language, cfg.batch, rng)
+        loss = label_loss(model, seq.tokens, seq.label_pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step()
+        running.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            curve.append((offset + step + 1, float(np.mean(running))))
+            bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
+            running = []
+
+
+def out_weight(model: Any, layer: int) -> torch.Tensor:
+    """The attention output matrix ``[d_model, n_heads * d_head]`` of ``layer`` (head h = columns h*d_head..)."""
+    name = f"layers.{layer}._original_component.attn._original_component.o._original_component.weight"
+    params = dict(model.named_parameters())
+    if name not in params:
+        raise RuntimeError(f"no parameter {name!r}: the organism expects a boot_native TransformerBridge")
+    return params[name]
+
+
+def live_heads(model: Any, layer: int) -> list[int]:
+    """Heads of ``layer`` whose output weights are not all zero (the pruning stage zeroes the others)."""
+    w = out_weight(model, layer)
+    d_head = w.shape[1] // int(model.cfg.n_heads)
+    return [h for h in range(int(model.cfg.n_heads)) if bool(w[:, h * d_head : (h + 1) * d_head].ne(0).any())]
+
+
+@torch.no_grad()
+def last_layer_gap_reductions(model: Any, cfg: OrganismConfig, n_contexts: int = 64) -> np.ndarray:
+    """Gap reduction of mean-ablating each last-layer head at the readout slot (k = 16), per head.
+
+    Contexts are drawn with seed ``10_000 + cfg.seed``, apart from those the tests and cards use.
+    Cost: three forwards of ``n_contexts`` contexts and ``n_heads`` ablated re-runs.
+    """
+    from mechicl.ablation import HeadAblator
+    from mechicl.organism.language import organism_task
+    from mechicl.prompts import sample_contexts
+
+    task = organism_task()
+    ids = sample_contexts(task, n_contexts, 17, seed=10_000 + cfg.seed)
+    was_training = model.training
+    model.eval()
+    abl = HeadAblator(model, task, organism_tokenizer(), ids, n_ctx=cfg.n_ctx, prepend_bos=True, seed=cfg.seed)
+    last = cfg.n_layers - 1
+    table = abl.gap_table([[(last, h)] for h in range(cfg.n_heads)], "mean", n_boot=0, with_correct=False)
+    model.train(was_training)
+    return table.gap_reduction.to_numpy()
+
+
 def train(cfg: OrganismConfig, progress: bool = True, log_every: int = 50) -> TrainResult:
-    """Train one organism with AdamW, linear warm-up and cosine decay. Deterministic (one thread)."""
+    """Train one organism (both stages, see the module docstring). Deterministic (one thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
         model = build_model(cfg).train()
         rng = np.random.default_rng(cfg.seed)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        other = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)),
-        )
-        curve, running = [], []
-        bar = tqdm(range(cfg.steps), desc="train organism", unit="step", disable=not progress)
-        for step in bar:
-            seq = sample_sequences(cfg.language, cfg.batch, rng)
-            loss = label_loss(model, seq.tokens, seq.label_pos)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            running.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-                curve.append((step + 1, float(np.mean(running))))
-                bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
-                running = []
+        curve: list[tuple[int, float]] = []
+        _fit(model, cfg, rng, cfg.steps, cfg.lr, cfg.warmup, curve, progress=progress, log_every=log_every)
+        gaps, kept = (), ()
+        if cfg.keep_heads:
+            gr = last_layer_gap_reductions(model, cfg)
+            order = np.argsort(-np.nan_to_num(gr, nan=-np.inf), kind="stable")
+            kept = tuple(sorted(int(h) for h in order[: cfg.keep_heads]))
+            d_head = cfg.d_model // cfg.n_heads
+            w = out_weight(model, cfg.n_layers - 1)
+            mask = torch.zeros(cfg.n_heads).index_fill_(0, torch.tensor(kept), 1.0).repeat_interleave(d_head)[None, :]
+
+            def hold() -> None:  # pruned heads write nothing, ever
+                with torch.no_grad():
+                    w.mul_(mask)
+
+            hold()
+            _fit(model, cfg, rng, cfg.prune_steps, cfg.prune_lr, min(cfg.warmup, max(1, cfg.prune_steps // 20)), curve,
+                 after_step=hold, progress=progress, log_every=log_every, desc=f"prune to head(s) {kept}")
+            gaps = tuple(float(x) for x in gr)
         model.eval()
-        return TrainResult(model, cfg, tuple(curve), time.perf_counter() - t0)
+        return TrainResult(model, cfg, tuple(curve), time.perf_counter() - t0, gaps, kept)
     finally:
         torch.set_num_threads(threads)
 
