@@ -22,6 +22,11 @@ def pytest_configure(config) -> None:
     fcntl.flock(_LOCK, fcntl.LOCK_EX)
 
 
+def pytest_unconfigure(config) -> None:
+    if _LOCK is not None:
+        _LOCK.close()  # releases the lock
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)
