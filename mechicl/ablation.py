@@ -18,7 +18,8 @@ ablated at its readout slot with the same replacement): a head that carries in-c
 label information, not the prior, leaves it near 0.
 
 **Random control.** Every head set is compared with many random sets of the same
-size drawn (seeded) from the other heads (for a single head: every other head, once); reported are the control mean, the 2.5-97.5%
+size drawn (seeded) from the other heads (exact when there are few such sets: for a single head,
+every other head once); reported are the control mean, the 2.5-97.5%
 range of the draws (``control_ci_low/high``) and the one-sided empirical p-value of
 the set against the draws.
 
@@ -34,7 +35,9 @@ against the random control. Result: ``HeadFinderResult`` with tidy tables.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -204,13 +207,14 @@ class HeadAblator:
                        ablation: str = "mean") -> pd.DataFrame:
         """Gap reduction of ``n_draws`` random head sets of ``size`` heads (none from ``exclude``); seeded.
 
-        For ``size == 1`` the control is exact instead: every other head once (``n_draws`` is ignored).
+        When the pool has no more than ``n_draws`` sets of that size (always for ``size == 1``:
+        every other head once), the control is exact instead: each possible set once.
         """
         pool = [(l, h) for l in range(self.L) for h in range(self.H) if (l, h) not in set(exclude)]
         if size > len(pool):
             raise ValueError(f"cannot draw {size} heads from a pool of {len(pool)}")
-        if size == 1:
-            sets = [[x] for x in pool]
+        if size == 1 or math.comb(len(pool), size) <= n_draws:
+            sets = [list(c) for c in itertools.combinations(pool, size)]
         else:
             rng = np.random.default_rng([seed, size])
             sets = [sorted(pool[i] for i in rng.choice(len(pool), size=size, replace=False)) for _ in range(n_draws)]
@@ -331,10 +335,10 @@ class HeadFinderResult:
             f"# Label-aggregation heads: {self.model} on {self.task}",
             "",
             f"Screen: attribution patching (all positions) and exact readout-slot patching of every head on {c.n_screen} "
-            f"contexts x {c.n_examples} examples (correct vs flipped labels); {c.n_candidates} candidates confirmed with "
+            f"contexts x {c.n_examples} examples (correct vs flipped labels); {len(self.heads)} candidates confirmed with "
             f"exact patching (all positions, both "
             f"directions). Validation on {c.n_eval} held-out contexts: ablation of head outputs at the query readout "
-            f"slot; random control = {c.n_control} same-size random head sets per size (every other head for size 1; "
+            f"slot; random control = {c.n_control} same-size random head sets per size (every possible set where there are no more; always for size 1; "
             f"{c.ablation} ablation). "
             f"Seed {c.seed}. Wall time {self.seconds:.0f} s.",
             "",
@@ -375,7 +379,7 @@ class HeadFinderResult:
             lines += [
                 "",
                 f"Attribution vs exact patching: Spearman {a.get('spearman_candidates', float('nan')):.2f} over the "
-                f"{c.n_candidates} candidates (all positions), {a.get('spearman_readout', float('nan')):.2f} over all heads "
+                f"{len(self.heads)} candidates (all positions), {a.get('spearman_readout', float('nan')):.2f} over all heads "
                 f"at the readout slot (top-{int(a.get('k', 0))} overlap {a.get('topk_overlap_readout', float('nan')):.2f}).",
             ]
         lines += ["", "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())]

@@ -91,6 +91,8 @@ def test_random_control_is_reproducible_given_a_seed(tiny, toy):
     assert (a["size"] == 2).all() and len(a) == 12
     one = abl.random_control(1, 3, exclude=[(1, 0)])  # size 1: every other head once, exactly
     assert sorted(one.heads) == sorted(f"L{l}H{h}" for l in range(2) for h in range(4) if (l, h) != (1, 0))
+    few = abl.random_control(3, 100, exclude=[(1, 0)])  # C(7, 3) = 35 <= 100 sets: each once
+    assert len(few) == 35 and few.heads.nunique() == 35
 
 
 def test_gap_table_and_function_vectors(tiny, toy):
