@@ -53,14 +53,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.models import DEFAULT_MODEL
-from mechicl.patching import (
-    Patcher,
-    ReadoutStepper,
-    bridge_of,
-    pair_for,
-    plot_heatmap,
-)
+from mechicl.pairs import pair_for
+from mechicl.patching import Patcher, plot_heatmap
 from mechicl.prompts import PromptBatch, build_prompt_batch, sample_contexts
+from mechicl.stepper import ReadoutStepper, bridge_of
 from mechicl.tasks import Task
 
 ABLATIONS = ("zero", "mean")
@@ -443,12 +439,13 @@ def find_heads(loaded: Any, task: Task, cfg: HeadFinderConfig | None = None, pro
     set_rows, controls = [], []
     for s in tqdm(sizes, desc="random control", unit="size", disable=not progress, leave=False):
         top = sorted(ranked[:s])
-        row = abl.gap_table([top], cfg.ablation, seed=cfg.seed).iloc[0].to_dict()
-        if s == 1:  # every other head once
+        if s == 1:  # the top head alone was ablated above; its control is every other head once
+            row = single[cfg.ablation].iloc[0].to_dict()
             ctrl = each[each.heads != fmt_heads(top)].drop(columns=["gap_reduction_ci_low", "gap_reduction_ci_high"])
             ctrl = ctrl.reset_index(drop=True)
             ctrl.insert(0, "draw", np.arange(len(ctrl)))
         else:
+            row = abl.gap_table([top], cfg.ablation, seed=cfg.seed).iloc[0].to_dict()
             ctrl = abl.random_control(s, cfg.n_control, seed=cfg.seed, exclude=top, ablation=cfg.ablation)
         controls.append(ctrl)
         row.update(summarize_control(row["gap_reduction"], ctrl["gap_reduction"].to_numpy()))

@@ -19,7 +19,7 @@ into exactly one category, so the masses of a query sum to 1:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,34 +32,6 @@ from mechicl.prompts import TEMPLATE, PromptBatch
 from mechicl.readout import run_until
 
 CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
-
-
-def at_slots(x: Tensor, pos: Int[Tensor, "batch example"]) -> Tensor:
-    """``x[b, pos[b, e], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, example, ...]``."""
-    return x[torch.arange(x.shape[0])[:, None], pos]
-
-
-def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
-                        desc: str = "forward", stop: str = "ln_final.hook_in") -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
-    """Per chunk of ``batch_size`` contexts: the chunk and the activations of hooks ``names`` at its readout slots.
-
-    Each activation ``[b, pos, ...]`` is gathered to ``[b, example, ...]`` and detached. Cost: one
-    forward per context, stopped at ``stop`` (no unembedding). Memory: one chunk's activations.
-    """
-    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
-                      disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        acts: dict[str, Tensor] = {}
-
-        def grab(name: str) -> Callable:
-            def fn(x: Tensor, hook: Any) -> None:
-                acts[name] = at_slots(x, sub.readout_pos).detach()
-
-            return fn
-
-        with torch.no_grad():
-            run_until(model, sub.tokens, [(n, grab(n)) for n in names], stop=stop, attention_mask=sub.attention_mask)
-        yield sub, acts
 
 
 def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True

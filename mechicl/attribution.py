@@ -29,9 +29,9 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.attention import _heads_frame, at_slots, readout_activations
+from mechicl.attention import _heads_frame
 from mechicl.prompts import PromptBatch, build_prompt_batch
-from mechicl.readout import label_logits, run_until, unembed_labels
+from mechicl.readout import at_slots, label_logits, readout_activations, run_until, unembed_labels
 from mechicl.tasks import Task, Template
 
 

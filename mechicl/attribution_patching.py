@@ -34,7 +34,9 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
-from mechicl.patching import DIRECTIONS, KINDS, PatchPair, _act_name, bridge_of, normalise, run_to_final
+from mechicl.pairs import PatchPair
+from mechicl.patching import DIRECTIONS, KINDS, normalise
+from mechicl.stepper import _act_name, bridge_of, run_to_final
 from mechicl.readout import unembed_labels
 
 ATTRIBUTION_KINDS = ("resid", "attn_out", "mlp_out", "head_out", "head_out_label", "head_out_readout", "head_v_label", "head_pattern_label")

@@ -9,7 +9,7 @@ Results equal the model's full logits restricted to the label tokens (tested).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -66,6 +66,34 @@ def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: I
     return logits
 
 
+def at_slots(x: Tensor, pos: Int[Tensor, "batch example"]) -> Tensor:
+    """``x[b, pos[b, e], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, example, ...]``."""
+    return x[torch.arange(x.shape[0])[:, None], pos]
+
+
+def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
+                        desc: str = "forward", stop: str = "ln_final.hook_in") -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
+    """Per chunk of ``batch_size`` contexts: the chunk and the activations of hooks ``names`` at its readout slots.
+
+    Each activation ``[b, pos, ...]`` is gathered to ``[b, example, ...]`` and detached. Cost: one
+    forward per context, stopped at ``stop`` (no unembedding). Memory: one chunk's activations.
+    """
+    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
+                      disable=not progress, leave=False):
+        sub = batch.select(slice(start, start + batch_size))
+        acts: dict[str, Tensor] = {}
+
+        def grab(name: str) -> Callable:
+            def fn(x: Tensor, hook: Any) -> None:
+                acts[name] = at_slots(x, sub.readout_pos).detach()
+
+            return fn
+
+        with torch.no_grad():
+            run_until(model, sub.tokens, [(n, grab(n)) for n in names], stop=stop, attention_mask=sub.attention_mask)
+        yield sub, acts
+
+
 @torch.no_grad()
 def label_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True) -> Float[Tensor, "batch example n_labels"]:
     """Logits of the label words at every readout slot. Cost: one forward per context.
@@ -73,11 +101,8 @@ def label_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: 
     Memory: one residual stream of ``batch_size x pos x d_model`` floats at a time.
     """
     out = []
-    chunks = range(0, batch.n_contexts, batch_size)
-    for start in tqdm(chunks, desc=f"forward {batch.condition}", unit="batch", disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        resid = final_residual(model, sub.tokens, sub.attention_mask)
-        at = resid[torch.arange(sub.n_contexts)[:, None], sub.readout_pos]  # [b, example, d_model]
+    for sub, acts in readout_activations(model, batch, ["ln_final.hook_in"], batch_size, progress):
+        at = acts["ln_final.hook_in"]  # [b, example, d_model]: the residual entering the final norm
         out.append(unembed_labels(model, at, sub.label_token_ids))
     return torch.cat(out)
 
