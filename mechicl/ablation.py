@@ -48,7 +48,6 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -56,6 +55,7 @@ from mechicl.models import DEFAULT_MODEL
 from mechicl.pairs import pair_for
 from mechicl.patching import Patcher, plot_heatmap
 from mechicl.prompts import PromptBatch, build_prompt_batch, sample_contexts
+from mechicl.stats import t_interval
 from mechicl.stepper import ReadoutStepper, bridge_of
 from mechicl.tasks import Task
 
@@ -91,14 +91,6 @@ def gap_reduction(acc_correct: Any, acc_flipped: Any, acc_flipped_ablated: Any) 
     with np.errstate(divide="ignore", invalid="ignore"):
         out = 1.0 - (np.asarray(acc_correct, dtype=float) - np.asarray(acc_flipped_ablated, dtype=float)) / gap
     return np.where(gap > 0, out, np.nan)
-
-
-def _t_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    m = float(np.mean(x))
-    if len(x) < 2:
-        return m, m, m
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
-    return m, m - half, m + half
 
 
 # ---------------------------------------------------------------- ablator ---
@@ -229,7 +221,7 @@ class HeadAblator:
         p = torch.softmax(logits.double(), -1).gather(-1, tgt.expand(len(heads), -1)[..., None])[..., 0].numpy()
         rows = []
         for i, (l, h) in enumerate(heads):
-            m, lo, hi = _t_ci(p[i] - base)
+            m, lo, hi = t_interval(p[i] - base)
             rows.append({"layer": l, "head": h, "fv_cie": m, "fv_cie_ci_low": lo, "fv_cie_ci_high": hi})
         return pd.DataFrame(rows)
 

@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.attention import _heads_frame
 from mechicl.prompts import PromptBatch, build_prompt_batch
 from mechicl.readout import at_slots, label_logits, readout_activations, run_until, unembed_labels
+from mechicl.stats import t_interval
 from mechicl.tasks import Task, Template
 
 
@@ -41,15 +41,6 @@ def _query_index(batch: PromptBatch, queries: str, k_min: int) -> Int[Tensor, "q
     if queries == "all":
         return torch.arange(k_min, batch.n_examples)
     raise ValueError(f"queries must be 'last' or 'all', got {queries!r}")
-
-
-def _t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and t-interval of the rows of ``x`` (one value per context)."""
-    m = float(np.mean(x))
-    if len(x) < 2:
-        return m, m, m
-    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * float(np.std(x, ddof=1)) / np.sqrt(len(x))
-    return m, m - half, m + half
 
 
 # ------------------------------------------------------------- saliency ---
@@ -207,7 +198,7 @@ def logit_lens(model: Any, batches: Sequence[PromptBatch], k_min: int = 1, min_g
     per_ctx = raw[raw.k >= k_min].groupby(["condition", "depth", "metric", "context"], sort=False)["value"].mean()
     rows = []
     for (cond, depth, metric), s in per_ctx.groupby(level=[0, 1, 2], sort=False):
-        m, lo, hi = _t_interval(s.to_numpy())
+        m, lo, hi = t_interval(s.to_numpy())
         rows.append((cond, depth, metric, m, lo, hi, len(s)))
     summary = pd.DataFrame(rows, columns=["condition", "depth", "metric", "mean", "ci_low", "ci_high", "n"])
     conds = set(raw.condition)
@@ -215,7 +206,7 @@ def logit_lens(model: Any, batches: Sequence[PromptBatch], k_min: int = 1, min_g
     if {"default", "flipped"} <= conds:
         pc = per_ctx.unstack("condition")
         for (depth, metric), s in pc.groupby(level=[0, 1], sort=False):
-            m, lo, hi = _t_interval((s["default"] - s["flipped"]).to_numpy())
+            m, lo, hi = t_interval((s["default"] - s["flipped"]).to_numpy())
             gap_rows.append((depth, metric, m, lo, hi))
     gap = pd.DataFrame(gap_rows, columns=["depth", "metric", "mean", "ci_low", "ci_high"])
     if len(gap):

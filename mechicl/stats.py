@@ -17,8 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
+from scipy import stats as sps
 
 NOT_ENOUGH = "not enough draws to decide"
+
+
+def t_interval(x: Float[np.ndarray, "n"], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of ``x`` (one value per context); a single value is its own interval."""
+    x = np.asarray(x, dtype=float)
+    m = float(np.mean(x))
+    if len(x) < 2:
+        return m, m, m
+    half = float(sps.t.ppf(0.5 + level / 2, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+    return m, m - half, m + half
 
 
 @dataclass(frozen=True)

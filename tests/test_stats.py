@@ -62,3 +62,15 @@ def test_decisions_over_k():
 def test_missing_condition_is_named():
     with pytest.raises(KeyError, match="no results for condition 'c'"):
         compare_over_k(_raw(0, 1, 5), ("c", "m"), ("b", "m"), [0])
+
+
+def test_t_interval_matches_scipy():
+    from scipy import stats as sps
+
+    from mechicl.stats import t_interval
+
+    x = np.array([0.2, 0.5, 0.1, 0.9, 0.4])
+    m, lo, hi = t_interval(x)
+    ref = sps.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sps.sem(x))
+    assert np.isclose(m, x.mean()) and np.allclose([lo, hi], ref)
+    assert t_interval(np.array([0.3])) == (0.3, 0.3, 0.3)
