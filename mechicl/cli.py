@@ -1,4 +1,10 @@
-"""Command line: ``mechicl demo | behavior | models | tasks``."""
+"""Command line: ``mechicl demo | behavior | run | attention | lens | dla | patch | heads | organism train | models | tasks``.
+
+Each command parses its flags, loads the task and model, and hands over to its module in
+``mechicl.runs`` (the layers: cli -> runs -> analysis -> data/models). Commands import their run
+module when they run, not at start-up, so that ``mechicl models`` or ``--help`` answers without
+loading torch and TransformerLens (a few seconds); there is no import cycle to avoid.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mechicl.experiments import ConfigError
-from mechicl.fetch import ResourceUnavailable
-from mechicl.models import DEFAULT_MODEL, UnknownModel, known_models
-from mechicl.prompts import PromptError
-from mechicl.tasks import TaskError
-
-USER_ERRORS = (PromptError, TaskError, ResourceUnavailable, UnknownModel, ConfigError)
-
-
-def _default_out(kind: str, model: str, task: str) -> Path:
-    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in s)  # noqa: E731
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{safe(model)}-{safe(task)}"
-
-
+from mechicl.errors import USER_ERRORS
+from mechicl.models.registry import DEFAULT_MODEL, EMBEDDED, known_models
 def _load(model: str, threads: int | None) -> tuple[Any, float]:
     """Set torch's thread count (if given), load ``model`` and report it; returns it and the start time."""
     import torch
 
-    from mechicl.models import load_model
+    from mechicl.models.loading import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -34,6 +28,11 @@ def _load(model: str, threads: int | None) -> tuple[Any, float]:
     loaded = load_model(model)
     print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
     return loaded, t0
+
+
+def _done(folder: Any, t0: float) -> None:
+    print(f"[mechicl] wrote {folder.names()} to {folder.path}")
+    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
 
 
 def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
@@ -51,10 +50,11 @@ def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
 
 
 def cmd_behavior(args: argparse.Namespace) -> int:
-    from mechicl.behavior import BehaviorConfig, run_behavior
-    from mechicl.prompts import parse_conditions
-    from mechicl.report import write_behavior
-    from mechicl.tasks import load_task
+    from mechicl.analysis.behavior import BehaviorConfig
+    from mechicl.data.prompts import parse_conditions
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.behavior import run_behavior, write_behavior
+    from mechicl.runs.folder import default_out
 
     conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
     cfg = BehaviorConfig(
@@ -65,26 +65,23 @@ def cmd_behavior(args: argparse.Namespace) -> int:
     loaded, t0 = _load(cfg.model, args.threads)
     print(f"[mechicl] task {task.name}: {task.description}", flush=True)
     result = run_behavior(loaded, task, cfg)
-    out = args.out or _default_out("behavior", cfg.model, cfg.task)
-    files = write_behavior(result, out)
-    print(files["markdown"].read_text())
-    print(f"[mechicl] wrote {', '.join(p.name for p in files.values())} to {out}")
-    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    folder = write_behavior(result, args.out or default_out("behavior", cfg.model, cfg.task))
+    print((folder.path / "summary.md").read_text())
+    _done(folder, t0)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mechicl.experiments import load_config, run_experiment, write_experiment
+    from mechicl.runs.experiments import load_config, run_experiment, write_experiment
+    from mechicl.runs.folder import default_out
 
     cfg = load_config(args.config, model=args.model, n_contexts=args.n_contexts, seed=args.seed)
     loaded, t0 = _load(cfg.model, args.threads)
     print(f"[mechicl] {cfg.name}: {cfg.hypothesis} on {loaded.name} / {cfg.task}, {len(cfg.conditions)} conditions", flush=True)
     result = run_experiment(cfg, loaded)
-    out = args.out or _default_out(cfg.name, cfg.model, cfg.task)
-    files = write_experiment(result, out, Path(args.config).read_text())
+    folder = write_experiment(result, args.out or default_out(cfg.name, cfg.model, cfg.task), Path(args.config).read_text())
     print(result.verdict)
-    print(f"[mechicl] wrote {', '.join(p.name for p in files.values())} to {out}")
-    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    _done(folder, t0)
     return 0
 
 
@@ -103,30 +100,33 @@ def _add_inside_args(p: argparse.ArgumentParser, n_contexts: int) -> None:
 
 def cmd_inside(args: argparse.Namespace) -> int:
     """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
-    from mechicl import viz
-    from mechicl.tasks import load_task
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.attention import report_attention
+    from mechicl.runs.folder import default_out
+    from mechicl.runs.inside import InsideConfig, report_dla, report_lens
 
-    cfg = viz.InsideConfig(args.model, args.task, args.n_contexts, args.n_examples, args.k_min, args.seed,
-                           args.batch_size, args.top)
+    cfg = InsideConfig(args.model, args.task, args.n_contexts, args.n_examples, args.k_min, args.seed,
+                       args.batch_size, args.top)
     task = load_task(cfg.task, seed=cfg.seed)
     loaded, t0 = _load(cfg.model, args.threads)
-    out = args.out or _default_out(args.command, cfg.model, cfg.task)
+    out = args.out or default_out(args.command, cfg.model, cfg.task)
     if args.command == "attention":
-        text = viz.report_attention(loaded, task, cfg, out, saliency=not args.no_saliency)
+        text = report_attention(loaded, task, cfg, out, saliency=not args.no_saliency)
     elif args.command == "lens":
-        text = viz.report_lens(loaded, task, cfg, out, min_gap=args.min_gap)
+        text = report_lens(loaded, task, cfg, out, min_gap=args.min_gap)
     else:
-        text = viz.report_dla(loaded, task, cfg, out)
+        text = report_dla(loaded, task, cfg, out)
     print(text)
-    print(f"[mechicl] wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    print(f"[mechicl] wrote {', '.join(sorted(p.name for p in Path(out).iterdir()))} to {out}")
     print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
     """`mechicl organism train`: train an organism and write its checkpoint and model card."""
-    from mechicl.organism.train import OrganismConfig, train_and_save
-    from mechicl.organism.language import LanguageConfig
+    from mechicl.data.organism import LanguageConfig
+    from mechicl.models.organism import OrganismConfig
+    from mechicl.runs.organism import train_and_save
 
     given = {k: v for k, v in [("p_arbitrary", args.p_arbitrary), ("label_noise", args.label_noise)] if v is not None}
     try:
@@ -146,64 +146,47 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 
 def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
-    from mechicl.patching import KINDS, Patcher, pair_for, write_patch_results
-    from mechicl.tasks import load_task
+    from mechicl.analysis.patching import KINDS
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.folder import default_out
+    from mechicl.runs.patch import PatchRunConfig, run_patch
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         print(f"mechicl: error: unknown sweep kind(s) {bad}; use a comma list of {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    directions = ["denoise", "noise"] if args.direction == "both" else [args.direction]
+    directions = ("denoise", "noise") if args.direction == "both" else (args.direction,)
+    cfg = PatchRunConfig(args.model, args.task, tuple(kinds), directions, args.n_contexts, args.n_examples, args.last_m,
+                         args.max_rows, args.top, args.seed)
     task = load_task(args.task, seed=args.seed)
     loaded, t0 = _load(args.model, args.threads)
-    pair = pair_for(loaded, task, args.n_contexts, args.n_examples, seed=args.seed, last_m=args.last_m)
-    patcher = Patcher(loaded, pair, max_rows=args.max_rows, progress=True)
-    results = [patcher.sweep(k, d) for k in kinds for d in directions]
-    out = args.out or _default_out("patch", args.model, task.name)
-    files = write_patch_results(results, out, f"{loaded.name} on {task.name}")
-    lines = [f"# Activation patching: {loaded.name} on {task.name}", "",
-             f"{args.n_contexts} contexts x {args.n_examples} examples, {pair.description}, seed {args.seed}. "
-             f"Normalised logit difference at the query readout slot: 0 = corrupted run, 1 = clean run. "
-             f"Mean LD clean {float(patcher.baseline('clean').mean()):.3f}, corrupted "
-             f"{float(patcher.baseline('corrupted').mean()):.3f}.", "",
-             "| sweep | direction | top cells (effect) | seconds | forward-equivalents |", "|---|---|---|---|---|"]
-    for r in results:
-        t = r.table()
-        t = t.reindex(t.effect.abs().sort_values(ascending=False).index).head(args.top)
-        cells = ", ".join(f"L{int(row[r.axes[0]])}{r.axes[1][0].upper()}{int(row[r.axes[1]])} ({row.effect:+.3f})"
-                          for _, row in t.iterrows())
-        lines.append(f"| {r.kind} | {r.direction} | {cells} | {r.seconds:.1f} | {r.forwards:.1f} |")
-    text = "\n".join(lines) + "\n"
-    (Path(out) / "summary.md").write_text(text)
+    folder, text = run_patch(loaded, task, cfg, args.out or default_out("patch", args.model, task.name))
     print(text)
-    print(f"[mechicl] wrote {len(files) + 1} files to {out}")
-    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    _done(folder, t0)
     return 0
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
-    from mechicl.ablation import HeadFinderConfig, find_heads, write_heads
-    from mechicl.tasks import load_task
+    from mechicl.analysis.heads import HeadFinderConfig
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.folder import default_out
+    from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads
 
     sizes = tuple(int(x) for x in args.set_sizes.split(",") if x.strip())
     cfg = HeadFinderConfig(args.model, args.task, args.n_examples, args.n_screen, args.n_eval, args.candidates,
                            sizes, args.n_control, args.ablation, args.seed)
     task = load_task(cfg.task, seed=cfg.seed)
     loaded, t0 = _load(cfg.model, args.threads)
-    result = find_heads(loaded, task, cfg)
-    out = args.out or _default_out("heads", cfg.model, task.name)
-    files = write_heads(result, out)
-    print(result.markdown())
-    print(f"[mechicl] wrote {', '.join(p.name for p in files.values())} to {out}")
-    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    result = find_heads_for(loaded, task, cfg)
+    folder = write_heads(result, args.out or default_out("heads", cfg.model, task.name))
+    print(heads_markdown(result))
+    _done(folder, t0)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mechicl.models import EMBEDDED
-
     for name in known_models():
         desc = EMBEDDED[name].description if name in EMBEDDED else "random 2-layer boot_native model for tests"
         if name.startswith("organism-"):
@@ -214,7 +197,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from mechicl import tasks
+    from mechicl.data import tasks
 
     print(tasks.__doc__)
     return 0
@@ -299,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user mistake (a ``MechiclError``) prints one line and returns 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

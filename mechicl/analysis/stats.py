@@ -13,6 +13,7 @@ inside +-min_effect (an equivalence margin); otherwise it says
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,13 @@ def t_interval(x: Float[np.ndarray, "n"], level: float = 0.95) -> tuple[float, f
     m = float(np.mean(x))
     if len(x) < 2:
         return m, m, m
-    half = float(sps.t.ppf(0.5 + level / 2, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+    half = float(t_half_width(np.std(x, ddof=1), len(x), level))
     return m, m - half, m + half
+
+
+def t_half_width(std: Any, n: Any, level: float = 0.95) -> Any:
+    """Half-width of the Student-t interval of a mean: ``t_{(1+level)/2, n-1} * std / sqrt(n)`` (vectorised)."""
+    return sps.t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * std / np.sqrt(n)
 
 
 @dataclass(frozen=True)

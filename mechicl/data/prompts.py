@@ -22,19 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechicl.tasks import Task, Template
-
-
-class PromptError(ValueError):
-    """Base class for prompt-construction errors."""
-
-
-class LabelTokenError(PromptError):
-    """A label word is not exactly one token in its template context."""
-
-
-class ContextOverflowError(PromptError):
-    """A context is longer than the model's n_ctx."""
+from mechicl.data.task import Task, Template
+from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
 
 
 # Position roles, stored per token in PromptBatch.roles.

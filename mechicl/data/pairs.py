@@ -7,17 +7,15 @@ Inputs, query and every token position are identical; only label tokens differ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechicl.prompts import ROLE_NAMES, PromptBatch, PromptError, build_prompt_batch
-from mechicl.tasks import Task, Template
-
-class PairError(PromptError):
-    """A clean/corrupted pair whose runs differ in more than their label tokens."""
+from mechicl.data.prompts import LABEL, ROLE_NAMES, PromptBatch, build_prompt_batch, sample_contexts
+from mechicl.data.task import Task, Template
+from mechicl.errors import PairError
 
 
 # ------------------------------------------------------------------ pairs ---
@@ -64,21 +62,6 @@ class PatchPair:
         pick = label_logits.gather(-1, idx)
         return pick[..., 0] - pick[..., 1]
 
-    def tl_metric(self, clean_ld: float, corrupted_ld: float) -> Callable[[Tensor], Tensor]:
-        """The same normalised metric as a function of full logits ``[batch, pos, vocab]``.
-
-        For ``transformer_lens.patching`` (tests and the benchmark compare against it).
-        """
-        rows = torch.arange(self.n_contexts)
-        q, a, f = self.query_pos, self.answer_ids, self.foil_ids
-
-        def metric(logits: Tensor) -> Tensor:
-            at = logits[rows, q]
-            ld = (at[rows, a] - at[rows, f]).mean()
-            return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
-
-        return metric
-
 
 def check_pair(clean: PromptBatch, corrupted: PromptBatch) -> None:
     """Raise ``PairError`` unless the two batches differ only in label tokens."""
@@ -102,8 +85,6 @@ def check_pair(clean: PromptBatch, corrupted: PromptBatch) -> None:
             f"clean and corrupted runs use different label words {clean.label_words} vs {corrupted.label_words}; "
             f"the logit-difference metric needs one label vocabulary."
         )
-    from mechicl.prompts import LABEL
-
     diff = clean.tokens != corrupted.tokens
     off_label = diff & (clean.roles != LABEL)
     if off_label.any():
@@ -165,7 +146,5 @@ def make_pair(
 
 def pair_for(loaded: Any, task: Task, n_contexts: int, n_examples: int, seed: int = 0, last_m: int | None = None) -> PatchPair:
     """``make_pair`` on freshly sampled contexts for a ``LoadedModel``."""
-    from mechicl.prompts import sample_contexts
-
     ids = sample_contexts(task, n_contexts, n_examples, seed=seed)
     return make_pair(task, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, last_m=last_m)

@@ -1,7 +1,7 @@
 """The one-forward readout: label-set log-probabilities at every readout slot.
 
 The model runs up to its final norm's input (``ln_final.hook_in``) and stops
-(``run_until``: the one early-stop mechanism every analysis uses); the unembedding
+(``hooks.run_to_final``: the one early-stop mechanism every analysis uses); the unembedding
 is then applied only at readout slots and only to the label
 tokens. For Gemma-3 (262k-word vocabulary) that skips ~70% of a forward's cost.
 Results equal the model's full logits restricted to the label tokens (tested).
@@ -9,46 +9,15 @@ Results equal the model's full logits restricted to the label tokens (tested).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.prompts import PromptBatch
-
-
-class StopForward(Exception):
-    """Raised inside a hook to end a forward early; ``run_until`` catches it."""
-
-
-def run_until(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[tuple[str, Callable]] = (),
-              stop: str = "ln_final.hook_in", **forward_kwargs: Any) -> Tensor:
-    """Run ``model`` with forward ``hooks`` and stop once hook ``stop`` fires; return the activation there.
-
-    With the default ``stop`` that is the residual entering the final norm ``[batch, pos, d_model]``,
-    and the unembedding never runs. ``hooks`` run before the stop hook and store what they need
-    themselves. Cost: the forward up to ``stop``. Raises if ``stop`` never fires.
-    """
-    out: dict[str, Tensor] = {}
-
-    def halt(x: Tensor, hook: Any) -> None:
-        out["x"] = x
-        raise StopForward
-
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*hooks, (stop, halt)], **forward_kwargs)
-    except StopForward:
-        pass
-    if "x" not in out:
-        raise RuntimeError(f"hook {stop!r} never fired; the model lacks it (mechicl needs a final-norm hook)")
-    return out["x"]
-
-
-def final_residual(model: Any, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
-    """Residual stream entering the final norm. Cost: one forward without the unembedding."""
-    return run_until(model, tokens, attention_mask=attention_mask)
+from mechicl.analysis.hooks import FINAL, capture, run_to_final
+from mechicl.data.prompts import PromptBatch
 
 
 def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: Int[Tensor, "n_labels"] | None) -> Float[Tensor, "... n_labels"]:
@@ -66,13 +35,8 @@ def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: I
     return logits
 
 
-def at_slots(x: Tensor, pos: Int[Tensor, "batch example"]) -> Tensor:
-    """``x[b, pos[b, e], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, example, ...]``."""
-    return x[torch.arange(x.shape[0])[:, None], pos]
-
-
 def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
-                        desc: str = "forward", stop: str = "ln_final.hook_in") -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
+                        desc: str = "forward", stop: str = FINAL) -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
     """Per chunk of ``batch_size`` contexts: the chunk and the activations of hooks ``names`` at its readout slots.
 
     Each activation ``[b, pos, ...]`` is gathered to ``[b, example, ...]`` and detached. Cost: one
@@ -82,15 +46,9 @@ def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], ba
                       disable=not progress, leave=False):
         sub = batch.select(slice(start, start + batch_size))
         acts: dict[str, Tensor] = {}
-
-        def grab(name: str) -> Callable:
-            def fn(x: Tensor, hook: Any) -> None:
-                acts[name] = at_slots(x, sub.readout_pos).detach()
-
-            return fn
-
         with torch.no_grad():
-            run_until(model, sub.tokens, [(n, grab(n)) for n in names], stop=stop, attention_mask=sub.attention_mask)
+            run_to_final(model, sub.tokens, capture(names, acts, at=sub.readout_pos), stop=stop,
+                         attention_mask=sub.attention_mask)
         yield sub, acts
 
 
@@ -101,8 +59,8 @@ def label_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: 
     Memory: one residual stream of ``batch_size x pos x d_model`` floats at a time.
     """
     out = []
-    for sub, acts in readout_activations(model, batch, ["ln_final.hook_in"], batch_size, progress):
-        at = acts["ln_final.hook_in"]  # [b, example, d_model]: the residual entering the final norm
+    for sub, acts in readout_activations(model, batch, [FINAL], batch_size, progress):
+        at = acts[FINAL]  # [b, example, d_model]: the residual entering the final norm
         out.append(unembed_labels(model, at, sub.label_token_ids))
     return torch.cat(out)
 
@@ -130,7 +88,7 @@ def label_sequence_logprobs(model: Any, batch: PromptBatch, rows_per_forward: in
                 toks[r, :p] = batch.tokens[i, :p]
                 toks[r, p : p + len(seqs[c])] = torch.tensor(seqs[c])
                 mask[r, : p + len(seqs[c])] = 1
-            resid = final_residual(model, toks, mask)
+            resid = run_to_final(model, toks, attention_mask=mask)
             for r, (j, c, p) in enumerate(chunk):
                 q = torch.tensor(seqs[c])
                 logp = torch.log_softmax(unembed_labels(model, resid[r, p - 1 : p - 1 + len(q)], None), -1)

@@ -35,8 +35,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechicl.tasks import SENTIMENT, Task, Template
-from mechicl.tiny import SPECIALS, word_tokenizer
+from mechicl.data.task import SENTIMENT, Task, Template
+from mechicl.data.words import SPECIALS, word_tokenizer
 
 # Common VADER words with |mean rating| >= 1.5 (checked against the lexicon in the tests).
 POSITIVE_WORDS = tuple(
@@ -68,7 +68,7 @@ MAP_KINDS = ("default", "flipped", "arbitrary")
 
 @lru_cache(maxsize=1)
 def organism_tokenizer() -> Any:
-    """The word-level tokenizer (``mechicl.tiny.word_tokenizer``) over ``VOCAB``."""
+    """The word-level tokenizer (``mechicl.data.words.word_tokenizer``) over ``VOCAB``."""
     return word_tokenizer(VOCAB, "mechicl-organism")
 
 

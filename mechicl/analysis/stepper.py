@@ -1,144 +1,24 @@
-"""Partial forwards: skip upstream blocks, stop at the final norm, re-run only the readout slot.
+"""``ReadoutStepper``: re-run only the query readout slot, with head-output interventions there.
 
-``run_to_final`` runs a bridge from a cached residual (blocks before it are
-replaced by a function returning the cache, ``_start_at``) up to the final norm's
-input. ``ReadoutStepper`` keeps the key/value cache of every position before the
-query slot and re-runs only the query token per head-output intervention. Both
-are exact (checked against full forwards in the tests and, for the stepper, on
-construction); the cost of each is stated on it.
+It keeps the key/value cache of every position before the query slot and re-runs only the
+query token per intervention. Exact (checked against full forwards in the tests and on
+construction); the KV-cache plumbing it needs beyond TL hooks is in ``analysis.surgery``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import warnings
-import weakref
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.prompts import PromptBatch
-from mechicl.readout import StopForward, run_until, unembed_labels
-
-# ----------------------------------------------------------- forward runs ---
-
-
-def bridge_of(model: Any) -> Any:
-    """The TransformerBridge of a ``LoadedModel`` (or the bridge itself)."""
-    return getattr(model, "model", model) if not hasattr(model, "blocks") else model
-
-
-_TUPLE_OUT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-
-
-def _blocks_return_tuple(model: Any) -> bool:
-    """Whether the model's block loop expects tuples from its blocks (probed once, 2 tokens)."""
-    if model in _TUPLE_OUT:
-        return _TUPLE_OUT[model]
-    seen: dict[str, bool] = {}
-
-    def probe(_m: Any, _a: Any, out: Any) -> None:
-        seen["tuple"] = isinstance(out, tuple)
-        raise StopForward
-
-    h = model.blocks[0].register_forward_hook(probe)
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 2, dtype=torch.long))
-    except StopForward:
-        pass
-    finally:
-        h.remove()
-    _TUPLE_OUT[model] = seen.get("tuple", False)
-    return _TUPLE_OUT[model]
-
-
-@contextlib.contextmanager
-def _start_at(model: Any, layer: int, resid: Tensor | None) -> Iterator[None]:
-    """Make blocks ``0..layer-1`` return ``resid`` (the residual entering ``layer``) without computing.
-
-    The rest of the model's forward (embedding lookup, masks, rotary tables, blocks
-    ``layer..``) runs unchanged, so hooks and architecture details stay the model's own.
-    """
-    if layer <= 0 or resid is None:
-        yield
-        return
-    out = (resid,) if _blocks_return_tuple(model) else resid
-
-    def skip(*args: Any, **kwargs: Any) -> Any:
-        return out
-
-    blocks = list(model.blocks)[:layer]
-    for blk in blocks:  # object.__setattr__: bridge components forward setattr to the wrapped module
-        object.__setattr__(blk, "forward", skip)
-    try:
-        yield
-    finally:
-        for blk in blocks:
-            blk.__dict__.pop("forward", None)
-
-
-def run_to_final(
-    model: Any,
-    tokens: Int[Tensor, "batch pos"],
-    hooks: Sequence[tuple[str, Callable]] = (),
-    *,
-    save: Sequence[str] = (),
-    store: dict[str, Tensor] | None = None,
-    start: tuple[int, Tensor] | None = None,
-    **forward_kwargs: Any,
-) -> Float[Tensor, "batch pos d_model"]:
-    """Residual entering the final norm, with ``hooks`` applied and the outputs of hooks ``save`` kept in ``store``.
-
-    ``start=(l, resid)`` skips blocks ``0..l-1`` (see ``_start_at``). Cost: blocks ``l..`` only,
-    no unembedding. Cached tensors are clones (safe against later in-place edits).
-    """
-    store = store if store is not None else {}
-
-    def saver(name: str) -> Callable:
-        def save(x: Tensor, hook: Any) -> None:
-            store[name] = x.detach().clone()
-
-        return save
-
-    ctx = _start_at(model, *start) if start is not None else contextlib.nullcontext()
-    with ctx:
-        return run_until(model, tokens, [*hooks, *((n, saver(n)) for n in save)], **forward_kwargs)
-
-
-def _act_name(kind: str, layer: int) -> str:
-    return {
-        "resid_pre": f"blocks.{layer}.hook_resid_pre",
-        "attn_out": f"blocks.{layer}.hook_attn_out",
-        "mlp_out": f"blocks.{layer}.hook_mlp_out",
-        "z": f"blocks.{layer}.attn.hook_z",
-        "v": f"blocks.{layer}.attn.hook_v",
-        "pattern": f"blocks.{layer}.attn.hook_pattern",
-    }[kind]
-
-
-# ----------------------------------------------------------- readout stepper ---
-
-
-def _cache_shim(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """transformers 5 passes the KV cache as ``cache=``; TL 4.3's attention bridge reads ``past_key_values``."""
-    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-        kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
-    return args, kwargs
-
-
-def _fresh_cache(cache: Any, repeats: int) -> Any:
-    """A copy of a prefix KV cache whose updates do not touch the original, batch-repeated."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    if repeats > 1:
-        new.batch_repeat_interleave(repeats)
-    return new
-
+from mechicl.analysis.hooks import act_name, capture, run_to_final
+from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
+from mechicl.data.prompts import PromptBatch
 
 class ReadoutStepper:
     """Re-run only the query readout slot of every context, with head-output interventions there.
@@ -163,7 +43,7 @@ class ReadoutStepper:
 
     def __init__(self, model: Any, batch: PromptBatch, *, max_rows: int = 256, step_tokens: int = 4096, mode: str = "auto",
                  atol: float = 1e-3) -> None:
-        self.model = bridge_of(model)
+        self.model = model
         self.batch = batch
         self.max_rows, self.step_tokens = max_rows, step_tokens
         hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
@@ -174,7 +54,7 @@ class ReadoutStepper:
         self.last_cost = 0.0
         self.mode = "full"
         self._kv_cache = None
-        z_names = [_act_name("z", l) for l in range(self.n_layers)]
+        z_names = [act_name("z", l) for l in range(self.n_layers)]
         b, P = batch.n_contexts, int(self.q.max()) + 1
         # left-aligned prefix: row r holds tokens[r, :q_r + 1] at the right end
         tok = torch.zeros(b, P, dtype=torch.long)
@@ -186,15 +66,15 @@ class ReadoutStepper:
             mask[r, P - n :] = 1
             pos[r, P - n :] = torch.arange(n)
         self._prefix = (tok, mask, pos)
-        cache = self._new_cache() if mode in ("auto", "kv") else None
+        cache = new_kv_cache(self.model) if mode in ("auto", "kv") else None
         store: dict[str, Tensor] = {}
         with torch.no_grad():
             if cache is not None:
                 try:
-                    with self._shim():
+                    with cache_shim(self.model):
                         resid = run_to_final(
-                            self.model, tok, save=z_names, store=store, attention_mask=mask, position_ids=pos,
-                            **self._cache_kwargs(cache),
+                            self.model, tok, capture(z_names, store), attention_mask=mask, position_ids=pos,
+                            **cache_kwargs(self.model, cache),
                         )
                     if cache.get_seq_length() != P:
                         raise RuntimeError(f"KV cache holds {cache.get_seq_length()} positions, expected {P}")
@@ -207,9 +87,9 @@ class ReadoutStepper:
                     cache, store = None, {}
             if cache is None:
                 full = batch.tokens[:, :P]
-                res_names = [_act_name("resid_pre", l) for l in range(1, self.n_layers)]
-                resid = run_to_final(self.model, full, save=z_names + res_names, store=store)
-                self._resid_pre = {l: store[_act_name("resid_pre", l)] for l in range(1, self.n_layers)}
+                res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
+                resid = run_to_final(self.model, full, capture(z_names + res_names, store))
+                self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}
                 rows = torch.arange(b)
                 self.z = torch.stack([store[n][rows, self.q] for n in z_names], 1)
                 self.base_logits = unembed_labels(self.model, resid[rows, self.q], self.label_ids)
@@ -230,35 +110,6 @@ class ReadoutStepper:
     @property
     def n_contexts(self) -> int:
         return self.batch.n_contexts
-
-    def _new_cache(self) -> Any:
-        hf = getattr(self.model, "original_model", None)
-        config = getattr(hf, "config", None)
-        if config is None or not hasattr(hf, "generate"):
-            return None  # not a Hugging Face causal LM (e.g. TL-native): no KV cache
-        try:
-            from transformers import DynamicCache
-
-            return DynamicCache(config=config)
-        except Exception:  # noqa: BLE001
-            return None
-
-    def _cache_kwargs(self, cache: Any) -> dict[str, Any]:
-        """transformers >= 5 names the forward's KV-cache argument ``cache``, earlier versions ``past_key_values``."""
-        import inspect
-
-        hf = self.model.original_model
-        name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-        return {name: cache, "use_cache": True}
-
-    @contextlib.contextmanager
-    def _shim(self) -> Iterator[None]:
-        handles = [blk.attn.register_forward_pre_hook(_cache_shim, with_kwargs=True) for blk in self.model.blocks]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
     @torch.no_grad()
     def run(
@@ -310,7 +161,7 @@ class ReadoutStepper:
                 a[torch.arange(b * n), rows_pos] = torch.where(m_l[None, :, :, None], repl, at).reshape(b * n, *a.shape[2:])
                 return a
 
-            hooks.append((_act_name("z", l), hook))
+            hooks.append((act_name("z", l), hook))
         return hooks
 
     def _run_chunk(self, masks: Tensor, source: Tensor | None) -> Tensor:
@@ -323,11 +174,11 @@ class ReadoutStepper:
             m4 = torch.zeros(b, 1, n, pm + n, dtype=torch.bool)
             m4[:, 0, :, :pm] = mask[:, None, :pm].bool()
             m4[:, 0, torch.arange(n), pm + torch.arange(n)] = True
-            with self._shim():
+            with cache_shim(self.model):
                 resid = run_to_final(
                     self.model, tok[:, -1:].expand(b, n).contiguous(), self._hooks(masks, source, n, None),
                     attention_mask=m4, position_ids=self.q[:, None].expand(b, n).contiguous(),
-                    **self._cache_kwargs(_fresh_cache(self._kv_cache, 1)),
+                    **cache_kwargs(self.model, fresh_cache(self._kv_cache, 1)),
                 )
             self.last_cost += n / max(1, int(self.q.float().mean()) + 1)
             return unembed_labels(self.model, resid, self.label_ids).transpose(0, 1)  # [n, b, labels]

@@ -1,0 +1,131 @@
+"""The one module that reaches under TransformerLens's hooks: skipped blocks and a KV-cache shim.
+
+TL hooks can read and replace activations, but not (a) stop blocks from computing or (b) change
+the keyword arguments a wrapped Hugging Face module receives. Two speed-ups need exactly that:
+
+* ``start_at``: blocks ``0..l-1`` return a cached residual instead of computing it (the upstream
+  skip of exact patching). The bridge's ``start_at_layer`` re-enters at block ``l`` but, per its
+  docstring and ``benchmarks/bench_patching.py``, still executes blocks ``0..l-1``. Done by
+  replacing the blocks' ``forward`` for the duration of a call.
+* ``cache_shim``: transformers 5 passes the KV cache to attention as ``cache=``; TL 4.3's
+  attention bridge reads ``past_key_values``, so without a ``forward_pre_hook`` that maps the
+  keyword the cache is silently ignored (``ReadoutStepper`` checks itself against full forwards).
+
+Checked against transformer-lens 4.3.0, transformers 5.24 and torch 2.13. Everything else in
+mechicl intervenes through TL hooks (``analysis.hooks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+_TUPLE_OUT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+class _Probed(Exception):
+    """Ends the two-token probe forward once block 0 has answered."""
+
+
+def _blocks_return_tuple(model: Any) -> bool:
+    """Whether the model's block loop expects tuples from its blocks (probed once, 2 tokens).
+
+    A raw forward hook on block 0: TL's ``hook_out`` sees the residual after the bridge unpacked it,
+    so it cannot tell what the block itself returned.
+    """
+    if model in _TUPLE_OUT:
+        return _TUPLE_OUT[model]
+    seen: dict[str, bool] = {}
+
+    def probe(_m: Any, _a: Any, out: Any) -> None:
+        seen["tuple"] = isinstance(out, tuple)
+        raise _Probed
+
+    h = model.blocks[0].register_forward_hook(probe)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long))
+    except _Probed:
+        pass
+    finally:
+        h.remove()
+    _TUPLE_OUT[model] = seen.get("tuple", False)
+    return _TUPLE_OUT[model]
+
+
+@contextlib.contextmanager
+def start_at(model: Any, layer: int, resid: Tensor | None) -> Iterator[None]:
+    """Make blocks ``0..layer-1`` return ``resid`` (the residual entering ``layer``) without computing.
+
+    The rest of the model's forward (embedding lookup, masks, rotary tables, blocks
+    ``layer..``) runs unchanged, so hooks and architecture details stay the model's own.
+    """
+    if layer <= 0 or resid is None:
+        yield
+        return
+    out = (resid,) if _blocks_return_tuple(model) else resid
+
+    def skip(*args: Any, **kwargs: Any) -> Any:
+        return out
+
+    blocks = list(model.blocks)[:layer]
+    for blk in blocks:  # object.__setattr__: bridge components forward setattr to the wrapped module
+        object.__setattr__(blk, "forward", skip)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk.__dict__.pop("forward", None)
+
+
+def _cache_shim(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """transformers 5 passes the KV cache as ``cache=``; TL 4.3's attention bridge reads ``past_key_values``."""
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def cache_shim(model: Any) -> Iterator[None]:
+    """Map ``cache=`` to ``past_key_values`` on every attention bridge for the duration of a call."""
+    handles = [blk.attn.register_forward_pre_hook(_cache_shim, with_kwargs=True) for blk in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def new_kv_cache(model: Any) -> Any:
+    """An empty transformers ``DynamicCache`` for the bridge's HF model, or None (e.g. TL-native models)."""
+    hf = getattr(model, "original_model", None)
+    config = getattr(hf, "config", None)
+    if config is None or not hasattr(hf, "generate"):
+        return None
+    try:
+        return DynamicCache(config=config)
+    except Exception:  # noqa: BLE001 - a config DynamicCache cannot take: no KV path
+        return None
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """Forward kwargs passing ``cache``: transformers >= 5 names the argument ``cache``, earlier ``past_key_values``."""
+    hf = model.original_model
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def fresh_cache(cache: Any, repeats: int) -> Any:
+    """A copy of a prefix KV cache whose updates do not touch the original, batch-repeated."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    if repeats > 1:
+        new.batch_repeat_interleave(repeats)
+    return new

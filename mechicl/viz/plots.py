@@ -1,0 +1,84 @@
+"""Plots: the one heatmap and the one line plot (with CI bands) every command draws. Drawing only."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def heatmap(values: np.ndarray, path: Path, title: str = "", *, xlabel: str = "head", ylabel: str = "layer",
+            xticklabels: Sequence[str] | None = None, center: float | None | str = "auto",
+            label: str | None = None) -> Path:
+    """A rows x columns heatmap (rows = layers) with integer ticks and a wrapped title.
+
+    ``center``: a float draws diverging colours centred there; ``None`` a sequential map; ``"auto"``
+    centres on 0 when the values change sign. Cells are annotated when there are at most 120.
+    """
+    v = np.asarray(values, dtype=float)
+    n_rows, n_cols = v.shape
+    if center == "auto":
+        center = 0.0 if np.nanmin(v) < 0 < np.nanmax(v) else None
+    w = min(18.0, max(4.0, 2.4 + (0.55 if n_cols <= 24 else 0.28) * n_cols))
+    h = min(12.0, max(3.0, 1.2 + 0.28 * n_rows))
+    fig, ax = plt.subplots(figsize=(w, h), dpi=120)
+    if center is not None:
+        lim = float(np.nanmax(np.abs(v - center))) or 1.0
+        im = ax.imshow(v, aspect="auto", cmap="RdBu_r", vmin=center - lim, vmax=center + lim)
+    else:
+        im = ax.imshow(v, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(n_rows), [str(r) for r in range(n_rows)], fontsize=7 if n_rows > 12 else 9)
+    if xticklabels is not None and len(xticklabels) <= 80:
+        ax.set_xticks(range(n_cols), list(xticklabels), rotation=90, fontsize=6)
+    elif n_cols <= 40:
+        ax.set_xticks(range(n_cols), [str(c) for c in range(n_cols)], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if n_rows * n_cols <= 120:
+        mean = np.nanmean(v)
+        for (i, j), x in np.ndenumerate(v):
+            ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if center is not None or x > mean else "white")
+    fig.colorbar(im, ax=ax, label=label or "", shrink=0.8)
+    ax.set_title("\n".join(textwrap.wrap(title, max(40, int(9 * w)))), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def head_grid(df: pd.DataFrame, value: str) -> np.ndarray:
+    """``df[value]`` (columns layer, head) as a ``[layer, head]`` array (mean over duplicate rows)."""
+    return df.pivot_table(index="layer", columns="head", values=value, aggfunc="mean").sort_index().to_numpy()
+
+
+def line_plot(df: pd.DataFrame, x: str, y: str, path: Path, hue: str | None = None, title: str = "",
+              ylabel: str | None = None, band: tuple[str, str] | None = None, xlabel: str | None = None,
+              vline: float | None = None, vline_label: str | None = None) -> Path:
+    """One line per ``hue`` value of ``y`` against ``x``, with optional CI band columns and a marker line."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
+    groups = df.groupby(hue, sort=False) if hue else [("", df)]
+    for name, d in groups:
+        d = d.sort_values(x)
+        (ln,) = ax.plot(d[x], d[y], marker="o", ms=3, label=str(name) if hue else None)
+        if band:
+            ax.fill_between(d[x], d[band[0]], d[band[1]], color=ln.get_color(), alpha=0.2, lw=0)
+    if vline is not None:
+        ax.axvline(vline, color="grey", ls="--", lw=1, label=vline_label)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
+    ax.grid(alpha=0.3)
+    if hue or vline_label:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
