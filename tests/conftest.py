@@ -47,6 +47,7 @@ def toy():
 @pytest.fixture(scope="session")
 def real():
     """The embedded default model (Gemma-3-270M), loaded once per session."""
-    from mechicl.models import DEFAULT_MODEL, load_model
+    from mechicl.models.loading import load_model
+    from mechicl.models.registry import DEFAULT_MODEL
 
     return load_model(DEFAULT_MODEL)

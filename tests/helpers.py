@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
+from torch import Tensor
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from mechicl.models import LoadedModel
-from mechicl.prompts import PromptBatch, build_prompt_batch, sample_contexts
-from mechicl.tasks import Task, Template, toy_task as _toy_task
-from mechicl.tiny import TOY_WORDS, load_tiny
+from mechicl.data.pairs import PatchPair
+from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
+from mechicl.data.task import Task, Template
+from mechicl.data.tasks import toy_task as _toy_task
+from mechicl.data.words import TOY_WORDS, VOCAB, tiny_tokenizer
+from mechicl.models.base import LoadedModel
+from mechicl.models.tiny import load_tiny
 
 
 @lru_cache(maxsize=4)
@@ -52,3 +60,55 @@ def full_label_logits(loaded: LoadedModel, b: PromptBatch) -> torch.Tensor:
             logits = loaded.model(b.tokens[i : i + 1, :n])[0]
             out.append(logits[b.readout_pos[i]][:, b.label_token_ids])
     return torch.stack(out)
+
+
+def tl_metric(loaded: LoadedModel, pair: PatchPair) -> Callable[[Tensor], Tensor]:
+    """The patching metric (normalised answer - foil logit difference at the query slot) as a function of
+    full logits ``[batch, pos, vocab]``, for ``transformer_lens.patching``. Its clean and corrupted
+    baselines come from the model's own full forwards, not from the code under test."""
+    rows = torch.arange(pair.n_contexts)
+    q, a, f = pair.query_pos, pair.answer_ids, pair.foil_ids
+
+    def ld(logits: Tensor) -> Tensor:
+        at = logits[rows, q]
+        return (at[rows, a] - at[rows, f]).mean()
+
+    with torch.no_grad():
+        clean_ld, corrupted_ld = (float(ld(loaded.model(b.tokens))) for b in (pair.clean, pair.corrupted))
+
+    def metric(logits: Tensor) -> Tensor:
+        return (ld(logits) - corrupted_ld) / (clean_ld - corrupted_ld)
+
+    return metric
+
+
+@lru_cache(maxsize=4)
+def tiny_hf(arch: str = "llama", sliding_window: int = 512) -> LoadedModel:
+    """A random 2-layer Hugging Face model (Llama or Gemma-3 layout, GQA) bridged with the tiny tokenizer."""
+    common = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch == "llama":
+            hf = LlamaForCausalLM(LlamaConfig(**common))
+        else:
+            hf = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=sliding_window, query_pre_attn_scalar=16,
+                                                    layer_types=["sliding_attention", "full_attention"]))
+    hf.config._attn_implementation = "eager"
+    hf.config.architectures = [type(hf).__name__]
+    hf.eval()
+    tok = tiny_tokenizer()
+    bridge = TransformerBridge.boot_transformers(f"tiny-{arch}", hf_model=hf, tokenizer=tok).eval()
+    return LoadedModel(f"tiny-{arch}", bridge, tok, True, "random HF model for tests")
+
+
+@lru_cache(maxsize=1)
+def linear_model() -> LoadedModel:
+    """1 layer, attention only, no norms: the logits are linear in every head output and in attn_out."""
+    cfg = TransformerBridgeConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, n_ctx=256, d_vocab=len(VOCAB),
+                                  act_fn="gelu", normalization_type=None, attn_only=True, seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TransformerBridge.boot_native(cfg, tokenizer=tiny_tokenizer()).eval()
+    return LoadedModel("linear", model, tiny_tokenizer(), True, "1-layer attention-only model without norms")

@@ -7,26 +7,20 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl.ablation import (
-    HeadAblator,
-    HeadFinderConfig,
-    find_heads,
-    gap_reduction,
-    head_masks,
-    shuffled_labels,
-    summarize_control,
-    write_heads,
-)
-from mechicl.patching import run_to_final
-from mechicl.prompts import sample_contexts
-from mechicl.readout import unembed_labels
+from mechicl.analysis.ablation import HeadAblator, gap_reduction, summarize_control
+from mechicl.analysis.heads import HeadFinderConfig
+from mechicl.analysis.hooks import head_masks, run_to_final
+from mechicl.data.batches import ablation_batches, shuffled_labels
+from mechicl.runs.heads import find_heads_for, write_heads
+from mechicl.data.prompts import sample_contexts
+from mechicl.analysis.readout import unembed_labels
 from tests import helpers
-from tests.test_patching import tiny_hf
 
 
 def _ablator(loaded, toy, n=6, k=6, seed=0):
     ids = sample_contexts(toy, n, k, seed=seed)
-    return HeadAblator(loaded, toy, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=seed)
+    batches = ablation_batches(toy, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=seed)
+    return HeadAblator(loaded.model, batches)
 
 
 def test_gap_reduction_formula():
@@ -56,7 +50,7 @@ def test_shuffled_labels_permute_demonstrations_only(tiny, toy):
 @pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
 def test_ablation_equals_hooked_full_forward(tiny, toy, model):
     """Readout-slot ablation via the stepper equals a plain hooked forward that ablates at the query slot."""
-    loaded = tiny if model == "tiny" else tiny_hf("llama")
+    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
     abl = _ablator(loaded, toy)
     heads = [(0, 1), (1, 3)]
     for kind in ("zero", "mean"):
@@ -103,7 +97,7 @@ def test_gap_table_and_function_vectors(tiny, toy):
             "acc_flipped_ablated"} <= set(t.columns)
     # zero-shot: the query alone (k = 0), ablated at its readout slot; no ablation changes nothing
     zs = abl.zero_shot.batch
-    assert zs.example_ids.shape[1] == 1 and torch.equal(zs.example_ids[:, 0], abl.ids[:, -1])
+    assert zs.example_ids.shape[1] == 1 and torch.equal(zs.example_ids[:, 0], abl.batches.correct.example_ids[:, -1])
     assert abl.gap_table([[]], "mean", n_boot=0).d_acc_zero_shot.iloc[0] == 0
     empty = abl.ablate([[]], "zero")
     np.testing.assert_array_equal(empty["flipped"]["correct"][0], abl.base["flipped"]["correct"])
@@ -115,7 +109,7 @@ def test_gap_table_and_function_vectors(tiny, toy):
 def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
     cfg = HeadFinderConfig("tiny", "toy", n_examples=6, n_screen=4, n_eval=8, n_candidates=4, set_sizes=(1, 2),
                            n_control=10, seed=0)
-    res = find_heads(tiny, toy, cfg, progress=False)
+    res = find_heads_for(tiny, toy, cfg, progress=False)
     assert list(res.heads["rank"]) == [1, 2, 3, 4] and len(res.top_heads) == 4
     assert res.heads.patch_denoise.is_monotonic_decreasing
     assert {"gap_reduction", "gap_reduction_zero", "gap_reduction_mean", "d_acc_correct_mean", "d_acc_zero_shot", "fv_cie",
@@ -131,10 +125,10 @@ def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
         others = gr.drop((r.layer, r.head)).dropna().to_numpy()
         if len(others) and np.isfinite(r.gap_reduction):
             assert np.isclose(r.control_p, (1 + (others >= r.gap_reduction).sum()) / (1 + len(others)))
-    files = write_heads(res, tmp_path)
+    write_heads(res, tmp_path)
     assert (tmp_path / "heads.csv").exists() and (tmp_path / "attribution.png").exists()
-    assert "Label-aggregation heads" in files["markdown"].read_text()
-    again = find_heads(tiny, toy, cfg, progress=False)
+    assert "Label-aggregation heads" in (tmp_path / "summary.md").read_text()
+    again = find_heads_for(tiny, toy, cfg, progress=False)
     pd.testing.assert_frame_equal(res.control, again.control)
 
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mechicl import attention as A
-from mechicl.prompts import BOS, INPUT, LABEL, TEMPLATE
-from mechicl.tasks import Template
+from mechicl.analysis import attention as A
+from mechicl.analysis.frames import top_heads
+from mechicl.data.batches import repeated_random_tokens
+from mechicl.data.prompts import BOS, INPUT, LABEL, TEMPLATE
+from mechicl.data.task import Template
 from tests import helpers
 
 K_MIN = 2
@@ -130,10 +132,10 @@ def test_padding_does_not_change_patterns(tiny, task3):
 
 
 def test_induction_score_matches_hand_computation(tiny):
-    tokens, off = A.repeated_random_tokens(tiny, n_seqs=3, seq_len=12, seed=5)
+    tokens, off = repeated_random_tokens(tiny.tokenizer, tiny.model.cfg.d_vocab, tiny.prepend_bos, n_seqs=3, seq_len=12, seed=5)
     assert off == 1 and torch.equal(tokens[:, 1:13], tokens[:, 13:25])
     assert not set(tokens[:, 1:].flatten().tolist()) & set(tiny.tokenizer.all_special_ids)
-    got = A.induction_scores(tiny, n_seqs=3, seq_len=12, seed=5)
+    got = A.induction_scores(tiny.model, tokens, off)
     with torch.no_grad():
         _, cache = tiny.model.run_with_cache(tokens, names_filter=lambda s: s.endswith("hook_pattern"))
     for l in range(2):
@@ -147,9 +149,9 @@ def test_top_heads_orders_and_names():
     import pandas as pd
 
     df = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "s": [0.1, 0.4, -0.2, 0.3]})
-    top = A.top_heads(df, "s", 2)
+    top = top_heads(df, "s", 2)
     assert list(top.name) == ["L0H1", "L1H1"]
-    assert list(A.top_heads(df, "s", 1, ascending=True).name) == ["L1H0"]
+    assert list(top_heads(df, "s", 1, ascending=True).name) == ["L1H0"]
 
 
 def test_k_min_is_validated(tiny, batches):

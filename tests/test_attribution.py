@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl import attribution as T
-from mechicl.readout import label_logits
+from mechicl.analysis import dla, lens, saliency
+from mechicl.data.batches import zero_shot_batch
+from mechicl.analysis.readout import label_logits
 from tests import helpers
 
 
@@ -47,7 +48,7 @@ def _reference_saliency(loaded, b, row):
 
 def test_saliency_matches_backward_hook_reference(tiny, pair):
     b = pair[1]
-    sal = T.attention_saliency(tiny.model, [b], "last", batch_size=2, progress=False)
+    sal = saliency.attention_saliency(tiny.model, [b], "last", batch_size=2, progress=False)
     L, H = tiny.model.cfg.n_layers, tiny.model.cfg.n_heads
     s_wp, s_pq, s_ww, head = np.zeros(L), np.zeros(L), np.zeros(L), np.zeros((L, H))
     for row in range(b.n_contexts):
@@ -73,11 +74,11 @@ def test_saliency_matches_backward_hook_reference(tiny, pair):
 
 def test_saliency_pair_masks_are_disjoint(pair):
     for queries in ("last", "all"):
-        m = T.saliency_pair_masks(pair[0], queries, k_min=2)
+        m = saliency.saliency_pair_masks(pair[0], queries, k_min=2)
         total = m["wp"] + m["pq"] + m["ww"]
         assert total.max() == 1.0
         assert (torch.triu(total.sum(0)) == 0).all(), "only pairs j < i"
-    m = T.saliency_pair_masks(pair[0], "last")
+    m = saliency.saliency_pair_masks(pair[0], "last")
     assert torch.equal(m["pq"].sum((-1, -2)), torch.full((3,), 5.0))  # the 5 earlier labels
 
 
@@ -86,10 +87,10 @@ def test_saliency_pair_masks_are_disjoint(pair):
 
 def test_lens_last_depth_equals_model_logits(tiny, pair):
     b = pair[0]
-    lens = T.lens_logits(tiny.model, b, batch_size=2, progress=False)  # [b, ex, depth, labels]
-    assert lens.shape[2] == tiny.model.cfg.n_layers + 1
-    torch.testing.assert_close(lens[:, :, -1], helpers.full_label_logits(tiny, b), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(lens[:, :, 0], lens[:, :, -1])
+    lg = lens.lens_logits(tiny.model, b, batch_size=2, progress=False)  # [b, ex, depth, labels]
+    assert lg.shape[2] == tiny.model.cfg.n_layers + 1
+    torch.testing.assert_close(lg[:, :, -1], helpers.full_label_logits(tiny, b), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(lg[:, :, 0], lg[:, :, -1])
 
 
 def test_lens_metrics_and_critical_depth_on_synthetic_logits(pair):
@@ -99,14 +100,14 @@ def test_lens_metrics_and_critical_depth_on_synthetic_logits(pair):
     eye = torch.eye(3) * 5
     lg_d = torch.stack([eye[bd.true_labels], eye[bd.true_labels]], 2)
     lg_f = torch.stack([eye[bf.true_labels], eye[bf.shown_labels]], 2)
-    raw = pd.concat([T.lens_metrics(lg_d, bd), T.lens_metrics(lg_f, bf)])
+    raw = pd.concat([lens.lens_metrics(lg_d, bd), lens.lens_metrics(lg_f, bf)])
     acc = raw[raw.metric == "accuracy_true"].groupby(["condition", "depth"]).value.mean()
     assert acc[("default", 1)] == 1.0 and acc[("flipped", 1)] == 0.0 and acc[("flipped", 0)] == 1.0
     gap = pd.DataFrame({"depth": [0, 1, 2], "metric": "accuracy_true", "mean": [0.0, 0.3, 0.5],
                         "ci_low": [-0.1, 0.1, 0.2], "ci_high": [0.1, 0.5, 0.8]})
-    assert T.critical_depth(gap, 0.05) == 1
-    assert T.critical_depth(gap, 0.4) == 2
-    assert T.critical_depth(gap.assign(ci_low=-1.0), 0.05) is None
+    assert lens.critical_depth(gap, 0.05) == 1
+    assert lens.critical_depth(gap, 0.4) == 2
+    assert lens.critical_depth(gap.assign(ci_low=-1.0), 0.05) is None
 
 
 # ---------------------------------------------------------------------- DLA ---
@@ -114,11 +115,11 @@ def test_lens_metrics_and_critical_depth_on_synthetic_logits(pair):
 
 def test_dla_sums_to_model_logits(tiny, pair):
     for b in pair:
-        dl = T.direct_logits(tiny.model, b, batch_size=2, progress=False)
+        dl = dla.direct_logits(tiny.model, b, batch_size=2, progress=False)
         torch.testing.assert_close(dl.logits, helpers.full_label_logits(tiny, b).double(), atol=1e-4, rtol=1e-4)
         assert (dl.contrib.sum(0) - dl.logits).abs().max() < 1e-4
         for tgt in (b.shown_labels, (b.shown_labels + 1) % 3):
-            assert (dl.diff(tgt).sum(0) - T.logit_diff(dl.logits, tgt)).abs().max() < 1e-4
+            assert (dl.margin(tgt).sum(0) - dla.margin(dl.logits, tgt)).abs().max() < 1e-4
         assert len(dl.names) == 2 + 2 * (4 + 1 + 1) + 1  # embed, pos_embed, per layer 4 heads + b_O + mlp, bias
 
 
@@ -126,7 +127,7 @@ def test_dla_heads_match_transformer_lens_cache(tiny, pair):
     """Per-head DLA equals TransformerLens's stack_head_results + apply_ln_to_stack, times the final LN
     weight and the unembedding (the bridge does not fold LN weights into W_U)."""
     b = pair[0]
-    dl = T.direct_logits(tiny.model, b, batch_size=3, progress=False)
+    dl = dla.direct_logits(tiny.model, b, batch_size=3, progress=False)
     model = tiny.model
     W = model.ln_final.weight.detach()
     for row in range(b.n_contexts):
@@ -146,9 +147,9 @@ def test_dla_heads_match_transformer_lens_cache(tiny, pair):
 
 def test_zero_shot_prior_is_the_k0_prediction(tiny, task3, pair):
     bd = pair[0]
-    zb = T.zero_shot_batch(task3, tiny, bd)
+    zb = zero_shot_batch(task3, tiny.tokenizer, bd, n_ctx=tiny.n_ctx, prepend_bos=tiny.prepend_bos)
     assert zb.n_examples == 1 and zb.n_contexts == bd.n_contexts * bd.n_examples
-    prior = T.zero_shot_prior(tiny.model, zb, tuple(bd.example_ids.shape), progress=False)
+    prior = dla.zero_shot_prior(tiny.model, zb, tuple(bd.example_ids.shape), progress=False)
     # example 0 of each context has no demonstrations: its prediction is the prior of its input
     k0 = label_logits(tiny.model, bd, progress=False)[:, 0].argmax(-1)
     assert torch.equal(prior[:, 0], k0)
@@ -156,7 +157,7 @@ def test_zero_shot_prior_is_the_k0_prediction(tiny, task3, pair):
 
 def _fake(contrib, cond):
     c = contrib.shape[0]
-    return T.DirectLogits(contrib.double(), contrib.sum(0).double(), tuple(f"L0H{i}" for i in range(c)),
+    return dla.DirectLogits(contrib.double(), contrib.sum(0).double(), tuple(f"L0H{i}" for i in range(c)),
                           (0,) * c, tuple(range(c)), cond)
 
 
@@ -171,14 +172,14 @@ def test_prior_vs_context_separates_followers(tiny):
     const = onehot(torch.zeros_like(prior))  # pushes label 0 everywhere
     mk = lambda shown: torch.stack([onehot(shown), onehot(prior), 0.5 * onehot(shown) + 2 * onehot(prior), 3 * const,  # noqa: E731
                                     onehot(shown) + const])
-    tab = T.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bf.shown_labels), "flipped"), bd, bf, prior, k_min=1)
+    tab = dla.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bf.shown_labels), "flipped"), bd, bf, prior, k_min=1)
     np.testing.assert_allclose(tab.context, [1.0, 0.0, 0.5, 0.0, 1.0], atol=1e-12)
     np.testing.assert_allclose(tab.prior, [0.0, 1.0, 2.0, 0.0, 0.0], atol=1e-12)
     assert tab.dla_prior_default[3] != 0  # the plain mean does see the constant push (unbalanced priors)
     np.testing.assert_allclose(tab.side, tab.context - tab.prior)
     with pytest.raises(ValueError, match="same example ids"):
         other = helpers.batch(tiny, task, "flipped", n_contexts=4, n_examples=5, seed=5)
-        T.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bd.shown_labels), "flipped"), bd, other, prior)
+        dla.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bd.shown_labels), "flipped"), bd, other, prior)
 
 
 # ------------------------------------------------------------ real model ---
@@ -187,14 +188,14 @@ def test_prior_vs_context_separates_followers(tiny):
 @pytest.mark.real_model
 def test_real_model_dla_and_lens(real):
     """Gemma-3 (RMSNorm, post-attention norms): DLA sums to the logits; lens' last depth = model logits."""
-    from mechicl.tasks import load_task
+    from mechicl.data.tasks import load_task
 
     task = load_task("vader-words")
     b = helpers.batch(real, task, "flipped", n_contexts=2, n_examples=5)
-    dl = T.direct_logits(real.model, b, batch_size=2, progress=False)
+    dl = dla.direct_logits(real.model, b, batch_size=2, progress=False)
     ref = helpers.full_label_logits(real, b).double()
     torch.testing.assert_close(dl.logits, ref, atol=2e-3, rtol=1e-4)
     assert (dl.contrib.sum(0) - dl.logits).abs().max() < 1e-4
-    assert (dl.diff(b.shown_labels).sum(0) - T.logit_diff(dl.logits, b.shown_labels)).abs().max() < 1e-4
-    lens = T.lens_logits(real.model, b, batch_size=2, progress=False)
-    torch.testing.assert_close(lens[:, :, -1].double(), ref, atol=2e-3, rtol=1e-4)
+    assert (dl.margin(b.shown_labels).sum(0) - dla.margin(dl.logits, b.shown_labels)).abs().max() < 1e-4
+    lg = lens.lens_logits(real.model, b, batch_size=2, progress=False)
+    torch.testing.assert_close(lg[:, :, -1].double(), ref, atol=2e-3, rtol=1e-4)

@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl.behavior import BehaviorConfig, run_behavior, score, summarize
-from mechicl.prompts import build_prompt_batch
-from mechicl.readout import final_residual, label_logits
+from mechicl.analysis.behavior import BehaviorConfig, score, summarize
+from mechicl.runs.behavior import run_behavior
+from mechicl.data.prompts import build_prompt_batch
+from mechicl.analysis.hooks import run_to_final
+from mechicl.analysis.readout import label_logits
 from tests import helpers
 
 
@@ -47,7 +49,7 @@ def test_one_forward_equals_prompting_once_per_k(tiny, toy):
 def test_final_residual_stops_before_unembed(tiny, toy):
     b = helpers.batch(tiny, toy, n_contexts=2)
     _, cache = tiny.model.run_with_cache(b.tokens)
-    resid = final_residual(tiny.model, b.tokens)
+    resid = run_to_final(tiny.model, b.tokens)
     assert torch.allclose(resid, cache["ln_final.hook_in"], atol=1e-6)
 
 
@@ -104,7 +106,7 @@ def test_switch_conditions_score_current_and_initial_maps(tiny, toy):
 
 
 def test_sequence_scoring_equals_single_token_readout(tiny, toy):
-    from mechicl.readout import label_sequence_logprobs
+    from mechicl.analysis.readout import label_sequence_logprobs
 
     b = helpers.batch(tiny, toy, "flipped", n_contexts=3, n_examples=5)
     seq = torch.log_softmax(label_sequence_logprobs(tiny.model, b, rows_per_forward=4, progress=False), -1)
@@ -114,8 +116,8 @@ def test_sequence_scoring_equals_single_token_readout(tiny, toy):
 
 def test_multi_token_labels_score_whole_sequences(tiny, toy):
     """Labels 'the red' / 'the blue' share their first token; only sequence scoring can tell them apart."""
-    from mechicl.readout import label_sequence_logprobs
-    from mechicl.tasks import Task
+    from mechicl.analysis.readout import label_sequence_logprobs
+    from mechicl.data.task import Task
 
     task = Task("mt", toy.texts, toy.labels, ("the red", "the blue"), toy.template)
     ids = helpers.sample_contexts(task, 2, 4, seed=0)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from mechicl.cli import main
-from mechicl.experiments import ConfigError, load_config
+from mechicl.errors import ConfigError
+from mechicl.runs.experiments import load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))
 
@@ -32,8 +33,8 @@ def test_config_runs_on_tiny_model_and_writes_every_output(path, tmp_path, capsy
 
 
 def test_instruction_prefix_reaches_the_prompt(tiny):
-    from mechicl.prompts import build_prompt_batch, sample_contexts
-    from mechicl.tasks import load_task
+    from mechicl.data.prompts import build_prompt_batch, sample_contexts
+    from mechicl.data.tasks import load_task
 
     cfg = load_config(Path(__file__).parent.parent / "experiments" / "nh2_instructions.toml")
     cond = next(c for c in cfg.conditions if c.name == "flipped+instruct")

@@ -4,8 +4,10 @@ import time
 
 import pytest
 
-from mechicl.fetch import ResourceUnavailable, pip_download, verify_sha256
-from mechicl.models import ModelUnavailable, UnknownModel, load_model
+from mechicl.data.fetch import pip_download, verify_sha256
+from mechicl.errors import ResourceUnavailable
+from mechicl.errors import ModelUnavailable, UnknownModel
+from mechicl.models.loading import load_model
 
 
 def test_unknown_model_lists_choices():

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl.models import known_models, load_model
-from mechicl.organism import CHECKPOINT_DIR, ORGANISMS, checkpoint_path
-from mechicl.organism.card import measure_curves
-from mechicl.organism.language import (
+from mechicl.models.loading import known_models, load_model
+from mechicl.models.organism import CHECKPOINT_DIR, checkpoint_path
+from mechicl.models.registry import ORGANISMS
+from mechicl.runs.organism import measure_curves, train
+from mechicl.data.organism import (
     ARBITRARY_IDS,
     FEATURE_WORDS,
     NEGATIVE_WORDS,
@@ -23,10 +24,11 @@ from mechicl.organism.language import (
     organism_tokenizer,
     sample_sequences,
 )
-from mechicl.ablation import HeadFinderConfig, find_heads
-from mechicl.organism.train import OrganismConfig, live_heads, load_checkpoint, save_checkpoint, train, weights_sha256
-from mechicl.prompts import build_prompt_batch, sample_contexts
-from mechicl.tasks import known_tasks, load_task
+from mechicl.analysis.heads import HeadFinderConfig
+from mechicl.runs.heads import find_heads_for
+from mechicl.models.organism import OrganismConfig, live_heads, load_checkpoint, save_checkpoint, weights_sha256
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
+from mechicl.data.tasks import known_tasks, load_task
 
 TINY_RECIPE = dict(steps=3, batch=4, warmup=1, prune_steps=2)
 
@@ -174,7 +176,7 @@ def test_heads_finds_the_planted_label_reading_head(organisms):
     loaded = organisms["organism-strong"]
     cfg = HeadFinderConfig("organism-strong", "organism", n_examples=17, n_screen=16, n_eval=64, n_candidates=8,
                            set_sizes=(1,), seed=0)
-    res = find_heads(loaded, load_task("organism"), cfg, progress=False)
+    res = find_heads_for(loaded, load_task("organism"), cfg, progress=False)
     assert res.baseline["gap"] > 0.5  # with 16 flipped demonstrations it mostly follows them
     best = res.heads.loc[res.heads.gap_reduction.idxmax()]
     assert best.gap_reduction >= 0.9, res.heads
@@ -190,7 +192,7 @@ def test_heads_finds_the_planted_label_reading_head(organisms):
 def test_the_label_reading_head_attends_to_label_tokens(organisms):
     """Attention analysis on the organism: the planted last-layer head reads label tokens (most of its
     readout-slot attention) under flipped labels, more than the average head does."""
-    from mechicl.attention import label_attention
+    from mechicl.analysis.attention import label_attention
 
     loaded = organisms["organism-strong"]
     task = load_task("organism")

@@ -10,21 +10,17 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from mechicl.attribution_patching import agreement, attribution_patch
-from mechicl.models import LoadedModel
-from mechicl.patching import (
-    KINDS,
-    PairError,
-    Patcher,
-    ReadoutStepper,
-    make_pair,
-    pair_for,
-    pair_from_batches,
-    write_patch_results,
-)
-from mechicl.prompts import INPUT, LABEL, sample_contexts
-from mechicl.tasks import load_task
-from mechicl.tiny import VOCAB, tiny_tokenizer
+from mechicl.analysis.attribution_patching import agreement, attribution_patch
+from mechicl.models.base import LoadedModel
+from mechicl.analysis.patching import KINDS, Patcher
+from mechicl.analysis.stepper import ReadoutStepper
+from mechicl.data.pairs import make_pair, pair_for, pair_from_batches
+from mechicl.errors import PairError
+from mechicl.runs.folder import RunFolder
+from mechicl.runs.patch import write_patch_results
+from mechicl.data.prompts import INPUT, LABEL, sample_contexts
+from mechicl.data.tasks import load_task
+from mechicl.data.words import VOCAB, tiny_tokenizer
 from tests import helpers
 
 TL_SWEEPS = {
@@ -35,51 +31,10 @@ TL_SWEEPS = {
 }
 
 
-# ------------------------------------------------------------- builders ---
-
-
-@lru_cache(maxsize=4)
-def tiny_hf(arch: str = "llama", sliding_window: int = 512) -> LoadedModel:
-    """A random 2-layer Hugging Face model (Llama or Gemma-3 layout, GQA) bridged with the tiny tokenizer."""
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
-
-    common = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=0, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if arch == "llama":
-            hf = LlamaForCausalLM(LlamaConfig(**common))
-        else:
-            hf = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=sliding_window, query_pre_attn_scalar=16,
-                                                    layer_types=["sliding_attention", "full_attention"]))
-    hf.config._attn_implementation = "eager"
-    hf.config.architectures = [type(hf).__name__]
-    hf.eval()
-    tok = tiny_tokenizer()
-    bridge = TransformerBridge.boot_transformers(f"tiny-{arch}", hf_model=hf, tokenizer=tok).eval()
-    return LoadedModel(f"tiny-{arch}", bridge, tok, True, "random HF model for tests")
-
-
-@lru_cache(maxsize=1)
-def linear_model() -> LoadedModel:
-    """1 layer, attention only, no norms: the logits are linear in every head output and in attn_out."""
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
-    cfg = TransformerBridgeConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, n_ctx=256, d_vocab=len(VOCAB),
-                                  act_fn="gelu", normalization_type=None, attn_only=True, seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = TransformerBridge.boot_native(cfg, tokenizer=tiny_tokenizer()).eval()
-    return LoadedModel("linear", model, tiny_tokenizer(), True, "1-layer attention-only model without norms")
-
-
 def tl_reference(loaded, pair, kind, direction, patcher):
     """TransformerLens's own sweep with the same normalised metric."""
     m = loaded.model
-    metric = pair.tl_metric(float(patcher.baseline("clean").mean()), float(patcher.baseline("corrupted").mean()))
+    metric = helpers.tl_metric(loaded, pair)
     recv, donor = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
     with torch.no_grad():
         _, cache = m.run_with_cache(donor.tokens)
@@ -138,7 +93,7 @@ def test_pair_builder_rejects_mismatched_pairs(tiny, toy):
 @pytest.mark.parametrize("kind", list(TL_SWEEPS))
 def test_exact_patching_equals_transformer_lens_tiny(tiny, toy, kind, direction):
     pair = pair_for(tiny, toy, 3, 5)
-    patcher = Patcher(tiny, pair, max_rows=8)
+    patcher = Patcher(tiny.model, pair, max_rows=8)
     ours = patcher.sweep(kind, direction)
     ref = tl_reference(tiny, pair, kind, direction, patcher)
     ref = ref[:, : ours.values.shape[1]]  # TL also sweeps positions after the query slot (no effect there)
@@ -161,7 +116,7 @@ def _tl_generic(loaded, pair, kind, direction, patcher):
         return act
 
     act = {"head_v_label": "v", "head_pattern_label": "pattern"}.get(kind, "z")
-    metric = pair.tl_metric(float(patcher.baseline("clean").mean()), float(patcher.baseline("corrupted").mean()))
+    metric = helpers.tl_metric(loaded, pair)
     recv, donor = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
     m = loaded.model
     with torch.no_grad():
@@ -173,9 +128,9 @@ def _tl_generic(loaded, pair, kind, direction, patcher):
 @pytest.mark.parametrize("kind", ["head_out_readout", "head_out_label", "head_v_label", "head_pattern_label"])
 @pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
 def test_label_and_readout_kinds_equal_generic_tl_patching(tiny, toy, model, kind, direction):
-    loaded = tiny if model == "tiny" else tiny_hf("llama")
+    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
     pair = pair_for(loaded, toy, 3, 5)
-    patcher = Patcher(loaded, pair)
+    patcher = Patcher(loaded.model, pair)
     ours = patcher.sweep(kind, direction)
     ref = _tl_generic(loaded, pair, kind, direction, patcher)[:, : ours.values.shape[1]]
     assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
@@ -185,9 +140,9 @@ def test_label_and_readout_kinds_equal_generic_tl_patching(tiny, toy, model, kin
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_block_skipping_exact_on_hf_architectures(toy, arch):
-    loaded = tiny_hf(arch)
+    loaded = helpers.tiny_hf(arch)
     pair = pair_for(loaded, toy, 3, 5)
-    patcher = Patcher(loaded, pair)
+    patcher = Patcher(loaded.model, pair)
     for kind in ("resid", "head_out"):
         ours = patcher.sweep(kind, "denoise")
         ref = tl_reference(loaded, pair, kind, "denoise", patcher)[:, : ours.values.shape[1]]
@@ -196,7 +151,7 @@ def test_block_skipping_exact_on_hf_architectures(toy, arch):
 
 def test_patching_every_head_recovers_clean_and_nothing_gives_zero(tiny, toy):
     pair = pair_for(tiny, toy, 4, 6)
-    patcher = Patcher(tiny, pair)
+    patcher = Patcher(tiny.model, pair)
     L, H = tiny.model.cfg.n_layers, tiny.model.cfg.n_heads
     every = [(l, h) for l in range(L) for h in range(H)]
     for where in ("all", "readout"):
@@ -211,15 +166,15 @@ def test_patching_every_head_recovers_clean_and_nothing_gives_zero(tiny, toy):
 
 
 def test_readout_stepper_kv_equals_full_forward(toy):
-    for loaded, mode in [(tiny_hf("llama"), "kv"), (tiny_hf("gemma3"), "kv"), (tiny_hf("gemma3", sliding_window=8), "full")]:
+    for loaded, mode in [(helpers.tiny_hf("llama"), "kv"), (helpers.tiny_hf("gemma3"), "kv"), (helpers.tiny_hf("gemma3", sliding_window=8), "full")]:
         b = helpers.batch(loaded, toy, "flipped", n_contexts=3, n_examples=6)
         if mode == "kv":
-            st = ReadoutStepper(loaded, b)
+            st = ReadoutStepper(loaded.model, b)
         else:  # prompts longer than the sliding window: the KV path refuses and falls back, saying so
             with pytest.warns(UserWarning, match="KV-cache path unavailable"):
-                st = ReadoutStepper(loaded, b)
+                st = ReadoutStepper(loaded.model, b)
         assert st.mode == mode
-        ref = ReadoutStepper(loaded, b, mode="full")
+        ref = ReadoutStepper(loaded.model, b, mode="full")
         masks = torch.rand(5, 2, 4, generator=torch.Generator().manual_seed(0)) > 0.5
         for src in (None, st.z.mean(0), st.z * 0.5):
             assert torch.allclose(st.run(masks, src), ref.run(masks, src), atol=1e-4)
@@ -231,11 +186,11 @@ def test_readout_stepper_kv_equals_full_forward(toy):
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_attribution_equals_exact_on_a_linear_model(toy, direction):
-    lin = linear_model()
+    lin = helpers.linear_model()
     pair = pair_for(lin, toy, 4, 6)
-    patcher = Patcher(lin, pair)
+    patcher = Patcher(lin.model, pair)
     kinds = ("head_out", "head_out_readout", "head_out_label", "attn_out")
-    est = attribution_patch(lin, pair, kinds, direction)
+    est = attribution_patch(lin.model, pair, kinds, direction)
     for kind in kinds:
         exact = patcher.sweep(kind, direction)
         assert torch.allclose(est[kind].values, exact.values, atol=1e-4), (kind, (est[kind].values - exact.values).abs().max())
@@ -244,8 +199,8 @@ def test_attribution_equals_exact_on_a_linear_model(toy, direction):
 
 def test_attribution_agreement_on_tiny(tiny, toy):
     pair = pair_for(tiny, toy, 4, 6)
-    est = attribution_patch(tiny, pair, ("head_out", "resid"))
-    exact = Patcher(tiny, pair).sweep("head_out")
+    est = attribution_patch(tiny.model, pair, ("head_out", "resid"))
+    exact = Patcher(tiny.model, pair).sweep("head_out")
     agr = agreement(est["head_out"].values, exact.values, k=3)
     assert set(agr) == {"spearman", "pearson", "topk_overlap", "k"}
     assert -1 <= agr["spearman"] <= 1 and 0 <= agr["topk_overlap"] <= 1
@@ -258,14 +213,14 @@ def test_attribution_agreement_on_tiny(tiny, toy):
 
 def test_tables_and_files(tiny, toy, tmp_path):
     pair = pair_for(tiny, toy, 2, 4)
-    patcher = Patcher(tiny, pair)
+    patcher = Patcher(tiny.model, pair)
     res = [patcher.sweep("resid"), patcher.sweep("head_out", "noise")]
     t = res[0].table()
     assert {"layer", "pos", "value", "effect", "role", "computed"} <= set(t.columns)
     assert len(t) == res[0].values.numel()
-    files = write_patch_results(res, tmp_path)
+    write_patch_results(RunFolder(tmp_path), res)
     assert (tmp_path / "resid_denoise.png").exists() and (tmp_path / "head_out_noise.csv").exists()
-    assert len(pd.read_csv(files["table"])) == sum(r.values.numel() for r in res)
+    assert len(pd.read_csv(tmp_path / "patching.csv")) == sum(r.values.numel() for r in res)
     assert set(KINDS) >= {"resid", "attn_out", "mlp_out", "head_out", "head_out_label", "head_out_readout", "head_v_label", "head_pattern_label"}
 
 
@@ -288,12 +243,12 @@ def test_cli_patch_on_tiny(tmp_path, capsys):
 def test_exact_patching_equals_transformer_lens_real(real):
     task = load_task("vader-words")
     pair = pair_for(real, task, 2, 3)
-    patcher = Patcher(real, pair)
+    patcher = Patcher(real.model, pair)
     ours = patcher.sweep("head_out", "denoise")
     ref = tl_reference(real, pair, "head_out", "denoise", patcher)
     assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
     res = patcher.sweep("resid", "noise")
-    metric = pair.tl_metric(float(patcher.baseline("clean").mean()), float(patcher.baseline("corrupted").mean()))
+    metric = helpers.tl_metric(real, pair)
     idx = pd.DataFrame([(l, p) for l in (0, 9, 17) for p in range(patcher.width)], columns=["layer", "pos"])
     with torch.no_grad():
         _, cache = real.model.run_with_cache(pair.corrupted.tokens)
@@ -306,7 +261,7 @@ def test_exact_patching_equals_transformer_lens_real(real):
 def test_all_heads_recover_clean_and_stepper_is_kv_on_real(real):
     task = load_task("vader-words")
     pair = pair_for(real, task, 2, 4)
-    patcher = Patcher(real, pair)
+    patcher = Patcher(real.model, pair)
     every = [(l, h) for l in range(18) for h in range(4)]
     assert patcher.patch_heads(every, "denoise", "all") == pytest.approx(1.0, abs=1e-4)
     assert patcher.patch_heads(every, "denoise", "readout") == pytest.approx(1.0, abs=1e-4)

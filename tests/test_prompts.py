@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mechicl.prompts import (
+from mechicl.data.prompts import (
     BOS,
     INPUT,
     LABEL,
@@ -19,8 +19,8 @@ from mechicl.prompts import (
     parse_conditions,
     sample_contexts,
 )
-from mechicl.tasks import Task, Template
-from mechicl.tiny import TOY_WORDS
+from mechicl.data.task import Task, Template
+from mechicl.data.words import TOY_WORDS
 from tests import helpers
 
 TEMPLATE_WORDS = ["input", "review", "sentence", "text", "answer", "the", "is", "label", "class", "output"]
@@ -135,7 +135,7 @@ def test_too_many_examples_for_task(toy):
 
 
 def test_bad_template():
-    from mechicl.tasks import TaskError
+    from mechicl.errors import TaskError
 
     with pytest.raises(TaskError, match="end with"):
         Template("{label} then {input}")

@@ -7,10 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mechicl.behavior import BehaviorConfig, run_behavior, value_at
-from mechicl.prompts import LABEL, build_prompt_batch, sample_contexts
-from mechicl.readout import label_logits
-from mechicl.tasks import Template, load_task
+from mechicl.analysis.behavior import BehaviorConfig, value_at
+from mechicl.runs.behavior import run_behavior
+from mechicl.data.prompts import LABEL, build_prompt_batch, sample_contexts
+from mechicl.analysis.readout import label_logits
+from mechicl.data.task import Template
+from mechicl.data.tasks import load_task
 from tests import helpers
 
 pytestmark = pytest.mark.real_model

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechicl.stats import NOT_ENOUGH, compare_over_k, holm, paired_test
+from mechicl.analysis.stats import NOT_ENOUGH, compare_over_k, holm, paired_test
 
 
 def test_known_effect_is_detected():
@@ -67,7 +67,7 @@ def test_missing_condition_is_named():
 def test_t_interval_matches_scipy():
     from scipy import stats as sps
 
-    from mechicl.stats import t_interval
+    from mechicl.analysis.stats import t_interval
 
     x = np.array([0.2, 0.5, 0.1, 0.9, 0.4])
     m, lo, hi = t_interval(x)

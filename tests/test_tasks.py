@@ -6,7 +6,8 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from mechicl.tasks import TaskError, load_task
+from mechicl.data.tasks import load_task
+from mechicl.errors import TaskError
 
 
 def test_vader_words_follow_the_lexicon():

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl import viz
-from mechicl.attention import context_patterns
+from mechicl.runs.folder import md_table
+from mechicl.viz import html, plots
+from mechicl.analysis.attention import context_patterns
 from mechicl.cli import main
 from tests import helpers
 
@@ -32,7 +33,7 @@ def test_external_script_detector_catches_the_cdn_version(tiny, toy):
 
 def test_token_names_mark_labels_inputs_and_slots(tiny, toy):
     b = helpers.batch(tiny, toy, "flipped", n_contexts=1, n_examples=3)
-    names = viz.token_names(b, 0, tiny.tokenizer)
+    names = html.token_names(b, 0, tiny.tokenizer)
     assert len(names) == int(b.lengths[0]) and names[0] == "<bos>"
     for j in range(3):
         p = int(b.label_pos[0, j])
@@ -49,8 +50,8 @@ def test_html_views_are_self_contained(tiny, toy, tmp_path):
     n = int(b.lengths[1])
     assert pat.shape == (2, n, n)
     torch.testing.assert_close(pat.sum(-1), torch.ones(2, n))
-    p1 = viz.attention_heads_html(b, 1, tiny.tokenizer, pat, ["L0H1", "L1H2"], tmp_path / "a.html", "heads")
-    p2 = viz.readout_attention_html(b, 1, tiny.tokenizer, pat[:, int(b.readout_pos[1, -1])].T, ["L0H1", "L1H2"],
+    p1 = html.attention_heads_html(b, 1, tiny.tokenizer, pat, ["L0H1", "L1H2"], tmp_path / "a.html", "heads")
+    p2 = html.readout_attention_html(b, 1, tiny.tokenizer, pat[:, int(b.readout_pos[1, -1])].T, ["L0H1", "L1H2"],
                                     tmp_path / "b.html", "tokens")
     for p in (p1, p2):
         text = p.read_text(encoding="utf-8")
@@ -60,13 +61,13 @@ def test_html_views_are_self_contained(tiny, toy, tmp_path):
 
 def test_heatmap_and_line_plot_write_pngs(tmp_path):
     df = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "v": [0.1, -0.2, 0.3, 0.0]})
-    assert viz.head_heatmap(df, "v", tmp_path / "h.png", "t").read_bytes()[:4] == b"\x89PNG"
+    assert plots.heatmap(plots.head_grid(df, "v"), tmp_path / "h.png", "t").read_bytes()[:4] == b"\x89PNG"
     line = pd.DataFrame({"x": [0, 1, 0, 1], "y": [1.0, 2.0, 0.5, 0.2], "s": ["a", "a", "b", "b"], "lo": 0.0, "hi": 3.0})
-    assert viz.line_plot(line, "x", "y", tmp_path / "l.png", hue="s", band=("lo", "hi"), vline=1).stat().st_size > 1000
+    assert plots.line_plot(line, "x", "y", tmp_path / "l.png", hue="s", band=("lo", "hi"), vline=1).stat().st_size > 1000
 
 
 def test_md_table():
-    t = viz.md_table(pd.DataFrame({"a": ["x"], "b": [0.12345]}), digits=2)
+    t = md_table(pd.DataFrame({"a": ["x"], "b": [0.12345]}), digits=2)
     assert t.splitlines() == ["| a | b |", "|---|---|", "| x | 0.12 |"]
 
 

@@ -18,9 +18,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-
-class ResourceUnavailable(RuntimeError):
-    """A model or data file could not be had (offline, missing, corrupt)."""
+from mechicl.errors import ResourceUnavailable
 
 
 def cache_dir() -> Path:
