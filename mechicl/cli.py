@@ -51,7 +51,7 @@ def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
 
 def cmd_behavior(args: argparse.Namespace) -> int:
     from mechicl.analysis.behavior import BehaviorConfig
-    from mechicl.data.prompts import parse_conditions
+    from mechicl.data.conditions import parse_conditions
     from mechicl.data.tasks import load_task
     from mechicl.runs.behavior import run_behavior, write_behavior
     from mechicl.runs.folder import default_out
@@ -203,34 +203,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechicl", description="Mechanistic interpretability of in-context learning.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job: default model, vader-words, default/random/flipped labels")
-    _add_behavior_args(demo, "default,random,flipped")
-    demo.set_defaults(func=cmd_behavior)
-    beh = sub.add_parser("behavior", help="accuracy / log-likelihood / entropy against k per label condition")
-    _add_behavior_args(beh, "default,random,flipped")
-    beh.set_defaults(func=cmd_behavior)
-    run = sub.add_parser("run", help="run an experiment config (experiments/*.toml) and write its verdict")
-    run.add_argument("config", type=Path, help="TOML experiment config, e.g. experiments/nh1_random_labels.toml")
-    run.add_argument("--model", default=None, help="override the config's model")
-    run.add_argument("--n-contexts", type=int, default=None, help="override the number of context draws")
-    run.add_argument("--seed", type=int, default=None, help="override the seed")
-    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    run.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-<name>-...)")
-    run.set_defaults(func=cmd_run)
-    att = sub.add_parser("attention", help="attention to label tokens, PM and induction scores, saliency; heatmaps and HTML views")
-    _add_inside_args(att, 32)
-    att.add_argument("--no-saliency", action="store_true", help="skip the attention-saliency backward passes")
-    att.set_defaults(func=cmd_inside)
-    lens = sub.add_parser("lens", help="logit lens per layer under default vs flipped contexts; the critical layer")
-    _add_inside_args(lens, 32)
-    lens.add_argument("--min-gap", type=float, default=0.05, help="accuracy gap that marks the critical layer (default 0.05)")
-    lens.set_defaults(func=cmd_inside)
-    dla = sub.add_parser("dla", help="direct logit attribution per head / MLP and the prior-vs-context table")
-    _add_inside_args(dla, 32)
-    dla.set_defaults(func=cmd_inside)
+def _add_organism_parser(sub: Any) -> None:
     org = sub.add_parser("organism", help="model organisms: small transformers with a known pre-training prior")
     org_sub = org.add_subparsers(dest="organism_command", required=True)
     org_train = org_sub.add_parser("train", help="train an organism (deterministic; ~5 min on one CPU thread)")
@@ -245,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     org_train.add_argument("--seed", type=int, default=0)
     org_train.add_argument("--out", type=Path, default=None, help="checkpoint path (.safetensors); a model card .md is written beside it")
     org_train.set_defaults(func=cmd_organism_train)
+
+
+def _add_causal_parsers(sub: Any) -> None:
     pat = sub.add_parser("patch", help="exact activation patching, correct- vs flipped-label contexts; heatmaps and tables")
     pat.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     pat.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
@@ -276,6 +252,38 @@ def build_parser() -> argparse.ArgumentParser:
     hds.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     hds.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
     hds.set_defaults(func=cmd_heads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mechicl", description="Mechanistic interpretability of in-context learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the main job: default model, vader-words, default/random/flipped labels")
+    _add_behavior_args(demo, "default,random,flipped")
+    demo.set_defaults(func=cmd_behavior)
+    beh = sub.add_parser("behavior", help="accuracy / log-likelihood / entropy against k per label condition")
+    _add_behavior_args(beh, "default,random,flipped")
+    beh.set_defaults(func=cmd_behavior)
+    run = sub.add_parser("run", help="run an experiment config (experiments/*.toml) and write its verdict")
+    run.add_argument("config", type=Path, help="TOML experiment config, e.g. experiments/nh1_random_labels.toml")
+    run.add_argument("--model", default=None, help="override the config's model")
+    run.add_argument("--n-contexts", type=int, default=None, help="override the number of context draws")
+    run.add_argument("--seed", type=int, default=None, help="override the seed")
+    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    run.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-<name>-...)")
+    run.set_defaults(func=cmd_run)
+    att = sub.add_parser("attention", help="attention to label tokens, PM and induction scores, saliency; heatmaps and HTML views")
+    _add_inside_args(att, 32)
+    att.add_argument("--no-saliency", action="store_true", help="skip the attention-saliency backward passes")
+    att.set_defaults(func=cmd_inside)
+    lens = sub.add_parser("lens", help="logit lens per layer under default vs flipped contexts; the critical layer")
+    _add_inside_args(lens, 32)
+    lens.add_argument("--min-gap", type=float, default=0.05, help="accuracy gap that marks the critical layer (default 0.05)")
+    lens.set_defaults(func=cmd_inside)
+    dla = sub.add_parser("dla", help="direct logit attribution per head / MLP and the prior-vs-context table")
+    _add_inside_args(dla, 32)
+    dla.set_defaults(func=cmd_inside)
+    _add_organism_parser(sub)
+    _add_causal_parsers(sub)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 
 import pandas as pd
 import pytest
@@ -11,7 +10,6 @@ import torch
 import transformer_lens.patching as tlp
 
 from mechicl.analysis.attribution_patching import agreement, attribution_patch
-from mechicl.models.base import LoadedModel
 from mechicl.analysis.patching import KINDS, Patcher
 from mechicl.analysis.stepper import ReadoutStepper
 from mechicl.data.pairs import make_pair, pair_for, pair_from_batches
@@ -20,7 +18,7 @@ from mechicl.runs.folder import RunFolder
 from mechicl.runs.patch import write_patch_results
 from mechicl.data.prompts import INPUT, LABEL, sample_contexts
 from mechicl.data.tasks import load_task
-from mechicl.data.words import VOCAB, tiny_tokenizer
+from mechicl.data.words import VOCAB
 from tests import helpers
 
 TL_SWEEPS = {

@@ -6,19 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mechicl.data.prompts import (
-    BOS,
-    INPUT,
-    LABEL,
-    PAD,
-    ContextOverflowError,
-    LabelCondition,
-    LabelTokenError,
-    PromptError,
-    build_prompt_batch,
-    parse_conditions,
-    sample_contexts,
-)
+from mechicl.data.conditions import LabelCondition, parse_conditions
+from mechicl.data.prompts import BOS, INPUT, LABEL, PAD, build_prompt_batch, sample_contexts
+from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
 from mechicl.data.task import Task, Template
 from mechicl.data.words import TOY_WORDS
 from tests import helpers

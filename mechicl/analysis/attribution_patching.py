@@ -124,43 +124,45 @@ def attribution_patch(
         grads = dict(zip(order, torch.autograd.grad(metric, [acts[n] for n in order], allow_unused=True)))
     base = float(metric.detach())
 
-    lab = pair.clean.label_pos[:, :-1]
     out: dict[str, AttributionResult] = {}
     for kind in kinds:
-        spec = KINDS[kind]
-        per_layer, per_pos = [], []
-        for name in _hook_names(kind, L):
-            g = grads.get(name)
-            a_r = acts[name].detach()
-            delta = donor_store[name] - a_r
-            if g is None:
-                g = torch.zeros_like(a_r)
-            prod = delta * g
-            if spec.axes[1] == "pos":  # [b, pos, d_model]
-                per_layer.append(prod.sum(-1).sum(0))
-            elif kind == "head_pattern_label":  # [b, head, dest, src]
-                m = torch.zeros(b, prod.shape[-1], dtype=torch.bool)
-                m[rows[:, None], lab] = True
-                by_src = prod.sum(2)  # [b, head, src]
-                per_layer.append((by_src * m[:, None]).sum((0, 2)))
-                per_pos.append(by_src.sum(0))
-            else:  # z / v: [b, pos, head, d]
-                by_pos = prod.sum(-1)  # [b, pos, head]
-                m = torch.zeros(b, by_pos.shape[1], dtype=torch.bool)
-                if kind == "head_out":
-                    m[:] = True
-                elif kind == "head_out_readout":
-                    m[rows, q] = True
-                else:
-                    m[rows[:, None], lab] = True
-                per_layer.append((by_pos * m[..., None]).sum((0, 1)))
-                per_pos.append(by_pos.sum(0).T)  # [head, pos]
-        values = base + torch.stack(per_layer)
+        deltas = {n: (donor_store[n] - acts[n].detach(), grads.get(n)) for n in _hook_names(kind, L)}
+        per_layer, per_pos = _per_cell(kind, deltas, pair)
         out[kind] = AttributionResult(
-            kind, direction, spec.axes, values.detach(),
+            kind, direction, KINDS[kind].axes, (base + torch.stack(per_layer)).detach(),
             torch.stack(per_pos).detach() if per_pos else None, time.perf_counter() - t0,
         )
     return out
+
+
+def _per_cell(kind: str, deltas: dict[str, tuple[Tensor, Tensor | None]], pair: PatchPair
+              ) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer: the estimate ``(a_d - a_r) . grad`` summed into the sweep's cells, and (head kinds) per position."""
+    b = pair.n_contexts
+    rows, q, lab = torch.arange(b), pair.query_pos, pair.clean.label_pos[:, :-1]  # lab: demonstration labels
+    per_layer, per_pos = [], []
+    for delta, g in deltas.values():
+        prod = delta * (g if g is not None else torch.zeros_like(delta))
+        if KINDS[kind].axes[1] == "pos":  # [b, pos, d_model]
+            per_layer.append(prod.sum(-1).sum(0))
+        elif kind == "head_pattern_label":  # [b, head, dest, src]
+            m = torch.zeros(b, prod.shape[-1], dtype=torch.bool)
+            m[rows[:, None], lab] = True
+            by_src = prod.sum(2)  # [b, head, src]
+            per_layer.append((by_src * m[:, None]).sum((0, 2)))
+            per_pos.append(by_src.sum(0))
+        else:  # z / v: [b, pos, head, d]
+            by_pos = prod.sum(-1)  # [b, pos, head]
+            m = torch.zeros(b, by_pos.shape[1], dtype=torch.bool)
+            if kind == "head_out":
+                m[:] = True
+            elif kind == "head_out_readout":
+                m[rows, q] = True
+            else:
+                m[rows[:, None], lab] = True
+            per_layer.append((by_pos * m[..., None]).sum((0, 1)))
+            per_pos.append(by_pos.sum(0).T)  # [head, pos]
+    return per_layer, per_pos
 
 
 def agreement(estimate: Tensor, exact: Tensor, k: int = 10, baseline: float = 0.0) -> dict[str, float]:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.readout import label_logits, label_sequence_logprobs
 from mechicl.analysis.stats import t_half_width
-from mechicl.data.prompts import LabelCondition, PromptBatch
+from mechicl.data.conditions import LabelCondition
+from mechicl.data.prompts import PromptBatch
 from mechicl.models.registry import DEFAULT_MODEL
 
 METRICS = ("accuracy", "log_likelihood", "entropy")

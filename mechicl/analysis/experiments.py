@@ -15,7 +15,7 @@ import pandas as pd
 
 from mechicl.analysis.behavior import BehaviorConfig
 from mechicl.analysis.stats import compare_over_k
-from mechicl.data.prompts import LabelCondition
+from mechicl.data.conditions import LabelCondition
 from mechicl.errors import ConfigError
 from mechicl.models.registry import DEFAULT_MODEL
 

@@ -26,29 +26,14 @@ positions, at the query readout slot; head values and attention patterns at
 label positions. Results are ``PatchResult`` (labelled axes + tidy table).
 
 **Why it is fast and still exact** (equal to ``transformer_lens.patching`` to 1e-4; tested):
-
-* *Upstream layers are skipped.* A patch at layer ``l`` cannot change blocks
-  ``0..l-1``. The bridge's own ``start_at_layer`` re-enters at block ``l`` but
-  (documented, and measured in ``benchmarks/bench_patching.py``) still executes
-  blocks ``0..l-1`` and throws their output away. Here blocks ``0..l-1`` are
-  replaced for the duration of the call by a function that returns the cached
-  residual ``resid_pre[l]`` (see ``analysis.surgery.start_at``), so they cost nothing.
-* *Only the readout is computed.* The run stops at ``ln_final.hook_in`` and the
-  final norm + unembedding is applied to the query slot and the label tokens
-  only (Gemma-3's 262k-word unembedding is ~70% of a forward). Tokens after the
-  query slot are dropped (causality makes that exact).
-* *Patches are batched.* All cells of one layer (every head, or a chunk of
-  positions) run in one forward with the receiver batch repeated along the batch
-  dimension.
-* *Only the hooks a sweep needs are cached*, once per run, and shared between sweeps.
-* *No-op cells are not run.* A (layer, position) cell where donor and receiver
-  activations are bit-identical (every position before the first differing label)
-  gets the receiver's own metric without a forward.
-* *Readout-slot interventions re-run one token.* ``ReadoutStepper`` caches the
-  keys/values of every position before the query slot once and then re-runs only
-  the query token per intervention (used by the readout-slot head sweep, head
-  ablation and the function-vector effect). It checks itself against the full
-  forward on construction and falls back to full forwards when it cannot be exact.
+upstream blocks of a patch at layer ``l`` are skipped for real (``surgery.start_at``; the bridge's
+``start_at_layer`` still executes them, see ``benchmarks/bench_patching.py``); the run stops at
+``ln_final.hook_in`` and only the query slot's label logits are unembedded (Gemma-3's 262k-word
+unembedding is ~70% of a forward), with tokens after the query slot dropped (causality); all cells
+of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
+(layer, position) cells where donor and receiver are bit-identical (before the first differing
+label) are not run; readout-slot interventions re-run one token (``ReadoutStepper``, self-checked
+against the full forward, falling back to full forwards when it cannot be exact).
 
 Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver
 forwards (reported as ``PatchResult.forwards``) plus one cached forward per run,

@@ -11,7 +11,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -19,6 +19,22 @@ from mechicl.analysis.hooks import act_name, capture, run_to_final
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
 from mechicl.data.prompts import PromptBatch
+
+def _left_padded_prefix(tokens: Int[Tensor, "batch pos"], q: Int[Tensor, "batch"]
+                          ) -> tuple[Int[Tensor, "batch P"], Int[Tensor, "batch P"], Int[Tensor, "batch P"]]:
+    """Tokens, attention mask and position ids with row ``r`` holding ``tokens[r, :q_r + 1]`` at the right end
+    (left padding), so that every query token sits in the last column."""
+    b, P = tokens.shape[0], int(q.max()) + 1
+    tok = torch.zeros(b, P, dtype=torch.long)
+    mask = torch.zeros(b, P, dtype=torch.long)
+    pos = torch.zeros(b, P, dtype=torch.long)
+    for r in range(b):
+        n = int(q[r]) + 1
+        tok[r, P - n :] = tokens[r, :n]
+        mask[r, P - n :] = 1
+        pos[r, P - n :] = torch.arange(n)
+    return tok, mask, pos
+
 
 class ReadoutStepper:
     """Re-run only the query readout slot of every context, with head-output interventions there.
@@ -56,16 +72,7 @@ class ReadoutStepper:
         self._kv_cache = None
         z_names = [act_name("z", l) for l in range(self.n_layers)]
         b, P = batch.n_contexts, int(self.q.max()) + 1
-        # left-aligned prefix: row r holds tokens[r, :q_r + 1] at the right end
-        tok = torch.zeros(b, P, dtype=torch.long)
-        mask = torch.zeros(b, P, dtype=torch.long)
-        pos = torch.zeros(b, P, dtype=torch.long)
-        for r in range(b):
-            n = int(self.q[r]) + 1
-            tok[r, P - n :] = batch.tokens[r, :n]
-            mask[r, P - n :] = 1
-            pos[r, P - n :] = torch.arange(n)
-        self._prefix = (tok, mask, pos)
+        tok, mask, pos = self._prefix = _left_padded_prefix(batch.tokens, self.q)
         cache = new_kv_cache(self.model) if mode in ("auto", "kv") else None
         store: dict[str, Tensor] = {}
         with torch.no_grad():

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechicl.data.conditions import LabelCondition
 from mechicl.data.task import Task, Template
 from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
 
@@ -29,121 +30,6 @@ from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
 # Position roles, stored per token in PromptBatch.roles.
 PAD, BOS, TEMPLATE, INPUT, LABEL = 0, 1, 2, 3, 4
 ROLE_NAMES = ("pad", "bos", "template", "input", "label")
-
-
-# ------------------------------------------------------------ conditions ---
-
-
-@dataclass(frozen=True)
-class LabelCondition:
-    """Which label each in-context example shows, given its true class.
-
-    kinds (the label map):
-      ``default``    the true label;
-      ``random``     labels drawn i.i.d. from the task's label marginal;
-      ``flipped``    class c shows c+1 mod C (a swap for binary tasks);
-      ``arbitrary``  the true class, written with replacement label words
-                     (``verbalizers``, e.g. ("A", "B") or ("B", "A")).
-    A mid-context change (``then``) switches from ``kind`` to ``then`` at example
-    ``switch_at`` (``None``: alternate every example). ``prefix`` replaces the
-    template's prefix (instructions; ``{label_0}``, ``{label_1}``, ... are filled
-    with the label words). ``alias`` names the condition in results.
-    """
-
-    kind: str = "default"
-    verbalizers: tuple[str, ...] | None = None
-    then: str | None = None
-    switch_at: int | None = None
-    prefix: str | None = None
-    alias: str | None = None
-
-    KINDS = ("default", "random", "flipped", "arbitrary")
-
-    def __post_init__(self) -> None:
-        if self.kind not in self.KINDS:
-            raise PromptError(f"unknown label condition {self.kind!r}; use one of {', '.join(self.KINDS)}")
-        if self.kind == "arbitrary" and not self.verbalizers:
-            raise PromptError("the arbitrary condition needs replacement label words, e.g. 'arbitrary:A/B'")
-        if self.then is not None and {self.kind, self.then} - {"default", "flipped"}:
-            raise PromptError(
-                f"mid-context changes switch between 'default' and 'flipped' (got {self.kind} > {self.then}); "
-                f"write e.g. 'default>flipped@8' or 'default>flipped@alt'"
-            )
-        if self.switch_at is not None and self.switch_at < 0:
-            raise PromptError(f"switch_at must be >= 0, got {self.switch_at}")
-
-    @property
-    def name(self) -> str:
-        if self.alias:
-            return self.alias
-        if self.kind == "arbitrary":
-            return f"arbitrary:{'/'.join(self.verbalizers or ())}"
-        if self.then is not None:
-            return f"{self.kind}>{self.then}@{'alt' if self.switch_at is None else self.switch_at}"
-        return self.kind
-
-    @classmethod
-    def parse(cls, spec: str) -> LabelCondition:
-        """``default`` | ``random`` | ``flipped`` | ``arbitrary`` (= A/B) | ``arbitrary:w1/w2[/...]``
-        | ``default>flipped@N`` | ``flipped>default@N`` | ``default>flipped@alt``."""
-        spec = spec.strip()
-        if ">" in spec:
-            first, _, rest = spec.partition(">")
-            then, _, at = rest.partition("@")
-            if not at or not (at == "alt" or at.isdigit()):
-                raise PromptError(f"condition {spec!r}: write the switch point as @N (an example index) or @alt")
-            return cls(first.strip(), then=then.strip(), switch_at=None if at == "alt" else int(at))
-        kind, _, words = spec.partition(":")
-        if kind == "arbitrary":
-            return cls("arbitrary", tuple(w.strip() for w in (words or "A/B").split("/")))
-        if words:
-            raise PromptError(f"condition {spec!r}: only 'arbitrary' takes label words (arbitrary:w1/w2)")
-        return cls(kind)
-
-    def label_words(self, task: Task) -> tuple[str, ...]:
-        if self.kind != "arbitrary":
-            return task.label_names
-        assert self.verbalizers is not None
-        if len(self.verbalizers) != task.n_classes:
-            raise PromptError(
-                f"{self.name} gives {len(self.verbalizers)} label words but task {task.name} "
-                f"has {task.n_classes} classes {task.label_names}"
-            )
-        return self.verbalizers
-
-    def map_at(self, i: int) -> str:
-        """The label map in force at example ``i``."""
-        if self.then is None:
-            return self.kind
-        if self.switch_at is None:
-            return self.kind if i % 2 == 0 else self.then
-        return self.kind if i < self.switch_at else self.then
-
-    @property
-    def compares_to_truth(self) -> bool:
-        """Whether shown labels can differ from true ones (then results also score the truth)."""
-        return self.kind in {"random", "flipped"} or self.then is not None
-
-    def shown_labels(self, true: np.ndarray, marginal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Map true classes ``[batch, example]`` to the classes the prompt shows."""
-        n_classes = len(marginal)
-        out = true.copy()
-        for i in range(true.shape[1]):
-            kind = self.map_at(i)
-            if kind == "random":
-                out[:, i] = rng.choice(n_classes, size=true.shape[0], p=marginal)
-            elif kind == "flipped":
-                out[:, i] = (true[:, i] + 1) % n_classes
-        return out
-
-    def initial_labels(self, true: np.ndarray, n_classes: int) -> np.ndarray:
-        """Labels under the map the context starts with (for mid-context changes)."""
-        return (true + 1) % n_classes if self.kind == "flipped" else true.copy()
-
-
-def parse_conditions(spec: str | Sequence[str]) -> list[LabelCondition]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    return [LabelCondition.parse(s) for s in items if s.strip()]
 
 
 # ----------------------------------------------------------- PromptBatch ---
@@ -304,6 +190,60 @@ def label_token_ids(tokenizer: Any, template: Template, words: Sequence[str], pr
     return [q[0] for q in label_token_sequences(tokenizer, template, words, prepend_bos)]
 
 
+def _draw_shown(task: Task, cond: LabelCondition, true: np.ndarray, seed: int) -> np.ndarray:
+    """The condition's shown labels, from a generator seeded by ``seed`` and the condition's name."""
+    marginal = np.bincount(np.asarray(task.labels), minlength=task.n_classes) / len(task)
+    tag = int.from_bytes(hashlib.sha256(f"{seed}:{cond.name}".encode()).digest()[:4], "little")
+    return cond.shown_labels(true, marginal, np.random.default_rng(tag))
+
+
+_Row = tuple[list[int], list[tuple[int, int]], list[tuple[int, int]], str]  # ids, input spans, label spans, text
+
+
+def _tokenize_context(task: Task, tokenizer: Any, template: Template, words: Sequence[str],
+                      seqs: Sequence[tuple[int, ...]], ex: np.ndarray, shown: np.ndarray, b: int, *, n_ctx: int,
+                      prepend_bos: bool, multi_token: bool) -> _Row:
+    """Render context ``b`` and tokenize it; its input and label token spans, checked against the label sequences."""
+    pairs = [(task.texts[j], words[s]) for j, s in zip(ex, shown)]
+    text, ins, labs = _render(template, pairs)
+    ids, offs = _encode(tokenizer, text, prepend_bos)
+    if len(ids) > n_ctx:
+        raise ContextOverflowError(
+            f"context {b} is {len(ids)} tokens but the model's n_ctx is {n_ctx}. Nothing is truncated. "
+            f"Fix: use fewer in-context examples (now {len(ex)}) or a task with shorter inputs."
+        )
+    in_pos, lab_spans = _locate(text, ids, offs, ins, labs, [p[1] for p in pairs], tokenizer, multi_token)
+    for (p, e), s in zip(lab_spans, shown):
+        if tuple(ids[p:e]) != seqs[s]:
+            raise LabelTokenError(
+                f"label {words[s]!r} tokenizes to {ids[p:e]} in context {b} but to {list(seqs[s])} "
+                f"in isolation: {_show(tokenizer, ids, offs, text, p)}. Change the template separator."
+            )
+    return ids, in_pos, lab_spans, text
+
+
+def _assemble(rows: Sequence[_Row], k: int, pad_id: int | None, prepend_bos: bool) -> tuple[Tensor, ...]:
+    """Right-padded tokens, mask and roles ``[n, width]``, input spans ``[n, k, 2]`` and label positions ``[n, k]``."""
+    n, width = len(rows), max(len(r[0]) for r in rows)
+    tokens = torch.full((n, width), pad_id if pad_id is not None else 0)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    roles = torch.full((n, width), PAD, dtype=torch.long)
+    spans = torch.zeros(n, k, 2, dtype=torch.long)
+    lpos = torch.zeros(n, k, dtype=torch.long)
+    for b, (ids, in_pos, lab_pos, _) in enumerate(rows):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+        roles[b, : len(ids)] = TEMPLATE
+        if prepend_bos:
+            roles[b, 0] = BOS
+        for i, ((s, e), (p, q)) in enumerate(zip(in_pos, lab_pos)):
+            roles[b, s:e] = INPUT
+            roles[b, p:q] = LABEL
+            spans[b, i] = torch.tensor([s, e])
+            lpos[b, i] = p
+    return tokens, mask, roles, spans, lpos
+
+
 def build_prompt_batch(
     task: Task,
     tokenizer: Any,
@@ -338,53 +278,11 @@ def build_prompt_batch(
     word_ids = [q[0] for q in seqs]
     ex = example_ids.numpy()
     true = np.asarray(task.labels)[ex]
-    if shown_labels is None:
-        marginal = np.bincount(np.asarray(task.labels), minlength=task.n_classes) / len(task)
-        tag = int.from_bytes(hashlib.sha256(f"{seed}:{cond.name}".encode()).digest()[:4], "little")
-        shown = cond.shown_labels(true, marginal, np.random.default_rng(tag))
-    else:
-        shown = shown_labels.numpy()
+    shown = _draw_shown(task, cond, true, seed) if shown_labels is None else shown_labels.numpy()
 
-    rows: list[tuple[list[int], list[int], list, list]] = []
-    texts = []
-    for b in range(ex.shape[0]):
-        pairs = [(task.texts[j], words[s]) for j, s in zip(ex[b], shown[b])]
-        text, ins, labs = _render(template, pairs)
-        ids, offs = _encode(tokenizer, text, prepend_bos)
-        if len(ids) > n_ctx:
-            raise ContextOverflowError(
-                f"context {b} is {len(ids)} tokens but the model's n_ctx is {n_ctx}. Nothing is truncated. "
-                f"Fix: use fewer in-context examples (now {ex.shape[1]}) or a task with shorter inputs."
-            )
-        in_pos, lab_spans = _locate(text, ids, offs, ins, labs, [p[1] for p in pairs], tokenizer, multi_token)
-        for (p, e), s in zip(lab_spans, shown[b]):
-            if tuple(ids[p:e]) != seqs[s]:
-                raise LabelTokenError(
-                    f"label {words[s]!r} tokenizes to {ids[p:e]} in context {b} but to {list(seqs[s])} "
-                    f"in isolation: {_show(tokenizer, ids, offs, text, p)}. Change the template separator."
-                )
-        lab_pos = lab_spans
-        rows.append((ids, in_pos, lab_pos, offs))
-        texts.append(text)
-
-    width = max(len(r[0]) for r in rows)
-    n, k = ex.shape
-    tokens = torch.full((n, width), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    mask = torch.zeros(n, width, dtype=torch.long)
-    roles = torch.full((n, width), PAD, dtype=torch.long)
-    spans = torch.zeros(n, k, 2, dtype=torch.long)
-    lpos = torch.zeros(n, k, dtype=torch.long)
-    for b, (ids, in_pos, lab_pos, _) in enumerate(rows):
-        tokens[b, : len(ids)] = torch.tensor(ids)
-        mask[b, : len(ids)] = 1
-        roles[b, : len(ids)] = TEMPLATE
-        if prepend_bos:
-            roles[b, 0] = BOS
-        for i, ((s, e), (p, q)) in enumerate(zip(in_pos, lab_pos)):
-            roles[b, s:e] = INPUT
-            roles[b, p:q] = LABEL
-            spans[b, i] = torch.tensor([s, e])
-            lpos[b, i] = p
+    rows = [_tokenize_context(task, tokenizer, template, words, seqs, ex[b], shown[b], b, n_ctx=n_ctx,
+                              prepend_bos=prepend_bos, multi_token=multi_token) for b in range(ex.shape[0])]
+    tokens, mask, roles, spans, lpos = _assemble(rows, ex.shape[1], tokenizer.pad_token_id, prepend_bos)
     return PromptBatch(
         tokens=tokens,
         attention_mask=mask,
@@ -399,7 +297,7 @@ def build_prompt_batch(
         label_words=tuple(words),
         condition=cond.name,
         task=task.name,
-        texts=tuple(texts),
+        texts=tuple(r[3] for r in rows),
         label_condition=cond,
         initial_labels=torch.as_tensor(cond.initial_labels(true, task.n_classes), dtype=torch.long),
         label_token_seqs=tuple(seqs) if any(len(q) > 1 for q in seqs) else None,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult, score_batches, summarize, value_at
-from mechicl.data.prompts import LabelCondition, PromptBatch, build_prompt_batch, sample_contexts
+from mechicl.data.conditions import LabelCondition
+from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task
 from mechicl.errors import PromptError
 from mechicl.models.base import LoadedModel

@@ -1,0 +1,95 @@
+"""The architecture rules, read from the source: one-way imports, no cycle-dodging imports, small modules.
+
+Layers: cli -> runs -> analysis -> models -> data (errors is a leaf every layer may import;
+viz draws and may import data only). See DEVELOPERS.md, "Architecture".
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "mechicl"
+ALLOWED = {  # layer -> the mechicl layers its modules may import
+    "errors": set(),
+    "data": {"errors", "data"},
+    "models": {"errors", "data", "models"},
+    "analysis": {"errors", "data", "models", "analysis"},
+    "viz": {"errors", "data", "viz"},
+    "runs": {"errors", "data", "models", "analysis", "viz", "runs"},
+    "cli": {"errors", "data", "models", "analysis", "runs"},
+}
+LAZY_OK = {"cli"}  # the CLI imports a command's run module when the command runs (start-up time)
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.stat().st_size)
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PKG).parts
+    return rel[0].removesuffix(".py") if rel[0] != "__init__.py" else "mechicl"
+
+
+def _mechicl_imports(tree: ast.AST) -> list[tuple[ast.AST, str, bool]]:
+    """(node, imported module, inside a function) for every import of a mechicl module."""
+    out: list[tuple[ast.AST, str, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        nonlocal out
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("mechicl"):
+                names = [child.module] if child.module != "mechicl" else [f"mechicl.{a.name}" for a in child.names]
+                out += [(child, n, in_function) for n in names]
+            elif isinstance(child, ast.Import):
+                out += [(child, a.name, in_function) for a in child.names if a.name.startswith("mechicl")]
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_one_way(path):
+    layer = _layer(path)
+    if layer == "mechicl":
+        return
+    tree = ast.parse(path.read_text())
+    for node, name, in_function in _mechicl_imports(tree):
+        target = name.split(".")[1]
+        assert target in ALLOWED[layer], f"{path.name}:{node.lineno} ({layer}) imports {name} ({target})"
+        assert not in_function or layer in LAZY_OK, f"{path.name}:{node.lineno}: function-level import of {name}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_modules_and_functions_are_small(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{path.name} has {len(text.splitlines())} lines"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            doc = ast.get_docstring(node) or ""
+            assert n <= MAX_FUNCTION_LINES or "Long because" in doc, (
+                f"{path.name}:{node.lineno} {node.name} has {n} lines; split it or say why in its docstring "
+                f"('Long because ...')")
+
+
+def test_the_layer_checker_catches_an_upward_import(tmp_path):
+    tree = ast.parse("def f():\n    from mechicl.analysis.hooks import capture\n")
+    [(node, name, in_function)] = _mechicl_imports(tree)
+    assert name == "mechicl.analysis.hooks" and in_function and "analysis" not in ALLOWED["data"]
+
+
+def test_task_catalogue_imports_no_model_code():
+    """Importing the task module (and building a prompt batch's inputs) loads no model code and no TransformerLens."""
+    code = ("import sys, mechicl.data.tasks, mechicl.data.prompts, mechicl.data.pairs, mechicl.data.batches; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformer_lens' or "
+            "m.startswith(('mechicl.models', 'mechicl.analysis', 'mechicl.runs', 'mechicl.viz'))); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
