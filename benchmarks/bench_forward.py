@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from mechicl.models import load_model
-from mechicl.prompts import build_prompt_batch, sample_contexts
-from mechicl.readout import final_residual
-from mechicl.tasks import load_task
+from mechicl.models.loading import load_model
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
+from mechicl.analysis.hooks import run_to_final
+from mechicl.data.tasks import load_task
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
             full, body = [], []
             for _ in range(args.repeats):
                 t = time.perf_counter(); loaded.model(tokens); full.append(time.perf_counter() - t)  # noqa: E702
-                t = time.perf_counter(); final_residual(loaded.model, tokens); body.append(time.perf_counter() - t)  # noqa: E702
+                t = time.perf_counter(); run_to_final(loaded.model, tokens); body.append(time.perf_counter() - t)  # noqa: E702
         f, bo = statistics.median(full), statistics.median(body)
         print(f"{name}: {args.tokens} tokens, full forward {f:.2f} s, body only {bo:.2f} s "
               f"(unembedding = {100 * (1 - bo / f):.0f}% of the forward), median of {args.repeats}, 1 thread")

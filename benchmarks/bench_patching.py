@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -63,10 +65,15 @@ def main() -> None:
 
     tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)  # TL's per-cell progress bar
 
-    from mechicl.attribution_patching import agreement, attribution_patch
-    from mechicl.models import load_model
-    from mechicl.patching import Patcher, pair_for, run_to_final
-    from mechicl.tasks import load_task
+    from mechicl.analysis.attribution_patching import agreement, attribution_patch
+    from mechicl.analysis.hooks import run_to_final
+    from mechicl.analysis.patching import Patcher
+    from mechicl.data.pairs import pair_for
+    from mechicl.data.tasks import load_task
+    from mechicl.models.loading import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.helpers
+    from tests.helpers import tl_metric
 
     t0 = time.perf_counter()
     loaded = load_model(args.model)
@@ -77,9 +84,9 @@ def main() -> None:
     print(f"model {loaded.name} ({L} layers x {H} heads), task {task.name}: {args.contexts} contexts x {args.examples} "
           f"examples, {pair.clean.tokens.shape[1]} tokens max; 1 thread; median of {args.repeats} interleaved repeats")
 
+    metric = tl_metric(loaded, pair)  # TL's metric, its baselines from full forwards
     ref = Patcher(model, pair)
     clean_ld, corr_ld = ref.baseline("clean"), ref.baseline("corrupted")
-    metric = pair.tl_metric(float(clean_ld.mean()), float(corr_ld.mean()))
 
     def ours():
         return Patcher(model, pair).sweep("head_out", "denoise")

@@ -16,10 +16,12 @@ import time
 
 import torch
 
-from mechicl.models import DEFAULT_MODEL, load_model
-from mechicl.prompts import build_prompt_batch, sample_contexts
-from mechicl.readout import final_residual, unembed_labels
-from mechicl.tasks import load_task
+from mechicl.models.loading import load_model
+from mechicl.models.registry import DEFAULT_MODEL
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
+from mechicl.analysis.hooks import run_to_final
+from mechicl.analysis.readout import unembed_labels
+from mechicl.data.tasks import load_task
 
 
 def main() -> None:
@@ -45,7 +47,7 @@ def main() -> None:
         out = []
         for i in range(args.contexts):
             n = int(full.lengths[i])
-            resid = final_residual(m, full.tokens[i : i + 1, :n])[0]
+            resid = run_to_final(m, full.tokens[i : i + 1, :n])[0]
             out.append(unembed_labels(m, resid[full.readout_pos[i]], lab))
         return torch.stack(out)
 
@@ -55,7 +57,7 @@ def main() -> None:
         for k, b in enumerate(per_k):
             for i in range(args.contexts):
                 n = int(b.lengths[i])
-                resid = final_residual(m, b.tokens[i : i + 1, :n])[0]
+                resid = run_to_final(m, b.tokens[i : i + 1, :n])[0]
                 out[i, k] = unembed_labels(m, resid[b.readout_pos[i, -1]], lab)
         return out
 
