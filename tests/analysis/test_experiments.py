@@ -9,7 +9,7 @@ from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs.experiments import load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments").glob("*.toml"))
 
 
 def test_all_four_questions_have_configs():
@@ -36,7 +36,7 @@ def test_instruction_prefix_reaches_the_prompt(tiny):
     from mechicl.data.prompts import build_prompt_batch, sample_contexts
     from mechicl.data.tasks import load_task
 
-    cfg = load_config(Path(__file__).parent.parent / "experiments" / "nh2_instructions.toml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "experiments" / "nh2_instructions.toml")
     cond = next(c for c in cfg.conditions if c.name == "flipped+instruct")
     task = load_task("toy")
     b = build_prompt_batch(task, tiny.tokenizer, sample_contexts(task, 2, 3), cond, n_ctx=512, prepend_bos=True)

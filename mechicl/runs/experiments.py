@@ -1,0 +1,98 @@
+"""`mechicl run <config.toml>`: an NH experiment from its TOML config to a verdict and a run folder."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from mechicl.analysis.behavior import BehaviorResult
+from mechicl.analysis.experiments import ExperimentConfig, parse_config, run_tests
+from mechicl.analysis.stats import NOT_ENOUGH
+from mechicl.data.tasks import load_task
+from mechicl.errors import ConfigError
+from mechicl.models.base import LoadedModel
+from mechicl.runs.behavior import plot_metric, run_behavior, summary_markdown
+from mechicl.runs.folder import RunFolder, md_table
+
+
+def load_config(path: Path | str, **overrides: object) -> ExperimentConfig:
+    """Read and validate a TOML experiment config; ``overrides`` replace top-level keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment config {path} does not exist (see experiments/*.toml)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    return parse_config(raw, str(path), **overrides)
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """The behaviour scores, the tests (one row per (test, k)) and the verdict text of one experiment."""
+
+    config: ExperimentConfig
+    behavior: BehaviorResult
+    tests: pd.DataFrame = field(repr=False)
+    verdict: str = ""
+
+
+def _sig(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def verdict_markdown(cfg: ExperimentConfig, tests: pd.DataFrame, model: str) -> str:
+    """Per-hypothesis verdict: rejected or not, at which k, with effect sizes and CIs."""
+    prim = tests[tests.primary]
+    rejected = prim[prim.decision == "reject"]
+    lines = [f"# {cfg.hypothesis}: {cfg.statement}", "", f"Model {model}, task {cfg.task}, {cfg.n_contexts} context "
+             f"draws shared by all conditions, alpha = {cfg.alpha} (Holm-corrected over the k of each test).", ""]
+    if not rejected.empty:
+        best = rejected.loc[rejected.mean_diff.abs().idxmax()]
+        ks = ", ".join(str(k) for k in rejected.k)
+        lines.append(
+            f"**Verdict: {cfg.hypothesis} is rejected** at k = {ks}. Largest effect: {best.a} − {best.b} = "
+            f"{_sig(best.mean_diff)} [95% CI {_sig(best.ci_low)}, {_sig(best.ci_high)}] at k = {best.k} "
+            f"(Holm p = {best.p_holm:.4f}, n = {best.n})."
+        )
+    elif (prim.decision == NOT_ENOUGH).any():
+        lines.append(f"**Verdict: {NOT_ENOUGH}.** No primary test rejects {cfg.hypothesis}, and some CIs are wider "
+                     f"than their equivalence margin: run more context draws (n_contexts).")
+    else:
+        lines.append(f"**Verdict: {cfg.hypothesis} is not rejected**; every primary difference lies within its "
+                     f"equivalence margin.")
+    rows = [{"test": f"{t.a} vs {t.b}{'' if t.primary else ' (supporting)'}", "claim": t.claim, "k": r.k,
+             "difference (a − b)": _sig(r.mean_diff), "95% CI": f"[{_sig(r.ci_low)}, {_sig(r.ci_high)}]",
+             "Holm p": f"{r.p_holm:.4f}", "decision": r.decision}
+            for i, t in enumerate(cfg.tests) for r in tests[tests.test == i].itertuples()]
+    lines += ["", md_table(pd.DataFrame(rows))]
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(cfg: ExperimentConfig, loaded: LoadedModel, progress: bool = True) -> ExperimentResult:
+    """Score the config's conditions on shared draws, run its tests and write nothing. Cost: see ``ExperimentConfig``."""
+    task = load_task(cfg.task, seed=cfg.seed)
+    beh = run_behavior(loaded, task, cfg.behavior_config(), progress=progress)
+    tests = run_tests(cfg, beh.raw)
+    return ExperimentResult(cfg, beh, tests, verdict_markdown(cfg, tests, loaded.name))
+
+
+def write_experiment(result: ExperimentResult, out: Path, config_text: str | None = None) -> RunFolder:
+    """raw.csv, summary.csv, tests.csv, the plots, verdict.md and the config into ``out``."""
+    folder = RunFolder(out)
+    cfg, s = result.config, result.behavior.summary
+    folder.csv("raw.csv", result.behavior.raw)
+    folder.csv("summary.csv", s)
+    folder.csv("tests.csv", result.tests)
+    title = f"{cfg.hypothesis} ({cfg.name}): {s.model.iloc[0]} on {cfg.task}"
+    for metric in cfg.plot_metrics:
+        if metric not in set(s.metric):
+            raise ConfigError(f"plot_metrics: no metric {metric!r} in results; have {sorted(set(s.metric))}")
+        plot_metric(s, metric, folder / f"{metric}.png", title, vline=cfg.switch_at)
+    folder.text("verdict.md", result.verdict + "\n" + summary_markdown(result.behavior).replace("# Behaviour", "## Behaviour"))
+    if config_text is not None:
+        folder.text("config.toml", config_text)
+    return folder
