@@ -21,7 +21,7 @@ the prior needs no attention); the label position's previous token is that word,
 reading labels from context is the classic previous-token + induction circuit.
 
 The evaluation task (``organism_task``) uses the same vocabulary and template, so
-``mechicl.prompts`` builds organism prompts exactly as it does for real models.
+``mechicl.data.prompts`` builds organism prompts exactly as it does for real models.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Label conditions and the PromptBatch: tokens plus every position an analysis needs.
+"""The PromptBatch: tokens plus every position an analysis needs (label conditions: ``data.conditions``).
 
 A context is ``prefix`` followed by ``n_examples`` examples joined by the
 template separator. Example ``i`` has an input span, one label token, and a
