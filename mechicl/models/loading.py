@@ -8,7 +8,7 @@ Names:
   a ``.gguf`` file, a local Hugging Face model directory, or a Hub id ``org/name``.
 
 GGUF weights are dequantized by ``transformers`` once (15-40 s) and cached as
-float32 safetensors under ``<cache>/models/``; later loads take ~1-3 s.
+float32 safetensors under ``<cache>/models/``; later loads of gemma3-270m took 9.5-13.6 s here (3 loads, 1 thread).
 """
 
 from __future__ import annotations
