@@ -1,0 +1,72 @@
+"""docs/outputs.md lists every file each command writes and every column of its CSVs (run on tiny)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mechicl.cli import main
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "outputs.md"
+ROOT = DOC.parents[1]
+COMMON = {"summary.md", "config.json"}
+TINY = ["--model", "tiny", "--task", "toy", "--threads", "1"]
+RUNS = {
+    "behavior": ["behavior", *TINY, "--conditions", "default,flipped,default>flipped@2", "--k-max", "3", "--n-contexts", "4"],
+    "run": ["run", str(ROOT / "experiments" / "nh3_label_switch.toml"), "--model", "organism-strong", "--n-contexts", "4",
+            "--threads", "1"],
+    "attention": ["attention", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
+    "lens": ["lens", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
+    "dla": ["dla", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
+    "patch": ["patch", *TINY, "--kinds", "resid,head_out,head_v_label", "--n-contexts", "2", "--n-examples", "4"],
+    "heads": ["heads", *TINY, "--n-examples", "4", "--n-screen", "2", "--n-eval", "4", "--candidates", "3",
+              "--set-sizes", "1,2", "--n-control", "3"],
+}
+
+
+def _sections() -> dict[str, str]:
+    """Command name -> its section of the doc."""
+    parts = re.split(r"\n## `mechicl (\w+)[^\n]*\n", DOC.read_text())
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _file_patterns(section: str) -> list[re.Pattern]:
+    table = section.split("\n####")[0]
+    names = [n for row in re.findall(r"^\| (.+?) \|", table, flags=re.M) for n in re.findall(r"`([^`]+)`", row)]
+    return [re.compile(re.sub(r"<[^>]+>", "[^/]+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">")) + "$")
+            for n in names]
+
+
+def _columns(section: str) -> dict[str, set[str]]:
+    out = {}
+    for name, table in re.findall(r"#### `([^`]+)`\n(.*?)(?=\n####|\Z)", section, flags=re.S):
+        out[name] = {c for row in re.findall(r"^\| (.+?) \|", table, flags=re.M) for c in re.findall(r"`([^`]+)`", row)}
+    return out
+
+
+def test_the_doc_parses_into_a_section_per_command():
+    sections = _sections()
+    assert set(RUNS) <= set(sections)
+    assert any(p.match("head_out_denoise.csv") for p in _file_patterns(sections["patch"]))
+    assert "effect" in _columns(sections["patch"])["patching.csv"]
+
+
+@pytest.mark.parametrize("command", list(RUNS))
+def test_every_file_and_column_is_documented(command, tmp_path, capsys):
+    out = tmp_path / command
+    assert main([*RUNS[command], "--out", str(out)]) == 0
+    capsys.readouterr()
+    sections = _sections()
+    section = sections[command]
+    shared = {f: c for other in sections.values() for f, c in _columns(other).items()}  # "as for mechicl behavior"
+    patterns, columns = _file_patterns(section), {**shared, **_columns(section)}
+    written = sorted(p.name for p in out.iterdir())
+    missing = [f for f in written if f not in COMMON | {"config.toml"} and not any(p.match(f) for p in patterns)]
+    assert not missing, f"docs/outputs.md does not list {missing} for `mechicl {command}`"
+    for f in written:
+        if f.endswith(".csv") and not re.fullmatch(r".+_(de)?noise\.csv", f):  # per-sweep CSVs = patching.csv rows
+            undocumented = set(pd.read_csv(out / f).columns) - columns.get(f, set())
+            assert not undocumented, f"docs/outputs.md: columns {sorted(undocumented)} of {f} are not described"
