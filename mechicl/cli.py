@@ -186,6 +186,38 @@ def cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.folder import default_out
+    from mechicl.runs.report import ReportConfig, run_report
+
+    size = "quick" if args.quick else "full" if args.full else "default"
+    cfg = ReportConfig.sized(size, model=args.model, task=args.task, seed=args.seed, arbitrary=args.arbitrary)
+    command = (f"mechicl report --model {args.model} --task {args.task} --seed {args.seed} --arbitrary {args.arbitrary}"
+               + {"quick": " --quick", "full": " --full", "default": ""}[size])
+    task = load_task(cfg.task, seed=cfg.seed)
+    loaded, t0 = _load(cfg.model, args.threads)
+    folder = run_report(loaded, task, cfg, args.out or default_out("report", cfg.model, cfg.task), command)
+    print(f"[mechicl] report: {folder.path / 'report.html'}")
+    _done(folder, t0)
+    return 0
+
+
+def _add_report_parser(sub: Any) -> None:
+    rep = sub.add_parser("report", help="every analysis on one model and task as one offline report.html")
+    rep.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    rep.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    size = rep.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
+    size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
+    rep.add_argument("--arbitrary", default="A/B", help="label words of the arbitrary condition (default A/B)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    rep.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-report-...)")
+    rep.set_defaults(func=cmd_report)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for name in known_models():
         desc = EMBEDDED[name].description if name in EMBEDDED else "random 2-layer boot_native model for tests"
@@ -284,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     dla.set_defaults(func=cmd_inside)
     _add_organism_parser(sub)
     _add_causal_parsers(sub)
+    _add_report_parser(sub)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser

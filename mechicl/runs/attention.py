@@ -56,7 +56,8 @@ def compute_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock:
     return AttentionResult(la, ind, sal, heads, (bd, bf))
 
 
-def _plots(folder: RunFolder, r: AttentionResult, top: pd.DataFrame, title: str) -> None:
+def plot_attention(folder: RunFolder, r: AttentionResult, top: pd.DataFrame, title: str) -> None:
+    """Heatmaps (label attention, PM per condition, induction, saliency) and the top head's distance curve."""
     la = r.label_attention
     for cond in ("default", "flipped"):
         head_map(folder, la.label_mass(cond), "label_attention", f"label_attention_{cond}.png",
@@ -112,7 +113,7 @@ def report_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Pa
         folder.csv("saliency_heads.csv", r.saliency.heads)
     folder.csv("heads.csv", r.heads)
     top = top_heads(r.heads, "label_attention", cfg.top)
-    _plots(folder, r, top, f"{loaded.name} / {cfg.task}")
+    plot_attention(folder, r, top, f"{loaded.name} / {cfg.task}")
     _pages(folder, loaded, r, top, html_heads)
     clock.lap("plots and HTML")
     mass = la.mass.groupby(["condition", "category"], as_index=False)["mean"].mean()

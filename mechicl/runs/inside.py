@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from jaxtyping import Int
+from torch import Tensor
 
 from mechicl.analysis.dla import dla_table, direct_logits, prior_vs_context, zero_shot_prior
-from mechicl.analysis.lens import logit_lens
+from mechicl.analysis.lens import Lens, logit_lens
 from mechicl.data.batches import zero_shot_batch
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task
@@ -71,17 +73,15 @@ def head_map(folder: RunFolder, df: pd.DataFrame, value: str, name: str, title: 
 # ------------------------------------------------------------------ lens ---
 
 
-def report_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, progress: bool = True,
-                min_gap: float = 0.05) -> str:
-    """Logit lens under default and flipped contexts and the critical layer. Returns the markdown summary."""
-    clock, folder = Clock(), RunFolder(out)
+def compute_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, progress: bool = True,
+                 min_gap: float = 0.05) -> Lens:
+    """The logit lens on the default and flipped batches of ``cfg`` (one forward per context and condition)."""
     bd, bf = default_and_flipped(loaded, task, cfg)
-    lens = logit_lens(loaded.model, [bd, bf], cfg.k_min, min_gap, cfg.batch_size, progress)
-    clock.lap("lens")
-    folder.csv("lens_raw.csv", lens.raw)
-    folder.csv("lens_summary.csv", lens.summary)
-    folder.csv("lens_gap.csv", lens.gap)
-    title = f"{loaded.name} / {cfg.task}"
+    return logit_lens(loaded.model, [bd, bf], cfg.k_min, min_gap, cfg.batch_size, progress)
+
+
+def plot_lens(folder: RunFolder, lens: Lens, title: str) -> None:
+    """lens_accuracy.png and lens_log_likelihood.png: true/shown-label curves per depth, critical depth marked."""
     for metric in ("accuracy", "log_likelihood"):
         s = lens.summary[lens.summary.metric.isin([f"{metric}_true", f"{metric}_shown"])].copy()
         s["series"] = s.condition + " vs " + s.metric.str.replace(f"{metric}_", "") + " label"
@@ -89,6 +89,18 @@ def report_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, p
         line_plot(s, "depth", "mean", folder / f"lens_{metric}.png", hue="series", band=("ci_low", "ci_high"),
                   title=f"logit lens ({metric}) - {title}", xlabel="blocks applied (0 = embeddings)",
                   ylabel=metric.replace("_", " "), vline=lens.critical_depth)
+
+
+def report_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, progress: bool = True,
+                min_gap: float = 0.05) -> str:
+    """Logit lens under default and flipped contexts and the critical layer. Returns the markdown summary."""
+    clock, folder = Clock(), RunFolder(out)
+    lens = compute_lens(loaded, task, cfg, progress, min_gap)
+    clock.lap("lens")
+    folder.csv("lens_raw.csv", lens.raw)
+    folder.csv("lens_summary.csv", lens.summary)
+    folder.csv("lens_gap.csv", lens.gap)
+    plot_lens(folder, lens, f"{loaded.name} / {cfg.task}")
     piv = lens.summary.pivot_table(index="depth", columns=["metric", "condition"], values="mean")
     table = pd.DataFrame({
         "depth": piv.index,
@@ -115,9 +127,11 @@ def report_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, p
 # ------------------------------------------------------------------- DLA ---
 
 
-def report_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, progress: bool = True) -> str:
-    """DLA (shown-label and prior-label decompositions) and the prior-vs-context table."""
-    clock, folder = Clock(), RunFolder(out)
+def compute_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock: Clock, progress: bool = True
+                ) -> tuple[pd.DataFrame, pd.DataFrame, Int[Tensor, "batch example"]]:
+    """The DLA table (both decompositions, both conditions), the prior-vs-context table and the zero-shot prior.
+
+    Cost: one zero-shot forward per query, one forward per context and condition."""
     model = loaded.model
     bd, bf = default_and_flipped(loaded, task, cfg)
     zs = zero_shot_batch(task, loaded.tokenizer, bd, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
@@ -126,7 +140,14 @@ def report_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, pr
     dd, df = direct_logits(model, bd, cfg.batch_size, progress), direct_logits(model, bf, cfg.batch_size, progress)
     clock.lap("DLA")
     tab = pd.concat([dla_table(dd, bd, prior, cfg.k_min), dla_table(df, bf, prior, cfg.k_min)], ignore_index=True)
-    pvc = prior_vs_context(dd, df, bd, bf, prior, cfg.k_min)
+    return tab, prior_vs_context(dd, df, bd, bf, prior, cfg.k_min), prior
+
+
+def report_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, progress: bool = True) -> str:
+    """DLA (shown-label and prior-label decompositions) and the prior-vs-context table."""
+    clock, folder = Clock(), RunFolder(out)
+    tab, pvc, prior = compute_dla(loaded, task, cfg, clock, progress)
+    bd = default_and_flipped(loaded, task, cfg)[0]
     folder.csv("dla.csv", tab)
     folder.csv("prior_vs_context.csv", pvc)
     _dla_plots(folder, tab, pvc, f"{loaded.name} / {cfg.task}")

@@ -1,0 +1,259 @@
+"""`mechicl report`: every analysis on one model and task, written as one self-contained offline report.html.
+
+Stages (each timed, its forwards counted): behaviour curves and the NH tests on them; attention (label
+attention, PM, induction, saliency); logit lens; DLA / prior vs context; exact and attribution patching;
+the head finder with its ablation control. Each reuses the compute step of its own command
+(``runs.behavior``, ``runs.attention``, ``runs.inside``, ``runs.patch``, ``runs.heads``); the sections and
+their captions are built in ``runs.report_sections`` and assembled by ``viz.report_html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from mechicl.analysis.attribution_patching import agreement, attribution_patch
+from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult
+from mechicl.analysis.experiments import ExperimentConfig, run_tests
+from mechicl.analysis.heads import HeadFinderConfig, HeadFinderResult
+from mechicl.analysis.patching import Patcher, PatchResult
+from mechicl.data.pairs import pair_for
+from mechicl.data.task import Task
+from mechicl.errors import ConfigError
+from mechicl.models.base import LoadedModel
+from mechicl.runs import report_sections as S
+from mechicl.runs.attention import AttentionResult, compute_attention
+from mechicl.runs.behavior import run_behavior
+from mechicl.runs.experiments import load_config, verdict_markdown
+from mechicl.runs.folder import Clock, RunFolder
+from mechicl.runs.heads import find_heads_for
+from mechicl.runs.inside import InsideConfig, compute_dla, compute_lens
+from mechicl.viz.report_html import render_report
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+NH_CONFIGS = ("nh1_random_labels.toml", "nh2_flipped_arbitrary.toml")
+PATCH_KINDS = ("head_out", "head_out_label", "head_out_readout", "resid")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Sizes of every stage of `mechicl report` (defaults: a few minutes for gemma3-270m on 2 cores).
+
+    Cost: behaviour ``4 * n_behavior`` forwards of ``k_max + 1``-example contexts; attention, lens and DLA
+    about 6 forwards (+ 2 backwards for saliency, + one 0-shot forward per query) of ``n_inside`` contexts;
+    patching ``n_patch`` contexts, one forward per (cell, kind) swept plus 2 forwards + 1 backward for
+    attribution; the head finder as ``HeadFinderConfig`` (``n_screen``, ``n_eval``, ``n_control``).
+    """
+
+    model: str
+    task: str = "vader-words"
+    seed: int = 0
+    k_max: int = 12  # behaviour: contexts hold k_max + 1 examples
+    n_behavior: int = 32  # contexts per label condition (shared draws)
+    arbitrary: str = "A/B"  # replacement label words of the arbitrary condition
+    n_examples: int = 9  # examples per context (query included) for attention, lens, DLA, patching, heads
+    n_inside: int = 16  # contexts for attention, lens, DLA
+    k_min: int = 4  # readout slots with k >= k_min are averaged in attention, lens, DLA
+    n_patch: int = 4  # contexts for the patching sweeps
+    n_screen: int = 8  # head finder: screening contexts
+    n_eval: int = 32  # head finder: held-out ablation contexts
+    n_candidates: int = 6
+    n_control: int = 50
+    batch_size: int = 8
+    top: int = 6
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_min < self.n_examples or self.k_max < 1:
+            raise ConfigError(f"need 1 <= k_min < n_examples and k_max >= 1 (got k_min={self.k_min}, "
+                              f"n_examples={self.n_examples}, k_max={self.k_max})")
+
+    @classmethod
+    def sized(cls, size: str, **kw: Any) -> "ReportConfig":
+        """``"default"``, ``"quick"`` (seconds on tiny models, for tests) or ``"full"`` (paper-grade sizes)."""
+        presets = {
+            "default": {},
+            "quick": dict(k_max=6, n_behavior=8, n_examples=6, n_inside=6, k_min=2, n_patch=3, n_screen=4, n_eval=8,
+                          n_candidates=4, n_control=20),
+            "full": dict(k_max=16, n_behavior=128, n_examples=17, n_inside=64, n_patch=16, n_screen=16, n_eval=160,
+                         n_candidates=12, n_control=200),
+        }
+        if size not in presets:
+            raise ConfigError(f"unknown report size {size!r}; use one of {', '.join(presets)}")
+        return cls(**{**presets[size], **kw})
+
+    def inside(self) -> InsideConfig:
+        return InsideConfig(self.model, self.task, self.n_inside, self.n_examples, self.k_min, self.seed,
+                            self.batch_size, self.top)
+
+    def heads(self) -> HeadFinderConfig:
+        sizes = tuple(s for s in (1, 2, 4) if s <= self.n_candidates)
+        return HeadFinderConfig(self.model, self.task, self.n_examples, self.n_screen, self.n_eval, self.n_candidates,
+                                sizes, self.n_control, "mean", self.seed)
+
+
+@dataclass
+class Stages:
+    """Wall seconds and forward passes per stage. A forward = one call of the model's last block (a partial
+    re-run that starts mid-model or only runs the query token counts as one); ``rows`` = contexts in those calls."""
+
+    model: Any
+    progress: bool = True
+    rows: list[dict] = dataclasses.field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str, contexts: str) -> Iterator[None]:
+        calls, rows = [0], [0]
+
+        def count(module: Any, args: tuple) -> None:
+            calls[0] += 1
+            rows[0] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
+
+        handle = self.model.blocks[-1].register_forward_pre_hook(count)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            handle.remove()
+        s = time.perf_counter() - t0
+        self.rows.append({"stage": name, "contexts": contexts, "seconds": s, "forwards": calls[0], "rows": rows[0]})
+        if self.progress:
+            print(f"[report] {name}: {s:.1f} s, {calls[0]} forwards ({contexts})", flush=True)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+@dataclass(frozen=True)
+class NHTest:
+    """One NH config's primary tests run on the report's behaviour scores (ks clipped to ``k_max``)."""
+
+    config: ExperimentConfig
+    tests: pd.DataFrame
+    verdict: str
+
+
+def nh_tests(beh: BehaviorResult, cfg: ReportConfig, model: str) -> list[NHTest]:
+    """The primary tests of experiments/nh1 and nh2 whose conditions the report scored (no extra forwards)."""
+    have = set(beh.raw.condition)
+    out = []
+    for name in NH_CONFIGS:
+        base = load_config(EXPERIMENTS / name, model=model)
+        keep = []
+        for t in base.tests:
+            ks = None if t.ks is None else tuple(k for k in t.ks if k <= cfg.k_max) or (cfg.k_max,)
+            if t.primary and {t.a.split("/")[0], t.b.split("/")[0]} <= have:
+                keep.append(dataclasses.replace(t, ks=ks))
+        if not keep:
+            continue
+        ec = dataclasses.replace(base, task=cfg.task, n_contexts=cfg.n_behavior, k_max=cfg.k_max, seed=cfg.seed,
+                                 tests=tuple(keep))
+        tests = run_tests(ec, beh.raw)
+        out.append(NHTest(ec, tests, verdict_markdown(ec, tests, model)))
+    return out
+
+
+@dataclass(frozen=True)
+class PatchStage:
+    """Exact sweeps (denoise) and attribution patching of head outputs on the same pair."""
+
+    results: tuple[PatchResult, ...]
+    attribution: pd.DataFrame  # layer, head, attribution, exact
+    agreement: dict[str, float]
+    description: str
+
+
+def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool) -> PatchStage:
+    pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
+    patcher = Patcher(loaded.model, pair, progress=progress)
+    results = tuple(patcher.sweep(k, "denoise") for k in PATCH_KINDS)
+    est = attribution_patch(loaded.model, pair, ("head_out",), "denoise")["head_out"]
+    exact = results[0]
+    table = exact.table()[["layer", "head", "value"]].rename(columns={"value": "exact"})
+    table["attribution"] = est.values.reshape(-1).numpy()
+    table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
+    return PatchStage(results, table, agreement(est.values, exact.values, k=min(10, len(table))),
+                      pair.description)
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the sections are drawn from."""
+
+    config: ReportConfig
+    behavior: BehaviorResult
+    nh: list[NHTest]
+    attention: AttentionResult
+    lens: Any  # analysis.lens.Lens
+    dla: pd.DataFrame
+    prior_vs_context: pd.DataFrame
+    patch: PatchStage
+    heads: HeadFinderResult
+    n_classes: int
+
+
+def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: Stages,
+                   progress: bool = True) -> ReportData:
+    """Run every stage. Long because it lists the stages in order, each under its timer and forward counter."""
+    ic = cfg.inside()
+    bc = BehaviorConfig(cfg.model, cfg.task, ("default", "random", "flipped", f"arbitrary:{cfg.arbitrary}"),
+                        cfg.k_max, cfg.n_behavior, cfg.seed, cfg.batch_size)
+    with stages.stage("behaviour", f"{cfg.n_behavior} contexts x 4 conditions, k <= {cfg.k_max}"):
+        beh = run_behavior(loaded, task, bc, progress)
+        nh = nh_tests(beh, cfg, loaded.name)
+    inside = f"{cfg.n_inside} contexts x {cfg.n_examples} examples, default and flipped"
+    with stages.stage("attention + saliency", inside):
+        att = compute_attention(loaded, task, ic, Clock(), progress, saliency=True)
+    with stages.stage("logit lens", inside):
+        lens = compute_lens(loaded, task, ic, progress)
+    with stages.stage("DLA + prior vs context", inside + ", + zero-shot queries"):
+        dla, pvc, _ = compute_dla(loaded, task, ic, Clock(), progress)
+    with stages.stage("patching", f"{cfg.n_patch} contexts x {cfg.n_examples} examples (correct vs flipped)"):
+        patch = patch_stage(loaded, task, cfg, progress)
+    with stages.stage("head finder", f"{cfg.n_screen} screening + {cfg.n_eval} held-out contexts"):
+        heads = find_heads_for(loaded, task, cfg.heads(), progress)
+    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes)
+
+
+def write_tables(folder: RunFolder, d: ReportData) -> None:
+    """The CSVs behind every number in the report."""
+    folder.csv("behavior_summary.csv", d.behavior.summary)
+    if d.nh:
+        folder.csv("nh_tests.csv", pd.concat([n.tests.assign(hypothesis=n.config.hypothesis) for n in d.nh]))
+    folder.csv("attention_heads.csv", d.attention.heads)
+    if d.attention.saliency is not None:
+        folder.csv("saliency_layers.csv", d.attention.saliency.layers)
+    folder.csv("lens_summary.csv", d.lens.summary)
+    folder.csv("lens_gap.csv", d.lens.gap)
+    folder.csv("dla.csv", d.dla)
+    folder.csv("prior_vs_context.csv", d.prior_vs_context)
+    folder.csv("patching.csv", pd.concat([r.table() for r in d.patch.results], ignore_index=True))
+    folder.csv("attribution_vs_exact.csv", d.patch.attribution)
+    for name in ("heads", "all_heads", "sets", "control"):
+        folder.csv(f"{name}.csv", getattr(d.heads, name))
+
+
+def run_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, out: Path, command: str,
+               progress: bool = True) -> RunFolder:
+    """Compute every stage, write the CSVs, figures and report.html into ``out``; returns the folder."""
+    if cfg.model != loaded.name and Path(cfg.model).name != loaded.name:
+        cfg = dataclasses.replace(cfg, model=loaded.name)
+    folder = RunFolder(out)
+    stages = Stages(loaded.model, progress)
+    data = compute_report(loaded, task, cfg, stages, progress)
+    write_tables(folder, data)
+    title = f"{loaded.name} on {task.name}"
+    with stages.stage("figures + views", "context 0 for the attention view"):
+        sections = S.build_sections(folder, loaded, data, title)
+    sections.append(S.facts_section(loaded, cfg, stages.table(), command))
+    folder.csv("stages.csv", stages.table())
+    folder.json("config.json", cfg)
+    render_report(f"mechicl report: {title}", S.intro(loaded, task, cfg), sections, folder / "report.html")
+    if hasattr(folder, "finish"):
+        folder.finish()
+    return folder

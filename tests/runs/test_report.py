@@ -1,0 +1,100 @@
+"""`mechicl report` on organism-strong: one offline page with every section, inline images, captions whose
+numbers are the run's own CSVs, and the same numbers as the separate commands on the same seeds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mechicl.cli import main
+from mechicl.runs.report import ReportConfig
+from mechicl.viz.report_html import Figure, Note, Section, Table, render_report
+from tests.viz.test_views import EXTERNAL, _no_external_script
+
+SECTIONS = ["Behaviour", "Where the flip happens", "Who looks at labels", "Who carries the label information causally",
+            "Validation", "Prior vs context", "Circuit and findings", "Run facts"]
+ORG = ["--model", "organism-strong", "--task", "organism", "--arbitrary", "a/b", "--seed", "0"]
+Q = ReportConfig.sized("quick", model="organism-strong", task="organism")  # the sizes --quick uses
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", *ORG, "--quick", "--out", str(out)]) == 0
+    return out, (out / "report.html").read_text(encoding="utf-8")
+
+
+def _captions(html: str) -> str:
+    return " ".join(re.findall(r"<(?:figcaption|p)[^>]*>(.*?)</(?:figcaption|p)>", html, re.S))
+
+
+def test_report_is_one_offline_page_with_every_section(report):
+    out, html = report
+    _no_external_script(html)
+    assert not re.search(r"""\b(src|href)\s*=\s*["']?\s*https?:""", html, re.I)
+    heads = re.findall(r"<h2[^>]*>(\d+)\. ([^<]+)</h2>", html)
+    assert [t for _, t in heads] == SECTIONS and [int(i) for i, _ in heads] == list(range(1, 9))
+    imgs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
+    assert len(imgs) >= 12 and all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert html.count("CircuitsVis.render(") == 1 and "[Q]" in html and "[L]" in html
+    assert "`mechicl attribute`" in html  # section 3 points at the IG command
+    assert "mechicl report --model organism-strong --task organism --seed 0 --arbitrary a/b --quick" in html
+
+
+def test_captions_quote_the_runs_csvs(report):
+    out, html = report
+    text = _captions(html)
+    s = pd.read_csv(out / "behavior_summary.csv")
+    d = s[(s.condition == "flipped") & (s.metric == "accuracy") & (s.k == Q.k_max)].iloc[0]
+    assert f"flipped {d['mean']:.2f} [{d.ci_low:.2f}, {d.ci_high:.2f}]" in text
+    gap = pd.read_csv(out / "lens_gap.csv").query("metric == 'accuracy_true'")
+    best = gap.loc[gap["mean"].idxmax()]
+    assert f"The largest gap is {best['mean']:.2f} [{best.ci_low:.2f}, {best.ci_high:.2f}] at depth {int(best.depth)}" in text
+    att = pd.read_csv(out / "attention_heads.csv").sort_values("label_attention", ascending=False).iloc[0]
+    assert f"L{int(att.layer)}H{int(att['head'])} puts {att.label_attention:.2f} of its readout attention" in text
+    a = pd.read_csv(out / "attribution_vs_exact.csv")
+    assert f"Spearman {stats.spearmanr(a.attribution, a.exact).statistic:.2f}" in text
+    h = pd.read_csv(out / "heads.csv").iloc[0]
+    assert (f"Mean-ablating L{int(h.layer)}H{int(h['head'])} at the query readout slot on {Q.n_eval} held-out contexts "
+            f"reduces the correct-vs-flipped accuracy gap by {h.gap_reduction_mean:+.2f}") in text
+    st = pd.read_csv(out / "stages.csv")
+    assert (st.forwards > 0).all() and f"{int(st.forwards.sum())} over {int(st.rows.sum())} context rows" in html
+    nh = pd.read_csv(out / "nh_tests.csv")
+    assert set(nh.hypothesis) == {"NH1", "NH2"} and "Verdict: NH2 is rejected" in text  # the organism keeps its prior
+
+
+def test_numbers_equal_the_separate_commands(report, tmp_path):
+    out, _ = report
+    assert main(["behavior", *ORG[:4], "--conditions", "default,random,flipped,arbitrary:a/b", "--k-max", str(Q.k_max),
+                 "--n-contexts", str(Q.n_behavior), "--out", str(tmp_path / "b")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b" / "summary.csv"), pd.read_csv(out / "behavior_summary.csv"))
+    inside = ["--n-contexts", str(Q.n_inside), "--n-examples", str(Q.n_examples), "--k-min", str(Q.k_min)]
+    assert main(["lens", *ORG[:4], *inside, "--out", str(tmp_path / "l")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "l" / "lens_summary.csv"), pd.read_csv(out / "lens_summary.csv"))
+    assert main(["heads", *ORG[:4], "--n-examples", str(Q.n_examples), "--n-screen", str(Q.n_screen), "--n-eval",
+                 str(Q.n_eval), "--candidates", str(Q.n_candidates), "--n-control", str(Q.n_control),
+                 "--out", str(tmp_path / "h")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "h" / "heads.csv"), pd.read_csv(out / "heads.csv"))
+
+
+def test_render_report_escapes_and_inlines(tmp_path):
+    png = tmp_path / "x.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    sec = Section("A & B", (Figure(png, "cap <1>"), Table(pd.DataFrame({"v": [0.12345]}), "t"), Note("n", pointer=True)))
+    html = render_report("T", ["intro"], [sec], tmp_path / "r.html").read_text()
+    assert 'href="#s-a---b"' in html and 'id="s-a---b"' in html and "cap &lt;1&gt;" in html
+    assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html and "0.123" in html and 'class="note"' in html
+    assert not EXTERNAL.search(html)
+
+
+def test_bad_sizes_and_arguments(capsys):
+    with pytest.raises(Exception, match="unknown report size"):
+        ReportConfig.sized("huge", model="tiny")
+    with pytest.raises(SystemExit):
+        main(["report", "--quick", "--full"])
+    assert main(["report", "--model", "tiny", "--task", "nope", "--quick"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
