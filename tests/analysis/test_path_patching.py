@@ -112,3 +112,28 @@ def test_label_senders_have_no_query_or_direct_path(tiny, toy):
     assert (df.loc[df["input"].isin(["k", "v"]), "effect"].abs() > 1e-4).any()
     with pytest.raises(ValueError, match="inputs"):
         path_patch(Patcher(tiny.model, pair_for(tiny, toy, 2, 4)), [(0, 0)], [(1, 0)], inputs=("o",))
+
+
+
+def test_equals_transformer_lens_direct_path_into_the_last_layer(toy):
+    """TL 4.3's ``get_act_patch_direct_path`` patches the receiver's input at every position; into the
+    last layer only the readout slot's output can reach the metric, so the definitions agree. TL
+    supports it only on HF attention bridges (not the native tiny/organism models), and on GQA only
+    for ``q``, so the comparison runs on the random Llama (GQA) for ``q``."""
+    import transformer_lens.patching as tlp
+
+    loaded = helpers.tiny_hf("llama")
+    pair = pair_for(loaded, toy, 4, 5, seed=4)
+    m, last = loaded.model, loaded.model.cfg.n_layers - 1
+    metric = helpers.tl_metric(loaded, pair)
+    with torch.no_grad():
+        _, clean = m.run_with_cache(pair.clean.tokens)
+        _, corr = m.run_with_cache(pair.corrupted.tokens)
+    receivers = [(last, h) for h in range(m.cfg.n_heads)]
+    res = path_patch(Patcher(m, pair), [(0, 0), (0, 3)], receivers, "all", "denoise", inputs=("q",))
+    mean = res.effect.mean(-1)
+    for i, (sl, sh) in enumerate(res.senders):
+        with torch.no_grad():
+            ref = tlp.get_act_patch_direct_path(m, pair.corrupted.tokens, clean, corr, metric, sl, sh, "q", verbose=False)
+        assert ref[last].abs().max() > 1e-4  # small on a random model: compare tightly
+        torch.testing.assert_close(mean[i, :-1], ref[last].float(), atol=5e-6, rtol=0)
