@@ -65,6 +65,7 @@ class ReportConfig:
     n_eval: int = 32  # head finder: held-out ablation contexts
     n_candidates: int = 6
     n_control: int = 50
+    resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
     batch_size: int = 8
     top: int = 6
 
@@ -81,7 +82,7 @@ class ReportConfig:
             "quick": dict(k_max=6, n_behavior=8, n_examples=6, n_inside=6, k_min=2, n_patch=3, n_screen=4, n_eval=8,
                           n_candidates=4, n_control=20),
             "full": dict(k_max=16, n_behavior=128, n_examples=17, n_inside=64, n_patch=16, n_screen=16, n_eval=160,
-                         n_candidates=12, n_control=200),
+                         n_candidates=12, n_control=200, resid_examples=0),
         }
         if size not in presets:
             raise ConfigError(f"unknown report size {size!r}; use one of {', '.join(presets)}")
@@ -163,6 +164,7 @@ class PatchStage:
     """Exact sweeps (denoise) and attribution patching of head outputs on the same pair."""
 
     results: tuple[PatchResult, ...]
+    window: tuple[int, int]  # positions [lo, hi) of the residual sweep
     attribution: pd.DataFrame  # layer, head, attribution, exact
     agreement: dict[str, float]
     description: str
@@ -171,13 +173,17 @@ class PatchStage:
 def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool) -> PatchStage:
     pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
     patcher = Patcher(loaded.model, pair, progress=progress)
-    results = tuple(patcher.sweep(k, "denoise") for k in PATCH_KINDS)
+    c, n = pair.clean, min(cfg.resid_examples, cfg.n_examples)
+    lo = 0 if n == 0 else int(c.input_spans[:, -n, 0].min())
+    hi = int(c.tokens.shape[1]) if n == 0 else int(c.readout_pos[:, -1].max()) + 1
+    cells = [(l, p) for l in range(loaded.model.cfg.n_layers) for p in range(lo, hi)]
+    results = tuple(patcher.sweep(k, "denoise", cells if k == "resid" else None) for k in PATCH_KINDS)
     est = attribution_patch(loaded.model, pair, ("head_out",), "denoise")["head_out"]
     exact = results[0]
     table = exact.table()[["layer", "head", "value"]].rename(columns={"value": "exact"})
     table["attribution"] = est.values.reshape(-1).numpy()
     table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
-    return PatchStage(results, table, agreement(est.values, exact.values, k=min(10, len(table))),
+    return PatchStage(results, (lo, hi), table, agreement(est.values, exact.values, k=min(10, len(table))),
                       pair.description)
 
 
@@ -232,7 +238,6 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
     folder.csv("lens_gap.csv", d.lens.gap)
     folder.csv("dla.csv", d.dla)
     folder.csv("prior_vs_context.csv", d.prior_vs_context)
-    folder.csv("patching.csv", pd.concat([r.table() for r in d.patch.results], ignore_index=True))
     folder.csv("attribution_vs_exact.csv", d.patch.attribution)
     for name in ("heads", "all_heads", "sets", "control"):
         folder.csv(f"{name}.csv", getattr(d.heads, name))

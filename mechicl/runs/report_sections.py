@@ -13,6 +13,7 @@ import pandas as pd
 from mechicl.analysis.attention import context_patterns
 from mechicl.analysis.behavior import value_at
 from mechicl.analysis.frames import top_heads
+from mechicl.analysis.patching import PatchResult
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention
@@ -21,6 +22,7 @@ from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
 from mechicl.runs.patch import write_patch_results
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
+from mechicl.viz.plots import heatmap
 from mechicl.viz.report_plots import histogram, scatter
 
 if TYPE_CHECKING:
@@ -151,10 +153,13 @@ def integrated_gradients_pointer() -> str:
 
 def patching_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
     p = d.patch
-    write_patch_results(folder, p.results, title)
+    write_patch_results(folder, [r for r in p.results if r.kind != "resid"], title)
     blocks: list = []
     for r in p.results:
         t = r.table()
+        if r.kind == "resid":
+            blocks.append(resid_figure(folder, r, t, p.window, title))
+            continue
         best = t.loc[t.effect.abs().idxmax()]
         a0, a1 = r.axes
         role = f" ({best.role})" if "role" in t.columns else ""
@@ -172,6 +177,24 @@ def patching_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
                              f"overlap {ag['topk_overlap']:.2f}. Points far from the diagonal are heads where the "
                              f"linear estimate misleads. Pair: {p.description}."))
     return Section("Who carries the label information causally", tuple(blocks))
+
+
+def resid_figure(folder: RunFolder, r: PatchResult, t: pd.DataFrame, window: tuple[int, int], title: str) -> Figure:
+    """The residual stream x position sweep, drawn over the positions it ran (absolute positions on the axis)."""
+    lo, hi = window
+    folder.csv("resid_denoise.csv", t)
+    ticks = [f"{p}:{role[:3]}" for p, role in zip(range(lo, hi), r.pos_roles[lo:hi])]
+    path = heatmap(r.values[:, lo:hi].float().numpy(), folder / "resid_denoise.png",
+                   f"{title}: residual stream by position, denoise; 0 = flipped run, 1 = correct run",
+                   xlabel="pos", xticklabels=ticks, center=0.0)
+    t = t[t.computed]
+    best = t.loc[t.effect.abs().idxmax()]
+    return Figure(path, f"Denoising the residual stream entering each block at one position (positions {lo}-{hi - 1}: "
+                        f"the last examples and the query; earlier positions not run). Largest: layer {int(best.layer)}, "
+                        f"pos {int(best.pos)} ({best.role}) restores {best.effect:+.2f}; "
+                        f"{int((t.effect.abs() > 0.5).sum())} of {len(t)} cells restore more than half. Look for high "
+                        "cells that move from label positions to the readout slot with depth: that is where the label "
+                        "information travels.")
 
 
 # ------------------------------------------------------------- 5. validation
