@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import circuitsvis as cv
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -71,3 +72,27 @@ def readout_attention_html(batch: PromptBatch, row: int, tokenizer: Any, values:
     names = token_names(batch, row, tokenizer)
     view = cv.tokens.colored_tokens_multi(tokens=names, values=values[: len(names)].float(), labels=list(series))
     return save_html([view], path, title, [LEGEND, *notes])
+
+
+def attribution_html(batch: PromptBatch, row: int, tokenizer: Any, patterns: Float[Tensor, "head query key"],
+                     attributions: Float[Tensor, "head query key"], head_names: Sequence[str], path: Path,
+                     title: str, notes: Sequence[str] = ()) -> Path:
+    """Raw attention beside attention attribution (AttAttr) for selected heads on one context.
+
+    Two circuitsvis views: ``colored_tokens_multi`` of the last readout slot's row (series
+    "<head> attention" and "<head> attribution", signed), and an ``attention_heads`` grid with each
+    head's pattern next to its attribution divided by the head's largest |attribution| (blue
+    positive, red negative, both on [-1, 1]).
+    """
+    names = token_names(batch, row, tokenizer)[: patterns.shape[-1]]  # up to the last readout slot (AttAttr's width)
+    n, q = len(names), int(batch.readout_pos[row, -1])
+    pat, att = patterns[:, :n, :n].float(), attributions[:, :n, :n].float()
+    scale = att.abs().amax((1, 2), keepdim=True).clamp(min=1e-12)
+    series = [f"{h} {kind}" for h in head_names for kind in ("attention", "attribution")]
+    values = torch.stack([x for p, a in zip(pat[:, q], att[:, q]) for x in (p, a)], -1)  # [key, 2 * heads]
+    tokens_view = cv.tokens.colored_tokens_multi(tokens=names, values=values, labels=series)
+    grid = torch.stack([x for p, a in zip(pat, att / scale) for x in (p, a)])
+    grid_names = [f"{h} {kind}" for h in head_names for kind in ("attention", "attribution / max|attr|")]
+    grid_view = cv.attention.attention_heads(attention=grid.numpy(), tokens=names, attention_head_names=grid_names,
+                                             min_value=-1.0, max_value=1.0, negative_color="red", positive_color="blue")
+    return save_html([tokens_view, grid_view], path, title, [LEGEND, *notes])
