@@ -8,7 +8,8 @@ run = corrupted for ``denoise``, clean for ``noise``; donor run = the other):
    the donor's, and **every other component frozen** at the receiver run's values: all other
    heads' outputs and every MLP output (here: the sender layer's MLP and every later
    ``hook_attn_out`` / ``hook_mlp_out``). The residual stream then differs from the receiver
-   run by the sender's change alone; the receiver's ``hook_q`` / ``hook_k`` / ``hook_v`` inputs
+   run by the sender's change alone (``mlps="recomputed"`` lets the MLPs recompute instead, as
+   Wang et al. do, so paths through MLPs count as the sender's); the receiver's ``hook_q`` / ``hook_k`` / ``hook_v`` inputs
    are recorded, and the final residual gives the **sender -> logits** (direct) path.
 2. **Receiver run.** The receiver run again, with one input (q, k or v) of the receiver's layer
    set to the recorded one, and only the receiver head's ``z`` at the query readout slot allowed
@@ -43,6 +44,7 @@ from mechicl.analysis.patching import Patcher
 from mechicl.analysis.stats import t_interval
 
 INPUTS = ("q", "k", "v")
+MLPS = ("frozen", "recomputed")
 LOGITS = "logits"
 
 
@@ -63,6 +65,7 @@ class PathResult:
     ld: Float[Tensor, "sender target batch"]
     receiver_ld: Float[Tensor, "batch"]
     gap: float  # mean LD clean - mean LD corrupted
+    mlps: str = "frozen"
     seconds: float = 0.0
 
     @property
@@ -78,7 +81,7 @@ class PathResult:
                 if recv is not None and recv[0] <= sl:
                     continue  # no path from a head to one at its own layer or below
                 m, lo, hi = t_interval(eff[i, j], level)
-                rows.append(dict(direction=self.direction, positions=self.positions, sender=f"L{sl}H{sh}",
+                rows.append(dict(direction=self.direction, positions=self.positions, mlps=self.mlps, sender=f"L{sl}H{sh}",
                                  sender_layer=sl, sender_head=sh, receiver=f"L{recv[0]}H{recv[1]}" if recv else LOGITS,
                                  receiver_layer=recv[0] if recv else np.nan, receiver_head=recv[1] if recv else np.nan,
                                  input=inp, effect=m, ci_low=lo, ci_high=hi, n_contexts=eff.shape[-1]))
@@ -86,11 +89,12 @@ class PathResult:
 
 
 def _sender_runs(patcher: Patcher, layer: int, heads: Sequence[int], positions: str, direction: str,
-                 names: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+                 names: Sequence[str], mlps: str) -> tuple[dict[str, Tensor], Tensor]:
     """Step 1 for the senders of one layer: recorded receiver inputs ``names`` and the direct-path LD ``[n, batch]``."""
     recv, donor = runs_for(direction)
     pair, L, b, n = patcher.pair, patcher.n_layers, patcher.pair.n_contexts, len(heads)
-    frozen = [act_name("mlp_out", layer)] + [act_name(k, l) for l in range(layer + 1, L) for k in ("attn_out", "mlp_out")]
+    kinds = ("attn_out", "mlp_out") if mlps == "frozen" else ("attn_out",)
+    frozen = [act_name(k, l) for l in range(layer, L) for k in kinds if (l, k) != (layer, "attn_out")]
     r = patcher.cached(recv, frozen + [act_name("resid_pre", layer)])
     dz = patcher.cached(donor, [act_name("z", layer)])[act_name("z", layer)]
     where = position_mask(pair, positions, patcher.width)[:, :, None]  # [batch, pos, 1]
@@ -138,7 +142,8 @@ def _receiver_run(patcher: Patcher, receiver: Head, inp: str, recorded: Tensor, 
 
 @torch.no_grad()
 def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[Head], positions: str = "label",
-               direction: str = "denoise", inputs: Sequence[str] = INPUTS, progress: bool = False) -> PathResult:
+               direction: str = "denoise", inputs: Sequence[str] = INPUTS, mlps: str = "frozen",
+               progress: bool = False) -> PathResult:
     """Sender -> receiver (each of ``inputs``) and sender -> logits path effects (see the module docstring).
 
     Pairs with the receiver at or below the sender's layer have no path; they keep the receiver
@@ -147,6 +152,8 @@ def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[He
     bad = [i for i in inputs if i not in INPUTS]
     if bad:
         raise ValueError(f"receiver inputs must be among {INPUTS}, got {bad}")
+    if mlps not in MLPS:
+        raise ValueError(f"mlps must be one of {MLPS}, got {mlps!r}")
     t0 = time.perf_counter()
     recv, _ = runs_for(direction)
     senders = [(int(l), int(h)) for l, h in senders]
@@ -160,7 +167,7 @@ def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[He
     for sl in tqdm(sorted({l for l, _ in senders}), desc="path senders", unit="layer", disable=not progress, leave=False):
         group = [s for s in senders if s[0] == sl]
         later = [nm for nm in names if int(nm.split(".")[1]) > sl]
-        store, direct = _sender_runs(patcher, sl, [h for _, h in group], positions, direction, later)
+        store, direct = _sender_runs(patcher, sl, [h for _, h in group], positions, direction, later, mlps)
         for j, s in enumerate(group):
             recorded[s] = {nm: x[j * b : (j + 1) * b] for nm, x in store.items()}
             ld[senders.index(s), -1] = direct[j]
@@ -170,7 +177,7 @@ def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[He
             stacked = torch.cat([recorded[senders[i]][act_name(inp, rcv[0])] for i in idx])
             ld[idx, t] = _receiver_run(patcher, rcv, inp, stacked, direction)
     gap = float(patcher.baseline("clean").mean() - patcher.baseline("corrupted").mean())
-    return PathResult(direction, positions, tuple(senders), tuple(targets), ld, base, gap, time.perf_counter() - t0)
+    return PathResult(direction, positions, tuple(senders), tuple(targets), ld, base, gap, mlps, time.perf_counter() - t0)
 
 
 def path_matrix(result: PathResult, inp: str) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from mechicl.models.loading import load_model
 from tests import helpers
 
 
-def brute_force(loaded, pair, sender, receiver, inp, positions, direction):
+def brute_force(loaded, pair, sender, receiver, inp, positions, direction, mlps="frozen"):
     """The definition, spelled out: full forwards with ``run_with_hooks``, every other head and every MLP
     frozen explicitly at the receiver run's values, full-vocabulary logits."""
     m = loaded.model
@@ -46,7 +46,8 @@ def brute_force(loaded, pair, sender, receiver, inp, positions, direction):
             return f
 
         hooks = [(f"blocks.{l}.attn.hook_z", z_run1(l)) for l in range(L)]
-        hooks += [(f"blocks.{l}.hook_mlp_out", lambda x, hook: cache_r[hook.name]) for l in range(L)]
+        if mlps == "frozen":
+            hooks += [(f"blocks.{l}.hook_mlp_out", lambda x, hook: cache_r[hook.name]) for l in range(L)]
         kept = {}
         if receiver is not None:
             name = f"blocks.{receiver[0]}.attn.hook_{inp}"
@@ -66,16 +67,16 @@ def brute_force(loaded, pair, sender, receiver, inp, positions, direction):
         return float((ld(logits2) - ld(logits_r)) / gap)
 
 
-def _check(loaded, pair, positions, direction):
+def _check(loaded, pair, positions, direction, mlps="frozen"):
     heads = [(l, h) for l in range(loaded.model.cfg.n_layers) for h in range(loaded.model.cfg.n_heads)]
-    res = path_patch(Patcher(loaded.model, pair), heads[:4], heads[4:], positions, direction)
+    res = path_patch(Patcher(loaded.model, pair), heads[:4], heads[4:], positions, direction, mlps=mlps)
     mean = res.effect.mean(-1)
     worst, nonzero = 0.0, 0
     for i, s in enumerate(res.senders):
         for j, (r, inp) in enumerate(res.targets):
             if r is not None and r[0] <= s[0]:
                 continue
-            ref = brute_force(loaded, pair, s, r, inp, positions, direction)
+            ref = brute_force(loaded, pair, s, r, inp, positions, direction, mlps)
             worst = max(worst, abs(ref - float(mean[i, j])))
             nonzero += abs(ref) > 1e-3
     assert worst <= 1e-5, worst
@@ -83,15 +84,17 @@ def _check(loaded, pair, positions, direction):
     return res
 
 
-@pytest.mark.parametrize("positions,direction", [("label", "denoise"), ("all", "noise")])
-def test_equals_brute_force_on_tiny(tiny, toy, positions, direction):
-    _check(tiny, pair_for(tiny, toy, 4, 5, seed=1), positions, direction)
+@pytest.mark.parametrize("positions,direction,mlps", [("label", "denoise", "frozen"), ("all", "noise", "frozen"),
+                                                       ("all", "noise", "recomputed")])
+def test_equals_brute_force_on_tiny(tiny, toy, positions, direction, mlps):
+    _check(tiny, pair_for(tiny, toy, 4, 5, seed=1), positions, direction, mlps)
 
 
-@pytest.mark.parametrize("positions,direction", [("label", "denoise"), ("all", "denoise"), ("input", "noise")])
-def test_equals_brute_force_on_the_strong_organism(positions, direction):
+@pytest.mark.parametrize("positions,direction,mlps", [("label", "denoise", "frozen"), ("all", "denoise", "frozen"),
+                                                       ("input", "noise", "frozen"), ("label", "denoise", "recomputed")])
+def test_equals_brute_force_on_the_strong_organism(positions, direction, mlps):
     loaded = load_model("organism-strong")
-    res = _check(loaded, pair_for(loaded, load_task("organism"), 6, 6, seed=5), positions, direction)
+    res = _check(loaded, pair_for(loaded, load_task("organism"), 6, 6, seed=5), positions, direction, mlps)
     df = res.table()
     assert set(df["input"]) == {*INPUTS, LOGITS}
     assert (df["ci_low"] <= df["effect"]).all() and (df["effect"] <= df["ci_high"]).all()
