@@ -186,6 +186,38 @@ def cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_circuit(args: argparse.Namespace) -> int:
+    """`mechicl circuit`: label-position patching and sender -> receiver path patching, held-out contexts."""
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.circuit import CircuitConfig, run_circuit
+    from mechicl.runs.folder import default_out
+
+    cfg = CircuitConfig(args.model, args.task, args.n_examples, args.n_select, args.n_eval, args.seed, args.seed_eval,
+                        args.senders, args.receivers, tuple(p.strip() for p in args.positions.split(",")), args.threshold)
+    task = load_task(args.task, seed=args.seed)
+    loaded, t0 = _load(args.model, args.threads)
+    folder, text = run_circuit(loaded, task, cfg, args.out or default_out("circuit", args.model, task.name))
+    print(text)
+    _done(folder, t0)
+    return 0
+
+
+def _add_circuit_parser(sub: Any) -> None:
+    cir = sub.add_parser("circuit", help="where label information is written and who reads it: label-position and path patching")
+    cir.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    cir.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    for flag, default, what in (("--n-examples", 9, "examples per context incl. the query"), ("--n-select", 8, "contexts that "
+                                "choose the heads"), ("--n-eval", 16, "held-out contexts for every reported number"),
+                                ("--senders", 4, "sender heads on large models"), ("--receivers", 4, "receiver heads on large "
+                                "models"), ("--seed", 0, "seed of the selection contexts"), ("--seed-eval", 1, "seed of the "
+                                "held-out contexts"), ("--threads", None, "torch threads")):
+        cir.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    cir.add_argument("--positions", default="label,all", help="sender positions: comma list of label, input, readout, all")
+    cir.add_argument("--threshold", type=float, default=0.05, help="smallest |path effect| drawn as an edge (default 0.05)")
+    cir.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-circuit-...)")
+    cir.set_defaults(func=cmd_circuit)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
     from mechicl.data.tasks import load_task
@@ -317,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_organism_parser(sub)
     _add_causal_parsers(sub)
     _add_report_parser(sub)
+    _add_circuit_parser(sub)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names").set_defaults(func=cmd_tasks)
     return parser
