@@ -14,12 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mechicl.errors import USER_ERRORS
+from mechicl.errors import ConfigError
 from mechicl.models.registry import DEFAULT_MODEL, EMBEDDED, known_models
-def _load(model: str, threads: int | None) -> tuple[Any, float]:
-    """Set torch's thread count (if given), load ``model`` and report it; returns it and the start time."""
+from mechicl.runs.args import Parser, add_behavior_args, add_inside_args, add_run_args, fraction, int_at_least, run_command, set_sizes, words
+
+
+def _load(model: str, threads: int | None, task: Any = None) -> tuple[Any, float]:
+    """Set torch's thread count (if given), load ``model`` and report it; check that its tokenizer reads
+    ``task`` (``check_tokenization``) before any compute. Returns it and the start time."""
     import torch
 
+    from mechicl.data.task import check_tokenization
     from mechicl.models.loading import load_model
 
     if threads:
@@ -27,26 +32,16 @@ def _load(model: str, threads: int | None) -> tuple[Any, float]:
     t0 = time.perf_counter()
     loaded = load_model(model)
     print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    if task is not None:
+        check_tokenization(task, loaded.tokenizer)
     return loaded, t0
 
 
-def _done(folder: Any, t0: float) -> None:
-    print(f"[mechicl] wrote {folder.names()} to {folder.path}")
+def _done(out: Any, t0: float) -> None:
+    """Report the run folder ``out`` (a path or a ``RunFolder``) and the wall time."""
+    out = Path(getattr(out, "path", out))
+    print(f"[mechicl] wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
-
-
-def _add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
-    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path; see `mechicl tasks`")
-    p.add_argument("--conditions", default=conditions, help="comma list of default, random, flipped, arbitrary[:w1/w2]")
-    p.add_argument("--label-names", default=None, help="comma list of label words for file tasks with integer labels")
-    p.add_argument("--k-max", type=int, default=16, help="largest number of in-context examples scored (default 16)")
-    p.add_argument("--n-contexts", type=int, default=64, help="context draws per condition (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--multi-token", action="store_true", help="allow label words of several tokens (sequence scoring; slower)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
 
 
 def cmd_behavior(args: argparse.Namespace) -> int:
@@ -54,71 +49,66 @@ def cmd_behavior(args: argparse.Namespace) -> int:
     from mechicl.data.conditions import parse_conditions
     from mechicl.data.tasks import load_task
     from mechicl.runs.behavior import run_behavior, write_behavior
-    from mechicl.runs.folder import default_out
+    from mechicl.runs.preflight import prepare, staged_args
 
     conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
-    cfg = BehaviorConfig(
-        args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size, args.multi_token
-    )
-    names = tuple(args.label_names.split(",")) if args.label_names else None
-    task = load_task(cfg.task, seed=cfg.seed, label_names=names)
-    loaded, t0 = _load(cfg.model, args.threads)
-    print(f"[mechicl] task {task.name}: {task.description}", flush=True)
-    result = run_behavior(loaded, task, cfg)
-    folder = write_behavior(result, args.out or default_out("behavior", cfg.model, cfg.task))
-    print((folder.path / "summary.md").read_text())
-    _done(folder, t0)
+    if not conditions:
+        raise ConfigError("--conditions is empty; give a comma list such as default,random,flipped")
+    cfg = BehaviorConfig(args.model, args.task, conditions, args.k_max, args.n_contexts, args.seed, args.batch_size,
+                         args.multi_token, args.label_names)
+    out = prepare(args, "behavior", cfg.model, cfg.task)
+    task = load_task(cfg.task, seed=cfg.seed, label_names=cfg.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(cfg.model, args.threads, task)
+        print(f"[mechicl] task {task.name}: {task.description}", flush=True)
+        result = run_behavior(loaded, task, cfg)
+        summary = (write_behavior(result, tmp).path / "summary.md").read_text()
+    print(summary)
+    _done(out, t0)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mechicl.data.tasks import load_task
     from mechicl.runs.experiments import load_config, run_experiment, write_experiment
-    from mechicl.runs.folder import default_out
+    from mechicl.runs.preflight import prepare, staged_args
 
-    cfg = load_config(args.config, model=args.model, n_contexts=args.n_contexts, seed=args.seed)
-    loaded, t0 = _load(cfg.model, args.threads)
-    print(f"[mechicl] {cfg.name}: {cfg.hypothesis} on {loaded.name} / {cfg.task}, {len(cfg.conditions)} conditions", flush=True)
-    result = run_experiment(cfg, loaded)
-    folder = write_experiment(result, args.out or default_out(cfg.name, cfg.model, cfg.task), Path(args.config).read_text())
+    names = list(args.label_names) if args.label_names else None
+    cfg = load_config(args.config, model=args.model, task=args.task, n_contexts=args.n_contexts, seed=args.seed,
+                      label_names=names)
+    out = prepare(args, cfg.name, cfg.model, cfg.task)
+    task = load_task(cfg.task, seed=cfg.seed, label_names=cfg.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(cfg.model, args.threads, task)
+        print(f"[mechicl] {cfg.name}: {cfg.hypothesis} on {loaded.name} / {cfg.task}, {len(cfg.conditions)} conditions", flush=True)
+        result = run_experiment(cfg, loaded, task=task)
+        write_experiment(result, tmp, Path(args.config).read_text(encoding="utf-8"))
     print(result.verdict)
-    _done(folder, t0)
+    _done(out, t0)
     return 0
-
-
-def _add_inside_args(p: argparse.ArgumentParser, n_contexts: int) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
-    p.add_argument("--n-contexts", type=int, default=n_contexts, help=f"contexts per condition (default {n_contexts})")
-    p.add_argument("--n-examples", type=int, default=16, help="labelled examples per context (default 16)")
-    p.add_argument("--k-min", type=int, default=4, help="average over readout slots with >= k-min earlier examples (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top", type=int, default=10, help="rows in the printed top lists (default 10)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
 
 
 def cmd_inside(args: argparse.Namespace) -> int:
     """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
     from mechicl.data.tasks import load_task
     from mechicl.runs.attention import report_attention
-    from mechicl.runs.folder import default_out
     from mechicl.runs.inside import InsideConfig, report_dla, report_lens
+    from mechicl.runs.preflight import prepare, staged_args
 
     cfg = InsideConfig(args.model, args.task, args.n_contexts, args.n_examples, args.k_min, args.seed,
                        args.batch_size, args.top)
-    task = load_task(cfg.task, seed=cfg.seed)
-    loaded, t0 = _load(cfg.model, args.threads)
-    out = args.out or default_out(args.command, cfg.model, cfg.task)
-    if args.command == "attention":
-        text = report_attention(loaded, task, cfg, out, saliency=not args.no_saliency)
-    elif args.command == "lens":
-        text = report_lens(loaded, task, cfg, out, min_gap=args.min_gap)
-    else:
-        text = report_dla(loaded, task, cfg, out)
+    out = prepare(args, args.command, cfg.model, cfg.task)
+    task = load_task(cfg.task, seed=cfg.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(cfg.model, args.threads, task)
+        if args.command == "attention":
+            text = report_attention(loaded, task, cfg, tmp, saliency=not args.no_saliency)
+        elif args.command == "lens":
+            text = report_lens(loaded, task, cfg, tmp, min_gap=args.min_gap)
+        else:
+            text = report_dla(loaded, task, cfg, tmp)
     print(text)
-    print(f"[mechicl] wrote {', '.join(sorted(p.name for p in Path(out).iterdir()))} to {out}")
-    print(f"[mechicl] total wall time {time.perf_counter() - t0:.0f} s")
+    _done(out, t0)
     return 0
 
 
@@ -148,8 +138,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
     from mechicl.analysis.patching import KINDS
     from mechicl.data.tasks import load_task
-    from mechicl.runs.folder import default_out
     from mechicl.runs.patch import PatchRunConfig, run_patch
+    from mechicl.runs.preflight import prepare, staged_args
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -159,11 +149,13 @@ def cmd_patch(args: argparse.Namespace) -> int:
     directions = ("denoise", "noise") if args.direction == "both" else (args.direction,)
     cfg = PatchRunConfig(args.model, args.task, tuple(kinds), directions, args.n_contexts, args.n_examples, args.last_m,
                          args.max_rows, args.top, args.seed)
-    task = load_task(args.task, seed=args.seed)
-    loaded, t0 = _load(args.model, args.threads)
-    folder, text = run_patch(loaded, task, cfg, args.out or default_out("patch", args.model, task.name))
+    out = prepare(args, "patch", args.model, args.task)
+    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(args.model, args.threads, task)
+        _, text = run_patch(loaded, task, cfg, tmp)
     print(text)
-    _done(folder, t0)
+    _done(out, t0)
     return 0
 
 
@@ -171,18 +163,21 @@ def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
     from mechicl.analysis.heads import HeadFinderConfig
     from mechicl.data.tasks import load_task
-    from mechicl.runs.folder import default_out
     from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads
+    from mechicl.runs.preflight import check_head_sets, prepare, staged_args
 
-    sizes = tuple(int(x) for x in args.set_sizes.split(",") if x.strip())
+    check_head_sets(args)
     cfg = HeadFinderConfig(args.model, args.task, args.n_examples, args.n_screen, args.n_eval, args.candidates,
-                           sizes, args.n_control, args.ablation, args.seed)
-    task = load_task(cfg.task, seed=cfg.seed)
-    loaded, t0 = _load(cfg.model, args.threads)
-    result = find_heads_for(loaded, task, cfg)
-    folder = write_heads(result, args.out or default_out("heads", cfg.model, task.name))
+                           args.set_sizes, args.n_control, args.ablation, args.seed)
+    out = prepare(args, "heads", cfg.model, cfg.task)
+    task = load_task(cfg.task, seed=cfg.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(cfg.model, args.threads, task)
+        check_head_sets(args, loaded)
+        result = find_heads_for(loaded, task, cfg)
+        write_heads(result, tmp)
     print(heads_markdown(result))
-    _done(folder, t0)
+    _done(out, t0)
     return 0
 
 
@@ -293,58 +288,54 @@ def _add_causal_parsers(sub: Any) -> None:
                           "head_v_label, head_pattern_label (default resid,head_out)")
     pat.add_argument("--direction", choices=["denoise", "noise", "both"], default="both",
                      help="denoise = clean into corrupted, noise = corrupted into clean (default both)")
-    pat.add_argument("--n-contexts", type=int, default=4, help="contexts (default 4)")
-    pat.add_argument("--n-examples", type=int, default=8, help="examples per context, the last is the query (default 8)")
-    pat.add_argument("--last-m", type=int, default=None, help="flip only the last m demonstration labels")
-    pat.add_argument("--max-rows", type=int, default=64, help="rows per batched forward (memory; default 64)")
-    pat.add_argument("--top", type=int, default=5, help="cells listed per sweep in the summary (default 5)")
-    pat.add_argument("--seed", type=int, default=0)
-    pat.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    pat.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
+    pat.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
+    pat.add_argument("--n-examples", type=int_at_least(2), default=8, help="examples per context, the last is the query (default 8)")
+    pat.add_argument("--last-m", type=int_at_least(1), default=None, help="flip only the last m demonstration labels")
+    pat.add_argument("--max-rows", type=int_at_least(1), default=64, help="rows per batched forward (memory; default 64)")
+    pat.add_argument("--top", type=int_at_least(1), default=5, help="cells listed per sweep in the summary (default 5)")
+    add_run_args(pat)
     pat.set_defaults(func=cmd_patch)
     hds = sub.add_parser("heads", help="find label-aggregation heads: attribution screen, exact patching, ablation vs random heads")
     hds.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     hds.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
-    hds.add_argument("--n-examples", type=int, default=17, help="examples per context incl. the query (default 17: k = 16)")
-    hds.add_argument("--n-screen", type=int, default=16, help="contexts for attribution and exact patching (default 16)")
-    hds.add_argument("--n-eval", type=int, default=64, help="held-out contexts for ablation (default 64)")
-    hds.add_argument("--candidates", type=int, default=12, help="heads confirmed with exact patching (default 12)")
-    hds.add_argument("--set-sizes", default="1,2,4", help="sizes of the top-n head sets ablated (default 1,2,4)")
-    hds.add_argument("--n-control", type=int, default=200, help="random head sets per size (default 200)")
+    hds.add_argument("--n-examples", type=int_at_least(2), default=17, help="examples per context incl. the query (default 17: k = 16)")
+    hds.add_argument("--n-screen", type=int_at_least(1), default=16, help="contexts for attribution and exact patching (default 16)")
+    hds.add_argument("--n-eval", type=int_at_least(2), default=64, help="held-out contexts for ablation (default 64)")
+    hds.add_argument("--candidates", type=int_at_least(1), default=12, help="heads confirmed with exact patching (default 12)")
+    hds.add_argument("--set-sizes", type=set_sizes, default=(1, 2, 4), help="sizes of the top-n head sets ablated (default 1,2,4)")
+    hds.add_argument("--n-control", type=int_at_least(1), default=200, help="random head sets per size (default 200)")
     hds.add_argument("--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)")
-    hds.add_argument("--seed", type=int, default=0)
-    hds.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    hds.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...)")
+    add_run_args(hds)
     hds.set_defaults(func=cmd_heads)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechicl", description="Mechanistic interpretability of in-context learning.")
+    parser = Parser(prog="mechicl", description="Mechanistic interpretability of in-context learning.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: default model, vader-words, default/random/flipped labels")
-    _add_behavior_args(demo, "default,random,flipped")
+    add_behavior_args(demo, "default,random,flipped")
     demo.set_defaults(func=cmd_behavior)
     beh = sub.add_parser("behavior", help="accuracy / log-likelihood / entropy against k per label condition")
-    _add_behavior_args(beh, "default,random,flipped")
+    add_behavior_args(beh, "default,random,flipped")
     beh.set_defaults(func=cmd_behavior)
     run = sub.add_parser("run", help="run an experiment config (experiments/*.toml) and write its verdict")
     run.add_argument("config", type=Path, help="TOML experiment config, e.g. experiments/nh1_random_labels.toml")
     run.add_argument("--model", default=None, help="override the config's model")
-    run.add_argument("--n-contexts", type=int, default=None, help="override the number of context draws")
-    run.add_argument("--seed", type=int, default=None, help="override the seed")
-    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    run.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-<name>-...)")
+    run.add_argument("--task", default=None, help="override the config's task (name or .csv/.jsonl path)")
+    run.add_argument("--n-contexts", type=int_at_least(2), default=None, help="override the number of context draws")
+    run.add_argument("--label-names", type=words, default=None, help="override the config's label_names (file tasks with integer labels)")
+    add_run_args(run, label_names=False, seed=None)
     run.set_defaults(func=cmd_run)
     att = sub.add_parser("attention", help="attention to label tokens, PM and induction scores, saliency; heatmaps and HTML views")
-    _add_inside_args(att, 32)
+    add_inside_args(att, 32)
     att.add_argument("--no-saliency", action="store_true", help="skip the attention-saliency backward passes")
     att.set_defaults(func=cmd_inside)
     lens = sub.add_parser("lens", help="logit lens per layer under default vs flipped contexts; the critical layer")
-    _add_inside_args(lens, 32)
-    lens.add_argument("--min-gap", type=float, default=0.05, help="accuracy gap that marks the critical layer (default 0.05)")
+    add_inside_args(lens, 32)
+    lens.add_argument("--min-gap", type=fraction, default=0.05, help="accuracy gap that marks the critical layer (default 0.05)")
     lens.set_defaults(func=cmd_inside)
     dla = sub.add_parser("dla", help="direct logit attribution per head / MLP and the prior-vs-context table")
-    _add_inside_args(dla, 32)
+    add_inside_args(dla, 32)
     dla.set_defaults(func=cmd_inside)
     _add_organism_parser(sub)
     _add_causal_parsers(sub)
@@ -356,13 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a user mistake (a ``MechiclError``) prints one line and returns 2."""
+    """Run one command; exit codes and one-line errors: ``runs.args.run_command``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except USER_ERRORS as e:
-        print(f"mechicl: error: {e}", file=sys.stderr)
-        return 2
+    args.argv = argv
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -46,4 +46,8 @@ class ConfigError(MechiclError, ValueError):
     """A malformed experiment config or command-line value."""
 
 
+class OutputError(MechiclError, OSError):
+    """A run folder that cannot be written: ``--out`` is a file, unwritable, in use, or under /proc."""
+
+
 USER_ERRORS = (MechiclError,)

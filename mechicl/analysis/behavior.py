@@ -25,9 +25,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.readout import label_logits, label_sequence_logprobs
-from mechicl.analysis.stats import t_half_width
+from mechicl.analysis.stats import t_half_width, wilson_interval
 from mechicl.data.conditions import LabelCondition
 from mechicl.data.prompts import PromptBatch
+from mechicl.errors import ConfigError
 from mechicl.models.registry import DEFAULT_MODEL
 
 METRICS = ("accuracy", "log_likelihood", "entropy")
@@ -57,9 +58,20 @@ class BehaviorConfig:
         """Examples per context, the last one included (``k_max + 1``): the word every other config uses."""
         return self.k_max + 1
 
+    label_names: tuple[str, ...] | None = None  # label words for file tasks with integer labels
+
     def __post_init__(self) -> None:
-        if self.k_max < 0 or self.n_contexts < 2:
-            raise ValueError(f"need k_max >= 0 and n_contexts >= 2 (got {self.k_max}, {self.n_contexts})")
+        for name in ("k_max", "n_contexts", "seed", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+        if self.k_max < 0 or self.n_contexts < 2 or self.seed < 0 or self.batch_size < 1:
+            raise ConfigError(f"need k_max >= 0, n_contexts >= 2, seed >= 0 and batch_size >= 1 (got k_max={self.k_max}, "
+                              f"n_contexts={self.n_contexts}, seed={self.seed}, batch_size={self.batch_size})")
+        if not self.conditions:
+            raise ConfigError("no label conditions; give at least one, e.g. default,flipped")
+        for c in self.conditions:
+            (c if isinstance(c, LabelCondition) else LabelCondition.parse(c)).check_fits(self.n_examples)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class BehaviorResult:
     raw: pd.DataFrame = field(repr=False)
     summary: pd.DataFrame = field(repr=False)
     seconds: float = 0.0
+    class_counts: tuple[int, ...] = ()  # examples per class in the task (for the chance level)
 
 
 def score(logits: Float[Tensor, "batch example n_labels"], batch: PromptBatch) -> pd.DataFrame:
@@ -109,11 +122,18 @@ def score(logits: Float[Tensor, "batch example n_labels"], batch: PromptBatch) -
 
 
 def summarize(raw: pd.DataFrame, model: str, task: str, level: float = 0.95) -> pd.DataFrame:
-    """Mean and a t-interval over contexts for every (condition, k, metric)."""
+    """Mean and an interval over contexts for every (condition, k, metric).
+
+    Accuracies (``accuracy*``, one 0/1 value per context) get the Wilson score interval, inside [0, 1] by
+    construction; continuous metrics (log-likelihood, entropy) get a Student-t interval.
+    """
     g = raw.groupby(["condition", "k", "metric"], sort=False)["value"]
     out = g.agg(mean="mean", std="std", n="count").reset_index()
     half = t_half_width(out["std"], out["n"], level)
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    prop = out["metric"].str.startswith("accuracy")
+    lo, hi = wilson_interval(out.loc[prop, "mean"] * out.loc[prop, "n"], out.loc[prop, "n"], level)
+    out.loc[prop, "ci_low"], out.loc[prop, "ci_high"] = lo, hi
     out["model"], out["task"] = model, task
     return out[SUMMARY_COLUMNS]
 

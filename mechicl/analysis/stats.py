@@ -6,8 +6,8 @@ its mean, a percentile-bootstrap CI and a sign-flip permutation p-value, and
 correct across the k tested with Holm's method.
 
 A comparison that does not reject is only called "no effect" when its CI sits
-inside +-min_effect (an equivalence margin); otherwise it says
-"not enough draws to decide".
+inside +-min_effect (an equivalence margin; for one-sided tests too); otherwise it says
+"not enough draws to decide". Proportions (accuracy) get Wilson intervals (``wilson_interval``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def t_interval(x: Float[np.ndarray, "n"], level: float = 0.95) -> tuple[float, f
 def t_half_width(std: Any, n: Any, level: float = 0.95) -> Any:
     """Half-width of the Student-t interval of a mean: ``t_{(1+level)/2, n-1} * std / sqrt(n)`` (vectorised)."""
     return sps.t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * std / np.sqrt(n)
+
+
+def wilson_interval(successes: Any, n: Any, level: float = 0.95) -> tuple[Any, Any]:
+    """Wilson score interval of a proportion ``successes / n`` (vectorised); inside [0, 1] by construction."""
+    n = np.asarray(n, dtype=float)
+    p = np.asarray(successes, dtype=float) / np.maximum(n, 1)
+    z = sps.norm.ppf(0.5 + level / 2)
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -96,15 +106,15 @@ def holm(p: Float[np.ndarray, "m"]) -> Float[np.ndarray, "m"]:
 
 
 def decide(result: PairedResult, p_adj: float, alpha: float, min_effect: float, alternative: str) -> str:
-    """'reject', 'no effect (within +-min_effect)' or NOT_ENOUGH."""
+    """'reject', 'no effect (within +-min_effect)' or NOT_ENOUGH.
+
+    "No effect" needs the whole CI inside (-min_effect, +min_effect) for one-sided tests too: a CI
+    such as [-0.2, +0.09] rules out a rise of 0.1 but not a fall of 0.2, so it cannot be "within ±0.1".
+    ``alternative`` only shapes the p-value.
+    """
     if p_adj < alpha:
         return "reject"
-    if alternative == "greater":
-        inside = result.ci_high < min_effect
-    elif alternative == "less":
-        inside = result.ci_low > -min_effect
-    else:
-        inside = -min_effect < result.ci_low and result.ci_high < min_effect
+    inside = -min_effect < result.ci_low and result.ci_high < min_effect
     return f"no effect (within ±{min_effect:g})" if inside else NOT_ENOUGH
 
 

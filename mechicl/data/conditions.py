@@ -78,6 +78,15 @@ class LabelCondition:
             raise PromptError(f"condition {spec!r}: only 'arbitrary' takes label words (arbitrary:w1/w2)")
         return cls(kind)
 
+    def check_fits(self, n_examples: int) -> None:
+        """A mid-context switch must happen inside a context of ``n_examples`` (else it equals its first map)."""
+        if self.then is not None and self.switch_at is not None and not 1 <= self.switch_at <= n_examples - 1:
+            raise PromptError(
+                f"condition {self.name}: contexts hold examples 0..{n_examples - 1}, so a switch at example "
+                f"{self.switch_at} {'never happens' if self.switch_at else 'is the same as ' + repr(self.then)}; "
+                f"use @1..@{n_examples - 1} (or raise k_max)"
+            )
+
     def label_words(self, task: Task) -> tuple[str, ...]:
         if self.kind != "arbitrary":
             return task.label_names

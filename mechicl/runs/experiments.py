@@ -11,6 +11,7 @@ import pandas as pd
 from mechicl.analysis.behavior import BehaviorResult
 from mechicl.analysis.experiments import ExperimentConfig, parse_config, run_tests
 from mechicl.analysis.stats import NOT_ENOUGH
+from mechicl.data.task import Task
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
@@ -24,7 +25,9 @@ def load_config(path: Path | str, **overrides: object) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"experiment config {path} does not exist (see experiments/*.toml)")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text; save the TOML config as UTF-8") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
     return parse_config(raw, str(path), **overrides)
@@ -72,9 +75,13 @@ def verdict_markdown(cfg: ExperimentConfig, tests: pd.DataFrame, model: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def run_experiment(cfg: ExperimentConfig, loaded: LoadedModel, progress: bool = True) -> ExperimentResult:
-    """Score the config's conditions on shared draws, run its tests and write nothing. Cost: see ``ExperimentConfig``."""
-    task = load_task(cfg.task, seed=cfg.seed)
+def run_experiment(cfg: ExperimentConfig, loaded: LoadedModel, progress: bool = True,
+                   task: Task | None = None) -> ExperimentResult:
+    """Score the config's conditions on shared draws, run its tests and write nothing. Cost: see ``ExperimentConfig``.
+
+    ``task``: the config's task already loaded (the CLI loads it before the model); loaded here if None.
+    """
+    task = task or load_task(cfg.task, seed=cfg.seed, label_names=cfg.label_names)
     beh = run_behavior(loaded, task, cfg.behavior_config(), progress=progress)
     tests = run_tests(cfg, beh.raw)
     return ExperimentResult(cfg, beh, tests, verdict_markdown(cfg, tests, loaded.name))

@@ -2,18 +2,38 @@
 
 Every command writes through a ``RunFolder`` and formats tables with ``md_table``; ``Clock`` times
 its stages. Nothing else in mechicl writes files (``models.organism`` writes checkpoints).
+
+Atomic run folders: ``with staged(out, ...) as tmp:`` hands out a hidden sibling folder
+(``.<name>.partial-XXXX``) that the command writes into (``RunFolder(tmp)``); only when the block
+ends without an exception does it write ``manifest.json`` (command, config, versions, every file's
+sha256 and size, wall time) and rename the folder to ``out``. An error or Ctrl-C removes the
+partial folder, so ``out`` is either absent, the previous complete folder, or complete per its
+manifest (``verify_manifest``). ``check_out`` refuses a file, an unwritable place, a system folder
+or an existing non-empty folder (unless ``overwrite``) before any compute.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from mechicl.errors import OutputError
 
 
 def default_out(kind: str, model: str, task: str) -> Path:
@@ -22,8 +42,148 @@ def default_out(kind: str, model: str, task: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{safe(model)}-{safe(task)}"
 
 
+SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+MANIFEST = "manifest.json"
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    first = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            return first
+        first = p
+    return first
+
+
+def check_out(out: Path | str, overwrite: bool = False) -> Path:
+    """``out`` as an absolute path if a run folder can be written there; else ``OutputError`` naming the fix."""
+    out = Path(out).expanduser().absolute()
+    if any(out == Path(d) or Path(d) in out.parents for d in SYSTEM_DIRS):
+        raise OutputError(f"--out {out} is under a system folder ({', '.join(SYSTEM_DIRS)}); pick a folder of your own")
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"--out {out} is an existing file, not a folder; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or another --out")
+    base = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not base.is_dir():
+        raise OutputError(f"cannot create --out {out}: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK) or (out.exists() and not os.access(out.parent, os.W_OK | os.X_OK)):
+        raise OutputError(f"cannot write to {base} (permission denied); pass an --out folder you can write to")
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Python, platform and the installed versions of the packages a run's numbers depend on."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("mechicl", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, command: list[str], config: Any, wall_s: float) -> dict:
+    """manifest.json: command, config, versions, wall time and each file's sha256 and size (itself excluded)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "command": command,
+        "config": config,
+        "versions": versions(),
+        "wall_time_s": round(wall_s, 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    return manifest
+
+
+def verify_manifest(folder: Path | str) -> list[str]:
+    """Problems with a run folder against its manifest (missing, extra or changed files); [] if complete."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder} has no {MANIFEST}"]
+    listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    have = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    problems = [f"missing {n}" for n in sorted(set(listed) - have)]
+    problems += [f"not in manifest: {n}" for n in sorted(have - set(listed))]
+    problems += [f"changed: {n}" for n in sorted(set(listed) & have) if _sha256(folder / n) != listed[n]["sha256"]]
+    return problems
+
+
+@contextmanager
+def _no_interrupt() -> Iterator[None]:
+    """Hold SIGINT back (delivered afterwards) so that the renames that publish a folder are not split."""
+    main = sys.platform != "win32" and hasattr(signal, "pthread_sigmask")
+    if main:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextmanager
+def staged(out: Path | str, *, overwrite: bool = False, command: list[str] | None = None,
+           config: Any = None) -> Iterator[Path]:
+    """A hidden sibling folder to write a run into; renamed to ``out`` with a manifest only on success.
+
+    On any exception (Ctrl-C included) the partial folder, and any parent folders created for it,
+    are removed and ``out`` is left as it was. Checks ``out`` first (``check_out``).
+    """
+    out = check_out(out, overwrite)
+    created = _missing_ancestor(out.parent)
+    t0 = time.perf_counter()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create a run folder next to {out}: {e.strerror or e}; pass another --out") from e
+    try:
+        yield tmp
+        write_manifest(tmp, list(command if command is not None else sys.argv), config, time.perf_counter() - t0)
+        _publish(tmp, out)
+    except BaseException:
+        if tmp.exists():  # not published (a Ctrl-C held back until after the rename finds it gone)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created is not None and created.exists():
+                shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; a previous ``out`` is moved aside first and deleted after (restored on failure)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    with _no_interrupt():
+        moved = out.exists()
+        if moved:
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError as e:
+            if moved:
+                old.rename(out)
+            raise OutputError(f"could not move the finished run into {out}: {e.strerror or e}") from e
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class RunFolder:
-    """A command's output folder; ``files`` lists what it wrote, in order."""
+    """A command's output folder; ``files`` lists what it wrote, in order.
+
+    It writes straight into ``path``; commands pass the partial folder from ``staged``, which
+    publishes it atomically (see the module docstring).
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
