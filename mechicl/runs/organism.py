@@ -24,17 +24,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from mechicl.analysis.ablation import HeadAblator
 from mechicl.analysis.behavior import BehaviorConfig
 from mechicl.data.batches import ablation_batches
-from mechicl.data.organism import MAP_KINDS, organism_task, organism_tokenizer, sample_sequences
+from mechicl.data.bayes import bayes_curve
+from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
 from mechicl.data.prompts import sample_contexts
 from mechicl.models.base import LoadedModel
-from mechicl.models.organism import OrganismConfig, build_model, out_weight, save_checkpoint, weights_sha256
+from mechicl.models.organism import (
+    OrganismConfig, build_model, load_checkpoint, out_weight, save_checkpoint, weights_sha256,
+)
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.folder import md_table
+from mechicl.viz.plots import line_plot
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,10 @@ def train_and_save(cfg: OrganismConfig, path: Path, name: str | None = None, pro
     path = save_checkpoint(result.model, cfg, path, {"weights_sha256": sha, "train_seconds": f"{result.seconds:.1f}"})
     name = name or Path(path).stem
     loaded = LoadedModel(name, result.model, organism_tokenizer(), True, f"mechicl organism {Path(path).name}")
-    return write_card(path, name, result, sha, measure_curves(loaded), probe(result.model, cfg))
+    acc = measure_curves(loaded)
+    card = write_card(path, name, result, sha, acc, probe(result.model, cfg))
+    card.write_text(card.read_text() + bayes_section(cfg.language, acc, card))
+    return card
 
 
 # ------------------------------------------------------------------- card ---
@@ -253,3 +261,58 @@ def _pruning(result: Any) -> str:
 
 def _log_ratio(a: float, b: float) -> str:
     return "inf" if b == 0 else f"{math.log(a / b):.2f}"
+
+
+# --------------------------------------------------------- Bayes reference ---
+
+BAYES_HEADER = "## Bayes-optimal reference"
+
+
+def bayes_table(lang: LanguageConfig, acc: pd.DataFrame) -> pd.DataFrame:
+    """Per (condition, k): the organism's accuracy (with CI), the Bayes-optimal reader's accuracy and
+    P(shown label), and the gap organism - Bayes (``data.bayes``; exact, no sampling)."""
+    bayes = bayes_curve(lang, CURVE_CONDITIONS, tuple(int(k) for k in sorted(acc.k.unique())))
+    t = acc[["condition", "k", "mean", "ci_low", "ci_high"]].merge(bayes, on=["condition", "k"])
+    return t.rename(columns={"mean": "organism", "accuracy": "bayes_accuracy", "p_target": "bayes_p"}).assign(
+        gap=lambda d: d["organism"] - d["bayes_accuracy"])
+
+
+def bayes_section(lang: LanguageConfig, acc: pd.DataFrame, card: Path) -> str:
+    """The card's Bayes section (markdown) and its plot ``<card stem>.bayes.png`` beside the card."""
+    t = bayes_table(lang, acc)
+    plot = Path(card).with_suffix(".bayes.png")
+    series = pd.concat([
+        t.assign(series=t["condition"] + " organism", value=t["organism"], lo=t["ci_low"], hi=t["ci_high"]),
+        t.assign(series=t["condition"] + " Bayes", value=t["bayes_accuracy"], lo=t["bayes_accuracy"], hi=t["bayes_accuracy"]),
+    ])
+    line_plot(series, "k", "value", plot, hue="series", band=("lo", "hi"), ylabel="accuracy against the shown labels",
+              title=f"{Path(card).stem}: organism (95% CI) vs the Bayes-optimal reader of its language")
+    rows = t[["condition", "k", "organism", "ci_low", "ci_high", "bayes_accuracy", "bayes_p", "gap"]]
+    return f"""
+{BAYES_HEADER}
+The ideal reader of this language (`mechicl.data.bayes`: exact posterior over the four label maps
+with the prior and label noise above) on the same conditions. `bayes_accuracy` is its decision
+between the condition's two label words (0.5 on a tie), `bayes_p` its probability of the shown
+label among those two, `gap` = organism accuracy - Bayes accuracy. The organism columns are
+`measure_curves` (128 contexts, seed 0) run when this section was written. Plot: `{plot.name}`.
+
+{md_table(rows)}
+"""
+
+
+def refresh_bayes_section(checkpoint: Path, n_contexts: int = 128) -> Path:
+    """Re-measure a checkpoint's curves (as ``measure_curves``) and replace or append its card's Bayes section.
+
+    Cost: 3 x ``n_contexts`` organism forwards (seconds). Returns the card's path.
+    """
+    loaded = load_checkpoint(Path(checkpoint))
+    with safe_open(str(checkpoint), "pt") as f:
+        cfg = OrganismConfig.from_json(f.metadata()["mechicl_organism"])
+    card = Path(checkpoint).with_suffix(".md")
+    text = card.read_text()
+    if BAYES_HEADER in text:
+        head, rest = text.split(BAYES_HEADER, 1)
+        nxt = rest.find("\n## ")
+        text = head.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
+    card.write_text(text.rstrip("\n") + "\n" + bayes_section(cfg.language, measure_curves(loaded, n_contexts), card))
+    return card
