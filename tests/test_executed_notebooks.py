@@ -1,4 +1,4 @@
-"""The numbered notebooks execute top to bottom (nbclient, on `tiny`), and their committed outputs are complete.
+"""The numbered notebooks execute top to bottom (nbclient, on `tiny` or a few organism steps), and their committed outputs are complete.
 
 Each notebook's first code cell holds its parameters; the test swaps it for the tiny model's, so the
 notebooks cannot rot while their committed outputs come from the real model.
@@ -18,6 +18,7 @@ TINY = {
     "02_attention_to_labels": 'MODEL = "tiny"\nTASK = "toy"\nN_CONTEXTS, N_EXAMPLES, K_MIN = 3, 5, 2',
     "03_patching_correct_vs_flipped": 'MODEL = "tiny"\nTASK = "toy"\nN_CONTEXTS, N_EXAMPLES = 3, 5',
     "04_head_findings": 'MODEL = "tiny"\nTASK = "toy"\nN_EXAMPLES, N_SCREEN, N_EVAL, CANDIDATES, N_CONTROL = 5, 4, 8, 4, 20',
+    "05_model_organism": 'MODEL = "organism-strong"\nSTEPS, PRUNE_STEPS, N_CONTEXTS = 20, 10, 16',  # organisms are fast
 }
 
 
