@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mechicl.runs.report import ReportConfig, ReportData
 
 PACKAGES = ("mechicl", "torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "pandas", "scipy")
-IG_MODULE = Path(__file__).resolve().parents[1] / "analysis" / "integrated_gradients.py"
+ATTRIBUTE_MODULE = Path(__file__).resolve().parent / "attribute.py"  # `mechicl attribute` (issue 17)
 
 
 def ci(row: pd.Series, col: str = "mean") -> str:
@@ -136,16 +136,18 @@ def attention_section(folder: RunFolder, loaded: LoadedModel, d: "ReportData", t
     blocks.append(View(attention_view(bd, 0, loaded.tokenizer, pats, list(top.name)),
                        f"Interactive: the {len(sel)} top label-attention heads on context 0 (default labels). Hover a "
                        "head, then a [Q] token, to see where the readout slot looks; [L] marks label tokens."))
-    blocks.append(Note(integrated_gradients_pointer(), pointer=True))
+    blocks.append(Note(integrated_gradients_pointer(loaded.name, d.config.task), pointer=True))
     return Section("Who looks at labels", tuple(blocks))
 
 
-def integrated_gradients_pointer() -> str:
-    if IG_MODULE.exists():
-        return ("Integrated gradients per token: run `mechicl attribute` (analysis.integrated_gradients); "
-                "the report does not include it yet.")
-    return ("Integrated-gradients saliency per token will come from `mechicl attribute` (issue 17), "
-            "which is not in this version; this report shows attention saliency instead.")
+def integrated_gradients_pointer(model: str, task: str) -> str:
+    """Section 3's pointer to the integrated-gradients views of `mechicl attribute` (issue 17)."""
+    if ATTRIBUTE_MODULE.exists():
+        return (f"Integrated gradients (AttAttr per head and token, path IG from flipped to correct labels, both beside "
+                f"exact patching): `mechicl attribute --model {model} --task {task}`. The report does not run it, "
+                "to stay within minutes: its step sweeps cost many forwards per layer.")
+    return ("Integrated-gradients views will come from `mechicl attribute` (issue 17), which is not in this version; "
+            "this section shows attention saliency instead.")
 
 
 # ------------------------------------------------------------- 4. patching
@@ -255,10 +257,11 @@ def prior_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
 
 def circuit_section() -> Section:
     return Section("Circuit and findings", (
-        Note("Not in this version. The circuit (which heads feed which, path patching) and the findings grid are "
-             "built by their own issues' commands; when they land, this section shows their output. Until then: "
-             "`mechicl heads` (section 5) for validated heads, `mechicl patch --kinds head_pattern_label,head_v_label` "
-             "for where those heads read from.", pointer=True),))
+        Note("Findings: the replication grid of validated heads over models and tasks will come from `mechicl findings` "
+             "(issue 11). Circuit: label-position patching, sender -> receiver path patching and the evidence-aggregation "
+             "fits will come from the circuit command of issue 12. Neither is in this version; when they land, this "
+             "section shows their tables and circuit figure. Until then, section 5 lists the validated heads and "
+             "`mechicl patch --kinds head_pattern_label,head_v_label` shows where those heads read from.", pointer=True),))
 
 
 def build_sections(folder: RunFolder, loaded: LoadedModel, d: "ReportData", title: str) -> list[Section]:

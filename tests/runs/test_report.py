@@ -41,7 +41,8 @@ def test_report_is_one_offline_page_with_every_section(report):
     imgs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
     assert len(imgs) >= 12 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert html.count("CircuitsVis.render(") == 1 and "[Q]" in html and "[L]" in html
-    assert "`mechicl attribute`" in html  # section 3 points at the IG command
+    assert "`mechicl attribute --model organism-strong --task organism`" in html  # section 3 points at the IG command
+    assert "`mechicl findings`" in html and "issue 12" in html  # section 7 says which commands will fill it
     assert "mechicl report --model organism-strong --task organism --seed 0 --arbitrary a/b --quick" in html
 
 
