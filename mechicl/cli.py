@@ -185,15 +185,17 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     """`mechicl circuit`: label-position patching and sender -> receiver path patching, held-out contexts."""
     from mechicl.data.tasks import load_task
     from mechicl.runs.circuit import CircuitConfig, run_circuit
-    from mechicl.runs.folder import default_out
+    from mechicl.runs.preflight import prepare, staged_args
 
     cfg = CircuitConfig(args.model, args.task, args.n_examples, args.n_select, args.n_eval, args.seed, args.seed_eval,
                         args.senders, args.receivers, tuple(p.strip() for p in args.positions.split(",")), args.threshold)
-    task = load_task(args.task, seed=args.seed)
-    loaded, t0 = _load(args.model, args.threads)
-    folder, text = run_circuit(loaded, task, cfg, args.out or default_out("circuit", args.model, task.name))
+    out = prepare(args, "circuit", args.model, args.task)
+    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(args.model, args.threads, task)
+        _, text = run_circuit(loaded, task, cfg, tmp)
     print(text)
-    _done(folder, t0)
+    _done(out, t0)
     return 0
 
 
@@ -201,15 +203,14 @@ def _add_circuit_parser(sub: Any) -> None:
     cir = sub.add_parser("circuit", help="where label information is written and who reads it: label-position and path patching")
     cir.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     cir.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
-    for flag, default, what in (("--n-examples", 9, "examples per context incl. the query"), ("--n-select", 8, "contexts that "
-                                "choose the heads"), ("--n-eval", 16, "held-out contexts for every reported number"),
-                                ("--senders", 4, "sender heads on large models"), ("--receivers", 4, "receiver heads on large "
-                                "models"), ("--seed", 0, "seed of the selection contexts"), ("--seed-eval", 1, "seed of the "
-                                "held-out contexts"), ("--threads", None, "torch threads")):
-        cir.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    for flag, default, low, what in (("--n-examples", 9, 2, "examples per context incl. the query"), ("--n-select", 8, 1,
+                                     "contexts that choose the heads"), ("--n-eval", 16, 2, "held-out contexts for every "
+                                     "reported number"), ("--senders", 4, 1, "sender heads on large models"), ("--receivers",
+                                     4, 1, "receiver heads on large models"), ("--seed-eval", 1, 0, "seed of the held-out contexts")):
+        cir.add_argument(flag, type=int_at_least(low), default=default, help=f"{what} (default {default})")
     cir.add_argument("--positions", default="label,all", help="sender positions: comma list of label, input, readout, all")
     cir.add_argument("--threshold", type=float, default=0.05, help="smallest |path effect| drawn as an edge (default 0.05)")
-    cir.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-circuit-...)")
+    add_run_args(cir)  # --seed (of the selection contexts), --threads, --out, --overwrite, --label-names
     cir.set_defaults(func=cmd_circuit)
 
 
