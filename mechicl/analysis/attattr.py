@@ -10,7 +10,17 @@ per context, head and query -> key pair. ``F`` is the per-context metric at the 
 (``integrated_gradients.label_metric``: answer - foil logit difference, or P(answer)). Completeness:
 the sum over heads and pairs of layer ``l`` tends to ``F(A) - F(0 * A)`` as ``m`` grows
 (``AttAttrResult.completeness``); ``F(0 * A)`` is the run with layer ``l``'s attention output made of
-``b_O`` alone (and, for Gemma, its post-attention norm).
+``b_O`` alone.
+
+**Baselines.** ``baseline="zero"`` is Hao et al.'s path ``alpha * A``. It degenerates on models
+with a norm *after* attention (Gemma-3's ``post_attention_layernorm``): ``RMSNorm(alpha y) =
+RMSNorm(y)`` once ``alpha >> sqrt(eps) / rms(y)``, so ``F`` is flat on almost all of ``[0, 1]`` and
+jumps within ``alpha ~ 1e-3`` of 0, where no Riemann step lands: the attributions sum to ~0 however
+large ``F(A) - F(0)`` is (measured in docs/attention-attribution.md). ``baseline="uniform"`` moves
+every query row from uniform causal attention ``U`` (``1 / (q + 1)`` on keys ``0..q``) to ``A``:
+``U + alpha (A - U)``, rows summing to 1 all along the path, and ``Attr = (A - U) * mean_alpha dF``,
+summing to ``F(A) - F(U)``. (With sliding-window layers shorter than the context, ``U`` also covers
+keys outside the window.)
 
 ``key_groups`` splits the attribution at the readout slot's query row by the PromptBatch's roles
 (label tokens, input tokens, template tokens, BOS, the readout slot itself) and adds the attribution
@@ -40,6 +50,7 @@ from mechicl.analysis.hooks import act_name, capture, run_to_final
 from mechicl.analysis.integrated_gradients import alpha_rows, chunks, label_metric
 from mechicl.data.prompts import BOS, INPUT, LABEL, TEMPLATE, PromptBatch
 
+BASELINES = ("zero", "uniform")
 GROUPS = ("label", "input", "template", "bos", "query", "other_queries")
 _ROLE_GROUP = {LABEL: 0, INPUT: 1, TEMPLATE: 2, BOS: 3}
 
@@ -47,16 +58,17 @@ _ROLE_GROUP = {LABEL: 0, INPUT: 1, TEMPLATE: 2, BOS: 3}
 @dataclass(frozen=True)
 class AttAttrResult:
     """AttAttr of one layer on a batch. ``attr``/``pattern``: ``[batch, head, query, key]`` over positions
-    ``0..W-1`` (W = last query slot + 1). ``f_full`` = F(A), ``f_zero`` = F(0 * A), per context, from
-    the same hooked forward. Cost: ``forwards`` forward-equivalents and ``backwards`` backwards."""
+    ``0..W-1`` (W = last query slot + 1). ``f_full`` = F(A), ``f_base`` = F(baseline) (``0 * A`` or
+    uniform attention), per context, from the same hooked forward. Cost: ``forwards`` forward-equivalents and ``backwards`` backwards."""
 
     layer: int
     steps: int
     metric: str
+    baseline: str
     attr: Float[Tensor, "batch head query key"]
     pattern: Float[Tensor, "batch head query key"]
     f_full: Float[Tensor, "batch"]
-    f_zero: Float[Tensor, "batch"]
+    f_base: Float[Tensor, "batch"]
     forwards: float
     backwards: float
     seconds: float
@@ -67,8 +79,8 @@ class AttAttrResult:
 
     @property
     def completeness(self) -> Float[Tensor, "batch"]:
-        """``sum Attr - (F(A) - F(0 A))`` per context (0 in the limit of many steps)."""
-        return self.total - (self.f_full - self.f_zero)
+        """``sum Attr - (F(A) - F(baseline))`` per context (0 in the limit of many steps)."""
+        return self.total - (self.f_full - self.f_base)
 
 
 def default_targets(batch: PromptBatch) -> tuple[Int[Tensor, "batch"], Int[Tensor, "batch"]]:
@@ -77,11 +89,20 @@ def default_targets(batch: PromptBatch) -> tuple[Int[Tensor, "batch"], Int[Tenso
     return answer, (answer + 1) % len(batch.label_words)
 
 
-def _scaled_run(model: Any, tokens: Tensor, pattern: Tensor, resid: Tensor | None, layer: int, a: Tensor,
-                batch: PromptBatch, answer: Tensor, foil: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """F and dF/d(scaled pattern) for the ``alpha`` values ``a``, rows alpha-major: ``[n, b]``, ``[n, b, H, W, W]``."""
+def uniform_pattern(shape: tuple[int, ...]) -> Float[Tensor, "batch head query key"]:
+    """Uniform causal attention: ``1 / (q + 1)`` on keys ``0..q`` of every query row ``q``."""
+    W = shape[-1]
+    u = torch.tril(torch.ones(W, W)) / torch.arange(1, W + 1, dtype=torch.float32)[:, None]
+    return u.expand(shape)
+
+
+def _scaled_run(model: Any, tokens: Tensor, pattern: Tensor, base: Tensor, resid: Tensor | None, layer: int,
+                a: Tensor, batch: PromptBatch, answer: Tensor, foil: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """F and dF/d(pattern) at ``base + alpha (pattern - base)`` for the ``alpha`` values ``a``, rows
+    alpha-major: ``[n, b]``, ``[n, b, H, W, W]``."""
     n, b = len(a), tokens.shape[0]
-    leaf = (a[:, None, None, None, None] * pattern[None]).reshape(n * b, *pattern.shape[1:]).requires_grad_(True)
+    path = base[None] + a[:, None, None, None, None] * (pattern - base)[None]
+    leaf = path.reshape(n * b, *pattern.shape[1:]).requires_grad_(True)
 
     def scaled(x: Tensor, hook: Any) -> Tensor:
         if x.shape != leaf.shape:
@@ -99,13 +120,17 @@ def _scaled_run(model: Any, tokens: Tensor, pattern: Tensor, resid: Tensor | Non
 
 def attattr(model: Any, batch: PromptBatch, answer: Int[Tensor, "batch"] | None = None,
             foil: Int[Tensor, "batch"] | None = None, layers: Sequence[int] | None = None, steps: int = 20,
-            metric: str = "logit_diff", max_rows: int = 64, progress: bool = False) -> list[AttAttrResult]:
+            metric: str = "logit_diff", baseline: str = "zero", max_rows: int = 64,
+            progress: bool = False) -> list[AttAttrResult]:
     """AttAttr of each of ``layers`` (default all) at the query readout slot of ``batch``.
 
     ``answer``/``foil``: class indices per context (default ``default_targets``; for a ``PatchPair``
     pass ``pair.clean, pair.answer, pair.foil``). Cost: one cached forward, then per layer the module
-    docstring's ``(m + 2) (L - l) / L`` forwards and as many backwards.
+    docstring's ``(m + 2) (L - l) / L`` forwards and as many backwards. ``baseline``: ``zero`` (Hao et al.)
+    or ``uniform`` (see the module docstring; use it for models with a post-attention norm).
     """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if answer is None or foil is None:
         answer, foil = default_targets(batch)
     L = int(model.cfg.n_layers)
@@ -122,16 +147,17 @@ def attattr(model: Any, batch: PromptBatch, answer: Int[Tensor, "batch"] | None 
     for l in tqdm(layers, desc="attattr", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         A = store[act_name("pattern", l)].float()
+        A0 = torch.zeros_like(A) if baseline == "zero" else uniform_pattern(A.shape)
         resid = store.get(act_name("resid_pre", l))
         fs, gs = [], []
         for sl in chunks(len(a), max_rows // b):
-            f, g = _scaled_run(model, tokens, A, resid, l, a[sl], batch, answer, foil, metric)
+            f, g = _scaled_run(model, tokens, A, A0, resid, l, a[sl], batch, answer, foil, metric)
             fs.append(f)
             gs.append(g)
         f, g = torch.cat(fs), torch.cat(gs)  # [m + 2, b], [m + 2, b, H, W, W]
-        attr = A * g[:steps].mean(0)
+        attr = (A - A0) * g[:steps].mean(0)
         cost = len(a) * (L - l) / L
-        out.append(AttAttrResult(l, steps, metric, attr, A, f[-1], f[-2], cost + 1 / len(layers), cost,
+        out.append(AttAttrResult(l, steps, metric, baseline, attr, A, f[-1], f[-2], cost + 1 / len(layers), cost,
                                  time.perf_counter() - t0))
     return out
 
@@ -181,9 +207,9 @@ def head_groups(results: Sequence[AttAttrResult], batch: PromptBatch) -> pd.Data
 
 
 def completeness_table(results: Sequence[AttAttrResult]) -> pd.DataFrame:
-    """Per layer: steps, sum of attributions, F(A) - F(0 A), residual (means over contexts) and max |residual|."""
+    """Per layer: steps, baseline, sum of attributions, F(A) - F(baseline), residual (means over contexts), max |residual|."""
     return pd.DataFrame([{
-        "layer": r.layer, "steps": r.steps, "sum_attr": float(r.total.mean()),
-        "f_full_minus_f_zero": float((r.f_full - r.f_zero).mean()), "residual": float(r.completeness.mean()),
+        "layer": r.layer, "steps": r.steps, "baseline": r.baseline, "sum_attr": float(r.total.mean()),
+        "f_full_minus_f_base": float((r.f_full - r.f_base).mean()), "residual": float(r.completeness.mean()),
         "max_abs_residual": float(r.completeness.abs().max()), "forwards": r.forwards, "backwards": r.backwards,
     } for r in results])

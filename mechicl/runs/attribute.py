@@ -48,6 +48,7 @@ class AttributeConfig:
     steps: int = 20
     completeness_steps: tuple[int, ...] = (1, 5, 20, 50)
     metric: str = "logit_diff"
+    baseline: str = "uniform"
     last_m: int | None = None
     max_rows: int = 32
     top: int = 10
@@ -75,8 +76,8 @@ def _attattr_both(loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig) ->
     out = {}
     for cond, b in (("correct", pair.clean), ("flipped", pair.corrupted)):
         answer, foil = default_targets(b)
-        out[cond] = attattr(loaded.model, b, answer, foil, steps=cfg.steps, metric=cfg.metric, max_rows=cfg.max_rows,
-                            progress=True)
+        out[cond] = attattr(loaded.model, b, answer, foil, steps=cfg.steps, metric=cfg.metric, baseline=cfg.baseline,
+                            max_rows=cfg.max_rows, progress=True)
     return out
 
 
@@ -168,14 +169,14 @@ def summary_lines(loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig,
     pc = r.path_completeness.pivot_table(index="layer", columns="steps", values="residual").reset_index()
     pc.columns = ["layer", *[f"residual m={m}" for m in pc.columns[1:]]]
     masses = _layer_masses(r.groups).pivot_table(index="layer", columns="series", values="attribution").reset_index()
-    ac = r.attattr_completeness[["condition", "layer", "steps", "sum_attr", "f_full_minus_f_zero", "residual",
+    ac = r.attattr_completeness[["condition", "layer", "steps", "baseline", "sum_attr", "f_full_minus_f_base", "residual",
                                  "max_abs_residual"]]
     dis = r.disagreements
     return [
         f"# Attention attribution: {loaded.name} on {cfg.task}", "",
         f"{cfg.n_contexts} contexts x {cfg.n_examples} examples (seed {cfg.seed}), {r.pair.description}. "
-        f"Riemann midpoint rule, m = {cfg.steps} steps unless stated. AttAttr metric F = {cfg.metric} of the "
-        f"shown label vs the next class at the query readout slot, per context; path IG metric = normalised logit "
+        f"Riemann midpoint rule, m = {cfg.steps} steps unless stated. AttAttr ({cfg.baseline} baseline) metric "
+        f"F = {cfg.metric} of the shown label vs the next class at the query readout slot, per context; path IG metric = normalised logit "
         f"difference (0 = flipped-label run, 1 = correct-label run).", "",
         f"## Top {cfg.top} heads by |AttAttr on label tokens| at the readout slot (flipped labels)", "",
         "Raw attention = share of the readout slot's attention on label tokens; attribution = its AttAttr "
@@ -183,7 +184,7 @@ def summary_lines(loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig,
         md_table(top_label_heads(r.groups, cfg.top)), "",
         "## Attribution mass per layer at the readout slot: label vs input tokens (sum over heads)", "",
         md_table(masses), "",
-        "## AttAttr completeness: sum of Attr vs F(A) - F(0 A) (means over contexts)", "", md_table(ac, 4), "",
+        "## AttAttr completeness: sum of Attr vs F(A) - F(baseline) (means over contexts)", "", md_table(ac, 4), "",
         "## Path IG completeness: heads + rest - (M(clean) - M(corrupted)) per layer", "", md_table(pc, 5), "",
         "## Per-head ranking against exact patching (head_out, denoise)", "", md_table(r.ranking), "",
         f"## Heads where first-order attribution patching and path IG disagree in sign ({len(dis)})", "",
