@@ -1,4 +1,4 @@
-"""Command line: ``mechicl demo | behavior | run | attention | lens | dla | patch | heads | organism train | models | tasks``.
+"""Command line: ``mechicl demo | behavior | run | attention | lens | dla | patch | heads | attribute | organism train | models | tasks``.
 
 Each command parses its flags, loads the task and model, and hands over to its module in
 ``mechicl.runs`` (the layers: cli -> runs -> analysis -> data/models). Commands import their run
@@ -159,6 +159,24 @@ def cmd_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    """`mechicl attribute`: AttAttr and path IG beside exact and first-order patching, correct- vs flipped-label contexts."""
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.attribute import AttributeConfig, run_attribute
+    from mechicl.runs.preflight import prepare, staged_args
+
+    cfg = AttributeConfig(args.model, args.task, args.n_contexts, args.n_examples, args.steps, args.completeness_steps,
+                          args.metric, args.baseline, args.last_m, args.max_rows, args.top, args.view_heads, args.seed)
+    out = prepare(args, "attribute", args.model, args.task)
+    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(args.model, args.threads, task)
+        _, text = run_attribute(loaded, task, cfg, tmp)
+    print(text)
+    _done(out, t0)
+    return 0
+
+
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
     from mechicl.analysis.heads import HeadFinderConfig
@@ -308,6 +326,25 @@ def _add_causal_parsers(sub: Any) -> None:
     hds.add_argument("--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)")
     add_run_args(hds)
     hds.set_defaults(func=cmd_heads)
+    att = sub.add_parser("attribute", help="attention attribution that adds up: AttAttr and path IG vs exact patching")
+    att.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    att.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    att.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
+    att.add_argument("--n-examples", type=int_at_least(2), default=8, help="examples per context, the last is the query (default 8)")
+    att.add_argument("--steps", type=int_at_least(1), default=20, help="Riemann steps (midpoint rule) of both IGs (default 20)")
+    att.add_argument("--completeness-steps", type=set_sizes, default=(1, 5, 20, 50),
+                     help="step counts at which path-IG completeness is reported (default 1,5,20,50)")
+    att.add_argument("--metric", choices=["logit_diff", "prob"], default="logit_diff",
+                     help="AttAttr metric at the query slot: shown-label logit difference or P(shown label) (default logit_diff)")
+    att.add_argument("--baseline", choices=["uniform", "zero"], default="uniform",
+                     help="AttAttr path start: uniform causal attention, or 0 * A as in Hao et al. (degenerate with a "
+                          "post-attention norm, e.g. Gemma-3; default uniform)")
+    att.add_argument("--last-m", type=int_at_least(1), default=None, help="flip only the last m demonstration labels")
+    att.add_argument("--max-rows", type=int_at_least(1), default=32, help="rows per batched forward+backward (memory; default 32)")
+    att.add_argument("--top", type=int_at_least(1), default=10, help="heads listed; k of the top-k overlap (default 10)")
+    att.add_argument("--view-heads", type=int_at_least(1), default=4, help="heads in attribution_view.html (default 4)")
+    add_run_args(att)
+    att.set_defaults(func=cmd_attribute)
 
 
 def build_parser() -> argparse.ArgumentParser:
