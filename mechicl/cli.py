@@ -235,18 +235,21 @@ def _add_circuit_parser(sub: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
     from mechicl.data.tasks import load_task
-    from mechicl.runs.folder import default_out
+    from mechicl.runs.preflight import prepare, staged_args
     from mechicl.runs.report import ReportConfig, run_report
 
     size = "quick" if args.quick else "full" if args.full else "default"
     cfg = ReportConfig.sized(size, model=args.model, task=args.task, seed=args.seed, arbitrary=args.arbitrary)
     command = (f"mechicl report --model {args.model} --task {args.task} --seed {args.seed} --arbitrary {args.arbitrary}"
-               + {"quick": " --quick", "full": " --full", "default": ""}[size])
-    task = load_task(cfg.task, seed=cfg.seed)
-    loaded, t0 = _load(cfg.model, args.threads)
-    folder = run_report(loaded, task, cfg, args.out or default_out("report", cfg.model, cfg.task), command)
-    print(f"[mechicl] report: {folder.path / 'report.html'}")
-    _done(folder, t0)
+               + {"quick": " --quick", "full": " --full", "default": ""}[size]
+               + (f" --label-names {','.join(args.label_names)}" if args.label_names else ""))
+    out = prepare(args, "report", args.model, args.task)
+    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(args.model, args.threads, task)
+        run_report(loaded, task, cfg, tmp, command)
+    print(f"[mechicl] report: {out / 'report.html'}")
+    _done(out, t0)
     return 0
 
 
@@ -258,9 +261,7 @@ def _add_report_parser(sub: Any) -> None:
     size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
     size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
     rep.add_argument("--arbitrary", default="A/B", help="label words of the arbitrary condition (default A/B)")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    rep.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-report-...)")
+    add_run_args(rep)
     rep.set_defaults(func=cmd_report)
 
 

@@ -259,6 +259,4 @@ def run_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, out: Path, co
     folder.csv("stages.csv", stages.table())
     folder.json("config.json", cfg)
     render_report(f"mechicl report: {title}", S.intro(loaded, task, cfg), sections, folder / "report.html")
-    if hasattr(folder, "finish"):
-        folder.finish()
     return folder
