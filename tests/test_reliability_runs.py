@@ -140,8 +140,8 @@ def test_sigint_to_a_subprocess(delay, tmp_path):
     if rc == 130:
         assert lines == ["mechicl: interrupted; no partial run folder was left (an earlier --out folder is unchanged)"]
         assert sorted(p.name for p in prev.iterdir()) == ["old.txt"]
-    else:  # it finished before the signal arrived
-        assert rc == 0 and verify_manifest(prev) == []
+    else:  # it finished before the signal arrived (-SIGINT: it landed after main returned)
+        assert rc in (0, -signal.SIGINT) and verify_manifest(prev) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,12 +135,40 @@ def _no_interrupt() -> Iterator[None]:
 
 
 @contextmanager
+def _remember_ctrl_c() -> Iterator[list[bool]]:
+    """While running, note every SIGINT (then raise KeyboardInterrupt as usual). A Ctrl-C that lands in a
+    finalizer (a weakref callback, ``__del__``) is swallowed by Python ("Exception ignored in ..."); the
+    note lets ``staged`` refuse to publish anyway, and such reports are not printed."""
+    seen = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        seen[0] = True
+        raise KeyboardInterrupt
+
+    def unraisable(u: Any) -> None:
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            hook(u)
+
+    old, hook = signal.signal(signal.SIGINT, on_sigint), sys.unraisablehook
+    sys.unraisablehook = unraisable
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = hook
+
+
+@contextmanager
 def staged(out: Path | str, *, overwrite: bool = False, command: list[str] | None = None,
            config: Any = None) -> Iterator[Path]:
     """A hidden sibling folder to write a run into; renamed to ``out`` with a manifest only on success.
 
-    On any exception (Ctrl-C included) the partial folder, and any parent folders created for it,
-    are removed and ``out`` is left as it was. Checks ``out`` first (``check_out``).
+    On any exception (Ctrl-C included, even one Python swallowed in a finalizer) the partial folder,
+    and any parent folders created for it, are removed and ``out`` is left as it was. Checks ``out``
+    first (``check_out``).
     """
     out = check_out(out, overwrite)
     created = _missing_ancestor(out.parent)
@@ -150,9 +179,12 @@ def staged(out: Path | str, *, overwrite: bool = False, command: list[str] | Non
     except OSError as e:
         raise OutputError(f"cannot create a run folder next to {out}: {e.strerror or e}; pass another --out") from e
     try:
-        yield tmp
-        write_manifest(tmp, list(command if command is not None else sys.argv), config, time.perf_counter() - t0)
-        _publish(tmp, out)
+        with _remember_ctrl_c() as ctrl_c:
+            yield tmp
+            if ctrl_c[0]:
+                raise KeyboardInterrupt
+            write_manifest(tmp, list(command if command is not None else sys.argv), config, time.perf_counter() - t0)
+            _publish(tmp, out)
     except BaseException:
         if tmp.exists():  # not published (a Ctrl-C held back until after the rename finds it gone)
             shutil.rmtree(tmp, ignore_errors=True)
