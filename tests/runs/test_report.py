@@ -4,7 +4,14 @@ numbers are the run's own CSVs, and the same numbers as the separate commands on
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 import pandas as pd
 import pytest
@@ -99,3 +106,21 @@ def test_bad_sizes_and_arguments(capsys):
         main(["report", "--quick", "--full"])
     assert main(["report", "--model", "tiny", "--task", "nope", "--quick"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    """The page renders (non-blank screenshot) and the circuitsvis view mounts offline (its node has children)."""
+    out, _ = report
+    url = (out / "report.html").as_uri()
+    base = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    mount = re.search(r'<div id="circuits-vis-[^"]*"[^>]*>\s*<div', dom)
+    assert mount is not None and "Head Selector" in dom, "the circuitsvis view did not mount"
+    png = tmp_path / "top.png"
+    subprocess.run([*base, "--window-size=1000,1400", f"--screenshot={png}", url], capture_output=True, timeout=120)
+    pixels = plt.imread(png)
+    assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05, "blank screenshot"
