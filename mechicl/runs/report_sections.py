@@ -54,7 +54,9 @@ def behavior_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
     conds = list(dict.fromkeys(s.condition))
     arb = next(c for c in conds if c.startswith("arbitrary"))
     acc = plot_metric(s, "accuracy", folder / "behavior_accuracy.png", f"{title}: accuracy vs the shown label")
-    tru = plot_metric(s, "accuracy_true", folder / "behavior_accuracy_true.png", f"{title}: accuracy vs the true label")
+    true_default = s[(s.condition == "default") & (s.metric == "accuracy")].assign(metric="accuracy_true")  # shown = true
+    tru = plot_metric(pd.concat([true_default, s[s.metric == "accuracy_true"]]), "accuracy_true",
+                      folder / "behavior_accuracy_true.png", f"{title}: accuracy vs the true label")
     at = {c: value_at(s, c, "accuracy", K) for c in conds}
     cap = (f"Accuracy against the label the prompt shows, with 95% CIs over {d.config.n_behavior} shared context draws. "
            f"At k = {K}: default {ci(at['default'])}, flipped {ci(at['flipped'])}, random {ci(at['random'])}, "
