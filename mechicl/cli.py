@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,22 @@ def _load(model: str, threads: int | None, task: Any = None) -> tuple[Any, float
     if task is not None:
         check_tokenization(task, loaded.tokenizer)
     return loaded, t0
+
+
+def _in_folder(args: argparse.Namespace, kind: str, run: Callable[[Any, Any, Path], str]) -> int:
+    """A run command's shared path: check the model and --out, load the task (``args.model/task/seed/label_names``),
+    then load the model and call ``run(loaded, task, folder)`` inside the staged run folder; print its text."""
+    from mechicl.data.tasks import load_task
+    from mechicl.runs.preflight import prepare, staged_args
+
+    out = prepare(args, kind, args.model, args.task)
+    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
+    with staged_args(args, out) as tmp:
+        loaded, t0 = _load(args.model, args.threads, task)
+        text = run(loaded, task, tmp)
+    print(text)
+    _done(out, t0)
+    return 0
 
 
 def _done(out: Any, t0: float) -> None:
@@ -90,27 +107,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_inside(args: argparse.Namespace) -> int:
     """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
-    from mechicl.data.tasks import load_task
     from mechicl.runs.attention import report_attention
     from mechicl.runs.inside import InsideConfig, report_dla, report_lens
-    from mechicl.runs.preflight import prepare, staged_args
 
     cfg = InsideConfig(args.model, args.task, args.n_contexts, args.n_examples, args.k_min, args.seed,
                        args.batch_size, args.top)
-    out = prepare(args, args.command, cfg.model, cfg.task)
-    task = load_task(cfg.task, seed=cfg.seed, label_names=args.label_names)
-    with staged_args(args, out) as tmp:
-        loaded, t0 = _load(cfg.model, args.threads, task)
-        if args.command == "attention":
-            text = report_attention(loaded, task, cfg, tmp, saliency=not args.no_saliency)
-        elif args.command == "lens":
-            text = report_lens(loaded, task, cfg, tmp, min_gap=args.min_gap)
-        else:
-            text = report_dla(loaded, task, cfg, tmp)
-    print(text)
-    _done(out, t0)
-    return 0
-
+    if args.command == "attention":
+        return _in_folder(args, "attention", lambda m, t, out: report_attention(m, t, cfg, out, saliency=not args.no_saliency))
+    if args.command == "lens":
+        return _in_folder(args, "lens", lambda m, t, out: report_lens(m, t, cfg, out, min_gap=args.min_gap))
+    return _in_folder(args, "dla", lambda m, t, out: report_dla(m, t, cfg, out))
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
     """`mechicl organism train`: train an organism and write its checkpoint and model card."""
@@ -137,9 +143,7 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
     from mechicl.analysis.patching import KINDS
-    from mechicl.data.tasks import load_task
     from mechicl.runs.patch import PatchRunConfig, run_patch
-    from mechicl.runs.preflight import prepare, staged_args
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -149,14 +153,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
     directions = ("denoise", "noise") if args.direction == "both" else (args.direction,)
     cfg = PatchRunConfig(args.model, args.task, tuple(kinds), directions, args.n_contexts, args.n_examples, args.last_m,
                          args.max_rows, args.top, args.seed)
-    out = prepare(args, "patch", args.model, args.task)
-    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
-    with staged_args(args, out) as tmp:
-        loaded, t0 = _load(args.model, args.threads, task)
-        _, text = run_patch(loaded, task, cfg, tmp)
-    print(text)
-    _done(out, t0)
-    return 0
+    return _in_folder(args, "patch", lambda m, t, out: run_patch(m, t, cfg, out)[1])
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -180,23 +177,20 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
     from mechicl.analysis.heads import HeadFinderConfig
-    from mechicl.data.tasks import load_task
     from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads
-    from mechicl.runs.preflight import check_head_sets, prepare, staged_args
+    from mechicl.runs.preflight import check_head_sets
 
     check_head_sets(args)
     cfg = HeadFinderConfig(args.model, args.task, args.n_examples, args.n_screen, args.n_eval, args.candidates,
                            args.set_sizes, args.n_control, args.ablation, args.seed)
-    out = prepare(args, "heads", cfg.model, cfg.task)
-    task = load_task(cfg.task, seed=cfg.seed, label_names=args.label_names)
-    with staged_args(args, out) as tmp:
-        loaded, t0 = _load(cfg.model, args.threads, task)
+
+    def run(loaded: Any, task: Any, out: Path) -> str:
         check_head_sets(args, loaded)
         result = find_heads_for(loaded, task, cfg)
-        write_heads(result, tmp)
-    print(heads_markdown(result))
-    _done(out, t0)
-    return 0
+        write_heads(result, out)
+        return heads_markdown(result)
+
+    return _in_folder(args, "heads", run)
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
