@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from mechicl.analysis.hooks import Head, act_name, run_to_final
 from mechicl.analysis.patching import DIRECTIONS, Patcher, PatchResult, cell_table, normalise
 from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.stats import t_interval
 from mechicl.data.pairs import PatchPair
 
 POSITION_SETS = ("label", "input", "readout", "all")
@@ -99,10 +101,12 @@ class PositionSetResult:
         return self.values - (0.0 if self.direction == "denoise" else 1.0)
 
     def table(self) -> pd.DataFrame:
-        """One row per (layer, set): value, effect, mean LD."""
+        """One row per (layer, set): value, effect, mean LD, and the value's t-interval over contexts."""
         df = cell_table("resid_set", self.direction, ("layer", "set_index"), value=self.values, effect=self.effect,
                         mean_logit_diff=self.logit_diff.mean(-1))
         df.insert(3, "positions", [self.sets[i] for i in df["set_index"]])
+        low, high = value_interval(self)
+        df["ci_low"], df["ci_high"] = low.reshape(-1), high.reshape(-1)
         return df.drop(columns="set_index")
 
 
@@ -131,6 +135,21 @@ def patch_position_sets(patcher: Patcher, direction: str = "denoise", sets: Sequ
         patcher.forwards += n * (L - l) / L
     clean, corr = patcher.baseline("clean"), patcher.baseline("corrupted")
     return PositionSetResult(direction, tuple(sets), normalise(ld, clean, corr), ld, clean, corr, time.perf_counter() - t0)
+
+
+def value_interval(result: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """t-interval over contexts of a patching result's normalised value, per cell (``[n0, n1]`` arrays).
+
+    Each context's change is measured against its own receiver-run LD (paired), on the clean -
+    corrupted gap of the means, so the interval's centre is ``result.values``. Works for
+    ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``).
+    """
+    base = result.corrupted_ld if result.direction == "denoise" else result.clean_ld
+    gap = float(result.clean_ld.mean() - result.corrupted_ld.mean())
+    eff = ((result.logit_diff - base) / gap).numpy()  # [n0, n1, batch]
+    offset = 0.0 if result.direction == "denoise" else 1.0
+    ci = np.array([t_interval(e, level)[1:] for e in eff.reshape(-1, eff.shape[-1])]).reshape(*eff.shape[:2], 2)
+    return ci[..., 0] + offset, ci[..., 1] + offset
 
 
 def _kv_group(model: Any) -> int:

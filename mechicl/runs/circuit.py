@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mechicl.analysis.hooks import Head, fmt_heads
-from mechicl.analysis.label_patching import PARTS, POSITION_SETS, patch_head_parts, patch_position_sets
+from mechicl.analysis.label_patching import PARTS, POSITION_SETS, patch_head_parts, patch_position_sets, value_interval
 from mechicl.analysis.path_patching import INPUTS, LOGITS, MLPS, PathResult, path_matrix, path_patch
 from mechicl.analysis.patching import Patcher
 from mechicl.data.pairs import pair_for
@@ -73,6 +73,12 @@ def select_heads(patcher: Patcher, cfg: CircuitConfig) -> tuple[list[Head], list
     return sorted(senders), sorted(receivers), table
 
 
+def _with_ci(result: Any) -> pd.DataFrame:
+    """A ``PatchResult`` table with the value's t-interval over contexts."""
+    low, high = value_interval(result)
+    return result.table().assign(ci_low=low.reshape(-1), ci_high=high.reshape(-1))
+
+
 def _edges(paths: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Path effects with |effect| >= threshold whose interval excludes 0."""
     sig = (paths["ci_low"] > 0) | (paths["ci_high"] < 0)
@@ -94,7 +100,7 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
         grid = df.pivot(index="layer", columns="positions", values="value")
         heatmap(grid.to_numpy(), folder / f"resid_sets_{d}.png", f"{loaded.name}: residual patched at all positions of "
                 f"a set ({d}; 1 = clean, 0 = corrupted)", xlabel="positions", xticklabels=list(grid.columns), center=None)
-    parts = pd.concat([patch_head_parts(ev, p, "denoise").table() for p in PARTS])
+    parts = pd.concat([_with_ci(patch_head_parts(ev, p, "denoise")) for p in PARTS])
     folder.csv("head_parts.csv", parts)
     clock.lap("label patching")
     results = [path_patch(ev, senders, receivers, p, "denoise", mlps=m) for p in cfg.positions for m in MLPS]
@@ -128,7 +134,8 @@ def summary(name: str, cfg: CircuitConfig, senders: list[Head], receivers: list[
             parts: pd.DataFrame, paths: pd.DataFrame, ev: Patcher, clock: Clock) -> str:
     """The run's ``summary.md``: tables of every measured number and how it was measured."""
     wide = sets.pivot_table(index=["direction", "layer"], columns="positions", values="value").reset_index()
-    pv = parts.pivot_table(index=["layer", "head"], columns="kind", values="value").reset_index()
+    parts = parts.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(parts["value"], parts["ci_low"], parts["ci_high"])])
+    pv = parts.pivot(index=["layer", "head"], columns="kind", values="cell").reset_index()
     pv = pv[[(int(l), int(h)) in set(senders) | set(receivers) for l, h in zip(pv["layer"], pv["head"])]]
     top = paths.assign(a=paths["effect"].abs()).sort_values("a", ascending=False).drop(columns="a").head(12)
     lines = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from mechicl.analysis.label_patching import (
     PARTS, POSITION_SETS, patch_head_parts, patch_heads_part, patch_position_sets, position_mask,
 )
 from mechicl.analysis.patching import Patcher
+from mechicl.analysis.stats import t_interval
 from mechicl.data.pairs import pair_for
 from mechicl.data.prompts import INPUT, LABEL
 from mechicl.data.tasks import load_task
@@ -51,6 +53,14 @@ def test_every_position_recovers_the_donor_run(organism, organism_pair, directio
     assert abs(float(res.values[0, col["input"]]) - (1.0 - donor)) < 1e-5
     df = res.table()
     assert set(df["positions"]) == set(POSITION_SETS) and len(df) == 2 * len(POSITION_SETS)
+    assert ((df["ci_low"] <= df["value"] + 1e-6) & (df["value"] <= df["ci_high"] + 1e-6)).all()
+    # "all" is the donor run in every context: its interval is that of the per-context clean - corrupted change
+    full = ((res.clean_ld - res.corrupted_ld) / (res.clean_ld.mean() - res.corrupted_ld.mean())).numpy()
+    _, lo, hi = t_interval(full if direction == "denoise" else 1 - full)
+    every = df[df["positions"] == "all"]
+    assert np.allclose(every["ci_low"], lo, atol=1e-5) and np.allclose(every["ci_high"], hi, atol=1e-5)
+    untouched = df[(df["positions"] == "input") & (df["layer"] == 0)]  # a no-op patch: zero width at the receiver
+    assert np.allclose(untouched[["ci_low", "ci_high"]].to_numpy(), 1.0 - donor, atol=1e-5)
 
 
 def test_readout_set_equals_the_resid_sweep_cell(organism, organism_pair):
