@@ -12,11 +12,12 @@ from mechicl.cli import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "outputs.md"
 ROOT = DOC.parents[1]
-COMMON = {"summary.md", "config.json"}
+COMMON = {"summary.md", "config.json", "manifest.json"}
 TINY = ["--model", "tiny", "--task", "toy", "--threads", "1"]
 RUNS = {
     "behavior": ["behavior", *TINY, "--conditions", "default,flipped,default>flipped@2", "--k-max", "3", "--n-contexts", "4"],
-    "run": ["run", str(ROOT / "experiments" / "nh3_label_switch.toml"), "--model", "organism-strong", "--n-contexts", "4",
+    "run": ["run", str(ROOT / "experiments" / "nh3_label_switch.toml"), "--model", "organism-strong", "--task", "organism",
+            "--n-contexts", "4",
             "--threads", "1"],
     "attention": ["attention", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
     "lens": ["lens", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
@@ -24,6 +25,9 @@ RUNS = {
     "patch": ["patch", *TINY, "--kinds", "resid,head_out,head_v_label", "--n-contexts", "2", "--n-examples", "4"],
     "heads": ["heads", *TINY, "--n-examples", "4", "--n-screen", "2", "--n-eval", "4", "--candidates", "3",
               "--set-sizes", "1,2", "--n-control", "3"],
+    "attribute": ["attribute", *TINY, "--n-contexts", "2", "--n-examples", "4", "--steps", "3", "--completeness-steps", "1,3"],
+    "circuit": ["circuit", *TINY, "--n-examples", "4", "--n-select", "2", "--n-eval", "3"],
+    "report": ["report", *TINY, "--quick"],
 }
 
 
