@@ -158,20 +158,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     """`mechicl attribute`: AttAttr and path IG beside exact and first-order patching, correct- vs flipped-label contexts."""
-    from mechicl.data.tasks import load_task
     from mechicl.runs.attribute import AttributeConfig, run_attribute
-    from mechicl.runs.preflight import prepare, staged_args
 
     cfg = AttributeConfig(args.model, args.task, args.n_contexts, args.n_examples, args.steps, args.completeness_steps,
                           args.metric, args.baseline, args.last_m, args.max_rows, args.top, args.view_heads, args.seed)
-    out = prepare(args, "attribute", args.model, args.task)
-    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
-    with staged_args(args, out) as tmp:
-        loaded, t0 = _load(args.model, args.threads, task)
-        _, text = run_attribute(loaded, task, cfg, tmp)
-    print(text)
-    _done(out, t0)
-    return 0
+    return _in_folder(args, "attribute", lambda m, t, out: run_attribute(m, t, cfg, out)[1])
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
@@ -195,20 +186,11 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 def cmd_circuit(args: argparse.Namespace) -> int:
     """`mechicl circuit`: label-position patching and sender -> receiver path patching, held-out contexts."""
-    from mechicl.data.tasks import load_task
     from mechicl.runs.circuit import CircuitConfig, run_circuit
-    from mechicl.runs.preflight import prepare, staged_args
 
     cfg = CircuitConfig(args.model, args.task, args.n_examples, args.n_select, args.n_eval, args.seed, args.seed_eval,
                         args.senders, args.receivers, tuple(p.strip() for p in args.positions.split(",")), args.threshold)
-    out = prepare(args, "circuit", args.model, args.task)
-    task = load_task(args.task, seed=args.seed, label_names=args.label_names)
-    with staged_args(args, out) as tmp:
-        loaded, t0 = _load(args.model, args.threads, task)
-        _, text = run_circuit(loaded, task, cfg, tmp)
-    print(text)
-    _done(out, t0)
-    return 0
+    return _in_folder(args, "circuit", lambda m, t, out: run_circuit(m, t, cfg, out)[1])
 
 
 def _add_circuit_parser(sub: Any) -> None:
