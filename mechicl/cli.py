@@ -17,7 +17,7 @@ from typing import Any
 
 from mechicl.errors import ConfigError
 from mechicl.models.registry import DEFAULT_MODEL, EMBEDDED, known_models
-from mechicl.runs.args import Parser, add_behavior_args, add_inside_args, add_run_args, fraction, int_at_least, run_command, set_sizes, words
+from mechicl.runs.args import Parser, add_behavior_args, add_inside_args, add_model_task, add_run_args, fraction, int_at_least, run_command, set_sizes, words
 
 
 def _load(model: str, threads: int | None, task: Any = None) -> tuple[Any, float]:
@@ -195,8 +195,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
 def _add_circuit_parser(sub: Any) -> None:
     cir = sub.add_parser("circuit", help="where label information is written and who reads it: label-position and path patching")
-    cir.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    cir.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    add_model_task(cir)
     for flag, default, low, what in (("--n-examples", 9, 2, "examples per context incl. the query"), ("--n-select", 8, 1,
                                      "contexts that choose the heads"), ("--n-eval", 16, 2, "held-out contexts for every "
                                      "reported number"), ("--senders", 4, 1, "sender heads on large models"), ("--receivers",
@@ -231,8 +230,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_report_parser(sub: Any) -> None:
     rep = sub.add_parser("report", help="every analysis on one model and task as one offline report.html")
-    rep.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    rep.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    add_model_task(rep)
     size = rep.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
     size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
@@ -277,23 +275,17 @@ def _add_organism_parser(sub: Any) -> None:
 
 def _add_causal_parsers(sub: Any) -> None:
     pat = sub.add_parser("patch", help="exact activation patching, correct- vs flipped-label contexts; heatmaps and tables")
-    pat.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    pat.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    add_model_task(pat)
     pat.add_argument("--kinds", default="resid,head_out",
                      help="comma list of resid, attn_out, mlp_out, head_out, head_out_label, head_out_readout, "
                           "head_v_label, head_pattern_label (default resid,head_out)")
     pat.add_argument("--direction", choices=["denoise", "noise", "both"], default="both",
                      help="denoise = clean into corrupted, noise = corrupted into clean (default both)")
-    pat.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
-    pat.add_argument("--n-examples", type=int_at_least(2), default=8, help="examples per context, the last is the query (default 8)")
-    pat.add_argument("--last-m", type=int_at_least(1), default=None, help="flip only the last m demonstration labels")
-    pat.add_argument("--max-rows", type=int_at_least(1), default=64, help="rows per batched forward (memory; default 64)")
-    pat.add_argument("--top", type=int_at_least(1), default=5, help="cells listed per sweep in the summary (default 5)")
+    _add_pair_args(pat, max_rows=64, top=5, top_help="cells listed per sweep in the summary")
     add_run_args(pat)
     pat.set_defaults(func=cmd_patch)
     hds = sub.add_parser("heads", help="find label-aggregation heads: attribution screen, exact patching, ablation vs random heads")
-    hds.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    hds.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    add_model_task(hds)
     hds.add_argument("--n-examples", type=int_at_least(2), default=17, help="examples per context incl. the query (default 17: k = 16)")
     hds.add_argument("--n-screen", type=int_at_least(1), default=16, help="contexts for attribution and exact patching (default 16)")
     hds.add_argument("--n-eval", type=int_at_least(2), default=64, help="held-out contexts for ablation (default 64)")
@@ -304,10 +296,7 @@ def _add_causal_parsers(sub: Any) -> None:
     add_run_args(hds)
     hds.set_defaults(func=cmd_heads)
     att = sub.add_parser("attribute", help="attention attribution that adds up: AttAttr and path IG vs exact patching")
-    att.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    att.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
-    att.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
-    att.add_argument("--n-examples", type=int_at_least(2), default=8, help="examples per context, the last is the query (default 8)")
+    add_model_task(att)
     att.add_argument("--steps", type=int_at_least(1), default=20, help="Riemann steps (midpoint rule) of both IGs (default 20)")
     att.add_argument("--completeness-steps", type=set_sizes, default=(1, 5, 20, 50),
                      help="step counts at which path-IG completeness is reported (default 1,5,20,50)")
@@ -316,12 +305,19 @@ def _add_causal_parsers(sub: Any) -> None:
     att.add_argument("--baseline", choices=["uniform", "zero"], default="uniform",
                      help="AttAttr path start: uniform causal attention, or 0 * A as in Hao et al. (degenerate with a "
                           "post-attention norm, e.g. Gemma-3; default uniform)")
-    att.add_argument("--last-m", type=int_at_least(1), default=None, help="flip only the last m demonstration labels")
-    att.add_argument("--max-rows", type=int_at_least(1), default=32, help="rows per batched forward+backward (memory; default 32)")
-    att.add_argument("--top", type=int_at_least(1), default=10, help="heads listed; k of the top-k overlap (default 10)")
+    _add_pair_args(att, max_rows=32, top=10, top_help="heads listed; k of the top-k overlap")
     att.add_argument("--view-heads", type=int_at_least(1), default=4, help="heads in attribution_view.html (default 4)")
     add_run_args(att)
     att.set_defaults(func=cmd_attribute)
+
+
+def _add_pair_args(p: argparse.ArgumentParser, max_rows: int, top: int, top_help: str) -> None:
+    """The flags of commands that compare correct- with flipped-label renderings of the same contexts (a pair)."""
+    p.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
+    p.add_argument("--n-examples", type=int_at_least(2), default=8, help="examples per context, the last is the query (default 8)")
+    p.add_argument("--last-m", type=int_at_least(1), default=None, help="flip only the last m demonstration labels")
+    p.add_argument("--max-rows", type=int_at_least(1), default=max_rows, help=f"rows per batched forward (memory; default {max_rows})")
+    p.add_argument("--top", type=int_at_least(1), default=top, help=f"{top_help} (default {top})")
 
 
 def build_parser() -> argparse.ArgumentParser:

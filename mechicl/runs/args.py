@@ -110,9 +110,14 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             return 1
 
 
-def add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
+def add_model_task(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--task``, the same in every command that runs a model on a task."""
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
-    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path; see `mechicl tasks`")
+    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words); see `mechicl tasks`")
+
+
+def add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
+    add_model_task(p)
     p.add_argument("--conditions", default=conditions, help="comma list of default, random, flipped, arbitrary[:w1/w2]")
     p.add_argument("--k-max", type=int_at_least(0), default=16, help="largest number of in-context examples scored (default 16)")
     p.add_argument("--n-contexts", type=int_at_least(2), default=64, help="context draws per condition (default 64)")
@@ -122,8 +127,7 @@ def add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
 
 
 def add_inside_args(p: argparse.ArgumentParser, n_contexts: int) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words)")
+    add_model_task(p)
     p.add_argument("--n-contexts", type=int_at_least(2), default=n_contexts, help=f"contexts per condition (default {n_contexts})")
     p.add_argument("--n-examples", type=int_at_least(2), default=16, help="labelled examples per context (default 16)")
     p.add_argument("--k-min", type=int_at_least(1), default=4, help="average over readout slots with >= k-min earlier examples (default 4)")

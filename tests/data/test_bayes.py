@@ -13,7 +13,7 @@ WORD_IDS = np.concatenate([SENTIMENT_IDS, ARBITRARY_IDS])  # token id of WORDS[i
 
 
 def test_closed_forms():
-    e, (pd_, pf, pa) = CFG.label_noise, CFG.map_probs
+    e, (pd_, pf, _) = CFG.label_noise, CFG.map_probs
     for k in (0, 1, 4, 16):
         d = pd_ * (1 - e) ** k * (1 - e) + pf * e**k * e
         assert bayes_point(CFG, "default", k)[0] == pytest.approx(d / (pd_ * (1 - e) ** k + pf * e**k), rel=1e-12)
