@@ -214,9 +214,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mechicl.runs.report import ReportConfig, run_report
 
     size = "quick" if args.quick else "full" if args.full else "default"
-    cfg = ReportConfig.sized(size, model=args.model, task=args.task, seed=args.seed, arbitrary=args.arbitrary)
+    extra = {"attribution": True} if args.attribution else {}
+    cfg = ReportConfig.sized(size, model=args.model, task=args.task, seed=args.seed, arbitrary=args.arbitrary, **extra)
     command = (f"mechicl report --model {args.model} --task {args.task} --seed {args.seed} --arbitrary {args.arbitrary}"
-               + {"quick": " --quick", "full": " --full", "default": ""}[size]
+               + {"quick": " --quick", "full": " --full", "default": ""}[size] + (" --attribution" if args.attribution else "")
                + (f" --label-names {','.join(args.label_names)}" if args.label_names else ""))
     out = prepare(args, "report", args.model, args.task)
     task = load_task(args.task, seed=args.seed, label_names=args.label_names)
@@ -235,6 +236,8 @@ def _add_report_parser(sub: Any) -> None:
     size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
     size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
     rep.add_argument("--arbitrary", default="A/B", help="label words of the arbitrary condition (default A/B)")
+    rep.add_argument("--attribution", action="store_true",
+                     help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)")
     add_run_args(rep)
     rep.set_defaults(func=cmd_report)
 

@@ -72,7 +72,8 @@ class AttributeResult:
     costs: pd.DataFrame
 
 
-def _attattr_both(loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig) -> dict[str, list[AttAttrResult]]:
+def attattr_both(loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig) -> dict[str, list[AttAttrResult]]:
+    """AttAttr of every layer on the pair's correct-label and flipped-label renderings (``cfg.steps``, ``cfg.baseline``)."""
     out = {}
     for cond, b in (("correct", pair.clean), ("flipped", pair.corrupted)):
         answer, foil = default_targets(b)
@@ -89,10 +90,10 @@ def compute_attribute(loaded: LoadedModel, task: Task, cfg: AttributeConfig, clo
     """Run every analysis of the module docstring on one freshly sampled pair."""
     pair = pair_for(loaded, task, cfg.n_contexts, cfg.n_examples, seed=cfg.seed, last_m=cfg.last_m)
     t0 = time.perf_counter()
-    aa = _attattr_both(loaded, pair, cfg)
+    aa = attattr_both(loaded, pair, cfg)
     t_aa = time.perf_counter() - t0
     clock.lap("AttAttr")
-    groups = pd.concat([head_groups(rs, b).assign(condition=c) for (c, rs), b in zip(aa.items(), (pair.clean, pair.corrupted))])
+    groups = attattr_groups(pair, aa)
     comp = pd.concat([completeness_table(rs).assign(condition=c) for c, rs in aa.items()], ignore_index=True)
     patcher = Patcher(loaded.model, pair, max_rows=cfg.max_rows)
     exact = patcher.sweep("head_out", "denoise")
@@ -119,7 +120,7 @@ def compute_attribute(loaded: LoadedModel, task: Task, cfg: AttributeConfig, clo
                            sign_disagreements(exact.effect, fo.effect, ig.heads), costs)
 
 
-def _layer_masses(groups: pd.DataFrame) -> pd.DataFrame:
+def layer_masses(groups: pd.DataFrame) -> pd.DataFrame:
     """Per condition and layer: attribution summed over heads on label and on input tokens (readout slot)."""
     g = groups[groups.group.isin(["label", "input"])]
     g = g.groupby(["condition", "layer", "group"], as_index=False).attribution.sum()
@@ -127,11 +128,21 @@ def _layer_masses(groups: pd.DataFrame) -> pd.DataFrame:
     return g
 
 
+def attattr_groups(pair: PatchPair, aa: dict[str, list[AttAttrResult]]) -> pd.DataFrame:
+    """Tidy AttAttr per (condition, layer, head, key group) at the last readout slot."""
+    return pd.concat([head_groups(rs, b).assign(condition=c) for (c, rs), b in zip(aa.items(), (pair.clean, pair.corrupted))])
+
+
+def plot_label_vs_input(folder: RunFolder, groups: pd.DataFrame, title: str) -> Path:
+    """``attribution_label_vs_input.png``: per layer, AttAttr mass on label vs input tokens, both conditions."""
+    return line_plot(layer_masses(groups), "layer", "attribution", folder / "attribution_label_vs_input.png", hue="series",
+                     title=f"AttAttr mass at the readout slot, label vs input tokens - {title}",
+                     ylabel="sum over heads of Attr (logit diff)")
+
+
 def _plots_and_view(folder: RunFolder, loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig, title: str) -> list[str]:
     """Per-layer label-vs-input plot, head heatmaps, the HTML view; returns the viewed head names."""
-    line_plot(_layer_masses(r.groups), "layer", "attribution", folder / "attribution_label_vs_input.png", hue="series",
-              title=f"AttAttr mass at the readout slot, label vs input tokens - {title}",
-              ylabel="sum over heads of Attr (logit diff)")
+    plot_label_vs_input(folder, r.groups, title)
     for cond in ("correct", "flipped"):
         lab = r.groups[(r.groups.condition == cond) & (r.groups.group == "label")]
         heatmap(head_grid(lab, "attribution"), folder / f"attattr_label_{cond}.png",
@@ -168,7 +179,7 @@ def summary_lines(loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig,
     """The markdown summary: top heads, label vs input per layer, completeness, ranking, sign disagreements, cost."""
     pc = r.path_completeness.pivot_table(index="layer", columns="steps", values="residual").reset_index()
     pc.columns = ["layer", *[f"residual m={m}" for m in pc.columns[1:]]]
-    masses = _layer_masses(r.groups).pivot_table(index="layer", columns="series", values="attribution").reset_index()
+    masses = layer_masses(r.groups).pivot_table(index="layer", columns="series", values="attribution").reset_index()
     ac = r.attattr_completeness[["condition", "layer", "steps", "baseline", "sum_attr", "f_full_minus_f_base", "residual",
                                  "max_abs_residual"]]
     dis = r.disagreements

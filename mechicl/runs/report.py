@@ -23,12 +23,13 @@ from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult
 from mechicl.analysis.experiments import ExperimentConfig, run_tests
 from mechicl.analysis.heads import HeadFinderConfig, HeadFinderResult
 from mechicl.analysis.patching import Patcher, PatchResult
-from mechicl.data.pairs import pair_for
+from mechicl.data.pairs import PatchPair, pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs import report_sections as S
 from mechicl.runs.attention import AttentionResult, compute_attention
+from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.experiments import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
@@ -68,6 +69,8 @@ class ReportConfig:
     resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
     batch_size: int = 8
     top: int = 6
+    attribution: bool = False  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
+    attribution_steps: int = 20  # its Riemann steps; cost about 2 (m + 2) (L + 1) / 2 forward + backward pairs
 
     def __post_init__(self) -> None:
         if not 1 <= self.k_min < self.n_examples or self.k_max < 1:
@@ -80,9 +83,9 @@ class ReportConfig:
         presets = {
             "default": {},
             "quick": dict(k_max=6, n_behavior=8, n_examples=6, n_inside=6, k_min=2, n_patch=3, n_screen=4, n_eval=8,
-                          n_candidates=4, n_control=20),
+                          n_candidates=4, n_control=20, attribution=True, attribution_steps=4),
             "full": dict(k_max=16, n_behavior=128, n_examples=17, n_inside=64, n_patch=16, n_screen=16, n_eval=160,
-                         n_candidates=12, n_control=200, resid_examples=0),
+                         n_candidates=12, n_control=200, resid_examples=0, attribution=True),
         }
         if size not in presets:
             raise ConfigError(f"unknown report size {size!r}; use one of {', '.join(presets)}")
@@ -168,6 +171,7 @@ class PatchStage:
     attribution: pd.DataFrame  # layer, head, attribution, exact
     agreement: dict[str, float]
     description: str
+    pair: PatchPair  # the contexts every number of the stage comes from
 
 
 def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool) -> PatchStage:
@@ -184,7 +188,7 @@ def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bo
     table["attribution"] = est.values.reshape(-1).numpy()
     table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
     return PatchStage(results, (lo, hi), table, agreement(est.values, exact.values, k=min(10, len(table))),
-                      pair.description)
+                      pair.description, pair)
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ class ReportData:
     patch: PatchStage
     heads: HeadFinderResult
     n_classes: int
+    attattr: pd.DataFrame | None = None  # runs.attribute.attattr_groups on the patching pair (``--attribution``)
 
 
 def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: Stages,
@@ -223,7 +228,12 @@ def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: S
         patch = patch_stage(loaded, task, cfg, progress)
     with stages.stage("head finder", f"{cfg.n_screen} screening + {cfg.n_eval} held-out contexts"):
         heads = find_heads_for(loaded, task, cfg.heads(), progress)
-    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes)
+    groups = None
+    if cfg.attribution:
+        with stages.stage("AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}"):
+            ac = AttributeConfig(cfg.model, cfg.task, steps=cfg.attribution_steps, seed=cfg.seed)
+            groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac))
+    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups)
 
 
 def write_tables(folder: RunFolder, d: ReportData) -> None:
@@ -239,6 +249,8 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
     folder.csv("dla.csv", d.dla)
     folder.csv("prior_vs_context.csv", d.prior_vs_context)
     folder.csv("attribution_vs_exact.csv", d.patch.attribution)
+    if d.attattr is not None:
+        folder.csv("attattr_groups.csv", d.attattr)
     for name in ("heads", "all_heads", "sets", "control"):
         folder.csv(f"{name}.csv", getattr(d.heads, name))
 

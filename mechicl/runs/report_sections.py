@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import platform
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +16,7 @@ from mechicl.analysis.patching import PatchResult
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention
+from mechicl.runs.attribute import plot_label_vs_input, top_label_heads
 from mechicl.runs.behavior import plot_metric
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from mechicl.runs.report import ReportConfig, ReportData
 
 PACKAGES = ("mechicl", "torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "pandas", "scipy")
-ATTRIBUTE_MODULE = Path(__file__).resolve().parent / "attribute.py"  # `mechicl attribute` (issue 17)
 
 
 def ci(row: pd.Series, col: str = "mean") -> str:
@@ -138,18 +137,38 @@ def attention_section(folder: RunFolder, loaded: LoadedModel, d: "ReportData", t
     blocks.append(View(attention_view(bd, 0, loaded.tokenizer, pats, list(top.name)),
                        f"Interactive: the {len(sel)} top label-attention heads on context 0 (default labels). Hover a "
                        "head, then a [Q] token, to see where the readout slot looks; [L] marks label tokens."))
-    blocks.append(Note(integrated_gradients_pointer(loaded.name, d.config.task), pointer=True))
+    blocks += attattr_blocks(folder, d, title) if d.attattr is not None else [
+        Note(integrated_gradients_pointer(loaded.name, d.config.task), pointer=True)]
     return Section("Who looks at labels", tuple(blocks))
 
 
+def attattr_blocks(folder: RunFolder, d: "ReportData", title: str) -> list:
+    """Raw attention beside attention attribution (AttAttr) for the heads with most label-token attribution."""
+    g, n = d.attattr, d.config.n_patch
+    plot_label_vs_input(folder, g, title)
+    top = top_label_heads(g, d.config.top)
+    best = top.iloc[0]
+    lab_in = g[g.group.isin(["label", "input"]) & (g.condition == "flipped")].groupby("group").attribution.sum()
+    return [
+        Figure(folder.path / "attribution_label_vs_input.png",
+               f"Attention attribution (AttAttr, integrated gradients over attention from a uniform-attention start, "
+               f"m = {d.config.attribution_steps}) at the readout slot, summed over heads: label vs input tokens per layer, "
+               f"on the {n} patching contexts. Unlike raw attention it adds up to the change of the shown label's logit "
+               f"difference. Over all layers, flipped labels: label tokens {lab_in.get('label', 0.0):+.3f}, input tokens "
+               f"{lab_in.get('input', 0.0):+.3f}."),
+        Table(top.reset_index(drop=True),
+              f"Raw attention vs attribution on label tokens at the readout slot. {best['name']} carries the most "
+              f"(|AttAttr| {abs(best.attribution_flipped):.3f} with flipped labels) while putting "
+              f"{best.attention_flipped:.2f} of its attention there; `mechicl attribute` adds path IG and the "
+              "comparison with exact patching."),
+    ]
+
+
 def integrated_gradients_pointer(model: str, task: str) -> str:
-    """Section 3's pointer to the integrated-gradients views of `mechicl attribute` (issue 17)."""
-    if ATTRIBUTE_MODULE.exists():
-        return (f"Integrated gradients (AttAttr per head and token, path IG from flipped to correct labels, both beside "
-                f"exact patching): `mechicl attribute --model {model} --task {task}`. The report does not run it, "
-                "to stay within minutes: its step sweeps cost many forwards per layer.")
-    return ("Integrated-gradients views will come from `mechicl attribute` (issue 17), which is not in this version; "
-            "this section shows attention saliency instead.")
+    """Section 3's pointer when the report ran without ``--attribution``."""
+    return (f"Attention attribution (AttAttr, integrated gradients over attention) is off in this run: add "
+            f"`--attribution` (it costs many forwards per layer), or run `mechicl attribute --model {model} --task {task}` "
+            "for AttAttr and path IG beside exact and first-order patching.")
 
 
 # ------------------------------------------------------------- 4. patching

@@ -48,7 +48,7 @@ def test_report_is_one_offline_page_with_every_section(report):
     imgs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
     assert len(imgs) >= 12 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert html.count("CircuitsVis.render(") == 1 and "[Q]" in html and "[L]" in html
-    assert "`mechicl attribute --model organism-strong --task organism`" in html  # section 3 points at the IG command
+    assert "Raw attention vs attribution on label tokens" in html  # --quick runs AttAttr for section 3
     assert "`mechicl findings`" in html and "issue 12" in html  # section 7 says which commands will fill it
     assert "mechicl report --model organism-strong --task organism --seed 0 --arbitrary a/b --quick" in html
 
@@ -71,6 +71,9 @@ def test_captions_quote_the_runs_csvs(report):
             f"reduces the correct-vs-flipped accuracy gap by {h.gap_reduction_mean:+.2f}") in text
     st = pd.read_csv(out / "stages.csv")
     assert (st.forwards > 0).all() and f"{int(st.forwards.sum())} over {int(st.rows.sum())} context rows" in html
+    g = pd.read_csv(out / "attattr_groups.csv").query("group == 'label' and condition == 'flipped'")
+    top = g.loc[g.attribution.abs().idxmax()]
+    assert f"L{int(top.layer)}H{int(top['head'])} carries the most (|AttAttr| {abs(top.attribution):.3f}" in text
     nh = pd.read_csv(out / "nh_tests.csv")
     assert set(nh.hypothesis) == {"NH1", "NH2"} and "Verdict: NH2 is rejected" in text  # the organism keeps its prior
 
@@ -124,3 +127,11 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     subprocess.run([*base, "--window-size=1000,1400", f"--screenshot={png}", url], capture_output=True, timeout=120)
     pixels = plt.imread(png)
     assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05, "blank screenshot"
+
+
+def test_without_attribution_section_3_says_how_to_get_it():
+    from mechicl.runs.report_sections import integrated_gradients_pointer
+
+    text = integrated_gradients_pointer("organism-strong", "organism")
+    assert "`--attribution`" in text and "`mechicl attribute --model organism-strong --task organism`" in text
+    assert not ReportConfig.sized("default", model="m").attribution and ReportConfig.sized("quick", model="m").attribution
