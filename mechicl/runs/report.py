@@ -20,85 +20,25 @@ import pandas as pd
 
 from mechicl.analysis.attribution_patching import agreement, attribution_patch
 from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult
-from mechicl.analysis.experiments import ExperimentConfig, run_tests
-from mechicl.analysis.heads import HeadFinderConfig, HeadFinderResult
-from mechicl.analysis.patching import Patcher, PatchResult
-from mechicl.data.pairs import PatchPair, pair_for
+from mechicl.analysis.experiments import run_tests
+from mechicl.analysis.patching import Patcher
+from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
-from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs import report_sections as S
-from mechicl.runs.attention import AttentionResult, compute_attention
+from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData
+from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.experiments import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.heads import find_heads_for
-from mechicl.runs.inside import InsideConfig, compute_dla, compute_lens
+from mechicl.runs.inside import compute_dla, compute_lens
 from mechicl.viz.report_html import render_report
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 NH_CONFIGS = ("nh1_random_labels.toml", "nh2_flipped_arbitrary.toml")
 PATCH_KINDS = ("head_out", "head_out_label", "head_out_readout", "resid")
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """Sizes of every stage of `mechicl report` (defaults: a few minutes for gemma3-270m on 2 cores).
-
-    Cost: behaviour ``4 * n_behavior`` forwards of ``k_max + 1``-example contexts; attention, lens and DLA
-    about 6 forwards (+ 2 backwards for saliency, + one 0-shot forward per query) of ``n_inside`` contexts;
-    patching ``n_patch`` contexts, one forward per (cell, kind) swept plus 2 forwards + 1 backward for
-    attribution; the head finder as ``HeadFinderConfig`` (``n_screen``, ``n_eval``, ``n_control``).
-    """
-
-    model: str
-    task: str = "vader-words"
-    seed: int = 0
-    k_max: int = 12  # behaviour: contexts hold k_max + 1 examples
-    n_behavior: int = 32  # contexts per label condition (shared draws)
-    arbitrary: str = "A/B"  # replacement label words of the arbitrary condition
-    n_examples: int = 9  # examples per context (query included) for attention, lens, DLA, patching, heads
-    n_inside: int = 16  # contexts for attention, lens, DLA
-    k_min: int = 4  # readout slots with k >= k_min are averaged in attention, lens, DLA
-    n_patch: int = 4  # contexts for the patching sweeps
-    n_screen: int = 8  # head finder: screening contexts
-    n_eval: int = 32  # head finder: held-out ablation contexts
-    n_candidates: int = 6
-    n_control: int = 50
-    resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
-    batch_size: int = 8
-    top: int = 6
-    attribution: bool = False  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
-    attribution_steps: int = 20  # its Riemann steps; cost about 2 (m + 2) (L + 1) / 2 forward + backward pairs
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_min < self.n_examples or self.k_max < 1:
-            raise ConfigError(f"need 1 <= k_min < n_examples and k_max >= 1 (got k_min={self.k_min}, "
-                              f"n_examples={self.n_examples}, k_max={self.k_max})")
-
-    @classmethod
-    def sized(cls, size: str, **kw: Any) -> "ReportConfig":
-        """``"default"``, ``"quick"`` (seconds on tiny models, for tests) or ``"full"`` (paper-grade sizes)."""
-        presets = {
-            "default": {},
-            "quick": dict(k_max=6, n_behavior=8, n_examples=6, n_inside=6, k_min=2, n_patch=3, n_screen=4, n_eval=8,
-                          n_candidates=4, n_control=20, attribution=True, attribution_steps=4),
-            "full": dict(k_max=16, n_behavior=128, n_examples=17, n_inside=64, n_patch=16, n_screen=16, n_eval=160,
-                         n_candidates=12, n_control=200, resid_examples=0, attribution=True),
-        }
-        if size not in presets:
-            raise ConfigError(f"unknown report size {size!r}; use one of {', '.join(presets)}")
-        return cls(**{**presets[size], **kw})
-
-    def inside(self) -> InsideConfig:
-        return InsideConfig(self.model, self.task, self.n_inside, self.n_examples, self.k_min, self.seed,
-                            self.batch_size, self.top)
-
-    def heads(self) -> HeadFinderConfig:
-        sizes = tuple(s for s in (1, 2, 4) if s <= self.n_candidates)
-        return HeadFinderConfig(self.model, self.task, self.n_examples, self.n_screen, self.n_eval, self.n_candidates,
-                                sizes, self.n_control, "mean", self.seed)
 
 
 @dataclass
@@ -133,15 +73,6 @@ class Stages:
         return pd.DataFrame(self.rows)
 
 
-@dataclass(frozen=True)
-class NHTest:
-    """One NH config's primary tests run on the report's behaviour scores (ks clipped to ``k_max``)."""
-
-    config: ExperimentConfig
-    tests: pd.DataFrame
-    verdict: str
-
-
 def nh_tests(beh: BehaviorResult, cfg: ReportConfig, model: str) -> list[NHTest]:
     """The primary tests of experiments/nh1 and nh2 whose conditions the report scored (no extra forwards)."""
     have = set(beh.raw.condition)
@@ -162,18 +93,6 @@ def nh_tests(beh: BehaviorResult, cfg: ReportConfig, model: str) -> list[NHTest]
     return out
 
 
-@dataclass(frozen=True)
-class PatchStage:
-    """Exact sweeps (denoise) and attribution patching of head outputs on the same pair."""
-
-    results: tuple[PatchResult, ...]
-    window: tuple[int, int]  # positions [lo, hi) of the residual sweep
-    attribution: pd.DataFrame  # layer, head, attribution, exact
-    agreement: dict[str, float]
-    description: str
-    pair: PatchPair  # the contexts every number of the stage comes from
-
-
 def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool) -> PatchStage:
     pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
     patcher = Patcher(loaded.model, pair, progress=progress)
@@ -189,23 +108,6 @@ def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bo
     table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
     return PatchStage(results, (lo, hi), table, agreement(est.values, exact.values, k=min(10, len(table))),
                       pair.description, pair)
-
-
-@dataclass(frozen=True)
-class ReportData:
-    """Everything the sections are drawn from."""
-
-    config: ReportConfig
-    behavior: BehaviorResult
-    nh: list[NHTest]
-    attention: AttentionResult
-    lens: Any  # analysis.lens.Lens
-    dla: pd.DataFrame
-    prior_vs_context: pd.DataFrame
-    patch: PatchStage
-    heads: HeadFinderResult
-    n_classes: int
-    attattr: pd.DataFrame | None = None  # runs.attribute.attattr_groups on the patching pair (``--attribution``)
 
 
 def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: Stages,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import platform
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,12 +20,11 @@ from mechicl.runs.behavior import plot_metric
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
 from mechicl.runs.patch import write_patch_results
+from mechicl.runs.report_data import ReportConfig, ReportData
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
 from mechicl.viz.plots import heatmap
 from mechicl.viz.report_plots import histogram, scatter
 
-if TYPE_CHECKING:
-    from mechicl.runs.report import ReportConfig, ReportData
 
 PACKAGES = ("mechicl", "torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "pandas", "scipy")
 
@@ -36,7 +34,7 @@ def ci(row: pd.Series, col: str = "mean") -> str:
     return f"{row[col]:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]"
 
 
-def intro(loaded: LoadedModel, task: Task, cfg: "ReportConfig") -> list[str]:
+def intro(loaded: LoadedModel, task: Task, cfg: ReportConfig) -> list[str]:
     return [f"Model {loaded.name} ({loaded.source}); task {task.name}: {task.description}. Seed {cfg.seed}. "
             "Every number in the captions below is computed by this run; the CSV files next to this page hold them all.",
             "Reading guide: behaviour first (does the model follow in-context labels?), then where in depth "
@@ -47,7 +45,7 @@ def intro(loaded: LoadedModel, task: Task, cfg: "ReportConfig") -> list[str]:
 # ------------------------------------------------------------- 1. behaviour
 
 
-def behavior_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
+def behavior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     s, K = d.behavior.summary, d.config.k_max
     n_classes = d.n_classes
     conds = list(dict.fromkeys(s.condition))
@@ -81,7 +79,7 @@ def behavior_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
 # ------------------------------------------------------------- 2. lens
 
 
-def lens_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
+def lens_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     lens = d.lens
     plot_lens(folder, lens, title)
     g = lens.gap[lens.gap.metric == "accuracy_true"].set_index("depth")
@@ -102,7 +100,7 @@ def lens_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
 # ------------------------------------------------------------- 3. attention
 
 
-def attention_section(folder: RunFolder, loaded: LoadedModel, d: "ReportData", title: str) -> Section:
+def attention_section(folder: RunFolder, loaded: LoadedModel, d: ReportData, title: str) -> Section:
     """Long because it writes five captioned figures and the interactive view."""
     r, top_n = d.attention, d.config.top
     heads = r.heads
@@ -142,7 +140,7 @@ def attention_section(folder: RunFolder, loaded: LoadedModel, d: "ReportData", t
     return Section("Who looks at labels", tuple(blocks))
 
 
-def attattr_blocks(folder: RunFolder, d: "ReportData", title: str) -> list:
+def attattr_blocks(folder: RunFolder, d: ReportData, title: str) -> list:
     """Raw attention beside attention attribution (AttAttr) for the heads with most label-token attribution."""
     g, n = d.attattr, d.config.n_patch
     plot_label_vs_input(folder, g, title)
@@ -174,7 +172,7 @@ def integrated_gradients_pointer(model: str, task: str) -> str:
 # ------------------------------------------------------------- 4. patching
 
 
-def patching_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
+def patching_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     p = d.patch
     write_patch_results(folder, [r for r in p.results if r.kind != "resid"], title)
     blocks: list = []
@@ -223,7 +221,7 @@ def resid_figure(folder: RunFolder, r: PatchResult, t: pd.DataFrame, window: tup
 # ------------------------------------------------------------- 5. validation
 
 
-def validation_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
+def validation_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     h = d.heads
     if h.heads.empty:
         return Section("Validation", (Note("The head finder confirmed no candidate heads on this run."),))
@@ -262,7 +260,7 @@ def validation_section(folder: RunFolder, d: "ReportData", title: str) -> Sectio
 # ------------------------------------------------------------- 6. prior vs context
 
 
-def prior_section(folder: RunFolder, d: "ReportData", title: str) -> Section:
+def prior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     ph = d.prior_vs_context[d.prior_vs_context.kind == "head"].rename(columns={"component": "name"})
     path = scatter(ph, "prior", "context", folder / "prior_vs_context.png", label="name",
                    title=f"{title}: each head's direct effect, prior part vs context part",
@@ -285,7 +283,7 @@ def circuit_section() -> Section:
              "`mechicl patch --kinds head_pattern_label,head_v_label` shows where those heads read from.", pointer=True),))
 
 
-def build_sections(folder: RunFolder, loaded: LoadedModel, d: "ReportData", title: str) -> list[Section]:
+def build_sections(folder: RunFolder, loaded: LoadedModel, d: ReportData, title: str) -> list[Section]:
     return [behavior_section(folder, d, title), lens_section(folder, d, title),
             attention_section(folder, loaded, d, title), patching_section(folder, d, title),
             validation_section(folder, d, title), prior_section(folder, d, title), circuit_section()]
@@ -304,7 +302,7 @@ def versions() -> str:
     return ", ".join(out + [f"python {platform.python_version()}"])
 
 
-def facts_section(loaded: LoadedModel, cfg: "ReportConfig", stages: pd.DataFrame, command: str) -> Section:
+def facts_section(loaded: LoadedModel, cfg: ReportConfig, stages: pd.DataFrame, command: str) -> Section:
     facts = pd.DataFrame([
         ("model", f"{loaded.name} ({loaded.source})"), ("task", cfg.task), ("seed", str(cfg.seed)),
         ("forwards (all stages)", f"{int(stages.forwards.sum())} over {int(stages.rows.sum())} context rows"),

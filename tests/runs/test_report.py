@@ -18,7 +18,7 @@ import pytest
 from scipy import stats
 
 from mechicl.cli import main
-from mechicl.runs.report import ReportConfig
+from mechicl.runs.report_data import ReportConfig
 from mechicl.viz.report_html import Figure, Note, Section, Table, render_report
 from tests.viz.test_views import EXTERNAL, _no_external_script
 
