@@ -7,7 +7,7 @@ returns a replacement or ``None``). Names come from TL's own ``get_act_name``. T
 * ``capture``: the one factory for hooks that keep activations (optionally gathered at positions);
 * ``run_to_final``: a forward that stops at the final norm's input, the extension TL lacks (the
   bridge's ``stop_at_layer`` can only stop at a block's ``hook_in``, so the 262k-word Gemma
-  unembedding, 64% of a 300-token forward, would always run); optionally starting at a later block
+  unembedding, 54% of a 300-token forward, would always run); optionally starting at a later block
   (``start``), which TL's ``start_at_layer`` accepts but does not make cheaper;
 * ``head_masks``: boolean (layer, head) masks of head sets.
 

@@ -29,7 +29,7 @@ label positions. Results are ``PatchResult`` (labelled axes + tidy table).
 upstream blocks of a patch at layer ``l`` are skipped for real (``surgery.start_at``; the bridge's
 ``start_at_layer`` still executes them, see ``benchmarks/bench_patching.py``); the run stops at
 ``ln_final.hook_in`` and only the query slot's label logits are unembedded (Gemma-3's 262k-word
-unembedding is 64% of a 300-token forward, `benchmarks/bench_forward.py`), with tokens after the query slot dropped (causality); all cells
+unembedding is 54% of a 300-token forward in `benchmarks/bench_forward.py`), with tokens after the query slot dropped (causality); all cells
 of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
 (layer, position) cells where donor and receiver are bit-identical (before the first differing
 label) are not run; readout-slot interventions re-run one token (``ReadoutStepper``, self-checked

@@ -3,7 +3,7 @@
 The model runs up to its final norm's input (``ln_final.hook_in``) and stops
 (``hooks.run_to_final``: the one early-stop mechanism every analysis uses); the unembedding
 is then applied only at readout slots and only to the label
-tokens. For Gemma-3 (262k-word vocabulary) that skips 64% of a 300-token forward (``benchmarks/bench_forward.py``).
+tokens. For Gemma-3 (262k-word vocabulary) that skips 54% of a 300-token forward (``benchmarks/bench_forward.py``, 1 thread).
 Results equal the model's full logits restricted to the label tokens (tested).
 """
 
