@@ -1,7 +1,8 @@
 """The one module that reaches under TransformerLens's hooks: skipped blocks and a KV-cache shim.
 
-TL hooks can read and replace activations, but not (a) stop blocks from computing or (b) change
-the keyword arguments a wrapped Hugging Face module receives. Two speed-ups need exactly that:
+TL hooks can read and replace activations, but not (a) stop blocks from computing, (b) change
+the keyword arguments a wrapped Hugging Face module receives, or (c) stay registered across calls of
+``run_with_hooks`` (``count_block_calls``, the report's forward counter). Two speed-ups need (a), (b):
 
 * ``start_at``: blocks ``0..l-1`` return a cached residual instead of computing it (the upstream
   skip of exact patching). The bridge's ``start_at_layer`` re-enters at block ``l`` but, per its
@@ -83,6 +84,26 @@ def start_at(model: Any, layer: int, resid: Tensor | None) -> Iterator[None]:
     finally:
         for blk in blocks:
             blk.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def count_block_calls(model: Any) -> Iterator[dict[str, int]]:
+    """Count the calls of the model's last block and the rows they carry, over any number of forwards.
+
+    A raw forward-pre hook because TL's ``run_with_hooks`` removes its hooks at the end of every call,
+    while this count spans many calls (partial re-runs that start mid-model or run one token included).
+    """
+    counts = {"calls": 0, "rows": 0}
+
+    def count(module: Any, args: tuple) -> None:
+        counts["calls"] += 1
+        counts["rows"] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
+
+    handle = model.blocks[-1].register_forward_pre_hook(count)
+    try:
+        yield counts
+    finally:
+        handle.remove()
 
 
 def _cache_shim(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

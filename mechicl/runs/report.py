@@ -22,6 +22,7 @@ from mechicl.analysis.attribution_patching import agreement, attribution_patch
 from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult
 from mechicl.analysis.experiments import run_tests
 from mechicl.analysis.patching import Patcher
+from mechicl.analysis.surgery import count_block_calls
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -52,22 +53,13 @@ class Stages:
 
     @contextmanager
     def stage(self, name: str, contexts: str) -> Iterator[None]:
-        calls, rows = [0], [0]
-
-        def count(module: Any, args: tuple) -> None:
-            calls[0] += 1
-            rows[0] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
-
-        handle = self.model.blocks[-1].register_forward_pre_hook(count)
         t0 = time.perf_counter()
-        try:
+        with count_block_calls(self.model) as n:
             yield
-        finally:
-            handle.remove()
         s = time.perf_counter() - t0
-        self.rows.append({"stage": name, "contexts": contexts, "seconds": s, "forwards": calls[0], "rows": rows[0]})
+        self.rows.append({"stage": name, "contexts": contexts, "seconds": s, "forwards": n["calls"], "rows": n["rows"]})
         if self.progress:
-            print(f"[report] {name}: {s:.1f} s, {calls[0]} forwards ({contexts})", flush=True)
+            print(f"[report] {name}: {s:.1f} s, {n['calls']} forwards ({contexts})", flush=True)
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
