@@ -1,0 +1,197 @@
+"""``SlotStepper``: re-run every readout slot with ``k >= k_min`` of every context, with head-output
+interventions at that slot only.
+
+``ReadoutStepper`` re-runs one slot per context (the query). Findings need more data per context:
+a context with examples ``0..K`` has a readout slot for every ``k`` (the prediction of example
+``k``'s label after ``k`` labelled examples), and each is a measurement. An intervention at slot
+``s`` changes nothing before it, so every slot's re-run can share one key/value cache of the whole
+context: the re-run copy of slot ``s`` sees the cached positions before ``s`` and itself only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechicl.analysis.hooks import act_name, capture, run_to_final
+from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
+from mechicl.data.prompts import PromptBatch
+
+
+def _left_pad(batch: PromptBatch, P: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tokens, mask, position ids of every context's first ``q_last + 1`` tokens at the right end of
+    ``P`` columns, and each row's column offset."""
+    b = batch.n_contexts
+    q = batch.readout_pos[:, -1]
+    tok, mask, pos = (torch.zeros(b, P, dtype=torch.long) for _ in range(3))
+    off = P - (q + 1)
+    for r in range(b):
+        n = int(q[r]) + 1
+        tok[r, P - n :] = batch.tokens[r, :n]
+        mask[r, P - n :] = 1
+        pos[r, P - n :] = torch.arange(n)
+    return tok, mask, pos, off
+
+
+class SlotStepper:
+    """Label logits at every readout slot ``k >= k_min`` under head-output interventions at that slot.
+
+    ``slots``: example indices ``k_min .. n_examples - 1`` (slot ``s`` has seen ``k_min + s`` labelled
+    examples). On construction the whole context runs once, keeping its key/value cache and every
+    head's output (``hook_z``) at each slot. ``run`` appends ``n x S`` tokens per context (``n``
+    interventions x ``S`` slots); a 4D mask lets copy ``(i, s)`` see the cache before slot ``s`` and
+    itself, at slot ``s``'s position id: exact, independent re-runs (checked on construction against
+    the full forward). Models without a usable KV cache fall back to one full forward per
+    (intervention, slot) row (``mode == "full"``).
+
+    Cost: construction 1 forward; ``run``: ``n x S`` one-token steps per context (kv) or ``n x S``
+    forwards per context (full). Memory: the KV cache of the batch plus ``z`` at the slots,
+    ``batch x S x n_layers x n_heads x d_head`` floats.
+    """
+
+    def __init__(self, model: Any, batch: PromptBatch, k_min: int, *, step_tokens: int = 8192, max_rows: int = 64,
+                 mode: str = "auto", atol: float = 1e-3) -> None:
+        if not 0 <= k_min < batch.n_examples:
+            raise ValueError(f"k_min={k_min} must be in [0, {batch.n_examples - 1}] for {batch.n_examples}-example contexts")
+        self.model, self.batch, self.k_min = model, batch, k_min
+        self.step_tokens, self.max_rows = step_tokens, max_rows
+        self.pos = batch.readout_pos[:, k_min:]  # [b, S] readout positions of the slots
+        self.label_ids = batch.label_token_ids
+        self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+        self._window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
+        self.P = int(batch.readout_pos[:, -1].max()) + 1
+        self.mode, self._cache = "full", None
+        if mode in ("auto", "kv"):
+            try:
+                self._init_kv(atol)
+                return
+            except Exception as e:  # noqa: BLE001 - any failure means: use full forwards
+                if mode == "kv":
+                    raise
+                warnings.warn(f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
+        self._init_full()
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.pos.shape[1])
+
+    @property
+    def true_labels(self) -> Int[Tensor, "batch slot"]:
+        return self.batch.true_labels[:, self.k_min :]
+
+    def _z_names(self) -> list[str]:
+        return [act_name("z", l) for l in range(self.L)]
+
+    @torch.no_grad()
+    def _init_kv(self, atol: float) -> None:
+        cache = new_kv_cache(self.model)
+        if cache is None:
+            raise RuntimeError("the model has no transformers KV cache")
+        if self._window and self.P + self.n_slots > self._window:
+            raise RuntimeError(f"context ({self.P}) + one step ({self.n_slots}) exceeds the sliding window {self._window}")
+        tok, mask, pos, off = self._prefix = _left_pad(self.batch, self.P)
+        self._cols = self.pos + off[:, None]  # [b, S] slot columns in the left-padded layout
+        store: dict[str, Tensor] = {}
+        with cache_shim(self.model):
+            resid = run_to_final(self.model, tok, capture(self._z_names(), store, at=self._cols), attention_mask=mask,
+                                 position_ids=pos, **cache_kwargs(self.model, cache))
+        self._cache = cache
+        self.z = torch.stack([store[n] for n in self._z_names()], 2)  # [b, S, L, H, d]
+        rows = torch.arange(tok.shape[0])[:, None]
+        self.base_logits = unembed_labels(self.model, resid[rows, self._cols], self.label_ids)  # [b, S, labels]
+        self.mode = "kv"
+        check = self.run(torch.zeros(2, self.L, self.H, dtype=torch.bool))
+        err = float((check - self.base_logits[None]).abs().max())
+        if not err <= atol * max(1.0, float(self.base_logits.abs().max())):
+            self.mode = "full"
+            raise RuntimeError(f"KV re-run differs from the full forward by {err:.3g}")
+
+    @torch.no_grad()
+    def _init_full(self) -> None:
+        store: dict[str, Tensor] = {}
+        resid = run_to_final(self.model, self.batch.tokens[:, : self.P], capture(self._z_names(), store, at=self.pos))
+        self.z = torch.stack([store[n] for n in self._z_names()], 2)
+        rows = torch.arange(self.batch.n_contexts)[:, None]
+        self.base_logits = unembed_labels(self.model, resid[rows, self.pos], self.label_ids)
+        self.mode = "full"
+
+    @torch.no_grad()
+    def run(self, masks: Bool[Tensor, "n layer head"], source: Float[Tensor, "..."] | None = None,
+            progress: bool = False) -> Float[Tensor, "n batch slot n_labels"]:
+        """Label logits at every slot for ``n`` interventions.
+
+        Intervention ``i`` replaces the slot output of every head with ``masks[i, layer, head]`` by
+        ``source`` (``None``: zero; ``[batch, slot, layer, head, d_head]``: per context and slot,
+        e.g. a donor context's output at the same slot; ``[layer, head, d_head]``: one vector).
+        """
+        n, S = masks.shape[0], self.n_slots
+        if self.mode == "kv":
+            per = max(1, self.step_tokens // max(1, self.batch.n_contexts * S))
+            if self._window:
+                per = max(1, min(per, (self._window - self.P) // S))
+        else:
+            per = max(1, self.max_rows // max(1, self.batch.n_contexts * S))
+        chunks = range(0, n, per)
+        out = [self._chunk(masks[c : c + per], source)
+               for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)]
+        return torch.cat(out, 0) if out else torch.zeros(0, self.batch.n_contexts, S, len(self.label_ids))
+
+    def _src(self, source: Tensor | None, l: int) -> Tensor | None:
+        """The layer-``l`` replacement shaped ``[b, 1, S, H, d]`` or ``[1, 1, 1, H, d]`` (None: zero)."""
+        if source is None:
+            return None
+        if source.dim() == 3:
+            return source[l][None, None, None]
+        return source[:, :, l][:, None]
+
+    def _hooks(self, masks: Tensor, source: Tensor | None, full_rows: Tensor | None) -> list[tuple[str, Callable]]:
+        """``hook_z`` replacements: kv rows ``[b, n*S]`` or full rows ``(context, i, s)`` at their slot."""
+        n, S, b = masks.shape[0], self.n_slots, self.batch.n_contexts
+        hooks = []
+        for l in range(self.L):
+            m_l = masks[:, l]  # [n, H]
+            if not m_l.any():
+                continue
+
+            def hook(act: Tensor, hook: Any, m_l: Tensor = m_l, src: Tensor | None = self._src(source, l)) -> Tensor:
+                keep = m_l[None, :, None, :, None]  # [1, n, 1, H, 1]
+                if full_rows is None:  # kv: act [b, n*S, H, d]
+                    a = act.view(b, n, S, *act.shape[2:])
+                    repl = torch.zeros_like(a) if src is None else src.expand_as(a)
+                    return torch.where(keep, repl, a).reshape(act.shape)
+                act = act.clone()  # full: act [b*n*S, pos, H, d]; edit each row's own slot
+                r = torch.arange(act.shape[0])
+                at = act[r, full_rows].view(b, n, S, *act.shape[2:])
+                repl = torch.zeros_like(at) if src is None else src.expand_as(at)
+                act[r, full_rows] = torch.where(keep, repl, at).reshape(-1, *act.shape[2:])
+                return act
+
+            hooks.append((act_name("z", l), hook))
+        return hooks
+
+    def _chunk(self, masks: Tensor, source: Tensor | None) -> Tensor:
+        n, S, b = masks.shape[0], self.n_slots, self.batch.n_contexts
+        if self.mode == "kv":
+            tok, mask, pos, _ = self._prefix
+            cols = self._cols.repeat(1, n)  # [b, n*S]: copy (i, s) re-runs slot s
+            m4 = torch.zeros(b, 1, n * S, self.P + n * S, dtype=torch.bool)
+            m4[:, 0, :, : self.P] = (torch.arange(self.P)[None, None] < cols[:, :, None]) & mask[:, None].bool()
+            m4[:, 0, torch.arange(n * S), self.P + torch.arange(n * S)] = True
+            with cache_shim(self.model):
+                resid = run_to_final(
+                    self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=m4,
+                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)),
+                )
+            return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
+        rows_pos = self.pos[:, None, :].expand(b, n, S).reshape(-1)
+        tokens = self.batch.tokens[:, : self.P].repeat_interleave(n * S, 0)
+        resid = run_to_final(self.model, tokens, self._hooks(masks, source, rows_pos))
+        logits = unembed_labels(self.model, resid[torch.arange(len(rows_pos)), rows_pos], self.label_ids)
+        return logits.view(b, n, S, -1).transpose(0, 1)
