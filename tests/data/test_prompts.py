@@ -160,3 +160,20 @@ def test_switch_syntax_errors():
         LabelCondition.parse("random>flipped@3")
     with pytest.raises(PromptError, match="@N"):
         LabelCondition.parse("default>flipped")
+
+
+def test_flipped_three_classes_renders_the_next_class_word(tiny):
+    """3 classes: red shows green, green shows blue, blue shows red, in the rendered text and in the tokens."""
+    task = helpers.toy_task(n_classes=3, n=60)
+    ids = sample_contexts(task, 6, 9, seed=2)
+    b = build_prompt_batch(task, tiny.tokenizer, ids, "flipped", n_ctx=tiny.n_ctx, prepend_bos=True)
+    nxt = {"red": "green", "green": "blue", "blue": "red"}
+    seen = set()
+    for i, text in enumerate(b.texts):
+        shown = [line.removeprefix("Label: ") for line in text.split("\n") if line.startswith("Label: ")]
+        true = [task.label_names[task.labels[j]] for j in ids[i].tolist()]
+        assert shown == [nxt[t] for t in true]
+        seen |= set(zip(true, shown))
+    assert seen == set(nxt.items())  # every class's shift occurs
+    rows = torch.arange(b.n_contexts)[:, None]
+    assert torch.equal(b.tokens[rows, b.label_pos], b.label_token_ids[(b.true_labels + 1) % 3])

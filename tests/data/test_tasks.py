@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections import defaultdict
 from importlib import resources
 
 import numpy as np
 import pytest
+import torch
 
-from mechicl.data.tasks import load_task
-from mechicl.errors import TaskError
+from mechicl.data.prompts import build_prompt_batch, label_token_ids
+from mechicl.data.task import check_tokenization
+from mechicl.data.tasks import CAR_ORIGINS, TaskWarning, cars_json, load_task
+from mechicl.data.words import tiny_tokenizer
+from mechicl.errors import PromptError, TaskError
 
 
 def test_vader_words_follow_the_lexicon():
@@ -44,7 +50,7 @@ def test_movies_size():
 
 def test_csv_and_jsonl(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\ngreat film,pos\nawful film,neg\nfine,pos\n")
-    t = load_task(str(tmp_path / "d.csv"))
+    t = load_task(str(tmp_path / "d.csv"), balance=False)
     assert t.label_names == ("neg", "pos") and t.labels == (1, 0, 1)
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -72,3 +78,98 @@ def test_toy_task_labels():
     t = load_task("toy")
     first = np.array([int(x.split()[0][1:]) for x in t.texts])
     assert np.array_equal(first % 2, np.array(t.labels))
+
+
+# ------------------------------------------------------------ vega-cars ---
+
+
+def test_vega_cars_follows_cars_json():
+    """Every kept name has the one origin cars.json gives it; 3 balanced classes, no repeated input."""
+    origins = defaultdict(set)
+    for car in json.loads(cars_json().read_text()):
+        origins[" ".join(car["Name"].split())].add(car["Origin"])
+    task = load_task("vega-cars")
+    assert task.label_names == CAR_ORIGINS == ("USA", "Europe", "Japan") and task.n_classes == 3
+    counts = task.class_counts()
+    assert len(set(counts)) == 1 and counts[0] >= 50, counts  # 59 each: Japan has 59 distinct names
+    assert len(set(task.texts)) == len(task) and set(task.labels) == {0, 1, 2}
+    for text, y in zip(task.texts, task.labels):
+        assert origins[text] == {task.label_names[y]}, text
+    assert task.template.example == "Car: {input}\nOrigin: {label}"
+
+
+def test_vega_cars_balance_is_seeded():
+    a, b = load_task("vega-cars", seed=0), load_task("vega-cars", seed=1)
+    assert a.texts == load_task("vega-cars", seed=0).texts and a.texts != b.texts
+    assert a.class_counts() == b.class_counts()
+
+
+def test_vega_cars_refused_by_the_tiny_word_tokenizer():
+    """The tiny model's word-level vocabulary has no car names or origins: the run stops before any compute."""
+    with pytest.raises(PromptError, match="tokenizes to <unk>"):
+        check_tokenization(load_task("vega-cars"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+def real_loaded(request):
+    """Both embedded models (the default one is the session's ``real``; downloads on first use)."""
+    from mechicl.models.loading import load_model
+    from mechicl.models.registry import DEFAULT_MODEL
+
+    return request.getfixturevalue("real") if request.param == DEFAULT_MODEL else load_model(request.param)
+
+
+@pytest.mark.real_model
+def test_vega_cars_label_words_are_single_tokens_on_real_tokenizers(real_loaded):
+    tok, bos = real_loaded.tokenizer, real_loaded.prepend_bos
+    task = load_task("vega-cars")
+    check_tokenization(task, tok)
+    ids = label_token_ids(tok, task.template, task.label_names, bos)
+    assert [tok.decode([i]) for i in ids] == [" USA", " Europe", " Japan"]
+    every = torch.arange(len(task)).reshape(-1, 3)  # every car once, three per context
+    for cond in ("default", "flipped"):  # one token after every input of the task, in context too
+        b = build_prompt_batch(task, tok, every, cond, n_ctx=real_loaded.n_ctx, prepend_bos=bos)
+        assert b.label_token_seqs is None
+        assert torch.equal(b.tokens.gather(1, b.label_pos), b.label_token_ids[b.shown_labels])
+
+
+# --------------------------------------------------- file-task balancing ---
+
+
+def _a10_b4(tmp_path):
+    path = tmp_path / "ab.csv"
+    path.write_text("text,label\n" + "".join(f"w{i},{'a' if i < 10 else 'b'}\n" for i in range(14)))
+    return str(path)
+
+
+def test_file_tasks_are_balanced_with_a_warning(tmp_path):
+    path = _a10_b4(tmp_path)
+    with pytest.warns(TaskWarning, match=r"balanced to 4 rows each \(seed 3\): kept 8 of 14 rows \(counts were a: 10, b: 4\)"):
+        t = load_task(path, seed=3)
+    assert t.class_counts() == [4, 4] and len(t) == 8
+    assert [x for x, y in zip(t.texts, t.labels) if y == 1] == ["w10", "w11", "w12", "w13"]  # the small class whole
+    assert list(t.texts) == sorted(t.texts, key=lambda w: int(w[1:]))  # file order kept
+    with pytest.warns(TaskWarning):
+        assert load_task(path, seed=3).texts == t.texts
+    with pytest.warns(TaskWarning):
+        assert any(load_task(path, seed=s).texts != t.texts for s in range(4, 8))
+
+
+def test_balance_false_keeps_every_row_without_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = load_task(_a10_b4(tmp_path), balance=False)
+    assert len(t) == 14 and t.class_counts() == [10, 4]
+
+
+def test_balanced_jsonl_and_label_names_without_rows(tmp_path):
+    """A declared class no row uses does not shrink the others to zero; balanced files stay silent."""
+    rows = [{"text": f"w{i}", "label": i % 2} for i in range(6)] + [{"text": "w9", "label": 0}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.warns(TaskWarning, match="kept 6 of 7 rows"):
+        t = load_task(str(tmp_path / "d.jsonl"), label_names=("no", "yes", "maybe"))
+    assert t.class_counts() == [3, 3, 0]
+    (tmp_path / "e.csv").write_text("text,label\nw1,x\nw2,y\nw3,z\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_task(str(tmp_path / "e.csv"))) == 3
