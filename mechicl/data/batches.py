@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mechicl.data.prompts import PromptBatch, build_prompt_batch
 from mechicl.data.task import Task, Template
+from mechicl.errors import PromptError
 
 
 def zero_shot_batch(task: Task, tokenizer: Any, batch: PromptBatch, *, n_ctx: int, prepend_bos: bool,
@@ -62,6 +63,61 @@ def ablation_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch
         zero_shot=build_prompt_batch(task, tokenizer, example_ids[:, -1:], "default", seed=seed, **kw),
         shuffled=build_prompt_batch(task, tokenizer, example_ids, "random", shown_labels=shuffled_labels(correct, seed), **kw),
     )
+
+
+STAGES = ("screen", "confirm", "validate")
+
+
+@dataclass(frozen=True)
+class StageDraws:
+    """Context draws for held-out stages: ``ids[stage]`` is ``[n_contexts, n_examples]`` task rows.
+
+    The stages draw from disjoint pools of task rows (a seeded, class-stratified split), so no
+    context, and no example, is shared between stages; ``seeds[stage]`` is the seed of its draw.
+    """
+
+    ids: dict[str, Int[Tensor, "batch example"]]
+    seeds: dict[str, int]
+    pools: dict[str, tuple[int, ...]]
+
+    def shared_examples(self) -> set[int]:
+        """Task rows that occur in more than one stage (empty by construction)."""
+        seen: dict[int, str] = {}
+        shared = set()
+        for stage, ids in self.ids.items():
+            for r in set(ids.reshape(-1).tolist()):
+                if seen.setdefault(r, stage) != stage:
+                    shared.add(r)
+        return shared
+
+
+def stage_draws(task: Task, sizes: dict[str, int], n_examples: int, seed: int = 0) -> StageDraws:
+    """Draw ``sizes[stage]`` contexts of ``n_examples`` rows per stage from disjoint, class-stratified pools.
+
+    Raises ``PromptError`` when a pool (``len(task) / len(sizes)`` rows) is smaller than a context.
+    """
+    stages = list(sizes)
+    rng = np.random.default_rng([seed, 7919])
+    labels = np.asarray(task.labels)
+    pools: dict[str, list[int]] = {s: [] for s in stages}
+    for c in range(len(task.label_names)):  # deal each class's rows round-robin: pools stay balanced
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        for i, s in enumerate(stages):
+            pools[s] += rows[i :: len(stages)].tolist()
+    ids, seeds = {}, {}
+    for i, s in enumerate(stages):
+        pool = np.sort(np.asarray(pools[s]))
+        if n_examples > len(pool):
+            raise PromptError(
+                f"stage {s!r} draws from {len(pool)} of the task's {len(task)} rows (disjoint pools for {len(stages)} "
+                f"stages), fewer than the {n_examples} examples a context needs: lower --k or use a larger task"
+            )
+        seeds[s] = seed * 1000 + i
+        r = np.random.default_rng(seeds[s])
+        ids[s] = torch.as_tensor(np.stack([pool[r.choice(len(pool), n_examples, replace=False)] for _ in range(sizes[s])]))
+    draws = StageDraws(ids, seeds, {s: tuple(int(x) for x in pools[s]) for s in stages})
+    assert not draws.shared_examples(), "held-out stages share task rows"
+    return draws
 
 
 def repeated_random_tokens(tokenizer: Any, d_vocab: int, prepend_bos: bool, n_seqs: int = 8, seq_len: int = 40,
