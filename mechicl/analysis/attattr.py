@@ -46,7 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import act_name, capture, run_to_final
+from mechicl.analysis.hooks import act_name, capture, run_to_final, to_host
 from mechicl.analysis.integrated_gradients import alpha_rows, chunks, label_metric
 from mechicl.data.prompts import BOS, INPUT, LABEL, TEMPLATE, PromptBatch
 
@@ -101,7 +101,7 @@ def _scaled_run(model: Any, tokens: Tensor, pattern: Tensor, base: Tensor, resid
     """F and dF/d(pattern) at ``base + alpha (pattern - base)`` for the ``alpha`` values ``a``, rows
     alpha-major: ``[n, b]``, ``[n, b, H, W, W]``."""
     n, b = len(a), tokens.shape[0]
-    path = base[None] + a[:, None, None, None, None] * (pattern - base)[None]
+    path = base[None] + a.to(pattern.device)[:, None, None, None, None] * (pattern - base)[None]
     leaf = path.reshape(n * b, *pattern.shape[1:]).requires_grad_(True)
 
     def scaled(x: Tensor, hook: Any) -> Tensor:
@@ -147,7 +147,7 @@ def attattr(model: Any, batch: PromptBatch, answer: Int[Tensor, "batch"] | None 
     for l in tqdm(layers, desc="attattr", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         A = store[act_name("pattern", l)].float()
-        A0 = torch.zeros_like(A) if baseline == "zero" else uniform_pattern(A.shape)
+        A0 = torch.zeros_like(A) if baseline == "zero" else uniform_pattern(A.shape).to(A.device)
         resid = store.get(act_name("resid_pre", l))
         fs, gs = [], []
         for sl in chunks(len(a), max_rows // b):
@@ -155,7 +155,8 @@ def attattr(model: Any, batch: PromptBatch, answer: Int[Tensor, "batch"] | None 
             fs.append(f)
             gs.append(g)
         f, g = torch.cat(fs), torch.cat(gs)  # [m + 2, b], [m + 2, b, H, W, W]
-        attr = (A - A0) * g[:steps].mean(0)
+        attr = to_host((A - A0) * g[:steps].mean(0))
+        A = to_host(A)
         cost = len(a) * (L - l) / L
         out.append(AttAttrResult(l, steps, metric, baseline, attr, A, f[-1], f[-2], cost + 1 / len(layers), cost,
                                  time.perf_counter() - t0))

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.frames import heads_frame
-from mechicl.analysis.hooks import act_name, capture, run_to_final
+from mechicl.analysis.hooks import act_name, capture, run_to_final, to_host
 from mechicl.data.prompts import TEMPLATE, PromptBatch
 
 CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
@@ -50,8 +50,8 @@ def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progre
         with torch.no_grad():
             run_to_final(model, sub.tokens, capture(names, store, at=sub.readout_pos), attention_mask=sub.attention_mask)
         for l, name in enumerate(names):  # [b, example, head, key]
-            x = store[name]
-            out[start : start + sub.n_contexts, :, l, :, : x.shape[-1]] = x.float()
+            x = to_host(store[name])
+            out[start : start + sub.n_contexts, :, l, :, : x.shape[-1]] = x
     return out
 
 
@@ -63,7 +63,7 @@ def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[t
     names = [act_name("pattern", l) for l in sorted({l for l, _ in heads})]
     with torch.no_grad():
         run_to_final(model, batch.tokens[row : row + 1, :n], capture(names, store))
-    return torch.stack([store[act_name("pattern", l)][0, h].float() for l, h in heads])
+    return torch.stack([to_host(store[act_name("pattern", l)][0, h]) for l, h in heads])
 
 
 def key_categories(batch: PromptBatch) -> Bool[Tensor, "batch example category key"]:
@@ -187,5 +187,5 @@ def induction_scores(model: Any, tokens: Int[Tensor, "batch pos"], offset: int) 
     store: dict[str, Tensor] = {}
     with torch.no_grad():
         run_to_final(model, tokens, capture(names, store))
-    s = torch.stack([store[n][:, :, q, k].mean((0, 2)).float() for n in names]).numpy()  # [layer, head]
+    s = torch.stack([to_host(store[n][:, :, q, k].float().mean((0, 2))) for n in names]).numpy()  # [layer, head]
     return heads_frame(s, induction=s.ravel())

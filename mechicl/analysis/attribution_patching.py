@@ -34,7 +34,7 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
-from mechicl.analysis.hooks import act_name, capture, grad_leaf, run_to_final
+from mechicl.analysis.hooks import act_name, capture, grad_leaf, run_to_final, to_host
 from mechicl.analysis.patching import DIRECTIONS, KINDS, cell_table, normalise
 from mechicl.analysis.readout import unembed_labels
 from mechicl.data.pairs import PatchPair
@@ -110,14 +110,14 @@ def attribution_patch(
     donor_store: dict[str, Tensor] = {}
     with torch.no_grad():
         d_resid = run_to_final(model, donor.tokens[:, :W], capture(names, donor_store))
-        d_ld = pair.logit_diff(unembed_labels(model, d_resid[rows, q], pair.clean.label_token_ids))
+        d_ld = pair.logit_diff(to_host(unembed_labels(model, d_resid[rows, q], pair.clean.label_token_ids)))
 
     acts: dict[str, Tensor] = {}
 
     hooks = [("blocks.0.hook_resid_pre", grad_leaf), *capture(names, acts, grad=True)]
     with _frozen(model), torch.enable_grad():
         resid = run_to_final(model, recv.tokens[:, :W], hooks)
-        r_ld = pair.logit_diff(unembed_labels(model, resid[rows, q], pair.clean.label_token_ids))
+        r_ld = pair.logit_diff(unembed_labels(model, resid[rows, q], pair.clean.label_token_ids).cpu())  # float32, differentiable
         clean_ld, corr_ld = (d_ld, r_ld) if direction == "denoise" else (r_ld, d_ld)
         metric = normalise(r_ld, clean_ld.detach(), corr_ld.detach())
         order = [n for n in names if n in acts and acts[n].requires_grad]
@@ -142,26 +142,26 @@ def _per_cell(kind: str, deltas: dict[str, tuple[Tensor, Tensor | None]], pair: 
     rows, q, lab = torch.arange(b), pair.query_pos, pair.clean.label_pos[:, :-1]  # lab: demonstration labels
     per_layer, per_pos = [], []
     for delta, g in deltas.values():
-        prod = delta * (g if g is not None else torch.zeros_like(delta))
+        prod = delta.float() * (g.float() if g is not None else torch.zeros_like(delta, dtype=torch.float32))  # float32 sums
         if KINDS[kind].axes[1] == "pos":  # [b, pos, d_model]
-            per_layer.append(prod.sum(-1).sum(0))
+            per_layer.append(to_host(prod.sum(-1).sum(0)))
         elif kind == "head_pattern_label":  # [b, head, dest, src]
-            m = torch.zeros(b, prod.shape[-1], dtype=torch.bool)
+            m = torch.zeros(b, prod.shape[-1], dtype=torch.bool, device=prod.device)
             m[rows[:, None], lab] = True
             by_src = prod.sum(2)  # [b, head, src]
-            per_layer.append((by_src * m[:, None]).sum((0, 2)))
-            per_pos.append(by_src.sum(0))
+            per_layer.append(to_host((by_src * m[:, None]).sum((0, 2))))
+            per_pos.append(to_host(by_src.sum(0)))
         else:  # z / v: [b, pos, head, d]
             by_pos = prod.sum(-1)  # [b, pos, head]
-            m = torch.zeros(b, by_pos.shape[1], dtype=torch.bool)
+            m = torch.zeros(b, by_pos.shape[1], dtype=torch.bool, device=prod.device)
             if kind == "head_out":
                 m[:] = True
             elif kind == "head_out_readout":
                 m[rows, q] = True
             else:
                 m[rows[:, None], lab] = True
-            per_layer.append((by_pos * m[..., None]).sum((0, 1)))
-            per_pos.append(by_pos.sum(0).T)  # [head, pos]
+            per_layer.append(to_host((by_pos * m[..., None]).sum((0, 1))))
+            per_pos.append(to_host(by_pos.sum(0).T))  # [head, pos]
     return per_layer, per_pos
 
 

@@ -29,11 +29,11 @@ from mechicl.data.prompts import PromptBatch
 def norm_affine(norm: Any) -> tuple[Tensor, Tensor | None, bool]:
     """(gain, bias, centers) of a LayerNorm/RMSNorm bridge: out = (center(x) / scale) * gain + bias."""
     centers = not bool(getattr(norm, "uses_rms_norm", False))
-    w = norm.weight.detach().double()
+    w = norm.weight.detach().cpu().double()
     gain = 1.0 + w if getattr(norm, "uses_weight_offset", False) else w
     comp = getattr(norm, "original_component", None)
     bias = getattr(comp, "bias", None)
-    return gain, (bias.detach().double() if centers and bias is not None else None), centers
+    return gain, (bias.detach().cpu().double() if centers and bias is not None else None), centers
 
 
 def _frozen_norm(x: Tensor, scale: Tensor, gain: Tensor, centers: bool) -> Tensor:
@@ -83,9 +83,9 @@ def _attention_components(model: Any, st: dict[str, Tensor], l: int, post_attn: 
     """Layer ``l``'s attention output split into its heads (and ``b_O``), checked against ``hook_attn_out``."""
     attn = model.blocks[l].attn
     z = st[f"blocks.{l}.attn.hook_z"]  # [b, ex, H, d_head]
-    heads = torch.einsum("behd,hdm->hbem", z, attn.W_O.detach().double())  # [H, b, ex, d_model]
+    heads = torch.einsum("behd,hdm->hbem", z, attn.W_O.detach().cpu().double())  # [H, b, ex, d_model]
     b_O = getattr(attn, "b_O", None)
-    parts = [heads] + ([b_O.detach().double().expand_as(heads[0])[None]] if b_O is not None else [])
+    parts = [heads] + ([b_O.detach().cpu().double().expand_as(heads[0])[None]] if b_O is not None else [])
     out = torch.cat(parts)
     if post_attn:  # Gemma: attn_out = RMSNorm(sum of heads + b_O); scale frozen from the run
         g, _, c = norm_affine(model.blocks[l].ln1_post)
@@ -105,9 +105,11 @@ def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress:
     if post_attn and len(post_attn) != n_layers:
         raise RuntimeError("some but not all blocks have a post-attention norm; DLA does not handle this model")
     g_f, b_f, c_f = norm_affine(model.ln_final)
-    W_U = model.W_U.detach().double()[:, batch.label_token_ids]  # [d_model, n_labels]
+    W_U = model.W_U.detach()  # DLA runs on the CPU in float64 on readout-slot activations (small)
+    ids = batch.label_token_ids.to(W_U.device)
+    W_U = W_U[:, ids].cpu().double()  # [d_model, n_labels]
     b_U = getattr(model, "b_U", None)
-    b_U = b_U.detach().double()[batch.label_token_ids] if b_U is not None else None
+    b_U = b_U.detach()[ids].cpu().double() if b_U is not None else None
     names: list[str] = []
     chunks_out, logits_out = [], []
     want = ["hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_out"]
@@ -117,7 +119,7 @@ def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress:
             want.append(f"blocks.{l}.ln1_post.hook_scale")
     want = [n for n in want if _has_hook(model, n)]
     for sub, acts in readout_activations(model, batch, want, batch_size, progress, desc="dla", stop="ln_final.hook_out"):
-        st = {n: x.double() for n, x in acts.items()}
+        st = {n: x.cpu().double() for n, x in acts.items()}
         comps, nm = [], []
         for name in ("hook_embed", "hook_pos_embed"):
             if name in st:

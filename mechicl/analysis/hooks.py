@@ -26,6 +26,7 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from mechicl.analysis.surgery import start_at
+from mechicl.models.device import input_device
 
 Hook = tuple[str, Callable[..., Any]]
 Head = tuple[int, int]
@@ -38,8 +39,18 @@ def act_name(kind: str, layer: int) -> str:
 
 
 def at_slots(x: Tensor, pos: Int[Tensor, "batch slot"]) -> Tensor:
-    """``x[b, pos[b, s], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, slot, ...]``."""
-    return x[torch.arange(x.shape[0])[:, None], pos]
+    """``x[b, pos[b, s], ...]`` for activations ``[batch, pos, ...]`` -> ``[batch, slot, ...]`` (on ``x``'s device)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], pos.to(x.device)]
+
+
+def to_host(x: Tensor) -> Tensor:
+    """A result leaving an analysis: detached, float32, on the CPU (a no-op for CPU float32 tensors)."""
+    return x.detach().float().cpu()
+
+
+def on_device(model: Any, x: Any) -> Any:
+    """``x`` (a tensor; anything else is returned as is) on the device the model's inputs go to."""
+    return x.to(input_device(model)) if isinstance(x, Tensor) else x
 
 
 def _query_axis(name: str) -> int:
@@ -66,7 +77,8 @@ def capture(names: Sequence[str], store: dict[str, Tensor], at: Int[Tensor, "bat
             if at is None:
                 store[name] = x.detach().clone()
             elif _query_axis(name) == 2:
-                store[name] = x[torch.arange(x.shape[0])[:, None], :, at].detach()  # [b, slot, head, key]
+                rows = torch.arange(x.shape[0], device=x.device)[:, None]
+                store[name] = x[rows, :, at.to(x.device)].detach()  # [b, slot, head, key]
             else:
                 store[name] = at_slots(x, at).detach()
             return None
@@ -92,9 +104,16 @@ def run_to_final(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[H
     With the default ``stop`` that is the residual entering the final norm and the unembedding
     never runs. ``start=(l, resid)`` starts at block ``l`` from the residual ``resid`` entering it:
     blocks ``0..l-1`` do not run (``surgery.start_at``). Cost: blocks ``l..`` up to ``stop``.
-    Raises if ``stop`` never fires.
+    Raises if ``stop`` never fires. ``tokens`` and tensor keyword arguments (masks, position ids) are
+    moved to the model's input device here, the one place every analysis forward passes through
+    (a ``start`` residual only when it is on another kind of device: a split model keeps it where it is).
     """
     out: dict[str, Tensor] = {}
+    dev = input_device(model)
+    tokens = tokens.to(dev)
+    forward_kwargs = {k: on_device(model, v) for k, v in forward_kwargs.items()}
+    if start is not None and start[1] is not None and start[1].device.type != dev.type:
+        start = (start[0], start[1].to(dev))
 
     def halt(x: Tensor, hook: Any) -> None:
         out["x"] = x

@@ -64,7 +64,7 @@ def label_metric(model: Any, resid_q: Float[Tensor, "row d_model"], label_ids: I
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    logits = unembed_labels(model, resid_q, label_ids)  # [row, n_labels]
+    logits = unembed_labels(model, resid_q, label_ids).cpu()  # [row, n_labels], float32, differentiable
     rows = torch.arange(logits.shape[0])
     if metric == "prob":
         return torch.softmax(logits, -1)[rows, answer]

@@ -33,7 +33,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import Head, act_name, run_to_final
+from mechicl.analysis.hooks import Head, act_name, run_to_final, to_host
 from mechicl.analysis.patching import DIRECTIONS, Patcher, PatchResult, cell_table, normalise
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.stats import t_interval
@@ -55,7 +55,7 @@ def readout_ld(model: Any, pair: PatchPair, resid: Float[Tensor, "rows pos d_mod
     b = pair.n_contexts
     n = resid.shape[0] // b
     rows = torch.arange(resid.shape[0])
-    logits = unembed_labels(model, resid[rows, pair.query_pos.repeat(n)], pair.clean.label_token_ids)
+    logits = to_host(unembed_labels(model, resid[rows, pair.query_pos.repeat(n)], pair.clean.label_token_ids))
     return pair.logit_diff(logits.view(n, b, -1))
 
 
@@ -125,7 +125,7 @@ def patch_position_sets(patcher: Patcher, direction: str = "denoise", sets: Sequ
     ld = torch.empty(L, n, b)
     for l in tqdm(range(L), desc="patch resid sets", unit="layer", disable=not progress, leave=False):
         d, r = d_store[names[l]], r_store[names[l]]  # [batch, pos, d_model]
-        patched = torch.where(masks[..., None], d[None], r[None]).reshape(n * b, w, -1)
+        patched = torch.where(masks.to(d.device)[..., None], d[None], r[None]).reshape(n * b, w, -1)
 
         def hook(act: Tensor, hook: Any, patched: Tensor = patched) -> Tensor:
             return patched.to(act.dtype)
@@ -171,7 +171,7 @@ def _part_z(patcher: Patcher, layer: int, part: str, direction: str) -> Float[Te
     recv, donor = runs_for(direction)
     names = [act_name("pattern", layer), act_name("v", layer)]
     r, d = patcher.cached(recv, names), patcher.cached(donor, names)
-    lab = position_mask(patcher.pair, "label", patcher.width)  # [batch, pos]
+    lab = position_mask(patcher.pair, "label", patcher.width).to(r[names[0]].device)  # [batch, pos]
     if part == "pattern":  # donor attention onto label sources (columns), every destination
         pat = torch.where(lab[:, None, None, :], d[names[0]], r[names[0]])
         v = r[names[1]]

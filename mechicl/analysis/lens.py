@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechicl.analysis.hooks import to_host
 from mechicl.analysis.readout import readout_activations, unembed_labels
 from mechicl.analysis.stats import t_interval
 from mechicl.data.prompts import PromptBatch
@@ -28,9 +29,10 @@ def lens_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: b
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     out = []
     for sub, acts in readout_activations(model, batch, names, batch_size, progress, desc="lens"):
-        resid = torch.stack([acts[n] for n in names], dim=2)  # [b, ex, depth, d_model]
+        last = acts[names[-1]].device  # a split model's layers sit on several devices
+        resid = torch.stack([acts[n].to(last) for n in names], dim=2)  # [b, ex, depth, d_model]
         with torch.no_grad():
-            out.append(unembed_labels(model, resid, sub.label_token_ids))
+            out.append(to_host(unembed_labels(model, resid, sub.label_token_ids)))
     return torch.cat(out)
 
 

@@ -55,7 +55,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import Head, act_name, capture, head_masks, run_to_final
+from mechicl.analysis.hooks import Head, act_name, capture, head_masks, run_to_final, to_host
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.stepper import ReadoutStepper
 from mechicl.data.pairs import PatchPair
@@ -220,7 +220,7 @@ class Patcher:
     def _label_ld(self, resid: Tensor) -> Tensor:
         rows = torch.arange(resid.shape[0])
         q = self.pair.query_pos.repeat(resid.shape[0] // self.pair.n_contexts)
-        logits = unembed_labels(self.model, resid[rows, q], self.pair.clean.label_token_ids)
+        logits = to_host(unembed_labels(self.model, resid[rows, q], self.pair.clean.label_token_ids))
         n = resid.shape[0] // self.pair.n_contexts
         return self.pair.logit_diff(logits.view(n, self.pair.n_contexts, -1))
 

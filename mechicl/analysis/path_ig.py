@@ -38,7 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import act_name, run_to_final
+from mechicl.analysis.hooks import act_name, run_to_final, to_host
 from mechicl.analysis.integrated_gradients import alpha_rows, chunks, label_metric
 from mechicl.analysis.patching import Patcher, normalise
 from mechicl.data.pairs import PatchPair
@@ -94,7 +94,7 @@ def _interpolated_run(model: Any, pair: PatchPair, tokens: Tensor, layer: int, a
     def line(x: tuple[Tensor, Tensor]) -> Tensor:
         c, k = x[0].float(), x[1].float()
         shape = (n,) + (1,) * c.dim()
-        return (c[None] + a.view(shape) * (k - c)[None]).reshape(n * b, *c.shape[1:]).requires_grad_(True)
+        return (c[None] + a.to(c.device).view(shape) * (k - c)[None]).reshape(n * b, *c.shape[1:]).requires_grad_(True)
 
     zl, rl = line(z), line(r)
 
@@ -145,8 +145,8 @@ def path_ig(model: Any, pair: PatchPair, steps: int = 20, layers: Sequence[int] 
             gzs.append(gz)
             grs.append(gr)
         m, gz, gr = torch.cat(ms), torch.cat(gzs)[:steps].mean(0), torch.cat(grs)[:steps].mean(0)
-        heads[l] = ((z[1] - z[0]).float() * gz).sum((0, 1, 3))  # [b, pos, H, d] -> [H]
-        rest[l] = ((r[1] - r[0]).float() * gr).sum()
+        heads[l] = to_host(((z[1] - z[0]).float() * gz).sum((0, 1, 3)))  # [b, pos, H, d] -> [H]
+        rest[l] = to_host(((r[1] - r[0]).float() * gr).sum())
         ends[l] = m[-2:]
         fw += len(a) * (L - l) / L
         bw += len(a) * (L - l) / L

@@ -97,7 +97,7 @@ def _sender_runs(patcher: Patcher, layer: int, heads: Sequence[int], positions: 
     frozen = [act_name(k, l) for l in range(layer, L) for k in kinds if (l, k) != (layer, "attn_out")]
     r = patcher.cached(recv, frozen + [act_name("resid_pre", layer)])
     dz = patcher.cached(donor, [act_name("z", layer)])[act_name("z", layer)]
-    where = position_mask(pair, positions, patcher.width)[:, :, None]  # [batch, pos, 1]
+    where = position_mask(pair, positions, patcher.width)[:, :, None].to(dz.device)  # [batch, pos, 1]
 
     def send(act: Tensor, hook: Any) -> Tensor:
         a = act.reshape(n, b, *act.shape[1:]).clone()
@@ -125,7 +125,7 @@ def _receiver_run(patcher: Patcher, receiver: Head, inp: str, recorded: Tensor, 
     rz, q = r[act_name("z", l)], pair.query_pos  # [batch, pos, head, d_head], [batch]
 
     def put(act: Tensor, hook: Any) -> Tensor:
-        return recorded.to(act.dtype)
+        return recorded.to(act.device, act.dtype)
 
     def keep_one(act: Tensor, hook: Any) -> Tensor:
         a = act.reshape(n, b, *act.shape[1:])

@@ -16,19 +16,22 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import FINAL, capture, run_to_final
+from mechicl.analysis.hooks import FINAL, capture, run_to_final, to_host
 from mechicl.data.prompts import PromptBatch
 
 
 def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: Int[Tensor, "n_labels"] | None) -> Float[Tensor, "... n_labels"]:
     """Final norm + unembedding restricted to ``label_ids`` (all tokens if None), with the model's
-    logit soft-capping if it has one."""
-    x = model.ln_final(resid)
-    cols = slice(None) if label_ids is None else label_ids
-    logits = x @ model.W_U[:, cols]
+    logit soft-capping if it has one. The norm runs in the model's dtype; the unembedding and
+    everything after it in float32 (bfloat16/float16 models are upcast here; float32 is unchanged).
+    Runs on the unembedding's device (the last shard of a split model)."""
+    W_U = model.W_U
+    x = model.ln_final(resid.to(W_U.device)).float()
+    cols = slice(None) if label_ids is None else label_ids.to(W_U.device)
+    logits = x @ W_U[:, cols].float()
     b_U = getattr(model, "b_U", None)
     if b_U is not None:
-        logits = logits + b_U[cols]
+        logits = logits + b_U[cols].float()
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
@@ -54,14 +57,14 @@ def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], ba
 
 @torch.no_grad()
 def label_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True) -> Float[Tensor, "batch example n_labels"]:
-    """Logits of the label words at every readout slot. Cost: one forward per context.
+    """Logits of the label words at every readout slot (float32, on the CPU). Cost: one forward per context.
 
     Memory: one residual stream of ``batch_size x pos x d_model`` floats at a time.
     """
     out = []
     for sub, acts in readout_activations(model, batch, [FINAL], batch_size, progress):
         at = acts[FINAL]  # [b, example, d_model]: the residual entering the final norm
-        out.append(unembed_labels(model, at, sub.label_token_ids))
+        out.append(to_host(unembed_labels(model, at, sub.label_token_ids)))
     return torch.cat(out)
 
 
@@ -91,6 +94,6 @@ def label_sequence_logprobs(model: Any, batch: PromptBatch, rows_per_forward: in
             resid = run_to_final(model, toks, attention_mask=mask)
             for r, (j, c, p) in enumerate(chunk):
                 q = torch.tensor(seqs[c])
-                logp = torch.log_softmax(unembed_labels(model, resid[r, p - 1 : p - 1 + len(q)], None), -1)
+                logp = to_host(torch.log_softmax(unembed_labels(model, resid[r, p - 1 : p - 1 + len(q)], None), -1))
                 out[i, j, c] = logp[torch.arange(len(q)), q].sum()
     return out

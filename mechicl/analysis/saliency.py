@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.frames import heads_frame
-from mechicl.analysis.hooks import act_name, at_slots, capture, grad_leaf, run_to_final
+from mechicl.analysis.hooks import act_name, at_slots, capture, grad_leaf, run_to_final, to_host
 from mechicl.analysis.readout import unembed_labels
 from mechicl.data.prompts import PromptBatch
 
@@ -47,11 +47,11 @@ def saliency_maps(model: Any, batch: PromptBatch, queries: str = "last", k_min: 
         resid = run_to_final(model, batch.tokens, hooks, attention_mask=batch.attention_mask)
         at = at_slots(resid, batch.readout_pos[:, qi])  # [b, q, d_model]
         logits = unembed_labels(model, at, batch.label_token_ids)  # [b, q, n_labels]
-        target = batch.shown_labels[:, qi]
+        target = batch.shown_labels[:, qi].to(logits.device)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         pats = [store[n] for n in names]
         grads = torch.autograd.grad(loss, pats)
-    return torch.stack([(p * g).detach() for p, g in zip(pats, grads)], dim=1).float()
+    return torch.stack([to_host(p.float() * g.float()) for p, g in zip(pats, grads)], dim=1)
 
 
 def saliency_pair_masks(batch: PromptBatch, queries: str = "last", k_min: int = 1

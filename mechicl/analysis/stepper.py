@@ -15,10 +15,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import act_name, capture, run_to_final
+from mechicl.analysis.hooks import act_name, capture, run_to_final, to_host
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
 from mechicl.data.prompts import PromptBatch
+from mechicl.models.device import input_device
 
 def _left_padded_prefix(tokens: Int[Tensor, "batch pos"], q: Int[Tensor, "batch"]
                           ) -> tuple[Int[Tensor, "batch P"], Int[Tensor, "batch P"], Int[Tensor, "batch P"]]:
@@ -55,6 +56,7 @@ class ReadoutStepper:
     the lowest intervened layer (``"full"``, ``max_rows`` rows per call), reported in
     ``last_cost`` (forward equivalents). Memory (kv): the prefix cache,
     ``batch x pos x n_layers x 2 x n_kv_heads x d_head`` floats, plus one step.
+    Devices: ``z`` and the cache stay on the model's device(s); logits come back float32 on the CPU.
     """
 
     def __init__(self, model: Any, batch: PromptBatch, *, max_rows: int = 256, step_tokens: int = 4096, mode: str = "auto",
@@ -97,12 +99,13 @@ class ReadoutStepper:
                 res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
                 resid = run_to_final(self.model, full, capture(z_names + res_names, store))
                 self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}
-                rows = torch.arange(b)
-                self.z = torch.stack([store[n][rows, self.q] for n in z_names], 1)
-                self.base_logits = unembed_labels(self.model, resid[rows, self.q], self.label_ids)
+                rows, dev = torch.arange(b), input_device(self.model)
+                self.z = torch.stack([store[n][rows, self.q].to(dev) for n in z_names], 1)
+                self.base_logits = to_host(unembed_labels(self.model, resid[rows, self.q], self.label_ids))
             else:
-                self.z = torch.stack([store[n][:, -1] for n in z_names], 1)  # [batch, layer, head, d_head]
-                self.base_logits = unembed_labels(self.model, resid[:, -1], self.label_ids)
+                dev = input_device(self.model)  # a split model's layers live on several devices
+                self.z = torch.stack([store[n][:, -1].to(dev) for n in z_names], 1)  # [batch, layer, head, d_head]
+                self.base_logits = to_host(unembed_labels(self.model, resid[:, -1], self.label_ids))
                 self.mode = "kv"
                 check = self.run(torch.zeros(3, self.n_layers, self.n_heads, dtype=torch.bool), None)
                 err = float((check - self.base_logits).abs().max())
@@ -125,7 +128,7 @@ class ReadoutStepper:
         source: Float[Tensor, "... layer head d_head"] | None = None,
         progress: bool = False,
     ) -> Float[Tensor, "n batch n_labels"]:
-        """Label logits at the query slot for ``n`` interventions.
+        """Label logits at the query slot for ``n`` interventions (float32, on the CPU).
 
         Intervention ``i`` replaces the query-slot output of every head with
         ``masks[i, layer, head]`` by ``source[..., layer, head, :]`` (``None``: zero;
@@ -159,6 +162,8 @@ class ReadoutStepper:
 
             def hook(act: Tensor, hook: Any, m_l: Tensor = m_l, src: Tensor | None = src) -> Tensor:
                 # rows are context-major: row = context * n + intervention
+                m_l = m_l.to(act.device)
+                src = None if src is None else src.to(act.device, act.dtype)
                 if rows_pos is None:  # kv mode: act [b, n, head, d], intervention i in column i
                     repl = torch.zeros_like(act) if src is None else src.expand_as(act)
                     return torch.where(m_l[None, :, :, None], repl, act)
@@ -188,7 +193,7 @@ class ReadoutStepper:
                     **cache_kwargs(self.model, fresh_cache(self._kv_cache, 1)),
                 )
             self.last_cost += n / max(1, int(self.q.float().mean()) + 1)
-            return unembed_labels(self.model, resid, self.label_ids).transpose(0, 1)  # [n, b, labels]
+            return to_host(unembed_labels(self.model, resid, self.label_ids)).transpose(0, 1)  # [n, b, labels]
         used = masks.any(0).any(-1).nonzero()[:, 0]
         l0 = int(used.min()) if len(used) else L - 1
         P = int(self.q.max()) + 1
@@ -198,5 +203,5 @@ class ReadoutStepper:
             self.model, self.batch.tokens[:, :P].repeat_interleave(n, 0), self._hooks(masks, source, n, rows_pos), start=start
         )
         self.last_cost += n * (L - l0) / L
-        logits = unembed_labels(self.model, resid[torch.arange(b * n), rows_pos], self.label_ids)
+        logits = to_host(unembed_labels(self.model, resid[torch.arange(b * n), rows_pos], self.label_ids))
         return logits.reshape(b, n, -1).transpose(0, 1)
