@@ -18,7 +18,8 @@ from mechicl.viz.plots import heatmap
 
 @dataclass(frozen=True)
 class PatchRunConfig:
-    """One `mechicl patch` run. ``n_examples``: examples per context, the last is the query.
+    """One `mechicl patch` run. ``n_examples``: examples per context, the last is the query (``--k`` = n_examples - 1
+    observed demonstrations); ``batch_size``: rows per batched forward (``Patcher``'s ``max_rows``).
 
     Cost: per sweep, ``PatchResult.forwards`` receiver-forward equivalents (see ``analysis.patching``).
     """
@@ -30,23 +31,31 @@ class PatchRunConfig:
     n_contexts: int = 4
     n_examples: int = 8
     last_m: int | None = None
-    max_rows: int = 64
+    batch_size: int = 64
     top: int = 5
     seed: int = 0
 
 
-def write_patch_results(folder: RunFolder, results: Sequence[PatchResult], title: str = "") -> None:
-    """``<kind>_<direction>.csv`` and ``.png`` per result plus ``patching.csv`` (all rows)."""
+EFFECT_MEANING = {"denoise": "effect = patched value (0 = corrupted run, 1 = clean restored)",
+                  "noise": "effect = patched value - 1 (0 = clean run unchanged, -1 = corrupted answer)"}
+
+
+def write_patch_results(folder: RunFolder, results: Sequence[PatchResult], title: str = "",
+                        query_pos: Sequence[int] = ()) -> None:
+    """``<kind>_<direction>.csv`` and ``.png`` per result plus ``patching.csv`` (all rows). Each heatmap draws the
+    table's ``effect`` column; position heatmaps mark ``query_pos`` (the query readout slot of each context)."""
     tables = []
     for r in results:
         stem = f"{r.kind}_{r.direction}"
         t = r.table()
         tables.append(t)
         folder.csv(f"{stem}.csv", t)
+        pos = r.axes[1] == "pos"
         ticks = [f"{p}:{role[:3]}" for p, role in enumerate(r.pos_roles)] if r.pos_roles else None
-        heatmap(r.values.detach().float().numpy(), folder / f"{stem}.png",
-                f"{title}: {r.kind} ({r.description}), {r.direction}; 0 = corrupted, 1 = clean",
-                xlabel=r.axes[1], ylabel=r.axes[0], xticklabels=ticks, center=0.0 if r.direction == "denoise" else 1.0)
+        heatmap(r.effect.detach().float().numpy(), folder / f"{stem}.png",
+                f"{title}: {r.kind} ({r.description}), {r.direction}; {EFFECT_MEANING[r.direction]}",
+                xlabel=r.axes[1], ylabel=r.axes[0], xticklabels=ticks, center=0.0, label="effect",
+                mark_cols=sorted(set(query_pos)) if pos else (), mark_label="query readout slot")
     if tables:
         folder.csv("patching.csv", pd.concat(tables, ignore_index=True))
 
@@ -62,8 +71,11 @@ def summary(results: Sequence[PatchResult], patcher: Patcher, cfg: PatchRunConfi
         rows.append({"sweep": r.kind, "direction": r.direction, "top cells (effect)": cells,
                      "seconds": f"{r.seconds:.1f}", "forward-equivalents": f"{r.forwards:.1f}"})
     lines = [f"# Activation patching: {title}", "",
-             f"{cfg.n_contexts} contexts x {cfg.n_examples} examples, {patcher.pair.description}, seed {cfg.seed}. "
-             f"Normalised logit difference at the query readout slot: 0 = corrupted run, 1 = clean run. "
+             f"{cfg.n_contexts} contexts x (k = {cfg.n_examples - 1} demonstrations + 1 query), {patcher.pair.description}, "
+             f"seed {cfg.seed}. "
+             f"Normalised logit difference at the query readout slot: 0 = corrupted run, 1 = clean run; effect = "
+             f"value (denoise) or value - 1 (noise), the number each heatmap draws. Cells: LxHy = layer x head y, "
+             f"LxPp = layer x position p, LxKk = layer x key-value head k. "
              f"Mean LD clean {float(patcher.baseline('clean').mean()):.3f}, corrupted "
              f"{float(patcher.baseline('corrupted').mean()):.3f}.", "", md_table(pd.DataFrame(rows))]
     return "\n".join(lines) + "\n"
@@ -72,11 +84,11 @@ def summary(results: Sequence[PatchResult], patcher: Patcher, cfg: PatchRunConfi
 def run_patch(loaded: LoadedModel, task: Task, cfg: PatchRunConfig, out: Path) -> tuple[RunFolder, str]:
     """Build the pair, run every (kind, direction) sweep, write the folder; returns it and the summary."""
     pair = pair_for(loaded, task, cfg.n_contexts, cfg.n_examples, seed=cfg.seed, last_m=cfg.last_m)
-    patcher = Patcher(loaded.model, pair, max_rows=cfg.max_rows, progress=True)
+    patcher = Patcher(loaded.model, pair, max_rows=cfg.batch_size, progress=True)
     results = [patcher.sweep(k, d) for k in cfg.kinds for d in cfg.directions]
     folder = RunFolder(out)
     title = f"{loaded.name} on {task.name}"
-    write_patch_results(folder, results, title)
+    write_patch_results(folder, results, title, [int(p) for p in pair.query_pos])
     text = summary(results, patcher, cfg, title)
     folder.text("summary.md", text)
     folder.json("config.json", cfg)

@@ -12,15 +12,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def wrap_title(title: str, width_in: float, fontsize: float) -> str:
+    """``title`` wrapped to lines that fit a figure ``width_in`` inches wide at ``fontsize`` points (never clipped)."""
+    chars = max(20, int(width_in * 72 * 0.9 / (0.6 * fontsize)))  # a character is at most ~0.6 em wide
+    return "\n".join(textwrap.wrap(title, chars))
 
 
 def heatmap(values: np.ndarray, path: Path, title: str = "", *, xlabel: str = "head", ylabel: str = "layer",
             xticklabels: Sequence[str] | None = None, center: float | None | str = "auto",
-            label: str | None = None) -> Path:
-    """A rows x columns heatmap (rows = layers) with integer ticks and a wrapped title.
+            label: str | None = None, mark_cols: Sequence[int] = (), mark_label: str = "") -> Path:
+    """A rows x columns heatmap (rows = layers) with integer ticks and a wrapped, unclipped title.
 
     ``center``: a float draws diverging colours centred there; ``None`` a sequential map; ``"auto"``
     centres on 0 when the values change sign. Cells are annotated when there are at most 120.
+    ``mark_cols``: columns outlined and named ``mark_label`` in a legend (e.g. the query readout slot).
     """
     v = np.asarray(values, dtype=float)
     n_rows, n_cols = v.shape
@@ -34,11 +42,18 @@ def heatmap(values: np.ndarray, path: Path, title: str = "", *, xlabel: str = "h
         im = ax.imshow(v, aspect="auto", cmap="RdBu_r", vmin=center - lim, vmax=center + lim)
     else:
         im = ax.imshow(v, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(n_rows), [str(r) for r in range(n_rows)], fontsize=7 if n_rows > 12 else 9)
+    step = max(1, n_rows // 24)
+    ax.set_yticks(range(0, n_rows, step), [str(r) for r in range(0, n_rows, step)], fontsize=7 if n_rows > 12 else 9)
     if xticklabels is not None and len(xticklabels) <= 80:
         ax.set_xticks(range(n_cols), list(xticklabels), rotation=90, fontsize=6)
-    elif n_cols <= 40:
-        ax.set_xticks(range(n_cols), [str(c) for c in range(n_cols)], fontsize=7)
+    else:
+        step = max(1, n_cols // 40)
+        ax.set_xticks(range(0, n_cols, step), [str(c) for c in range(0, n_cols, step)], fontsize=7)
+    for i, c in enumerate(mark_cols):
+        ax.add_patch(plt.Rectangle((c - 0.5, -0.5), 1, n_rows, fill=False, edgecolor="black", lw=1.8, ls="--",
+                                   label=mark_label if i == 0 else None))
+    if len(mark_cols) and mark_label:
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12 if xticklabels is None else -0.3), fontsize=7, frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if n_rows * n_cols <= 120:
@@ -47,9 +62,8 @@ def heatmap(values: np.ndarray, path: Path, title: str = "", *, xlabel: str = "h
             ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=6,
                     color="black" if center is not None or x > mean else "white")
     fig.colorbar(im, ax=ax, label=label or "", shrink=0.8)
-    ax.set_title("\n".join(textwrap.wrap(title, max(40, int(9 * w)))), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.set_title(wrap_title(title, 0.8 * w, 8), fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -74,11 +88,12 @@ def line_plot(df: pd.DataFrame, x: str, y: str, path: Path, hue: str | None = No
         ax.axvline(vline, color="grey", ls="--", lw=1, label=vline_label)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
-    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
+    if pd.api.types.is_integer_dtype(df[x]):  # layers, depths, k: integer ticks only
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(wrap_title(title, 5.6, 9), fontsize=9)
     ax.grid(alpha=0.3)
     if hue or vline_label:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
