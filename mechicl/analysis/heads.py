@@ -8,7 +8,7 @@ ready-made (``runs.heads`` builds them from disjoint context draws) and returns 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -23,7 +23,6 @@ from mechicl.analysis.patching import Patcher, PatchResult
 from mechicl.data.batches import AblationBatches
 from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
-from mechicl.models.registry import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,8 @@ class HeadFinderConfig:
     held-out contexts plus ``max_rows`` rows of one step.
     """
 
-    model: str = DEFAULT_MODEL
-    task: str = "vader-words"
+    model: str = ""  # filled by ``find_heads`` with the model that ran (its ``name``)
+    task: str = ""  # filled by ``find_heads`` with the task that ran (the pair's task name)
     n_examples: int = 17  # examples per context, the last is the query (k = n_examples - 1 observed)
     n_screen: int = 16
     n_eval: int = 64
@@ -68,9 +67,11 @@ class HeadFinderResult:
 
     ``heads``: the confirmed candidates, ranked by exact denoising effect (columns: rank,
       layer, head, attribution, patch_denoise, patch_noise, readout_patch_denoise,
-      readout_patch_noise, gap_reduction(_zero/_mean), gap_reduction_ci_low/high, gap_reduction_ptrue_mean (the same in P(true)),
-      d_acc_correct(_zero/_mean), d_acc_zero_shot(_zero/_mean), fv_cie, and control_ci_high /
-      control_p: the head's gap reduction against every other head's, each ablated alone).
+      readout_patch_noise, gap_reduction_mean / _zero, gap_reduction_ci_low/high (bootstrap CI of the
+      ``cfg.ablation`` column), gap_reduction_ptrue_mean (the same in P(true)), d_acc_correct_mean / _zero,
+      d_acc_zero_shot_mean / _zero, fv_cie, and control_ci_high / control_p / n_other: the head's
+      ``cfg.ablation`` gap reduction against the ``n_other`` other heads', each ablated alone).
+      Every ablation-dependent column names its ablation (``_mean`` / ``_zero``): no unsuffixed copies.
     ``all_heads``: every (layer, head): attribution, exact readout-slot patching, gap reduction
       when ablated alone (the headline ablation), FV effect.
     ``sets``: the top-n sets: gap reduction with bootstrap CI, gap_reduction_ptrue, d_acc_correct, d_acc_zero_shot and the
@@ -92,12 +93,64 @@ class HeadFinderResult:
     stepper_mode: str = ""
 
     @property
+    def verdict(self) -> "Verdict":
+        """Which head, if any, is found (the rule: ``Verdict``)."""
+        return verdict(self.heads, self.config.ablation)
+
+    @property
     def top_heads(self) -> list[Head]:
         return [(int(r.layer), int(r.head)) for r in self.heads.itertuples()]
 
     @property
     def seconds(self) -> float:
         return float(sum(self.timings.values()))
+
+
+RULE = ("a head is found when the bootstrap 95% CI of its gap reduction ({ablation} ablation, held-out contexts) "
+        "excludes 0 and its gap reduction exceeds every other head's, each ablated alone (control p at its floor "
+        "1/(1 + other heads))")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The head finder's verdict: ``found`` (at most one head can pass, since it must beat every other), ``line``
+    (one sentence, with the numbers) and ``rule`` (``RULE``). Being ranked first (by ``patch_denoise``) is not being found."""
+
+    found: tuple[Head, ...]
+    line: str
+    rule: str
+
+
+def p_text(p: float, n_other: int) -> str:
+    """A Monte-Carlo p-value; at its floor 1/(1 + n) written ``p <= floor``."""
+    if not np.isfinite(p):
+        return "p n/a"
+    return f"p <= {p:.3g}" if n_other and p <= 1 / (1 + n_other) + 1e-12 else f"p = {p:.3g}"
+
+
+def verdict(heads: pd.DataFrame, ablation: str = "mean") -> Verdict:
+    """Apply ``RULE`` to the candidates' table (``HeadFinderResult.heads``)."""
+    rule = RULE.format(ablation=ablation)
+    if heads.empty:
+        return Verdict((), "Verdict: no head passes: there were no candidates.", rule)
+    gr = heads[f"gap_reduction_{ablation}"]
+    floor = 1 / (1 + heads["n_other"].clip(lower=1))
+    ok = (heads.gap_reduction_ci_low > 0) & (heads.control_p <= floor + 1e-12) & np.isfinite(gr)
+
+    def numbers(r: Any) -> str:
+        g = getattr(r, f"gap_reduction_{ablation}")
+        return (f"gap reduction {g:+.3f} [{r.gap_reduction_ci_low:+.3f}, {r.gap_reduction_ci_high:+.3f}], "
+                f"{p_text(r.control_p, int(r.n_other))} against {int(r.n_other)} other heads")
+
+    if ok.any():
+        r = heads[ok].iloc[0]
+        line = (f"Verdict: L{int(r.layer)}H{int(r['head'])} is the only head whose gap reduction CI excludes 0 and exceeds "
+                f"every other head's ({numbers(r)}).")
+        return Verdict(((int(r.layer), int(r["head"])),), line, rule)
+    best = heads.loc[gr.fillna(-np.inf).idxmax()]
+    line = (f"Verdict: no head passes (CI of the gap reduction excludes 0 and it exceeds every other head's); the "
+            f"largest gap reduction, L{int(best.layer)}H{int(best['head'])}: {numbers(best)}.")
+    return Verdict((), line, rule)
 
 
 @dataclass(frozen=True)
@@ -165,7 +218,8 @@ def _candidate_rows(ranked: list[Head], sc: _Screen, den: PatchResult, noi: Patc
     rows = []
     for rank, (l, h) in enumerate(ranked, 1):
         sz, sm = single["zero"].iloc[rank - 1], single["mean"].iloc[rank - 1]
-        ctl = summarize_control(float(single[cfg.ablation].iloc[rank - 1].gap_reduction), np.delete(each_gr, l * n_heads + h))
+        sa = single[cfg.ablation].iloc[rank - 1]
+        ctl = summarize_control(float(sa.gap_reduction), np.delete(each_gr, l * n_heads + h))
         rows.append({
             "rank": rank, "layer": l, "head": h,
             "attribution": float(a_all[l, h]),
@@ -174,8 +228,8 @@ def _candidate_rows(ranked: list[Head], sc: _Screen, den: PatchResult, noi: Patc
             "readout_patch_denoise": float(rd.values[l, h]),
             "readout_patch_noise": float(rn.effect[l, h]),
             "gap_reduction_mean": float(sm.gap_reduction),
-            "gap_reduction_ci_low": float(sm.gap_reduction_ci_low),
-            "gap_reduction_ci_high": float(sm.gap_reduction_ci_high),
+            "gap_reduction_ci_low": float(sa.gap_reduction_ci_low),
+            "gap_reduction_ci_high": float(sa.gap_reduction_ci_high),
             "gap_reduction_zero": float(sz.gap_reduction),
             "gap_reduction_ptrue_mean": float(sm.gap_reduction_ptrue),
             "d_acc_correct_mean": float(sm.d_acc_correct),
@@ -183,12 +237,9 @@ def _candidate_rows(ranked: list[Head], sc: _Screen, den: PatchResult, noi: Patc
             "d_acc_zero_shot_mean": float(sm.d_acc_zero_shot),
             "d_acc_zero_shot_zero": float(sz.d_acc_zero_shot),
             "fv_cie": float(fv_idx.loc[(l, h), "fv_cie"]),
-            "control_ci_high": ctl["control_ci_high"], "control_p": ctl["control_p"],
+            "control_ci_high": ctl["control_ci_high"], "control_p": ctl["control_p"], "n_other": ctl["n_draws"],
         })
-    heads = pd.DataFrame(rows)
-    for col in ("gap_reduction", "d_acc_zero_shot", "d_acc_correct"):
-        heads[col] = heads[f"{col}_{cfg.ablation}"]
-    return heads
+    return pd.DataFrame(rows)
 
 
 def _all_heads(sc: _Screen, each_gr: np.ndarray, fv: pd.DataFrame, L: int, H: int) -> pd.DataFrame:
@@ -217,13 +268,16 @@ def _agreement(sc: _Screen, den: PatchResult, L: int, H: int) -> dict[str, float
 
 
 def find_heads(model: Any, pair: PatchPair, held_out: AblationBatches, cfg: HeadFinderConfig | None = None,
-               progress: bool = True, name: str = "model") -> HeadFinderResult:
+               progress: bool = True, name: str | None = None) -> HeadFinderResult:
     """Find and validate the heads that carry in-context label information to the readout slot.
 
     ``pair`` (correct vs flipped labels) screens and confirms; ``held_out`` (other contexts) validates.
+    ``name`` names the model in the result and its config (default: ``cfg.model``, else the bridge's model name).
     Cost: see ``HeadFinderConfig``.
     """
     cfg = cfg or HeadFinderConfig()
+    name = name or cfg.model or str(getattr(model.cfg, "model_name", "model"))
+    cfg = replace(cfg, model=name, task=pair.clean.task)  # the config records what ran, not defaults
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     timings: dict[str, float] = {}
     say: Callable[[str], None] = (lambda s: print(f"[mechicl] {s}", flush=True)) if progress else (lambda s: None)
@@ -257,7 +311,7 @@ def find_heads(model: Any, pair: PatchPair, held_out: AblationBatches, cfg: Head
 
     each_gr = each["gap_reduction"].to_numpy()  # [L * H]
     return HeadFinderResult(
-        config=cfg, model=name, task=pair.clean.task,
+        config=cfg, model=cfg.model, task=cfg.task,
         heads=_candidate_rows(ranked, sc, den, noi, single, each_gr, fv, cfg, H), all_heads=_all_heads(sc, each_gr, fv, L, H),
         sets=pd.DataFrame(set_rows), control=pd.concat(controls, ignore_index=True) if controls else pd.DataFrame(),
         baseline=_baseline(abl), agreement=_agreement(sc, den, L, H), timings=timings, stepper_mode=abl.correct.mode,
