@@ -1,5 +1,21 @@
 """Command-line arguments shared by the commands: argparse with one-line errors, value checks (ranges,
-lists), the flag groups several commands share, and ``run_command`` (exit codes, one-line errors).
+lists, templates), the one vocabulary of shared flags, deprecated spellings, and ``run_command`` (exit
+codes, one-line errors).
+
+**The shared flags** mean the same in every command that has them (``tests/runs/test_cli_flags.py``
+walks every subcommand and checks it):
+
+- ``--model``, ``--task``: what runs (``add_model_task``).
+- ``--k``: observed in-context examples, k demonstrations + 1 query per context (``add_k``); for
+  ``behavior`` / ``demo`` / ``run`` the largest k of the curve (k = 0..K are scored).
+- ``--label-names``, ``--template``: the task's label words and example template (``add_task_flags``).
+- ``--batch-size``: rows (contexts) per batched forward, a memory/speed knob (``add_batch_size``).
+- ``--multi-token``: label words of several tokens (sequence scoring; commands that score labels by
+  whole sequences only).
+- ``--seed``, ``--threads``, ``--out``, ``--overwrite``: every command that writes a run folder (``add_run_args``).
+
+Old spellings (``--n-examples``, ``--k-max``, ``--max-rows``) still work for one release: they set the
+new flag and print ``mechicl: warning: ... is deprecated; use ...`` on stderr.
 
 Each type raises ``argparse.ArgumentTypeError`` with the problem and the accepted values; ``Parser``
 prints it as one line ``mechicl: error: argument --x: ...`` with exit code 2, before anything loads.
@@ -16,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mechicl.errors import USER_ERRORS
+from mechicl.data.task import Template
+from mechicl.errors import USER_ERRORS, TaskError
 from mechicl.models.registry import DEFAULT_MODEL
 
 
@@ -58,6 +75,17 @@ def words(text: str) -> tuple[str, ...]:
     return words
 
 
+def template(text: str) -> str:
+    """``--template``: an example template with ``{input}`` and a final ``{label}``; ``\\n`` and ``\\t`` are read as
+    a newline and a tab (so the shell can pass ``"Input: {input}\\nLabel: {label}"``)."""
+    example = text.replace("\\n", "\n").replace("\\t", "\t")
+    try:
+        Template(example)
+    except TaskError as e:
+        raise argparse.ArgumentTypeError(f"{e}; e.g. 'Review: {{input}}\\nSentiment: {{label}}'") from None
+    return example
+
+
 def set_sizes(text: str) -> tuple[int, ...]:
     """``--set-sizes``: comma-separated integers >= 1."""
     try:
@@ -69,15 +97,76 @@ def set_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def deprecated(new: str, convert: Callable[[int], int] = lambda v: v, lo: int = 0) -> type[argparse.Action]:
+    """An action for an old flag spelling: it sets the new flag's dest to ``convert(value)`` and prints a
+    one-line deprecation warning naming the new flag and value on stderr."""
+    check = int_at_least(lo)
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+            try:
+                value = convert(check(values))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"argument {option_string}: {e}")
+            print(f"mechicl: warning: {option_string} is deprecated and will be removed in the next release; "
+                  f"use {new} {value} (same run)", file=sys.stderr)
+            setattr(namespace, self.dest, value)
+
+    return Deprecated
+
+
+K_MEANING = "observed in-context examples per context: k demonstrations + 1 query"
+CURVE_MEANING = "largest k of the curve (k = 0..K observed in-context examples are scored; a context holds K + 1 examples)"
+BATCH_MEANING = "rows (contexts) per batched forward: lower it if memory runs out, raise it for speed"
+
+
+def add_k(p: argparse.ArgumentParser, default: int | None, *, curve: bool = False, lo: int = 1, note: str = "") -> None:
+    """``--k`` (dest ``k``) and its old spelling: ``--n-examples N`` (= ``--k N-1``), or ``--k-max`` for curves."""
+    shown = "the config's" if default is None else default
+    p.add_argument("--k", type=int_at_least(0 if curve else lo), default=default, metavar="K",
+                   help=f"{CURVE_MEANING if curve else K_MEANING}{note} (default {shown})")
+    if curve:
+        p.add_argument("--k-max", dest="k", action=deprecated("--k"), help=argparse.SUPPRESS)
+    else:
+        p.add_argument("--n-examples", dest="k", action=deprecated("--k", lambda n: n - 1, lo + 1), help=argparse.SUPPRESS)
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: int | None) -> None:
+    """``--batch-size`` (dest ``batch_size``) and its old spelling ``--max-rows``."""
+    shown = "the config's" if default is None else default
+    p.add_argument("--batch-size", type=int_at_least(1), default=default, help=f"{BATCH_MEANING} (default {shown})")
+    p.add_argument("--max-rows", dest="batch_size", action=deprecated("--batch-size", lo=1), help=argparse.SUPPRESS)
+
+
+def add_multi_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--multi-token", action="store_true",
+                   help="allow label words of several tokens (each class's whole token sequence is scored; slower)")
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    """``--label-names`` and ``--template``: how the task's examples are written."""
+    p.add_argument("--label-names", type=words, default=None,
+                   help="comma list of label words: file tasks, the word of class 0, 1, ... (integer labels) or the "
+                        "classes to keep (text labels); built-in tasks, new words for their classes in order")
+    p.add_argument("--template", type=template, default=None,
+                   help="example template with {input} and a final {label}, e.g. 'Input: {input}\\nLabel: {label}' "
+                        "(\\n = newline); default: the task's own (file tasks: 'Input: {input}\\nLabel: {label}')")
+
+
 def add_run_args(p: argparse.ArgumentParser, label_names: bool = True, seed: int | None = 0) -> None:
-    """--seed, --threads, --out, --overwrite (and --label-names) for every command that writes a run folder."""
+    """--seed, --threads, --out, --overwrite (and --label-names, --template) for every command that writes a run folder."""
     if label_names:
-        p.add_argument("--label-names", type=words, default=None,
-                       help="comma list of label words for file tasks with integer labels (class 0, 1, ...)")
+        add_task_flags(p)
     p.add_argument("--seed", type=int_at_least(0), default=seed, help="random seed (context draws)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...); must be new or empty")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (only once the run is complete)")
+
+
+def add_model_task(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--task``, the same in every command that runs a model on a task."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
+    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words); see `mechicl tasks`")
 
 
 def _warn_one_line(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
@@ -108,29 +197,3 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             print(f"mechicl: internal error ({type(e).__name__}); this is a bug in mechicl, please report it with the "
                   f"traceback above", file=sys.stderr)
             return 1
-
-
-def add_model_task(p: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--task``, the same in every command that runs a model on a task."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
-    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words); see `mechicl tasks`")
-
-
-def add_behavior_args(p: argparse.ArgumentParser, conditions: str) -> None:
-    add_model_task(p)
-    p.add_argument("--conditions", default=conditions, help="comma list of default, random, flipped, arbitrary[:w1/w2]")
-    p.add_argument("--k-max", type=int_at_least(0), default=16, help="largest number of in-context examples scored (default 16)")
-    p.add_argument("--n-contexts", type=int_at_least(2), default=64, help="context draws per condition (default 64)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8)
-    p.add_argument("--multi-token", action="store_true", help="allow label words of several tokens (sequence scoring; slower)")
-    add_run_args(p)
-
-
-def add_inside_args(p: argparse.ArgumentParser, n_contexts: int) -> None:
-    add_model_task(p)
-    p.add_argument("--n-contexts", type=int_at_least(2), default=n_contexts, help=f"contexts per condition (default {n_contexts})")
-    p.add_argument("--n-examples", type=int_at_least(2), default=16, help="labelled examples per context (default 16)")
-    p.add_argument("--k-min", type=int_at_least(1), default=4, help="average over readout slots with >= k-min earlier examples (default 4)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8)
-    p.add_argument("--top", type=int_at_least(1), default=10, help="rows in the printed top lists (default 10)")
-    add_run_args(p)

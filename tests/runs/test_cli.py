@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import json
+
 import pandas as pd
+import pytest
 
 from mechicl.cli import main
 
 
 def test_behavior_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["behavior", "--model", "tiny", "--task", "toy", "--k-max", "3", "--n-contexts", "4",
+    rc = main(["behavior", "--model", "tiny", "--task", "toy", "--k", "3", "--n-contexts", "4",
                "--conditions", "default,random,flipped", "--out", str(out)])
     assert rc == 0
     for name in ["raw.csv", "summary.csv", "summary.md", "config.json", "accuracy.png", "log_likelihood.png", "entropy.png"]:
@@ -28,7 +31,40 @@ def test_user_errors_exit_2(capsys, tmp_path):
 
 def test_list_commands(capsys):
     assert main(["models"]) == 0 and "smollm2-135m" in capsys.readouterr().out
-    assert main(["tasks"]) == 0 and "vader-words" in capsys.readouterr().out
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "vader-words" in out and "*.csv / *.jsonl" in out and "`" not in out and "--template" in out
+
+
+def test_template_and_label_names_reach_the_prompts_and_config(tmp_path, capsys):
+    """--template (with \\n escapes) replaces a built-in task's template, --label-names renames its classes; config.json
+    records what ran."""
+    out = tmp_path / "run"
+    assert main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "head_out", "--n-contexts", "2", "--k", "3",
+                 "--template", "Review: {input}\\nSentiment: {label}", "--label-names", "bad,good", "--out", str(out)]) == 0
+    ran = json.loads((out / "config.json").read_text())["ran"]
+    assert ran["template"]["example"] == "Review: {input}\nSentiment: {label}" and ran["label_names"] == ["bad", "good"]
+    assert ran["model"] == "tiny" and ran["task"] == "toy"
+    with pytest.raises(SystemExit) as e:  # a bad flag value stops in argparse, exit 2, before anything loads
+        main(["patch", "--model", "tiny", "--task", "toy", "--template", "{label} {input}"])
+    assert e.value.code == 2 and "must contain '{input}' and end with '{label}'" in capsys.readouterr().err
+    assert main(["patch", "--model", "tiny", "--task", "toy", "--label-names", "a,b,c", "--out", str(tmp_path / "x")]) == 2
+    assert "task toy has 2 classes" in capsys.readouterr().err
+
+
+def test_heads_prints_a_verdict_and_one_column_scheme(tmp_path, capsys):
+    out = tmp_path / "heads"
+    assert main(["heads", "--model", "tiny", "--task", "toy", "--k", "3", "--n-screen", "2", "--n-eval", "4",
+                 "--candidates", "3", "--set-sizes", "1", "--n-control", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    verdict = [line for line in printed.splitlines() if line.startswith("Verdict: ")]
+    assert len(verdict) == 1 and ("is the only head" in verdict[0] or "no head passes" in verdict[0])
+    assert "Rule: a head is found when" in printed
+    cols = set(pd.read_csv(out / "heads.csv").columns)
+    assert {"gap_reduction_mean", "gap_reduction_zero", "n_other"} <= cols
+    assert not cols & {"gap_reduction", "d_acc_correct", "d_acc_zero_shot"}  # no unsuffixed copies
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "tiny" and cfg["task"] == "toy" and cfg["n_examples"] == 4 and cfg["max_rows"] == 256
 
 
 def test_file_task_with_integer_labels(tmp_path):
@@ -36,5 +72,5 @@ def test_file_task_with_integer_labels(tmp_path):
     data.write_text("text,label\n" + "".join(f"w{i} w{i + 1},{i % 2}\n" for i in range(20)))
     out = tmp_path / "run"
     assert main(["behavior", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive",
-                 "--k-max", "2", "--n-contexts", "3", "--conditions", "default,flipped", "--out", str(out)]) == 0
+                 "--k", "2", "--n-contexts", "3", "--conditions", "default,flipped", "--out", str(out)]) == 0
     assert (out / "summary.csv").exists()

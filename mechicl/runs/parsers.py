@@ -1,0 +1,159 @@
+"""Each command's flags (the shared ones come from ``runs.args``); ``cli.build_parser`` names the commands
+and wires each to its ``cmd_<name>``. Imports nothing heavy: ``mechicl --help`` answers without torch.
+
+Defaults of ``--k`` differ by command because their costs do (the help of each says which); its meaning
+does not: k observed demonstrations + 1 query per context.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mechicl.runs.args import add_batch_size, add_k, add_model_task, add_multi_token, add_run_args, int_at_least, set_sizes
+
+CONDITIONS_HELP = ("comma list of label conditions: default, random, flipped, arbitrary[:w1/w2] (replacement label words, "
+                   "default A/B), and mid-context switches a>b@N (map a for examples 0..N-1, then b, e.g. "
+                   "default>flipped@8) or a>b@alt (alternate every example)")
+
+ORGANISM_DEFAULTS = {"p_arbitrary": 0.3, "label_noise": 0.1, "steps": 3500, "keep_heads": 1, "prune_steps": 1000}
+"""The shipped recipe (``data.organism.LanguageConfig.from_prior_strength``, ``models.organism.OrganismConfig``);
+``tests/runs/test_cli_flags.py`` checks that they agree."""
+
+
+def behavior_args(p: argparse.ArgumentParser, conditions: str = "default,random,flipped") -> None:
+    """``demo`` and ``behavior``: accuracy, log-likelihood and entropy against k."""
+    add_model_task(p)
+    p.add_argument("--conditions", default=conditions, help=f"{CONDITIONS_HELP} (default {conditions})")
+    add_k(p, 16, curve=True)
+    p.add_argument("--n-contexts", type=int_at_least(2), default=64, help="context draws per condition (default 64)")
+    add_batch_size(p, 8)
+    add_multi_token(p)
+    add_run_args(p)
+
+
+def run_args(p: argparse.ArgumentParser) -> None:
+    """``run <config.toml>``: every flag overrides the config's value."""
+    p.add_argument("config", type=Path, help="TOML experiment config, e.g. experiments/nh1_random_labels.toml")
+    p.add_argument("--model", default=None, help="override the config's model (name or path; see `mechicl models`)")
+    p.add_argument("--task", default=None, help="override the config's task (name or .csv/.jsonl path; see `mechicl tasks`)")
+    add_k(p, None, curve=True)
+    p.add_argument("--n-contexts", type=int_at_least(2), default=None, help="override the number of context draws")
+    add_batch_size(p, None)
+    add_multi_token(p)
+    add_run_args(p, seed=None)
+
+
+def inside_args(p: argparse.ArgumentParser, n_contexts: int = 32) -> None:
+    """``attention``, ``lens``, ``dla``: default vs flipped contexts, every readout slot with k >= --k-min."""
+    add_model_task(p)
+    p.add_argument("--n-contexts", type=int_at_least(2), default=n_contexts, help=f"contexts per condition (default {n_contexts})")
+    add_k(p, 15, note="; the readout slots of examples 0..k are all scored")
+    p.add_argument("--k-min", type=int_at_least(1), default=4,
+                   help="average over readout slots with >= k-min earlier examples (at most --k; default 4)")
+    add_batch_size(p, 8)
+    p.add_argument("--top", type=int_at_least(1), default=10, help="rows in the printed top lists (default 10)")
+    add_run_args(p)
+
+
+def pair_args(p: argparse.ArgumentParser, batch_size: int, top: int, top_help: str) -> None:
+    """The flags of commands that compare correct- with flipped-label renderings of the same contexts (a pair)."""
+    p.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
+    add_k(p, 7)
+    p.add_argument("--last-m", type=int_at_least(1), default=None,
+                   help="flip only the last m demonstration labels (default: all k)")
+    add_batch_size(p, batch_size)
+    p.add_argument("--top", type=int_at_least(1), default=top, help=f"{top_help} (default {top})")
+
+
+def patch_args(p: argparse.ArgumentParser) -> None:
+    add_model_task(p)
+    p.add_argument("--kinds", default="resid,head_out",
+                   help="comma list of resid, attn_out, mlp_out, head_out, head_out_label, head_out_readout, "
+                        "head_v_label, head_pattern_label (default resid,head_out)")
+    p.add_argument("--direction", choices=["denoise", "noise", "both"], default="both",
+                   help="denoise = clean into corrupted, noise = corrupted into clean (default both)")
+    pair_args(p, 64, 5, "cells listed per sweep in the summary")
+    add_run_args(p)
+
+
+def heads_args(p: argparse.ArgumentParser) -> None:
+    add_model_task(p)
+    add_k(p, 16)
+    p.add_argument("--n-screen", type=int_at_least(1), default=16, help="contexts for attribution and exact patching (default 16)")
+    p.add_argument("--n-eval", type=int_at_least(2), default=64, help="held-out contexts for ablation (default 64)")
+    p.add_argument("--candidates", type=int_at_least(1), default=12, help="heads confirmed with exact patching (default 12)")
+    p.add_argument("--set-sizes", type=set_sizes, default=(1, 2, 4), help="sizes of the top-n head sets ablated (default 1,2,4)")
+    p.add_argument("--n-control", type=int_at_least(1), default=200, help="random head sets per size (default 200)")
+    p.add_argument("--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)")
+    add_batch_size(p, 256)
+    add_run_args(p)
+
+
+def attribute_args(p: argparse.ArgumentParser) -> None:
+    add_model_task(p)
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="Riemann steps (midpoint rule) of both IGs (default 20)")
+    p.add_argument("--completeness-steps", type=set_sizes, default=(1, 5, 20, 50),
+                   help="step counts at which path-IG completeness is reported (default 1,5,20,50)")
+    p.add_argument("--metric", choices=["logit_diff", "prob"], default="logit_diff",
+                   help="AttAttr metric at the query slot: shown-label logit difference or P(shown label) (default logit_diff)")
+    p.add_argument("--baseline", choices=["uniform", "zero"], default="uniform",
+                   help="AttAttr path start: uniform causal attention, or 0 * A as in Hao et al. (degenerate with a "
+                        "post-attention norm, e.g. Gemma-3; default uniform)")
+    pair_args(p, 32, 10, "heads listed; k of the top-k overlap")
+    p.add_argument("--view-heads", type=int_at_least(1), default=4, help="heads in attribution_view.html (default 4)")
+    add_run_args(p)
+
+
+def circuit_args(p: argparse.ArgumentParser) -> None:
+    add_model_task(p)
+    add_k(p, 8)
+    for flag, default, low, what in (("--n-select", 8, 1, "contexts that choose the heads"),
+                                     ("--n-eval", 16, 2, "held-out contexts for every reported number"),
+                                     ("--senders", 4, 1, "sender heads on large models"),
+                                     ("--receivers", 4, 1, "receiver heads on large models"),
+                                     ("--seed-eval", 1, 0, "seed of the held-out contexts")):
+        p.add_argument(flag, type=int_at_least(low), default=default, help=f"{what} (default {default})")
+    p.add_argument("--positions", default="label,all", help="sender positions: comma list of label, input, readout, all")
+    p.add_argument("--threshold", type=float, default=0.05, help="smallest |path effect| drawn as an edge (default 0.05)")
+    add_run_args(p)  # --seed (of the selection contexts), --threads, --out, --overwrite, --label-names, --template
+
+
+def report_args(p: argparse.ArgumentParser) -> None:
+    add_model_task(p)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
+    size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
+    p.add_argument("--arbitrary", default="A/B", help="label words of the arbitrary condition (default A/B)")
+    p.add_argument("--attribution", action="store_true",
+                   help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)")
+    add_batch_size(p, 8)
+    add_run_args(p)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends every option's text with its default, unless the text already gives one or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def organism_train_args(p: argparse.ArgumentParser) -> None:
+    """``organism train``: the recipe's flags, with the shipped recipe's values as defaults (shown in --help)."""
+    d = ORGANISM_DEFAULTS
+    p.add_argument("--prior-strength", type=float, required=True, default=argparse.SUPPRESS,
+                   help="P(default label map | sentiment labels), in [0, 1]; shipped: 0.97 strong, 0.6 weak")
+    p.add_argument("--p-arbitrary", type=float, default=d["p_arbitrary"], help="share of sequences with arbitrary letter labels")
+    p.add_argument("--label-noise", type=float, default=d["label_noise"], help="chance that a shown label is the other class's")
+    p.add_argument("--steps", type=int_at_least(1), default=d["steps"], help="optimizer steps of the first stage")
+    p.add_argument("--keep-heads", type=int_at_least(0), default=d["keep_heads"],
+                   help="pruning stage: last-layer heads kept (0 = no pruning stage)")
+    p.add_argument("--prune-steps", type=int_at_least(0), default=d["prune_steps"], help="steps after pruning")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="training seed")
+    p.add_argument("--out", type=Path, default=None,
+                   help="checkpoint path (.safetensors; default runs/organism-s<strength>-seed<seed>.safetensors); "
+                        "a model card .md is written beside it")
+
