@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from mechicl.cli import main
+from mechicl.cli import build_parser, main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "outputs.md"
 ROOT = DOC.parents[1]
 COMMON = {"summary.md", "config.json", "manifest.json"}
 TINY = ["--model", "tiny", "--task", "toy", "--threads", "1"]
 RUNS = {
-    "behavior": ["behavior", *TINY, "--conditions", "default,flipped,default>flipped@2", "--k-max", "3", "--n-contexts", "4"],
+    "behavior": ["behavior", *TINY, "--conditions", "default,flipped,default>flipped@2", "--k", "3", "--n-contexts", "4"],
     "run": ["run", str(ROOT / "experiments" / "nh3_label_switch.toml"), "--model", "organism-strong", "--task", "organism",
             "--n-contexts", "4",
             "--threads", "1"],
-    "attention": ["attention", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
-    "lens": ["lens", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
-    "dla": ["dla", *TINY, "--n-contexts", "2", "--n-examples", "4", "--k-min", "1"],
-    "patch": ["patch", *TINY, "--kinds", "resid,head_out,head_v_label", "--n-contexts", "2", "--n-examples", "4"],
-    "heads": ["heads", *TINY, "--n-examples", "4", "--n-screen", "2", "--n-eval", "4", "--candidates", "3",
+    "attention": ["attention", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
+    "lens": ["lens", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
+    "dla": ["dla", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
+    "patch": ["patch", *TINY, "--kinds", "resid,head_out,head_v_label", "--n-contexts", "2", "--k", "3"],
+    "heads": ["heads", *TINY, "--k", "3", "--n-screen", "2", "--n-eval", "4", "--candidates", "3",
               "--set-sizes", "1,2", "--n-control", "3"],
-    "attribute": ["attribute", *TINY, "--n-contexts", "2", "--n-examples", "4", "--steps", "3", "--completeness-steps", "1,3"],
-    "circuit": ["circuit", *TINY, "--n-examples", "4", "--n-select", "2", "--n-eval", "3"],
+    "attribute": ["attribute", *TINY, "--n-contexts", "2", "--k", "3", "--steps", "3", "--completeness-steps", "1,3"],
+    "circuit": ["circuit", *TINY, "--k", "3", "--n-select", "2", "--n-eval", "3"],
     "report": ["report", *TINY, "--quick"],
 }
+NO_RUN_FOLDER = {"models", "tasks", "organism"}  # print to the terminal; organism train writes a checkpoint + card
+SAME_AS = {"demo": "behavior"}  # documented together ("also `mechicl demo`"), same writer
 
 
 def _sections() -> dict[str, str]:
@@ -51,6 +55,13 @@ def _columns(section: str) -> dict[str, set[str]]:
     return out
 
 
+def test_every_command_is_run_here():
+    """A new command that writes a run folder needs a RUNS entry (and so a section in docs/outputs.md)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = set(sub.choices) - set(RUNS) - NO_RUN_FOLDER - set(SAME_AS)
+    assert not missing, f"add {sorted(missing)} to RUNS in {Path(__file__).name} and a section to docs/outputs.md"
+
+
 def test_the_doc_parses_into_a_section_per_command():
     sections = _sections()
     assert set(RUNS) <= set(sections)
@@ -68,6 +79,8 @@ def test_every_file_and_column_is_documented(command, tmp_path, capsys):
     shared = {f: c for other in sections.values() for f, c in _columns(other).items()}  # "as for mechicl behavior"
     patterns, columns = _file_patterns(section), {**shared, **_columns(section)}
     written = sorted(p.name for p in out.iterdir())
+    ran = json.loads((out / "config.json").read_text())["ran"]  # one config.json per folder, with what ran
+    assert ran["model"] == RUNS[command][RUNS[command].index("--model") + 1] and ran["task"] in {"toy", "organism"}
     missing = [f for f in written if f not in COMMON | {"config.toml"} and not any(p.match(f) for p in patterns)]
     assert not missing, f"docs/outputs.md does not list {missing} for `mechicl {command}`"
     for f in written:
