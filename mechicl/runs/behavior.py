@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -88,21 +89,39 @@ def summary_markdown(result: BehaviorResult) -> str:
         d0, dK = value_at(s, "default", "accuracy", 0), value_at(s, "default", "accuracy", K)
         lines.append(f"- Default labels: accuracy goes from {d0['mean']:.3f} at k = 0 to {dK['mean']:.3f} at k = {K}.")
     if "flipped" in conds and "default" in conds:
-        f0, fK = value_at(s, "flipped", "log_likelihood", 0), value_at(s, "flipped", "log_likelihood", K)
-        dK = value_at(s, "default", "log_likelihood", K)
-        rises = fK.ci_low > f0.ci_high
-        lines.append(
-            f"- Flipped labels: log-likelihood of the flipped label goes from {f0['mean']:.3f} (k = 0) to "
-            f"{fK['mean']:.3f} (k = {K}); default labels reach {dK['mean']:.3f}. "
-            + ("The rise is outside both CIs: the in-context labels move the predictions (the paper's NH1 effect)."
-               if rises else "The CIs overlap: no clear effect of flipped in-context labels at this sample size.")
-        )
-        fa = value_at(s, "flipped", "accuracy", K)
-        lines.append(f"- Flipped-label accuracy at k = {K}: {_fmt(fa)} ({_chance(result.class_counts)}).")
+        lines += _flipped_lines(s, K, result.class_counts)
     if "random" in conds:
         rK = value_at(s, "random", "accuracy_true", K)
         lines.append(f"- Random labels: accuracy against the true label at k = {K} is {_fmt(rK)}.")
     return "\n".join(lines) + "\n"
+
+
+def _flipped_lines(s: pd.DataFrame, K: int, counts: tuple[int, ...]) -> list[str]:
+    """What flipped labels do by k = K: how far the flipped label's LL moves, set against a uniform guess
+    (log 1/C) and chance accuracy, so that a move towards 50/50 is not read as learning the flipped map."""
+    f0, fK = value_at(s, "flipped", "log_likelihood", 0), value_at(s, "flipped", "log_likelihood", K)
+    dK = value_at(s, "default", "log_likelihood", K)
+    fa, ft = value_at(s, "flipped", "accuracy", K), value_at(s, "flipped", "accuracy_true", K)
+    n_labels = len(counts) or 2
+    coin, chance = math.log(1 / n_labels), 1 / n_labels
+    where = ("below" if fK.ci_high < coin else "above" if fK.ci_low > coin else "not distinguishable from")
+    moved = (f"The in-context labels move the prediction (the k = 0 and k = {K} CIs do not overlap)"
+             if fK.ci_low > f0.ci_high else f"The k = 0 and k = {K} CIs overlap: no clear move at this sample size")
+    if fa.ci_low > chance:
+        reading = "the model picks the flipped label more often than chance: it learns part of the flipped map."
+    elif fa.ci_high < chance:
+        reading = "the model still picks its prior's label more often than not."
+    else:
+        reading = ("flipped-label accuracy is at chance, so the move is towards a 50/50 guess, not to the "
+                   "flipped map.")
+    balanced = len(set(counts)) == 1 if counts else True
+    return [
+        f"- Flipped labels: log-likelihood of the flipped label goes from {f0['mean']:.3f} (k = 0) to {_fmt(fK)} "
+        f"(k = {K}); default labels reach {dK['mean']:.3f}, and a uniform guess over the {n_labels} labels scores "
+        f"log(1/{n_labels}) = {coin:.3f}. {moved}; at k = {K} the flipped label's LL is {where} a uniform guess.",
+        f"- Flipped-label accuracy at k = {K}: {_fmt(fa)} ({_chance(counts)}); against the true label {_fmt(ft)}"
+        + (f": {reading}" if balanced else "."),
+    ]
 
 
 def _chance(counts: tuple[int, ...]) -> str:

@@ -9,12 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from mechicl.analysis.behavior import BehaviorResult
-from mechicl.analysis.experiments import ExperimentConfig, parse_config, run_tests
+from mechicl.analysis.bayes_learner import LearnerResult
+from mechicl.analysis.experiments import ExperimentConfig, equivalence_margins, parse_config, run_tests
 from mechicl.analysis.stats import NOT_ENOUGH
 from mechicl.data.task import Task
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
+from mechicl.runs.bayes_learner import fit_learner, learner_markdown, write_learner
 from mechicl.runs.behavior import plot_metric, run_behavior, summary_markdown
 from mechicl.runs.folder import RunFolder, md_table
 
@@ -35,29 +37,36 @@ def load_config(path: Path | str, **overrides: object) -> ExperimentConfig:
 
 @dataclass(frozen=True)
 class ExperimentResult:
-    """The behaviour scores, the tests (one row per (test, k)) and the verdict text of one experiment."""
+    """The behaviour scores, the tests (one row per (test, k)), the verdict text of one experiment, and
+    the ideal-learner comparison when the config asks for it (``bayes_learner = true``)."""
 
     config: ExperimentConfig
     behavior: BehaviorResult
     tests: pd.DataFrame = field(repr=False)
     verdict: str = ""
+    learner: tuple[LearnerResult, ...] = ()
 
 
 def _sig(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def verdict_markdown(cfg: ExperimentConfig, tests: pd.DataFrame, model: str) -> str:
-    """Per-hypothesis verdict: rejected or not, at which k, with effect sizes and CIs."""
+def verdict_markdown(cfg: ExperimentConfig, tests: pd.DataFrame, model: str, margins: pd.DataFrame | None = None) -> str:
+    """Per-hypothesis verdict: rejected or not, at which k, with effect sizes and CIs.
+
+    ``margins`` (``equivalence_margins``): how each measured equivalence margin was sized, listed under the table.
+    """
     prim = tests[tests.primary]
     rejected = prim[prim.decision == "reject"]
     lines = [f"# {cfg.hypothesis}: {cfg.statement}", "", f"Model {model}, task {cfg.task}, {cfg.n_contexts} context "
-             f"draws shared by all conditions, alpha = {cfg.alpha} (Holm-corrected over the k of each test).", ""]
+             f"draws shared by all conditions, alpha = {cfg.alpha} (Holm-corrected over every k of all primary tests "
+             f"together, and over the k of each supporting test).", ""]
     if not rejected.empty:
         best = rejected.loc[rejected.mean_diff.abs().idxmax()]
-        ks = ", ".join(str(k) for k in rejected.k)
+        where = "; ".join(f"{g.a.iloc[0]} vs {g.b.iloc[0]} at k = {', '.join(str(k) for k in g.k)}"
+                          for _, g in rejected.groupby("test", sort=True))
         lines.append(
-            f"**Verdict: {cfg.hypothesis} is rejected** at k = {ks}. Largest effect: {best.a} − {best.b} = "
+            f"**Verdict: {cfg.hypothesis} is rejected** by {where}. Largest effect: {best.a} − {best.b} = "
             f"{_sig(best.mean_diff)} [95% CI {_sig(best.ci_low)}, {_sig(best.ci_high)}] at k = {best.k} "
             f"(Holm p = {best.p_holm:.4f}, n = {best.n})."
         )
@@ -72,6 +81,13 @@ def verdict_markdown(cfg: ExperimentConfig, tests: pd.DataFrame, model: str) -> 
              "Holm p": f"{r.p_holm:.4f}", "decision": r.decision}
             for i, t in enumerate(cfg.tests) for r in tests[tests.test == i].itertuples()]
     lines += ["", md_table(pd.DataFrame(rows))]
+    if margins is not None and not margins.empty:
+        lines += ["", "Equivalence margins measured on these draws (the fraction times the end of the reference's 95% "
+                  "bootstrap CI nearest 0, rounded down; \"no effect\" needs the test's whole 95% CI inside ±margin; "
+                  "p_TOST is Schuirmann's two one-sided t-tests against the same margin):", ""]
+        lines += [f"- {cfg.tests[m.test].a} vs {cfg.tests[m.test].b}, k = {m.k}: margin ±{m.margin:.3f} = "
+                  f"{m.fraction:g} × reference {m.reference} = {_sig(m.ref_mean)} [{_sig(m.ref_ci_low)}, "
+                  f"{_sig(m.ref_ci_high)}]; p_TOST = {m.p_tost:.4f}" for m in margins.itertuples()]
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +100,12 @@ def run_experiment(cfg: ExperimentConfig, loaded: LoadedModel, progress: bool = 
     task = task or load_task(cfg.task, seed=cfg.seed, label_names=cfg.label_names)
     beh = run_behavior(loaded, task, cfg.behavior_config(), progress=progress)
     tests = run_tests(cfg, beh.raw)
-    return ExperimentResult(cfg, beh, tests, verdict_markdown(cfg, tests, loaded.name))
+    verdict = verdict_markdown(cfg, tests, loaded.name, equivalence_margins(cfg, beh.raw))
+    learner: tuple[LearnerResult, ...] = ()
+    if cfg.bayes_learner:
+        learner = fit_learner(loaded, task, cfg.behavior_config(), beh, cfg.bayes_per_class, progress)
+        verdict += "\n" + learner_markdown(learner, cfg.k_max)
+    return ExperimentResult(cfg, beh, tests, verdict, learner)
 
 
 def write_experiment(result: ExperimentResult, out: Path, config_text: str | None = None) -> RunFolder:
@@ -99,6 +120,8 @@ def write_experiment(result: ExperimentResult, out: Path, config_text: str | Non
         if metric not in set(s.metric):
             raise ConfigError(f"plot_metrics: no metric {metric!r} in results; have {sorted(set(s.metric))}")
         plot_metric(s, metric, folder / f"{metric}.png", title, vline=cfg.switch_at)
+    if result.learner:
+        write_learner(folder, result.learner, title)
     folder.text("verdict.md", result.verdict + "\n" + summary_markdown(result.behavior).replace("# Behaviour", "## Behaviour"))
     if config_text is not None:
         folder.text("config.toml", config_text)
