@@ -227,6 +227,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                + {"quick": " --quick", "full": " --full", "default": ""}[size] + (" --attribution" if args.attribution else "")
                + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
                + (f" --template {args.template!r}" if args.template else "")
+               + (" --no-balance" if args.no_balance else "")
                + (f" --batch-size {args.batch_size}" if args.batch_size != 8 else ""))
 
     def run(loaded: Any, task: Any, out: Path) -> str:

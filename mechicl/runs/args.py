@@ -8,7 +8,8 @@ walks every subcommand and checks it):
 - ``--model``, ``--task``: what runs (``add_model_task``).
 - ``--k``: observed in-context examples, k demonstrations + 1 query per context (``add_k``); for
   ``behavior`` / ``demo`` / ``run`` the largest k of the curve (k = 0..K are scored).
-- ``--label-names``, ``--template``: the task's label words and example template (``add_task_flags``).
+- ``--label-names``, ``--template``, ``--no-balance``: the task's label words, example template and class
+  balancing of user data (``add_task_flags``).
 - ``--batch-size``: rows (contexts) per batched forward, a memory/speed knob (``add_batch_size``).
 - ``--multi-token``: label words of several tokens (sequence scoring; commands that score labels by
   whole sequences only).
@@ -144,17 +145,20 @@ def add_multi_token(p: argparse.ArgumentParser) -> None:
 
 
 def add_task_flags(p: argparse.ArgumentParser) -> None:
-    """``--label-names`` and ``--template``: how the task's examples are written."""
+    """``--label-names``, ``--template`` and ``--no-balance``: which rows and words the task has, how examples are written."""
     p.add_argument("--label-names", type=words, default=None,
                    help="comma list of label words: file tasks, the word of class 0, 1, ... (integer labels) or the "
                         "classes to keep (text labels); built-in tasks, new words for their classes in order")
     p.add_argument("--template", type=template, default=None,
                    help="example template with {input} and a final {label}, e.g. 'Input: {input}\\nLabel: {label}' "
                         "(\\n = newline); default: the task's own (file tasks: 'Input: {input}\\nLabel: {label}')")
+    p.add_argument("--no-balance", action="store_true",
+                   help="keep every row of a .csv/.jsonl or hf: task (default: every class is downsampled to the "
+                        "smallest, seeded by --seed; built-in tasks are always balanced)")
 
 
 def add_run_args(p: argparse.ArgumentParser, label_names: bool = True, seed: int | None = 0) -> None:
-    """--seed, --threads, --out, --overwrite (and --label-names, --template) for every command that writes a run folder."""
+    """--seed, --threads, --out, --overwrite (and the task flags) for every command that writes a run folder."""
     if label_names:
         add_task_flags(p)
     p.add_argument("--seed", type=int_at_least(0), default=seed, help="random seed (context draws)")

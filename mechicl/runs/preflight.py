@@ -35,11 +35,13 @@ def prepare(args: argparse.Namespace, kind: str, model: str, task: str) -> Path:
 def task_from_args(args: argparse.Namespace, spec: str | None = None, seed: int | None = None,
                    label_names: tuple[str, ...] | None = None) -> Task:
     """``load_task(spec or args.task)`` with ``--label-names`` (file tasks: class words; built-in tasks: new words for
-    their classes) and ``--template`` (replaces the example template; the separator and prefix stay the task's).
+    their classes), ``--no-balance`` (user data keeps every row) and ``--template`` (replaces the example template;
+    the separator and prefix stay the task's).
     ``spec``, ``seed`` and ``label_names`` replace the arguments' values (``mechicl run`` takes them from its config)."""
     spec = spec or args.task
     names = label_names or getattr(args, "label_names", None)
-    task = load_task(spec, seed=args.seed if seed is None else seed, label_names=names)
+    task = load_task(spec, seed=args.seed if seed is None else seed, label_names=names,
+                     balance=not getattr(args, "no_balance", False))
     if names and spec in known_tasks() and tuple(names) != task.label_names:
         if len(names) != task.n_classes:
             raise ConfigError(f"--label-names gives {len(names)} words but task {spec} has {task.n_classes} classes "

@@ -74,3 +74,13 @@ def test_file_task_with_integer_labels(tmp_path):
     assert main(["behavior", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive",
                  "--k", "2", "--n-contexts", "3", "--conditions", "default,flipped", "--out", str(out)]) == 0
     assert (out / "summary.csv").exists()
+
+
+def test_file_tasks_are_balanced_unless_no_balance(tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} w{i + 1},{int(i % 4 == 0)}\n" for i in range(24)))  # 18 vs 6 rows
+    for extra, rows in (([], 12), (["--no-balance"], 24)):
+        out = tmp_path / f"run{len(extra)}"
+        assert main(["patch", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive", "--kinds",
+                     "head_out", "--n-contexts", "2", "--k", "3", "--out", str(out), *extra]) == 0
+        assert json.loads((out / "config.json").read_text())["ran"]["task_rows"] == rows

@@ -17,6 +17,7 @@ NO_K = {"report"}  # sizes come from --quick / --full presets
 NO_BATCH = {"circuit"}  # CircuitConfig has no batch knob (its sweeps run every context at once)
 SAME_EVERYWHERE = {  # flag -> (dest, default)
     "--label-names": ("label_names", None), "--template": ("template", None), "--multi-token": ("multi_token", False),
+    "--no-balance": ("no_balance", False),
     "--seed": ("seed", 0), "--threads": ("threads", None), "--out": ("out", None), "--overwrite": ("overwrite", False),
 }
 
