@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from mechicl.models.device import input_device
+
 _TUPLE_OUT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -52,7 +54,7 @@ def _blocks_return_tuple(model: Any) -> bool:
     h = model.blocks[0].register_forward_hook(probe)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 2, dtype=torch.long))
+            model(torch.zeros(1, 2, dtype=torch.long, device=input_device(model)))
     except _Probed:
         pass
     finally:
