@@ -11,6 +11,8 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
+from mechicl.analysis.hooks import run_to_final
+from mechicl.analysis.readout import unembed_labels
 from mechicl.data.pairs import PatchPair
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task, Template
@@ -112,3 +114,29 @@ def linear_model() -> LoadedModel:
         torch.manual_seed(0)
         model = TransformerBridge.boot_native(cfg, tokenizer=tiny_tokenizer()).eval()
     return LoadedModel("linear", model, tiny_tokenizer(), True, "1-layer attention-only model without norms")
+
+
+def slot_resample_reference(loaded: LoadedModel, b: PromptBatch, k_min: int, head: tuple[int, int],
+                            donor: Tensor) -> Tensor:
+    """P(true) at every slot ``k >= k_min`` when ``head``'s output at that slot (only) is replaced by its
+    output at the same slot of context ``donor[c]``: one plain hooked forward per slot, no KV cache."""
+    l, h = head
+    name = f"blocks.{l}.attn.hook_z"
+    rows = torch.arange(b.n_contexts)
+    out = []
+    for j in range(k_min, b.n_examples):
+        q = b.readout_pos[:, j]
+        store = {}
+        with torch.no_grad():
+            run_to_final(loaded.model, b.tokens, [(name, lambda z, hook: store.__setitem__("z", z.clone()))])
+            donor_z = store["z"][donor, q[donor], h]  # [b, d]: the donor's output at its own slot j
+
+            def patch(z, hook):
+                z = z.clone()
+                z[rows, q, h] = donor_z
+                return z
+
+            resid = run_to_final(loaded.model, b.tokens, [(name, patch)])
+            logits = unembed_labels(loaded.model, resid[rows, q], b.label_token_ids)
+        out.append(torch.softmax(logits.double(), -1).gather(-1, b.true_labels[:, j, None])[:, 0])
+    return torch.stack(out, 1)  # [b, S]

@@ -22,7 +22,8 @@ def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def _percentiles(boot: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(boot: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of bootstrap draws along the last axis (NaN draws ignored)."""
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanpercentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=-1)
@@ -35,7 +36,7 @@ def mean_ci(x: Float[np.ndarray, "... n"], *, n_boot: int = 2000, level: float =
     x = np.asarray(x, dtype=float)
     idx = _indices(x.shape[-1], n_boot, seed)
     boot = x[..., idx].mean(-1)  # [..., n_boot]
-    lo, hi = _percentiles(boot, level)
+    lo, hi = percentile_interval(boot, level)
     return x.mean(-1), lo, hi
 
 
@@ -50,7 +51,7 @@ def ratio_ci(num: Float[np.ndarray, "... n"], den: Float[np.ndarray, "n"], *, n_
         est = np.where(d > 0, num.mean(-1) / d, np.nan)
         bd = den[idx].mean(-1)
         boot = np.where(bd > 0, num[..., idx].mean(-1) / bd, np.nan)
-    lo, hi = _percentiles(boot, level)
+    lo, hi = percentile_interval(boot, level)
     return est, lo, hi
 
 

@@ -24,6 +24,10 @@ from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_
 from mechicl.data.prompts import PromptBatch
 
 
+class _NoCache(RuntimeError):
+    """The model has no transformers KV cache (e.g. a TL-native model): full forwards, no warning."""
+
+
 def _left_pad(batch: PromptBatch, P: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Tokens, mask, position ids of every context's first ``q_last + 1`` tokens at the right end of
     ``P`` columns, and each row's column offset."""
@@ -76,7 +80,8 @@ class SlotStepper:
             except Exception as e:  # noqa: BLE001 - any failure means: use full forwards
                 if mode == "kv":
                     raise
-                warnings.warn(f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
+                if not isinstance(e, _NoCache):  # TL-native models have none: full forwards are expected there
+                    warnings.warn(f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
         self._init_full()
 
     @property
@@ -94,7 +99,7 @@ class SlotStepper:
     def _init_kv(self, atol: float) -> None:
         cache = new_kv_cache(self.model)
         if cache is None:
-            raise RuntimeError("the model has no transformers KV cache")
+            raise _NoCache("the model has no transformers KV cache")
         if self._window and self.P + self.n_slots > self._window:
             raise RuntimeError(f"context ({self.P}) + one step ({self.n_slots}) exceeds the sliding window {self._window}")
         tok, mask, pos, off = self._prefix = _left_pad(self.batch, self.P)

@@ -120,6 +120,29 @@ def stage_draws(task: Task, sizes: dict[str, int], n_examples: int, seed: int = 
     return draws
 
 
+@dataclass(frozen=True)
+class HeldOutBatches:
+    """Correct- and flipped-label renderings of each stage's contexts, and the validation queries alone.
+
+    ``stages[stage] = (correct, flipped)``; ``zero_shot``: the last example of every validation
+    context alone (k = 0). Memory: ``2 x len(stages) + 1`` PromptBatches.
+    """
+
+    stages: dict[str, tuple[PromptBatch, PromptBatch]]
+    zero_shot: PromptBatch
+    draws: StageDraws
+
+
+def held_out_batches(task: Task, tokenizer: Any, draws: StageDraws, *, n_ctx: int, prepend_bos: bool,
+                     template: Template | None = None) -> HeldOutBatches:
+    """The renderings ``analysis.findings`` reads, built from ``stage_draws``."""
+    kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
+    stages = {s: (build_prompt_batch(task, tokenizer, ids, "default", **kw), build_prompt_batch(task, tokenizer, ids, "flipped", **kw))
+              for s, ids in draws.ids.items()}
+    last = draws.ids[STAGES[-1]][:, -1:]
+    return HeldOutBatches(stages, build_prompt_batch(task, tokenizer, last, "default", **kw), draws)
+
+
 def repeated_random_tokens(tokenizer: Any, d_vocab: int, prepend_bos: bool, n_seqs: int = 8, seq_len: int = 40,
                            seed: int = 0) -> tuple[Int[Tensor, "batch pos"], int]:
     """``[BOS] r r`` with ``r`` uniform over the non-special vocabulary; returns tokens and the offset of copy 1."""

@@ -1,0 +1,136 @@
+"""Replication across cells (model x task x seed) of the findings grid: which heads hold up where.
+
+Per model, over the cells that have an in-context effect to attribute (``findings.NO_EFFECT``
+cells are counted but never vote):
+
+* **replicates**: the head is among a cell's validated top heads *and* above its matched controls
+  (``above_control``) in at least ``share`` (2/3) of the model's cells;
+* **task-specific: <task>**: it does so in at least ``share`` of one task's cells (and at least 2),
+  but not across the grid;
+* **not robust**: above control somewhere, but neither of the above.
+
+Task agreement: the Spearman correlation, between two tasks, of every head's screening effect
+(first-order, mean over seeds). Inputs are the per-cell tables ``runs.findings`` writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+REPLICATES, NOT_ROBUST = "replicates", "not robust"
+
+
+@dataclass(frozen=True)
+class CellTables:
+    """What replication reads from one cell: its identity, whether it has an effect, and its tables."""
+
+    model: str
+    task: str
+    seed: int
+    has_effect: bool
+    baseline: dict[str, float]
+    screen: pd.DataFrame = field(repr=False)  # layer, head, effect_est
+    validate: pd.DataFrame = field(repr=False)  # layer, head, effect(_ci_low/_high), above_control, ...
+    sets: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # test, effect, control_mean, gap_reduction, ...
+    seconds: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Replication:
+    """``cells``: one row per cell; ``heads``: one row per (model, head) that was validated anywhere, with
+    counts and its verdict; ``task_agreement``: Spearman between tasks per model; ``effect_maps``:
+    mean screening effect per (model, task, layer, head)."""
+
+    cells: pd.DataFrame
+    heads: pd.DataFrame
+    task_agreement: pd.DataFrame
+    effect_maps: pd.DataFrame
+
+
+def _cell_rows(cells: list[CellTables]) -> pd.DataFrame:
+    rows = []
+    for c in cells:
+        v = c.validate
+        above = v[v.above_control] if len(v) else v
+        top_set = c.sets[c.sets.test.str.startswith("top ")] if len(c.sets) else c.sets
+        t = top_set.iloc[0] if len(top_set) else None
+        rows.append({"model": c.model, "task": c.task, "seed": c.seed, "has_effect": c.has_effect,
+                     **{k: c.baseline.get(k, np.nan) for k in ("gap", "gap_ci_low", "gap_ci_high", "icl_gain",
+                                                               "icl_gain_ci_low", "icl_gain_ci_high")},
+                     "top_heads": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in v.itertuples()) if len(v) else "",
+                     "above_control": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in above.itertuples()) if len(v) else "",
+                     "top_set_effect": np.nan if t is None else t.effect,
+                     "top_set_control": np.nan if t is None else t.control_mean,
+                     "top_set_gap_reduction": np.nan if t is None else t.get("gap_reduction", np.nan),
+                     "top_set_control_gap_reduction": np.nan if t is None else t.get("control_gap_reduction", np.nan),
+                     "top_set_above_control": None if t is None else bool(t.above_control),
+                     "seconds": c.seconds})
+    return pd.DataFrame(rows)
+
+
+def _verdict(per_task: dict[str, tuple[int, int]], n_above: int, n_cells: int, share: float) -> str:
+    if n_cells and n_above >= share * n_cells:
+        return REPLICATES
+    specific = [t for t, (a, n) in per_task.items() if n >= 2 and a >= share * n]
+    return f"task-specific: {', '.join(specific)}" if specific else NOT_ROBUST
+
+
+def _head_rows(cells: list[CellTables], model: str, share: float) -> list[dict]:
+    mine = [c for c in cells if c.model == model and c.has_effect]
+    val = [c.validate.assign(task=c.task, seed=c.seed) for c in mine if len(c.validate)]
+    if not val:
+        return []
+    v = pd.concat(val, ignore_index=True)
+    rows = []
+    for (l, h), g in v.groupby(["layer", "head"]):
+        per_task = {t: (int(g[(g.task == t)].above_control.sum()), sum(c.task == t for c in mine))
+                    for t in dict.fromkeys(c.task for c in mine)}
+        n_above = int(g.above_control.sum())
+        rows.append({
+            "model": model, "head": f"L{int(l)}H{int(h)}", "layer": int(l), "head_index": int(h),
+            "n_cells": len(mine), "n_top": len(g), "n_above_control": n_above,
+            "share_above_control": n_above / len(mine),
+            "effect_median": float(g.effect.median()), "effect_min": float(g.effect.min()), "effect_max": float(g.effect.max()),
+            "effect_ci_low_min": float(g.effect_ci_low.min()), "control_mean_median": float(g.control_mean.median()),
+            "per_task": "; ".join(f"{t} {a}/{n}" for t, (a, n) in per_task.items()),
+            "verdict": _verdict(per_task, n_above, len(mine), share),
+        })
+    return rows
+
+
+def _maps(cells: list[CellTables]) -> pd.DataFrame:
+    s = [c.screen[["layer", "head", "effect_est"]].assign(model=c.model, task=c.task, seed=c.seed)
+         for c in cells if c.has_effect and len(c.screen)]
+    if not s:
+        return pd.DataFrame(columns=["model", "task", "layer", "head", "effect_est", "n_seeds"])
+    df = pd.concat(s, ignore_index=True)
+    return df.groupby(["model", "task", "layer", "head"], as_index=False).agg(
+        effect_est=("effect_est", "mean"), n_seeds=("seed", "nunique"))
+
+
+def _agreement(maps: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for model, g in maps.groupby("model"):
+        wide = g.pivot_table(index=["layer", "head"], columns="task", values="effect_est")
+        for a, b in itertools.combinations(wide.columns, 2):
+            ok = wide[[a, b]].dropna()
+            rho = sps.spearmanr(ok[a], ok[b]).statistic if len(ok) > 2 else np.nan
+            rows.append({"model": model, "task_a": a, "task_b": b, "spearman": float(rho), "n_heads": len(ok)})
+    return pd.DataFrame(rows, columns=["model", "task_a", "task_b", "spearman", "n_heads"])
+
+
+def replicate(cells: list[CellTables], share: float = 2 / 3) -> Replication:
+    """The grid's replication tables from its finished cells (see the module docstring). Cost: negligible."""
+    if not cells:
+        raise ValueError("no finished cells to summarise")
+    heads = [r for m in dict.fromkeys(c.model for c in cells) for r in _head_rows(cells, m, share)]
+    hdf = pd.DataFrame(heads)
+    if len(hdf):
+        hdf = hdf.sort_values(["model", "n_above_control", "effect_median"], ascending=[True, False, False]).reset_index(drop=True)
+    maps = _maps(cells)
+    return Replication(_cell_rows(cells), hdf, _agreement(maps), maps)

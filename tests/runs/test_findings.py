@@ -1,0 +1,72 @@
+"""The findings grid: cells published atomically, finished cells skipped, a killed grid resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from mechicl.analysis.findings import FindingsConfig
+from mechicl.errors import ConfigError
+from mechicl.runs import findings as F
+
+CFG = FindingsConfig(k=8, k_min=4, n_screen=4, n_confirm=4, n_validate=8, n_candidates=3, n_top=2, n_control=2,
+                     n_resample=1, n_boot=200, n_perm=200)
+SPEC = F.GridSpec(models=("organism-strong",), tasks=("organism",), seeds=(0, 1), config=CFG)
+QUIET = dict(progress=False, say=lambda s: None)
+
+
+def test_grid_writes_cells_and_summary_then_skips_finished_cells(tmp_path, monkeypatch):
+    rep = F.run_grid(SPEC, tmp_path, **QUIET)
+    assert F.finished(tmp_path) == {c.slug for c in SPEC.cells()}
+    cell = tmp_path / "cells" / SPEC.cells()[0].slug
+    meta = json.loads((cell / "cell.json").read_text())
+    assert meta["seed"] == 0 and meta["stage_seeds"] == {"screen": 0, "confirm": 1, "validate": 2}
+    assert {p.name for p in cell.iterdir()} >= {"cell.json", "manifest.json", "summary.md", *(f"{t}.csv" for t in F.TABLES)}
+    assert len(rep.cells) == 2 and (tmp_path / "summary" / "summary.md").is_file()
+    assert (tmp_path / "summary" / "effects_organism-strong.png").is_file()
+    before = pd.read_csv(cell / "validate.csv")
+
+    calls = []
+    monkeypatch.setattr(F, "run_cell", lambda *a, **k: calls.append(a))
+    F.run_grid(SPEC, tmp_path, **QUIET)
+    assert calls == []  # every cell was finished
+    pd.testing.assert_frame_equal(pd.read_csv(cell / "validate.csv"), before)
+
+
+def test_a_killed_grid_resumes_with_the_missing_cell_only(tmp_path, monkeypatch):
+    real = F.run_cell
+
+    def dies_on_seed_1(loaded, cell, cfg, out, progress=True):
+        if cell.seed == 1:
+            raise KeyboardInterrupt  # as if killed while cell 2 ran
+        return real(loaded, cell, cfg, out, progress)
+
+    monkeypatch.setattr(F, "run_cell", dies_on_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        F.run_grid(SPEC, tmp_path, **QUIET)
+    assert F.finished(tmp_path) == {SPEC.cells()[0].slug}
+    assert not list((tmp_path / "cells").glob(f"{SPEC.cells()[1].slug}*"))  # nothing half-written
+
+    ran = []
+    monkeypatch.setattr(F, "run_cell", lambda loaded, cell, *a, **k: (ran.append(cell.seed), real(loaded, cell, *a, **k))[1])
+    F.run_grid(SPEC, tmp_path, **QUIET)
+    assert ran == [1] and F.finished(tmp_path) == {c.slug for c in SPEC.cells()}
+
+
+def test_grid_config_from_toml_with_overrides_and_clear_errors(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text('models = ["gemma3-270m"]\ntasks = ["vader-words", "vega-cars"]\nseeds = [0, 1, 2]\n[config]\nk = 12\n')
+    spec = F.load_grid(p, seeds=(5,), n_top=2)
+    assert spec.models == ("gemma3-270m",) and spec.seeds == (5,) and spec.config.k == 12 and spec.config.n_top == 2
+    assert len(spec.cells()) == 2
+    p.write_text('models = ["x"]\n[config]\nkk = 3\n')
+    with pytest.raises(ConfigError, match="kk"):
+        F.load_grid(p)
+
+
+def test_cell_slugs_are_unique_and_path_safe():
+    a = F.Cell("m", "/data/a/reviews.csv", 0).slug
+    b = F.Cell("m", "/data/b/reviews.csv", 0).slug
+    assert a != b and "/" not in a and F.Cell("m", "vader-words", 2).slug == "m__vader-words__seed2"
