@@ -3,7 +3,8 @@ within stated tolerances, a Hugging Face model built in bfloat16, and an acceler
 
 Tolerances were measured with ``benchmarks/device_check.py --cpu-dtypes --models organism-strong --sweep head_out``
 (4 contexts x 8 examples): bfloat16 label logits differ from float32 by at most 3.3e-2 (max |logit| 8.3), the
-normalised head_out sweep by 1.4e-3; float16 by 7.0e-3 and 2.6e-4. The bounds below are about 3x those.
+normalised head_out sweep by 1.4e-3, DLA components by 2.0e-2; float16 by 7.0e-3, 2.6e-4 and 4.1e-3. The bounds
+below are about 3x those.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mechicl.analysis.dla import direct_logits
 from mechicl.analysis.hooks import run_to_final
 from mechicl.analysis.patching import Patcher
 from mechicl.analysis.readout import label_logits
@@ -23,7 +25,7 @@ from mechicl.models import device as dev
 from mechicl.models.loading import load_model
 from tests import helpers
 
-TOL = {"bfloat16": (0.1, 5e-3), "float16": (0.02, 1e-3)}  # (label logits, normalised sweep), ~3x measured
+TOL = {"bfloat16": (0.1, 5e-3, 0.06), "float16": (0.02, 1e-3, 0.015)}  # (label logits, normalised sweep, DLA), ~3x measured
 
 
 # ------------------------------------------------------------ names and errors ---
@@ -102,11 +104,11 @@ def organism_f32():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_agrees_with_float32(organism_f32, dtype):
-    """The readout and two sweeps (all positions; readout slot via the stepper) in half precision on the CPU."""
+    """The readout, two sweeps (all positions; readout slot via the stepper) and DLA in half precision on the CPU."""
     ref, task, pair = organism_f32
     half = load_model("organism-strong", dtype=dtype)
     assert half.dtype == dtype and {p.dtype for p in half.model.parameters()} == {getattr(torch, dtype)}
-    tol_logits, tol_sweep = TOL[dtype]
+    tol_logits, tol_sweep, tol_dla = TOL[dtype]
     a, b = label_logits(ref.model, pair.clean, progress=False), label_logits(half.model, pair.clean, progress=False)
     assert b.dtype == torch.float32 and b.device.type == "cpu"  # results leave analyses as CPU float32
     assert 0 < (a - b).abs().max() <= tol_logits  # > 0: it really ran in half precision
@@ -114,6 +116,8 @@ def test_half_precision_agrees_with_float32(organism_f32, dtype):
     for kind in ("head_out", "head_out_readout"):
         x, y = Patcher(ref.model, pair).sweep(kind).values, Patcher(half.model, pair).sweep(kind).values
         assert (x - y).abs().max() <= tol_sweep, kind
+    dla_ref, dla_half = direct_logits(ref.model, pair.clean, progress=False), direct_logits(half.model, pair.clean, progress=False)
+    assert (dla_ref.contrib - dla_half.contrib).abs().max() <= tol_dla  # its sums are checked at 2 eps of the dtype
 
 
 # ------------------------------------------------- Hugging Face dir, split ---
