@@ -12,6 +12,7 @@ modules pulls in torch; the light ones, ``data.conditions`` and ``data.task``, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import textwrap
@@ -196,12 +197,34 @@ def cmd_heads(args: argparse.Namespace) -> int:
                            args.set_sizes, args.n_control, args.ablation, args.seed, args.batch_size)
 
     def run(loaded: Any, task: Any, out: Path) -> str:
-        check_head_sets(args, loaded)
-        result = find_heads_for(loaded, task, cfg)
+        result = find_heads_for(loaded, task, dataclasses.replace(cfg, n_candidates=check_head_sets(args, loaded)))
         write_heads(result, out)
         return heads_markdown(result)
 
     return _in_folder(args, "heads", run)
+
+
+def cmd_findings(args: argparse.Namespace) -> int:
+    """`mechicl findings`: the head finder over a grid of models x tasks x seeds; resumable; replication summary."""
+    # deferred to run time: these modules import torch (see the module docstring)
+    import torch
+
+    from mechicl.runs.findings import load_grid, make_executor, run_grid, summarise
+
+    keys = ("k", "k_min", "n_screen", "n_confirm", "n_validate", "n_candidates", "n_top", "ablation", "n_resample",
+            "control", "n_control", "screen")
+    over = {k: getattr(args, k) for k in keys} | {"models": args.models, "tasks": args.tasks, "seeds": args.seeds}
+    spec = load_grid(args.config, **over)
+    if args.summarise_only:
+        summarise(args.out, spec)
+    else:
+        torch.set_num_threads(args.threads)
+        slurm = dict(kv.split("=", 1) for kv in args.slurm.split(",")) if args.slurm else None
+        executor, n = make_executor(args.workers, args.scheduler, slurm, args.out / "submitit")
+        run_grid(spec, args.out, executor=executor, n_workers=n)
+    print((args.out / "summary" / "summary.md").read_text(encoding="utf-8"))
+    print(f"[mechicl] wrote {args.out}/summary (cells in {args.out}/cells)")
+    return 0
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
@@ -296,6 +319,9 @@ DESCRIPTIONS = {
     "circuit": "Where label information is written and who reads it: label-position patching and sender -> receiver "
                "path patching on held-out contexts.",
     "report": "Every analysis on one model and task as one offline report.html.",
+    "findings": "The head finder over a grid of models x tasks x seeds: screen, confirm and validate on disjoint "
+                "context draws, resample ablation at every readout slot, layer/norm-matched controls, CIs over contexts; "
+                "finished cells are skipped (resumable); a replication summary with a verdict per head.",
 }
 
 
@@ -341,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "report", "every analysis on one model and task as one offline report.html", P.report_args, cmd_report)
     _command(sub, "circuit", "where label information is written and who reads it: label-position and path patching",
              P.circuit_args, cmd_circuit)
+    _command(sub, "findings", "head findings that hold up: held-out stages, matched controls, a grid over models x tasks x seeds",
+             P.findings_args, cmd_findings)
     sub.add_parser("models", help="list model names", description="List the model names mechicl knows.").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list task names", description="List the task names mechicl knows.").set_defaults(func=cmd_tasks)
     return parser

@@ -10,7 +10,7 @@ cells are counted but never vote):
 * **not robust**: above control somewhere, but neither of the above.
 
 Task agreement: the Spearman correlation, between two tasks, of every head's screening effect
-(first-order, mean over seeds). Inputs are the per-cell tables ``runs.findings`` writes.
+(exact, or first-order with ``screen="attribution"``; mean over seeds). Inputs are the per-cell tables ``runs.findings`` writes.
 """
 
 from __future__ import annotations
@@ -104,19 +104,23 @@ def _head_rows(cells: list[CellTables], model: str, share: float) -> list[dict]:
 
 
 def _maps(cells: list[CellTables]) -> pd.DataFrame:
-    s = [c.screen[["layer", "head", "effect_est"]].assign(model=c.model, task=c.task, seed=c.seed)
-         for c in cells if c.has_effect and len(c.screen)]
+    def one(c: CellTables) -> pd.DataFrame:  # the exact screening effect where there is one, else the estimate
+        col = "effect" if "effect" in c.screen else "effect_est"
+        return c.screen[["layer", "head", col]].rename(columns={col: "effect"}).assign(
+            model=c.model, task=c.task, seed=c.seed, exact=col == "effect")
+
+    s = [one(c) for c in cells if c.has_effect and len(c.screen)]
     if not s:
-        return pd.DataFrame(columns=["model", "task", "layer", "head", "effect_est", "n_seeds"])
+        return pd.DataFrame(columns=["model", "task", "layer", "head", "effect", "exact", "n_seeds"])
     df = pd.concat(s, ignore_index=True)
     return df.groupby(["model", "task", "layer", "head"], as_index=False).agg(
-        effect_est=("effect_est", "mean"), n_seeds=("seed", "nunique"))
+        effect=("effect", "mean"), exact=("exact", "all"), n_seeds=("seed", "nunique"))
 
 
 def _agreement(maps: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for model, g in maps.groupby("model"):
-        wide = g.pivot_table(index=["layer", "head"], columns="task", values="effect_est")
+        wide = g.pivot_table(index=["layer", "head"], columns="task", values="effect")
         for a, b in itertools.combinations(wide.columns, 2):
             ok = wide[[a, b]].dropna()
             rho = sps.spearmanr(ok[a], ok[b]).statistic if len(ok) > 2 else np.nan

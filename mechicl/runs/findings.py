@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import tomllib
-from concurrent.futures import Executor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -65,11 +66,11 @@ class GridSpec:
         return [Cell(m, t, s) for m in self.models for t in self.tasks for s in self.seeds]
 
 
-def load_grid(path: Path | str, **overrides: Any) -> GridSpec:
+def load_grid(path: Path | str | None, **overrides: Any) -> GridSpec:
     """A grid from TOML (``models``, ``tasks``, ``seeds`` lists; a ``[config]`` table of FindingsConfig
-    fields); ``overrides`` that are not None replace its values."""
+    fields), or the default grid (``path=None``); ``overrides`` that are not None replace its values."""
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8")) if path is not None else {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read grid config {path}: {e}") from e
     known = {f.name for f in fields(FindingsConfig)} - {"seed"}
@@ -79,6 +80,7 @@ def load_grid(path: Path | str, **overrides: Any) -> GridSpec:
         raise ConfigError(f"unknown keys in {path}: {sorted(bad)}; grid keys are models, tasks, seeds and [config] "
                           f"with {sorted(known)}")
     spec = {k: tuple(v) for k, v in raw.items()}
+    cfg = {**{k: v for k, v in asdict(FindingsConfig()).items() if k in known}, **cfg}
     spec.update({k: tuple(v) for k, v in overrides.items() if v is not None and k in ("models", "tasks", "seeds")})
     cfg.update({k: v for k, v in overrides.items() if v is not None and k in known})
     return GridSpec(**spec, config=FindingsConfig(**cfg))
@@ -122,10 +124,16 @@ def finished(out: Path) -> set[str]:
     return {p.name for p in (out / "cells").glob("*") if (p / "manifest.json").is_file()}
 
 
-def run_grid(spec: GridSpec, out: Path | str, *, executor: Executor | None = None, progress: bool = True,
+def run_grid(spec: GridSpec, out: Path | str, *, executor: Any = None, n_workers: int = 1, progress: bool = True,
              say: Callable[[str], None] = print) -> Replication:
-    """Run every unfinished cell of ``spec`` (serially, or on ``executor``), then summarise all finished ones."""
+    """Run every unfinished cell of ``spec`` (serially, or on ``executor``), then summarise all finished ones.
+
+    ``executor``: anything with ``submit(fn, *args)`` returning an object with ``result()`` (a
+    ``concurrent.futures`` executor, ``distributed.Client.get_executor()``, a ``submitit`` executor);
+    each model's cells are split into ``n_workers`` jobs, and each job loads its model once.
+    """
     out = Path(out)
+    _check_finished(spec, out)
     todo = [c for c in spec.cells() if c.slug not in finished(out)]
     say(f"[mechicl] findings grid: {len(spec.cells())} cells, {len(spec.cells()) - len(todo)} already finished, "
         f"{len(todo)} to run -> {out}")
@@ -141,14 +149,56 @@ def run_grid(spec: GridSpec, out: Path | str, *, executor: Executor | None = Non
                 run_cell(loaded, c, spec.config, out, progress=False)
                 bar.update()
     else:
-        n = max(1, int(getattr(executor, "_max_workers", 1)))  # a worker per chunk: each loads its model once
-        futures = {executor.submit(run_cells, m, cells[i::n], spec.config, out): len(cells[i::n])
-                   for m, cells in by_model.items() for i in range(min(n, len(cells)))}
-        for f in as_completed(futures):
-            f.result()
-            bar.update(futures[f])
+        jobs = [(executor.submit(run_cells, m, cells[i::n_workers], spec.config, out), len(cells[i::n_workers]))
+                for m, cells in by_model.items() for i in range(min(n_workers, len(cells)))]
+        for job, n in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
+            job.result()
+            bar.update(n)
     bar.close()
     return summarise(out, spec)
+
+
+def _check_finished(spec: GridSpec, out: Path) -> None:
+    """Refuse to reuse a finished cell that ran with another configuration (a resumed grid must be one grid)."""
+    want = {k: v for k, v in asdict(spec.config).items() if k != "seed"}
+    for c in spec.cells():
+        meta = out / "cells" / c.slug / "cell.json"
+        if c.slug in finished(out) and meta.is_file():
+            had = {k: v for k, v in json.loads(meta.read_text(encoding="utf-8"))["config"].items() if k != "seed"}
+            if had != want:
+                diff = {k: (had.get(k), v) for k, v in want.items() if had.get(k) != v}
+                raise ConfigError(f"{out}/cells/{c.slug} was run with another configuration ({diff}, as (had, asked)); "
+                                  f"pass another --out, or delete that cell to rerun it")
+
+
+def make_executor(workers: int = 1, scheduler: str | None = None, slurm: dict[str, Any] | None = None,
+                  log_dir: Path | None = None) -> tuple[Any, int]:
+    """An existing engine for the grid's cells, and how many jobs to split each model's cells into.
+
+    ``scheduler`` (``tcp://host:port``): a Dask ``distributed`` cluster; ``slurm``: ``submitit``
+    executor parameters (e.g. ``{"slurm_partition": "gpu", "timeout_min": 60}``); otherwise ``workers``
+    local processes (one torch thread each), or ``None`` (serial, in this process) for ``workers == 1``.
+    Dask and submitit come with ``pip install mechicl[distributed]``.
+    """
+    if scheduler and slurm:
+        raise ConfigError("pass either --scheduler (Dask) or --slurm options, not both")
+    if scheduler or slurm:
+        try:
+            if scheduler:  # optional engines: imported only when asked for (mechicl[distributed])
+                from distributed import Client
+
+                client = Client(scheduler)
+                return client.get_executor(), max(1, len(client.scheduler_info()["workers"]))
+            import submitit
+
+            ex = submitit.AutoExecutor(folder=str(log_dir or Path("submitit_logs")))
+            ex.update_parameters(**(slurm or {}))
+            return ex, max(1, workers)
+        except ImportError as e:
+            raise ConfigError(f"{e.name} is not installed: pip install 'mechicl[distributed]'") from e
+    if workers <= 1:
+        return None, 1
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")), workers
 
 
 def read_cell(folder: Path) -> CellTables:

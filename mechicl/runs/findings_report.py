@@ -110,12 +110,12 @@ def write_summary(rep: Replication, folder: RunFolder, spec: Any = None) -> None
         maps, marks = {}, {}
         for task, t in g.groupby("task"):
             m = np.full((L, H), np.nan)
-            m[t.layer.to_numpy(int), t["head"].to_numpy(int)] = t.effect_est.to_numpy()
+            m[t.layer.to_numpy(int), t["head"].to_numpy(int)] = t.effect.to_numpy()
             maps[task] = m
             above = rep.cells[(rep.cells.model == model) & (rep.cells.task == task)].above_control
             marks[task] = [(int(x.split("H")[0][1:]), int(x.split("H")[1])) for s in above for x in str(s).split() if x.startswith("L")]
         effect_panels(maps, folder / f"effects_{model}.png",
-                      f"{model}: screening effect of each head (first-order, mean over seeds); outlined: above matched controls in a cell",
+                      f"{model}: screening effect of each head alone (mean over seeds); outlined: above matched controls in a cell",
                       marks=marks)
     total = float(rep.cells.seconds.sum())
     lines = ["# Findings grid", "", f"{len(rep.cells)} cells; stage time {total / 60:.1f} min in all (model loading excluded).", "",

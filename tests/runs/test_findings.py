@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from mechicl.analysis.findings import FindingsConfig
+from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs import findings as F
 
@@ -70,3 +71,25 @@ def test_cell_slugs_are_unique_and_path_safe():
     a = F.Cell("m", "/data/a/reviews.csv", 0).slug
     b = F.Cell("m", "/data/b/reviews.csv", 0).slug
     assert a != b and "/" not in a and F.Cell("m", "vader-words", 2).slug == "m__vader-words__seed2"
+
+
+def test_cli_runs_a_grid_resumes_and_summarises(tmp_path, capsys):
+    argv = ["findings", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0", "--k", "8", "--k-min", "4",
+            "--n-screen", "4", "--n-confirm", "4", "--n-validate", "8", "--n-candidates", "3", "--n-top", "2",
+            "--n-control", "2", "--n-resample", "1", "--out", str(tmp_path / "grid")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "# Findings grid" in out and "## Head-level findings" in out and "Halawi" in out
+    assert main(argv) == 0
+    assert "1 already finished, 0 to run" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "grid" / "cells" / "organism-strong__organism__seed0" / "cell.json").read_text())["config"]
+    assert (cfg["k"], cfg["k_min"], cfg["n_top"], cfg["seed"]) == (8, 4, 2, 0)
+    assert main(["findings", "--summarise-only", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0",
+                 "--out", str(tmp_path / "grid")]) == 0
+
+
+def test_a_finished_cell_run_with_another_config_is_not_silently_reused(tmp_path):
+    F.run_grid(F.GridSpec(SPEC.models, SPEC.tasks, (0,), CFG), tmp_path, **QUIET)
+    other = F.GridSpec(SPEC.models, SPEC.tasks, (0,), FindingsConfig(**{**CFG.__dict__, "n_top": 1}))
+    with pytest.raises(ConfigError, match="another configuration"):
+        F.run_grid(other, tmp_path, **QUIET)
