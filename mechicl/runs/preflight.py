@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,13 +85,18 @@ def record_ran(folder: Path, loaded: LoadedModel, task: Task, config: Any = None
     RunFolder(folder).json("config.json", record)
 
 
-def check_head_sets(args: argparse.Namespace, loaded: LoadedModel | None = None) -> None:
-    """``heads``: set sizes within --candidates (before loading) and both within the model's heads (after)."""
+def check_head_sets(args: argparse.Namespace, loaded: LoadedModel | None = None) -> int:
+    """``heads``: set sizes within --candidates (before loading), and within the model's heads (after). Returns the
+    candidates to confirm: --candidates, or every head (with a warning) when the model has fewer."""
     if max(args.set_sizes) > args.candidates:
         raise ConfigError(f"--set-sizes {max(args.set_sizes)} is larger than --candidates {args.candidates}: the sets are "
                           f"the top-n candidates; raise --candidates or use smaller sizes")
-    if loaded is not None:
-        n_heads = loaded.model.cfg.n_layers * loaded.model.cfg.n_heads
-        if max(args.set_sizes) > n_heads or args.candidates > n_heads:
-            raise ConfigError(f"--set-sizes {max(args.set_sizes)} / --candidates {args.candidates}: {loaded.name} has "
-                              f"only {n_heads} heads; use at most {n_heads}")
+    if loaded is None:
+        return args.candidates
+    n_heads = loaded.model.cfg.n_layers * loaded.model.cfg.n_heads
+    if max(args.set_sizes) > n_heads:
+        raise ConfigError(f"--set-sizes {max(args.set_sizes)}: {loaded.name} has only {n_heads} heads; use at most {n_heads}")
+    if args.candidates > n_heads:
+        warnings.warn(f"--candidates {args.candidates}: {loaded.name} has {n_heads} heads; confirming all {n_heads}",
+                      stacklevel=2)
+    return min(args.candidates, n_heads)

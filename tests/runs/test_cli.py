@@ -55,16 +55,20 @@ def test_template_and_label_names_reach_the_prompts_and_config(tmp_path, capsys)
 def test_heads_prints_a_verdict_and_one_column_scheme(tmp_path, capsys):
     out = tmp_path / "heads"
     assert main(["heads", "--model", "tiny", "--task", "toy", "--k", "3", "--n-screen", "2", "--n-eval", "4",
-                 "--candidates", "3", "--set-sizes", "1", "--n-control", "3", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+                 "--candidates", "12", "--set-sizes", "1", "--n-control", "3", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "--candidates 12: tiny has 8 heads; confirming all 8" in err  # more than the model has: all of them
     verdict = [line for line in printed.splitlines() if line.startswith("Verdict: ")]
     assert len(verdict) == 1 and ("is the only head" in verdict[0] or "no head passes" in verdict[0])
     assert "Rule: a head is found when" in printed
-    cols = set(pd.read_csv(out / "heads.csv").columns)
+    heads = pd.read_csv(out / "heads.csv")
+    cols = set(heads.columns)
+    assert len(heads) == 8
     assert {"gap_reduction_mean", "gap_reduction_zero", "n_other"} <= cols
     assert not cols & {"gap_reduction", "d_acc_correct", "d_acc_zero_shot"}  # no unsuffixed copies
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "tiny" and cfg["task"] == "toy" and cfg["n_examples"] == 4 and cfg["max_rows"] == 256
+    assert cfg["n_candidates"] == 8  # what ran
 
 
 def test_file_task_with_integer_labels(tmp_path):
