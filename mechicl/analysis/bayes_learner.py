@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from scipy import optimize
 from scipy.special import expit, log_expit
 from torch import Tensor
@@ -108,7 +108,7 @@ class LearnerInputs:
     """
 
     z: Float[np.ndarray, "n e"]
-    true_class: Float[np.ndarray, "n e"]
+    true_class: Int[np.ndarray, "n e"]
     signs: dict[str, np.ndarray] = field(repr=False)
     model_ll: dict[str, np.ndarray] = field(repr=False)
     default: str = "default"
