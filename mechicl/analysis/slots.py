@@ -22,6 +22,7 @@ from mechicl.analysis.hooks import act_name, capture, run_to_final
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
 from mechicl.data.prompts import PromptBatch
+from mechicl.errors import ContextOverflowError
 
 
 class _NoCache(RuntimeError):
@@ -72,6 +73,11 @@ class SlotStepper:
         hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
         self._window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
         self.P = int(batch.readout_pos[:, -1].max()) + 1
+        if self._window and self.P > self._window:
+            raise ContextOverflowError(
+                f"contexts of up to {self.P} tokens exceed the model's sliding attention window ({self._window}): the "
+                f"slot re-runs would need a per-layer window mask. Lower --k (or use shorter inputs)."
+            )
         self.mode, self._cache = "full", None
         if mode in ("auto", "kv"):
             try:
@@ -97,11 +103,9 @@ class SlotStepper:
 
     @torch.no_grad()
     def _init_kv(self, atol: float) -> None:
-        cache = new_kv_cache(self.model)
+        cache = new_kv_cache(self.model, keep_all=True)  # appended steps must not evict the prefix
         if cache is None:
             raise _NoCache("the model has no transformers KV cache")
-        if self._window and self.P + self.n_slots > self._window:
-            raise RuntimeError(f"context ({self.P}) + one step ({self.n_slots}) exceeds the sliding window {self._window}")
         tok, mask, pos, off = self._prefix = _left_pad(self.batch, self.P)
         self._cols = self.pos + off[:, None]  # [b, S] slot columns in the left-padded layout
         store: dict[str, Tensor] = {}
@@ -142,10 +146,8 @@ class SlotStepper:
         n, S = masks.shape[0], self.n_slots
         if self.mode == "kv":
             per = max(1, self.step_tokens // max(1, self.batch.n_contexts * S))
-            if self._window:
-                per = max(1, min(per, (self._window - self.P) // S))
-        else:
-            per = max(1, self.max_rows // max(1, self.batch.n_contexts * S))
+        else:  # full: each chunk runs its contexts in groups of at most max_rows rows
+            per = max(1, self.max_rows // S)
         chunks = range(0, n, per)
         out = [self._chunk(masks[c : c + per], source)
                for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)]
@@ -193,9 +195,10 @@ class SlotStepper:
             return source[l][None, None, None]
         return source[:, :, l][:, None]
 
-    def _hooks(self, masks: Tensor, source: Tensor | None, full_rows: Tensor | None) -> list[tuple[str, Callable]]:
+    def _hooks(self, masks: Tensor, source: Tensor | None, full_rows: Tensor | None, b: int | None = None
+               ) -> list[tuple[str, Callable]]:
         """``hook_z`` replacements: kv rows ``[b, n*S]`` or full rows ``(context, i, s)`` at their slot."""
-        n, S, b = masks.shape[0], self.n_slots, self.batch.n_contexts
+        n, S, b = masks.shape[0], self.n_slots, b or self.batch.n_contexts
         hooks = []
         for l in range(self.L):
             m_l = masks[:, l]  # [n, H]
@@ -235,8 +238,15 @@ class SlotStepper:
                     position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)),
                 )
             return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
-        rows_pos = self.pos[:, None, :].expand(b, n, S).reshape(-1)
-        tokens = self.batch.tokens[:, : self.P].repeat_interleave(n * S, 0)
-        resid = run_to_final(self.model, tokens, self._hooks(masks, source, rows_pos))
-        logits = unembed_labels(self.model, resid[torch.arange(len(rows_pos)), rows_pos], self.label_ids)
-        return logits.view(b, n, S, -1).transpose(0, 1)
+        cb = max(1, self.max_rows // (n * S))  # contexts per forward: at most max_rows rows (or one context)
+        out = []
+        for c0 in range(0, b, cb):
+            rows = slice(c0, min(b, c0 + cb))
+            pos = self.pos[rows]
+            m = pos.shape[0]
+            rows_pos = pos[:, None, :].expand(m, n, S).reshape(-1)
+            src = source if source is None or source.dim() == 3 else source[rows]
+            tokens = self.batch.tokens[rows, : self.P].repeat_interleave(n * S, 0)
+            resid = run_to_final(self.model, tokens, self._hooks(masks, src, rows_pos, m))
+            out.append(unembed_labels(self.model, resid[torch.arange(len(rows_pos)), rows_pos], self.label_ids).view(m, n, S, -1))
+        return torch.cat(out, 0).transpose(0, 1)

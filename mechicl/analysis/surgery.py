@@ -126,14 +126,19 @@ def cache_shim(model: Any) -> Iterator[None]:
             h.remove()
 
 
-def new_kv_cache(model: Any) -> Any:
-    """An empty transformers ``DynamicCache`` for the bridge's HF model, or None (e.g. TL-native models)."""
+def new_kv_cache(model: Any, *, keep_all: bool = False) -> Any:
+    """An empty transformers ``DynamicCache`` for the bridge's HF model, or None (e.g. TL-native models).
+
+    ``keep_all``: every layer keeps every position (no sliding-window layers, which evict the oldest
+    entries once prefix + appended tokens pass the window); the caller's mask must then do what the
+    window did (``SlotStepper`` refuses contexts longer than the window, where it would matter).
+    """
     hf = getattr(model, "original_model", None)
     config = getattr(hf, "config", None)
     if config is None or not hasattr(hf, "generate"):
         return None
     try:
-        return DynamicCache(config=config)
+        return DynamicCache() if keep_all else DynamicCache(config=config)
     except Exception:  # noqa: BLE001 - a config DynamicCache cannot take: no KV path
         return None
 

@@ -61,9 +61,14 @@ class GridSpec:
     tasks: tuple[str, ...] = ("vader-words", "vader-movies", "vader-tweets", "vader-nyt", "vader-amazon", "vega-cars")
     seeds: tuple[int, ...] = (0, 1, 2)
     config: FindingsConfig = field(default_factory=FindingsConfig)
+    task_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task overrides, e.g. a smaller k
 
     def cells(self) -> list[Cell]:
         return [Cell(m, t, s) for m in self.models for t in self.tasks for s in self.seeds]
+
+    def cell_config(self, cell: Cell) -> FindingsConfig:
+        """The cell's configuration: the grid's, the task's overrides, the cell's seed."""
+        return FindingsConfig(**{**asdict(self.config), **self.task_config.get(cell.task, {}), "seed": cell.seed})
 
 
 def load_grid(path: Path | str | None, **overrides: Any) -> GridSpec:
@@ -75,7 +80,8 @@ def load_grid(path: Path | str | None, **overrides: Any) -> GridSpec:
         raise ConfigError(f"cannot read grid config {path}: {e}") from e
     known = {f.name for f in fields(FindingsConfig)} - {"seed"}
     cfg = raw.pop("config", {})
-    bad = (set(cfg) - known) | (set(raw) - {"models", "tasks", "seeds"})
+    per_task = raw.pop("task_config", {})
+    bad = (set(cfg) - known) | (set(raw) - {"models", "tasks", "seeds"}) | {k for o in per_task.values() for k in o} - known
     if bad:
         raise ConfigError(f"unknown keys in {path}: {sorted(bad)}; grid keys are models, tasks, seeds and [config] "
                           f"with {sorted(known)}")
@@ -83,16 +89,12 @@ def load_grid(path: Path | str | None, **overrides: Any) -> GridSpec:
     cfg = {**{k: v for k, v in asdict(FindingsConfig()).items() if k in known}, **cfg}
     spec.update({k: tuple(v) for k, v in overrides.items() if v is not None and k in ("models", "tasks", "seeds")})
     cfg.update({k: v for k, v in overrides.items() if v is not None and k in known})
-    return GridSpec(**spec, config=FindingsConfig(**cfg))
-
-
-def _cell_config(spec_cfg: FindingsConfig, seed: int) -> FindingsConfig:
-    return FindingsConfig(**{**asdict(spec_cfg), "seed": seed})
+    return GridSpec(**spec, config=FindingsConfig(**cfg), task_config=per_task)
 
 
 def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: bool = True) -> Path:
-    """Run one cell and publish its folder ``out/cells/<slug>`` atomically. Cost: ``find_label_heads``."""
-    cfg = _cell_config(cfg, cell.seed)
+    """Run one cell (``cfg`` is its own: ``GridSpec.cell_config``) and publish ``out/cells/<slug>`` atomically.
+    Cost: ``find_label_heads``."""
     task = load_task(cell.task, seed=cell.seed)
     draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cell.seed)
     batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
@@ -112,11 +114,11 @@ def write_cell(result: FindingsResult, cell: Cell, folder: RunFolder) -> None:
     folder.text("summary.md", findings_markdown(result, cell.model, cell.task))
 
 
-def run_cells(model: str, cells: list[Cell], cfg: FindingsConfig, out: Path, progress: bool = False) -> list[str]:
+def run_cells(model: str, cells: list[Cell], spec: GridSpec, out: Path, progress: bool = False) -> list[str]:
     """A worker: load ``model`` once (one torch thread) and run ``cells``; returns the finished slugs."""
     torch.set_num_threads(1)
     loaded = load_model(model)
-    return [run_cell(loaded, c, cfg, out, progress=progress).name for c in cells]
+    return [run_cell(loaded, c, spec.cell_config(c), out, progress=progress).name for c in cells]
 
 
 def finished(out: Path) -> set[str]:
@@ -146,10 +148,10 @@ def run_grid(spec: GridSpec, out: Path | str, *, executor: Any = None, n_workers
             loaded = load_model(model)
             for c in cells:
                 bar.set_postfix_str(c.slug)
-                run_cell(loaded, c, spec.config, out, progress=False)
+                run_cell(loaded, c, spec.cell_config(c), out, progress=False)
                 bar.update()
     else:
-        jobs = [(executor.submit(run_cells, m, cells[i::n_workers], spec.config, out), len(cells[i::n_workers]))
+        jobs = [(executor.submit(run_cells, m, cells[i::n_workers], spec, out), len(cells[i::n_workers]))
                 for m, cells in by_model.items() for i in range(min(n_workers, len(cells)))]
         for job, n in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
             job.result()
@@ -160,8 +162,8 @@ def run_grid(spec: GridSpec, out: Path | str, *, executor: Any = None, n_workers
 
 def _check_finished(spec: GridSpec, out: Path) -> None:
     """Refuse to reuse a finished cell that ran with another configuration (a resumed grid must be one grid)."""
-    want = {k: v for k, v in asdict(spec.config).items() if k != "seed"}
     for c in spec.cells():
+        want = {k: v for k, v in asdict(spec.cell_config(c)).items() if k != "seed"}
         meta = out / "cells" / c.slug / "cell.json"
         if c.slug in finished(out) and meta.is_file():
             had = {k: v for k, v in json.loads(meta.read_text(encoding="utf-8"))["config"].items() if k != "seed"}

@@ -8,6 +8,7 @@ import torch
 from mechicl.analysis.hooks import head_masks, run_to_final
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.slots import SlotStepper
+from mechicl.errors import ContextOverflowError
 from tests import helpers
 
 
@@ -83,3 +84,29 @@ def test_attribution_is_the_first_order_effect_of_each_slot_replacement(tiny, mo
     est = est.permute(2, 3, 0, 1).reshape(len(heads), 3, st.n_slots).double()
     assert torch.allclose(est, exact, atol=5e-6, rtol=0.05), float((est - exact).abs().max())
     assert exact.abs().max() > 1e-5  # the check is not vacuous
+
+
+def test_steps_past_a_sliding_window_keep_the_prefix_exact():
+    """Gemma-3 layers with a sliding window: prefix + appended steps may pass the window (the cache keeps
+    every position); contexts longer than the window are refused with a clear error."""
+    probe = helpers.tiny_hf("gemma")
+    b = helpers.batch(probe, helpers.toy_task(), "flipped", n_contexts=2, n_examples=6, seed=4)
+    P = int(b.readout_pos[:, -1].max()) + 1
+    loaded = helpers.tiny_hf("gemma", sliding_window=P)
+    st = SlotStepper(loaded.model, b, k_min=1, step_tokens=10_000)
+    assert st.mode == "kv" and P + 8 * st.n_slots > P  # one chunk of 8 interventions passes the window
+    sets = [[(l, h)] for l in range(2) for h in range(4)]
+    got = st.run(head_masks(sets, 2, 4))
+    for i, heads in enumerate(sets):
+        assert torch.allclose(got[i], _reference(loaded, b, 1, heads, None), atol=1e-4)
+    short = helpers.tiny_hf("gemma", sliding_window=P - 1)
+    with pytest.raises(ContextOverflowError, match="sliding attention window"):
+        SlotStepper(short.model, b, k_min=1)
+
+
+def test_full_mode_groups_contexts_without_changing_results(tiny):
+    b = helpers.batch(tiny, helpers.toy_task(), "default", n_contexts=5, n_examples=5)
+    masks = head_masks([[(0, 1)], [(1, 2)]], 2, 4)
+    small = SlotStepper(tiny.model, b, k_min=1, max_rows=3).run(masks)
+    big = SlotStepper(tiny.model, b, k_min=1, max_rows=10_000).run(masks)
+    assert torch.allclose(small, big, atol=1e-5)

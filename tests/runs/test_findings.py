@@ -58,10 +58,13 @@ def test_a_killed_grid_resumes_with_the_missing_cell_only(tmp_path, monkeypatch)
 
 def test_grid_config_from_toml_with_overrides_and_clear_errors(tmp_path):
     p = tmp_path / "g.toml"
-    p.write_text('models = ["gemma3-270m"]\ntasks = ["vader-words", "vega-cars"]\nseeds = [0, 1, 2]\n[config]\nk = 12\n')
+    p.write_text('models = ["gemma3-270m"]\ntasks = ["vader-words", "vega-cars"]\nseeds = [0, 1, 2]\n[config]\nk = 12\n'
+                 '[task_config.vega-cars]\nk = 6\nk_min = 2\n')
     spec = F.load_grid(p, seeds=(5,), n_top=2)
     assert spec.models == ("gemma3-270m",) and spec.seeds == (5,) and spec.config.k == 12 and spec.config.n_top == 2
     assert len(spec.cells()) == 2
+    assert spec.cell_config(F.Cell("gemma3-270m", "vega-cars", 5)).k == 6 and spec.cell_config(spec.cells()[0]).k == 12
+    assert spec.cell_config(spec.cells()[0]).seed == 5
     p.write_text('models = ["x"]\n[config]\nkk = 3\n')
     with pytest.raises(ConfigError, match="kk"):
         F.load_grid(p)
