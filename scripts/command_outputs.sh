@@ -13,14 +13,14 @@ cd "$SRC"
 rm -rf "$OUT"; mkdir -p "$OUT"
 for spec in "tiny toy" "organism-strong organism"; do
   set -- $spec; m=$1; t=$2
-  $M behavior --model $m --task $t --conditions default,random,flipped,arbitrary:a/b --k-max 8 --n-contexts 16 --threads 1 --out "$OUT/$m/behavior" > /dev/null
+  $M behavior --model $m --task $t --conditions default,random,flipped,arbitrary:a/b --k 8 --n-contexts 16 --threads 1 --out "$OUT/$m/behavior" > /dev/null
   for c in attention lens dla; do
-    $M $c --model $m --task $t --n-contexts 8 --n-examples 8 --k-min 2 --threads 1 --out "$OUT/$m/$c" > /dev/null
+    $M $c --model $m --task $t --n-contexts 8 --k 7 --k-min 2 --threads 1 --out "$OUT/$m/$c" > /dev/null
   done
   $M patch --model $m --task $t --kinds resid,attn_out,mlp_out,head_out,head_out_label,head_out_readout,head_v_label,head_pattern_label \
-    --n-contexts 4 --n-examples 6 --threads 1 --out "$OUT/$m/patch" > /dev/null
-  $M patch --model $m --task $t --kinds head_out --last-m 2 --n-contexts 4 --n-examples 6 --threads 1 --out "$OUT/$m/patch_lastm" > /dev/null
-  $M heads --model $m --task $t --n-examples 9 --n-screen 8 --n-eval 16 --n-control 20 --threads 1 --out "$OUT/$m/heads" > /dev/null
+    --n-contexts 4 --k 5 --threads 1 --out "$OUT/$m/patch" > /dev/null
+  $M patch --model $m --task $t --kinds head_out --last-m 2 --n-contexts 4 --k 5 --threads 1 --out "$OUT/$m/patch_lastm" > /dev/null
+  $M heads --model $m --task $t --k 8 --n-screen 8 --n-eval 16 --n-control 20 --threads 1 --out "$OUT/$m/heads" > /dev/null
 done
 $M run experiments/nh3_label_switch.toml --model organism-strong --n-contexts 8 --threads 1 --out "$OUT/run_nh3" > /dev/null
 echo "wrote $(find "$OUT" -name '*.csv' | wc -l) CSVs to $OUT"

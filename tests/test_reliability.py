@@ -19,11 +19,11 @@ import pytest
 
 from mechicl.cli import main
 
-B = ["behavior", "--model", "tiny", "--task", "toy", "--k-max", "2", "--n-contexts", "3", "--out", "out"]
-INSIDE = ["--model", "tiny", "--task", "toy", "--n-contexts", "3", "--n-examples", "5", "--k-min", "2", "--out", "out"]
-HEADS = ["heads", "--model", "tiny", "--task", "toy", "--n-examples", "5", "--n-screen", "3", "--n-eval", "6",
+B = ["behavior", "--model", "tiny", "--task", "toy", "--k", "2", "--n-contexts", "3", "--out", "out"]
+INSIDE = ["--model", "tiny", "--task", "toy", "--n-contexts", "3", "--k", "4", "--k-min", "2", "--out", "out"]
+HEADS = ["heads", "--model", "tiny", "--task", "toy", "--k", "4", "--n-screen", "3", "--n-eval", "6",
          "--candidates", "3", "--set-sizes", "1,2", "--n-control", "5", "--out", "out"]
-PATCH = ["patch", "--model", "tiny", "--task", "toy", "--n-contexts", "2", "--n-examples", "4", "--out", "out"]
+PATCH = ["patch", "--model", "tiny", "--task", "toy", "--n-contexts", "2", "--k", "3", "--out", "out"]
 GOOD = "".join(f"w{i} w{i + 1},{'negative' if i % 2 else 'positive'}\n" for i in range(40))
 CONFIG = """name = "x"
 hypothesis = "NH1"
@@ -67,7 +67,7 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
                               r"d\.csv line 42: 1 field\(s\) but the header has 2"),
     "jsonl-text-null": ({"d.jsonl": b'{"text": "w1", "label": "a"}\n{"text": null, "label": "b"}\n'},
                         _set(B, "--task", "d.jsonl"), r"line 2: 'text' is missing or null"),
-    "switch-after-k-max": ({}, _set(_set(B, "--k-max", "4"), "--conditions", "default,default>flipped@99"),
+    "switch-after-k-max": ({}, _set(_set(B, "--k", "4"), "--conditions", "default,default>flipped@99"),
                            r"default>flipped@99: .*switch at example 99 never happens; use @1\.\.@4"),
     "tokens-become-unk": ({}, _set(B, "--model", "organism-strong"), r"template of task toy tokenizes to <unk>"),
     "run-bad-plot-metrics": (_config(top='plot_metrics = ["accuracy", "nope"]'), RUN,
@@ -76,7 +76,7 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
     "n-contexts-0": ({}, _set(B, "--n-contexts", "0"), r"argument --n-contexts: must be an integer >= 2, got 0"),
     "n-contexts-1": ({}, _set(B, "--n-contexts", "1"), r"argument --n-contexts: must be an integer >= 2, got 1"),
     "n-contexts--2": ({}, _set(B, "--n-contexts", "-2"), r"argument --n-contexts: must be an integer >= 2, got -2"),
-    "k-max--3": ({}, _set(B, "--k-max", "-3"), r"argument --k-max: must be an integer >= 0, got -3"),
+    "k-max--3": ({}, _set(B, "--k", "-3"), r"argument --k: must be an integer >= 0, got -3"),
     "batch-size-0": ({}, _set(B, "--batch-size", "0"), r"argument --batch-size: must be an integer >= 1, got 0"),
     "batch-size--1": ({}, _set(B, "--batch-size", "-1"), r"argument --batch-size: must be an integer >= 1, got -1"),
     "seed--1": ({}, _set(B, "--seed", "-1"), r"argument --seed: must be an integer >= 0, got -1"),

@@ -30,7 +30,7 @@ from mechicl.errors import TaskError
 from mechicl.runs.behavior import _chance
 from mechicl.runs.folder import MANIFEST, verify_manifest
 
-B = ["behavior", "--model", "tiny", "--task", "toy", "--k-max", "2", "--n-contexts", "3"]
+B = ["behavior", "--model", "tiny", "--task", "toy", "--k", "2", "--n-contexts", "3"]
 
 
 # ------------------------------------------------------------------ numbers ---
@@ -117,7 +117,7 @@ def test_ctrl_c_leaves_nothing_or_the_previous_folder(point, tmp_path, monkeypat
 
 def _sigint_run(out: Path, delay: float, extra: list[str]) -> tuple[int, str]:
     """Start ``mechicl behavior`` in a subprocess, SIGINT it ``delay`` s after the model has loaded."""
-    cmd = [sys.executable, "-m", "mechicl.cli", *B[:-4], "--k-max", "16", "--n-contexts", "400", "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", "mechicl.cli", *B[:-4], "--k", "16", "--n-contexts", "400", "--out", str(out), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # type: ignore[union-attr]
         if line.startswith("[mechicl] loaded"):

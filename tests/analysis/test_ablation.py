@@ -112,7 +112,7 @@ def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
     res = find_heads_for(tiny, toy, cfg, progress=False)
     assert list(res.heads["rank"]) == [1, 2, 3, 4] and len(res.top_heads) == 4
     assert res.heads.patch_denoise.is_monotonic_decreasing
-    assert {"gap_reduction", "gap_reduction_zero", "gap_reduction_mean", "d_acc_correct_mean", "d_acc_zero_shot", "fv_cie",
+    assert {"gap_reduction_zero", "gap_reduction_mean", "d_acc_correct_mean", "d_acc_zero_shot_mean", "fv_cie",
             "patch_noise", "readout_patch_denoise", "control_ci_high", "control_p"} <= set(res.heads.columns)
     assert len(res.all_heads) == 8 and res.all_heads.candidate.sum() == 4
     assert list(res.sets["size"]) == [1, 2]
@@ -121,10 +121,10 @@ def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
     # each candidate's control is every other head's single-head gap reduction (all_heads)
     gr = res.all_heads.set_index(["layer", "head"]).gap_reduction
     for r in res.heads.itertuples():
-        assert np.isclose(gr[(r.layer, r.head)], r.gap_reduction, equal_nan=True)
+        assert np.isclose(gr[(r.layer, r.head)], r.gap_reduction_mean, equal_nan=True)
         others = gr.drop((r.layer, r.head)).dropna().to_numpy()
-        if len(others) and np.isfinite(r.gap_reduction):
-            assert np.isclose(r.control_p, (1 + (others >= r.gap_reduction).sum()) / (1 + len(others)))
+        if len(others) and np.isfinite(r.gap_reduction_mean):
+            assert np.isclose(r.control_p, (1 + (others >= r.gap_reduction_mean).sum()) / (1 + len(others)))
     write_heads(res, tmp_path)
     assert (tmp_path / "heads.csv").exists() and (tmp_path / "attribution.png").exists()
     assert "Label-aggregation heads" in (tmp_path / "summary.md").read_text()
@@ -135,7 +135,7 @@ def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
 def test_cli_heads_on_tiny(tmp_path, capsys):
     from mechicl.cli import main
 
-    rc = main(["heads", "--model", "tiny", "--task", "toy", "--n-examples", "5", "--n-screen", "3", "--n-eval", "6",
+    rc = main(["heads", "--model", "tiny", "--task", "toy", "--k", "4", "--n-screen", "3", "--n-eval", "6",
                "--candidates", "3", "--set-sizes", "1,2", "--n-control", "5", "--out", str(tmp_path)])
     assert rc == 0
     assert (tmp_path / "sets.csv").exists() and (tmp_path / "summary.md").exists()

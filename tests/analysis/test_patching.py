@@ -226,7 +226,7 @@ def test_cli_patch_on_tiny(tmp_path, capsys):
     from mechicl.cli import main
 
     rc = main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "head_out,resid", "--n-contexts", "2",
-               "--n-examples", "4", "--direction", "both", "--out", str(tmp_path)])
+               "--k", "3", "--direction", "both", "--out", str(tmp_path)])
     assert rc == 0
     assert (tmp_path / "head_out_denoise.png").exists() and (tmp_path / "resid_noise.csv").exists()
     assert (tmp_path / "summary.md").exists()

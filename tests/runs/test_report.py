@@ -80,13 +80,13 @@ def test_captions_quote_the_runs_csvs(report):
 
 def test_numbers_equal_the_separate_commands(report, tmp_path):
     out, _ = report
-    assert main(["behavior", *ORG[:4], "--conditions", "default,random,flipped,arbitrary:a/b", "--k-max", str(Q.k_max),
+    assert main(["behavior", *ORG[:4], "--conditions", "default,random,flipped,arbitrary:a/b", "--k", str(Q.k_max),
                  "--n-contexts", str(Q.n_behavior), "--out", str(tmp_path / "b")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b" / "summary.csv"), pd.read_csv(out / "behavior_summary.csv"))
-    inside = ["--n-contexts", str(Q.n_inside), "--n-examples", str(Q.n_examples), "--k-min", str(Q.k_min)]
+    inside = ["--n-contexts", str(Q.n_inside), "--k", str(Q.n_examples - 1), "--k-min", str(Q.k_min)]
     assert main(["lens", *ORG[:4], *inside, "--out", str(tmp_path / "l")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "l" / "lens_summary.csv"), pd.read_csv(out / "lens_summary.csv"))
-    assert main(["heads", *ORG[:4], "--n-examples", str(Q.n_examples), "--n-screen", str(Q.n_screen), "--n-eval",
+    assert main(["heads", *ORG[:4], "--k", str(Q.n_examples - 1), "--n-screen", str(Q.n_screen), "--n-eval",
                  str(Q.n_eval), "--candidates", str(Q.n_candidates), "--n-control", str(Q.n_control),
                  "--out", str(tmp_path / "h")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "h" / "heads.csv"), pd.read_csv(out / "heads.csv"))

@@ -71,7 +71,7 @@ def test_md_table():
     assert t.splitlines() == ["| a | b |", "|---|---|", "| x | 0.12 |"]
 
 
-COMMON = ["--model", "tiny", "--task", "toy", "--n-contexts", "3", "--n-examples", "5", "--k-min", "2"]
+COMMON = ["--model", "tiny", "--task", "toy", "--n-contexts", "3", "--k", "4", "--k-min", "2"]
 
 
 def test_attention_command(tmp_path, capsys):
@@ -106,5 +106,5 @@ def test_lens_and_dla_commands(tmp_path, capsys):
 
 
 def test_bad_k_min_exits_2(capsys):
-    assert main(["lens", "--model", "tiny", "--task", "toy", "--n-examples", "4", "--k-min", "4"]) == 2
-    assert "k_min" in capsys.readouterr().err
+    assert main(["lens", "--model", "tiny", "--task", "toy", "--k", "3", "--k-min", "4"]) == 2
+    assert "--k-min" in capsys.readouterr().err
