@@ -32,6 +32,7 @@ RUNS = {
     "report": ["report", *TINY, "--quick"],
 }
 NO_RUN_FOLDER = {"models", "tasks", "organism"}  # print to the terminal; organism train writes a checkpoint + card
+GRID = {"findings"}  # a grid folder (cells/ + summary/), checked by test_findings_files_and_columns_are_documented
 NOT_YET = {"findings"}  # a grid folder (cells/<cell>/..., summary/...): its section of docs/outputs.md is still to write
 SAME_AS = {"demo": "behavior"}  # documented together ("also `mechicl demo`"), same writer
 
@@ -59,7 +60,7 @@ def _columns(section: str) -> dict[str, set[str]]:
 def test_every_command_is_run_here():
     """A new command that writes a run folder needs a RUNS entry (and so a section in docs/outputs.md)."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    missing = set(sub.choices) - set(RUNS) - NO_RUN_FOLDER - set(SAME_AS) - NOT_YET
+    missing = set(sub.choices) - set(RUNS) - NO_RUN_FOLDER - set(SAME_AS) - GRID - NOT_YET
     assert not missing, f"add {sorted(missing)} to RUNS in {Path(__file__).name} and a section to docs/outputs.md"
 
 
@@ -88,3 +89,20 @@ def test_every_file_and_column_is_documented(command, tmp_path, capsys):
         if f.endswith(".csv") and not re.fullmatch(r".+_(de)?noise\.csv", f):  # per-sweep CSVs = patching.csv rows
             undocumented = set(pd.read_csv(out / f).columns) - columns.get(f, set())
             assert not undocumented, f"docs/outputs.md: columns {sorted(undocumented)} of {f} are not described"
+
+
+def test_findings_files_and_columns_are_documented(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert main(["findings", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0", "--k", "8", "--k-min", "4",
+                 "--n-screen", "4", "--n-confirm", "4", "--n-validate", "8", "--n-candidates", "3", "--n-top", "2",
+                 "--n-control", "2", "--n-resample", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    section = _sections()["findings"]
+    patterns, columns = _file_patterns(section), _columns(section)
+    folders = [*(out / "cells").iterdir(), out / "summary"]
+    for folder in folders:
+        for f in sorted(p.name for p in folder.iterdir()):
+            assert f == "manifest.json" or any(p.match(f) for p in patterns), f"docs/outputs.md does not list {f} (findings)"
+            if f.endswith(".csv"):
+                undocumented = set(pd.read_csv(folder / f).columns) - columns.get(f, set())
+                assert not undocumented, f"docs/outputs.md: columns {sorted(undocumented)} of {f} are not described"
