@@ -8,8 +8,8 @@
    that movement is the in-context label information the heads are asked to explain.
 2. **Screen** (screening draws): every head ablated alone (one resample draw), beside a first-order
    estimate (attribution of the same ablation; one backward per condition). ``screen="attribution"``
-   ranks by the estimate alone (cheap, but it misses saturated heads: on the strong organism it gives
-   L1H1 -0.06 where the exact effect is +0.64). The top ``n_candidates`` go on.
+   ranks by the estimate alone (cheap, but it misses saturated heads: on the strong organism it gave
+   L0H0 -0.15 where its exact effect was +0.56). The top ``n_candidates`` go on.
 3. **Confirm** (confirmation draws): exact resample ablation of each candidate; ranked by effect.
 4. **Validate** (validation draws): the top ``n_top`` heads' effects with CIs, each against
    ``n_control`` matched control heads (same layer, widened to neighbouring layers until there are
