@@ -31,7 +31,7 @@ from mechicl.runs.args import Parser, fraction, run_command
 MULTI_TOKEN = {"demo", "behavior", "run"}  # commands that score labels as whole token sequences (--multi-token)
 
 
-def _load(model: str, threads: int | None, task: Any = None) -> tuple[Any, float]:
+def _load(model: str, threads: int | None, task: Any = None, device: str = "cpu", dtype: str = "float32") -> tuple[Any, float]:
     """Set torch's thread count (if given), load ``model`` and report it; check that its tokenizer reads
     ``task`` (``check_tokenization``) before any compute. Returns it and the start time."""
     import torch
@@ -42,8 +42,9 @@ def _load(model: str, threads: int | None, task: Any = None) -> tuple[Any, float
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    loaded = load_model(model)
-    print(f"[mechicl] loaded {loaded.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    loaded = load_model(model, device=device, dtype=dtype)
+    print(f"[mechicl] loaded {loaded.name} ({loaded.source}; {loaded.device}, {loaded.dtype}) in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
     if task is not None:
         check_tokenization(task, loaded.tokenizer)
     return loaded, t0
@@ -62,7 +63,7 @@ def _in_folder(args: argparse.Namespace, kind: str, run: Callable[[Any, Any, Pat
     task = task_from_args(args, task_spec, **task_kw)
     try:
         with staged_args(args, out) as tmp:
-            loaded, t0 = _load(model, args.threads, task)
+            loaded, t0 = _load(model, args.threads, task, getattr(args, "device", "cpu"), getattr(args, "dtype", "float32"))
             text = run(loaded, task, tmp)
             record_ran(tmp, loaded, task, config)
     except LabelTokenError as e:

@@ -87,15 +87,22 @@ def template(text: str) -> str:
     return example
 
 
-def set_sizes(text: str) -> tuple[int, ...]:
-    """``--set-sizes``: comma-separated integers >= 1."""
-    try:
-        sizes = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, e.g. 1,2,4; got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, e.g. 1,2,4; got {text!r}")
-    return sizes
+def int_list(lo: int, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers >= ``lo`` (``example`` shown in the error)."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or min(values) < lo:
+            raise argparse.ArgumentTypeError(f"must be comma-separated integers >= {lo}, e.g. {example}; got {text!r}")
+        return values
+
+    return parse
+
+
+set_sizes = int_list(1, "1,2,4")  # --set-sizes, --completeness-steps
 
 
 def deprecated(new: str, convert: Callable[[int], int] = lambda v: v, lo: int = 0) -> type[argparse.Action]:
@@ -163,6 +170,9 @@ def add_run_args(p: argparse.ArgumentParser, label_names: bool = True, seed: int
         add_task_flags(p)
     p.add_argument("--seed", type=int_at_least(0), default=seed, help="random seed (context draws)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu; docs/devices.md)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and activations (default float32; float16 overflows on Gemma-3: docs/devices.md)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...); must be new or empty")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (only once the run is complete)")
 

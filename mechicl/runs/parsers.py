@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mechicl.runs.args import add_batch_size, add_k, add_model_task, add_multi_token, add_run_args, int_at_least, set_sizes
+from mechicl.runs.args import (add_batch_size, add_k, add_model_task, add_multi_token, add_run_args, int_at_least, int_list,
+                               set_sizes)
 
 CONDITIONS_HELP = ("comma list of label conditions: default, random, flipped, arbitrary[:w1/w2] (replacement label words, "
                    "default A/B), and mid-context switches a>b@N (map a for examples 0..N-1, then b, e.g. "
@@ -167,23 +168,12 @@ def name_list(text: str) -> tuple[str, ...]:
     return names
 
 
-def seed_list(text: str) -> tuple[int, ...]:
-    """``--seeds``: comma-separated integers >= 0."""
-    try:
-        seeds = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0, e.g. 0,1,2; got {text!r}") from None
-    if min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be >= 0; got {text!r}")
-    return seeds
-
-
 def findings_args(p: argparse.ArgumentParser) -> None:
     """``findings``: the head finder over models x tasks x seeds (a grid; every flag overrides the config's value)."""
     p.add_argument("--config", type=Path, default=None, help="grid TOML (models, tasks, seeds, [config]); e.g. experiments/findings.toml")
     p.add_argument("--models", type=name_list, default=None, help="comma list of models (default: the config's, else gemma3-270m,smollm2-135m)")
     p.add_argument("--tasks", type=name_list, default=None, help="comma list of tasks (default: the config's, else the vader tasks and vega-cars)")
-    p.add_argument("--seeds", type=seed_list, default=None, help="comma list of seeds (default: the config's, else 0,1,2)")
+    p.add_argument("--seeds", type=int_list(0, "0,1,2"), default=None, help="comma list of seeds (default: the config's, else 0,1,2)")
     add_k(p, None, note="; readout slots k_min..k are measured")
     p.add_argument("--k-min", type=int_at_least(0), default=None, help="first readout slot measured (default 8)")
     for flag, default, what in [("n-screen", 8, "screening"), ("n-confirm", 24, "confirmation"), ("n-validate", 32, "validation")]:

@@ -66,7 +66,8 @@ def staged_args(args: argparse.Namespace, out: Path) -> Iterator[Path]:
 def ran(loaded: LoadedModel, task: Task) -> dict[str, Any]:
     """What actually ran: the loaded model's name and source, the task's name, size, label words and template."""
     t = task.template
-    return {"model": loaded.name, "model_source": str(loaded.source), "task": task.name, "task_rows": len(task),
+    return {"model": loaded.name, "model_source": str(loaded.source), "device": str(getattr(loaded, "device", "cpu")),
+            "dtype": str(getattr(loaded, "dtype", "float32")), "task": task.name, "task_rows": len(task),
             "class_counts": task.class_counts(), "label_names": list(task.label_names),
             "template": {"example": t.example, "separator": t.separator, "prefix": t.prefix}}
 

@@ -88,3 +88,14 @@ def test_file_tasks_are_balanced_unless_no_balance(tmp_path, capsys):
         assert main(["patch", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive", "--kinds",
                      "head_out", "--n-contexts", "2", "--k", "3", "--out", str(out), *extra]) == 0
         assert json.loads((out / "config.json").read_text())["ran"]["task_rows"] == rows
+
+
+def test_device_and_dtype_flags_load_the_model_that_way_and_are_recorded(tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["behavior", "--model", "organism-strong", "--task", "organism", "--conditions", "default", "--k", "2",
+                     "--n-contexts", "2", "--device", "cpu", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    ran = json.loads((out / "config.json").read_text())["ran"]
+    assert (ran["device"], ran["dtype"]) == ("cpu", "bfloat16")
+    assert "cpu, bfloat16" in capsys.readouterr().out
+    assert main(["behavior", "--model", "tiny", "--task", "toy", "--device", "tpu", "--out", str(tmp_path / "x")]) == 2
+    assert "tpu" in capsys.readouterr().err
