@@ -1,5 +1,7 @@
 # Two entry points, both safe on a fresh clone:
-#   make demo  -> set up .venv and run the main job on the embedded default model
+#   make demo  -> set up .venv and run the main job on the embedded default model: `mechicl report`
+#                 (gemma3-270m on vader-words; writes runs/<time>-report-.../report.html). Extra flags:
+#                 make demo DEMO_ARGS="--threads 1"
 #   make test  -> set up .venv and run the test suite (CI calls this)
 # (`make bench` runs benchmarks/: several minutes, not part of CI.)
 PY ?= python3
@@ -21,8 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(BIN)/mechicl demo
+	$(BIN)/mechicl report $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

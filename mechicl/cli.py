@@ -241,18 +241,13 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.report import ReportConfig, run_report
+    from mechicl.runs.report import ReportConfig, rerun_command, run_report
 
     size = "quick" if args.quick else "full" if args.full else "default"
     extra = {"attribution": True} if args.attribution else {}
     cfg = ReportConfig.sized(size, model=args.model, task=args.task, seed=args.seed, arbitrary=args.arbitrary,
                              batch_size=args.batch_size, **extra)
-    command = (f"mechicl report --model {args.model} --task {args.task} --seed {args.seed} --arbitrary {args.arbitrary}"
-               + {"quick": " --quick", "full": " --full", "default": ""}[size] + (" --attribution" if args.attribution else "")
-               + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
-               + (f" --template {args.template!r}" if args.template else "")
-               + (" --no-balance" if args.no_balance else "")
-               + (f" --batch-size {args.batch_size}" if args.batch_size != 8 else ""))
+    command = rerun_command(args, size)
 
     def run(loaded: Any, task: Any, out: Path) -> str:
         run_report(loaded, task, cfg, out, command)

@@ -125,7 +125,8 @@ def report_args(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
     size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
-    p.add_argument("--arbitrary", default="A/B", help="label words of the arbitrary condition (default A/B)")
+    p.add_argument("--arbitrary", default=None, help="label words of the arbitrary condition, one per class "
+                   "(default: one capital letter per class, A/B for two classes)")
     p.add_argument("--attribution", action="store_true",
                    help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)")
     add_batch_size(p, 8)

@@ -9,6 +9,7 @@ their captions are built in ``runs.report_sections`` and assembled by ``viz.repo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs import report_sections as S
-from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData
+from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
 from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
@@ -149,11 +150,24 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
         folder.csv(f"{name}.csv", getattr(d.heads, name))
 
 
+def rerun_command(args: argparse.Namespace, size: str) -> str:
+    """The `mechicl report` command line that re-runs a report with these parsed flags (shown in its run facts)."""
+    return (f"mechicl report --model {args.model} --task {args.task} --seed {args.seed}"
+            + (f" --arbitrary {args.arbitrary}" if args.arbitrary else "")
+            + {"quick": " --quick", "full": " --full", "default": ""}[size] + (" --attribution" if args.attribution else "")
+            + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
+            + (f" --template {args.template!r}" if args.template else "")
+            + (" --no-balance" if args.no_balance else "")
+            + (f" --batch-size {args.batch_size}" if args.batch_size != 8 else ""))
+
+
 def run_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, out: Path, command: str,
                progress: bool = True) -> RunFolder:
     """Compute every stage, write the CSVs, figures and report.html into ``out``; returns the folder."""
     if cfg.model != loaded.name and Path(cfg.model).name != loaded.name:
         cfg = dataclasses.replace(cfg, model=loaded.name)
+    if cfg.arbitrary is None:
+        cfg = dataclasses.replace(cfg, arbitrary=arbitrary_words(task.n_classes))
     folder = RunFolder(out)
     stages = Stages(loaded.model, progress)
     data = compute_report(loaded, task, cfg, stages, progress)

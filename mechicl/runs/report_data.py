@@ -4,6 +4,7 @@ that ``runs.report_sections`` (which draws them) imports them without a cycle.""
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,13 @@ from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
 from mechicl.runs.attention import AttentionResult
 from mechicl.runs.inside import InsideConfig
+
+
+def arbitrary_words(n_classes: int) -> str:
+    """The arbitrary condition's default label words: one capital letter per class (``A/B``, ``A/B/C``, ...)."""
+    if not 2 <= n_classes <= 26:
+        raise ConfigError(f"no default arbitrary label words for {n_classes} classes; give them with --arbitrary w1/w2/...")
+    return "/".join(string.ascii_uppercase[:n_classes])
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class ReportConfig:
     seed: int = 0
     k_max: int = 12  # behaviour: contexts hold k_max + 1 examples
     n_behavior: int = 32  # contexts per label condition (shared draws)
-    arbitrary: str = "A/B"  # replacement label words of the arbitrary condition
+    arbitrary: str | None = None  # replacement label words of the arbitrary condition (None: ``arbitrary_words``)
     n_examples: int = 9  # examples per context (query included) for attention, lens, DLA, patching, heads
     n_inside: int = 16  # contexts for attention, lens, DLA
     k_min: int = 4  # readout slots with k >= k_min are averaged in attention, lens, DLA

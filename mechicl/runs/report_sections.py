@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import inspect
 import platform
 
 import numpy as np
@@ -12,6 +13,8 @@ from mechicl.analysis.attention import context_patterns
 from mechicl.analysis.behavior import value_at
 from mechicl.analysis.frames import top_heads
 from mechicl.analysis.patching import PatchResult
+from mechicl.analysis.resampling import fmt_p
+from mechicl.analysis.stats import paired_test
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention
@@ -20,18 +23,55 @@ from mechicl.runs.behavior import plot_metric
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
 from mechicl.runs.patch import write_patch_results
-from mechicl.runs.report_data import ReportConfig, ReportData
+from mechicl.runs.report_data import NHTest, ReportConfig, ReportData
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
 from mechicl.viz.plots import heatmap
 from mechicl.viz.report_plots import histogram, scatter
 
 
+N_SIGN_FLIPS = inspect.signature(paired_test).parameters["n_boot"].default  # the NH tests' sign flips (run_tests)
 PACKAGES = ("mechicl", "torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "pandas", "scipy")
 
 
 def ci(row: pd.Series, col: str = "mean") -> str:
     """``0.58 [0.51, 0.65]`` from a row with mean (or ``col``), ci_low and ci_high."""
     return f"{row[col]:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]"
+
+
+def mc_p(p: float, n_draws: int) -> str:
+    """A Monte-Carlo p-value ``(1 + hits) / (1 + n_draws)`` as text; at its floor ``1 / (1 + n_draws)`` "≤ floor"."""
+    return fmt_p(p, int(n_draws)).replace("<= ", "≤ ")
+
+
+def holm_p_texts(p: np.ndarray, p_holm: np.ndarray, n_perm: int) -> list[str]:
+    """Holm-adjusted Monte-Carlo p-values as text: "≤ x" where the adjusted value comes from a raw p at its floor
+    ``1 / (n_perm + 1)`` (Holm's step-down running maximum is traced back to the raw p that set it)."""
+    floor = 1 / (n_perm + 1)
+    at_floor = np.asarray(p) <= floor * (1 + 1e-9)
+    bound, out = np.zeros(len(p), dtype=bool), [""] * len(p)
+    running, run_bound = -1.0, False
+    for rank, i in enumerate(np.argsort(p, kind="stable")):
+        cand = min(1.0, (len(p) - rank) * float(p[i]))
+        if cand > running:
+            running, run_bound = cand, bool(at_floor[i]) and cand < 1.0
+        bound[i] = run_bound
+    for i, (ph, b) in enumerate(zip(p_holm, bound)):
+        out[i] = f"≤ {ph:.2g}" if b else f"{ph:.3g}"
+    return out
+
+
+def nh_verdict(n: NHTest) -> str:
+    """The NH config's verdict on the report's draws, with its Holm p written "≤" at the Monte-Carlo floor."""
+    t = n.tests.assign(holm_p=holm_p_texts(n.tests.p_value.to_numpy(), n.tests.p_holm.to_numpy(), N_SIGN_FLIPS))
+    rej = t[t.decision == "reject"]
+    if rej.empty:
+        return (f"Verdict: {n.config.hypothesis} is not rejected on these draws "
+                f"({', '.join(sorted(set(t.decision)))}).")
+    best = rej.loc[rej.mean_diff.abs().idxmax()]
+    return (f"Verdict: {n.config.hypothesis} is rejected at k = {', '.join(str(k) for k in rej.k)}. Largest effect: "
+            f"{best.a} − {best.b} = {best.mean_diff:+.3f} [95% CI {best.ci_low:+.3f}, {best.ci_high:+.3f}] at k = "
+            f"{best.k} (Holm p {'= ' if not best.holm_p.startswith('≤') else ''}{best.holm_p}, n = {best.n}; "
+            f"sign-flip p-values from {N_SIGN_FLIPS} flips).")
 
 
 def intro(loaded: LoadedModel, task: Task, cfg: ReportConfig) -> list[str]:
@@ -67,8 +107,9 @@ def behavior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
             f"with flipped labels {ci(ft)}: the lower it falls, the more the shown labels override the input's meaning.")
     blocks: list = [Figure(acc, cap), Figure(tru, cap2)]
     for n in d.nh:
-        verdict = next((ln for ln in n.verdict.splitlines() if ln.startswith("**Verdict")), "").replace("**", "")
-        t = n.tests[["k", "a", "b", "mean_diff", "ci_low", "ci_high", "p_holm", "decision"]]
+        verdict = nh_verdict(n)
+        t = n.tests.assign(**{"Holm p": holm_p_texts(n.tests.p_value.to_numpy(), n.tests.p_holm.to_numpy(), N_SIGN_FLIPS)})
+        t = t[["k", "a", "b", "mean_diff", "ci_low", "ci_high", "Holm p", "decision"]]
         blocks.append(Table(t, f"{n.config.hypothesis}: {n.config.statement} Primary tests of "
                                f"experiments/{n.config.name}.toml on this run's {n.config.n_contexts} contexts (k <= "
                                f"{n.config.k_max}). {verdict}"))
@@ -241,17 +282,19 @@ def validation_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     cap = (f"Mean-ablating {name} at the query readout slot on {h.config.n_eval} held-out contexts reduces the "
            f"correct-vs-flipped accuracy gap by {top.gap_reduction_mean:+.2f} [{top.gap_reduction_ci_low:+.2f}, "
            f"{top.gap_reduction_ci_high:+.2f}]. The grey histogram is every other head ablated alone ({len(ctrl1)} heads): "
-           f"its 97.5th percentile is {top.control_ci_high:+.2f} and a share p = {top.control_p:.2f} of them reach "
-           f"{name}'s value. Costs: correct-label accuracy "
+           f"its 97.5th percentile is {top.control_ci_high:+.2f}, and its control p (1 + heads that reach {name}'s "
+           f"value, over 1 + {int(top.n_other)}) is {mc_p(top.control_p, top.n_other)}. Costs: correct-label accuracy "
            f"changes by {top.d_acc_correct_mean:+.2f}, zero-shot accuracy by {top.d_acc_zero_shot_mean:+.2f}. "
            f"Without ablation: accuracy {h.baseline.get('acc_correct', np.nan):.2f} correct, "
            f"{h.baseline.get('acc_flipped', np.nan):.2f} flipped.")
     cols = ["layer", "head", "patch_denoise", "readout_patch_denoise", "gap_reduction_mean", "gap_reduction_ci_low",
             "gap_reduction_ci_high", "control_ci_high", "control_p", "d_acc_correct_mean", "d_acc_zero_shot_mean"]
-    sets = h.sets[["heads", "gap_reduction", "control_mean", "control_ci_low", "control_ci_high", "control_p",
-                   "d_acc_correct", "d_acc_zero_shot"]]
+    cand = h.heads.assign(control_p=[mc_p(p, n) for p, n in zip(h.heads.control_p, h.heads.n_other)])
+    sets = h.sets.assign(control_p=[mc_p(p, n) for p, n in zip(h.sets.control_p, h.sets.n_draws)])
+    sets = sets[["heads", "gap_reduction", "control_mean", "control_ci_low", "control_ci_high", "control_p", "n_draws",
+                 "d_acc_correct", "d_acc_zero_shot"]]
     return Section("Validation", (Figure(path, cap),
-                                  Table(h.heads[[c for c in cols if c in h.heads.columns]],
+                                  Table(cand[[c for c in cols if c in cand.columns]],
                                         "Confirmed candidate heads, ranked by exact denoising effect (heads.csv)."),
                                   Table(sets, f"Top-n head sets against {h.config.n_control} random same-size sets "
                                               "(size 1: every other head) (sets.csv).")))

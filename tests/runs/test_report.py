@@ -4,22 +4,17 @@ numbers are the run's own CSVs, and the same numbers as the separate commands on
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
 from mechicl.cli import main
-from mechicl.runs.report_data import ReportConfig
+from mechicl.runs.report_data import ReportConfig, arbitrary_words
 from mechicl.viz.report_html import Figure, Note, Section, Table, render_report
+from tests.browser import CHROMIUM, check_page
 from tests.viz.test_views import EXTERNAL, _no_external_script
 
 SECTIONS = ["Behaviour", "Where the flip happens", "Who looks at labels", "Who carries the label information causally",
@@ -111,22 +106,26 @@ def test_bad_sizes_and_arguments(capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package")
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    """The page renders (non-blank screenshot) and the circuitsvis view mounts offline (its node has children)."""
+@pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(report):
+    """From file://: a non-blank screenshot, every circuitsvis view mounted, no console error, no request off file://."""
     out, _ = report
-    url = (out / "report.html").as_uri()
-    base = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    mount = re.search(r'<div id="circuits-vis-[^"]*"[^>]*>\s*<div', dom)
-    assert mount is not None and "Head Selector" in dom, "the circuitsvis view did not mount"
-    png = tmp_path / "top.png"
-    subprocess.run([*base, "--window-size=1000,1400", f"--screenshot={png}", url], capture_output=True, timeout=120)
-    pixels = plt.imread(png)
-    assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05, "blank screenshot"
+    page = check_page(out / "report.html")
+    assert not page.blank, "blank screenshot"
+    assert page.mounts and all(page.mounts), f"a circuitsvis view did not mount (children per view: {page.mounts})"
+    assert page.errors == [], f"console errors: {page.errors}"
+    assert page.requests and page.external == [], f"requests that leave file://: {page.external}"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package (.ci/run installs it)")
+def test_browser_check_catches_a_broken_page(tmp_path):
+    """Each of the four checks can fail: an empty page, a view that never mounts, console.error, an http image."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><body><div id="circuits-vis-1"></div><img src="http://127.0.0.1:9/x.png">'
+                   '<script>console.error("boom")</script></body></html>')
+    page = check_page(bad, mount_wait=0.5)
+    assert page.blank and page.mounts == [0] and page.external == ["http://127.0.0.1:9/x.png"]
+    assert any("boom" in e for e in page.errors) and any("127.0.0.1:9" in e for e in page.errors)
 
 
 def test_without_attribution_section_3_says_how_to_get_it():
@@ -135,3 +134,18 @@ def test_without_attribution_section_3_says_how_to_get_it():
     text = integrated_gradients_pointer("organism-strong", "organism")
     assert "`--attribution`" in text and "`mechicl attribute --model organism-strong --task organism`" in text
     assert not ReportConfig.sized("default", model="m").attribution and ReportConfig.sized("quick", model="m").attribution
+
+
+def test_p_values_at_their_monte_carlo_floor_read_at_most():
+    from mechicl.analysis.stats import holm
+    from mechicl.runs.report_sections import holm_p_texts, mc_p
+
+    p = np.array([0.2, 1 / 4001, 0.01])  # Holm: 0.2, 3/4001, 0.02
+    assert holm_p_texts(p, holm(p), 4000) == ["0.2", "≤ 0.00075", "0.02"]
+    assert mc_p(1 / 51, 50) == "≤ 0.02" and mc_p(26 / 51, 50) == "0.51"
+
+
+def test_arbitrary_label_words_default_to_one_letter_per_class():
+    assert arbitrary_words(2) == "A/B" and arbitrary_words(3) == "A/B/C"  # vega-cars: USA / Europe / Japan
+    with pytest.raises(Exception, match="--arbitrary"):
+        arbitrary_words(1)
