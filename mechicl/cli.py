@@ -1,4 +1,4 @@
-"""Command line: ``mechicl demo | behavior | run | attention | lens | dla | patch | heads | attribute | circuit | report
+"""Command line: ``mechicl demo | behavior | run | attention | lens | dla | patch | heads | attribute | circuit | aggregate | report
 | organism train | models | tasks``.
 
 Each command parses its flags (shared ones, one vocabulary: ``runs.args``; each command's: ``runs.parsers``),
@@ -238,6 +238,18 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     return _in_folder(args, "circuit", lambda m, t, out: run_circuit(m, t, cfg, out)[1])
 
 
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    """`mechicl aggregate`: head projections vs the count and placement of flipped labels; steering check."""
+    # deferred to run time: these modules import torch (see the module docstring)
+    from mechicl.runs.aggregation import AggregationConfig, parse_heads, run_aggregation
+
+    cfg = AggregationConfig(args.model, args.task, args.k + 1, args.n_select, args.n_fit, args.n_eval, args.seed,
+                            tuple(p.strip() for p in args.placements.split(",") if p.strip()),
+                            parse_heads(args.heads) if args.heads else None, args.n_heads, args.alphas, args.n_boot,
+                            args.batch_size)
+    return _in_folder(args, "aggregate", lambda m, t, out: run_aggregation(m, t, cfg, out)[1])
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
     # deferred to run time: these modules import torch (see the module docstring)
@@ -314,6 +326,9 @@ DESCRIPTIONS = {
                  "first-order patching.",
     "circuit": "Where label information is written and who reads it: label-position patching and sender -> receiver "
                "path patching on held-out contexts.",
+    "aggregate": "Does a head's output scale with the evidence? Its direct effect on the flipped-vs-true label logits "
+                 "at the query against the count and placement of flipped demonstration labels, fitted as sum, vote, "
+                 "recency or per-position weights (held out), and a steering check with its mean flipped - default output.",
     "report": "Every analysis on one model and task as one offline report.html.",
     "findings": "The head finder over a grid of models x tasks x seeds: screen, confirm and validate on disjoint "
                 "context draws, resample ablation at every readout slot, layer/norm-matched controls, CIs over contexts; "
@@ -363,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "report", "every analysis on one model and task as one offline report.html", P.report_args, cmd_report)
     _command(sub, "circuit", "where label information is written and who reads it: label-position and path patching",
              P.circuit_args, cmd_circuit)
+    _command(sub, "aggregate", "evidence aggregation: head output vs the number and placement of flipped labels; steering",
+             P.aggregate_args, cmd_aggregate)
     _command(sub, "findings", "head findings that hold up: held-out stages, matched controls, a grid over models x tasks x seeds",
              P.findings_args, cmd_findings)
     sub.add_parser("models", help="list model names", description="List the model names mechicl knows.").set_defaults(func=cmd_models)

@@ -120,6 +120,36 @@ def circuit_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p)  # --seed (of the selection contexts), --threads, --out, --overwrite, --label-names, --template
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    """``--alphas``: comma-separated numbers."""
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, e.g. 0,0.5,1,2,4; got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError(f"must be one or more comma-separated numbers; got {text!r}")
+    return vals
+
+
+def aggregate_args(p: argparse.ArgumentParser) -> None:
+    """``aggregate``: head projections against the count and placement of flipped labels; steering."""
+    add_model_task(p)
+    add_k(p, 16)
+    for flag, default, low, what in (("--n-select", 16, 2, "contexts that choose the heads and the steering vectors"),
+                                     ("--n-fit", 64, 2, "contexts the models are fitted on"),
+                                     ("--n-eval", 64, 2, "held-out contexts: curves, model comparison, steering"),
+                                     ("--n-heads", 4, 1, "heads chosen when --heads is not given"),
+                                     ("--n-boot", 1000, 0, "bootstrap draws over contexts")):
+        p.add_argument(flag, type=int_at_least(low), default=default, help=f"{what} (default {default})")
+    p.add_argument("--heads", default=None, help="heads to measure, e.g. L1H1,L0H2 (default: chosen on the select draw)")
+    p.add_argument("--placements", default="last,first,spread,random",
+                   help="where the flipped labels sit: comma list of last, first, spread, random (default all four)")
+    p.add_argument("--alphas", type=float_list, default=(0.0, 0.5, 1.0, 2.0, 4.0),
+                   help="steering multipliers of the mean flipped - default head output (default 0,0.5,1,2,4)")
+    add_batch_size(p, 16)
+    add_run_args(p)  # --seed (of the three disjoint draws), --threads, --out, --overwrite, --label-names, --template
+
+
 def report_args(p: argparse.ArgumentParser) -> None:
     add_model_task(p)
     size = p.add_mutually_exclusive_group()

@@ -29,6 +29,8 @@ RUNS = {
               "--set-sizes", "1,2", "--n-control", "3"],
     "attribute": ["attribute", *TINY, "--n-contexts", "2", "--k", "3", "--steps", "3", "--completeness-steps", "1,3"],
     "circuit": ["circuit", *TINY, "--k", "3", "--n-select", "2", "--n-eval", "3"],
+    "aggregate": ["aggregate", "--model", "organism-strong", "--task", "organism", "--threads", "1", "--k", "4",
+                  "--n-select", "4", "--n-fit", "4", "--n-eval", "4", "--n-boot", "20", "--n-heads", "2"],
     "report": ["report", *TINY, "--quick"],
 }
 NO_RUN_FOLDER = {"models", "tasks", "organism"}  # print to the terminal; organism train writes a checkpoint + card
