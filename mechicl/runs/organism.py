@@ -34,6 +34,7 @@ from mechicl.data.bayes import bayes_curve
 from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
 from mechicl.data.prompts import sample_contexts
 from mechicl.models.base import LoadedModel
+from mechicl.models.device import input_device
 from mechicl.models.organism import (
     OrganismConfig, build_model, load_checkpoint, out_weight, save_checkpoint, weights_sha256,
 )
@@ -56,9 +57,12 @@ class TrainResult:
 
 
 def label_loss(model: Any, tokens: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of every label token, predicted from the position before it."""
+    """Mean cross-entropy of every label token, predicted from the position before it (inputs moved to the
+    model's device)."""
+    dev = input_device(model)
+    tokens, label_pos = tokens.to(dev), label_pos.to(dev)
     logits = model(tokens)  # [b, pos, vocab]
-    rows = torch.arange(tokens.shape[0])[:, None]
+    rows = torch.arange(tokens.shape[0], device=dev)[:, None]
     pred = logits[rows, label_pos - 1]  # [b, example, vocab]
     return F.cross_entropy(pred.flatten(0, 1), tokens[rows, label_pos].flatten())
 
@@ -70,9 +74,9 @@ def probe(model: Any, cfg: OrganismConfig, n: int = 256, ks: tuple[int, ...] = (
     Uses a fixed held-out draw (seed ``cfg.seed + 1``). Cost: one forward of ``n`` sequences.
     """
     seq = sample_sequences(cfg.language, n, np.random.default_rng(cfg.seed + 1))
-    logits = model(seq.tokens)
+    logits = model(seq.tokens.to(input_device(model)))  # tokens on the model's device (CPU data, any device model)
     rows = torch.arange(n)[:, None]
-    pred = logits[rows, seq.label_pos - 1].argmax(-1)  # [n, example]
+    pred = logits.cpu()[rows, seq.label_pos - 1].argmax(-1)  # [n, example]
     target = seq.label_words.gather(1, seq.true_class)  # [n, example]: noise-free labels
     ok = (pred == target).double()
     return {
