@@ -272,8 +272,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in known_models():
         desc = EMBEDDED[name].description if name in EMBEDDED else "random 2-layer boot_native model for tests"
         if name.startswith("organism-"):
-            desc = f"trained model organism ({name.split('-')[1]} prior), see docs/organism.md"
-        print(f"{name:14s} {desc}{'  (default)' if name == DEFAULT_MODEL else ''}")
+            variant = "".join(f", {x}" for x in name.split("-")[2:])  # s1, s2, unpruned
+            desc = f"trained model organism ({name.split('-')[1]} prior{variant}), see docs/organism.md"
+        print(f"{name:24s} {desc}{'  (default)' if name == DEFAULT_MODEL else ''}")
     print("Also: a .gguf file, a local Hugging Face model directory, or a Hub id org/name (needs internet).")
     return 0
 

@@ -40,7 +40,16 @@ DEFAULT_MODEL = "gemma3-270m"
 TINY_MODELS = ("tiny",)
 
 
-ORGANISMS = {"organism-strong": "strong", "organism-weak": "weak"}  # name -> checkpoint stem
+ORGANISMS = {  # name -> checkpoint stem in models/checkpoints (docs/organism.md)
+    "organism-strong": "strong",  # prior strength 0.97, seed 0, pruned to one last-layer head
+    "organism-weak": "weak",  # prior strength 0.6, seed 0, pruned
+    "organism-strong-s1": "strong-s1",  # the strong recipe, seeds 1 and 2: they never learned to follow flipped labels
+    "organism-strong-s2": "strong-s2",
+    "organism-strong-unpruned": "strong-unpruned",  # the strong recipe, seed 0, no pruning stage (--keep-heads 0)
+    "organism-mid": "mid",  # prior strength 0.9, seeds 0-2, pruned: the seeds with flipped-label ICL
+    "organism-mid-s1": "mid-s1",
+    "organism-mid-s2": "mid-s2",
+}
 
 
 def known_models() -> list[str]:

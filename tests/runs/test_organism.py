@@ -123,7 +123,8 @@ def organisms():
 
 @pytest.fixture(scope="module")
 def curves(organisms) -> dict[str, pd.DataFrame]:
-    return {name: measure_curves(m, n_contexts=64) for name, m in organisms.items()}
+    """The two priors (the strong recipe's other seeds and unpruned variant: tests/analysis/test_ground_truth.py)."""
+    return {name: measure_curves(organisms[name], n_contexts=64) for name in ("organism-strong", "organism-weak")}
 
 
 def _acc(df: pd.DataFrame, cond: str, k: int) -> pd.Series:
@@ -139,7 +140,7 @@ def test_shipped_checkpoints_are_small_with_cards_that_match_the_weights(organis
         sha = re.search(r"weights sha256: `([0-9a-f]{64})`", card).group(1)
         assert sha == weights_sha256(loaded.model), f"{name}: the model card describes other weights"
         assert "| flipped |" in card and "| default |" in card
-    assert sorted(p.name for p in CHECKPOINT_DIR.glob("*.safetensors")) == ["strong.safetensors", "weak.safetensors"]
+    assert sorted(p.name for p in CHECKPOINT_DIR.glob("*.safetensors")) == sorted(f"{s}.safetensors" for s in ORGANISMS.values())
 
 
 def test_strong_prior_knows_the_default_labels_zero_shot(curves):
