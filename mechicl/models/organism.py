@@ -42,6 +42,17 @@ def load_organism(name: str) -> LoadedModel:
     return load_checkpoint(Path(name).expanduser())
 
 
+def organism_config(name: str) -> OrganismConfig | None:
+    """The recipe of a shipped organism (by name) or of an organism checkpoint (by path), read from the
+    checkpoint's metadata without loading weights; None for any other model name."""
+    path = checkpoint_path(name) if name in ORGANISMS else Path(name).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return OrganismConfig.from_json(meta["mechicl_organism"]) if "mechicl_organism" in meta else None
+
+
 @dataclass(frozen=True)
 class OrganismConfig:
     """Model shape and training recipe.

@@ -14,7 +14,9 @@ from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_context
 from mechicl.data.task import Task, check_tokenization
 from mechicl.errors import PromptError
 from mechicl.models.base import LoadedModel
+from mechicl.runs.behavior_bayes import bayes_lines, bayes_reference
 from mechicl.runs.folder import RunFolder, md_table
+from mechicl.viz.bayes import accuracy_with_bayes
 from mechicl.viz.plots import line_plot
 
 LABELS = {
@@ -143,8 +145,16 @@ def write_behavior(result: BehaviorResult, out: Path) -> RunFolder:
     title = f"{s.model.iloc[0]} on {s.task.iloc[0]} ({result.config.n_contexts} contexts)"
     folder.csv("raw.csv", result.raw)
     folder.csv("summary.csv", s)
+    bayes = bayes_reference(result)  # an organism on its own task: the exact Bayes-optimal reader beside it
     for metric in dict.fromkeys(s.metric):
-        plot_metric(s, metric, folder / f"{metric}.png", title)
-    folder.text("summary.md", summary_markdown(result))
+        if metric == "accuracy" and bayes is not None:
+            accuracy_with_bayes(bayes, folder / "accuracy.png", title + ": dashed = Bayes-optimal reader")
+        else:
+            plot_metric(s, metric, folder / f"{metric}.png", title)
+    text = summary_markdown(result)
+    if bayes is not None:
+        folder.csv("bayes.csv", bayes)
+        text += "\n".join(bayes_lines(bayes)) + "\n"
+    folder.text("summary.md", text)
     folder.json("config.json", result.config)
     return folder
