@@ -28,10 +28,10 @@ from mechicl.data.prompts import PromptBatch
 
 
 def mean_difference(model: Any, default: PromptBatch, flipped: PromptBatch, heads: Sequence[Head],
-                    batch_size: int = 16) -> Float[Tensor, "head d_head"]:
-    """Per head: mean over contexts of ``z(flipped) - z(default)`` at the query readout slot (float32, CPU).
-
-    ``default`` and ``flipped`` must render the same contexts. Cost: one forward per context of each."""
+                    batch_size: int = 16, by_class: bool = False) -> Float[Tensor, "head *class d_head"]:
+    """Per head: mean over contexts of ``z(flipped) - z(default)`` at the query readout slot (float32, CPU);
+    ``by_class``: one mean per true class of the query (``[head, n_labels, d_head]``; NaN for a class with no
+    query). ``default`` and ``flipped`` must render the same contexts. Cost: one forward per context of each."""
     if not torch.equal(default.example_ids, flipped.example_ids):
         raise ValueError("mean_difference needs default and flipped renderings of the same contexts")
     names = sorted({act_name("z", l) for l, _ in heads})
@@ -41,8 +41,12 @@ def mean_difference(model: Any, default: PromptBatch, flipped: PromptBatch, head
         for _, acts in readout_activations(model, batch, names, batch_size, progress=False, desc="steering vector"):
             for n in names:
                 acc[n].append(acts[n][:, -1].detach().float().cpu())  # [b, H, d_head]
-        means.append({n: torch.cat(v).mean(0) for n, v in acc.items()})
-    return torch.stack([means[1][act_name("z", l)][h] - means[0][act_name("z", l)][h] for l, h in heads])
+        means.append({n: torch.cat(v) for n, v in acc.items()})  # [b, H, d_head]
+    cls = default.true_labels[:, -1]
+    groups = [cls == c for c in range(len(default.label_words))] if by_class else [torch.ones_like(cls, dtype=torch.bool)]
+    out = torch.stack([torch.stack([(means[1][act_name("z", l)][g, h] - means[0][act_name("z", l)][g, h]).mean(0)
+                                    for g in groups]) for l, h in heads])  # [head, group, d_head]
+    return out if by_class else out[:, 0]
 
 
 @dataclass(frozen=True)
@@ -54,18 +58,19 @@ class Steering:
 
     p_flipped: Float[Tensor, "head alpha batch"] = field(repr=False)
     acc_flipped: Float[Tensor, "head alpha batch"] = field(repr=False)
-    vectors: Float[Tensor, "head d_head"] = field(repr=False)
+    vectors: Float[Tensor, "head *class d_head"] = field(repr=False)
     heads: tuple[Head, ...]
     alphas: tuple[float, ...]
     query_class: Int[Tensor, "batch"] | None = field(repr=False, default=None)  # the query's true class
 
 
 @torch.no_grad()
-def steer(model: Any, batch: PromptBatch, heads: Sequence[Head], vectors: Float[Tensor, "head d_head"],
+def steer(model: Any, batch: PromptBatch, heads: Sequence[Head], vectors: Float[Tensor, "head *class d_head"],
           alphas: Sequence[float], batch_size: int = 16, progress: bool = True) -> Steering:
     """Add ``alpha * vectors[i]`` to head ``heads[i]``'s ``hook_z`` at the query readout slot of ``batch``.
 
-    One head at a time; the query's flipped label is ``(true + 1) mod n_labels``."""
+    ``vectors [head, n_labels, d_head]`` (``mean_difference(by_class=True)``): each context gets the vector of
+    its query's true class. One head at a time; the query's flipped label is ``(true + 1) mod n_labels``."""
     al = torch.tensor(list(alphas), dtype=torch.float32)
     n_a = len(al)
     p_out = torch.zeros(len(heads), n_a, batch.n_contexts)
@@ -76,11 +81,13 @@ def steer(model: Any, batch: PromptBatch, heads: Sequence[Head], vectors: Float[
             b = sub.n_contexts
             pos = sub.readout_pos[:, -1].repeat(n_a)  # row a * b + c: alpha a, context c
             scale = al.repeat_interleave(b)
+            cls = sub.true_labels[:, -1].repeat(n_a)
+            vec = vectors[i] if vectors.dim() == 2 else vectors[i][cls]  # [d_head] or [rows, d_head]
 
-            def add(z: Tensor, hook: Any, i: int = i, h: int = h, pos: Tensor = pos, scale: Tensor = scale) -> Tensor:
+            def add(z: Tensor, hook: Any, h: int = h, pos: Tensor = pos, scale: Tensor = scale, vec: Tensor = vec) -> Tensor:
                 z = z.clone()
                 rows = torch.arange(z.shape[0], device=z.device)
-                z[rows, pos.to(z.device), h] += scale.to(z.device, z.dtype)[:, None] * vectors[i].to(z.device, z.dtype)
+                z[rows, pos.to(z.device), h] += scale.to(z.device, z.dtype)[:, None] * vec.to(z.device, z.dtype)
                 return z
 
             resid = run_to_final(model, sub.tokens.repeat(n_a, 1), [(act_name("z", l), add)],
@@ -100,10 +107,12 @@ def _slopes(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.einsum("a,...ac->...c", xc, y - y.mean(-2, keepdims=True)) / (xc**2).sum()
 
 
-def steering_tables(st: Steering, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def steering_tables(st: Steering, n_boot: int = 2000, seed: int = 0, vector: str = "pooled"
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per head, alpha and query class (``all`` and each class): mean P(flipped) and flipped top-1 rate with
     bootstrap CIs over contexts;
-    per head: the per-context least-squares slope per unit alpha, averaged, with its bootstrap CI)."""
+    per head: the per-context least-squares slope per unit alpha, averaged, with its bootstrap CI). ``vector``
+    names the kind of steering vector in both tables (``pooled`` or ``per_class``; its norm: mean over classes)."""
     names = [f"L{l}H{h}" for l, h in st.heads]
     rows = []
     groups = [("all", torch.ones_like(st.query_class, dtype=torch.bool))]
@@ -113,10 +122,11 @@ def steering_tables(st: Steering, n_boot: int = 2000, seed: int = 0) -> tuple[pd
             m, lo, hi = mean_ci(x[..., keep].numpy(), n_boot=n_boot, seed=seed)
             for i, name in enumerate(names):
                 for a, alpha in enumerate(st.alphas):
-                    rows.append({"head": name, "alpha": alpha, "metric": what, "query_class": cls, "mean": m[i, a],
+                    rows.append({"head": name, "vector": vector, "alpha": alpha, "metric": what, "query_class": cls, "mean": m[i, a],
                                  "ci_low": lo[i, a], "ci_high": hi[i, a], "n_contexts": int(keep.sum())})
     x = np.asarray(st.alphas, dtype=float)
-    out = {"head": names, "vector_norm": st.vectors.norm(dim=-1).numpy()}
+    norm = st.vectors.norm(dim=-1)
+    out = {"head": names, "vector": vector, "vector_norm": (norm if norm.dim() == 1 else norm.nanmean(-1)).numpy()}
     for what, y in (("p_flipped", st.p_flipped), ("acc_flipped", st.acc_flipped)):
         m, lo, hi = mean_ci(_slopes(y.numpy().astype(float), x), n_boot=n_boot, seed=seed)
         out |= {f"slope_{what}": m, f"slope_{what}_ci_low": lo, f"slope_{what}_ci_high": hi}

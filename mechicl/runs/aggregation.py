@@ -104,7 +104,7 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
     kw: dict[str, Any] = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, placements=cfg.placements)
     sel = evidence_batches(task, loaded.tokenizer, draws.ids["select"], **kw | {"placements": ()})
     heads, selection = choose_heads(model, sel.default, sel.flipped, cfg)
-    vectors = mean_difference(model, sel.default, sel.flipped, heads, cfg.batch_size)
+    vectors = {by: mean_difference(model, sel.default, sel.flipped, heads, cfg.batch_size, by_class=by) for by in (False, True)}
     folder.csv("selection.csv", selection)
     clock.lap("selection")
     fit_b = evidence_batches(task, loaded.tokenizer, draws.ids["fit"], seed=draws.seeds["fit"], **kw)
@@ -117,8 +117,9 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
     folder.csv("fits.csv", params)
     folder.csv("models.csv", comparison)
     clock.lap("fits")
-    st = steer(model, eval_b.default, heads, vectors, cfg.alphas, cfg.batch_size)
-    per_alpha, slopes = steering_tables(st, cfg.n_boot, cfg.seed)
+    tables = [steering_tables(steer(model, eval_b.default, heads, vectors[by], cfg.alphas, cfg.batch_size), cfg.n_boot,
+                              cfg.seed, "per_class" if by else "pooled") for by in (False, True)]
+    per_alpha, slopes = (pd.concat([t[j] for t in tables], ignore_index=True) for j in (0, 1))
     folder.csv("steering.csv", per_alpha)
     folder.csv("steering_slopes.csv", slopes)
     clock.lap("steering")
@@ -136,7 +137,8 @@ def _plots(folder: RunFolder, name: str, cur: pd.DataFrame, per_alpha: pd.DataFr
                   xlabel="flipped demonstration labels", ylabel=what,
                   title=f"{name}: {what} at the query readout slot vs flipped labels ({n} held-out contexts, 95% CI)")
     d = per_alpha[(per_alpha["metric"] == "p_flipped") & (per_alpha["query_class"] == "all")]
-    line_plot(d, "alpha", "mean", folder / "steering.png", hue="head", band=("ci_low", "ci_high"), xlabel="alpha",
+    d = d.assign(line=d["head"] + " " + d["vector"])
+    line_plot(d, "alpha", "mean", folder / "steering.png", hue="line", band=("ci_low", "ci_high"), xlabel="alpha",
               ylabel="P(flipped label)", title=f"{name}: default-label contexts steered by alpha x the head's mean "
               f"flipped - default output ({n} held-out contexts, 95% CI)")
 
@@ -162,7 +164,7 @@ def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFr
                        acc=[_cell(*r) for r in slopes[["slope_acc_flipped", "slope_acc_flipped_ci_low", "slope_acc_flipped_ci_high"]].to_numpy()])
     pa = per_alpha[per_alpha["metric"] == "p_flipped"]
     pa = pa.assign(cell=[_cell(*r) for r in pa[["mean", "ci_low", "ci_high"]].to_numpy()])
-    pa = pa.pivot(index=["head", "query_class"], columns="alpha", values="cell")
+    pa = pa.pivot(index=["head", "vector", "query_class"], columns="alpha", values="cell")
     pa = pa.rename(columns=lambda a: f"alpha = {a:g}")
     lines = [
         f"# Evidence aggregation: {name} on {cfg.task}", "",
@@ -175,9 +177,10 @@ def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFr
         f"## Fitted parameters (fit draw; models: {', '.join(MODELS)})", "", md_table(wide), "",
         "## Model comparison on the held-out draw (excess MSE over the best model; verdict = simplest model whose "
         "excess CI reaches 0)", "", md_table(comp), "",
-        "## Steering: P(flipped label) in default-label contexts, alpha x the head's mean flipped - default output", "",
+        "## Steering: P(flipped label) in default-label contexts, alpha x the head's mean flipped - default output "
+        "(`pooled`: one mean over the select draw; `per_class`: the mean over queries of the same true class)", "",
         md_table(pa.reset_index()), "",
-        md_table(sl[["head", "vector_norm", "p", "acc"]].rename(columns={"p": "dP(flipped)/dalpha", "acc": "d top-1 flipped/dalpha"})), "",
+        md_table(sl[["head", "vector", "vector_norm", "p", "acc"]].rename(columns={"p": "dP(flipped)/dalpha", "acc": "d top-1 flipped/dalpha"})), "",
         clock.line(),
     ]
     return "\n".join(lines) + "\n"

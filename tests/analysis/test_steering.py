@@ -11,7 +11,7 @@ from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from tests import helpers
 
 
-def _reference(loaded, b, head, v, alpha):
+def _reference(loaded, b, head, v, alpha):  # v: [d_head], or [n_labels, d_head] indexed by the query's class
     l, h = head
     out = []
     for c in range(b.n_contexts):
@@ -20,7 +20,7 @@ def _reference(loaded, b, head, v, alpha):
 
         def add(z, hook):
             z = z.clone()
-            z[0, q, h] += alpha * v
+            z[0, q, h] += alpha * (v if v.dim() == 1 else v[int(b.true_labels[c, -1])])
             return z
 
         with torch.no_grad():
@@ -34,6 +34,8 @@ def _reference(loaded, b, head, v, alpha):
 def test_steering_equals_plain_hooks(arch, tiny, toy):
     loaded = tiny if arch == "tiny" else helpers.tiny_hf("gemma")
     ids = sample_contexts(toy, 3, 5, seed=2)
+    for c in (0, 1):  # queries of both classes
+        ids[c, -1] = next(i for i in range(len(toy)) if toy.labels[i] == c and i not in ids[c, :-1].tolist())
     kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     default = build_prompt_batch(toy, loaded.tokenizer, ids, "default", **kw)
     flipped = build_prompt_batch(toy, loaded.tokenizer, ids, "flipped", **kw)
@@ -62,3 +64,11 @@ def test_steering_equals_plain_hooks(arch, tiny, toy):
                for c in range(3)]
     assert abs(slopes.loc[0, "slope_p_flipped"] - float(torch.stack(per_ctx).mean())) < 1e-6
     assert len(per_alpha[per_alpha["query_class"] == "all"]) == 2 * len(heads) * len(alphas)
+    by = mean_difference(loaded.model, default, flipped, heads, batch_size=2, by_class=True)
+    cls = default.true_labels[:, -1]
+    assert len(set(cls.tolist())) == 2  # both classes present, so both class vectors are defined
+    st = steer(loaded.model, default, heads, by, (0.0, 2.0), batch_size=2, progress=False)
+    for i, head in enumerate(heads):
+        torch.testing.assert_close(by[i].nan_to_num().mul(torch.bincount(cls, minlength=2)[:, None]).sum(0) / 3, vec[i],
+                                   atol=1e-5, rtol=1e-4)  # the class means average back to the pooled mean
+        assert (st.p_flipped[i, 1].double() - _reference(loaded, default, head, by[i], 2.0)).abs().max() <= 1e-5
