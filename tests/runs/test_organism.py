@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mechicl.models.loading import known_models, load_model
-from mechicl.models.organism import CHECKPOINT_DIR, checkpoint_path
+from mechicl.models.organism import CHECKPOINT_DIR, checkpoint_path, organism_config
 from mechicl.models.registry import ORGANISMS
 from mechicl.runs.organism import measure_curves, train
 from mechicl.data.organism import (
@@ -209,7 +209,8 @@ def test_the_label_reading_head_attends_to_label_tokens(organisms):
 def test_pruned_heads_write_nothing(organisms):
     for name, loaded in organisms.items():
         last = loaded.model.cfg.n_layers - 1
-        assert len(live_heads(loaded.model, last)) == 1, name  # the shipped recipe keeps one last-layer head
+        kept = organism_config(name).keep_heads or loaded.model.cfg.n_heads  # 0: no pruning stage (unpruned)
+        assert len(live_heads(loaded.model, last)) == kept, name  # the pruned recipes keep one last-layer head
         assert len(live_heads(loaded.model, 0)) == loaded.model.cfg.n_heads
 
 
