@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechicl.analysis.hooks import Head, fmt_heads, head_masks
+from mechicl.analysis.resampling import percentile_interval
 from mechicl.analysis.stats import t_interval
 from mechicl.analysis.stepper import ReadoutStepper
 from mechicl.data.batches import AblationBatches
@@ -60,6 +60,23 @@ def gap_reduction(acc_correct: Any, acc_flipped: Any, acc_flipped_ablated: Any) 
     with np.errstate(divide="ignore", invalid="ignore"):
         out = 1.0 - (np.asarray(acc_correct, dtype=float) - np.asarray(acc_flipped_ablated, dtype=float)) / gap
     return np.where(gap > 0, out, np.nan)
+
+
+def gap_reduction_ci(acc_correct: Float[np.ndarray, "batch"], acc_flipped: Float[np.ndarray, "batch"],
+                     acc_flipped_ablated: Float[np.ndarray, "n batch"], n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gap reduction of ``n`` ablations with a paired bootstrap over contexts (the same resampled
+    contexts in all three accuracies); bootstrap draws without a gap are dropped. ``[n]`` each."""
+    ac, af = np.asarray(acc_correct, dtype=float), np.asarray(acc_flipped, dtype=float)
+    fa = np.asarray(acc_flipped_ablated, dtype=float)
+    est = gap_reduction(ac.mean(), af.mean(), fa.mean(-1))
+    if n_boot <= 0:
+        nan = np.full(fa.shape[0], np.nan)
+        return est, nan, nan
+    idx = np.random.default_rng(seed).integers(0, len(ac), size=(n_boot, len(ac)))
+    boot = gap_reduction(ac[idx].mean(-1)[None], af[idx].mean(-1)[None], fa[:, idx].mean(-1))  # [n, n_boot]
+    lo, hi = percentile_interval(boot, level)
+    return est, lo, hi
 
 
 # ---------------------------------------------------------------- ablator ---
@@ -126,16 +143,8 @@ class HeadAblator:
         acc_c, acc_f = bc["correct"].mean(), bf["correct"].mean()
         p_c, p_f = bc["p_true"].mean(), bf["p_true"].mean()
         fa = res["flipped"]["correct"]  # [n, batch]
-        gr = gap_reduction(acc_c, acc_f, fa.mean(1))
+        gr, lo, hi = gap_reduction_ci(bc["correct"], bf["correct"], fa, n_boot, seed)
         gr_p = gap_reduction(p_c, p_f, res["flipped"]["p_true"].mean(1))
-        lo = hi = np.full(len(sets), np.nan)
-        if n_boot > 0:  # paired bootstrap over contexts
-            rng = np.random.default_rng(seed)
-            idx = rng.integers(0, self.n_contexts, size=(n_boot, self.n_contexts))
-            boot = gap_reduction(bc["correct"][idx].mean(1)[None], bf["correct"][idx].mean(1)[None], fa[:, idx].mean(2))
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                lo, hi = np.nanpercentile(boot, 2.5, axis=1), np.nanpercentile(boot, 97.5, axis=1)
         df = pd.DataFrame({
             "heads": [fmt_heads(s) for s in sets],
             "size": [len(s) for s in sets],

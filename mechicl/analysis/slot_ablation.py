@@ -29,9 +29,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechicl.analysis.ablation import gap_reduction
+from mechicl.analysis.ablation import gap_reduction_ci
 from mechicl.analysis.hooks import Head, fmt_heads, head_masks
-from mechicl.analysis.resampling import mean_ci, percentile_interval, ratio_ci
+from mechicl.analysis.resampling import mean_ci, ratio_ci
 from mechicl.analysis.slots import SlotStepper
 from mechicl.data.prompts import PromptBatch
 
@@ -137,22 +137,14 @@ class SlotAblation:
         eff, lo, hi = ratio_ci(sc.closed, self.gap, n_boot=n_boot, seed=seed)
         dc, dc_lo, dc_hi = mean_ci(sc.d_correct, n_boot=n_boot, seed=seed)
         df, df_lo, df_hi = mean_ci(sc.d_flipped, n_boot=n_boot, seed=seed)
-        gr, gr_lo, gr_hi = self._halawi(sc.acc_flipped_last, n_boot, seed)
+        gr, gr_lo, gr_hi = gap_reduction_ci(self.acc_last["correct"], self.acc_last["flipped"], sc.acc_flipped_last,
+                                            n_boot, seed)
         return pd.DataFrame({
             "heads": sc.names, "effect": eff, "effect_ci_low": lo, "effect_ci_high": hi,
             "d_p_correct": dc, "d_p_correct_ci_low": dc_lo, "d_p_correct_ci_high": dc_hi,
             "d_p_flipped": df, "d_p_flipped_ci_low": df_lo, "d_p_flipped_ci_high": df_hi,
             "gap_reduction": gr, "gap_reduction_ci_low": gr_lo, "gap_reduction_ci_high": gr_hi,
         })
-
-    def _halawi(self, acc_f_abl: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Gap reduction in accuracy at the last slot, with a context bootstrap (NaN without a gap)."""
-        ac, af = self.acc_last["correct"].astype(float), self.acc_last["flipped"].astype(float)
-        est = gap_reduction(ac.mean(), af.mean(), acc_f_abl.mean(-1))
-        idx = np.random.default_rng(seed).integers(0, self.n_contexts, size=(n_boot, self.n_contexts))
-        boot = gap_reduction(ac[idx].mean(-1)[None], af[idx].mean(-1)[None], acc_f_abl[:, idx].mean(-1))
-        lo, hi = percentile_interval(boot, 0.95)
-        return est, lo, hi
 
     def head_norms(self, model: Any) -> Float[np.ndarray, "layer head"]:
         """Mean norm of each head's output ``z W_O`` over slots and contexts (both conditions): norm matching."""

@@ -57,16 +57,18 @@ class SlotStepper:
 
     Cost: construction 1 forward; ``run``: ``n x S`` one-token steps per context from the lowest
     intervened layer on (kv; blocks below it are skipped: their output is the cached residual) or
-    ``n x S`` forwards per context (full). Memory: the KV cache of the batch plus ``z`` at the slots,
-    ``batch x S x n_layers x n_heads x d_head`` floats.
+    ``n x S`` forwards per context (full). Memory: the KV cache of the batch (``release`` drops it;
+    the next call re-forwards the prefix, 1 forward) plus ``z`` at the slots, ``batch x S x n_layers
+    x n_heads x d_head`` floats; a step's attention scores stay under ``score_bytes`` (the chunking
+    of ``run``).
     """
 
     def __init__(self, model: Any, batch: PromptBatch, k_min: int, *, step_tokens: int = 8192, max_rows: int = 64,
-                 mode: str = "auto", atol: float = 1e-3) -> None:
+                 score_bytes: int = 2**26, mode: str = "auto", atol: float = 1e-3) -> None:
         if not 0 <= k_min < batch.n_examples:
             raise ValueError(f"k_min={k_min} must be in [0, {batch.n_examples - 1}] for {batch.n_examples}-example contexts")
         self.model, self.batch, self.k_min = model, batch, k_min
-        self.step_tokens, self.max_rows = step_tokens, max_rows
+        self.step_tokens, self.max_rows, self.score_bytes = step_tokens, max_rows, score_bytes
         self.pos = batch.readout_pos[:, k_min:]  # [b, S] readout positions of the slots
         self.label_ids = batch.label_token_ids
         self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -89,6 +91,23 @@ class SlotStepper:
                 if not isinstance(e, _NoCache):  # TL-native models have none: full forwards are expected there
                     warnings.warn(f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
         self._init_full()
+
+    def release(self) -> None:
+        """Drop the KV cache, the largest thing a stepper holds (kv mode); the next ``run`` or
+        ``attribution`` rebuilds it with one forward of the contexts."""
+        if self.mode == "kv":
+            self._cache = None
+
+    @torch.no_grad()
+    def _kv(self) -> Any:
+        """The prefix KV cache, rebuilt by one forward after ``release``."""
+        if self._cache is None:
+            cache = new_kv_cache(self.model, keep_all=True)
+            tok, mask, pos, _ = self._prefix
+            with cache_shim(self.model):
+                run_to_final(self.model, tok, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache))
+            self._cache = cache
+        return self._cache
 
     @property
     def n_slots(self) -> int:
@@ -145,13 +164,22 @@ class SlotStepper:
         """
         n, S = masks.shape[0], self.n_slots
         if self.mode == "kv":
-            per = max(1, self.step_tokens // max(1, self.batch.n_contexts * S))
+            per = self._kv_chunk(n)
         else:  # full: each chunk runs its contexts in groups of at most max_rows rows
             per = max(1, self.max_rows // S)
         chunks = range(0, n, per)
         out = [self._chunk(masks[c : c + per], source)
                for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)]
         return torch.cat(out, 0) if out else torch.zeros(0, self.batch.n_contexts, S, len(self.label_ids))
+
+    def _kv_chunk(self, n: int) -> int:
+        """Interventions per step: at most ``step_tokens`` appended tokens, and attention scores
+        (``batch x heads x n*S x (P + n*S)`` floats) under ``score_bytes``."""
+        b, S = self.batch.n_contexts, self.n_slots
+        per = max(1, min(n, self.step_tokens // max(1, b * S)))
+        while per > 1 and 4 * b * self.H * per * S * (self.P + per * S) > self.score_bytes:
+            per = (per + 1) // 2
+        return per
 
     def attribution(self, source: Float[Tensor, "batch slot layer head d_head"] | None,
                     metric: Callable[[Tensor, Tensor], Tensor]) -> Float[Tensor, "batch slot layer head"]:
@@ -173,7 +201,7 @@ class SlotStepper:
                 m4[:, 0, torch.arange(S), self.P + torch.arange(S)] = True
                 with cache_shim(self.model):
                     resid = run_to_final(self.model, tok.gather(1, self._cols), hooks, attention_mask=m4,
-                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)))
+                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._kv(), 1)))
                 logits = unembed_labels(self.model, resid, self.label_ids)  # [b, S, labels]
                 at = lambda x: x  # noqa: E731 - copies are already [b, S, ...]
             else:
@@ -235,7 +263,7 @@ class SlotStepper:
             with cache_shim(self.model):
                 resid = run_to_final(
                     self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=m4, start=start,
-                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)),
+                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._kv(), 1)),
                 )
             return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
         cb = max(1, self.max_rows // (n * S))  # contexts per forward: at most max_rows rows (or one context)

@@ -151,9 +151,27 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
 
 
 def fresh_cache(cache: Any, repeats: int) -> Any:
-    """A copy of a prefix KV cache whose updates do not touch the original, batch-repeated."""
+    """A copy of a prefix KV cache for one forward of appended tokens, batch-repeated.
+
+    Its updates touch neither the original nor the copy: each layer's update runs on a throwaway
+    copy of the layer, so ``prefix + appended`` keys and values live only while that layer attends.
+    Storing them (what a ``DynamicLayer`` does) kept a second copy of the whole prefix cache alive
+    until the forward ended: 0.35 GB for 32 Gemma-3 contexts of 300 tokens. The copy must therefore
+    serve one forward only (the steppers' use).
+    """
     new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.layers = [_transient(copy.copy(layer)) for layer in cache.layers]
     if repeats > 1:
         new.batch_repeat_interleave(repeats)
     return new
+
+
+def _transient(layer: Any) -> Any:
+    """Make ``layer.update`` return what the layer's own update returns, without keeping it."""
+    cls_update = type(layer).update
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        return cls_update(copy.copy(layer), *args, **kwargs)
+
+    layer.update = update
+    return layer

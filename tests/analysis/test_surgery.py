@@ -1,0 +1,27 @@
+"""analysis.surgery: the copy of a prefix KV cache that serves one forward and keeps nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
+from tests import helpers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_fresh_cache_serves_one_forward_and_stores_nothing(arch):
+    loaded = helpers.tiny_hf(arch, sliding_window=4)  # gemma: a sliding layer, prefix longer than the window
+    hf = loaded.model.original_model
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad(), cache_shim(loaded.model):  # the bridge's attention reads the cache through the shim
+        full = hf(tokens).logits[:, -2:]
+        cache = new_kv_cache(loaded.model)
+        hf(tokens[:, :6], **cache_kwargs(loaded.model, cache))
+        stored = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        copy = fresh_cache(cache, 1)
+        step = hf(tokens[:, 6:], **cache_kwargs(loaded.model, copy)).logits
+    assert torch.allclose(step, full, atol=1e-5)  # the appended tokens saw the whole prefix (as the full forward)
+    for layer, twin, (k, v) in zip(cache.layers, copy.layers, stored):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # the original is untouched
+        assert twin.keys.shape == k.shape  # and the copy did not keep prefix + appended tokens
