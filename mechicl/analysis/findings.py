@@ -205,7 +205,7 @@ def _validate(model: Any, abl: SlotAblation, zs: ReadoutStepper, top: list[Head]
              "control_mean": float(c_eff.mean()), "control_min": float(c_eff.min()), "control_max": float(c_eff.max()),
              "control_rank_p": float((1 + (c_eff >= tab.loc[fmt_heads([x]), "effect"]).sum()) / (1 + len(c_eff))),
              **_paired(abl, d, cfg)}
-        r["above_control"] = bool(r["diff_ci_low"] > 0)
+        r["above_control"] = bool(r["diff_ci_low"] > 0 and r["effect_ci_low"] > 0)
         rows.append(r)
     val = pd.DataFrame(rows).merge(_zero_shot_effect(zs, top, cfg), on="heads")
     controls = tab.loc[[fmt_heads([c]) for c in singles if c not in top]].reset_index()
@@ -237,7 +237,7 @@ def _set_tests(abl: SlotAblation, tab: pd.DataFrame, closed: Callable[[list[Head
                  "control_gap_reduction": float(tab.loc[[fmt_heads(m) for m in matched], "gap_reduction"].mean()),
                  **_paired(abl, d, cfg)})
     out = pd.DataFrame(rows)
-    out["above_control"] = out["diff_ci_low"] > 0
+    out["above_control"] = (out["diff_ci_low"] > 0) & (out["effect_ci_low"] > 0)
     return out
 
 

@@ -89,7 +89,7 @@ def test_cell_on_the_strong_organism_ranks_validates_and_controls(organism_cell)
     assert len(r.confirm) == CFG.n_candidates  # the ranking is exercised: fewer candidates than heads
     top = list(zip(r.confirm.layer[:2], r.confirm["head"][:2]))
     assert list(zip(r.validate.layer, r.validate["head"])) == top  # validated = confirmation's top, in order
-    assert (r.validate.above_control == (r.validate.diff_ci_low > 0)).all()
+    assert (r.validate.above_control == ((r.validate.diff_ci_low > 0) & (r.validate.effect_ci_low > 0))).all()
     for row in r.validate.itertuples():  # controls exclude the top heads and match the layer when they can
         ctrl = row.controls.split()
         assert len(ctrl) == CFG.n_control and not {f"L{l}H{h}" for l, h in top} & set(ctrl)

@@ -97,3 +97,15 @@ def test_the_default_resample_finder_ranks_organism_strongs_reader_first(truths,
     loaded, _, gt = truths["organism-strong"]
     r = _finder(loaded, task, FindingsConfig(**{**CFG.__dict__, "ablation": "resample"}))
     assert (int(r.confirm.layer[0]), int(r.confirm["head"][0])) == gt.readers[0]
+
+
+def test_a_pruned_head_is_never_above_control(truths, task):
+    """W_O = 0 means effect 0 exactly: beating controls whose mean is negative must not count (the floor)."""
+    loaded, _, gt = truths["organism-strong-s1"]
+    r = _finder(loaded, task, FindingsConfig(**{**CFG.__dict__, "n_top": 4}))
+    last = int(loaded.model.cfg.n_layers) - 1  # gt.live: the last layer's heads with W_O != 0
+    dead = [f"L{l}H{h}" for l, h in zip(r.validate.layer, r.validate["head"]) if l == last and (last, int(h)) not in gt.live]
+    assert dead, r.validate  # the check is exercised: a pruned head reached validation
+    v = r.validate.set_index("heads").loc[dead]
+    assert (v["effect"].abs() < 1e-9).all() and (v["diff_ci_low"] > 0).any()  # the old rule would have passed them
+    assert not v["above_control"].any(), v[["effect", "diff", "above_control"]]
