@@ -15,7 +15,8 @@
    ``n_control`` matched control heads (same layer, widened to neighbouring layers until there are
    enough, nearest in output norm; or nearest in output norm anywhere), the set tests, the top set
    against matched sets, and the zero-shot check. Decision rule: a head is **above control** when
-   the CI of (its effect - the mean effect of its controls), paired over contexts, lies above 0.
+   the CI of (its effect - the mean effect of its controls), paired over contexts, lies above 0
+   and the CI of its own effect lies above 0.
 
 Effects are shares of the correct-vs-flipped gap closed by ablation (``analysis.slot_ablation``).
 """

@@ -14,7 +14,8 @@ from mechicl.runs.folder import RunFolder, md_table
 from mechicl.viz.findings import effect_panels
 
 RULE = ("A head is **above control** in a cell when the 95% CI of (its effect - the mean effect of its matched "
-        "control heads), paired over the validation contexts, lies above 0. It **replicates** when it is among a "
+        "control heads), paired over the validation contexts, lies above 0 and the CI of its own effect lies above 0. "
+        "It **replicates** when it is among a "
         "cell's validated top heads and above control in at least 2/3 of the model's cells that have an in-context "
         "effect; **task-specific** when that holds within one task's seeds only; otherwise **not robust**.")
 
