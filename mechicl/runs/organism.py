@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ def train(cfg: OrganismConfig, progress: bool = True, log_every: int = 50) -> Tr
         gaps, kept = (), ()
         if cfg.keep_heads:
             gr = last_layer_gap_reductions(model, cfg)
+            if np.isnan(gr).all():
+                warnings.warn(f"pruning: no last-layer head has a gap reduction (the model shows no flipped-label gap "
+                              f"after stage 1), so the kept head(s) are the lowest-index ones, not chosen by effect; "
+                              f"train longer or with another --seed, or use --keep-heads 0", stacklevel=2)
             order = np.argsort(-np.nan_to_num(gr, nan=-np.inf), kind="stable")
             kept = tuple(sorted(int(h) for h in order[: cfg.keep_heads]))
             d_head = cfg.d_model // cfg.n_heads

@@ -97,6 +97,13 @@ def test_training_is_deterministic_and_seeded():
     assert h1 == h2 and h1 != h3
 
 
+def test_pruning_without_a_gap_says_the_kept_head_was_not_chosen():
+    """3 training steps learn no flipped-label gap: every score is NaN and the tie rule must not pass silently."""
+    with pytest.warns(UserWarning, match="not chosen by effect"):
+        res = train(OrganismConfig(**TINY_RECIPE), progress=False)
+    assert np.isnan(res.gap_before_pruning).all() and res.kept_heads == (0,)
+
+
 def test_checkpoint_round_trip(tmp_path):
     cfg = OrganismConfig(**TINY_RECIPE)
     res = train(cfg, progress=False)
