@@ -57,10 +57,9 @@ class SlotStepper:
 
     Cost: construction 1 forward; ``run``: ``n x S`` one-token steps per context from the lowest
     intervened layer on (kv; blocks below it are skipped: their output is the cached residual) or
-    ``n x S`` forwards per context (full). Memory: the KV cache of the batch (``release`` drops it;
-    the next call re-forwards the prefix, 1 forward) plus ``z`` at the slots, ``batch x S x n_layers
-    x n_heads x d_head`` floats; a step's attention scores stay under ``score_bytes`` (the chunking
-    of ``run``).
+    ``n x S`` forwards per context (full). Memory: the KV cache of the batch plus ``z`` at the slots,
+    ``batch x S x n_layers x n_heads x d_head`` floats; a step's attention scores stay under
+    ``score_bytes`` (the chunking of ``run``).
     """
 
     def __init__(self, model: Any, batch: PromptBatch, k_min: int, *, step_tokens: int = 8192, max_rows: int = 64,
@@ -91,23 +90,6 @@ class SlotStepper:
                 if not isinstance(e, _NoCache):  # TL-native models have none: full forwards are expected there
                     warnings.warn(f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
         self._init_full()
-
-    def release(self) -> None:
-        """Drop the KV cache, the largest thing a stepper holds (kv mode); the next ``run`` or
-        ``attribution`` rebuilds it with one forward of the contexts."""
-        if self.mode == "kv":
-            self._cache = None
-
-    @torch.no_grad()
-    def _kv(self) -> Any:
-        """The prefix KV cache, rebuilt by one forward after ``release``."""
-        if self._cache is None:
-            cache = new_kv_cache(self.model, keep_all=True)
-            tok, mask, pos, _ = self._prefix
-            with cache_shim(self.model):
-                run_to_final(self.model, tok, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache))
-            self._cache = cache
-        return self._cache
 
     @property
     def n_slots(self) -> int:
@@ -201,7 +183,7 @@ class SlotStepper:
                 m4[:, 0, torch.arange(S), self.P + torch.arange(S)] = True
                 with cache_shim(self.model):
                     resid = run_to_final(self.model, tok.gather(1, self._cols), hooks, attention_mask=m4,
-                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._kv(), 1)))
+                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)))
                 logits = unembed_labels(self.model, resid, self.label_ids)  # [b, S, labels]
                 at = lambda x: x  # noqa: E731 - copies are already [b, S, ...]
             else:
@@ -263,7 +245,7 @@ class SlotStepper:
             with cache_shim(self.model):
                 resid = run_to_final(
                     self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=m4, start=start,
-                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._kv(), 1)),
+                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)),
                 )
             return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
         cb = max(1, self.max_rows // (n * S))  # contexts per forward: at most max_rows rows (or one context)

@@ -65,7 +65,7 @@ def test_chunking_does_not_change_results():
     assert torch.allclose(capped.run(masks), many, atol=1e-5)
 
 
-def test_a_released_cache_is_rebuilt_exactly_and_runs_do_not_grow_it():
+def test_runs_do_not_grow_the_prefix_cache():
     loaded = helpers.tiny_hf("gemma")
     b = helpers.batch(loaded, helpers.toy_task(), "flipped", n_contexts=3, n_examples=6, seed=1)
     st = SlotStepper(loaded.model, b, k_min=2)
@@ -73,12 +73,7 @@ def test_a_released_cache_is_rebuilt_exactly_and_runs_do_not_grow_it():
     before = st.run(masks, st.z[torch.tensor([2, 0, 1])])
     lengths = [layer.keys.shape[-2] for layer in st._cache.layers]
     assert lengths == [st.P] * len(lengths)  # appended steps are not stored in the prefix cache
-    st.release()
-    assert st._cache is None
-    after = st.run(masks, st.z[torch.tensor([2, 0, 1])])
-    assert torch.equal(before, after)
-    grad = st.attribution(None, lambda logits, y: logits.softmax(-1).gather(-1, y[..., None])[..., 0])
-    assert grad.shape == (3, 4, 2, 4)
+    assert torch.equal(before, st.run(masks, st.z[torch.tensor([2, 0, 1])]))  # so a second run sees the same prefix
 
 
 def test_k_min_out_of_range_is_a_clear_error(tiny):
