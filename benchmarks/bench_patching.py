@@ -1,23 +1,33 @@
-"""Exact and attribution patching against TransformerLens 4.3, side by side in one process.
+"""P1: exact all-heads output patching against TransformerLens 4.3, side by side in one process, at several sizes.
 
-    .venv/bin/python benchmarks/bench_patching.py [--model gemma3-270m] [--contexts 4] [--examples 8] [--repeats 2]
+    python benchmarks/bench_patching.py [--model gemma3-270m] [--contexts 4] [--examples 8,32] [--repeats 3]
+        [--no-extras] [--rows FILE]
 
-On the default embedded model: an all-heads output patching sweep (``hook_z`` at
+For each number of examples per context: an all-heads output patching sweep (``hook_z`` at
 every position), correct -> flipped labels (denoising), with
 
 * mechicl: ``Patcher(model, pair).sweep("head_out")`` (fresh Patcher each repeat, so
   its two cached runs are included), and
 * TransformerLens: ``run_with_cache`` of the clean run +
   ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos`` with the same
-  normalised metric (the corrupted baseline it needs is not timed: favours TL).
+  normalised metric (its baselines come from full forwards, ``tests.helpers.tl_metric``,
+  and are not timed: favours TL).
 
 Both on the same prompts, 1 thread, repeats interleaved, medians reported (and the
-median of the per-repeat ratios, robust to a noisy neighbour on a shared machine). Then:
-attribution patching (2 forwards + 1 backward) timed in forward-equivalents and its
-Spearman / top-10 overlap against the exact sweep; and a check of the bridge's
-``start_at_layer`` (does it save compute?) against mechicl's block skipping.
-Targets: exact >= 4x faster with max |diff| <= 1e-4; attribution <= 3
-forward-equivalents with Spearman >= 0.8. Misses are printed as MISS.
+median of the per-repeat ratios, robust to a noisy neighbour on a shared machine), with
+each side's peak RSS (``_common.timed``; the loaded model is in it).
+
+**FLOP lower bound** printed beside the achieved time: a patch at layer ``l`` must run the
+``L - l`` downstream blocks and unembed the label logits at the query slot, nothing more,
+so an all-heads sweep needs ``H * sum_l (L - l) / L = H (L + 1) / 2`` readout forwards of the
+receiver batch (tokens up to the query slot; the two cached runs are not counted). The bound
+in seconds is that count times the measured median of one readout forward
+(``run_to_final`` on the same tokens). Goal: mechicl within 1.3x of it.
+
+Then (unless ``--no-extras``), on the last size: attribution patching (2 forwards + 1
+backward) in forward-equivalents with its Spearman / top-10 overlap against the exact sweep;
+the readout-slot head sweep; and a check of the bridge's ``start_at_layer`` against mechicl's
+block skipping.
 
 The difference is float32 noise: mechicl unembeds two label columns, TL the whole
 vocabulary, and the two GEMMs round differently (~1e-5 in the raw logit
@@ -28,13 +38,15 @@ small normaliser amplifies it; the raw difference is printed next to it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
+from functools import partialmethod
 from pathlib import Path
 
 import torch
+
+from _common import add_row, median, rss_mb, timed
 
 warnings.filterwarnings("ignore")
 
@@ -45,7 +57,103 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    return median(times), out
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def measure_size(loaded, task, args, n_ex: int, rss_model: float):
+    """One size: interleaved repeats of mechicl and TL, the readout forward for the bound; prints a row."""
+    import transformer_lens.patching as tlp
+    from mechicl.analysis.hooks import run_to_final
+    from mechicl.analysis.patching import Patcher
+    from mechicl.data.pairs import pair_for
+    from tests.helpers import tl_metric
+
+    model = loaded.model
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    pair = pair_for(loaded, task, args.contexts, n_ex, seed=args.seed)
+    metric = tl_metric(loaded, pair)  # TL's metric, its baselines from full forwards
+    width = int(pair.query_pos.max()) + 1
+    ours = lambda: Patcher(model, pair).sweep("head_out", "denoise")  # noqa: E731
+
+    def tl():
+        with torch.no_grad():
+            _, clean_cache = model.run_with_cache(pair.clean.tokens)
+            return tlp.get_act_patch_attn_head_out_all_pos(model, pair.corrupted.tokens, clean_cache, metric)
+
+    def readout_forward():
+        with torch.no_grad():
+            return run_to_final(model, pair.corrupted.tokens[:, :width])
+
+    ours(), readout_forward()  # warm up
+    with torch.no_grad():
+        model(pair.corrupted.tokens)
+    t_o, t_r, t_ro, m_o, m_r = [], [], [], [], []
+    for _ in range(args.repeats):
+        dt, mb, res = timed(ours)
+        t_o.append(dt), m_o.append(mb)
+        dt, mb, res_tl = timed(tl)
+        t_r.append(dt), m_r.append(mb)
+        t_ro.append(_median_time(readout_forward, 3)[0])
+    diff = float((res.values - res_tl).abs().max())
+    denom = abs(float(res.clean_ld.mean() - res.corrupted_ld.mean()))
+    ratio, per = median(t_r) / median(t_o), median([r / o for r, o in zip(t_r, t_o)])
+    n_bound = H * (L + 1) / 2
+    bound = n_bound * median(t_ro)
+    tokens = int(pair.clean.tokens.shape[1])
+    print(f"| {n_ex} | {args.contexts} x {tokens} | {median(t_o):.2f} | {median(t_r):.2f} | **{ratio:.2f}x** {verdict(ratio >= 10)} "
+          f"| {per:.2f}x | {diff:.1e} {verdict(diff <= 1e-4)} | {diff * denom:.1e} | {bound:.2f} ({n_bound:.0f} x {median(t_ro):.3f}) "
+          f"| **{median(t_o) / bound:.2f}x** {verdict(median(t_o) <= 1.3 * bound)} | {res.forwards:.1f} | {max(m_o):.0f} | {max(m_r):.0f} |",
+          flush=True)
+    print(f"|  | (effects range {float(res.values.min()):.3f} .. {float(res.values.max()):.3f}, TL's "
+          f"{float(res_tl.min()):.3f} .. {float(res_tl.max()):.3f}: the comparison is not of constants) |", flush=True)
+    add_row(args.rows, bench="P1", model=loaded.name, size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok)",
+            ours="Patcher.sweep('head_out')", reference="TL get_act_patch_attn_head_out_all_pos",
+            ours_times=t_o, ref_times=t_r, readout_forward_times=t_ro, n_bound_forwards=n_bound,
+            max_diff=diff, ours_peak_mb=max(m_o), ref_peak_mb=max(m_r), model_rss_mb=rss_model,
+            goal="ratio >= 10 (Gemma), time <= 1.3 x bound, diff <= 1e-4")
+    return pair, res
+
+
+def extras(loaded, pair, res_ours, repeats: int) -> None:
+    """Attribution patching, the readout-slot sweep and start_at_layer, on one pair."""
+    from mechicl.analysis.attribution_patching import agreement, attribution_patch
+    from mechicl.analysis.hooks import run_to_final
+    from mechicl.analysis.patching import Patcher
+
+    model = loaded.model
+    L = int(model.cfg.n_layers)
+    tokens = pair.corrupted.tokens
+    with torch.no_grad():
+        t_fwd = _median_time(lambda: model(tokens), 3)[0]
+        t_ro = _median_time(lambda: run_to_final(model, tokens), 3)[0]
+    attribution = lambda: attribution_patch(model, pair, ("head_out",), "denoise")["head_out"]  # noqa: E731
+    attribution()
+    t_attr, res_attr = _median_time(attribution, repeats)
+    t_readout, res_readout = _median_time(lambda: Patcher(model, pair).sweep("head_out_readout", "denoise"), repeats)
+    agr = agreement(res_attr.values, res_ours.values, k=10)
+    with torch.no_grad():  # start_at_layer: exact, but does it save compute?
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        resid_last = cache[f"blocks.{L - 1}.hook_resid_pre"]
+        sal_diff = float((model(tokens) - model(resid_last, start_at_layer=L - 1)).abs().max())
+        t_sal = _median_time(lambda: model(resid_last, start_at_layer=L - 1), 3)[0]
+        t_skip = _median_time(lambda: run_to_final(model, tokens, start=(L - 1, resid_last)), 3)[0]
+    print("\n| measurement (last size) | value |")
+    print("|---|---|")
+    print(f"| mechicl readout-slot head sweep (KV re-run of the query token) | {t_readout:.2f} s "
+          f"({res_readout.forwards:.2f} readout-forward equivalents, incl. 2 baseline and 2 prefix runs) |")
+    print(f"| one full forward `model(tokens)` | {t_fwd:.3f} s |")
+    print(f"| one readout forward (stops at ln_final, label logits only) | {t_ro:.3f} s |")
+    print(f"| attribution patching, all heads (2 fwd + 1 bwd) | {t_attr:.3f} s = **{t_attr / t_fwd:.2f}** full forwards "
+          f"{verdict(t_attr / t_fwd <= 3)} (target <= 3) = {t_attr / t_ro:.2f} readout forwards |")
+    print(f"| attribution vs exact: Spearman | **{agr['spearman']:.3f}** {verdict(agr['spearman'] >= 0.8)} (target >= 0.8); "
+          f"Pearson {agr['pearson']:.3f}; top-10 overlap {agr['topk_overlap']:.2f} |")
+    print(f"| bridge start_at_layer={L - 1} vs full forward | {t_sal:.3f} s vs {t_fwd:.3f} s "
+          f"({t_sal / t_fwd:.2f}x of a full forward; logits max diff {sal_diff:.1e}) |")
+    print(f"| mechicl block skipping from layer {L - 1} (readout only) | {t_skip:.3f} s ({t_skip / t_ro:.2f}x of a readout forward) |")
 
 
 def main() -> None:
@@ -53,118 +161,37 @@ def main() -> None:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--task", default="vader-words")
     ap.add_argument("--contexts", type=int, default=4, help="contexts (default 4; TL time grows linearly)")
-    ap.add_argument("--examples", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2: ~6 min on one thread)")
+    ap.add_argument("--examples", default="8,32", help="comma list of examples per context (default 8,32)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-extras", action="store_true", help="skip attribution patching, the readout sweep and start_at_layer")
+    ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    import transformer_lens.patching as tlp
     from tqdm.auto import tqdm
-    from functools import partialmethod
 
     tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)  # TL's per-cell progress bar
-
-    from mechicl.analysis.attribution_patching import agreement, attribution_patch
-    from mechicl.analysis.hooks import run_to_final
-    from mechicl.analysis.patching import Patcher
-    from mechicl.data.pairs import pair_for
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.helpers
     from mechicl.data.tasks import load_task
     from mechicl.models.loading import load_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.helpers
-    from tests.helpers import tl_metric
-
     t0 = time.perf_counter()
-    loaded = load_model(args.model)
-    model = loaded.model
-    task = load_task(args.task)
-    pair = pair_for(loaded, task, args.contexts, args.examples, seed=args.seed)
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    print(f"model {loaded.name} ({L} layers x {H} heads), task {task.name}: {args.contexts} contexts x {args.examples} "
-          f"examples, {pair.clean.tokens.shape[1]} tokens max; 1 thread; median of {args.repeats} interleaved repeats")
-
-    metric = tl_metric(loaded, pair)  # TL's metric, its baselines from full forwards
-    ref = Patcher(model, pair)
-    clean_ld, corr_ld = ref.baseline("clean"), ref.baseline("corrupted")
-
-    def ours():
-        return Patcher(model, pair).sweep("head_out", "denoise")
-
-    def tl():
-        with torch.no_grad():
-            _, clean_cache = model.run_with_cache(pair.clean.tokens)
-            return tlp.get_act_patch_attn_head_out_all_pos(model, pair.corrupted.tokens, clean_cache, metric)
-
-    def plain_forward():
-        with torch.no_grad():
-            return model(pair.corrupted.tokens)
-
-    def readout_forward():
-        with torch.no_grad():
-            return run_to_final(model, pair.corrupted.tokens)
-
-    def attribution():
-        return attribution_patch(model, pair, ("head_out",), "denoise")["head_out"]
-
-    def readout_sweep():
-        return Patcher(model, pair).sweep("head_out_readout", "denoise")
-
-    # warm up every path once
-    ours(), plain_forward(), readout_forward(), attribution()
-    t_ours, t_tl, t_fwd, t_ro, t_attr = [], [], [], [], []
-    res_ours = res_tl = res_attr = None
-    for _ in range(args.repeats):
-        dt, res_ours = _median_time(ours, 1)
-        t_ours.append(dt)
-        dt, res_tl = _median_time(tl, 1)
-        t_tl.append(dt)
-        t_fwd.append(_median_time(plain_forward, 3)[0])
-        t_ro.append(_median_time(readout_forward, 3)[0])
-        dt, res_attr = _median_time(attribution, 1)
-        t_attr.append(dt)
-    m_ours, m_tl, m_fwd, m_ro, m_attr = map(statistics.median, (t_ours, t_tl, t_fwd, t_ro, t_attr))
-    diff = float((res_ours.values - res_tl).abs().max())
-    ratio = m_tl / m_ours
-    ratio_per_repeat = statistics.median(a / b for a, b in zip(t_tl, t_ours))
-    t_readout, res_readout = _median_time(readout_sweep, args.repeats)
-    agr = agreement(res_attr.values, res_ours.values, k=10)
-
-    # start_at_layer: exact, but does it save compute? (resume at the last block vs a full forward)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(pair.corrupted.tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
-        resid_last = cache[f"blocks.{L - 1}.hook_resid_pre"]
-        full_logits = model(pair.corrupted.tokens)
-        sal_logits = model(resid_last, start_at_layer=L - 1)
-        sal_diff = float((full_logits - sal_logits).abs().max())
-        t_sal = _median_time(lambda: model(resid_last, start_at_layer=L - 1), 3)[0]
-        t_skip = _median_time(lambda: run_to_final(model, pair.corrupted.tokens, start=(L - 1, resid_last)), 3)[0]
-
-    def verdict(ok: bool) -> str:
-        return "PASS" if ok else "MISS"
-
-    print()
-    print("| measurement | value |")
-    print("|---|---|")
-    print(f"| TL get_act_patch_attn_head_out_all_pos ({L * H} heads) | {m_tl:.2f} s |")
-    print(f"| mechicl Patcher.sweep('head_out') | {m_ours:.2f} s ({res_ours.forwards:.1f} readout-forward equivalents) |")
-    print(f"| speed-up (ratio of medians) | **{ratio:.2f}x** {verdict(ratio >= 4)} (target >= 4x); median of per-repeat ratios {ratio_per_repeat:.2f}x |")
-    denom = float(clean_ld.mean() - corr_ld.mean())
-    print(f"| max abs diff vs TL (normalised metric) | **{diff:.2e}** {verdict(diff <= 1e-4)} (target <= 1e-4); in raw logit "
-          f"difference {diff * abs(denom):.1e} (normaliser clean - corrupted = {denom:.3f}) |")
-    print(f"| mechicl readout-slot head sweep ({L * H} heads, KV re-run of the query token) | {t_readout:.2f} s "
-          f"({res_readout.forwards:.2f} readout-forward equivalents, incl. 2 baseline and 2 prefix runs) |")
-    print(f"| one full forward `model(tokens)` | {m_fwd:.3f} s |")
-    print(f"| one readout forward (stops at ln_final, label logits only) | {m_ro:.3f} s |")
-    print(f"| attribution patching, all heads (2 fwd + 1 bwd) | {m_attr:.3f} s = **{m_attr / m_fwd:.2f}** full forwards "
-          f"{verdict(m_attr / m_fwd <= 3)} (target <= 3) = {m_attr / m_ro:.2f} readout forwards |")
-    print(f"| attribution vs exact: Spearman | **{agr['spearman']:.3f}** {verdict(agr['spearman'] >= 0.8)} (target >= 0.8); "
-          f"Pearson {agr['pearson']:.3f}; top-10 overlap {agr['topk_overlap']:.2f} |")
-    print(f"| bridge start_at_layer={L - 1} vs full forward | {t_sal:.3f} s vs {m_fwd:.3f} s "
-          f"({t_sal / m_fwd:.2f}x of a full forward; logits max diff {sal_diff:.1e}) |")
-    print(f"| mechicl block skipping from layer {L - 1} (readout only) | {t_skip:.3f} s ({t_skip / m_ro:.2f}x of a readout forward) |")
-    print(f"\nall times: ours {[round(x, 2) for x in t_ours]}, TL {[round(x, 2) for x in t_tl]}, "
-          f"attribution {[round(x, 3) for x in t_attr]}; total benchmark wall time {time.perf_counter() - t0:.0f} s")
+    loaded, task = load_model(args.model), load_task(args.task)
+    rss_model = rss_mb()
+    L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
+    print(f"P1 all-heads output patching, {loaded.name} ({L} layers x {H} heads), task {task.name}, 1 thread, "
+          f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB")
+    print("| examples | contexts x tokens | mechicl s | TL s | ratio (goal >= 10 on Gemma) | per-repeat ratio "
+          "| max diff (norm.) | max diff (raw LD) | FLOP bound s (readout fwds x s) | mechicl / bound (goal <= 1.3) "
+          "| mechicl fwd-equiv | mechicl peak MB | TL peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    pair = res = None
+    for n_ex in (int(x) for x in args.examples.split(",")):
+        pair, res = measure_size(loaded, task, args, n_ex, rss_model)
+    if not args.no_extras:
+        extras(loaded, pair, res, args.repeats)
+    print(f"\ntotal benchmark wall time {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
