@@ -25,44 +25,50 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechicl.analysis.frames import heads_frame
 from mechicl.analysis.hooks import act_name, capture, run_to_final, to_host
+from mechicl.analysis.readout import ReadoutRun, readout_activations
 from mechicl.data.prompts import TEMPLATE, PromptBatch
 
 CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
 
 
-def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True
-                     ) -> Float[Tensor, "batch example layer head key"]:
-    """Attention rows of every head at every readout slot. Cost: one forward per context, no unembedding.
+def pattern_names(model: Any) -> list[str]:
+    """The hooks ``readout_patterns`` reads: every layer's attention pattern."""
+    return [act_name("pattern", l) for l in range(model.cfg.n_layers)]
+
+
+def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True,
+                     run: ReadoutRun | None = None) -> Float[Tensor, "batch example layer head key"]:
+    """Attention rows of every head at every readout slot. Cost: one forward per context, no unembedding (none
+    with ``run``, a ``ReadoutRun`` of ``batch`` that kept ``pattern_names``).
 
     Memory: ``batch x example x n_layers x n_heads x pos`` floats (~20 MB for 32 Gemma contexts of 16 examples).
     """
     n_layers = model.cfg.n_layers
     out = torch.zeros(batch.n_contexts, batch.n_examples, n_layers, model.cfg.n_heads, batch.tokens.shape[1])
-    chunks = range(0, batch.n_contexts, batch_size)
-    names = [act_name("pattern", l) for l in range(n_layers)]
-    for start in tqdm(chunks, desc=f"attention {batch.condition}", unit="batch", disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        store: dict[str, Tensor] = {}
-        with torch.no_grad():
-            run_to_final(model, sub.tokens, capture(names, store, at=sub.readout_pos), attention_mask=sub.attention_mask)
+    names, start = pattern_names(model), 0
+    for sub, store in readout_activations(model, batch, names, batch_size, progress, desc="attention", run=run):
         for l, name in enumerate(names):  # [b, example, head, key]
             x = to_host(store[name])
             out[start : start + sub.n_contexts, :, l, :, : x.shape[-1]] = x
+        start += sub.n_contexts
     return out
 
 
-def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[tuple[int, int]]
-                     ) -> Float[Tensor, "head query key"]:
-    """Full attention patterns of the given (layer, head)s on context ``row`` (unpadded). One forward."""
+def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[tuple[int, int]],
+                     run: ReadoutRun | None = None) -> Float[Tensor, "head query key"]:
+    """Full attention patterns of the given (layer, head)s on context ``row`` (unpadded). One forward, none when
+    ``run`` (a ``ReadoutRun`` of ``batch``) kept the patterns of ``row`` at every position."""
     n = int(batch.lengths[row])
-    store: dict[str, Tensor] = {}
     names = [act_name("pattern", l) for l in sorted({l for l, _ in heads})]
-    with torch.no_grad():
-        run_to_final(model, batch.tokens[row : row + 1, :n], capture(names, store))
+    if run is not None and run.batch is batch and row < run.full_rows and all(m in run.full for m in names):
+        store = {m: run.full[m][row : row + 1, :, :n, :n] for m in names}
+    else:
+        store = {}
+        with torch.no_grad():
+            run_to_final(model, batch.tokens[row : row + 1, :n], capture(names, store))
     return torch.stack([to_host(store[act_name("pattern", l)][0, h]) for l, h in heads])
 
 

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechicl.analysis.readout import label_logits, readout_activations
+from mechicl.analysis.readout import ReadoutRun, label_logits, readout_activations
 from mechicl.data.prompts import PromptBatch
 from mechicl.models.device import model_dtype
 
@@ -99,12 +99,34 @@ def _attention_components(model: Any, st: dict[str, Tensor], l: int, post_attn: 
     return out, names
 
 
-def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True) -> DirectLogits:
-    """Decompose the label logits at every readout slot into per-head / per-MLP direct effects."""
+def _post_attn(model: Any) -> bool:
+    """Whether the blocks have a post-attention norm (Gemma); raises if only some do."""
     n_layers = model.cfg.n_layers
     post_attn = [f"blocks.{l}.ln1_post" for l in range(n_layers) if _has_hook(model, f"blocks.{l}.ln1_post.hook_scale")]
     if post_attn and len(post_attn) != n_layers:
         raise RuntimeError("some but not all blocks have a post-attention norm; DLA does not handle this model")
+    return bool(post_attn)
+
+
+def dla_names(model: Any) -> list[str]:
+    """The hooks ``direct_logits`` reads at the readout slots (up to ``ln_final.hook_out``)."""
+    post_attn = _post_attn(model)
+    want = ["hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_out"]
+    for l in range(model.cfg.n_layers):
+        want += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
+        if post_attn:
+            want.append(f"blocks.{l}.ln1_post.hook_scale")
+    return [n for n in want if _has_hook(model, n)]
+
+
+def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True,
+                  run: ReadoutRun | None = None) -> DirectLogits:
+    """Decompose the label logits at every readout slot into per-head / per-MLP direct effects.
+
+    Cost: one forward per context (none with ``run``, a ``ReadoutRun`` of ``batch`` that kept ``dla_names``
+    and ran up to ``ln_final.hook_out``); the decomposition runs in float64 on readout-slot activations."""
+    n_layers = model.cfg.n_layers
+    post_attn = _post_attn(model)
     g_f, b_f, c_f = norm_affine(model.ln_final)
     # the sums are checked to 1e-4 in float32; a half-precision model's own activations carry its rounding
     # (measured 2.3e-3 / 2.9e-3 relative on organism-strong / SmolLM2 in bfloat16): 2 eps of its dtype
@@ -116,13 +138,9 @@ def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress:
     b_U = b_U.detach()[ids].cpu().double() if b_U is not None else None
     names: list[str] = []
     chunks_out, logits_out = [], []
-    want = ["hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_out"]
-    for l in range(n_layers):
-        want += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
-        if post_attn:
-            want.append(f"blocks.{l}.ln1_post.hook_scale")
-    want = [n for n in want if _has_hook(model, n)]
-    for sub, acts in readout_activations(model, batch, want, batch_size, progress, desc="dla", stop="ln_final.hook_out"):
+    want = dla_names(model)
+    for sub, acts in readout_activations(model, batch, want, batch_size, progress, desc="dla", stop="ln_final.hook_out",
+                                         run=run):
         st = {n: x.cpu().double() for n, x in acts.items()}
         comps, nm = [], []
         for name in ("hook_embed", "hook_pos_embed"):

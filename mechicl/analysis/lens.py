@@ -14,21 +14,27 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechicl.analysis.hooks import to_host
-from mechicl.analysis.readout import readout_activations, unembed_labels
+from mechicl.analysis.readout import ReadoutRun, readout_activations, unembed_labels
 from mechicl.analysis.stats import t_interval
 from mechicl.data.prompts import PromptBatch
 
 
-def lens_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True
+def lens_names(model: Any) -> list[str]:
+    """The hooks the lens reads: the residual stream after each block (and the embeddings)."""
+    return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+
+
+def lens_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True, run: ReadoutRun | None = None
                 ) -> Float[Tensor, "batch example depth n_labels"]:
     """Label logits read from the residual stream after ``depth`` blocks (0 = embeddings, n_layers = final).
 
     Uses the model's final norm and unembedding; depth n_layers equals the model's own logits.
-    Cost: one forward per context (no unembedding) plus (n_layers + 1) tiny label-set readouts.
+    Cost: one forward per context (none with ``run``, a ``ReadoutRun`` that kept ``lens_names``) plus
+    (n_layers + 1) tiny label-set readouts.
     """
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    names = lens_names(model)
     out = []
-    for sub, acts in readout_activations(model, batch, names, batch_size, progress, desc="lens"):
+    for sub, acts in readout_activations(model, batch, names, batch_size, progress, desc="lens", run=run):
         last = acts[names[-1]].device  # a split model's layers sit on several devices
         resid = torch.stack([acts[n].to(last) for n in names], dim=2)  # [b, ex, depth, d_model]
         with torch.no_grad():
@@ -69,12 +75,14 @@ def lens_metrics(logits: Float[Tensor, "batch example depth n_labels"], batch: P
 
 
 def logit_lens(model: Any, batches: Sequence[PromptBatch], k_min: int = 1, min_gap: float = 0.05,
-               batch_size: int = 8, progress: bool = True) -> Lens:
+               batch_size: int = 8, progress: bool = True, runs: Sequence[ReadoutRun] | None = None) -> Lens:
     """Logit lens for each batch (give ``default`` and ``flipped`` built from the same example ids).
 
-    Cost: one forward per context per batch.
+    Cost: one forward per context per batch (none with ``runs``: one ``ReadoutRun`` per batch).
     """
-    raw = pd.concat([lens_metrics(lens_logits(model, b, batch_size, progress), b) for b in batches], ignore_index=True)
+    runs = runs if runs is not None else [None] * len(batches)
+    raw = pd.concat([lens_metrics(lens_logits(model, b, batch_size, progress, r), b) for b, r in zip(batches, runs)],
+                    ignore_index=True)
     per_ctx = raw[raw.k >= k_min].groupby(["condition", "depth", "metric", "context"], sort=False)["value"].mean()
     rows = []
     for (cond, depth, metric), s in per_ctx.groupby(level=[0, 1, 2], sort=False):

@@ -48,15 +48,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.hooks import Head, act_name, capture, head_masks, run_to_final, to_host
-from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.hooks import FINAL, Head, act_name, capture, head_masks, run_to_final, to_host
+from mechicl.analysis.patch_result import PatchResult, cell_table, normalise  # re-exported: the sweep's values
+from mechicl.analysis.readout import ReadoutRun, unembed_labels
 from mechicl.analysis.stepper import ReadoutStepper
 from mechicl.data.pairs import PatchPair
 from mechicl.data.prompts import ROLE_NAMES
@@ -124,71 +123,6 @@ def _setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int],
     return s
 
 
-# ----------------------------------------------------------------- results ---
-
-
-def cell_table(kind: str, direction: str, axes: tuple[str, str], **columns: Float[Tensor, "n0 n1"]) -> pd.DataFrame:
-    """Tidy rows of a sweep's ``[n0, n1]`` grids: kind, direction, the two axis indices, then each column."""
-    n0, n1 = next(iter(columns.values())).shape
-    return pd.DataFrame({
-        "kind": kind,
-        "direction": direction,
-        axes[0]: np.repeat(np.arange(n0), n1),
-        axes[1]: np.tile(np.arange(n1), n0),
-        **{name: v.reshape(-1).numpy() for name, v in columns.items()},
-    })
-
-
-
-@dataclass(frozen=True)
-class PatchResult:
-    """A patching sweep: normalised effects on labelled axes plus per-context logit differences.
-
-    ``values[layer, idx]`` is the normalised metric of the patched run (0 = corrupted,
-    1 = clean); ``logit_diff[layer, idx, batch]`` the raw per-context LD.
-    ``forwards`` counts receiver-forward equivalents spent (cached runs included).
-    """
-
-    kind: str
-    direction: str
-    axes: tuple[str, str]
-    values: Float[Tensor, "layer idx"]
-    logit_diff: Float[Tensor, "layer idx batch"]
-    clean_ld: Float[Tensor, "batch"]
-    corrupted_ld: Float[Tensor, "batch"]
-    forwards: float = 0.0
-    seconds: float = 0.0
-    computed: Bool[Tensor, "layer idx"] | None = None  # cells actually run (others are no-ops / not requested)
-    pos_roles: tuple[str, ...] = ()  # role of each position (for pos axes), "mixed" where contexts differ
-    description: str = ""
-
-    @property
-    def effect(self) -> Float[Tensor, "layer idx"]:
-        """Change caused by the patch on the normalised scale (signed: + towards the clean run)."""
-        return self.values - (0.0 if self.direction == "denoise" else 1.0)
-
-    def table(self) -> pd.DataFrame:
-        """One row per cell: axes, normalised value, effect, mean LD, whether it was computed."""
-        df = cell_table(self.kind, self.direction, self.axes, value=self.values, effect=self.effect,
-                        mean_logit_diff=self.logit_diff.mean(-1))
-        if self.pos_roles:
-            df["role"] = [self.pos_roles[p] for p in df[self.axes[1]]]
-        if self.computed is not None:
-            df["computed"] = self.computed.reshape(-1).numpy()
-        return df
-
-
-def normalise(ld: Tensor, clean_ld: Tensor, corrupted_ld: Tensor) -> Tensor:
-    """Batch-mean LD on the 0 = corrupted, 1 = clean scale (last axis is the batch)."""
-    c, k = clean_ld.mean(), corrupted_ld.mean()
-    if abs(float(c - k)) < 1e-6:
-        raise PairError(
-            f"the clean and corrupted runs give the same mean logit difference ({float(c):.4g}); "
-            f"there is no effect to recover. Use more in-context examples or another task."
-        )
-    return (ld.mean(-1) - k) / (c - k)
-
-
 # ---------------------------------------------------------------- patcher ---
 
 
@@ -234,6 +168,22 @@ class Patcher:
             self._ld[which] = self._label_ld(resid)[0]
             self.forwards += 1
         return store
+
+    def prime(self, which: str, run: ReadoutRun) -> None:
+        """Fill run ``which``'s cache from ``run``, a ``ReadoutRun`` whose first contexts are this pair's ``which``
+        contexts (same tokens up to the query slot), so that they are not run again. Its full-position
+        activations (except attention patterns) become cached activations; its ``FINAL`` at the query slot gives
+        the baseline. Equal to a fresh cached forward up to float rounding (different batching). Cost: none."""
+        n, w = self.pair.n_contexts, self.width
+        mine, theirs = self._tokens(which), run.batch.tokens[:n, :w]
+        if run.full_rows < n or theirs.shape != mine.shape or not torch.equal(theirs, mine):
+            raise PairError(f"the ReadoutRun's first {n} contexts are not this pair's {which!r} contexts (or it kept "
+                            f"only {run.full_rows} full rows); build the pair from the run's batch")
+        if FINAL not in run.names():
+            raise PairError(f"the ReadoutRun did not keep {FINAL!r}, which the baseline needs")
+        self._store[which].update({k: v[:n, :w] for k, v in run.full.items() if not k.endswith(("pattern", "scores"))})
+        final = run.chunks[0][1][FINAL][:n, -1]  # [n, d_model] at the query slot
+        self._ld[which] = self.pair.logit_diff(to_host(unembed_labels(self.model, final, self.pair.clean.label_token_ids)))
 
     def baseline(self, which: str) -> Float[Tensor, "batch"]:
         """Per-context LD of the unpatched run ``which`` (clean or corrupted)."""

@@ -9,6 +9,7 @@ Results equal the model's full logits restricted to the label tokens (tested).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -38,13 +39,76 @@ def unembed_labels(model: Any, resid: Float[Tensor, "... d_model"], label_ids: I
     return logits
 
 
+@dataclass(frozen=True)
+class ReadoutRun:
+    """One forward per context of ``batch`` (``readout_run``), its activations kept so that several analyses read
+    them instead of each running its own forward (pass it as ``run=``).
+
+    ``chunks``: per chunk of contexts, the chunk and its activations at the readout slots (``[b, example, ...]``;
+    attention patterns ``[b, example, head, key]``). ``full``: whole-sequence activations (``[full_rows, pos, ...]``,
+    patterns ``[full_rows, head, query, key]``, pos = the first chunk's width) of the first ``full_rows`` contexts,
+    for analyses that need every position (attention views, patching caches).
+    """
+
+    batch: PromptBatch
+    chunks: tuple[tuple[PromptBatch, dict[str, Tensor]], ...]
+    full: dict[str, Tensor]
+    full_rows: int
+    stop: str
+
+    def names(self) -> set[str]:
+        return set(self.chunks[0][1]) if self.chunks else set()
+
+
+@torch.no_grad()
+def readout_run(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
+                stop: str = "ln_final.hook_out", full_names: Sequence[str] = (), full_rows: int = 0) -> ReadoutRun:
+    """Run ``batch`` once, keeping hooks ``names`` at its readout slots and ``full_names`` at every position of
+    the first ``full_rows`` contexts (which must fit in the first chunk).
+
+    Cost: one forward per context, stopped at ``stop`` (no unembedding). Memory: every chunk's readout-slot
+    activations (``batch x example x ...`` per name) plus the full activations of ``full_rows`` contexts.
+    """
+    if full_rows > min(batch_size, batch.n_contexts):
+        raise ValueError(f"full_rows={full_rows} must fit in the first chunk (batch_size={batch_size}, "
+                         f"{batch.n_contexts} contexts); raise batch_size or keep fewer full rows")
+    chunks, full = [], {}
+    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"shared run {batch.condition}", unit="batch",
+                      disable=not progress, leave=False):
+        sub = batch.select(slice(start, start + batch_size))
+        acts: dict[str, Tensor] = {}
+        hooks = capture(names, acts, at=sub.readout_pos)
+        if start == 0 and full_rows:
+            hooks += capture(full_names, full)
+        run_to_final(model, sub.tokens, hooks, stop=stop, attention_mask=sub.attention_mask)
+        missing = [n for n in dict.fromkeys(names) if n not in acts]
+        if missing:
+            raise ValueError(f"hooks {missing} did not fire before {stop!r}; ask for hooks the model has, "
+                             f"upstream of the stop")
+        chunks.append((sub, acts))
+    full = {n: x[:full_rows] for n, x in full.items()}
+    return ReadoutRun(batch, tuple(chunks), full, full_rows, stop)
+
+
 def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
-                        desc: str = "forward", stop: str = FINAL) -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
+                        desc: str = "forward", stop: str = FINAL, run: ReadoutRun | None = None
+                        ) -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
     """Per chunk of ``batch_size`` contexts: the chunk and the activations of hooks ``names`` at its readout slots.
 
     Each activation ``[b, pos, ...]`` is gathered to ``[b, example, ...]`` and detached. Cost: one
-    forward per context, stopped at ``stop`` (no unembedding). Memory: one chunk's activations.
+    forward per context, stopped at ``stop`` (no unembedding); none when ``run`` (a ``ReadoutRun`` of this
+    batch that kept ``names``) is given: its chunks are read instead. Memory: one chunk's activations.
     """
+    if run is not None:
+        if run.batch is not batch:
+            raise ValueError(f"the ReadoutRun was made for another batch ({run.batch.condition!r}, "
+                             f"{run.batch.n_contexts} contexts); pass the run of this batch")
+        missing = [n for n in names if n not in run.names()]
+        if missing:
+            raise ValueError(f"the ReadoutRun did not keep {missing}; add them to readout_run's names")
+        for sub, acts in run.chunks:
+            yield sub, {n: acts[n] for n in names}
+        return
     for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
                       disable=not progress, leave=False):
         sub = batch.select(slice(start, start + batch_size))

@@ -16,7 +16,7 @@ from mechicl.data.prompts import PromptBatch
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.folder import Clock, RunFolder, md_table
-from mechicl.runs.inside import InsideConfig, default_and_flipped, finish, head_map, header
+from mechicl.runs.inside import InsideConfig, Runs, batches_of, finish, head_map, header
 from mechicl.viz.html import attention_heads_html, readout_attention_html
 from mechicl.viz.plots import line_plot
 
@@ -34,11 +34,15 @@ class AttentionResult:
 
 
 def compute_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock: Clock, progress: bool = True,
-                      saliency: bool = True) -> AttentionResult:
-    """Label attention and PM on default/flipped contexts, induction on repeated tokens, saliency (optional)."""
+                      saliency: bool = True, runs: Runs | None = None) -> AttentionResult:
+    """Label attention and PM on default/flipped contexts, induction on repeated tokens, saliency (optional).
+
+    Cost: one forward per context and condition (none with ``runs`` from ``inside.shared_runs``), one on the
+    repeated tokens, and for saliency a forward and a backward per context and condition."""
     model = loaded.model
-    bd, bf = default_and_flipped(loaded, task, cfg)
-    pats = [A.readout_patterns(model, b, cfg.batch_size, progress) for b in (bd, bf)]
+    bd, bf = batches_of(loaded, task, cfg, runs)
+    pats = [A.readout_patterns(model, b, cfg.batch_size, progress, r)
+            for b, r in zip((bd, bf), runs if runs is not None else (None, None))]
     la = A.label_attention(model, [bd, bf], task.n_classes, cfg.k_min, patterns=pats)
     clock.lap("label attention")
     tokens, offset = repeated_random_tokens(loaded.tokenizer, model.cfg.d_vocab, loaded.prepend_bos, seed=cfg.seed)

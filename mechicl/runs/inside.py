@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 from jaxtyping import Int
 from torch import Tensor
 
-from mechicl.analysis.dla import dla_table, direct_logits, prior_vs_context, zero_shot_prior
-from mechicl.analysis.lens import Lens, logit_lens
+from mechicl.analysis.attention import pattern_names
+from mechicl.analysis.dla import dla_names, dla_table, direct_logits, prior_vs_context, zero_shot_prior
+from mechicl.analysis.hooks import FINAL
+from mechicl.analysis.lens import Lens, lens_names, logit_lens
+from mechicl.analysis.readout import ReadoutRun, readout_run
 from mechicl.data.batches import zero_shot_batch
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task
@@ -52,6 +56,32 @@ def default_and_flipped(loaded: LoadedModel, task: Task, cfg: InsideConfig) -> t
             build_prompt_batch(task, loaded.tokenizer, ids, "flipped", **kw))
 
 
+Runs = tuple[ReadoutRun, ReadoutRun]  # one shared forward per condition: default, flipped
+
+
+def shared_runs(loaded: LoadedModel, task: Task, cfg: InsideConfig, full_rows: int = 1,
+                full_names: Sequence[str] = (), progress: bool = True) -> Runs:
+    """One forward per context of each condition (``default_and_flipped``) keeping, at the readout slots, what
+    attention, lens and DLA read, and at every position of the first ``full_rows`` contexts the attention
+    patterns (the attention view of context 0) plus ``full_names`` (e.g. patching caches).
+
+    Cost: ``2 x n_contexts`` forwards, chunks of ``max(batch_size, full_rows)`` contexts. Memory: the readout-slot
+    activations of every layer (``n_contexts x n_examples x (pattern row + residual + head outputs)``) and the
+    full activations of ``full_rows`` contexts."""
+    model = loaded.model
+    names = list(dict.fromkeys(pattern_names(model) + lens_names(model) + dla_names(model) + [FINAL]))
+    full = list(dict.fromkeys(pattern_names(model) + list(full_names)))
+    size = max(cfg.batch_size, full_rows)
+    bd, bf = default_and_flipped(loaded, task, cfg)
+    return (readout_run(model, bd, names, size, progress, full_names=full, full_rows=full_rows),
+            readout_run(model, bf, names, size, progress, full_names=full, full_rows=full_rows))
+
+
+def batches_of(loaded: LoadedModel, task: Task, cfg: InsideConfig, runs: Runs | None) -> tuple[PromptBatch, PromptBatch]:
+    """The default and flipped batches: those of ``runs`` if given (so that the runs can be read), else fresh."""
+    return (runs[0].batch, runs[1].batch) if runs is not None else default_and_flipped(loaded, task, cfg)
+
+
 def header(kind: str, loaded: LoadedModel, cfg: InsideConfig, extra: str = "") -> list[str]:
     return [f"# {kind}: {loaded.name} on {cfg.task}", "",
             f"{cfg.n_contexts} contexts x {cfg.n_examples} examples (seed {cfg.seed}); default and flipped labels "
@@ -74,10 +104,11 @@ def head_map(folder: RunFolder, df: pd.DataFrame, value: str, name: str, title: 
 
 
 def compute_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, progress: bool = True,
-                 min_gap: float = 0.05) -> Lens:
-    """The logit lens on the default and flipped batches of ``cfg`` (one forward per context and condition)."""
-    bd, bf = default_and_flipped(loaded, task, cfg)
-    return logit_lens(loaded.model, [bd, bf], cfg.k_min, min_gap, cfg.batch_size, progress)
+                 min_gap: float = 0.05, runs: Runs | None = None) -> Lens:
+    """The logit lens on the default and flipped batches of ``cfg`` (one forward per context and condition; none
+    with ``runs`` from ``shared_runs``)."""
+    bd, bf = batches_of(loaded, task, cfg, runs)
+    return logit_lens(loaded.model, [bd, bf], cfg.k_min, min_gap, cfg.batch_size, progress, runs)
 
 
 def plot_lens(folder: RunFolder, lens: Lens, title: str) -> None:
@@ -127,17 +158,18 @@ def report_lens(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, p
 # ------------------------------------------------------------------- DLA ---
 
 
-def compute_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock: Clock, progress: bool = True
-                ) -> tuple[pd.DataFrame, pd.DataFrame, Int[Tensor, "batch example"]]:
+def compute_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock: Clock, progress: bool = True,
+                runs: Runs | None = None) -> tuple[pd.DataFrame, pd.DataFrame, Int[Tensor, "batch example"]]:
     """The DLA table (both decompositions, both conditions), the prior-vs-context table and the zero-shot prior.
 
-    Cost: one zero-shot forward per query, one forward per context and condition."""
+    Cost: one zero-shot forward per query, one forward per context and condition (none with ``runs``)."""
     model = loaded.model
-    bd, bf = default_and_flipped(loaded, task, cfg)
+    bd, bf = batches_of(loaded, task, cfg, runs)
+    rd, rf = runs if runs is not None else (None, None)
     zs = zero_shot_batch(task, loaded.tokenizer, bd, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     prior = zero_shot_prior(model, zs, tuple(bd.example_ids.shape), max(cfg.batch_size, 32), progress)
     clock.lap("zero-shot prior")
-    dd, df = direct_logits(model, bd, cfg.batch_size, progress), direct_logits(model, bf, cfg.batch_size, progress)
+    dd, df = direct_logits(model, bd, cfg.batch_size, progress, rd), direct_logits(model, bf, cfg.batch_size, progress, rf)
     clock.lap("DLA")
     tab = pd.concat([dla_table(dd, bd, prior, cfg.k_min), dla_table(df, bf, prior, cfg.k_min)], ignore_index=True)
     return tab, prior_vs_context(dd, df, bd, bf, prior, cfg.k_min), prior

@@ -22,9 +22,10 @@ import pandas as pd
 from mechicl.analysis.attribution_patching import agreement, attribution_patch
 from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult
 from mechicl.analysis.experiments import run_tests
+from mechicl.analysis.hooks import act_name
 from mechicl.analysis.patching import Patcher
 from mechicl.analysis.surgery import count_block_calls
-from mechicl.data.pairs import pair_for
+from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs import report_sections as S
@@ -35,12 +36,17 @@ from mechicl.runs.behavior import run_behavior
 from mechicl.runs.experiments import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.heads import find_heads_for
-from mechicl.runs.inside import compute_dla, compute_lens
+from mechicl.runs.inside import Runs, compute_dla, compute_lens, shared_runs
 from mechicl.viz.report_html import render_report
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 NH_CONFIGS = ("nh1_random_labels.toml", "nh2_flipped_arbitrary.toml")
 PATCH_KINDS = ("head_out", "head_out_label", "head_out_readout", "resid")
+
+
+def patch_cache_names(model: Any) -> list[str]:
+    """What the exact sweeps of ``PATCH_KINDS`` cache of each run: every layer's head outputs and residual."""
+    return [act_name(k, l) for k in ("z", "resid_pre") for l in range(model.cfg.n_layers)]
 
 
 @dataclass
@@ -86,9 +92,19 @@ def nh_tests(beh: BehaviorResult, cfg: ReportConfig, model: str) -> list[NHTest]
     return out
 
 
-def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool) -> PatchStage:
-    pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
+def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool, runs: Runs | None = None) -> PatchStage:
+    """Exact sweeps and attribution patching on the first ``n_patch`` contexts of the inside draws (the contexts
+    ``mechicl patch`` samples with the same seed). With ``runs`` that kept them in full, their cached runs are
+    read from there instead of being run again."""
+    if runs is not None and runs[0].full_rows >= cfg.n_patch:
+        rows = slice(0, cfg.n_patch)
+        pair = pair_from_batches(runs[0].batch.select(rows), runs[1].batch.select(rows), "correct labels vs all labels flipped")
+    else:
+        pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
     patcher = Patcher(loaded.model, pair, progress=progress)
+    if runs is not None and runs[0].full_rows >= cfg.n_patch:
+        patcher.prime("clean", runs[0])
+        patcher.prime("corrupted", runs[1])
     c, n = pair.clean, min(cfg.resid_examples, cfg.n_examples)
     lo = 0 if n == 0 else int(c.input_spans[:, -n, 0].min())
     hi = int(c.tokens.shape[1]) if n == 0 else int(c.readout_pos[:, -1].max()) + 1
@@ -113,14 +129,17 @@ def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: S
         beh = run_behavior(loaded, task, bc, progress)
         nh = nh_tests(beh, cfg, loaded.name)
     inside = f"{cfg.n_inside} contexts x {cfg.n_examples} examples, default and flipped"
-    with stages.stage("attention + saliency", inside):
-        att = compute_attention(loaded, task, ic, Clock(), progress, saliency=True)
-    with stages.stage("logit lens", inside):
-        lens = compute_lens(loaded, task, ic, progress)
-    with stages.stage("DLA + prior vs context", inside + ", + zero-shot queries"):
-        dla, pvc, _ = compute_dla(loaded, task, ic, Clock(), progress)
+    full_rows = min(cfg.n_patch, cfg.n_inside)
+    with stages.stage("shared runs", inside + f"; every position of the first {full_rows} (patching caches)"):
+        runs = shared_runs(loaded, task, ic, full_rows, patch_cache_names(loaded.model), progress)
+    with stages.stage("attention + saliency", inside + " (read from the shared runs; saliency and induction run)"):
+        att = compute_attention(loaded, task, ic, Clock(), progress, saliency=True, runs=runs)
+    with stages.stage("logit lens", inside + " (read from the shared runs)"):
+        lens = compute_lens(loaded, task, ic, progress, runs=runs)
+    with stages.stage("DLA + prior vs context", inside + " (read from the shared runs), + zero-shot queries"):
+        dla, pvc, _ = compute_dla(loaded, task, ic, Clock(), progress, runs=runs)
     with stages.stage("patching", f"{cfg.n_patch} contexts x {cfg.n_examples} examples (correct vs flipped)"):
-        patch = patch_stage(loaded, task, cfg, progress)
+        patch = patch_stage(loaded, task, cfg, progress, runs)
     with stages.stage("head finder", f"{cfg.n_screen} screening + {cfg.n_eval} held-out contexts"):
         heads = find_heads_for(loaded, task, cfg.heads(), progress)
     groups = None
@@ -128,7 +147,7 @@ def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: S
         with stages.stage("AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}"):
             ac = AttributeConfig(cfg.model, cfg.task, steps=cfg.attribution_steps, seed=cfg.seed)
             groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac))
-    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups)
+    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs)
 
 
 def write_tables(folder: RunFolder, d: ReportData) -> None:

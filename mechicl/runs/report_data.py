@@ -14,6 +14,7 @@ from mechicl.analysis.behavior import BehaviorResult
 from mechicl.analysis.experiments import ExperimentConfig
 from mechicl.analysis.heads import HeadFinderConfig, HeadFinderResult
 from mechicl.analysis.patching import PatchResult
+from mechicl.analysis.readout import ReadoutRun
 from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
 from mechicl.runs.attention import AttentionResult
@@ -122,3 +123,4 @@ class ReportData:
     heads: HeadFinderResult
     n_classes: int
     attattr: pd.DataFrame | None = None  # runs.attribute.attattr_groups on the patching pair (``--attribution``)
+    runs: tuple[ReadoutRun, ReadoutRun] | None = None  # the shared default/flipped runs (attention view of context 0)

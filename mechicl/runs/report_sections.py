@@ -172,7 +172,7 @@ def attention_section(folder: RunFolder, loaded: LoadedModel, d: ReportData, tit
                              "late is the anchor picture."))
     sel = [(int(l), int(h)) for l, h in zip(top.layer, top["head"])]
     bd = r.batches[0]
-    pats = context_patterns(loaded.model, bd, 0, sel)
+    pats = context_patterns(loaded.model, bd, 0, sel, d.runs[0] if d.runs is not None else None)
     blocks.append(View(attention_view(bd, 0, loaded.tokenizer, pats, list(top.name)),
                        f"Interactive: the {len(sel)} top label-attention heads on context 0 (default labels). Hover a "
                        "head, then a [Q] token, to see where the readout slot looks; [L] marks label tokens."))

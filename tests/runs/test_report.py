@@ -65,7 +65,10 @@ def test_captions_quote_the_runs_csvs(report):
     assert (f"Mean-ablating L{int(h.layer)}H{int(h['head'])} at the query readout slot on {Q.n_eval} held-out contexts "
             f"reduces the correct-vs-flipped accuracy gap by {h.gap_reduction_mean:+.2f}") in text
     st = pd.read_csv(out / "stages.csv")
-    assert (st.forwards > 0).all() and f"{int(st.forwards.sum())} over {int(st.rows.sum())} context rows" in html
+    assert f"{int(st.forwards.sum())} over {int(st.rows.sum())} context rows" in html
+    f = st.set_index("stage").forwards  # one shared run per condition feeds attention, lens, DLA, patching caches
+    assert f["shared runs"] == 2 and f["logit lens"] == 0 and f["figures + views"] == 0
+    assert f["DLA + prior vs context"] == -(-Q.n_inside * Q.n_examples // 32)  # only the zero-shot queries run
     g = pd.read_csv(out / "attattr_groups.csv").query("group == 'label' and condition == 'flipped'")
     top = g.loc[g.attribution.abs().idxmax()]
     assert f"L{int(top.layer)}H{int(top['head'])} carries the most (|AttAttr| {abs(top.attribution):.3f}" in text
@@ -85,6 +88,12 @@ def test_numbers_equal_the_separate_commands(report, tmp_path):
                  str(Q.n_eval), "--candidates", str(Q.n_candidates), "--n-control", str(Q.n_control),
                  "--out", str(tmp_path / "h")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "h" / "heads.csv"), pd.read_csv(out / "heads.csv"))
+    # the patching caches come from the shared runs; the sweep equals `mechicl patch` on the same contexts
+    assert main(["patch", *ORG[:4], "--kinds", "head_out", "--direction", "denoise", "--n-contexts", str(Q.n_patch),
+                 "--k", str(Q.n_examples - 1), "--out", str(tmp_path / "p")]) == 0
+    ref = pd.read_csv(tmp_path / "p" / "head_out_denoise.csv")
+    mine = pd.read_csv(out / "attribution_vs_exact.csv")
+    np.testing.assert_allclose(mine.exact, ref.value, atol=1e-5)
 
 
 def test_render_report_escapes_and_inlines(tmp_path):
