@@ -33,6 +33,7 @@ from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportDat
 from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
+from mechicl.runs.behavior_bayes import bayes_reference
 from mechicl.runs.experiments import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.heads import find_heads_for
@@ -153,6 +154,9 @@ def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: S
 def write_tables(folder: RunFolder, d: ReportData) -> None:
     """The CSVs behind every number in the report."""
     folder.csv("behavior_summary.csv", d.behavior.summary)
+    bayes = bayes_reference(d.behavior)
+    if bayes is not None:
+        folder.csv("bayes.csv", bayes)
     if d.nh:
         folder.csv("nh_tests.csv", pd.concat([n.tests.assign(hypothesis=n.config.hypothesis) for n in d.nh]))
     folder.csv("attention_heads.csv", d.attention.heads)

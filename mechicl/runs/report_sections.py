@@ -20,11 +20,13 @@ from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention
 from mechicl.runs.attribute import plot_label_vs_input, top_label_heads
 from mechicl.runs.behavior import plot_metric
+from mechicl.runs.behavior_bayes import bayes_reference
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
 from mechicl.runs.patch import write_patch_results
 from mechicl.runs.report_data import NHTest, ReportConfig, ReportData
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
+from mechicl.viz.bayes import accuracy_with_bayes
 from mechicl.viz.plots import heatmap
 from mechicl.viz.report_plots import histogram, scatter
 
@@ -105,7 +107,7 @@ def behavior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     ft = value_at(s, "flipped", "accuracy_true", K)
     cap2 = (f"Accuracy against the true label. With random labels it is {ci(rt)} at k = {K} (default {ci(at['default'])}); "
             f"with flipped labels {ci(ft)}: the lower it falls, the more the shown labels override the input's meaning.")
-    blocks: list = [Figure(acc, cap), Figure(tru, cap2)]
+    blocks: list = [Figure(acc, cap), Figure(tru, cap2), *bayes_blocks(folder, d, title)]
     for n in d.nh:
         verdict = nh_verdict(n)
         t = n.tests.assign(**{"Holm p": holm_p_texts(n.tests.p_value.to_numpy(), n.tests.p_holm.to_numpy(), N_SIGN_FLIPS)})
@@ -115,6 +117,24 @@ def behavior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
                                f"{n.config.k_max}). {verdict}"))
     blocks.append(Note("NH3 (label switch) needs switching conditions; run `mechicl run experiments/nh3_label_switch.toml`."))
     return Section("Behaviour", tuple(blocks))
+
+
+def bayes_blocks(folder: RunFolder, d: ReportData, title: str) -> list:
+    """An organism on its own task: its accuracy beside the exact Bayes-optimal reader (``bayes.csv``)."""
+    b = bayes_reference(d.behavior)
+    if b is None:
+        return []
+    path = accuracy_with_bayes(b, folder / "behavior_bayes.png", f"{title}: dashed = Bayes-optimal reader")
+    K = int(b.k.max())
+    at = b[b.k == K].set_index("condition")
+    worst = b.loc[b["distance"].abs().idxmax()]
+    parts = "; ".join(f"{c} {r.organism:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] vs {r.bayes_accuracy:.2f}"
+                      for c, r in at.iterrows())
+    return [Figure(path, f"The organism's language fixes the prior over label maps and the label noise, so the ideal "
+                         f"reader's accuracy is known exactly (dashed; `data.bayes`). At k = {K}, organism vs Bayes: "
+                         f"{parts}. The largest distance is {worst['distance']:+.2f} ({worst.condition}, k = "
+                         f"{int(worst.k)}): where the measured curve sits below the dashed one, the organism reads its "
+                         "context worse than ideal inference would (`bayes.csv`).")]
 
 
 # ------------------------------------------------------------- 2. lens

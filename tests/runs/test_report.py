@@ -72,6 +72,9 @@ def test_captions_quote_the_runs_csvs(report):
     g = pd.read_csv(out / "attattr_groups.csv").query("group == 'label' and condition == 'flipped'")
     top = g.loc[g.attribution.abs().idxmax()]
     assert f"L{int(top.layer)}H{int(top['head'])} carries the most (|AttAttr| {abs(top.attribution):.3f}" in text
+    b = pd.read_csv(out / "bayes.csv")  # an organism: its curves beside the exact Bayes-optimal reader
+    fl = b[(b.condition == "flipped") & (b.k == b.k.max())].iloc[0]
+    assert f"flipped {fl.organism:.2f} [{fl.ci_low:.2f}, {fl.ci_high:.2f}] vs {fl.bayes_accuracy:.2f}" in text
     nh = pd.read_csv(out / "nh_tests.csv")
     assert set(nh.hypothesis) == {"NH1", "NH2"} and "Verdict: NH2 is rejected" in text  # the organism keeps its prior
 
