@@ -8,6 +8,9 @@ Every head's output (``hook_z``) is patched at the query readout slot only, clea
 
 * mechicl: ``Patcher(model, pair).sweep("head_out_readout")`` (a fresh Patcher per repeat, so its
   baselines and its two ``ReadoutStepper`` prefix runs are timed);
+* mechicl, ``ReadoutStepper`` used directly (its public API): one stepper per run, the clean
+  stepper's ``z`` as donor, the baselines from the steppers' own ``base_logits`` (``Patcher``
+  spends two more forwards on baselines: what a change there would save);
 * TransformerLens: ``run_with_cache`` of the clean run (its ``hook_z`` and clean baseline), one
   plain forward of the corrupted run (its baseline), then one ``run_with_hooks`` forward per head
   with a hook on ``blocks.{l}.attn.hook_z`` that writes the clean output of that head at the query
@@ -59,6 +62,20 @@ def tl_readout_sweep(model, pair) -> torch.Tensor:
     return out
 
 
+def stepper_sweep(model, pair) -> torch.Tensor:
+    """The same sweep with two ``ReadoutStepper``s only: 2 prefix forwards + one re-run of the query token per head."""
+    from mechicl.analysis.hooks import head_masks
+    from mechicl.analysis.patching import normalise
+    from mechicl.analysis.stepper import ReadoutStepper
+
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    donor, recv = ReadoutStepper(model, pair.clean), ReadoutStepper(model, pair.corrupted)
+    masks = head_masks([[(l, h)] for l in range(L) for h in range(H)], L, H)
+    ld = pair.logit_diff(recv.run(masks, donor.z))  # [cells, batch]
+    clean, corr = (pair.logit_diff(st.base_logits) for st in (donor, recv))
+    return normalise(ld, clean, corr).view(L, H)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma3-270m")
@@ -83,33 +100,44 @@ def main() -> None:
     print(f"P1b readout-slot head sweep, {loaded.name} ({L} x {H} heads), task {task.name}, 1 thread, "
           f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB")
     print("| examples | tokens | mechicl s | TL loop s | ratio | per-repeat ratio | max diff (norm.) | max diff (raw LD) "
-          "| mechicl peak MB | TL peak MB | stepper mode |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| mechicl peak MB | TL peak MB | stepper mode | ReadoutStepper direct: s, ratio, diff, peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n_ex in (int(x) for x in args.examples.split(",")):
         pair = pair_for(loaded, task, args.contexts, n_ex, seed=args.seed)
         ours = lambda: Patcher(model, pair).sweep("head_out_readout", "denoise")  # noqa: E731
         ref = lambda: tl_readout_sweep(model, pair)  # noqa: E731
-        ours()  # warm up (TL: one plain forward; a whole TL sweep would double the run)
+        direct = lambda: stepper_sweep(model, pair)  # noqa: E731
+        ours(), direct()  # warm up (TL: one plain forward; a whole TL sweep would double the run)
         with torch.no_grad():
             model(pair.corrupted.tokens)
-        t_o, t_r, m_o, m_r = [], [], [], []
+        t_o, t_r, t_d, m_o, m_r, m_d = [], [], [], [], [], []
         for _ in range(args.repeats):
             dt, mb, res = timed(ours)
             t_o.append(dt), m_o.append(mb)
+            dt, mb, res_d = timed(direct)
+            t_d.append(dt), m_d.append(mb)
             dt, mb, res_tl = timed(ref)
             t_r.append(dt), m_r.append(mb)
         diff = float((res.values - res_tl).abs().max())
+        diff_d = float((res_d - res_tl).abs().max())
+        ratio_d = median(t_r) / median(t_d)
         denom = abs(float(res.clean_ld.mean() - res.corrupted_ld.mean()))
         ratio, per = median(t_r) / median(t_o), median([r / o for r, o in zip(t_r, t_o)])
         mode = Patcher(model, pair).stepper("corrupted").mode
         ok = "PASS" if ratio >= 50 and diff <= 1e-4 else "MISS"
         tokens = int(pair.clean.tokens.shape[1])
         print(f"| {n_ex} | {args.contexts} x {tokens} | {median(t_o):.2f} | {median(t_r):.2f} | **{ratio:.1f}x** {ok} "
-              f"| {per:.1f}x | {diff:.1e} | {diff * denom:.1e} | {max(m_o):.0f} | {max(m_r):.0f} | {mode} |", flush=True)
+              f"| {per:.1f}x | {diff:.1e} | {diff * denom:.1e} | {max(m_o):.0f} | {max(m_r):.0f} | {mode} "
+              f"| {median(t_d):.2f} s, **{ratio_d:.1f}x** {'PASS' if ratio_d >= 50 and diff_d <= 1e-4 else 'MISS'}, "
+              f"diff {diff_d:.1e}, {max(m_d):.0f} MB |", flush=True)
         add_row(args.rows, bench="P1b", model=loaded.name, size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok)",
                 ours="Patcher.sweep('head_out_readout')", reference=f"TL run_with_hooks loop, {L * H} forwards",
                 ours_times=t_o, ref_times=t_r, max_diff=diff, ours_peak_mb=max(m_o), ref_peak_mb=max(m_r),
                 model_rss_mb=rss_model, goal="ratio >= 50, diff <= 1e-4")
+        add_row(args.rows, bench="P1b", model=loaded.name, size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok) direct",
+                ours="2 ReadoutSteppers (baselines from their base_logits)",
+                reference=f"TL run_with_hooks loop, {L * H} forwards", ours_times=t_d, ref_times=t_r, max_diff=diff_d,
+                ours_peak_mb=max(m_d), ref_peak_mb=max(m_r), model_rss_mb=rss_model, goal="ratio >= 50, diff <= 1e-4")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""Peak memory (RSS) of `mechicl patch`, `mechicl heads` and `mechicl report` beside the model alone.
+
+    python benchmarks/bench_memory.py [--model gemma3-270m] [--commands load,patch,heads,report] [--rows FILE]
+
+Each command runs as its own subprocess (``.venv/bin/mechicl <command> --model M --threads 1
+--out <temp dir>``, default sizes otherwise); its peak resident set size is the child's
+``ru_maxrss`` from ``os.wait4`` (the child alone, not this process), next to its wall time.
+``load`` is a subprocess that only loads the model (``mechicl.models.loading.load_model``) and
+reports its RSS after the load and its peak during it. ``peak - load RSS`` is what the command
+adds on top of the weights. Run files go to a temporary folder that is deleted afterwards.
+Pick commands with ``--commands`` to keep one locked run short (on gemma3-270m here: patch 11 min,
+heads 4.5 min). ``heads-stages`` runs the head finder (``mechicl heads``' defaults) in one child
+with the peak RSS of each stage (attribution, exact sweeps, ablator construction, ablations,
+controls, function vectors), to say what dominates ``heads``' peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import add_row
+
+ROOT = Path(__file__).resolve().parents[1]
+LOAD = """
+import sys, torch
+torch.set_num_threads(1)
+from mechicl.models.loading import load_model
+loaded = load_model(sys.argv[1])  # keep the reference: a dropped model is freed before RSS is read
+status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
+print('RSS_KB', status['VmRSS'].split()[0], status['VmHWM'].split()[0])
+"""
+
+STAGES = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, 'benchmarks')
+from _common import reset_peak, rss_mb
+import mechicl.analysis.heads as heads
+from mechicl.analysis.ablation import HeadAblator
+from mechicl.analysis.patching import Patcher
+from mechicl.data.tasks import load_task
+from mechicl.models.loading import load_model
+from mechicl.runs.heads import find_heads_for
+
+peaks, depth = {}, [0]
+
+def wrap(owner, attr, stage):
+    fn = getattr(owner, attr)
+    def w(*a, **k):
+        depth[0] += 1
+        if depth[0] == 1:
+            reset_peak()
+        try:
+            return fn(*a, **k)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                peaks[stage] = max(peaks.get(stage, 0.0), rss_mb('VmHWM'))
+    setattr(owner, attr, w)
+
+wrap(heads, 'attribution_patch', 'screen: attribution patching (2 fwd + 1 bwd, n_screen contexts)')
+wrap(Patcher, 'sweep', 'screen + confirm: exact patching sweeps (n_screen contexts)')
+wrap(HeadAblator, '__init__', 'validate: HeadAblator steppers (prefix runs of n_eval contexts)')
+wrap(HeadAblator, 'gap_table', 'validate: ablations (gap tables)')
+wrap(HeadAblator, 'random_control', 'validate: random-set controls')
+wrap(HeadAblator, 'function_vector_effects', 'validate: function-vector effects')
+loaded = load_model(sys.argv[1])
+print('STAGE', 'model loaded (RSS now)', rss_mb())
+find_heads_for(loaded, load_task('vader-words'), heads.HeadFinderConfig(), progress=False)
+for k, v in peaks.items():
+    print('STAGE', k, v)
+"""
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, str]:
+    """``(wall seconds, peak RSS in MB, stdout)`` of one child process (its own ``ru_maxrss``); raises if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fo, stderr=fe, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage (Popen.wait would discard it)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0), fe.seek(0)
+        out, err = fo.read(), fe.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss * 1024 / 1e6, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--commands", default="load,patch,heads,report", help="comma list of load, patch, heads, report, heads-stages (the head finder's peak per stage)")
+    ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
+    args = ap.parse_args()
+    mechicl = str(Path(sys.executable).with_name("mechicl"))
+    print(f"peak RSS per command, {args.model}, default sizes, --threads 1, one subprocess each (os.wait4 ru_maxrss)")
+    print("| command | wall s | peak RSS MB | RSS after load MB | peak - load MB |")
+    print("|---|---|---|---|---|")
+    load_rss = None
+    for name in args.commands.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            if name == "load":
+                wall, peak, out = run_child([sys.executable, "-c", LOAD, args.model])
+                rss_kb, hwm_kb = (int(x) for x in out.split("RSS_KB")[1].split())
+                load_rss = rss_kb * 1024 / 1e6
+                cmd = f"python -c <load_model({args.model!r})>"
+            elif name == "heads-stages":  # where `heads` peaks: the finder in one process, peak RSS per stage
+                wall, peak, out = run_child([sys.executable, "-c", STAGES, args.model])
+                for line in out.splitlines():
+                    if line.startswith("STAGE"):
+                        stage, _, mb = line[len("STAGE "):].rpartition(" ")
+                        print(f"| &nbsp;&nbsp;{stage} | | {float(mb):.0f} | | |")
+                        add_row(args.rows, bench="memory-stage", model=args.model, size=stage, ours="heads stage",
+                                ours_times=[wall], ours_peak_mb=float(mb))
+                cmd = "find_heads_for(HeadFinderConfig()) in one process (= mechicl heads defaults), peak per stage above"
+            elif name in ("patch", "heads", "report"):
+                argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
+                wall, peak, _ = run_child(argv)
+                cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
+            else:
+                raise SystemExit(f"unknown command {name!r}; use load, patch, heads, report or heads-stages")
+        extra = f"{peak - load_rss:.0f}" if load_rss is not None else "n/a (add load to --commands)"
+        print(f"| `{cmd}` | {wall:.0f} | {peak:.0f} | {'' if load_rss is None else f'{load_rss:.0f}'} | {extra} |", flush=True)
+        add_row(args.rows, bench="memory", model=args.model, size=name, ours=cmd, ours_times=[wall],
+                ours_peak_mb=peak, model_rss_mb=load_rss)
+
+
+if __name__ == "__main__":
+    main()
