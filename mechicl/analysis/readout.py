@@ -55,8 +55,11 @@ class ReadoutRun:
     full: dict[str, Tensor]
     full_rows: int
     stop: str
+    requested: frozenset[str]  # the readout-slot hooks asked for (a hook the model never fires, e.g. Gemma's
+    # hook_pos_embed under rotary embeddings, is asked for but absent, as in a plain forward)
 
     def names(self) -> set[str]:
+        """The hooks kept at the readout slots (those that fired)."""
         return set(self.chunks[0][1]) if self.chunks else set()
 
 
@@ -81,13 +84,9 @@ def readout_run(model: Any, batch: PromptBatch, names: Sequence[str], batch_size
         if start == 0 and full_rows:
             hooks += capture(full_names, full)
         run_to_final(model, sub.tokens, hooks, stop=stop, attention_mask=sub.attention_mask)
-        missing = [n for n in dict.fromkeys(names) if n not in acts]
-        if missing:
-            raise ValueError(f"hooks {missing} did not fire before {stop!r}; ask for hooks the model has, "
-                             f"upstream of the stop")
         chunks.append((sub, acts))
     full = {n: x[:full_rows] for n, x in full.items()}
-    return ReadoutRun(batch, tuple(chunks), full, full_rows, stop)
+    return ReadoutRun(batch, tuple(chunks), full, full_rows, stop, frozenset(names))
 
 
 def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
@@ -103,11 +102,11 @@ def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], ba
         if run.batch is not batch:
             raise ValueError(f"the ReadoutRun was made for another batch ({run.batch.condition!r}, "
                              f"{run.batch.n_contexts} contexts); pass the run of this batch")
-        missing = [n for n in names if n not in run.names()]
+        missing = [n for n in names if n not in run.requested]
         if missing:
             raise ValueError(f"the ReadoutRun did not keep {missing}; add them to readout_run's names")
-        for sub, acts in run.chunks:
-            yield sub, {n: acts[n] for n in names}
+        for sub, acts in run.chunks:  # a hook that never fired is absent, as in the forward below
+            yield sub, {n: acts[n] for n in names if n in acts}
         return
     for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
                       disable=not progress, leave=False):

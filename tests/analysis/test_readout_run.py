@@ -72,3 +72,13 @@ def test_a_primed_patcher_sweeps_as_a_fresh_one_without_its_cached_forwards(tiny
     other = pair_from_batches(bd.select(slice(1, 4)), bf.select(slice(1, 4)))
     with pytest.raises(PairError, match="not this pair"):
         Patcher(tiny.model, other).prime("clean", runs[0])
+
+
+def test_a_hook_that_never_fires_is_absent_as_in_a_plain_forward():
+    """Gemma-3's ``hook_pos_embed`` exists but never fires (rotary positions); DLA asks for it all the same."""
+    g = helpers.tiny_hf("gemma3")
+    b = helpers.batch(g, helpers.toy_task(), n_contexts=3)
+    run = readout_run(g.model, b, dla.dla_names(g.model), batch_size=2, progress=False)
+    assert "hook_pos_embed" in run.requested and "hook_pos_embed" not in run.names()
+    own, read = dla.direct_logits(g.model, b, 2, False), dla.direct_logits(g.model, b, 2, False, run=run)
+    assert own.names == read.names and torch.equal(own.contrib, read.contrib)
