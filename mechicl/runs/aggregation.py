@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mechicl.analysis.aggregation import Projections, curves, project_heads
+from mechicl.analysis.aggregation_total import total_effects
 from mechicl.analysis.evidence_fit import MODELS, fit_all
 from mechicl.analysis.hooks import Head, fmt_heads
 from mechicl.analysis.patching import Patcher
@@ -45,7 +46,9 @@ def parse_heads(text: str) -> tuple[Head, ...]:
 class AggregationConfig:
     """One ``mechicl aggregate`` run. Cost: selection (one head sweep at the readout slot on ``n_select``
     contexts, or none with ``heads``) + one forward per context of each rendering of the fit and eval draws
-    (``2 + len(placements) x (k - 1)`` renderings) + ``len(heads) x len(alphas)`` forwards per eval context."""
+    (``2 + len(placements) x (k - 1)`` renderings; direct projections) + the total effects (one forward per context
+    per draw, then ``len(heads)`` query-token re-runs per context per rendering, ``aggregation_total``) +
+    ``len(heads) x len(alphas)`` forwards per eval context (steering)."""
 
     model: str
     task: str
@@ -85,14 +88,14 @@ def choose_heads(model: Any, default: Any, flipped: Any, cfg: AggregationConfig)
 
 
 def fit_heads(fit: Projections, ev: Projections, cfg: AggregationConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every model fitted per head on the fit draw, compared on the eval draw."""
+    """Every model fitted per head on the fit draw, compared on the eval draw (``measure``: the projections')."""
     params, comparison = [], []
     for i, (l, h) in enumerate(fit.heads):
         p, c = fit_all(fit.flips.numpy(), fit.delta[..., i].numpy(), ev.flips.numpy(), ev.delta[..., i].numpy(),
                        n_boot=cfg.n_boot, seed=cfg.seed)
-        params.append(p.assign(head=f"L{l}H{h}"))
-        comparison.append(c.assign(head=f"L{l}H{h}"))
-    first = lambda d: d[["head", *[c for c in d.columns if c != "head"]]]  # noqa: E731
+        params.append(p.assign(head=f"L{l}H{h}", measure=fit.measure))
+        comparison.append(c.assign(head=f"L{l}H{h}", measure=fit.measure))
+    first = lambda d: d[["head", "measure", *[c for c in d.columns if c not in ("head", "measure")]]]  # noqa: E731
     return first(pd.concat(params, ignore_index=True)), first(pd.concat(comparison, ignore_index=True))
 
 
@@ -111,8 +114,11 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
     eval_b = evidence_batches(task, loaded.tokenizer, draws.ids["eval"], seed=draws.seeds["eval"], **kw)
     fit_p, eval_p = (project_heads(model, b, heads, cfg.batch_size) for b in (fit_b, eval_b))
     clock.lap("projections")
-    cur = curves(eval_p, cfg.n_boot, cfg.seed)
-    params, comparison = fit_heads(fit_p, eval_p, cfg)
+    fit_t, eval_t = (total_effects(model, b, p, max(cfg.batch_size, 64)) for b, p in ((fit_b, fit_p), (eval_b, eval_p)))
+    clock.lap("total effects")
+    cur = pd.concat([curves(eval_p, cfg.n_boot, cfg.seed), curves(eval_t, cfg.n_boot, cfg.seed, model_series=False)],
+                    ignore_index=True)
+    params, comparison = (pd.concat(t, ignore_index=True) for t in zip(fit_heads(fit_p, eval_p, cfg), fit_heads(fit_t, eval_t, cfg)))
     folder.csv("curves.csv", cur)
     folder.csv("fits.csv", params)
     folder.csv("models.csv", comparison)
@@ -131,11 +137,20 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
 
 def _plots(folder: RunFolder, name: str, cur: pd.DataFrame, per_alpha: pd.DataFrame, cfg: AggregationConfig) -> None:
     n = cfg.n_eval
-    for series, d in cur[cur["query_class"] == "all"].groupby("series", sort=False):
-        what = {"p_flipped": "P(flipped label)", "acc_flipped": "flipped label on top"}.get(series, f"{series} projection change")
-        line_plot(d, "count", "mean", folder / f"curve_{series}.png", hue="placement", band=("ci_low", "ci_high"),
-                  xlabel="flipped demonstration labels", ylabel=what,
+    model_what = {"p_flipped": "P(flipped label)", "acc_flipped": "flipped label on top",
+                  "ld_flipped": "change of logit(flipped) - logit(true)"}
+    every = cur[cur["query_class"] == "all"]
+    for (series, measure), d in every.groupby(["series", "measure"], sort=False):
+        what = model_what.get(series, f"{series} {'projection' if measure == 'direct' else 'total effect'} change")
+        line_plot(d, "count", "mean", folder / f"curve_{series}{'_total' if measure == 'total' else ''}.png", hue="placement",
+                  band=("ci_low", "ci_high"), xlabel="flipped demonstration labels", ylabel=what,
                   title=f"{name}: {what} at the query readout slot vs flipped labels ({n} held-out contexts, 95% CI)")
+    for series, d in every[every["measure"].isin(["direct", "total"])].groupby("series", sort=False):
+        d = d.assign(line=d["measure"] + " " + d["placement"])
+        line_plot(d, "count", "mean", folder / f"direct_vs_total_{series}.png", hue="line", band=("ci_low", "ci_high"),
+                  xlabel="flipped demonstration labels", ylabel="change of logit(flipped) - logit(true)",
+                  title=f"{name}: {series}'s direct projection and total effect (patched into m = 0, MLPs and later "
+                  f"heads recomputed) vs flipped labels ({n} held-out contexts, 95% CI)")
     d = per_alpha[(per_alpha["metric"] == "p_flipped") & (per_alpha["query_class"] == "all")]
     d = d.assign(line=d["head"] + " " + d["vector"])
     line_plot(d, "alpha", "mean", folder / "steering.png", hue="line", band=("ci_low", "ci_high"), xlabel="alpha",
@@ -154,12 +169,14 @@ def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFr
     p = params.assign(cell=[_cell(*r) for r in params[["estimate", "ci_low", "ci_high"]].to_numpy()])
     keep = {"sum": ["slope"], "vote": ["amplitude", "mid", "width"], "recency": ["weight_last", "decay"]}
     wide = p[[prm in keep.get(m, []) for m, prm in zip(p["model"], p["param"])]]
-    wide = wide.assign(col=wide["model"] + " " + wide["param"]).pivot(index="head", columns="col", values="cell").reset_index()
+    wide = wide.assign(col=wide["model"] + " " + wide["param"])
+    wide = wide.pivot(index=["head", "measure"], columns="col", values="cell").reset_index()
     comp = comparison.assign(excess=[_cell(*r) for r in comparison[["excess_mse", "excess_ci_low", "excess_ci_high"]].to_numpy()])
-    comp = comp[["head", "model", "n_params", "heldout_r2", "excess", "verdict"]]
+    comp = comp[["head", "measure", "model", "n_params", "heldout_r2", "excess", "verdict"]]
     last = cur[(cur["placement"] == "last") & cur["count"].isin([0, k // 2, k])]
     last = last.assign(cell=[_cell(*r) for r in last[["mean", "ci_low", "ci_high"]].to_numpy()])
-    last = last.pivot(index=["series", "query_class"], columns="count", values="cell").rename(columns=lambda c: f"m = {c}").reset_index()
+    last = last.pivot(index=["series", "measure", "query_class"], columns="count", values="cell")
+    last = last.rename(columns=lambda c: f"m = {c}").reset_index()
     sl = slopes.assign(p=[_cell(*r) for r in slopes[["slope_p_flipped", "slope_p_flipped_ci_low", "slope_p_flipped_ci_high"]].to_numpy()],
                        acc=[_cell(*r) for r in slopes[["slope_acc_flipped", "slope_acc_flipped_ci_low", "slope_acc_flipped_ci_high"]].to_numpy()])
     pa = per_alpha[per_alpha["metric"] == "p_flipped"]
@@ -170,8 +187,11 @@ def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFr
         f"# Evidence aggregation: {name} on {cfg.task}", "",
         f"k = {k} demonstrations. Heads {fmt_heads(heads)} ({'given' if cfg.heads else 'chosen by |head_out_readout| on the select draw'}; "
         f"{cfg.n_select} contexts), models fitted on {cfg.n_fit} contexts and scored on {cfg.n_eval} held-out contexts "
-        f"(disjoint task rows; seed {cfg.seed}). Projection = the head's direct effect on logit(flipped) - logit(true) "
-        f"at the query readout slot, minus the same context with no label flipped. 95% bootstrap CIs over contexts "
+        f"(disjoint task rows; seed {cfg.seed}). Measure `direct` = the head's direct effect on logit(flipped) - "
+        f"logit(true) at the query readout slot, minus the same context with no label flipped; `total` = the change "
+        f"of the model's logit(flipped) - logit(true) there when the head's output at that slot is patched from the "
+        f"rendering into the same context with no label flipped (later MLPs and heads recomputed); `model` = the "
+        f"model's own answer (`ld_flipped`: its change from m = 0). 95% bootstrap CIs over contexts "
         f"({cfg.n_boot} draws).", "",
         f"## Held-out curves, placement `last` (counts 0, {k // 2}, {k}; all queries and per query class)", "", md_table(last), "",
         f"## Fitted parameters (fit draw; models: {', '.join(MODELS)})", "", md_table(wide), "",
