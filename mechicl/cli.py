@@ -258,7 +258,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     size = "quick" if args.quick else "full" if args.full else "default"
     extra = {"attribution": True} if args.attribution else {}
     cfg = ReportConfig.sized(size, model=args.model, task=args.task, seed=args.seed, arbitrary=args.arbitrary,
-                             batch_size=args.batch_size, **extra)
+                             batch_size=args.batch_size, findings=args.findings, circuit=args.circuit, **extra)
     command = rerun_command(args, size)
 
     def run(loaded: Any, task: Any, out: Path) -> str:

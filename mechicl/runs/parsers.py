@@ -159,6 +159,10 @@ def report_args(p: argparse.ArgumentParser) -> None:
                    "(default: one capital letter per class, A/B for two classes)")
     p.add_argument("--attribution", action="store_true",
                    help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)")
+    p.add_argument("--findings", default=None, metavar="DIR",
+                   help="a finished `mechicl findings` grid folder: its head verdicts for this model fill section 7")
+    p.add_argument("--circuit", default=None, metavar="DIR",
+                   help="a `mechicl circuit` run folder on this model: its path effects and circuit figure fill section 7")
     add_batch_size(p, 8)
     add_run_args(p)
 

@@ -36,6 +36,7 @@ from mechicl.runs.behavior import run_behavior
 from mechicl.runs.behavior_bayes import bayes_reference
 from mechicl.runs.experiments import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
+from mechicl.runs.report_external import check_external
 from mechicl.runs.heads import find_heads_for
 from mechicl.runs.inside import Runs, compute_dla, compute_lens, shared_runs
 from mechicl.viz.report_html import render_report
@@ -181,6 +182,7 @@ def rerun_command(args: argparse.Namespace, size: str) -> str:
             + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
             + (f" --template {args.template!r}" if args.template else "")
             + (" --no-balance" if args.no_balance else "")
+            + (f" --findings {args.findings}" if args.findings else "") + (f" --circuit {args.circuit}" if args.circuit else "")
             + (f" --batch-size {args.batch_size}" if args.batch_size != 8 else ""))
 
 
@@ -191,6 +193,7 @@ def run_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, out: Path, co
         cfg = dataclasses.replace(cfg, model=loaded.name)
     if cfg.arbitrary is None:
         cfg = dataclasses.replace(cfg, arbitrary=arbitrary_words(task.n_classes))
+    check_external(cfg.findings, cfg.circuit, loaded.name)
     folder = RunFolder(out)
     stages = Stages(loaded.model, progress)
     data = compute_report(loaded, task, cfg, stages, progress)

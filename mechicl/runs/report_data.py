@@ -57,6 +57,8 @@ class ReportConfig:
     top: int = 6
     attribution: bool = False  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
     attribution_steps: int = 20  # its Riemann steps; cost about 2 (m + 2) (L + 1) / 2 forward + backward pairs
+    findings: str | None = None  # a `mechicl findings` grid folder read into section 7 (no forwards)
+    circuit: str | None = None  # a `mechicl circuit` run folder read into section 7 (no forwards)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k_min < self.n_examples or self.k_max < 1:

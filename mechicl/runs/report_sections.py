@@ -25,6 +25,7 @@ from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
 from mechicl.runs.patch import write_patch_results
 from mechicl.runs.report_data import NHTest, ReportConfig, ReportData
+from mechicl.runs.report_external import circuit_section
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
 from mechicl.viz.bayes import accuracy_with_bayes
 from mechicl.viz.plots import heatmap
@@ -337,19 +338,11 @@ def prior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
     return Section("Prior vs context", (Figure(path, cap),))
 
 
-def circuit_section() -> Section:
-    return Section("Circuit and findings", (
-        Note("Findings: the replication grid of validated heads over models and tasks will come from `mechicl findings` "
-             "(issue 11). Circuit: label-position patching, sender -> receiver path patching and the evidence-aggregation "
-             "fits will come from the circuit command of issue 12. Neither is in this version; when they land, this "
-             "section shows their tables and circuit figure. Until then, section 5 lists the validated heads and "
-             "`mechicl patch --kinds head_pattern_label,head_v_label` shows where those heads read from.", pointer=True),))
-
-
 def build_sections(folder: RunFolder, loaded: LoadedModel, d: ReportData, title: str) -> list[Section]:
     return [behavior_section(folder, d, title), lens_section(folder, d, title),
             attention_section(folder, loaded, d, title), patching_section(folder, d, title),
-            validation_section(folder, d, title), prior_section(folder, d, title), circuit_section()]
+            validation_section(folder, d, title), prior_section(folder, d, title),
+            circuit_section(d.config.findings, d.config.circuit, loaded.name, d.config.task)]
 
 
 # ------------------------------------------------------------- 8. run facts

@@ -44,7 +44,7 @@ def test_report_is_one_offline_page_with_every_section(report):
     assert len(imgs) >= 12 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert html.count("CircuitsVis.render(") == 1 and "[Q]" in html and "[L]" in html
     assert "Raw attention vs attribution on label tokens" in html  # --quick runs AttAttr for section 3
-    assert "`mechicl findings`" in html and "issue 12" in html  # section 7 says which commands will fill it
+    assert "mechicl findings --models organism-strong" in html and "mechicl circuit --model organism-strong" in html
     assert "mechicl report --model organism-strong --task organism --seed 0 --arbitrary a/b --quick" in html
 
 
