@@ -186,9 +186,13 @@ class Patcher:
         self._ld[which] = self.pair.logit_diff(to_host(unembed_labels(self.model, final, self.pair.clean.label_token_ids)))
 
     def baseline(self, which: str) -> Float[Tensor, "batch"]:
-        """Per-context LD of the unpatched run ``which`` (clean or corrupted)."""
+        """Per-context LD of the unpatched run ``which`` (clean or corrupted): from its stepper's own forward when
+        one is built (no extra forward), else from a cached run."""
         if which not in self._ld:
-            self.cached(which, [])
+            if which in self._steppers:
+                self._ld[which] = self.pair.logit_diff(self._steppers[which].base_logits)
+            else:
+                self.cached(which, [])
         return self._ld[which]
 
     # -- sweeps --
@@ -212,6 +216,8 @@ class Patcher:
         recv, donor = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
         b, L = self.pair.n_contexts, self.n_layers
         n_idx = _n_index(self.model, spec, self.width)
+        if spec.readout_only:  # the steppers' own forwards give the baselines too
+            self.stepper("clean"), self.stepper("corrupted")
         clean_ld, corr_ld = self.baseline("clean"), self.baseline("corrupted")
         base = self.baseline(recv)
         ld = base.expand(L, n_idx, b).clone()
