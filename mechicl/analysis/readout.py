@@ -54,7 +54,6 @@ class ReadoutRun:
     chunks: tuple[tuple[PromptBatch, dict[str, Tensor]], ...]
     full: dict[str, Tensor]
     full_rows: int
-    stop: str
     requested: frozenset[str]  # the readout-slot hooks asked for (a hook the model never fires, e.g. Gemma's
     # hook_pos_embed under rotary embeddings, is asked for but absent, as in a plain forward)
 
@@ -63,7 +62,20 @@ class ReadoutRun:
         return set(self.chunks[0][1]) if self.chunks else set()
 
 
-@torch.no_grad()
+def _forward_chunks(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int, progress: bool, desc: str,
+                    stop: str, first_hooks: Sequence[Any] = ()) -> Iterator[tuple[PromptBatch, dict[str, Tensor]]]:
+    """The one chunk loop behind ``readout_activations`` and ``readout_run``: per chunk, the chunk and ``names`` at
+    its readout slots; ``first_hooks`` are added to the first chunk's forward only."""
+    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
+                      disable=not progress, leave=False):
+        sub = batch.select(slice(start, start + batch_size))
+        acts: dict[str, Tensor] = {}
+        hooks = capture(names, acts, at=sub.readout_pos) + (list(first_hooks) if start == 0 else [])
+        with torch.no_grad():
+            run_to_final(model, sub.tokens, hooks, stop=stop, attention_mask=sub.attention_mask)
+        yield sub, acts
+
+
 def readout_run(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
                 stop: str = "ln_final.hook_out", full_names: Sequence[str] = (), full_rows: int = 0) -> ReadoutRun:
     """Run ``batch`` once, keeping hooks ``names`` at its readout slots and ``full_names`` at every position of
@@ -75,18 +87,10 @@ def readout_run(model: Any, batch: PromptBatch, names: Sequence[str], batch_size
     if full_rows > min(batch_size, batch.n_contexts):
         raise ValueError(f"full_rows={full_rows} must fit in the first chunk (batch_size={batch_size}, "
                          f"{batch.n_contexts} contexts); raise batch_size or keep fewer full rows")
-    chunks, full = [], {}
-    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"shared run {batch.condition}", unit="batch",
-                      disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        acts: dict[str, Tensor] = {}
-        hooks = capture(names, acts, at=sub.readout_pos)
-        if start == 0 and full_rows:
-            hooks += capture(full_names, full)
-        run_to_final(model, sub.tokens, hooks, stop=stop, attention_mask=sub.attention_mask)
-        chunks.append((sub, acts))
-    full = {n: x[:full_rows] for n, x in full.items()}
-    return ReadoutRun(batch, tuple(chunks), full, full_rows, stop, frozenset(names))
+    full: dict[str, Tensor] = {}
+    first = capture(full_names, full) if full_rows else []
+    chunks = tuple(_forward_chunks(model, batch, names, batch_size, progress, "shared run", stop, first))
+    return ReadoutRun(batch, chunks, {n: x[:full_rows] for n, x in full.items()}, full_rows, frozenset(names))
 
 
 def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], batch_size: int = 8, progress: bool = True,
@@ -98,24 +102,17 @@ def readout_activations(model: Any, batch: PromptBatch, names: Sequence[str], ba
     forward per context, stopped at ``stop`` (no unembedding); none when ``run`` (a ``ReadoutRun`` of this
     batch that kept ``names``) is given: its chunks are read instead. Memory: one chunk's activations.
     """
-    if run is not None:
-        if run.batch is not batch:
-            raise ValueError(f"the ReadoutRun was made for another batch ({run.batch.condition!r}, "
-                             f"{run.batch.n_contexts} contexts); pass the run of this batch")
-        missing = [n for n in names if n not in run.requested]
-        if missing:
-            raise ValueError(f"the ReadoutRun did not keep {missing}; add them to readout_run's names")
-        for sub, acts in run.chunks:  # a hook that never fired is absent, as in the forward below
-            yield sub, {n: acts[n] for n in names if n in acts}
+    if run is None:
+        yield from _forward_chunks(model, batch, names, batch_size, progress, desc, stop)
         return
-    for start in tqdm(range(0, batch.n_contexts, batch_size), desc=f"{desc} {batch.condition}", unit="batch",
-                      disable=not progress, leave=False):
-        sub = batch.select(slice(start, start + batch_size))
-        acts: dict[str, Tensor] = {}
-        with torch.no_grad():
-            run_to_final(model, sub.tokens, capture(names, acts, at=sub.readout_pos), stop=stop,
-                         attention_mask=sub.attention_mask)
-        yield sub, acts
+    if run.batch is not batch:
+        raise ValueError(f"the ReadoutRun was made for another batch ({run.batch.condition!r}, "
+                         f"{run.batch.n_contexts} contexts); pass the run of this batch")
+    missing = [n for n in names if n not in run.requested]
+    if missing:
+        raise ValueError(f"the ReadoutRun did not keep {missing}; add them to readout_run's names")
+    for sub, acts in run.chunks:  # a hook that never fired is absent, as in a plain forward
+        yield sub, {n: acts[n] for n in names if n in acts}
 
 
 @torch.no_grad()

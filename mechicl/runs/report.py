@@ -98,13 +98,14 @@ def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bo
     """Exact sweeps and attribution patching on the first ``n_patch`` contexts of the inside draws (the contexts
     ``mechicl patch`` samples with the same seed). With ``runs`` that kept them in full, their cached runs are
     read from there instead of being run again."""
-    if runs is not None and runs[0].full_rows >= cfg.n_patch:
+    shared = runs is not None and runs[0].full_rows >= cfg.n_patch
+    if shared:
         rows = slice(0, cfg.n_patch)
         pair = pair_from_batches(runs[0].batch.select(rows), runs[1].batch.select(rows), "correct labels vs all labels flipped")
     else:
         pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
     patcher = Patcher(loaded.model, pair, progress=progress)
-    if runs is not None and runs[0].full_rows >= cfg.n_patch:
+    if shared:
         patcher.prime("clean", runs[0])
         patcher.prime("corrupted", runs[1])
     c, n = pair.clean, min(cfg.resid_examples, cfg.n_examples)
