@@ -79,7 +79,7 @@ def _with_ci(result: Any) -> pd.DataFrame:
     return result.table().assign(ci_low=low.reshape(-1), ci_high=high.reshape(-1))
 
 
-def _edges(paths: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def significant_edges(paths: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Path effects with |effect| >= threshold whose interval excludes 0."""
     sig = (paths["ci_low"] > 0) | (paths["ci_high"] < 0)
     return paths[(paths["effect"].abs() >= threshold) & sig]
@@ -122,7 +122,7 @@ def _draw_paths(folder: RunFolder, name: str, results: list[PathResult], senders
                 heatmap(mat.to_numpy(), folder / f"paths_{r.positions}_{r.mlps}_{inp}.png",
                         f"{name}: path effect sender ({r.positions} positions, MLPs {r.mlps}) -> {inp}", xlabel="receiver",
                         ylabel="sender", xticklabels=list(mat.columns), label="normalised effect")
-        edges = _edges(r.table(), cfg.threshold)
+        edges = significant_edges(r.table(), cfg.threshold)
         nodes = [f"L{l}H{h}" for l, h in sorted(set(senders) | set(receivers))]
         stem = f"circuit_{r.positions}_{r.mlps}"
         circuit_figure(edges, nodes, [folder / f"{stem}.png", folder / f"{stem}.svg"],

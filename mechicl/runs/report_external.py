@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mechicl.errors import ConfigError
+from mechicl.runs.circuit import significant_edges
 from mechicl.viz.report_html import Figure, Note, Section, Table
 
 
@@ -61,10 +62,11 @@ def findings_blocks(folder: Path, model: str) -> list:
     return blocks
 
 
-def circuit_blocks(folder: Path, threshold: float = 0.05) -> list:
-    """The circuit figure(s) and the path effects whose CI excludes 0."""
+def circuit_blocks(folder: Path) -> list:
+    """The circuit figure(s) and the path effects whose CI excludes 0, above the run's own edge threshold."""
+    threshold = float(json.loads((folder / "config.json").read_text()).get("threshold", 0.05))
     paths = pd.read_csv(folder / "paths.csv")
-    sig = paths[((paths.ci_low > 0) | (paths.ci_high < 0)) & (paths.effect.abs() >= threshold)]
+    sig = significant_edges(paths, threshold)  # the circuit figure's own edge rule
     n = int(paths.n_contexts.max()) if len(paths) else 0
     top = sig.reindex(sig.effect.abs().sort_values(ascending=False).index).head(10)
     blocks: list = [Table(top[["sender", "receiver", "input", "positions", "mlps", "effect", "ci_low", "ci_high"]]

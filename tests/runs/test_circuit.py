@@ -9,7 +9,7 @@ import pandas as pd
 from mechicl.cli import main
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
-from mechicl.runs.circuit import CircuitConfig, _edges, run_circuit
+from mechicl.runs.circuit import CircuitConfig, significant_edges, run_circuit
 
 
 def test_circuit_run_writes_every_table_and_figure(tmp_path):
@@ -22,7 +22,7 @@ def test_circuit_run_writes_every_table_and_figure(tmp_path):
     paths = pd.read_csv(tmp_path / "paths.csv")
     assert set(paths["mlps"]) == {"frozen", "recomputed"} and (paths["n_contexts"] == 6).all()
     assert (paths["receiver_layer"].fillna(99) > paths["sender_layer"]).all()
-    edges = _edges(paths, 0.01)
+    edges = significant_edges(paths, 0.01)
     assert ((edges["ci_low"] > 0) | (edges["ci_high"] < 0)).all() and (edges["effect"].abs() >= 0.01).all()
     assert "Senders: L0H0 L0H1 L0H2 L0H3" in text and "<svg" in (tmp_path / "circuit_label_frozen.svg").read_text()
 
