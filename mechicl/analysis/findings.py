@@ -138,17 +138,25 @@ def _baseline(abl: SlotAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig)
 
 def _screen(abl: SlotAblation, cfg: FindingsConfig, progress: bool) -> pd.DataFrame:
     """Every head alone on the screening draws: the first-order estimate (``effect_est``) and, with
-    ``screen="exact"``, the exact effect of one resample draw (``effect``); ranked by ``cfg.screen``'s."""
+    ``screen="exact"``, the exact effect of one resample draw (``effect``); ranked by ``cfg.screen``'s.
+
+    Ranks use the un-normalised gap closed (``closed``, ``closed_est``: mean ΔP(true) over contexts),
+    so a screening draw whose own correct-vs-flipped gap is not positive (possible with 8 contexts
+    when the validation gap is small) still ranks the heads; its ``effect`` columns are then NaN.
+    """
     est = abl.attribution()  # [b, L, H]: per-context closed estimate
     gap = abl.gap.mean()
     L, H = est.shape[1:]
+    share = (lambda x: x / gap) if gap > 0 else (lambda x: np.full_like(x, np.nan))  # noqa: E731
+    closed_est = est.mean(0).reshape(-1)
     df = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
-                       "effect_est": (est.mean(0) / gap).reshape(-1) if gap > 0 else np.nan})
-    key = "effect_est"
+                       "effect_est": share(closed_est), "closed_est": closed_est})
+    key = "closed_est"
     if cfg.screen == "exact":
         sc = abl.scores([[(l, h)] for l in range(L) for h in range(H)], progress=progress)
-        df["effect"] = sc.closed.mean(-1) / gap if gap > 0 else np.nan
-        key = "effect"
+        df["closed"] = sc.closed.mean(-1)
+        df["effect"] = share(df["closed"].to_numpy())
+        key = "closed"
     df["screen_rank"] = df[key].rank(ascending=False, method="first").astype(int)
     return df.sort_values("screen_rank").reset_index(drop=True)
 

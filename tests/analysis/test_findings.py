@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from mechicl.analysis.findings import NO_EFFECT, FindingsConfig, find_label_heads, matched_controls
+from mechicl.analysis.findings import NO_EFFECT, FindingsConfig, _screen, find_label_heads, matched_controls
 from mechicl.analysis.slot_ablation import SlotAblation, derangements
 from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
@@ -118,3 +121,26 @@ def test_a_cell_without_a_label_effect_ranks_no_head(tiny):
                                                       prepend_bos=tiny.prepend_bos), cfg, progress=False)
     assert r.baseline["gap_ci_low"] <= 0 and r.verdict == NO_EFFECT and not r.has_effect
     assert r.screen.empty and r.validate.empty
+
+
+class _FakeAblation:
+    """Per-head closed gaps fixed in advance; the screening draw's own gap is not positive."""
+
+    def __init__(self, closed: np.ndarray, gap: np.ndarray) -> None:
+        self.closed, self.gap = closed, gap  # closed [L*H, b], gap [b]
+
+    def attribution(self) -> np.ndarray:
+        return (self.closed * 0.5).T.reshape(len(self.gap), 2, 3)
+
+    def scores(self, sets, progress=False):
+        assert [s[0] for s in sets] == [(l, h) for l in range(2) for h in range(3)]
+        return SimpleNamespace(closed=self.closed)
+
+
+@pytest.mark.parametrize("screen", ["exact", "attribution"])
+def test_screen_ranks_heads_when_the_screening_gap_is_not_positive(screen):
+    closed = np.array([[0.1, 0.0], [-0.2, 0.0], [0.5, 0.1], [0.0, 0.0], [0.3, 0.4], [0.05, 0.0]])
+    df = _screen(_FakeAblation(closed, np.array([0.02, -0.04])), replace(CFG, screen=screen), progress=False)
+    assert list(zip(df.layer, df["head"])) == [(1, 1), (0, 2), (0, 0), (1, 2), (1, 0), (0, 1)]  # by mean closed
+    assert list(df.screen_rank) == list(range(1, 7)) and df.effect_est.isna().all()
+    assert screen == "attribution" or df.effect.isna().all()
