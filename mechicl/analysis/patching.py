@@ -1,9 +1,8 @@
 """Exact activation patching between correct-label and flipped-label contexts, fast.
 
-A *pair* is one set of contexts rendered twice: the **clean** run shows the
-correct labels, the **corrupted** run shows flipped labels (or only its last
-``m`` demonstration labels flipped). Inputs, query and every token position are
-identical; only label tokens differ (``check_pair`` asserts it).
+A *pair* is one set of contexts rendered twice: the **clean** run shows the correct labels, the
+**corrupted** run shows flipped labels (or only its last ``m`` demonstration labels flipped). Inputs,
+query and every token position are identical; only label tokens differ (``check_pair`` asserts it).
 Pairs are built in ``mechicl.data.pairs``; the partial forwards below (upstream skip,
 stop at the final norm) are ``analysis.hooks.run_to_final`` and ``analysis.stepper.ReadoutStepper``.
 
@@ -32,19 +31,23 @@ upstream blocks of a patch at layer ``l`` are skipped for real (``surgery.start_
 unembedding is 54% of a 300-token forward in `benchmarks/bench_forward.py`), with tokens after the query slot dropped (causality); all cells
 of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
 (layer, position) cells where donor and receiver are bit-identical (before the first differing
-label) are not run; readout-slot interventions re-run one token (``ReadoutStepper``, self-checked
-against the full forward, falling back to full forwards when it cannot be exact).
+label) are not run; ``head_out`` re-runs only the positions from the first differing token ``p0`` on,
+over the shared prefix's keys and values (``prefix_reuse.SuffixRunner``; HF models, contexts within any
+sliding window, first re-run checked against the full forward, else full width with a warning);
+readout-slot interventions re-run one token (``ReadoutStepper``, self-checked likewise).
 
-Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver
-forwards (reported as ``PatchResult.forwards``) plus one cached forward per run,
-against ``n_cells`` full forwards with full-vocabulary logits for TransformerLens.
-Memory: the cached activations (``n_layers x batch x pos x d_model`` floats for
-the residual stream) plus one forward of ``max_rows`` rows.
+Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver forwards
+(``PatchResult.forwards``; ``head_out`` with a reused prefix: times ``(width - p0) / width``, plus one
+prefix forward shared by both directions and one check per receiver, 1 forward together) plus one
+cached forward per run, against ``n_cells`` full forwards with full-vocabulary logits for TransformerLens.
+Memory: the cached activations (``n_layers x batch x pos x d_model`` floats for the residual stream),
+the prefix KV cache (``n_layers x 2 x batch x p0 x n_kv_heads x d_head``) and one forward of ``max_rows`` rows.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -55,11 +58,13 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.hooks import FINAL, Head, act_name, capture, head_masks, run_to_final, to_host
 from mechicl.analysis.patch_result import PatchResult, cell_table, normalise  # re-exported: the sweep's values
+from mechicl.analysis.prefix_reuse import NoPrefixReuse, SuffixRunner, shared_prefix
 from mechicl.analysis.readout import ReadoutRun, unembed_labels
 from mechicl.analysis.stepper import ReadoutStepper
 from mechicl.data.pairs import PatchPair
 from mechicl.data.prompts import ROLE_NAMES
 from mechicl.errors import PairError
+from mechicl.models.device import model_dtype
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -135,11 +140,15 @@ class Patcher:
     forward (memory: ``max_rows x pos`` residual streams and MLP activations).
     """
 
-    def __init__(self, model: Any, pair: PatchPair, *, max_rows: int = 64, progress: bool = False) -> None:
+    def __init__(self, model: Any, pair: PatchPair, *, max_rows: int = 64, progress: bool = False,
+                 prefix_reuse: bool = True) -> None:
         self.model = model
         self.pair = pair
         self.max_rows = max_rows
         self.progress = progress
+        self.prefix_reuse = prefix_reuse  # head_out sweeps re-run only the positions after the shared prefix
+        self._runner: SuffixRunner | None = None
+        self._checked: set[str] = set()
         self.n_layers = int(self.model.cfg.n_layers)
         self.width = int(pair.query_pos.max()) + 1  # positions after the query slot cannot matter
         self._store: dict[str, dict[str, Tensor]] = {"clean": {}, "corrupted": {}}
@@ -151,9 +160,11 @@ class Patcher:
     def _tokens(self, which: str) -> Tensor:
         return self.pair.run(which).tokens[:, : self.width]
 
-    def _label_ld(self, resid: Tensor) -> Tensor:
+    def _label_ld(self, resid: Tensor, offset: int = 0) -> Tensor:
+        """Per-row LD at the query slot of ``resid`` (rows ``copy * batch + context``; position 0 of ``resid`` is
+        position ``offset`` of the context)."""
         rows = torch.arange(resid.shape[0])
-        q = self.pair.query_pos.repeat(resid.shape[0] // self.pair.n_contexts)
+        q = self.pair.query_pos.repeat(resid.shape[0] // self.pair.n_contexts) - offset
         logits = to_host(unembed_labels(self.model, resid[rows, q], self.pair.clean.label_token_ids))
         n = resid.shape[0] // self.pair.n_contexts
         return self.pair.logit_diff(logits.view(n, self.pair.n_contexts, -1))
@@ -263,10 +274,12 @@ class Patcher:
         r_store = self.cached(recv, (names if pos_kind else []) + [act_name("resid_pre", l) for l in layers if l > 0])
         setter = _setter(spec, self.pair)
         per = max(1, self.max_rows // b)
-        tokens = self._tokens(recv)
+        runner = self.suffix_runner(recv) if spec.name == "head_out" else None
+        p0, frac = (runner.start, runner.fraction) if runner is not None else (0, 1.0)
+        tokens = self._tokens(recv)[:, p0:]  # a patch before p0 copies what is there already: not re-run
         for l in tqdm(layers, desc=f"patch {spec.name}", unit="layer", disable=not self.progress, leave=False):
             name = act_name(spec.act, l)
-            d_act = d_store[name]
+            d_act = d_store[name][:, p0:]
             idx = [int(i) for i in wanted[l].nonzero()[:, 0]]
             if pos_kind:  # a position where donor == receiver is a no-op patch
                 idx = [i for i in idx if not torch.equal(d_act[:, i], r_store[name][:, i])]
@@ -280,11 +293,45 @@ class Patcher:
                         setter(a[j], d_act, i)
                     return a.reshape(act.shape)
 
-                start = (l, r_store[act_name("resid_pre", l)].repeat(n, 1, 1)) if l > 0 else None
-                resid = run_to_final(self.model, tokens.repeat(n, 1), [(name, hook)], start=start)
-                ld[l, chunk] = self._label_ld(resid)
+                r0 = r_store[act_name("resid_pre", l)][:, p0:].repeat(n, 1, 1) if l > 0 else None
+                if runner is not None:
+                    resid = runner.run(tokens, n, [(name, hook)], l, r0)
+                else:
+                    resid = run_to_final(self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None)
+                ld[l, chunk] = self._label_ld(resid, p0)
                 computed[l, chunk] = True
-                self.forwards += n * (L - l) / L
+                self.forwards += n * (L - l) / L * frac
+
+    @torch.no_grad()
+    def suffix_runner(self, recv: str) -> SuffixRunner | None:
+        """The ``SuffixRunner`` that re-runs run ``recv`` from the first position where the pair differs over the
+        shared prefix's KV cache, or None where full-width re-runs are used (``prefix_reuse=False``, no KV cache,
+        contexts longer than a sliding window: warned, or a first re-run that differs from the full forward: warned).
+        Built once (``start / width`` of a forward), checked once per run against its baseline (the rest, 1 in all)."""
+        if not self.prefix_reuse:
+            return None
+        if self._runner is None:
+            try:
+                p0 = shared_prefix(self.pair, self.width)
+                self._runner = SuffixRunner(self.model, self._tokens("clean")[:, :p0], self.width)
+            except NoPrefixReuse as e:
+                self.prefix_reuse = False
+                if not e.expected:
+                    warnings.warn(f"Patcher: prefix reuse off ({e}); head_out re-runs run every position")
+                return None
+            self.forwards += 1 - self._runner.fraction
+        r = self._runner
+        if recv not in self._checked:
+            ld, base = self._label_ld(r.run(self._tokens(recv)[:, r.start :]), r.start)[0], self.baseline(recv)
+            self.forwards += r.fraction
+            err, tol = float((ld - base).abs().max()), max(1e-4, 2 * torch.finfo(model_dtype(self.model)).eps)
+            if not err <= tol * max(1.0, float(base.abs().max())):
+                self.prefix_reuse, self._runner = False, None
+                warnings.warn(f"Patcher: the suffix re-run over the cached prefix differs from the full forward by "
+                              f"{err:.3g}; prefix reuse off, head_out re-runs run every position")
+                return None
+            self._checked.add(recv)
+        return r
 
     @torch.no_grad()
     def patch_heads(self, heads: Sequence[Head], direction: str = "denoise", where: str = "all") -> float:

@@ -166,12 +166,26 @@ def fresh_cache(cache: Any, repeats: int) -> Any:
     return new
 
 
-def _transient(layer: Any) -> Any:
-    """Make ``layer.update`` return what the layer's own update returns, without keeping it."""
+def tiled_cache(cache: Any, repeats: int) -> Any:
+    """``fresh_cache`` for ``repeats`` copies of the batch laid out as ``tokens.repeat(repeats, 1)``
+    (row ``copy * batch + context``), tiled lazily: a layer tiles its prefix when it attends and drops
+    the tiles when it returns, so one layer's ``repeats x`` prefix is alive at a time (``fresh_cache(cache,
+    n)`` tiles every layer before the forward: ``n x`` the whole prefix cache). One forward only."""
+    new = copy.copy(cache)
+    new.layers = [_transient(copy.copy(layer), repeats) for layer in cache.layers]
+    return new
+
+
+def _transient(layer: Any, tile: int = 1) -> Any:
+    """Make ``layer.update`` return what the layer's own update returns (on its prefix tiled ``tile``
+    times along the batch), without keeping it."""
     cls_update = type(layer).update
 
     def update(*args: Any, **kwargs: Any) -> Any:
-        return cls_update(copy.copy(layer), *args, **kwargs)
+        twin = copy.copy(layer)
+        if tile > 1 and twin.get_seq_length() > 0:
+            twin.keys, twin.values = twin.keys.repeat(tile, 1, 1, 1), twin.values.repeat(tile, 1, 1, 1)
+        return cls_update(twin, *args, **kwargs)
 
     layer.update = update
     return layer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, tiled_cache
 from tests import helpers
 
 
@@ -25,3 +25,21 @@ def test_fresh_cache_serves_one_forward_and_stores_nothing(arch):
     for layer, twin, (k, v) in zip(cache.layers, copy.layers, stored):
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # the original is untouched
         assert twin.keys.shape == k.shape  # and the copy did not keep prefix + appended tokens
+
+
+def test_tiled_cache_serves_copies_of_the_batch_and_stores_nothing():
+    loaded = helpers.tiny_hf("llama")
+    hf = loaded.model.original_model
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
+    tails = torch.tensor([[9, 10, 11], [16, 17, 18], [20, 21, 22], [23, 24, 25], [9, 26, 27], [28, 17, 29]])
+    with torch.no_grad(), cache_shim(loaded.model):
+        cache = new_kv_cache(loaded.model, keep_all=True)
+        hf(tokens[:, :5], **cache_kwargs(loaded.model, cache))
+        stored = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        tiled = tiled_cache(cache, 3)  # rows copy * batch + context: row r continues context r % 2
+        step = hf(tails, **cache_kwargs(loaded.model, tiled)).logits
+        full = hf(torch.cat([tokens[:, :5].repeat(3, 1), tails], 1)).logits[:, 5:]
+    assert torch.allclose(step, full, atol=1e-5)
+    for layer, twin, (k, v) in zip(cache.layers, tiled.layers, stored):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # the original is untouched
+        assert twin.keys.shape == k.shape  # the copy kept neither the tiles nor the appended tokens
