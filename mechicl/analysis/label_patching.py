@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from mechicl.analysis.hooks import Head, act_name, run_to_final, to_host
 from mechicl.analysis.patching import DIRECTIONS, Patcher, PatchResult, cell_table, normalise
 from mechicl.analysis.readout import unembed_labels
-from mechicl.analysis.stats import t_interval
+from mechicl.analysis.resampling import ratio_ci
 from mechicl.data.pairs import PatchPair
 
 POSITION_SETS = ("label", "input", "readout", "all")
@@ -101,7 +101,7 @@ class PositionSetResult:
         return self.values - (0.0 if self.direction == "denoise" else 1.0)
 
     def table(self) -> pd.DataFrame:
-        """One row per (layer, set): value, effect, mean LD, and the value's t-interval over contexts."""
+        """One row per (layer, set): value, effect, mean LD, and the value's context-bootstrap interval."""
         df = cell_table("resid_set", self.direction, ("layer", "set_index"), value=self.values, effect=self.effect,
                         mean_logit_diff=self.logit_diff.mean(-1))
         df.insert(3, "positions", [self.sets[i] for i in df["set_index"]])
@@ -137,19 +137,21 @@ def patch_position_sets(patcher: Patcher, direction: str = "denoise", sets: Sequ
     return PositionSetResult(direction, tuple(sets), normalise(ld, clean, corr), ld, clean, corr, time.perf_counter() - t0)
 
 
-def value_interval(result: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """t-interval over contexts of a patching result's normalised value, per cell (``[n0, n1]`` arrays).
+def value_interval(result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Context-bootstrap interval of a patching result's normalised value, per cell (``[n0, n1]`` arrays).
 
-    Each context's change is measured against its own receiver-run LD (paired), on the clean -
-    corrupted gap of the means, so the interval's centre is ``result.values``. Works for
-    ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``).
+    The value is a ratio of means over contexts, ``mean_c(LD_c - base_c) / mean_c(clean_c - corrupted_c)``
+    (``base``: the receiver run's LD, paired per context), so the interval resamples contexts and
+    recomputes numerator and denominator together (``resampling.ratio_ci``, the findings' convention).
+    A cell that is exact in every context (patching everything) has a zero-width interval at 1; a
+    t-interval of per-context values normalised by the mean gap would charge it the gap's variance.
+    Works for ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``).
     """
     base = result.corrupted_ld if result.direction == "denoise" else result.clean_ld
-    gap = float(result.clean_ld.mean() - result.corrupted_ld.mean())
-    eff = ((result.logit_diff - base) / gap).numpy()  # [n0, n1, batch]
+    num = (result.logit_diff - base).numpy()  # [n0, n1, batch]
+    _, lo, hi = ratio_ci(num, (result.clean_ld - result.corrupted_ld).numpy(), n_boot=n_boot, level=level, seed=seed)
     offset = 0.0 if result.direction == "denoise" else 1.0
-    ci = np.array([t_interval(e, level)[1:] for e in eff.reshape(-1, eff.shape[-1])]).reshape(*eff.shape[:2], 2)
-    return ci[..., 0] + offset, ci[..., 1] + offset
+    return lo + offset, hi + offset
 
 
 def _kv_group(model: Any) -> int:

@@ -19,7 +19,8 @@ run = corrupted for ``denoise``, clean for ``noise``; donor run = the other):
 
 Metric: ``patching``'s LD at the query slot, normalised by the clean - corrupted gap; the effect
 is ``(LD_path - LD_receiver) / (mean LD_clean - mean LD_corrupted)`` per context (signed, + =
-towards clean), so effects carry CIs over contexts. Fast: partial forwards (upstream blocks
+towards clean). The reported effect is its mean, a ratio of means; its interval is a context
+bootstrap that resamples numerator and gap together (``resampling.ratio_ci``). Fast: partial forwards (upstream blocks
 skipped, stop at the final norm, senders of one layer batched; receivers batched over senders).
 Checked against a brute-force two-run implementation with plain TL hooks in
 ``tests/analysis/test_path_patching.py``.
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from mechicl.analysis.hooks import Head, act_name, capture, run_to_final
 from mechicl.analysis.label_patching import position_mask, readout_ld, runs_for
 from mechicl.analysis.patching import Patcher
-from mechicl.analysis.stats import t_interval
+from mechicl.analysis.resampling import ratio_ci
 
 INPUTS = ("q", "k", "v")
 MLPS = ("frozen", "recomputed")
@@ -64,27 +65,35 @@ class PathResult:
     targets: tuple[tuple[Head | None, str], ...]
     ld: Float[Tensor, "sender target batch"]
     receiver_ld: Float[Tensor, "batch"]
-    gap: float  # mean LD clean - mean LD corrupted
+    context_gap: Float[Tensor, "batch"]  # LD clean - LD corrupted, per context
     mlps: str = "frozen"
     seconds: float = 0.0
+
+    @property
+    def gap(self) -> float:
+        """Mean LD clean - mean LD corrupted: the normaliser."""
+        return float(self.context_gap.mean())
 
     @property
     def effect(self) -> Float[Tensor, "sender target batch"]:
         return (self.ld - self.receiver_ld) / self.gap
 
-    def table(self, level: float = 0.95) -> pd.DataFrame:
-        """One row per (sender, target) with reachable paths: mean effect and its t-interval over contexts."""
-        eff = self.effect.numpy()
+    def table(self, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+        """One row per (sender, target) with reachable paths: the effect (a ratio of means over contexts)
+        and its context-bootstrap interval (``resampling.ratio_ci``: numerator and gap resampled together)."""
+        eff = self.effect.mean(-1).numpy()  # the ratio of means (defined for any non-zero gap)
+        _, lo_all, hi_all = ratio_ci((self.ld - self.receiver_ld).numpy(), self.context_gap.numpy(), n_boot=n_boot,
+                                     level=level, seed=seed)  # NaN where the gap is not positive
         rows = []
         for i, (sl, sh) in enumerate(self.senders):
             for j, (recv, inp) in enumerate(self.targets):
                 if recv is not None and recv[0] <= sl:
                     continue  # no path from a head to one at its own layer or below
-                m, lo, hi = t_interval(eff[i, j], level)
+                m, lo, hi = float(eff[i, j]), float(lo_all[i, j]), float(hi_all[i, j])
                 rows.append(dict(direction=self.direction, positions=self.positions, mlps=self.mlps, sender=f"L{sl}H{sh}",
                                  sender_layer=sl, sender_head=sh, receiver=f"L{recv[0]}H{recv[1]}" if recv else LOGITS,
                                  receiver_layer=recv[0] if recv else np.nan, receiver_head=recv[1] if recv else np.nan,
-                                 input=inp, effect=m, ci_low=lo, ci_high=hi, n_contexts=eff.shape[-1]))
+                                 input=inp, effect=m, ci_low=lo, ci_high=hi, n_contexts=self.ld.shape[-1]))
         return pd.DataFrame(rows)
 
 
@@ -176,7 +185,7 @@ def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[He
         if idx:
             stacked = torch.cat([recorded[senders[i]][act_name(inp, rcv[0])] for i in idx])
             ld[idx, t] = _receiver_run(patcher, rcv, inp, stacked, direction)
-    gap = float(patcher.baseline("clean").mean() - patcher.baseline("corrupted").mean())
+    gap = patcher.baseline("clean") - patcher.baseline("corrupted")
     return PathResult(direction, positions, tuple(senders), tuple(targets), ld, base, gap, mlps, time.perf_counter() - t0)
 
 

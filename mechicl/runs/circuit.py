@@ -1,7 +1,7 @@
 """`mechicl circuit`: where label information is written (label-position patching) and who reads it (path patching).
 
 Held-out rule: the heads are chosen on one draw of contexts (``seed_select``) and every reported
-number comes from a disjoint draw (``seed_eval``); path effects carry t-intervals over those
+number comes from a disjoint draw (``seed_eval``); path effects carry context-bootstrap intervals over those
 contexts. Selection: receivers = the heads whose output at the query readout slot matters most
 (``head_out_readout``), senders = the heads whose output at the label positions matters most
 (``head_out_label``) in layers below the top receiver; models with at most ``all_heads_below``
@@ -74,7 +74,7 @@ def select_heads(patcher: Patcher, cfg: CircuitConfig) -> tuple[list[Head], list
 
 
 def _with_ci(result: Any) -> pd.DataFrame:
-    """A ``PatchResult`` table with the value's t-interval over contexts."""
+    """A ``PatchResult`` table with the value's context-bootstrap interval (``label_patching.value_interval``)."""
     low, high = value_interval(result)
     return result.table().assign(ci_low=low.reshape(-1), ci_high=high.reshape(-1))
 
@@ -127,7 +127,7 @@ def _draw_paths(folder: RunFolder, name: str, results: list[PathResult], senders
         stem = f"circuit_{r.positions}_{r.mlps}"
         circuit_figure(edges, nodes, [folder / f"{stem}.png", folder / f"{stem}.svg"],
                        f"{name}: path effects from sender heads' outputs at {r.positions} positions (MLPs {r.mlps}), |effect| >= "
-                       f"{cfg.threshold} with a 95% t-interval over {cfg.n_eval} held-out contexts excluding 0")
+                       f"{cfg.threshold} with a 95% context-bootstrap interval over {cfg.n_eval} held-out contexts excluding 0")
 
 
 def summary(name: str, cfg: CircuitConfig, senders: list[Head], receivers: list[Head], sets: pd.DataFrame,
@@ -148,7 +148,7 @@ def summary(name: str, cfg: CircuitConfig, senders: list[Head], receivers: list[
         f"Senders: {fmt_heads(senders)}. Receivers: {fmt_heads(receivers)}.", "",
         "## Residual stream patched at all positions of a set, by layer", "", md_table(wide), "",
         "## Pattern vs value at the label positions (denoise; one head's z recomputed)", "", md_table(pv), "",
-        "## Strongest paths (denoise; 95% t-interval over contexts)", "",
+        "## Strongest paths (denoise; 95% context-bootstrap intervals)", "",
         md_table(top[["positions", "mlps", "sender", "receiver", "input", "effect", "ci_low", "ci_high"]]), "",
         "MLPs frozen: only the direct sender -> receiver path; recomputed: paths through MLPs count too.", "",
         clock.line(),

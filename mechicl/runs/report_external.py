@@ -72,7 +72,7 @@ def circuit_blocks(folder: Path) -> list:
     blocks: list = [Table(top[["sender", "receiver", "input", "positions", "mlps", "effect", "ci_low", "ci_high"]]
                           .reset_index(drop=True),
                           f"Path patching ({folder}): of {len(paths)} sender -> receiver paths, {len(sig)} have "
-                          f"|effect| >= {threshold} with a 95% t-interval over {n} held-out contexts excluding 0"
+                          f"|effect| >= {threshold} with a 95% interval over {n} held-out contexts excluding 0"
                           + (f"; the largest is {top.iloc[0].sender} -> {top.iloc[0].receiver} ({top.iloc[0].input}) "
                              f"{top.iloc[0].effect:+.2f} [{top.iloc[0].ci_low:+.2f}, {top.iloc[0].ci_high:+.2f}]."
                              if len(top) else ". The evidence does not support a circuit at this size."))]

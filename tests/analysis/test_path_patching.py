@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,7 +98,14 @@ def test_equals_brute_force_on_the_strong_organism(positions, direction, mlps):
     res = _check(loaded, pair_for(loaded, load_task("organism"), 6, 6, seed=5), positions, direction, mlps)
     df = res.table()
     assert set(df["input"]) == {*INPUTS, LOGITS}
-    assert (df["ci_low"] <= df["effect"]).all() and (df["effect"] <= df["ci_high"]).all()
+    assert (df["ci_low"] <= df["effect"] + 1e-9).all() and (df["effect"] <= df["ci_high"] + 1e-9).all()
+    # the interval: a brute-force bootstrap loop over contexts, numerator and per-context gap drawn together
+    num, gap = (res.ld[0, 0] - res.receiver_ld).double().numpy(), res.context_gap.double().numpy()
+    idx = np.random.default_rng(0).integers(0, len(gap), size=(2000, len(gap)))
+    lo, hi = np.percentile([num[i].mean() / gap[i].mean() for i in idx if gap[i].mean() > 0], [2.5, 97.5])
+    first = df.iloc[0]  # sender 0, target 0: (L0H0, L1H0's q) on the organism
+    assert (first.sender, first.input) == ("L0H0", res.targets[0][1])
+    assert (first.ci_low, first.ci_high) == pytest.approx((lo, hi), abs=1e-9)
     mat = path_matrix(res, "k")
     assert mat.shape == (4, 4)  # senders L0H0..3 x receivers L1H0..3
 
