@@ -37,6 +37,7 @@ from mechicl.analysis.slot_ablation import SLOT_ABLATIONS, SetScores, SlotAblati
 from mechicl.analysis.stepper import ReadoutStepper
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
+from mechicl.models.device import release_host_memory
 
 NO_EFFECT = "no in-context effect to attribute"
 
@@ -276,10 +277,12 @@ def find_label_heads(model: Any, batches: HeldOutBatches, cfg: FindingsConfig | 
         return FindingsResult(cfg, NO_EFFECT, base, empty, empty, empty, empty, empty, batches.draws.seeds, timings)
     t = time.perf_counter()
     screen = _screen(SlotAblation(model, *batches.stages["screen"], **{**kw, "n_resample": 1}), cfg, progress)
+    release_host_memory()  # the screening steppers' caches: back to the OS before the next stage's
     timings["screen"] = time.perf_counter() - t
     t = time.perf_counter()
     cands = list(zip(screen.layer.head(cfg.n_candidates).astype(int), screen["head"].head(cfg.n_candidates).astype(int)))
     confirm = _confirm(SlotAblation(model, *batches.stages["confirm"], **kw), cands, cfg, progress)
+    release_host_memory()
     timings["confirm"] = time.perf_counter() - t
     t = time.perf_counter()
     top = list(zip(confirm.layer.head(cfg.n_top).astype(int), confirm["head"].head(cfg.n_top).astype(int)))

@@ -76,11 +76,13 @@ class SlotAblation:
     """Head-set ablation at every slot ``k >= k_min`` of one draw of contexts, both conditions.
 
     Cost: 2 forwards (one per condition) on construction; each head set then costs
-    ``2 x n_resample x S`` one-token steps per context (``SlotStepper``). Memory: two steppers.
+    ``2 x n_resample x S`` one-token steps per context (``SlotStepper``). Memory: two steppers (the KV
+    caches of both renderings), plus one step's activations: ``step_tokens`` appended tokens per step
+    (2048: about 0.1 GB on Gemma-3-270M; 8192 took 0.38 GB more at the same speed, ``docs/findings.md``).
     """
 
     def __init__(self, model: Any, correct: PromptBatch, flipped: PromptBatch, k_min: int, *, ablation: str = "resample",
-                 n_resample: int = 2, seed: int = 0, step_tokens: int = 8192) -> None:
+                 n_resample: int = 2, seed: int = 0, step_tokens: int = 2048) -> None:
         if ablation not in SLOT_ABLATIONS:
             raise ValueError(f"ablation must be one of {SLOT_ABLATIONS}, got {ablation!r}")
         if not torch.equal(correct.example_ids, flipped.example_ids):

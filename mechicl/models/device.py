@@ -15,6 +15,7 @@ Analyses never ask for a device themselves: ``analysis.hooks.run_to_final`` move
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -96,3 +97,22 @@ def input_device(model: Any) -> torch.device:
 def devices_of(model: Any) -> list[str]:
     """Every device holding a parameter, in first-use order (more than one = a ``device_map`` split)."""
     return list(dict.fromkeys(str(p.device) for p in model.parameters()))
+
+
+def release_host_memory() -> bool:
+    """Hand freed CPU heap pages back to the operating system (glibc ``malloc_trim(0)``); False elsewhere.
+
+    Why: torch's CPU tensors come from ``malloc``. After a large tensor is freed, glibc raises its
+    mmap threshold (up to 32 MB), so later tensors below it come from the heap, and pages freed in the
+    middle of the heap stay in the process's RSS. Measured on one gemma3-270m findings cell
+    (vader-words, one thread): it gave back 0.09-0.11 GB between stages; 0.58 GB still stayed
+    resident after the cell with no tensor alive (fragmented pages it cannot return;
+    ``docs/findings.md``, "Cost"). Cost: milliseconds; it frees nothing in use.
+    (``MALLOC_MMAP_THRESHOLD_=1048576`` lowered that cell's peak by 0.26 GB but made it 37% slower:
+    every large tensor then pays fresh page faults.)
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        return False

@@ -33,6 +33,7 @@ from mechicl.analysis.replication import CellTables, Replication, replicate
 from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
+from mechicl.models.device import release_host_memory
 from mechicl.models.loading import load_model
 from mechicl.runs.findings_report import findings_markdown, write_summary
 from mechicl.runs.folder import RunFolder, staged
@@ -102,6 +103,8 @@ def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: 
     dest = out / "cells" / cell.slug
     with staged(dest, command=["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)], config=cfg) as tmp:
         write_cell(result, cell, RunFolder(tmp))
+    del result, batches
+    release_host_memory()  # the next cell starts from the model's footprint, not this cell's high-water mark
     return dest
 
 

@@ -9,6 +9,8 @@ below are about 3x those.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,6 +21,7 @@ from mechicl.analysis.patching import Patcher
 from mechicl.analysis.readout import label_logits
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
+from mechicl.models.device import release_host_memory
 from mechicl.data.words import VOCAB, tiny_tokenizer
 from mechicl.errors import ConfigError
 from mechicl.models import device as dev
@@ -164,3 +167,13 @@ def test_device_map_split_equals_one_device(llama_dir):
         assert torch.equal(Patcher(split.model, pair).sweep(kind).values, Patcher(ref.model, pair).sweep(kind).values), kind
     with pytest.raises(ConfigError, match="offloads the unembedding"):
         load_model(str(path), device_map={**split_map, "model.layers.1": "cpu", "lm_head": "disk"})
+
+
+def test_release_host_memory_returns_free_heap_pages_and_keeps_live_tensors():
+    keep = torch.arange(1000, dtype=torch.float32)
+    garbage = [torch.ones(4096) for _ in range(2000)]  # ~32 MB of small heap allocations
+    del garbage
+    released = release_host_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert released is True  # freed chunks became whole free pages: malloc_trim gave some back
+    assert torch.equal(keep, torch.arange(1000, dtype=torch.float32))
