@@ -78,7 +78,7 @@ class SlotAblation:
     Cost: 2 forwards (one per condition) on construction; each head set then costs
     ``2 x n_resample x S`` one-token steps per context (``SlotStepper``). Memory: two steppers (the KV
     caches of both renderings), plus one step's activations: ``step_tokens`` appended tokens per step
-    (2048: about 0.1 GB on Gemma-3-270M; 8192 took 0.38 GB more at the same speed, ``docs/findings.md``).
+    (on a Gemma-3-270M vader-words cell, 8192 gave a 0.22 GB higher peak and no speed-up: ``docs/findings.md``).
     """
 
     def __init__(self, model: Any, correct: PromptBatch, flipped: PromptBatch, k_min: int, *, ablation: str = "resample",
