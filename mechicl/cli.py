@@ -5,8 +5,8 @@ Each command parses its flags (shared ones, one vocabulary: ``runs.args``; each 
 loads the task and model, and hands over to its module in ``mechicl.runs`` (the layers: cli -> runs ->
 analysis -> data/models). Commands import their run module when they run, not at start-up, so that
 ``mechicl models`` or ``--help`` answers without loading torch and TransformerLens (about 3.5 s here);
-there is no import cycle to avoid. Every function-level import below is such a deferral (each of those
-modules pulls in torch; the light ones, ``data.conditions`` and ``data.task``, are imported at the top).
+no import cycle is avoided. Each function-level import is such a deferral, marked ``# deferred: imports
+torch`` (checked: each module pulls in torch; the light ones are imported at the top).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ MULTI_TOKEN = {"demo", "behavior", "run"}  # commands that score labels as whole
 def _load(model: str, threads: int | None, task: Any = None, device: str = "cpu", dtype: str = "float32") -> tuple[Any, float]:
     """Set torch's thread count (if given), load ``model`` and report it; check that its tokenizer reads
     ``task`` (``check_tokenization``) before any compute. Returns it and the start time."""
-    import torch
+    import torch  # deferred: imports torch
 
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.models.loading import load_model
+    from mechicl.models.loading import load_model  # deferred: imports torch
 
     if threads:
         torch.set_num_threads(threads)
@@ -56,7 +56,7 @@ def _in_folder(args: argparse.Namespace, kind: str, run: Callable[[Any, Any, Pat
     then load the model and call ``run(loaded, task, folder)`` inside the staged run folder, add what ran to its
     config.json (``preflight.record_ran``; written from ``config`` if the command wrote none); print its text."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.preflight import prepare, record_ran, staged_args, task_from_args
+    from mechicl.runs.preflight import prepare, record_ran, staged_args, task_from_args  # deferred: imports torch
 
     model = model or args.model
     out = prepare(args, kind, model, task_spec or args.task)
@@ -87,8 +87,8 @@ def _done(out: Any, t0: float) -> None:
 def cmd_behavior(args: argparse.Namespace) -> int:
     """`mechicl behavior | demo`: accuracy, log-likelihood and entropy against k per label condition."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.analysis.behavior import BehaviorConfig
-    from mechicl.runs.behavior import run_behavior, write_behavior
+    from mechicl.analysis.behavior import BehaviorConfig  # deferred: imports torch
+    from mechicl.runs.behavior import run_behavior, write_behavior  # deferred: imports torch
 
     conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
     if not conditions:
@@ -106,7 +106,7 @@ def cmd_behavior(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`mechicl run <config.toml>`: an NH experiment; every flag given overrides the config's value."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.experiments import load_config, run_experiment, write_experiment
+    from mechicl.runs.experiments import load_config, run_experiment, write_experiment  # deferred: imports torch
 
     cfg = load_config(args.config, model=args.model, task=args.task, n_contexts=args.n_contexts, seed=args.seed,
                       label_names=list(args.label_names) if args.label_names else None, k_max=args.k,
@@ -126,8 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_inside(args: argparse.Namespace) -> int:
     """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.attention import report_attention
-    from mechicl.runs.inside import InsideConfig, report_dla, report_lens
+    from mechicl.runs.attention import report_attention  # deferred: imports torch
+    from mechicl.runs.inside import InsideConfig, report_dla, report_lens  # deferred: imports torch
 
     if args.k_min > args.k:
         raise ConfigError(f"--k-min {args.k_min} is larger than --k {args.k}: no readout slot has that many earlier "
@@ -143,9 +143,9 @@ def cmd_inside(args: argparse.Namespace) -> int:
 def cmd_organism_train(args: argparse.Namespace) -> int:
     """`mechicl organism train`: train an organism and write its checkpoint and model card."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.data.organism import LanguageConfig
-    from mechicl.models.organism import OrganismConfig
-    from mechicl.runs.organism import train_and_save
+    from mechicl.data.organism import LanguageConfig  # deferred: imports torch
+    from mechicl.models.organism import OrganismConfig  # deferred: imports torch
+    from mechicl.runs.organism import train_and_save  # deferred: imports torch
 
     try:
         lang = LanguageConfig.from_prior_strength(args.prior_strength, args.p_arbitrary, args.label_noise)
@@ -163,8 +163,8 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.analysis.patching import KINDS
-    from mechicl.runs.patch import PatchRunConfig, run_patch
+    from mechicl.analysis.patching import KINDS  # deferred: imports torch
+    from mechicl.runs.patch import PatchRunConfig, run_patch  # deferred: imports torch
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -179,7 +179,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 def cmd_attribute(args: argparse.Namespace) -> int:
     """`mechicl attribute`: AttAttr and path IG beside exact and first-order patching, correct- vs flipped-label contexts."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.attribute import AttributeConfig, run_attribute
+    from mechicl.runs.attribute import AttributeConfig, run_attribute  # deferred: imports torch
 
     cfg = AttributeConfig(args.model, args.task, args.n_contexts, args.k + 1, args.steps, args.completeness_steps,
                           args.metric, args.baseline, args.last_m, args.batch_size, args.top, args.view_heads, args.seed)
@@ -189,9 +189,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.analysis.heads import HeadFinderConfig
-    from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads
-    from mechicl.runs.preflight import check_head_sets
+    from mechicl.analysis.heads import HeadFinderConfig  # deferred: imports torch
+    from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads  # deferred: imports torch
+    from mechicl.runs.preflight import check_head_sets  # deferred: imports torch
 
     check_head_sets(args)
     cfg = HeadFinderConfig(args.model, args.task, args.k + 1, args.n_screen, args.n_eval, args.candidates,
@@ -208,9 +208,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
 def cmd_findings(args: argparse.Namespace) -> int:
     """`mechicl findings`: the head finder over a grid of models x tasks x seeds; resumable; replication summary."""
     # deferred to run time: these modules import torch (see the module docstring)
-    import torch
+    import torch  # deferred: imports torch
 
-    from mechicl.runs.findings import load_grid, make_executor, run_grid, summarise
+    from mechicl.runs.findings import load_grid, make_executor, run_grid, summarise  # deferred: imports torch
 
     keys = ("k", "k_min", "n_screen", "n_confirm", "n_validate", "n_candidates", "n_top", "ablation", "n_resample",
             "control", "n_control", "screen")
@@ -231,7 +231,7 @@ def cmd_findings(args: argparse.Namespace) -> int:
 def cmd_circuit(args: argparse.Namespace) -> int:
     """`mechicl circuit`: label-position patching and sender -> receiver path patching, held-out contexts."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.circuit import CircuitConfig, run_circuit
+    from mechicl.runs.circuit import CircuitConfig, run_circuit  # deferred: imports torch
 
     cfg = CircuitConfig(args.model, args.task, args.k + 1, args.n_select, args.n_eval, args.seed, args.seed_eval,
                         args.senders, args.receivers, tuple(p.strip() for p in args.positions.split(",")), args.threshold)
@@ -241,7 +241,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """`mechicl aggregate`: head projections vs the count and placement of flipped labels; steering check."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.aggregation import AggregationConfig, parse_heads, run_aggregation
+    from mechicl.runs.aggregation import AggregationConfig, parse_heads, run_aggregation  # deferred: imports torch
 
     cfg = AggregationConfig(args.model, args.task, args.k + 1, args.n_select, args.n_fit, args.n_eval, args.seed,
                             tuple(p.strip() for p in args.placements.split(",") if p.strip()),
@@ -253,7 +253,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.report import ReportConfig, rerun_command, run_report
+    from mechicl.runs.report import ReportConfig, rerun_command, run_report  # deferred: imports torch
 
     size = "quick" if args.quick else "full" if args.full else "default"
     extra = {"attribution": True} if args.attribution else {}
@@ -300,7 +300,7 @@ def tasks_text(doc: str) -> str:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.data import tasks
+    from mechicl.data import tasks  # deferred: imports torch
 
     print(tasks_text(tasks.__doc__ or ""))
     return 0
