@@ -8,7 +8,7 @@ attending to the cached prefix and to each other. With only the last ``m`` demon
 flipped (``data.pairs.make_pair(last_m=m)``), ``p0`` is near the query and most of a re-run is saved;
 with every label flipped the prefix is the text before the first label (short, still exact).
 
-The KV plumbing is ``analysis.surgery``'s (``cache_shim``, ``tiled_cache``); the cached residual the
+The KV plumbing is ``analysis.surgery``'s (``cache_shim``, ``fresh_cache``); the cached residual the
 re-runs start from is the caller's. Which models: Hugging Face models bridged by TransformerLens with a
 transformers KV cache. Not TL-native models (no cache: ``NoPrefixReuse``, the caller runs full width)
 and not contexts longer than a sliding attention window (Gemma-3: the prefix cache keeps every
@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl.analysis.hooks import Hook, run_to_final
-from mechicl.analysis.surgery import cache_kwargs, cache_shim, new_kv_cache, tiled_cache
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, new_kv_cache, fresh_cache
 from mechicl.data.pairs import PatchPair
 
 
@@ -102,5 +102,5 @@ class SuffixRunner:
             return run_to_final(
                 self.model, suffix.repeat(n, 1), hooks, start=(layer, resid) if layer > 0 else None,
                 attention_mask=self._mask.expand(rows, -1, -1, -1).contiguous(),
-                position_ids=self._pos.expand(rows, -1).contiguous(), **cache_kwargs(self.model, tiled_cache(self._cache, n)),
+                position_ids=self._pos.expand(rows, -1).contiguous(), **cache_kwargs(self.model, fresh_cache(self._cache, n)),
             )

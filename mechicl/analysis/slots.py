@@ -183,7 +183,7 @@ class SlotStepper:
                 m4[:, 0, torch.arange(S), self.P + torch.arange(S)] = True
                 with cache_shim(self.model):
                     resid = run_to_final(self.model, tok.gather(1, self._cols), hooks, attention_mask=m4,
-                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)))
+                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._cache)))
                 logits = unembed_labels(self.model, resid, self.label_ids)  # [b, S, labels]
                 at = lambda x: x  # noqa: E731 - copies are already [b, S, ...]
             else:
@@ -245,7 +245,7 @@ class SlotStepper:
             with cache_shim(self.model):
                 resid = run_to_final(
                     self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=m4, start=start,
-                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache, 1)),
+                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache)),
                 )
             return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
         cb = max(1, self.max_rows // (n * S))  # contexts per forward: at most max_rows rows (or one context)

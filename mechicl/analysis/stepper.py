@@ -193,7 +193,7 @@ class ReadoutStepper:
                 resid = run_to_final(
                     self.model, tok[:, -1:].expand(b, n).contiguous(), self._hooks(masks, source, n, None),
                     attention_mask=m4, position_ids=self.q[:, None].expand(b, n).contiguous(),
-                    **cache_kwargs(self.model, fresh_cache(self._kv_cache, 1)),
+                    **cache_kwargs(self.model, fresh_cache(self._kv_cache)),
                 )
             self.last_cost += n / max(1, int(self.q.float().mean()) + 1)
             return to_host(unembed_labels(self.model, resid, self.label_ids)).transpose(0, 1)  # [n, b, labels]

@@ -150,27 +150,18 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     return {name: cache, "use_cache": True}
 
 
-def fresh_cache(cache: Any, repeats: int) -> Any:
-    """A copy of a prefix KV cache for one forward of appended tokens, batch-repeated.
+def fresh_cache(cache: Any, repeats: int = 1) -> Any:
+    """A copy of a prefix KV cache for one forward of appended tokens, optionally for ``repeats`` copies
+    of the batch laid out as ``tokens.repeat(repeats, 1)`` (row ``copy * batch + context``).
 
     Its updates touch neither the original nor the copy: each layer's update runs on a throwaway
     copy of the layer, so ``prefix + appended`` keys and values live only while that layer attends.
     Storing them (what a ``DynamicLayer`` does) kept a second copy of the whole prefix cache alive
-    until the forward ended: 0.35 GB for 32 Gemma-3 contexts of 300 tokens. The copy must therefore
-    serve one forward only (the steppers' use).
+    until the forward ended: 0.35 GB for 32 Gemma-3 contexts of 300 tokens. With ``repeats > 1`` a
+    layer tiles its prefix only while it attends, so one layer's ``repeats x`` prefix is alive at a
+    time, not ``repeats x`` the whole cache. The copy must therefore serve one forward only (the
+    steppers' and ``prefix_reuse``'s use).
     """
-    new = copy.copy(cache)
-    new.layers = [_transient(copy.copy(layer)) for layer in cache.layers]
-    if repeats > 1:
-        new.batch_repeat_interleave(repeats)
-    return new
-
-
-def tiled_cache(cache: Any, repeats: int) -> Any:
-    """``fresh_cache`` for ``repeats`` copies of the batch laid out as ``tokens.repeat(repeats, 1)``
-    (row ``copy * batch + context``), tiled lazily: a layer tiles its prefix when it attends and drops
-    the tiles when it returns, so one layer's ``repeats x`` prefix is alive at a time (``fresh_cache(cache,
-    n)`` tiles every layer before the forward: ``n x`` the whole prefix cache). One forward only."""
     new = copy.copy(cache)
     new.layers = [_transient(copy.copy(layer), repeats) for layer in cache.layers]
     return new

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, tiled_cache
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
 from tests import helpers
 
 
@@ -19,7 +19,7 @@ def test_fresh_cache_serves_one_forward_and_stores_nothing(arch):
         cache = new_kv_cache(loaded.model)
         hf(tokens[:, :6], **cache_kwargs(loaded.model, cache))
         stored = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-        copy = fresh_cache(cache, 1)
+        copy = fresh_cache(cache)
         step = hf(tokens[:, 6:], **cache_kwargs(loaded.model, copy)).logits
     assert torch.allclose(step, full, atol=1e-5)  # the appended tokens saw the whole prefix (as the full forward)
     for layer, twin, (k, v) in zip(cache.layers, copy.layers, stored):
@@ -27,7 +27,7 @@ def test_fresh_cache_serves_one_forward_and_stores_nothing(arch):
         assert twin.keys.shape == k.shape  # and the copy did not keep prefix + appended tokens
 
 
-def test_tiled_cache_serves_copies_of_the_batch_and_stores_nothing():
+def test_fresh_cache_serves_repeated_copies_of_the_batch_and_stores_nothing():
     loaded = helpers.tiny_hf("llama")
     hf = loaded.model.original_model
     tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
@@ -36,7 +36,7 @@ def test_tiled_cache_serves_copies_of_the_batch_and_stores_nothing():
         cache = new_kv_cache(loaded.model, keep_all=True)
         hf(tokens[:, :5], **cache_kwargs(loaded.model, cache))
         stored = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-        tiled = tiled_cache(cache, 3)  # rows copy * batch + context: row r continues context r % 2
+        tiled = fresh_cache(cache, 3)  # rows copy * batch + context: row r continues context r % 2
         step = hf(tails, **cache_kwargs(loaded.model, tiled)).logits
         full = hf(torch.cat([tokens[:, :5].repeat(3, 1), tails], 1)).logits[:, 5:]
     assert torch.allclose(step, full, atol=1e-5)
