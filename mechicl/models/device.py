@@ -104,10 +104,11 @@ def release_host_memory() -> bool:
 
     Why: torch's CPU tensors come from ``malloc``. After a large tensor is freed, glibc raises its
     mmap threshold (up to 32 MB), so later tensors below it come from the heap, and pages freed in the
-    middle of the heap stay in the process's RSS. Measured on one gemma3-270m findings cell
-    (vader-words, one thread): it gave back 0.09-0.11 GB between stages; 0.58 GB still stayed
-    resident after the cell with no tensor alive (fragmented pages it cannot return;
-    ``docs/findings.md``, "Cost"). Cost: milliseconds; it frees nothing in use.
+    middle of the heap stay in the process's RSS. Measured on gemma3-270m findings cells
+    (vader-words, one thread): it gave back 0.09-0.11 GB between stages; 0.46-0.51 GB still stayed
+    resident after each cell with no tensor alive (fragmented pages it cannot return;
+    ``benchmarks/findings_memory.py``, ``docs/findings.md`` "Cost"). Cost: milliseconds; it frees
+    nothing in use.
     (``MALLOC_MMAP_THRESHOLD_=1048576`` lowered that cell's peak by 0.26 GB but made it 37% slower:
     every large tensor then pays fresh page faults.)
     """
