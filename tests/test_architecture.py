@@ -96,3 +96,33 @@ def test_task_catalogue_imports_no_model_code():
             "m.startswith(('mechicl.models', 'mechicl.analysis', 'mechicl.runs', 'mechicl.viz'))); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+CONSTRUCTORS = {"zeros", "ones", "full", "empty", "arange", "eye", "tensor", "rand", "randn", "randint", "linspace"}
+
+
+def _hook_body_constructors(tree: ast.AST) -> list[int]:
+    """Lines of bare tensor constructors (no ``device=``) inside hook bodies: functions with an argument ``hook``.
+
+    A hook runs on every forward on the activation's device; a tensor it builds without ``device=`` lands on
+    the CPU and either fails to meet a CUDA activation or costs a host-to-device copy per call."""
+    lines = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and "hook" in [a.arg for a in fn.args.args]:
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CONSTRUCTORS
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                        and not any(k.arg == "device" for k in node.keywords)):
+                    lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_hooks_build_tensors_on_the_activations_device(path):
+    lines = _hook_body_constructors(ast.parse(path.read_text()))
+    assert not lines, f"{path.name}: lines {lines} build a tensor inside a hook without device= (use device=act.device)"
+
+
+def test_the_device_checker_catches_a_bare_arange_in_a_hook():
+    src = "def hook(act, hook):\n    r = torch.arange(3)\n    ok = torch.arange(3, device=act.device)\n    return act\n"
+    assert _hook_body_constructors(ast.parse(src)) == [2]

@@ -117,12 +117,12 @@ def _setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int],
     elif kind.name == "head_out":
         def s(a: Tensor, d: Tensor, i: int) -> None:
             a[:, :, i] = d[:, :, i]
-    elif kind.name in ("head_out_label", "head_v_label"):
+    elif kind.name in ("head_out_label", "head_v_label"):  # index tensors meet the activations on their device
         def s(a: Tensor, d: Tensor, i: int) -> None:
-            a[rows, lab, i] = d[rows, lab, i]
+            a[rows.to(a.device), lab.to(a.device), i] = d[rows.to(a.device), lab.to(a.device), i]
     elif kind.name == "head_pattern_label":
         def s(a: Tensor, d: Tensor, i: int) -> None:  # [batch, head, dest, src]: columns of label sources
-            a[rows, i, :, lab] = d[rows, i, :, lab]
+            a[rows.to(a.device), i, :, lab.to(a.device)] = d[rows.to(a.device), i, :, lab.to(a.device)]
     else:
         raise ValueError(f"no full-sequence setter for {kind.name}")
     return s

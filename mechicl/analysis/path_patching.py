@@ -139,7 +139,8 @@ def _receiver_run(patcher: Patcher, receiver: Head, inp: str, recorded: Tensor, 
     def keep_one(act: Tensor, hook: Any) -> Tensor:
         a = act.reshape(n, b, *act.shape[1:])
         out = rz.repeat(n, 1, 1, 1).view_as(a).clone()
-        out[:, torch.arange(b), q, h] = a[:, torch.arange(b), q, h]
+        rows, qd = torch.arange(b, device=act.device), q.to(act.device)
+        out[:, rows, qd, h] = a[:, rows, qd, h]
         return out.reshape(act.shape)
 
     start = (l, r[act_name("resid_pre", l)].repeat(n, 1, 1)) if l > 0 else None

@@ -216,16 +216,18 @@ class SlotStepper:
                 continue
 
             def hook(act: Tensor, hook: Any, m_l: Tensor = m_l, src: Tensor | None = self._src(source, l)) -> Tensor:
+                m_l = m_l.to(act.device)  # masks and sources live on the host; meet the activation on its device
+                src = None if src is None else src.to(act.device, act.dtype)
                 keep = m_l[None, :, None, :, None]  # [1, n, 1, H, 1]
                 if full_rows is None:  # kv: act [b, n*S, H, d]
                     a = act.view(b, n, S, *act.shape[2:])
                     repl = torch.zeros_like(a) if src is None else src.expand_as(a)
                     return torch.where(keep, repl, a).reshape(act.shape)
                 act = act.clone()  # full: act [b*n*S, pos, H, d]; edit each row's own slot
-                r = torch.arange(act.shape[0])
-                at = act[r, full_rows].view(b, n, S, *act.shape[2:])
+                r, fr = torch.arange(act.shape[0], device=act.device), full_rows.to(act.device)
+                at = act[r, fr].view(b, n, S, *act.shape[2:])
                 repl = torch.zeros_like(at) if src is None else src.expand_as(at)
-                act[r, full_rows] = torch.where(keep, repl, at).reshape(-1, *act.shape[2:])
+                act[r, fr] = torch.where(keep, repl, at).reshape(-1, *act.shape[2:])
                 return act
 
             hooks.append((act_name("z", l), hook))

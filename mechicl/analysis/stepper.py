@@ -171,9 +171,10 @@ class ReadoutStepper:
                     repl = torch.zeros_like(act) if src is None else src.expand_as(act)
                     return torch.where(m_l[None, :, :, None], repl, act)
                 a = act.clone()  # full mode: act [b*n, pos, head, d]; edit the query slot only
-                at = a[torch.arange(b * n), rows_pos].reshape(b, n, *a.shape[2:])
+                r, rp = torch.arange(b * n, device=a.device), rows_pos.to(a.device)
+                at = a[r, rp].reshape(b, n, *a.shape[2:])
                 repl = torch.zeros_like(at) if src is None else src.expand_as(at)
-                a[torch.arange(b * n), rows_pos] = torch.where(m_l[None, :, :, None], repl, at).reshape(b * n, *a.shape[2:])
+                a[r, rp] = torch.where(m_l[None, :, :, None], repl, at).reshape(b * n, *a.shape[2:])
                 return a
 
             hooks.append((act_name("z", l), hook))
