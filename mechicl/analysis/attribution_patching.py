@@ -88,51 +88,75 @@ def attribution_patch(
     pair: PatchPair,
     kinds: Sequence[str] = ("head_out",),
     direction: str = "denoise",
+    *,
+    max_rows: int = 4,
 ) -> dict[str, AttributionResult]:
     """Attribution-patching estimates for every cell of each of ``kinds`` (one backward for all).
 
-    Cost: 2 forwards + 1 activation-only backward of the pair's batch, whatever ``kinds`` holds.
+    Cost: 2 forwards + 1 activation-only backward of the pair's batch, whatever ``kinds`` holds, run
+    ``max_rows`` contexts at a time. The metric is a batch mean and contexts never meet in a forward, so each
+    chunk's gradient of its summed logit difference is exact; the chunks' sums are scaled by the whole batch's
+    normaliser at the end. Memory: one chunk's autograd graph (``max_rows x pos`` activations of every layer).
     """
     for k in kinds:
         if k not in ATTRIBUTION_KINDS:
             raise ValueError(f"unknown kind {k!r}; use one of {', '.join(ATTRIBUTION_KINDS)}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    t0 = time.perf_counter()
-    L = int(model.cfg.n_layers)
-    W = int(pair.query_pos.max()) + 1
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    t0, L, W, b = time.perf_counter(), int(model.cfg.n_layers), int(pair.query_pos.max()) + 1, pair.n_contexts
+    sums: dict[str, list[Tensor]] = {}
+    pos_sums: dict[str, list[Tensor]] = {}
+    d_lds, r_lds = [], []
+    for lo in range(0, b, max_rows):
+        idx = list(range(lo, min(b, lo + max_rows)))
+        sub = PatchPair(pair.clean.select(idx), pair.corrupted.select(idx), pair.answer[idx], pair.foil[idx])
+        d_ld, r_ld, per_kind = _chunk(model, sub, kinds, direction, W)
+        d_lds.append(d_ld), r_lds.append(r_ld)
+        for kind, (per_layer, per_pos) in per_kind.items():
+            sums[kind] = [a + x for a, x in zip(sums[kind], per_layer)] if kind in sums else per_layer
+            if per_pos:
+                pos_sums[kind] = [a + x for a, x in zip(pos_sums[kind], per_pos)] if kind in pos_sums else per_pos
+    d_ld, r_ld = torch.cat(d_lds), torch.cat(r_lds)
+    clean_ld, corr_ld = (d_ld, r_ld) if direction == "denoise" else (r_ld, d_ld)
+    base = normalise(r_ld, clean_ld, corr_ld)
+    scale = 1.0 / (b * (clean_ld.mean() - corr_ld.mean()))  # d metric / d (one context's LD)
+    out: dict[str, AttributionResult] = {}
+    for kind in kinds:
+        per_pos = torch.stack(pos_sums[kind]) * scale if kind in pos_sums else None
+        out[kind] = AttributionResult(kind, direction, KINDS[kind].axes, base + torch.stack(sums[kind]) * scale,
+                                      per_pos, time.perf_counter() - t0)
+    return out
+
+
+def _chunk(model: Any, pair: PatchPair, kinds: Sequence[str], direction: str, width: int
+           ) -> tuple[Tensor, Tensor, dict[str, tuple[list[Tensor], list[Tensor]]]]:
+    """One chunk of contexts: donor and receiver LD ``[b]`` and, per kind, the per-cell sums of
+    ``(a_d - a_r) . d(sum of receiver LD)/da`` (positions padded to ``width``). 2 forwards + 1 backward."""
+    L, W = int(model.cfg.n_layers), int(pair.query_pos.max()) + 1
     recv, donor = (pair.corrupted, pair.clean) if direction == "denoise" else (pair.clean, pair.corrupted)
     names = list(dict.fromkeys(n for k in kinds for n in _hook_names(k, L)))
-    b = pair.n_contexts
-    rows = torch.arange(b)
-    q = pair.query_pos
-
+    rows, q = torch.arange(pair.n_contexts), pair.query_pos
     donor_store: dict[str, Tensor] = {}
     with torch.no_grad():
         d_resid = run_to_final(model, donor.tokens[:, :W], capture(names, donor_store))
-        d_ld = pair.logit_diff(to_host(unembed_labels(model, d_resid[rows, q], pair.clean.label_token_ids)))
-
+        d_ld = pair.logit_diff(to_host(unembed_labels(model, d_resid[rows.to(d_resid.device), q.to(d_resid.device)],
+                                                      pair.clean.label_token_ids)))
     acts: dict[str, Tensor] = {}
-
     hooks = [("blocks.0.hook_resid_pre", grad_leaf), *capture(names, acts, grad=True)]
     with _frozen(model), torch.enable_grad():
         resid = run_to_final(model, recv.tokens[:, :W], hooks)
-        r_ld = pair.logit_diff(unembed_labels(model, resid[rows, q], pair.clean.label_token_ids).cpu())  # float32, differentiable
-        clean_ld, corr_ld = (d_ld, r_ld) if direction == "denoise" else (r_ld, d_ld)
-        metric = normalise(r_ld, clean_ld.detach(), corr_ld.detach())
+        r_ld = pair.logit_diff(unembed_labels(model, resid[rows.to(resid.device), q.to(resid.device)],
+                                              pair.clean.label_token_ids).cpu())  # float32, differentiable
         order = [n for n in names if n in acts and acts[n].requires_grad]
-        grads = dict(zip(order, torch.autograd.grad(metric, [acts[n] for n in order], allow_unused=True)))
-    base = float(metric.detach())
-
-    out: dict[str, AttributionResult] = {}
+        grads = dict(zip(order, torch.autograd.grad(r_ld.sum(), [acts[n] for n in order], allow_unused=True)))
+    out = {}
     for kind in kinds:
         deltas = {n: (donor_store[n] - acts[n].detach(), grads.get(n)) for n in _hook_names(kind, L)}
         per_layer, per_pos = _per_cell(kind, deltas, pair)
-        out[kind] = AttributionResult(
-            kind, direction, KINDS[kind].axes, (base + torch.stack(per_layer)).detach(),
-            torch.stack(per_pos).detach() if per_pos else None, time.perf_counter() - t0,
-        )
-    return out
+        out[kind] = (per_layer, [torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in per_pos])
+    return d_ld, r_ld.detach(), out
 
 
 def _per_cell(kind: str, deltas: dict[str, tuple[Tensor, Tensor | None]], pair: PatchPair

@@ -182,17 +182,33 @@ def test_readout_stepper_kv_equals_full_forward(toy):
 # ------------------------------------------------------------ attribution ---
 
 
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_attribution_equals_exact_on_a_linear_model(toy, direction):
+@pytest.mark.parametrize("direction,max_rows", [("denoise", 4), ("noise", 4), ("denoise", 3), ("noise", 1)])
+def test_attribution_equals_exact_on_a_linear_model(toy, direction, max_rows):
     lin = helpers.linear_model()
     pair = pair_for(lin, toy, 4, 6)
     patcher = Patcher(lin.model, pair)
     kinds = ("head_out", "head_out_readout", "head_out_label", "attn_out")
-    est = attribution_patch(lin.model, pair, kinds, direction)
+    est = attribution_patch(lin.model, pair, kinds, direction, max_rows=max_rows)  # 3, 1: several chunks
     for kind in kinds:
         exact = patcher.sweep(kind, direction)
         assert torch.allclose(est[kind].values, exact.values, atol=1e-4), (kind, (est[kind].values - exact.values).abs().max())
     assert est["head_out"].effect.abs().max() > 1e-3  # the test is not vacuous
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_in_chunks_of_contexts_equals_one_chunk(tiny, toy, direction):
+    pair = pair_for(tiny, toy, 5, 6)
+    kinds = ("head_out", "head_out_label", "head_pattern_label", "resid")
+    whole = attribution_patch(tiny.model, pair, kinds, direction, max_rows=5)
+    for max_rows in (1, 2):
+        parts = attribution_patch(tiny.model, pair, kinds, direction, max_rows=max_rows)
+        for kind in kinds:
+            assert torch.allclose(parts[kind].values, whole[kind].values, atol=1e-5), (kind, max_rows)
+            if whole[kind].by_pos is not None:
+                assert torch.allclose(parts[kind].by_pos, whole[kind].by_pos, atol=1e-5), (kind, max_rows)
+    assert (whole["head_out"].values - whole["head_out"].values.mean()).abs().max() > 1e-4  # cells differ
+    with pytest.raises(ValueError, match="max_rows"):
+        attribution_patch(tiny.model, pair, kinds, direction, max_rows=0)
 
 
 def test_attribution_agreement_on_tiny(tiny, toy):
