@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mechicl.data.conditions import parse_conditions
+from mechicl.data.names import parse_heads
 from mechicl.data.task import check_tokenization
 from mechicl.errors import ConfigError, LabelTokenError
 from mechicl.models.registry import DEFAULT_MODEL, EMBEDDED, known_models
@@ -240,8 +241,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """`mechicl aggregate`: head projections vs the count and placement of flipped labels; steering check."""
-    # deferred to run time: these modules import torch (see the module docstring)
-    from mechicl.runs.aggregation import AggregationConfig, parse_heads, run_aggregation  # deferred: imports torch
+    from mechicl.runs.aggregation import AggregationConfig, run_aggregation  # deferred: imports torch
 
     cfg = AggregationConfig(args.model, args.task, args.k + 1, args.n_select, args.n_fit, args.n_eval, args.seed,
                             tuple(p.strip() for p in args.placements.split(",") if p.strip()),

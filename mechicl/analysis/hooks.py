@@ -26,6 +26,7 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from mechicl.analysis.surgery import start_at
+from mechicl.data.names import head_name
 from mechicl.models.device import input_device
 
 Hook = tuple[str, Callable[..., Any]]
@@ -141,4 +142,4 @@ def head_masks(sets: Sequence[Sequence[Head]], n_layers: int, n_heads: int) -> B
 
 def fmt_heads(heads: Sequence[Head]) -> str:
     """``L{layer}H{head}`` names, space-separated."""
-    return " ".join(f"L{l}H{h}" for l, h in heads)
+    return " ".join(head_name(l, h) for l, h in heads)

@@ -9,7 +9,6 @@ held out, gives the curves, and is where the steering is measured. CIs: bootstra
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,11 @@ from mechicl.analysis.steering import mean_difference, steer, steering_tables
 from mechicl.data.batches import stage_draws
 from mechicl.data.evidence import PLACEMENTS, evidence_batches
 from mechicl.data.pairs import pair_from_batches
+from mechicl.data.names import head_name
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.runs.folder import Clock, RunFolder, md_table
 from mechicl.viz.plots import line_plot
-
-
-def parse_heads(text: str) -> tuple[Head, ...]:
-    """``"L1H1,L0H2"`` -> ((1, 1), (0, 2))."""
-    heads = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        m = re.fullmatch(r"L(\d+)H(\d+)", item)
-        if not m:
-            raise ConfigError(f"head {item!r}: write heads as L<layer>H<head>, comma-separated, e.g. L1H1,L0H2")
-        heads.append((int(m.group(1)), int(m.group(2))))
-    return tuple(heads)
 
 
 @dataclass(frozen=True)
@@ -93,8 +82,8 @@ def fit_heads(fit: Projections, ev: Projections, cfg: AggregationConfig) -> tupl
     for i, (l, h) in enumerate(fit.heads):
         p, c = fit_all(fit.flips.numpy(), fit.delta[..., i].numpy(), ev.flips.numpy(), ev.delta[..., i].numpy(),
                        n_boot=cfg.n_boot, seed=cfg.seed)
-        params.append(p.assign(head=f"L{l}H{h}", measure=fit.measure))
-        comparison.append(c.assign(head=f"L{l}H{h}", measure=fit.measure))
+        params.append(p.assign(head=head_name(l, h), measure=fit.measure))
+        comparison.append(c.assign(head=head_name(l, h), measure=fit.measure))
     first = lambda d: d[["head", "measure", *[c for c in d.columns if c not in ("head", "measure")]]]  # noqa: E731
     return first(pd.concat(params, ignore_index=True)), first(pd.concat(comparison, ignore_index=True))
 

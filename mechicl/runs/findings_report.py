@@ -10,6 +10,7 @@ import pandas as pd
 from mechicl.analysis.findings import FindingsResult
 from mechicl.analysis.replication import Replication
 from mechicl.analysis.resampling import fmt_p
+from mechicl.data.names import parse_heads
 from mechicl.runs.folder import RunFolder, md_table
 from mechicl.viz.findings import effect_panels
 
@@ -114,7 +115,7 @@ def write_summary(rep: Replication, folder: RunFolder, spec: Any = None) -> None
             m[t.layer.to_numpy(int), t["head"].to_numpy(int)] = t.effect.to_numpy()
             maps[task] = m
             above = rep.cells[(rep.cells.model == model) & (rep.cells.task == task)].above_control
-            marks[task] = [(int(x.split("H")[0][1:]), int(x.split("H")[1])) for s in above for x in str(s).split() if x.startswith("L")]
+            marks[task] = [h for s in above if isinstance(s, str) for h in parse_heads(s)]
         effect_panels(maps, folder / f"effects_{model}.png",
                       f"{model}: screening effect of each head alone (mean over seeds); outlined: above matched controls in a cell",
                       marks=marks)

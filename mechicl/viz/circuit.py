@@ -5,7 +5,6 @@ Drawing only: takes a tidy edge table (sender, receiver, input, effect, CI) and 
 
 from __future__ import annotations
 
-import re
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -16,25 +15,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechicl.data.names import head_name, parse_head  # noqa: E402
+
 INPUT_COLORS = {"q": "tab:blue", "k": "tab:orange", "v": "tab:green", "logits": "tab:purple"}
-
-
-def _layer_head(name: str) -> tuple[int, int]:
-    m = re.fullmatch(r"L(\d+)H(\d+)", name)
-    if m is None:
-        raise ValueError(f"node names are L<layer>H<head> or 'logits', got {name!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 def _layout(nodes: Sequence[str]) -> dict[str, tuple[float, float]]:
     """x = rank of the head within its layer (centred), y = layer; ``logits`` above the top layer."""
-    heads = sorted({_layer_head(n) for n in nodes if n != "logits"})
+    heads = sorted({parse_head(n) for n in nodes if n != "logits"})
     pos: dict[str, tuple[float, float]] = {}
     top = max((l for l, _ in heads), default=0)
     for layer in sorted({l for l, _ in heads}):
         row = [h for l, h in heads if l == layer]
         for i, h in enumerate(row):
-            pos[f"L{layer}H{h}"] = (i - (len(row) - 1) / 2, float(layer))
+            pos[head_name(layer, h)] = (i - (len(row) - 1) / 2, float(layer))
     pos["logits"] = (0.0, top + 1.0)
     return pos
 
