@@ -47,9 +47,11 @@ class ReadoutStepper:
     each context's query token, all at the query's position, with a 4D attention
     mask that lets copy ``i`` see the cached prefix and itself only: ``n``
     independent re-runs of one token in one call, sharing one cache (no copies per
-    intervention). Construction checks the re-run against the full forward and falls
-    back to full forwards (``mode == "full"``) if the model has no usable KV cache
-    (e.g. TL-native models, prompts longer than a sliding window) or the check fails.
+    intervention). Prompts longer than a sliding attention window (Gemma-3-270M: 512
+    tokens, ~60 examples of vader-words) keep every position in every layer's cache and
+    apply the window in the steps' masks. Construction checks the re-run against the
+    full forward and falls back to full forwards (``mode == "full"``) if the model has no
+    usable KV cache (e.g. TL-native models) or the check fails.
 
     Cost: construction 1 forward; ``run`` of ``n`` interventions: ``n`` tokens per
     context (``mode == "kv"``, ``step_tokens`` tokens per call) or ``n`` forwards from
@@ -75,14 +77,15 @@ class ReadoutStepper:
         z_names = [act_name("z", l) for l in range(self.n_layers)]
         b, P = batch.n_contexts, int(self.q.max()) + 1
         tok, mask, pos = self._prefix = _left_padded_prefix(batch.tokens, self.q)
-        cache = new_kv_cache(self.model) if mode in ("auto", "kv") else None
+        cache = new_kv_cache(self.model, keep_all=self._keep_all) if mode in ("auto", "kv") else None
         store: dict[str, Tensor] = {}
         with torch.no_grad():
             if cache is not None:
                 try:
                     with cache_shim(self.model):
                         resid = run_to_final(
-                            self.model, tok, capture(z_names, store), attention_mask=mask, position_ids=pos,
+                            self.model, tok, capture(z_names, store, at=torch.full((b, 1), P - 1)), attention_mask=mask,
+                            position_ids=pos,
                             **cache_kwargs(self.model, cache),
                         )
                     if cache.get_seq_length() != P:
@@ -97,14 +100,14 @@ class ReadoutStepper:
             if cache is None:
                 full = batch.tokens[:, :P]
                 res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
-                resid = run_to_final(self.model, full, capture(z_names + res_names, store))
+                resid = run_to_final(self.model, full, [*capture(z_names, store, at=self.q[:, None]), *capture(res_names, store)])
                 self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}
                 rows, dev = torch.arange(b), input_device(self.model)
-                self.z = torch.stack([store[n][rows, self.q].to(dev) for n in z_names], 1)
+                self.z = torch.stack([store[n][:, 0].to(dev) for n in z_names], 1)  # kept at the query slot only
                 self.base_logits = to_host(unembed_labels(self.model, resid[rows, self.q], self.label_ids))
             else:
                 dev = input_device(self.model)  # a split model's layers live on several devices
-                self.z = torch.stack([store[n][:, -1].to(dev) for n in z_names], 1)  # [batch, layer, head, d_head]
+                self.z = torch.stack([store[n][:, 0].to(dev) for n in z_names], 1)  # [batch, layer, head, d_head]
                 self.base_logits = to_host(unembed_labels(self.model, resid[:, -1], self.label_ids))
                 self.mode = "kv"
                 check = self.run(torch.zeros(3, self.n_layers, self.n_heads, dtype=torch.bool), None)
@@ -119,6 +122,28 @@ class ReadoutStepper:
                     self.__init__(model, batch, max_rows=max_rows, step_tokens=step_tokens, mode="full", atol=atol)  # type: ignore[misc]
                     return
         self.last_cost = 1.0
+
+    @property
+    def _keep_all(self) -> bool:
+        """Contexts longer than the sliding window: the KV cache keeps every position in every layer (a sliding
+        layer's cache would evict the oldest and could not drop the query token); ``_windowed`` masks the window."""
+        return bool(self._window) and self._prefix[0].shape[1] > self._window
+
+    def _windowed(self, m4: Tensor) -> Tensor | dict[str, Tensor]:
+        """A step's 4D mask, with the sliding window applied where the cache keeps positions the window hides: the
+        query (position ``q``) sees prefix positions ``p`` with ``q - p < window`` (HF's ``sliding_window_overlay``).
+        Per layer type (``{"full_attention": .., "sliding_attention": ..}``, the mapping HF's Gemma-3 takes) where
+        the config names layer types, else the windowed mask for every layer. Cost: one mask copy."""
+        if not self._keep_all:
+            return m4
+        pm = self._prefix[0].shape[1] - 1
+        near = (self.q[:, None] - self._prefix[2][:, :pm]) < self._window  # [batch, prefix]
+        slide = m4.clone()
+        slide[:, 0, :, :pm] &= near[:, None, :]
+        types = getattr(getattr(getattr(self.model, "original_model", None), "config", None), "layer_types", None)
+        if not types:
+            return slide
+        return {t: slide if t == "sliding_attention" else m4 for t in set(types)}
 
     @property
     def n_contexts(self) -> int:
@@ -141,7 +166,7 @@ class ReadoutStepper:
         n = masks.shape[0]
         b = self.n_contexts
         per = max(1, (self.step_tokens if self.mode == "kv" else self.max_rows) // b)
-        if self.mode == "kv" and self._window:
+        if self.mode == "kv" and self._window and not self._keep_all:  # sliding layers evict past the window
             per = max(1, min(per, self._window - self._prefix[0].shape[1]))
         out = []
         self.last_cost = 0.0
@@ -193,7 +218,7 @@ class ReadoutStepper:
             with cache_shim(self.model):
                 resid = run_to_final(
                     self.model, tok[:, -1:].expand(b, n).contiguous(), self._hooks(masks, source, n, None),
-                    attention_mask=m4, position_ids=self.q[:, None].expand(b, n).contiguous(),
+                    attention_mask=self._windowed(m4), position_ids=self.q[:, None].expand(b, n).contiguous(),
                     **cache_kwargs(self.model, fresh_cache(self._kv_cache)),
                 )
             self.last_cost += n / max(1, int(self.q.float().mean()) + 1)
