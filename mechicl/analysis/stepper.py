@@ -84,7 +84,8 @@ class ReadoutStepper:
                 try:
                     with cache_shim(self.model):
                         resid = run_to_final(
-                            self.model, tok, capture(z_names, store), attention_mask=mask, position_ids=pos,
+                            self.model, tok, capture(z_names, store, at=torch.full((b, 1), P - 1)), attention_mask=mask,
+                            position_ids=pos,
                             **cache_kwargs(self.model, cache),
                         )
                     if cache.get_seq_length() != P:
@@ -99,14 +100,14 @@ class ReadoutStepper:
             if cache is None:
                 full = batch.tokens[:, :P]
                 res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
-                resid = run_to_final(self.model, full, capture(z_names + res_names, store))
+                resid = run_to_final(self.model, full, [*capture(z_names, store, at=self.q[:, None]), *capture(res_names, store)])
                 self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}
                 rows, dev = torch.arange(b), input_device(self.model)
-                self.z = torch.stack([store[n][rows, self.q].to(dev) for n in z_names], 1)
+                self.z = torch.stack([store[n][:, 0].to(dev) for n in z_names], 1)  # kept at the query slot only
                 self.base_logits = to_host(unembed_labels(self.model, resid[rows, self.q], self.label_ids))
             else:
                 dev = input_device(self.model)  # a split model's layers live on several devices
-                self.z = torch.stack([store[n][:, -1].to(dev) for n in z_names], 1)  # [batch, layer, head, d_head]
+                self.z = torch.stack([store[n][:, 0].to(dev) for n in z_names], 1)  # [batch, layer, head, d_head]
                 self.base_logits = to_host(unembed_labels(self.model, resid[:, -1], self.label_ids))
                 self.mode = "kv"
                 check = self.run(torch.zeros(3, self.n_layers, self.n_heads, dtype=torch.bool), None)
