@@ -3,7 +3,8 @@
     python benchmarks/table.py [benchmarks/results/rows.jsonl ...]
 
 Reads the JSON lines that ``bench_patching.py``, ``bench_readout_heads.py``, ``bench_readout.py``
-and ``bench_memory.py`` append with ``--rows FILE``. Rows of the same benchmark, model and size
+``bench_memory.py`` and ``bench_long_context.py`` append with ``--rows FILE`` (rows that carry ``tokens``
+also show the time per 1k tokens). Rows of the same benchmark, model and size
 (e.g. one repeat per locked invocation of a long run) are pooled: times are medians over all
 their repeats, the ratio is the ratio of those medians, max |diff| and peak RSS the largest.
 Each row names the command(s) that produced it (numbered below the table). Loads no model.
@@ -18,7 +19,7 @@ import statistics
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "rows.jsonl"
-ORDER = {"P1": 0, "P1b": 1, "P3": 2, "memory": 3, "memory-stage": 4}
+ORDER = {"P1": 0, "P1b": 1, "P3": 2, "memory": 3, "memory-stage": 4, "long-context": 5}
 COMMANDS = {"load": 0, "patch": 1, "heads": 2, "report": 3}
 
 
@@ -69,6 +70,8 @@ def main() -> None:
             g["model_rss_mb"] = groups[("memory", g["model"], "load")]["model_rss_mb"]
         o = statistics.median(g["ours_times"])
         o_text = "-" if g["bench"] == "memory-stage" else f"{o:.2f}"  # a stage's row carries the whole run's time
+        if g.get("tokens"):  # long-context rows: the cost per 1k tokens of the pooled median
+            o_text += f" ({o / g['tokens'] * 1000:.2f} s / 1k tok)"
         r = statistics.median(g["ref_times"]) if g["ref_times"] else None
         bound = None
         if g["readout_forward_times"]:
