@@ -85,8 +85,7 @@ class ReadoutStepper:
                     with cache_shim(self.model):
                         resid = run_to_final(
                             self.model, tok, capture(z_names, store, at=torch.full((b, 1), P - 1)), attention_mask=mask,
-                            position_ids=pos,
-                            **cache_kwargs(self.model, cache),
+                            position_ids=pos, **cache_kwargs(self.model, cache),
                         )
                     if cache.get_seq_length() != P:
                         raise RuntimeError(f"KV cache holds {cache.get_seq_length()} positions, expected {P}")
