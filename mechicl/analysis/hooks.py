@@ -50,7 +50,10 @@ def to_host(x: Tensor) -> Tensor:
 
 
 def on_device(model: Any, x: Any) -> Any:
-    """``x`` (a tensor; anything else is returned as is) on the device the model's inputs go to."""
+    """``x`` (a tensor, or a dict of them such as per-layer-type masks; anything else is returned as is) on the
+    device the model's inputs go to."""
+    if isinstance(x, dict):
+        return {k: on_device(model, v) for k, v in x.items()}
     return x.to(input_device(model)) if isinstance(x, Tensor) else x
 
 

@@ -32,8 +32,8 @@ unembedding is 54% of a 300-token forward in `benchmarks/bench_forward.py`), wit
 of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
 (layer, position) cells where donor and receiver are bit-identical (before the first differing
 label) are not run; ``head_out`` re-runs only the positions from the first differing token ``p0`` on,
-over the shared prefix's keys and values (``prefix_reuse.SuffixRunner``; HF models, contexts within any
-sliding window, first re-run checked against the full forward, else full width with a warning);
+over the shared prefix's keys and values (``prefix_reuse.SuffixRunner``; HF models, a sliding window applied in
+the re-runs' masks, first re-run checked against the full forward, else full width with a warning);
 readout-slot interventions re-run one token (``ReadoutStepper``, self-checked likewise).
 
 Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver forwards
@@ -306,7 +306,7 @@ class Patcher:
     def suffix_runner(self, recv: str) -> SuffixRunner | None:
         """The ``SuffixRunner`` that re-runs run ``recv`` from the first position where the pair differs over the
         shared prefix's KV cache, or None where full-width re-runs are used (``prefix_reuse=False``, no KV cache,
-        contexts longer than a sliding window: warned, or a first re-run that differs from the full forward: warned).
+        or a first re-run that differs from the full forward: warned).
         Built once (``start / width`` of a forward), checked once per run against its baseline (the rest, 1 in all)."""
         if not self.prefix_reuse:
             return None

@@ -10,10 +10,11 @@ with every label flipped the prefix is the text before the first label (short, s
 
 The KV plumbing is ``analysis.surgery``'s (``cache_shim``, ``fresh_cache``); the cached residual the
 re-runs start from is the caller's. Which models: Hugging Face models bridged by TransformerLens with a
-transformers KV cache. Not TL-native models (no cache: ``NoPrefixReuse``, the caller runs full width)
-and not contexts longer than a sliding attention window (Gemma-3: the prefix cache keeps every
-position, so the window's mask would be lost; refused, like ``slots.SlotStepper``). Callers check the
-first re-run against their full forward (``Patcher`` does).
+transformers KV cache. Not TL-native models (no cache: ``NoPrefixReuse``, the caller runs full width).
+Contexts longer than a sliding attention window (Gemma-3-270M: 512 tokens, k = 64 vader-words examples):
+the prefix cache keeps every position in every layer and the re-runs' 4D mask applies the window on the
+sliding layers (a query at ``q`` sees keys ``p`` with ``q - p < window``, HF's rule), as the readout
+stepper does. Callers check the first re-run against their full forward (``Patcher`` does).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mechicl.data.pairs import PatchPair
 
 
 class NoPrefixReuse(RuntimeError):
-    """The prefix cannot be reused (no KV cache, a sliding window, no shared prefix): run full width.
+    """The prefix cannot be reused (no KV cache, no shared prefix): run full width.
 
     ``expected``: True when that is the model's nature (TL-native, no cache), so no warning is due."""
 
@@ -45,6 +46,22 @@ def shared_prefix(pair: PatchPair, width: int) -> int:
     diff = (pair.clean.tokens[:, :width] != pair.corrupted.tokens[:, :width]).any(0).nonzero()
     first = int(diff.min()) if len(diff) else width
     return min(first, int(pair.query_pos.min()))
+
+
+def suffix_mask(model: Any, start: int, width: int) -> Tensor | dict[str, Tensor]:
+    """The re-runs' ``[1, 1, width - start, width]`` mask: query ``q`` (positions ``start..width-1``) sees key ``p`` when
+    ``p <= q``, and on sliding-window layers only when ``q - p < window``. Per layer type
+    (``{"full_attention": .., "sliding_attention": ..}``, the mapping HF's Gemma-3 takes) when the window matters and
+    the config names layer types; the windowed mask for every layer when it names none."""
+    q, p = torch.arange(start, width)[:, None], torch.arange(width)[None]
+    causal = (p <= q)[None, None]
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
+    if not window or width <= window:
+        return causal
+    slide = causal & ((q - p) < window)[None, None]
+    types = getattr(hf_cfg, "layer_types", None)
+    return {t: slide if t == "sliding_attention" else causal for t in set(types)} if types else slide
 
 
 class SuffixRunner:
@@ -64,11 +81,6 @@ class SuffixRunner:
 
     def __init__(self, model: Any, prefix: Int[Tensor, "batch start"], width: int) -> None:
         self.model, self.start, self.width = model, int(prefix.shape[1]), int(width)
-        hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-        window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
-        if window and self.width > window:
-            raise NoPrefixReuse(f"contexts of {self.width} tokens exceed the sliding attention window ({window}); "
-                                f"a reused prefix would lose the window's mask")
         if not 0 < self.start < self.width:
             raise NoPrefixReuse(f"no shared prefix to reuse (it has {self.start} of {self.width} positions)")
         cache = new_kv_cache(model, keep_all=True)
@@ -79,9 +91,7 @@ class SuffixRunner:
         if cache.get_seq_length() != self.start:
             raise NoPrefixReuse(f"the KV cache holds {cache.get_seq_length()} positions, expected {self.start}")
         self._cache = cache
-        s = self.width - self.start
-        self._mask = torch.ones(1, 1, s, self.width, dtype=torch.bool)  # all of the prefix, causal in the suffix
-        self._mask[0, 0, :, self.start :] = torch.ones(s, s, dtype=torch.bool).tril()
+        self._mask = suffix_mask(model, self.start, self.width)
         self._pos = torch.arange(self.start, self.width)[None]
 
     @property
@@ -101,6 +111,7 @@ class SuffixRunner:
         with cache_shim(self.model):
             return run_to_final(
                 self.model, suffix.repeat(n, 1), hooks, start=(layer, resid) if layer > 0 else None,
-                attention_mask=self._mask.expand(rows, -1, -1, -1).contiguous(),
+                attention_mask={t: m.expand(rows, -1, -1, -1).contiguous() for t, m in self._mask.items()}
+                if isinstance(self._mask, dict) else self._mask.expand(rows, -1, -1, -1).contiguous(),
                 position_ids=self._pos.expand(rows, -1).contiguous(), **cache_kwargs(self.model, fresh_cache(self._cache, n)),
             )

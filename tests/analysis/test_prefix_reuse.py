@@ -55,6 +55,24 @@ def test_head_out_with_a_reused_prefix_equals_transformer_lens(toy, arch, last_m
         assert runner.fraction < 0.5 and ours.forwards < full.forwards
 
 
+@pytest.mark.parametrize("last_m", [2, 4])
+def test_contexts_past_a_sliding_window_reuse_the_prefix_and_equal_transformer_lens(toy, last_m):
+    """Tiny Gemma-3 layout with an 8-token window: contexts of ~40 tokens, a prefix far longer than the window."""
+    short = helpers.tiny_hf("gemma3", sliding_window=8)
+    pair = pair_for(short, toy, 3, 8, last_m=last_m)
+    width = int(pair.query_pos.max()) + 1
+    assert shared_prefix(pair, width) > 8 and width > 16  # both the prefix and the suffix span more than a window
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the KV path must be taken, not fallen back from
+        patcher = Patcher(short.model, pair)
+        ours = patcher.sweep("head_out")
+    assert patcher.suffix_runner("corrupted") is not None
+    assert isinstance(patcher.suffix_runner("corrupted")._mask, dict)  # full and sliding layers get their own mask
+    ref = tl_head_out(short, pair, "denoise")
+    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+    assert ours.values.abs().max() > 0.05
+
+
 def test_suffix_runner_equals_the_full_forward_and_copies_are_independent(toy):
     loaded = helpers.tiny_hf("llama")
     pair = pair_for(loaded, toy, 2, 5, last_m=2)
@@ -91,12 +109,6 @@ def test_without_a_usable_kv_path_the_sweep_runs_full_width(tiny, toy, monkeypat
     with pytest.raises(NoPrefixReuse) as e:
         SuffixRunner(tiny.model, pair.clean.tokens[:, :5], 20)
     assert e.value.expected
-
-    short = helpers.tiny_hf("gemma3", sliding_window=8)  # contexts longer than the window: refused, said
-    pair = pair_for(short, toy, 3, 5, last_m=2)
-    with pytest.warns(UserWarning, match="sliding attention window"):
-        ours = Patcher(short.model, pair).sweep("head_out")
-    assert torch.allclose(ours.values, tl_head_out(short, pair, "denoise"), atol=1e-4)
 
     loaded = helpers.tiny_hf("llama")  # a re-run that disagrees with the full forward is caught, not used
     pair = pair_for(loaded, toy, 3, 5, last_m=2)
