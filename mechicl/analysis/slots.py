@@ -22,7 +22,6 @@ from mechicl.analysis.hooks import act_name, capture, run_to_final
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
 from mechicl.data.prompts import PromptBatch
-from mechicl.errors import ContextOverflowError
 
 
 class _NoCache(RuntimeError):
@@ -74,11 +73,6 @@ class SlotStepper:
         hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
         self._window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
         self.P = int(batch.readout_pos[:, -1].max()) + 1
-        if self._window and self.P > self._window:
-            raise ContextOverflowError(
-                f"contexts of up to {self.P} tokens exceed the model's sliding attention window ({self._window}): the "
-                f"slot re-runs would need a per-layer window mask. Lower --k (or use shorter inputs)."
-            )
         self.mode, self._cache = "full", None
         if mode in ("auto", "kv"):
             try:
@@ -178,11 +172,8 @@ class SlotStepper:
         with torch.enable_grad():
             if self.mode == "kv":
                 tok, mask, pos, _ = self._prefix
-                m4 = torch.zeros(b, 1, S, self.P + S, dtype=torch.bool)
-                m4[:, 0, :, : self.P] = (torch.arange(self.P)[None, None] < self._cols[:, :, None]) & mask[:, None].bool()
-                m4[:, 0, torch.arange(S), self.P + torch.arange(S)] = True
                 with cache_shim(self.model):
-                    resid = run_to_final(self.model, tok.gather(1, self._cols), hooks, attention_mask=m4,
+                    resid = run_to_final(self.model, tok.gather(1, self._cols), hooks, attention_mask=self._step_mask(self._cols),
                                          position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._cache)))
                 logits = unembed_labels(self.model, resid, self.label_ids)  # [b, S, labels]
                 at = lambda x: x  # noqa: E731 - copies are already [b, S, ...]
@@ -196,6 +187,22 @@ class SlotStepper:
         g = torch.stack([at(x) for x in grads], 2)  # [b, S, L, H, d]
         src = torch.zeros_like(self.z) if source is None else source.expand_as(self.z)
         return ((src - self.z) * g).sum(-1)
+
+    def _step_mask(self, cols: Int[Tensor, "batch rows"]) -> Tensor | dict[str, Tensor]:
+        """The 4D mask of appended copies re-running the slots at ``cols`` (left-padded columns): each sees the
+        prefix before its column and itself; on sliding-window layers only prefix columns ``c`` with
+        ``col - c < window`` (HF's rule; the cache keeps every position). Per layer type where the config names them."""
+        b, R = cols.shape
+        c = torch.arange(self.P)[None, None]
+        m4 = torch.zeros(b, 1, R, self.P + R, dtype=torch.bool)
+        m4[:, 0, :, : self.P] = (c < cols[:, :, None]) & self._prefix[1][:, None].bool()
+        m4[:, 0, torch.arange(R), self.P + torch.arange(R)] = True
+        if not self._window or self.P <= self._window:
+            return m4
+        slide = m4.clone()
+        slide[:, 0, :, : self.P] &= (cols[:, :, None] - c) < self._window
+        types = getattr(getattr(getattr(self.model, "original_model", None), "config", None), "layer_types", None)
+        return {t: slide if t == "sliding_attention" else m4 for t in set(types)} if types else slide
 
     def _src(self, source: Tensor | None, l: int) -> Tensor | None:
         """The layer-``l`` replacement shaped ``[b, 1, S, H, d]`` or ``[1, 1, 1, H, d]`` (None: zero)."""
@@ -238,15 +245,13 @@ class SlotStepper:
         if self.mode == "kv":
             tok, mask, pos, _ = self._prefix
             cols = self._cols.repeat(1, n)  # [b, n*S]: copy (i, s) re-runs slot s
-            m4 = torch.zeros(b, 1, n * S, self.P + n * S, dtype=torch.bool)
-            m4[:, 0, :, : self.P] = (torch.arange(self.P)[None, None] < cols[:, :, None]) & mask[:, None].bool()
-            m4[:, 0, torch.arange(n * S), self.P + torch.arange(n * S)] = True
             used = masks.any(0).any(-1).nonzero()[:, 0]
             l0 = int(used.min()) if len(used) else self.L - 1  # blocks below the lowest intervened layer are unchanged
             start = (l0, self._resid_pre[l0].repeat(1, n, 1)) if l0 > 0 else None
             with cache_shim(self.model):
                 resid = run_to_final(
-                    self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=m4, start=start,
+                    self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=self._step_mask(cols),
+                    start=start,
                     position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache)),
                 )
             return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)

@@ -8,7 +8,6 @@ import torch
 from mechicl.analysis.hooks import head_masks, run_to_final
 from mechicl.analysis.readout import unembed_labels
 from mechicl.analysis.slots import SlotStepper
-from mechicl.errors import ContextOverflowError
 from tests import helpers
 
 
@@ -102,7 +101,7 @@ def test_attribution_is_the_first_order_effect_of_each_slot_replacement(tiny, mo
 
 def test_steps_past_a_sliding_window_keep_the_prefix_exact():
     """Gemma-3 layers with a sliding window: prefix + appended steps may pass the window (the cache keeps
-    every position); contexts longer than the window are refused with a clear error."""
+    every position)."""
     probe = helpers.tiny_hf("gemma")
     b = helpers.batch(probe, helpers.toy_task(), "flipped", n_contexts=2, n_examples=6, seed=4)
     P = int(b.readout_pos[:, -1].max()) + 1
@@ -113,9 +112,27 @@ def test_steps_past_a_sliding_window_keep_the_prefix_exact():
     got = st.run(head_masks(sets, 2, 4))
     for i, heads in enumerate(sets):
         assert torch.allclose(got[i], _reference(loaded, b, 1, heads, None), atol=1e-4)
-    short = helpers.tiny_hf("gemma", sliding_window=P - 1)
-    with pytest.raises(ContextOverflowError, match="sliding attention window"):
-        SlotStepper(short.model, b, k_min=1)
+
+
+@pytest.mark.parametrize("window", [6, 12])
+def test_contexts_longer_than_a_sliding_window_equal_hooked_full_forwards(window):
+    """Prefixes far past the window (~30 tokens vs 6 or 12): the appended re-runs see only the window's columns on
+    sliding layers (per-layer-type masks), and equal full forwards, where HF applies the window itself."""
+    loaded = helpers.tiny_hf("gemma", sliding_window=window)
+    b = helpers.batch(loaded, helpers.toy_task(), "flipped", n_contexts=2, n_examples=6, seed=4)
+    assert int(b.readout_pos[:, 1].min()) > window  # every slot's query is past the window
+    st = SlotStepper(loaded.model, b, k_min=1)
+    assert st.mode == "kv" and isinstance(st._step_mask(st._cols), dict)
+    sets = [[], [(0, 1)], [(1, 2)], [(0, 0), (1, 3)]]
+    donor = st.z[torch.tensor([1, 0])]
+    for source in (None, donor):
+        got = st.run(head_masks(sets, 2, 4), source)
+        for i, heads in enumerate(sets):
+            ref = _reference(loaded, b, 1, heads, source)
+            assert torch.allclose(got[i], ref, atol=1e-4), (window, i, float((got[i] - ref).abs().max()))
+    full = SlotStepper(loaded.model, b, k_min=1, mode="full")
+    metric = lambda logits, true: logits.log_softmax(-1).gather(-1, true[..., None])[..., 0]  # noqa: E731
+    assert torch.allclose(st.attribution(None, metric), full.attribution(None, metric), atol=1e-4)
 
 
 def test_full_mode_groups_contexts_without_changing_results(tiny):
