@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl.analysis.hooks import Hook, run_to_final
-from mechicl.analysis.surgery import cache_kwargs, cache_shim, new_kv_cache, fresh_cache
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
 from mechicl.data.pairs import PatchPair
 
 
@@ -54,14 +54,8 @@ def suffix_mask(model: Any, start: int, width: int) -> Tensor | dict[str, Tensor
     (``{"full_attention": .., "sliding_attention": ..}``, the mapping HF's Gemma-3 takes) when the window matters and
     the config names layer types; the windowed mask for every layer when it names none."""
     q, p = torch.arange(start, width)[:, None], torch.arange(width)[None]
-    causal = (p <= q)[None, None]
-    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-    window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
-    if not window or width <= window:
-        return causal
-    slide = causal & ((q - p) < window)[None, None]
-    types = getattr(hf_cfg, "layer_types", None)
-    return {t: slide if t == "sliding_attention" else causal for t in set(types)} if types else slide
+    causal, window = (p <= q)[None, None], sliding_window(model)
+    return causal if not window or width <= window else windowed_mask(model, causal, ((q - p) < window)[None, None])
 
 
 class SuffixRunner:

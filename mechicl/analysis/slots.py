@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.hooks import act_name, capture, run_to_final
 from mechicl.analysis.readout import unembed_labels
-from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
 from mechicl.data.prompts import PromptBatch
 
 
@@ -70,8 +70,7 @@ class SlotStepper:
         self.pos = batch.readout_pos[:, k_min:]  # [b, S] readout positions of the slots
         self.label_ids = batch.label_token_ids
         self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-        hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-        self._window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
+        self._window = sliding_window(model)
         self.P = int(batch.readout_pos[:, -1].max()) + 1
         self.mode, self._cache = "full", None
         if mode in ("auto", "kv"):
@@ -199,10 +198,9 @@ class SlotStepper:
         m4[:, 0, torch.arange(R), self.P + torch.arange(R)] = True
         if not self._window or self.P <= self._window:
             return m4
-        slide = m4.clone()
-        slide[:, 0, :, : self.P] &= (cols[:, :, None] - c) < self._window
-        types = getattr(getattr(getattr(self.model, "original_model", None), "config", None), "layer_types", None)
-        return {t: slide if t == "sliding_attention" else m4 for t in set(types)} if types else slide
+        near = torch.ones_like(m4)
+        near[:, 0, :, : self.P] = (cols[:, :, None] - c) < self._window
+        return windowed_mask(self.model, m4, near)
 
     def _src(self, source: Tensor | None, l: int) -> Tensor | None:
         """The layer-``l`` replacement shaped ``[b, 1, S, H, d]`` or ``[1, 1, 1, H, d]`` (None: zero)."""

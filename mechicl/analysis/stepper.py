@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.hooks import act_name, capture, run_to_final, to_host
 from mechicl.analysis.readout import unembed_labels
-from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
+from mechicl.analysis.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
 from mechicl.data.prompts import PromptBatch
 from mechicl.models.device import input_device, model_dtype
 
@@ -66,8 +66,7 @@ class ReadoutStepper:
         self.model = model
         self.batch = batch
         self.max_rows, self.step_tokens = max_rows, step_tokens
-        hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
-        self._window = int(getattr(hf_cfg, "sliding_window", 0) or 0)
+        self._window = sliding_window(self.model)
         self.q = batch.readout_pos[:, -1]
         self.n_layers, self.n_heads = int(self.model.cfg.n_layers), int(self.model.cfg.n_heads)
         self.label_ids = batch.label_token_ids
@@ -130,19 +129,14 @@ class ReadoutStepper:
 
     def _windowed(self, m4: Tensor) -> Tensor | dict[str, Tensor]:
         """A step's 4D mask, with the sliding window applied where the cache keeps positions the window hides: the
-        query (position ``q``) sees prefix positions ``p`` with ``q - p < window`` (HF's ``sliding_window_overlay``).
-        Per layer type (``{"full_attention": .., "sliding_attention": ..}``, the mapping HF's Gemma-3 takes) where
-        the config names layer types, else the windowed mask for every layer. Cost: one mask copy."""
+        query (position ``q``) sees prefix positions ``p`` with ``q - p < window`` on sliding layers
+        (``surgery.windowed_mask``). Cost: two mask copies."""
         if not self._keep_all:
             return m4
         pm = self._prefix[0].shape[1] - 1
-        near = (self.q[:, None] - self._prefix[2][:, :pm]) < self._window  # [batch, prefix]
-        slide = m4.clone()
-        slide[:, 0, :, :pm] &= near[:, None, :]
-        types = getattr(getattr(getattr(self.model, "original_model", None), "config", None), "layer_types", None)
-        if not types:
-            return slide
-        return {t: slide if t == "sliding_attention" else m4 for t in set(types)}
+        near = torch.ones_like(m4)  # the appended copies see themselves (distance 0)
+        near[:, 0, :, :pm] = ((self.q[:, None] - self._prefix[2][:, :pm]) < self._window)[:, None, :]
+        return windowed_mask(self.model, m4, near)
 
     @property
     def n_contexts(self) -> int:

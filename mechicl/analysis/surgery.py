@@ -131,7 +131,7 @@ def new_kv_cache(model: Any, *, keep_all: bool = False) -> Any:
 
     ``keep_all``: every layer keeps every position (no sliding-window layers, which evict the oldest
     entries once prefix + appended tokens pass the window); the caller's mask must then do what the
-    window did (``SlotStepper`` refuses contexts longer than the window, where it would matter).
+    window did (``windowed_mask``).
     """
     hf = getattr(model, "original_model", None)
     config = getattr(hf, "config", None)
@@ -141,6 +141,21 @@ def new_kv_cache(model: Any, *, keep_all: bool = False) -> Any:
         return DynamicCache() if keep_all else DynamicCache(config=config)
     except Exception:  # noqa: BLE001 - a config DynamicCache cannot take: no KV path
         return None
+
+
+def sliding_window(model: Any) -> int:
+    """The bridged HF model's sliding attention window in tokens (Gemma-3-270M: 512), 0 when it has none."""
+    return int(getattr(getattr(getattr(model, "original_model", None), "config", None), "sliding_window", 0) or 0)
+
+
+def windowed_mask(model: Any, mask: Tensor, near: Tensor) -> Tensor | dict[str, Tensor]:
+    """The 4D ``attention_mask`` of a forward over a cache that keeps every position (``new_kv_cache(keep_all=True)``):
+    ``mask`` on full-attention layers, ``mask & near`` on sliding-window layers (``near``, broadcast against ``mask``:
+    the key is within the query's window, ``q - p < window``, HF's rule). Given as the ``{layer type: mask}`` mapping
+    HF's Gemma-3 takes where the config names layer types, else ``mask & near`` for every layer."""
+    slide = mask & near
+    types = getattr(getattr(getattr(model, "original_model", None), "config", None), "layer_types", None)
+    return {t: slide if t == "sliding_attention" else mask for t in set(types)} if types else slide
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
