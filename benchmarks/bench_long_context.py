@@ -44,36 +44,14 @@ from _common import add_row, median, rss_mb, timed
 ANALYSES = ("readout", "head_out_readout", "head_out", "head_out_last2", "attribution")
 
 
-def _ld(pair, logits: torch.Tensor) -> float:
-    rows = torch.arange(pair.n_contexts)
-    at = logits[rows, pair.query_pos]
-    return float((at[rows, pair.answer_ids] - at[rows, pair.foil_ids]).mean())
-
-
 def spot_reference(model, pair, heads: list[tuple[int, int]], readout_only: bool) -> tuple[dict[tuple[int, int], float], float, float]:
     """Mean logit difference of each head patched clean -> corrupted (``hook_z`` at the query slot if
     ``readout_only``, else at every position) and the clean and corrupted baselines: plain bridge forwards
-    with full logits."""
-    rows, q = torch.arange(pair.n_contexts), pair.query_pos
-    out = {}
-    with torch.no_grad():
-        names = {f"blocks.{l}.attn.hook_z" for l, _ in heads}
-        _, cache = model.run_with_cache(pair.clean.tokens, names_filter=lambda n: n in names)
-        clean_ld, corr_ld = _ld(pair, model(pair.clean.tokens)), _ld(pair, model(pair.corrupted.tokens))
-        for l, h in heads:
-            name, clean_z = f"blocks.{l}.attn.hook_z", cache[f"blocks.{l}.attn.hook_z"]
+    with full logits (``tests.helpers.hooked_head_patch``)."""
+    from tests.helpers import hooked_head_patch
 
-            def hook(z: torch.Tensor, hook, h: int = h, clean_z: torch.Tensor = clean_z) -> torch.Tensor:
-                z = z.clone()
-                if readout_only:
-                    z[rows, q, h] = clean_z[rows, q, h]
-                else:
-                    z[:, :, h] = clean_z[:, :, h]
-                return z
-
-            patched = model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(name, hook)])
-            out[(l, h)] = _ld(pair, patched)
-    return out, clean_ld, corr_ld
+    ld, clean_ld, corr_ld = hooked_head_patch(model, pair, heads, readout_only)
+    return dict(zip(heads, ld.tolist())), clean_ld, corr_ld
 
 
 def tl_all_pos(loaded, pair) -> torch.Tensor:

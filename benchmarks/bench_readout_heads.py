@@ -24,6 +24,7 @@ difference; peak RSS of each side (``_common.timed``). Goal: >= 50x faster.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,35 +32,18 @@ import torch
 
 from _common import add_row, median, rss_mb, timed
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.helpers
+from tests.helpers import hooked_head_patch  # noqa: E402 - the reference, imported before anything is timed
+
 warnings.filterwarnings("ignore")
 
 
 def tl_readout_sweep(model, pair) -> torch.Tensor:
-    """Normalised metric ``[layer, head]`` of every query-slot head patch, TransformerLens only."""
+    """Normalised metric ``[layer, head]`` of every query-slot head patch, TransformerLens only
+    (``tests.helpers.hooked_head_patch``: its baselines come from its own full forwards)."""
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    rows, q = torch.arange(pair.n_contexts), pair.query_pos
-    a, f = pair.answer_ids, pair.foil_ids
-
-    def ld(logits: torch.Tensor) -> float:
-        at = logits[rows, q]
-        return float((at[rows, a] - at[rows, f]).mean())
-
-    out = torch.zeros(L, H)
-    with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(pair.clean.tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
-        clean_ld, corr_ld = ld(clean_logits), ld(model(pair.corrupted.tokens))
-        for l in range(L):
-            name = f"blocks.{l}.attn.hook_z"
-            clean_z = cache[name]
-            for h in range(H):
-                def hook(z: torch.Tensor, hook, h: int = h, clean_z: torch.Tensor = clean_z) -> torch.Tensor:
-                    z = z.clone()
-                    z[rows, q, h] = clean_z[rows, q, h]
-                    return z
-
-                patched = model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(name, hook)])
-                out[l, h] = (ld(patched) - corr_ld) / (clean_ld - corr_ld)
-    return out
+    ld, clean_ld, corr_ld = hooked_head_patch(model, pair, [(l, h) for l in range(L) for h in range(H)], True)
+    return ((ld - corr_ld) / (clean_ld - corr_ld)).view(L, H)
 
 
 def stepper_sweep(model, pair) -> torch.Tensor:

@@ -140,3 +140,32 @@ def slot_resample_reference(loaded: LoadedModel, b: PromptBatch, k_min: int, hea
             logits = unembed_labels(loaded.model, resid[rows, q], b.label_token_ids)
         out.append(torch.softmax(logits.double(), -1).gather(-1, b.true_labels[:, j, None])[:, 0])
     return torch.stack(out, 1)  # [b, S]
+
+
+def hooked_head_patch(model, pair: PatchPair, heads, readout_only: bool) -> tuple[Tensor, float, float]:
+    """Mean LD of the corrupted run with each head's ``hook_z`` patched from the clean run (at the query slot
+    only if ``readout_only``, else at every position): one plain ``run_with_hooks`` forward per head, full
+    logits. Returns ``([len(heads)] LDs, clean LD, corrupted LD)``, the clean baseline from the caching forward.
+    An independent reference: plain TL hooks, nothing from mechicl's patching code (benchmarks use it too)."""
+    rows, q = torch.arange(pair.n_contexts), pair.query_pos
+
+    def ld(logits: Tensor) -> float:
+        at = logits[rows, q]
+        return float((at[rows, pair.answer_ids] - at[rows, pair.foil_ids]).mean())
+
+    names = {f"blocks.{l}.attn.hook_z" for l, _ in heads}
+    out = torch.zeros(len(heads))
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(pair.clean.tokens, names_filter=lambda n: n in names)
+        clean_ld, corr_ld = ld(clean_logits), ld(model(pair.corrupted.tokens))
+        for i, (l, h) in enumerate(heads):
+            def hook(z: Tensor, hook, h: int = h, clean_z: Tensor = cache[f"blocks.{l}.attn.hook_z"]) -> Tensor:
+                z = z.clone()
+                if readout_only:
+                    z[rows, q, h] = clean_z[rows, q, h]
+                else:
+                    z[:, :, h] = clean_z[:, :, h]
+                return z
+
+            out[i] = ld(model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)]))
+    return out, clean_ld, corr_ld

@@ -25,32 +25,10 @@ K = 64
 def brute_force_heads(loaded, pair, readout_only: bool) -> torch.Tensor:
     """Normalised metric ``[layer, head]`` of each head's ``hook_z`` patched clean -> corrupted (at the query slot
     only, or at every position): one ``run_with_hooks`` forward per head, baselines from plain forwards."""
-    model = loaded.model
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    rows, q = torch.arange(pair.n_contexts), pair.query_pos
-    a, f = pair.answer_ids, pair.foil_ids
-
-    def ld(logits: torch.Tensor) -> float:
-        at = logits[rows, q]
-        return float((at[rows, a] - at[rows, f]).mean())
-
-    out = torch.zeros(L, H)
-    with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(pair.clean.tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
-        clean_ld, corr_ld = ld(clean_logits), ld(model(pair.corrupted.tokens))
-        for l in range(L):
-            name = f"blocks.{l}.attn.hook_z"
-            for h in range(H):
-                def hook(z: torch.Tensor, hook, h: int = h, clean_z: torch.Tensor = cache[name]) -> torch.Tensor:
-                    z = z.clone()
-                    if readout_only:
-                        z[rows, q, h] = clean_z[rows, q, h]
-                    else:
-                        z[:, :, h] = clean_z[:, :, h]
-                    return z
-
-                out[l, h] = (ld(model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(name, hook)])) - corr_ld) / (clean_ld - corr_ld)
-    return out
+    L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
+    ld, clean_ld, corr_ld = helpers.hooked_head_patch(loaded.model, pair, [(l, h) for l in range(L) for h in range(H)],
+                                                      readout_only)
+    return ((ld - corr_ld) / (clean_ld - corr_ld)).view(L, H)
 
 
 def _models():
