@@ -37,7 +37,6 @@ def _load(model: str, threads: int | None, task: Any = None, device: str = "cpu"
     ``task`` (``check_tokenization``) before any compute. Returns it and the start time."""
     import torch  # deferred: imports torch
 
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.models.loading import load_model  # deferred: imports torch
 
     if threads:
@@ -56,7 +55,6 @@ def _in_folder(args: argparse.Namespace, kind: str, run: Callable[[Any, Any, Pat
     """A run command's shared path: check the model and --out, load the task (``preflight.task_from_args``),
     then load the model and call ``run(loaded, task, folder)`` inside the staged run folder, add what ran to its
     config.json (``preflight.record_ran``; written from ``config`` if the command wrote none); print its text."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.runs.preflight import prepare, record_ran, staged_args, task_from_args  # deferred: imports torch
 
     model = model or args.model
@@ -87,7 +85,6 @@ def _done(out: Any, t0: float) -> None:
 
 def cmd_behavior(args: argparse.Namespace) -> int:
     """`mechicl behavior | demo`: accuracy, log-likelihood and entropy against k per label condition."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.analysis.behavior import BehaviorConfig  # deferred: imports torch
     from mechicl.runs.behavior import run_behavior, write_behavior  # deferred: imports torch
 
@@ -106,7 +103,6 @@ def cmd_behavior(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`mechicl run <config.toml>`: an NH experiment; every flag given overrides the config's value."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.runs.experiments import load_config, run_experiment, write_experiment  # deferred: imports torch
 
     cfg = load_config(args.config, model=args.model, task=args.task, n_contexts=args.n_contexts, seed=args.seed,
@@ -126,7 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_inside(args: argparse.Namespace) -> int:
     """`mechicl attention | lens | dla`: one look inside the model, on default vs flipped contexts."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.runs.attention import report_attention  # deferred: imports torch
     from mechicl.runs.inside import InsideConfig, report_dla, report_lens  # deferred: imports torch
 
@@ -143,7 +138,6 @@ def cmd_inside(args: argparse.Namespace) -> int:
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
     """`mechicl organism train`: train an organism and write its checkpoint and model card."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.data.organism import LanguageConfig  # deferred: imports torch
     from mechicl.models.organism import OrganismConfig  # deferred: imports torch
     from mechicl.runs.organism import train_and_save  # deferred: imports torch
@@ -163,7 +157,6 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 
 def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.analysis.patching import KINDS  # deferred: imports torch
     from mechicl.runs.patch import PatchRunConfig, run_patch  # deferred: imports torch
 
@@ -179,7 +172,6 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     """`mechicl attribute`: AttAttr and path IG beside exact and first-order patching, correct- vs flipped-label contexts."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.runs.attribute import AttributeConfig, run_attribute  # deferred: imports torch
 
     cfg = AttributeConfig(args.model, args.task, args.n_contexts, args.k + 1, args.steps, args.completeness_steps,
@@ -189,7 +181,6 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.analysis.heads import HeadFinderConfig  # deferred: imports torch
     from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads  # deferred: imports torch
     from mechicl.runs.preflight import check_head_sets  # deferred: imports torch
@@ -208,7 +199,6 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 def cmd_findings(args: argparse.Namespace) -> int:
     """`mechicl findings`: the head finder over a grid of models x tasks x seeds; resumable; replication summary."""
-    # deferred to run time: these modules import torch (see the module docstring)
     import torch  # deferred: imports torch
 
     from mechicl.runs.findings import load_grid, make_executor, run_grid, summarise  # deferred: imports torch
@@ -231,7 +221,6 @@ def cmd_findings(args: argparse.Namespace) -> int:
 
 def cmd_circuit(args: argparse.Namespace) -> int:
     """`mechicl circuit`: label-position patching and sender -> receiver path patching, held-out contexts."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.runs.circuit import CircuitConfig, run_circuit  # deferred: imports torch
 
     cfg = CircuitConfig(args.model, args.task, args.k + 1, args.n_select, args.n_eval, args.seed, args.seed_eval,
@@ -252,7 +241,6 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.runs.report import ReportConfig, rerun_command, run_report  # deferred: imports torch
 
     size = "quick" if args.quick else "full" if args.full else "default"
@@ -299,7 +287,6 @@ def tasks_text(doc: str) -> str:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    # deferred to run time: these modules import torch (see the module docstring)
     from mechicl.data import tasks  # deferred: imports torch
 
     print(tasks_text(tasks.__doc__ or ""))
