@@ -13,7 +13,7 @@ import torch
 
 from mechicl.models.loading import load_model
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
-from mechicl.analysis.hooks import run_to_final
+from mechicl.analysis.engine.hooks import run_to_final
 from mechicl.data.tasks import load_task
 
 

@@ -27,12 +27,12 @@ import warnings
 import pandas as pd
 import torch
 
-from mechicl.analysis.attattr import attattr
-from mechicl.analysis.attribution_patching import attribution_patch
-from mechicl.analysis.hooks import run_to_final
-from mechicl.analysis.integrated_gradients import ranking_comparison, sign_disagreements
-from mechicl.analysis.path_ig import path_ig
-from mechicl.analysis.patching import Patcher
+from mechicl.analysis.gradients.attattr import attattr
+from mechicl.analysis.patching.attribution import attribution_patch
+from mechicl.analysis.engine.hooks import run_to_final
+from mechicl.analysis.gradients.ig import ranking_comparison, sign_disagreements
+from mechicl.analysis.gradients.path_ig import path_ig
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model

@@ -80,8 +80,8 @@ def plain_hf(name: str):
 
 def readout_step(loaded, pair):
     """The one-forward readout of all k slots and its reference (a plain HF model's full logits)."""
-    from mechicl.analysis.hooks import run_to_final
-    from mechicl.analysis.readout import unembed_labels
+    from mechicl.analysis.engine.hooks import run_to_final
+    from mechicl.analysis.engine.readout import unembed_labels
 
     b, m = pair.clean, loaded.model
     n = int(b.lengths[0])
@@ -106,7 +106,7 @@ def readout_step(loaded, pair):
 
 def sweep_step(loaded, pair, kind: str):
     """A fresh Patcher's sweep and its spot check against plain hooked forwards."""
-    from mechicl.analysis.patching import Patcher
+    from mechicl.analysis.patching.exact import Patcher
 
     model = loaded.model
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -129,7 +129,7 @@ def sweep_step(loaded, pair, kind: str):
 
 def measure(loaded, task, analysis: str, k: int, args, rss_model: float) -> None:
     """One (analysis, k): warm-up, repeats, checks; prints a row and appends it to ``--rows``."""
-    from mechicl.analysis.attribution_patching import attribution_patch
+    from mechicl.analysis.patching.attribution import attribution_patch
     from mechicl.data.pairs import pair_for
 
     pair = pair_for(loaded, task, 1, k, seed=args.seed, last_m=2 if analysis == "head_out_last2" else None)

@@ -41,9 +41,9 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, 'benchmarks')
 from _common import reset_peak, rss_mb
-import mechicl.analysis.heads as heads
-from mechicl.analysis.ablation import HeadAblator
-from mechicl.analysis.patching import Patcher
+import mechicl.analysis.heads.old_finder as heads
+from mechicl.analysis.heads.ablation import HeadAblator
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
 from mechicl.runs.heads import find_heads_for

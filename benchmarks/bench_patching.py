@@ -25,7 +25,7 @@ receiver batch (tokens up to the query slot; the two cached runs are not counted
 in seconds is that count times the measured median of one readout forward
 (``run_to_final`` on the same tokens). Goal: mechicl within 1.3x of it. Positions before the first
 differing label are the same in every patched run, so where mechicl reuses their keys and values
-(``analysis.prefix_reuse``: HF models, contexts within any sliding window) the bound's forward is the
+(``analysis.engine.prefix_reuse``: HF models, contexts within any sliding window) the bound's forward is the
 re-run of the remaining positions over the cached prefix (``SuffixRunner.run``, no hooks), timed the
 same way; the full-width bound is printed below the row. With ``--last-m`` most of the prompt is such a prefix.
 
@@ -73,8 +73,8 @@ def verdict(ok: bool) -> str:
 def measure_size(loaded, task, args, n_ex: int, rss_model: float):
     """One size: interleaved repeats of mechicl and TL, the readout forward for the bound; prints a row."""
     import transformer_lens.patching as tlp
-    from mechicl.analysis.hooks import run_to_final
-    from mechicl.analysis.patching import Patcher
+    from mechicl.analysis.engine.hooks import run_to_final
+    from mechicl.analysis.patching.exact import Patcher
     from mechicl.data.pairs import pair_for
     from tests.helpers import tl_metric
 
@@ -144,9 +144,9 @@ def measure_size(loaded, task, args, n_ex: int, rss_model: float):
 
 def extras(loaded, pair, res_ours, repeats: int) -> None:
     """Attribution patching, the readout-slot sweep and start_at_layer, on one pair."""
-    from mechicl.analysis.attribution_patching import agreement, attribution_patch
-    from mechicl.analysis.hooks import run_to_final
-    from mechicl.analysis.patching import Patcher
+    from mechicl.analysis.patching.attribution import agreement, attribution_patch
+    from mechicl.analysis.engine.hooks import run_to_final
+    from mechicl.analysis.patching.exact import Patcher
 
     model = loaded.model
     L = int(model.cfg.n_layers)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from _common import add_row, median, rss_mb, timed
-from mechicl.analysis.hooks import run_to_final
-from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.engine.hooks import run_to_final
+from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model

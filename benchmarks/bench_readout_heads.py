@@ -4,7 +4,7 @@
 
 Every head's output (``hook_z``) is patched at the query readout slot only, clean -> corrupted
 (denoising), one head per cell, with the normalised logit-difference metric of
-``mechicl.analysis.patching``:
+``mechicl.analysis.patching.exact``:
 
 * mechicl: ``Patcher(model, pair).sweep("head_out_readout")`` (a fresh Patcher per repeat, so its
   baselines and its two ``ReadoutStepper`` prefix runs are timed);
@@ -48,9 +48,9 @@ def tl_readout_sweep(model, pair) -> torch.Tensor:
 
 def stepper_sweep(model, pair) -> torch.Tensor:
     """The same sweep with two ``ReadoutStepper``s only: 2 prefix forwards + one re-run of the query token per head."""
-    from mechicl.analysis.hooks import head_masks
-    from mechicl.analysis.patching import normalise
-    from mechicl.analysis.stepper import ReadoutStepper
+    from mechicl.analysis.engine.hooks import head_masks
+    from mechicl.analysis.patching.exact import normalise
+    from mechicl.analysis.engine.stepper import ReadoutStepper
 
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     donor, recv = ReadoutStepper(model, pair.clean), ReadoutStepper(model, pair.corrupted)
@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from mechicl.analysis.patching import Patcher
+    from mechicl.analysis.patching.exact import Patcher
     from mechicl.data.pairs import pair_for
     from mechicl.data.tasks import load_task
     from mechicl.models.loading import load_model

@@ -62,8 +62,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from mechicl.analysis.attribution_patching import attribution_patch
-    from mechicl.analysis.patching import Patcher
+    from mechicl.analysis.patching.attribution import attribution_patch
+    from mechicl.analysis.patching.exact import Patcher
     from mechicl.data.pairs import pair_for
     from mechicl.data.tasks import load_task
     from mechicl.models.loading import load_model

@@ -61,8 +61,8 @@ def _inputs(loaded, task, contexts: int, examples: int, seed: int):
 
 def _measure(loaded, batch, pair, sweep: str, device: str) -> dict:
     """Label logits and one sweep (float32, CPU tensors) plus their wall times on ``loaded``'s device."""
-    from mechicl.analysis.patching import Patcher
-    from mechicl.analysis.readout import label_logits
+    from mechicl.analysis.patching.exact import Patcher
+    from mechicl.analysis.engine.readout import label_logits
 
     t_ro, logits = _timed(lambda: label_logits(loaded.model, batch, progress=False), device)
     patcher = Patcher(loaded.model, pair)
@@ -100,7 +100,7 @@ def _tl_metric(model, pair, device: str):
 def p1_ratio(loaded, pair, device: str, repeats: int) -> dict:
     """mechicl all-heads exact patching vs TL's ``get_act_patch_attn_head_out_all_pos`` on ``device``."""
     import transformer_lens.patching as tlp
-    from mechicl.analysis.patching import Patcher
+    from mechicl.analysis.patching.exact import Patcher
 
     model = loaded.model
     metric = _tl_metric(model, pair, device)

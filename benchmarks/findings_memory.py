@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from mechicl.analysis import findings as AF
-from mechicl.analysis import slots as SL
-from mechicl.analysis import stepper as ST
+from mechicl.analysis.heads.old_finder import finder as AF
+from mechicl.analysis.engine import slots as SL
+from mechicl.analysis.engine import stepper as ST
 from mechicl.models.loading import load_model
 from mechicl.runs import findings as F
 

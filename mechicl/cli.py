@@ -85,7 +85,7 @@ def _done(out: Any, t0: float) -> None:
 
 def cmd_behavior(args: argparse.Namespace) -> int:
     """`mechicl behavior | demo`: accuracy, log-likelihood and entropy against k per label condition."""
-    from mechicl.analysis.behavior import BehaviorConfig  # deferred: imports torch
+    from mechicl.analysis.behavior.curves import BehaviorConfig  # deferred: imports torch
     from mechicl.runs.behavior import run_behavior, write_behavior  # deferred: imports torch
 
     conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
@@ -103,7 +103,7 @@ def cmd_behavior(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`mechicl run <config.toml>`: an NH experiment; every flag given overrides the config's value."""
-    from mechicl.runs.experiments import load_config, run_experiment, write_experiment  # deferred: imports torch
+    from mechicl.runs.run import load_config, run_experiment, write_experiment  # deferred: imports torch
 
     cfg = load_config(args.config, model=args.model, task=args.task, n_contexts=args.n_contexts, seed=args.seed,
                       label_names=list(args.label_names) if args.label_names else None, k_max=args.k,
@@ -157,7 +157,7 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 
 def cmd_patch(args: argparse.Namespace) -> int:
     """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
-    from mechicl.analysis.patching import KINDS  # deferred: imports torch
+    from mechicl.analysis.patching.exact import KINDS  # deferred: imports torch
     from mechicl.runs.patch import PatchRunConfig, run_patch  # deferred: imports torch
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -181,7 +181,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def cmd_heads(args: argparse.Namespace) -> int:
     """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
-    from mechicl.analysis.heads import HeadFinderConfig  # deferred: imports torch
+    from mechicl.analysis.heads.old_finder import HeadFinderConfig  # deferred: imports torch
     from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads  # deferred: imports torch
     from mechicl.runs.preflight import check_head_sets  # deferred: imports torch
 
@@ -230,7 +230,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """`mechicl aggregate`: head projections vs the count and placement of flipped labels; steering check."""
-    from mechicl.runs.aggregation import AggregationConfig, run_aggregation  # deferred: imports torch
+    from mechicl.runs.aggregate import AggregationConfig, run_aggregation  # deferred: imports torch
 
     cfg = AggregationConfig(args.model, args.task, args.k + 1, args.n_select, args.n_fit, args.n_eval, args.seed,
                             tuple(p.strip() for p in args.placements.split(",") if p.strip()),

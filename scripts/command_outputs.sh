@@ -4,7 +4,7 @@
 #   scripts/command_outputs.sh /path/to/old-checkout /tmp/before
 #   scripts/command_outputs.sh .                     /tmp/after
 #   for f in $(cd /tmp/before && find . -name '*.csv'); do cmp -s /tmp/before/$f /tmp/after/$f || echo "DIFF $f"; done
-# PYTHON defaults to this checkout's .venv. About 80 s on one core.
+# PYTHON defaults to this checkout's .venv. About 3 min on one core.
 set -euo pipefail
 SRC=$(cd "$1" && pwd); OUT=$2
 PYTHON=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
@@ -21,6 +21,11 @@ for spec in "tiny toy" "organism-strong organism"; do
     --n-contexts 4 --k 5 --threads 1 --out "$OUT/$m/patch" > /dev/null
   $M patch --model $m --task $t --kinds head_out --last-m 2 --n-contexts 4 --k 5 --threads 1 --out "$OUT/$m/patch_lastm" > /dev/null
   $M heads --model $m --task $t --k 8 --n-screen 8 --n-eval 16 --n-control 20 --threads 1 --out "$OUT/$m/heads" > /dev/null
+  $M attribute --model $m --task $t --n-contexts 4 --k 5 --steps 8 --threads 1 --out "$OUT/$m/attribute" > /dev/null
+  $M circuit --model $m --task $t --k 5 --n-select 4 --n-eval 8 --threads 1 --out "$OUT/$m/circuit" > /dev/null
+  $M aggregate --model $m --task $t --k 5 --n-select 4 --n-fit 8 --n-eval 8 --n-boot 50 --threads 1 --out "$OUT/$m/aggregate" > /dev/null
 done
+$M findings --models organism-strong --tasks organism --seeds 0 --k 8 --k-min 4 --n-screen 4 --n-confirm 4 --n-validate 8 \
+  --n-candidates 4 --n-top 2 --n-control 2 --threads 1 --out "$OUT/findings" > /dev/null
 $M run experiments/nh3_label_switch.toml --model organism-strong --n-contexts 8 --threads 1 --out "$OUT/run_nh3" > /dev/null
 echo "wrote $(find "$OUT" -name '*.csv' | wc -l) CSVs to $OUT"

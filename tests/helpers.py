@@ -11,8 +11,8 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from mechicl.analysis.hooks import run_to_final
-from mechicl.analysis.readout import unembed_labels
+from mechicl.analysis.engine.hooks import run_to_final
+from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.data.pairs import PatchPair
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task, Template

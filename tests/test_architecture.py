@@ -82,9 +82,9 @@ def test_modules_and_functions_are_small(path):
 
 
 def test_the_layer_checker_catches_an_upward_import(tmp_path):
-    tree = ast.parse("def f():\n    from mechicl.analysis.hooks import capture\n")
+    tree = ast.parse("def f():\n    from mechicl.analysis.engine.hooks import capture\n")
     [(node, name, in_function)] = _mechicl_imports(tree)
-    assert name == "mechicl.analysis.hooks" and in_function and "analysis" not in ALLOWED["data"]
+    assert name == "mechicl.analysis.engine.hooks" and in_function and "analysis" not in ALLOWED["data"]
     [(_, _, hidden)] = _mechicl_imports(ast.parse("if TYPE_CHECKING:\n    from mechicl.runs.report import X\n"))
     assert hidden
 

@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mechicl.analysis.behavior import BehaviorConfig, value_at
+from mechicl.analysis.behavior.curves import BehaviorConfig, value_at
 from mechicl.runs.behavior import run_behavior
 from mechicl.data.prompts import LABEL, build_prompt_batch, sample_contexts
-from mechicl.analysis.readout import label_logits
+from mechicl.analysis.engine.readout import label_logits
 from mechicl.data.task import Template
 from mechicl.data.tasks import load_task
 from tests import helpers

@@ -54,7 +54,7 @@ class AblationBatches:
 
 def ablation_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch example"], *, n_ctx: int,
                      prepend_bos: bool, seed: int = 0) -> AblationBatches:
-    """The four renderings of ``example_ids`` that ``analysis.ablation.HeadAblator`` reads."""
+    """The four renderings of ``example_ids`` that ``analysis.heads.ablation.HeadAblator`` reads."""
     kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos)
     correct = build_prompt_batch(task, tokenizer, example_ids, "default", seed=seed, **kw)
     return AblationBatches(
@@ -135,7 +135,7 @@ class HeldOutBatches:
 
 def held_out_batches(task: Task, tokenizer: Any, draws: StageDraws, *, n_ctx: int, prepend_bos: bool,
                      template: Template | None = None) -> HeldOutBatches:
-    """The renderings ``analysis.findings`` reads, built from ``stage_draws``."""
+    """The renderings ``analysis.heads.finder`` reads, built from ``stage_draws``."""
     kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
     stages = {s: (build_prompt_batch(task, tokenizer, ids, "default", **kw), build_prompt_batch(task, tokenizer, ids, "flipped", **kw))
               for s, ids in draws.ids.items()}

@@ -9,8 +9,8 @@
 * ``input_device(model)``: where token ids and masks must go: the device of the input embedding
   (``cfg.device``; for a ``device_map`` split this is the first shard).
 
-Analyses never ask for a device themselves: ``analysis.hooks.run_to_final`` moves its inputs with
-``input_device``, and results come back on the CPU in float32 (``analysis.hooks.to_host``).
+Analyses never ask for a device themselves: ``analysis.engine.hooks.run_to_final`` moves its inputs with
+``input_device``, and results come back on the CPU in float32 (``analysis.engine.hooks.to_host``).
 """
 
 from __future__ import annotations

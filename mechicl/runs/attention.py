@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mechicl.analysis import attention as A
-from mechicl.analysis.frames import top_heads
-from mechicl.analysis.saliency import Saliency, attention_saliency
+from mechicl.analysis.inside import attention as A
+from mechicl.analysis.inside.frames import top_heads
+from mechicl.analysis.inside.saliency import Saliency, attention_saliency
 from mechicl.data.batches import repeated_random_tokens
 from mechicl.data.prompts import PromptBatch
 from mechicl.data.task import Task

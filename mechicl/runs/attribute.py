@@ -2,9 +2,9 @@
 
 Builds one correct-label (clean) vs flipped-label (corrupted) pair, then:
 
-* AttAttr (``analysis.attattr``) of every layer on both renderings, with the answer = the label the
+* AttAttr (``analysis.gradients.attattr``) of every layer on both renderings, with the answer = the label the
   context shows at the query (so on flipped contexts a positive score pushes towards the flipped label);
-* path IG (``analysis.path_ig``) per head and layer, its completeness at several step counts;
+* path IG (``analysis.gradients.path_ig``) per head and layer, its completeness at several step counts;
 * exact head-output patching (``Patcher.sweep("head_out", "denoise")``) and first-order attribution
   patching (``attribution_patch``), ranked against exact patching with path IG
   (``integrated_gradients.ranking_comparison``), and the heads where first order and IG disagree in sign.
@@ -19,11 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechicl.analysis.attattr import AttAttrResult, attattr, completeness_table, default_targets, head_groups
-from mechicl.analysis.attribution_patching import attribution_patch
-from mechicl.analysis.integrated_gradients import ranking_comparison, sign_disagreements
-from mechicl.analysis.path_ig import PathIGResult, path_ig
-from mechicl.analysis.patching import Patcher
+from mechicl.analysis.gradients.attattr import AttAttrResult, attattr, completeness_table, default_targets, head_groups
+from mechicl.analysis.patching.attribution import attribution_patch
+from mechicl.analysis.gradients.ig import ranking_comparison, sign_disagreements
+from mechicl.analysis.gradients.path_ig import PathIGResult, path_ig
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import PatchPair, pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel

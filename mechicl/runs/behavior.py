@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult, score_batches, summarize, value_at
+from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult, score_batches, summarize, value_at
 from mechicl.data.conditions import LabelCondition
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task, check_tokenization
 from mechicl.errors import PromptError
 from mechicl.models.base import LoadedModel
-from mechicl.runs.behavior_bayes import bayes_lines, bayes_reference
+from mechicl.runs.behavior_optimal_reader import bayes_lines, bayes_reference
 from mechicl.runs.folder import RunFolder, md_table
-from mechicl.viz.bayes import accuracy_with_bayes
+from mechicl.viz.optimal_reader import accuracy_with_bayes
 from mechicl.viz.plots import line_plot
 
 LABELS = {

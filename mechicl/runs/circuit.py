@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from mechicl.analysis.hooks import Head, fmt_heads
-from mechicl.analysis.label_patching import PARTS, POSITION_SETS, patch_head_parts, patch_position_sets, value_interval
-from mechicl.analysis.path_patching import INPUTS, LOGITS, MLPS, PathResult, path_matrix, path_patch
-from mechicl.analysis.patching import Patcher
+from mechicl.analysis.engine.hooks import Head, fmt_heads
+from mechicl.analysis.patching.positions import PARTS, POSITION_SETS, patch_head_parts, patch_position_sets, value_interval
+from mechicl.analysis.patching.paths import INPUTS, LOGITS, MLPS, PathResult, path_matrix, path_patch
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError

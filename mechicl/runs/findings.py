@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechicl.analysis.findings import FindingsConfig, FindingsResult, find_label_heads
-from mechicl.analysis.replication import CellTables, Replication, replicate
+from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult, find_label_heads
+from mechicl.analysis.heads.replication import CellTables, Replication, replicate
 from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError

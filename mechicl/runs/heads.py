@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechicl.analysis.heads import HeadFinderConfig, HeadFinderResult, find_heads, p_text
+from mechicl.analysis.heads.old_finder import HeadFinderConfig, HeadFinderResult, find_heads, p_text
 from mechicl.data.batches import ablation_batches
 from mechicl.data.pairs import pair_for
 from mechicl.data.prompts import sample_contexts

@@ -11,11 +11,11 @@ import pandas as pd
 from jaxtyping import Int
 from torch import Tensor
 
-from mechicl.analysis.attention import pattern_names
-from mechicl.analysis.dla import dla_names, dla_table, direct_logits, prior_vs_context, zero_shot_prior
-from mechicl.analysis.hooks import FINAL
-from mechicl.analysis.lens import Lens, lens_names, logit_lens
-from mechicl.analysis.readout import ReadoutRun, readout_run
+from mechicl.analysis.inside.attention import pattern_names
+from mechicl.analysis.inside.dla import dla_names, dla_table, direct_logits, prior_vs_context, zero_shot_prior
+from mechicl.analysis.engine.hooks import FINAL
+from mechicl.analysis.inside.lens import Lens, lens_names, logit_lens
+from mechicl.analysis.engine.readout import ReadoutRun, readout_run
 from mechicl.data.batches import zero_shot_batch
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task
@@ -198,7 +198,7 @@ def report_dla(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, pr
               md_table(top[["name", "dla"]]), "",
               "## Prior vs context (heads; MLPs are in prior_vs_context.csv)",
               "context = how much of the component's direct effect flips with the label shown in context; "
-              "prior = how much stays with the zero-shot label (see mechicl.analysis.dla.prior_vs_context).", "",
+              "prior = how much stays with the zero-shot label (see mechicl.analysis.inside.dla.prior_vs_context).", "",
               "Most on the context side (largest context - prior):", "",
               md_table(named.sort_values("side", ascending=False).head(5)[cols]), "",
               "Most on the prior side (smallest context - prior):", "",

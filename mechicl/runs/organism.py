@@ -6,7 +6,7 @@ seeded numpy generator for the data, so the same ``OrganismConfig`` gives bit-id
 Two stages. (1) ``steps`` steps with every head. Context reading then ends up spread over the last
 layer's heads, so no single head's ablation removes it. (2) If ``keep_heads > 0``: the last layer
 keeps only the ``keep_heads`` heads whose readout-slot mean ablation closes most of the
-flipped-label gap (``analysis.ablation``, on contexts the evaluation does not use). The other
+flipped-label gap (``analysis.heads.ablation``, on contexts the evaluation does not use). The other
 heads' output weights (``W_O`` columns) are set to zero and held there while training continues
 for ``prune_steps`` steps, so the kept head takes over all label reading. This gives the organism
 a known ground truth: one label-reading head. Architecture and checkpoint I/O: ``models.organism``.
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from mechicl.analysis.ablation import HeadAblator
-from mechicl.analysis.behavior import BehaviorConfig
+from mechicl.analysis.heads.ablation import HeadAblator
+from mechicl.analysis.behavior.curves import BehaviorConfig
 from mechicl.data.batches import ablation_batches
-from mechicl.data.bayes import bayes_curve
+from mechicl.data.optimal_reader import bayes_curve
 from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
 from mechicl.data.prompts import sample_contexts
 from mechicl.models.base import LoadedModel
@@ -279,7 +279,7 @@ BAYES_HEADER = "## Bayes-optimal reference"
 
 def bayes_table(lang: LanguageConfig, acc: pd.DataFrame) -> pd.DataFrame:
     """Per (condition, k): the organism's accuracy (with CI), the Bayes-optimal reader's accuracy and
-    P(shown label), and the gap organism - Bayes (``data.bayes``; exact, no sampling)."""
+    P(shown label), and the gap organism - Bayes (``data.optimal_reader``; exact, no sampling)."""
     bayes = bayes_curve(lang, CURVE_CONDITIONS, tuple(int(k) for k in sorted(acc.k.unique())))
     t = acc[["condition", "k", "mean", "ci_low", "ci_high"]].merge(bayes, on=["condition", "k"])
     return t.rename(columns={"mean": "organism", "accuracy": "bayes_accuracy", "p_target": "bayes_p"}).assign(
@@ -299,7 +299,7 @@ def bayes_section(lang: LanguageConfig, acc: pd.DataFrame, card: Path) -> str:
     rows = t[["condition", "k", "organism", "ci_low", "ci_high", "bayes_accuracy", "bayes_p", "gap"]]
     return f"""
 {BAYES_HEADER}
-The ideal reader of this language (`mechicl.data.bayes`: exact posterior over the four label maps
+The ideal reader of this language (`mechicl.data.optimal_reader`: exact posterior over the four label maps
 with the prior and label noise above) on the same conditions. `bayes_accuracy` is its decision
 between the condition's two label words (0.5 on a tie), `bayes_p` its probability of the shown
 label among those two, `gap` = organism accuracy - Bayes accuracy. The organism columns are

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from mechicl.analysis.patching import Patcher, PatchResult
+from mechicl.analysis.patching.exact import Patcher, PatchResult
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -21,7 +21,7 @@ class PatchRunConfig:
     """One `mechicl patch` run. ``n_examples``: examples per context, the last is the query (``--k`` = n_examples - 1
     observed demonstrations); ``batch_size``: rows per batched forward (``Patcher``'s ``max_rows``).
 
-    Cost: per sweep, ``PatchResult.forwards`` receiver-forward equivalents (see ``analysis.patching``).
+    Cost: per sweep, ``PatchResult.forwards`` receiver-forward equivalents (see ``analysis.patching.exact``).
     """
 
     model: str

@@ -19,12 +19,12 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from mechicl.analysis.attribution_patching import agreement, attribution_patch
-from mechicl.analysis.behavior import BehaviorConfig, BehaviorResult
-from mechicl.analysis.experiments import run_tests
-from mechicl.analysis.hooks import act_name
-from mechicl.analysis.patching import Patcher
-from mechicl.analysis.surgery import count_block_calls
+from mechicl.analysis.patching.attribution import agreement, attribution_patch
+from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult
+from mechicl.analysis.behavior.hypotheses import run_tests
+from mechicl.analysis.engine.hooks import act_name
+from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.engine.surgery import count_block_calls
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -33,10 +33,10 @@ from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportDat
 from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
-from mechicl.runs.behavior_bayes import bayes_reference
-from mechicl.runs.experiments import load_config, verdict_markdown
+from mechicl.runs.behavior_optimal_reader import bayes_reference
+from mechicl.runs.run import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
-from mechicl.runs.report_external import check_external
+from mechicl.runs.report_circuit import check_external
 from mechicl.runs.heads import find_heads_for
 from mechicl.runs.inside import Runs, compute_dla, compute_lens, shared_runs
 from mechicl.viz.report_html import render_report

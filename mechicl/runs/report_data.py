@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 
-from mechicl.analysis.behavior import BehaviorResult
-from mechicl.analysis.experiments import ExperimentConfig
-from mechicl.analysis.heads import HeadFinderConfig, HeadFinderResult
-from mechicl.analysis.patching import PatchResult
-from mechicl.analysis.readout import ReadoutRun
+from mechicl.analysis.behavior.curves import BehaviorResult
+from mechicl.analysis.behavior.hypotheses import ExperimentConfig
+from mechicl.analysis.heads.old_finder import HeadFinderConfig, HeadFinderResult
+from mechicl.analysis.patching.exact import PatchResult
+from mechicl.analysis.engine.readout import ReadoutRun
 from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
 from mechicl.runs.attention import AttentionResult
@@ -118,7 +118,7 @@ class ReportData:
     behavior: BehaviorResult
     nh: list[NHTest]
     attention: AttentionResult
-    lens: Any  # analysis.lens.Lens
+    lens: Any  # analysis.inside.lens.Lens
     dla: pd.DataFrame
     prior_vs_context: pd.DataFrame
     patch: PatchStage

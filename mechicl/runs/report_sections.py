@@ -9,25 +9,25 @@ import platform
 import numpy as np
 import pandas as pd
 
-from mechicl.analysis.attention import context_patterns
-from mechicl.analysis.behavior import value_at
-from mechicl.analysis.frames import top_heads
-from mechicl.analysis.patching import PatchResult
-from mechicl.analysis.resampling import fmt_p
-from mechicl.analysis.stats import paired_test
+from mechicl.analysis.inside.attention import context_patterns
+from mechicl.analysis.behavior.curves import value_at
+from mechicl.analysis.inside.frames import top_heads
+from mechicl.analysis.patching.exact import PatchResult
+from mechicl.analysis.stats.resampling import fmt_p
+from mechicl.analysis.stats.paired import paired_test
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention
 from mechicl.runs.attribute import plot_label_vs_input, top_label_heads
 from mechicl.runs.behavior import plot_metric
-from mechicl.runs.behavior_bayes import bayes_reference
+from mechicl.runs.behavior_optimal_reader import bayes_reference
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.inside import plot_lens
 from mechicl.runs.patch import write_patch_results
 from mechicl.runs.report_data import NHTest, ReportConfig, ReportData
-from mechicl.runs.report_external import circuit_section
+from mechicl.runs.report_circuit import circuit_section
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
-from mechicl.viz.bayes import accuracy_with_bayes
+from mechicl.viz.optimal_reader import accuracy_with_bayes
 from mechicl.viz.plots import heatmap
 from mechicl.viz.report_plots import histogram, scatter
 
@@ -132,7 +132,7 @@ def bayes_blocks(folder: RunFolder, d: ReportData, title: str) -> list:
     parts = "; ".join(f"{c} {r.organism:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] vs {r.bayes_accuracy:.2f}"
                       for c, r in at.iterrows())
     return [Figure(path, f"The organism's language fixes the prior over label maps and the label noise, so the ideal "
-                         f"reader's accuracy is known exactly (dashed; `data.bayes`). At k = {K}, organism vs Bayes: "
+                         f"reader's accuracy is known exactly (dashed; `data.optimal_reader`). At k = {K}, organism vs Bayes: "
                          f"{parts}. The largest distance is {worst['distance']:+.2f} ({worst.condition}, k = "
                          f"{int(worst.k)}): where the measured curve sits below the dashed one, the organism reads its "
                          "context worse than ideal inference would (`bayes.csv`).")]

@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mechicl.analysis.dla import direct_logits
-from mechicl.analysis.hooks import run_to_final
-from mechicl.analysis.patching import Patcher
-from mechicl.analysis.readout import label_logits
+from mechicl.analysis.inside.dla import direct_logits
+from mechicl.analysis.engine.hooks import run_to_final
+from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.engine.readout import label_logits
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
 from mechicl.models.device import release_host_memory

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from mechicl.analysis.findings import FindingsConfig
+from mechicl.analysis.heads.finder import FindingsConfig
 from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs import findings as F

@@ -24,7 +24,7 @@ from mechicl.data.organism import (
     organism_tokenizer,
     sample_sequences,
 )
-from mechicl.analysis.heads import HeadFinderConfig
+from mechicl.analysis.heads.old_finder import HeadFinderConfig
 from mechicl.runs.heads import find_heads_for
 from mechicl.models.organism import OrganismConfig, live_heads, load_checkpoint, save_checkpoint, weights_sha256
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
@@ -130,7 +130,7 @@ def organisms():
 
 @pytest.fixture(scope="module")
 def curves(organisms) -> dict[str, pd.DataFrame]:
-    """The two priors (the strong recipe's other seeds and unpruned variant: tests/analysis/test_ground_truth.py)."""
+    """The two priors (the strong recipe's other seeds and unpruned variant: tests/analysis/heads/test_ground_truth.py)."""
     return {name: measure_curves(organisms[name], n_contexts=64) for name in ("organism-strong", "organism-weak")}
 
 
@@ -200,7 +200,7 @@ def test_heads_finds_the_planted_label_reading_head(organisms):
 def test_the_label_reading_head_attends_to_label_tokens(organisms):
     """Attention analysis on the organism: the planted last-layer head reads label tokens (most of its
     readout-slot attention) under flipped labels, more than the average head does."""
-    from mechicl.analysis.attention import label_attention
+    from mechicl.analysis.inside.attention import label_attention
 
     loaded = organisms["organism-strong"]
     task = load_task("organism")

@@ -6,7 +6,7 @@ import shutil
 
 import pandas as pd
 
-from mechicl.data.bayes import bayes_point
+from mechicl.data.optimal_reader import bayes_point
 from mechicl.data.organism import LanguageConfig
 from mechicl.models.organism import checkpoint_path
 from mechicl.runs.organism import BAYES_HEADER, bayes_table, refresh_bayes_section

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mechicl.analysis.patching import PatchResult
+from mechicl.analysis.patching.exact import PatchResult
 from mechicl.runs import patch
 from mechicl.runs.folder import RunFolder
 

@@ -1,0 +1,1 @@
+"""Evidence aggregation: direct projections, total effects, fits and steering."""

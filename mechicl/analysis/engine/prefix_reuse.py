@@ -1,0 +1,111 @@
+"""``SuffixRunner``: re-run only the positions from the first one where two runs differ, over a cached prefix.
+
+The two runs of a patching pair have the same tokens up to the first differing label ``p0``, so
+(causal attention) the same activations, keys and values there at every layer. A patch that copies
+one run's activations into the other changes nothing before ``p0`` either (the runs agree there),
+so every patched re-run shares the prefix's keys and values: only positions ``p0 .. width-1`` run,
+attending to the cached prefix and to each other. With only the last ``m`` demonstration labels
+flipped (``data.pairs.make_pair(last_m=m)``), ``p0`` is near the query and most of a re-run is saved;
+with every label flipped the prefix is the text before the first label (short, still exact).
+
+The KV plumbing is ``analysis.engine.surgery``'s (``cache_shim``, ``fresh_cache``); the cached residual the
+re-runs start from is the caller's. Which models: Hugging Face models bridged by TransformerLens with a
+transformers KV cache. Not TL-native models (no cache: ``NoPrefixReuse``, the caller runs full width).
+Contexts longer than a sliding attention window (Gemma-3-270M: 512 tokens, k = 64 vader-words examples):
+the prefix cache keeps every position in every layer and the re-runs' 4D mask applies the window on the
+sliding layers (a query at ``q`` sees keys ``p`` with ``q - p < window``, HF's rule), as the readout
+stepper does. Callers check the first re-run against their full forward (``Patcher`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechicl.analysis.engine.hooks import Hook, run_to_final
+from mechicl.analysis.engine.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
+from mechicl.data.pairs import PatchPair
+
+
+class NoPrefixReuse(RuntimeError):
+    """The prefix cannot be reused (no KV cache, no shared prefix): run full width.
+
+    ``expected``: True when that is the model's nature (TL-native, no cache), so no warning is due."""
+
+    def __init__(self, msg: str, expected: bool = False) -> None:
+        super().__init__(msg)
+        self.expected = expected
+
+
+def shared_prefix(pair: PatchPair, width: int) -> int:
+    """Positions before the first one (over all contexts) where clean and corrupted tokens differ, at most
+    the earliest query slot (every context's readout stays in the suffix)."""
+    diff = (pair.clean.tokens[:, :width] != pair.corrupted.tokens[:, :width]).any(0).nonzero()
+    first = int(diff.min()) if len(diff) else width
+    return min(first, int(pair.query_pos.min()))
+
+
+def suffix_mask(model: Any, start: int, width: int) -> Tensor | dict[str, Tensor]:
+    """The re-runs' ``[1, 1, width - start, width]`` mask: query ``q`` (positions ``start..width-1``) sees key ``p`` when
+    ``p <= q``, and on sliding-window layers only when ``q - p < window``. Per layer type
+    (``{"full_attention": .., "sliding_attention": ..}``, the mapping HF's Gemma-3 takes) when the window matters and
+    the config names layer types; the windowed mask for every layer when it names none."""
+    q, p = torch.arange(start, width)[:, None], torch.arange(width)[None]
+    causal, window = (p <= q)[None, None], sliding_window(model)
+    return causal if not window or width <= window else windowed_mask(model, causal, ((q - p) < window)[None, None])
+
+
+class SuffixRunner:
+    """Forwards of positions ``start .. width-1`` of a batch over the key/value cache of positions ``0 .. start-1``.
+
+    ``prefix``: ``[batch, start]`` tokens, the same in every run that will be re-run (e.g. both runs of a
+    pair). Construction runs them once with a KV cache (every layer, all positions kept). ``run`` runs
+    ``n`` copies of a ``[batch, width - start]`` suffix in one forward (row ``copy * batch + context``,
+    the layout of ``tokens.repeat(n, 1)``) with TL hooks, optionally from block ``layer`` on (blocks
+    below it are skipped, ``surgery.start_at``; give the residual entering it at the suffix positions).
+
+    Cost: construction ``start / width`` of a forward; ``run``: ``n`` forwards of ``width - start`` tokens
+    (plus attention to the ``start`` cached positions). Memory: the prefix cache, ``batch x start x
+    n_layers x 2 x n_kv_heads x d_head`` floats, plus, while one layer attends, that layer's prefix tiled
+    ``n`` times.
+    """
+
+    def __init__(self, model: Any, prefix: Int[Tensor, "batch start"], width: int) -> None:
+        self.model, self.start, self.width = model, int(prefix.shape[1]), int(width)
+        if not 0 < self.start < self.width:
+            raise NoPrefixReuse(f"no shared prefix to reuse (it has {self.start} of {self.width} positions)")
+        cache = new_kv_cache(model, keep_all=True)
+        if cache is None:
+            raise NoPrefixReuse("the model has no transformers KV cache", expected=True)
+        with torch.no_grad(), cache_shim(model):
+            run_to_final(model, prefix, **cache_kwargs(model, cache))
+        if cache.get_seq_length() != self.start:
+            raise NoPrefixReuse(f"the KV cache holds {cache.get_seq_length()} positions, expected {self.start}")
+        self._cache = cache
+        self._mask = suffix_mask(model, self.start, self.width)
+        self._pos = torch.arange(self.start, self.width)[None]
+
+    @property
+    def fraction(self) -> float:
+        """Re-run tokens per full-width token, ``(width - start) / width`` (forward equivalents of one row)."""
+        return (self.width - self.start) / self.width
+
+    @torch.no_grad()
+    def run(self, suffix: Int[Tensor, "batch suffix"], n: int = 1, hooks: Sequence[Hook] = (), layer: int = 0,
+            resid: Float[Tensor, "rows suffix d_model"] | None = None) -> Float[Tensor, "rows suffix d_model"]:
+        """The residual entering the final norm at the suffix positions of ``n`` copies of ``suffix``
+        (``rows = n x batch``; hooks see ``[rows, width - start, ...]`` activations)."""
+        if suffix.shape[1] != self.width - self.start:
+            raise ValueError(f"suffix has {suffix.shape[1]} positions, expected {self.width - self.start} "
+                             f"(positions {self.start}..{self.width - 1})")
+        rows = n * suffix.shape[0]
+        with cache_shim(self.model):
+            return run_to_final(
+                self.model, suffix.repeat(n, 1), hooks, start=(layer, resid) if layer > 0 else None,
+                attention_mask={t: m.expand(rows, -1, -1, -1).contiguous() for t, m in self._mask.items()}
+                if isinstance(self._mask, dict) else self._mask.expand(rows, -1, -1, -1).contiguous(),
+                position_ids=self._pos.expand(rows, -1).contiguous(), **cache_kwargs(self.model, fresh_cache(self._cache, n)),
+            )

@@ -1,0 +1,197 @@
+"""The one module that reaches under TransformerLens's hooks: skipped blocks and a KV-cache shim.
+
+TL hooks can read and replace activations, but not (a) stop blocks from computing, (b) change
+the keyword arguments a wrapped Hugging Face module receives, or (c) stay registered across calls of
+``run_with_hooks`` (``count_block_calls``, the report's forward counter). Two speed-ups need (a), (b):
+
+* ``start_at``: blocks ``0..l-1`` return a cached residual instead of computing it (the upstream
+  skip of exact patching). The bridge's ``start_at_layer`` re-enters at block ``l`` but, per its
+  docstring and ``benchmarks/bench_patching.py``, still executes blocks ``0..l-1``. Done by
+  replacing the blocks' ``forward`` for the duration of a call.
+* ``cache_shim``: transformers 5 passes the KV cache to attention as ``cache=``; TL 4.3's
+  attention bridge reads ``past_key_values``, so without a ``forward_pre_hook`` that maps the
+  keyword the cache is silently ignored (``ReadoutStepper`` checks itself against full forwards).
+
+Checked against transformer-lens 4.3.0, transformers 5.24 and torch 2.13. Everything else in
+mechicl intervenes through TL hooks (``analysis.engine.hooks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from mechicl.models.device import input_device
+
+_TUPLE_OUT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+class _Probed(Exception):
+    """Ends the two-token probe forward once block 0 has answered."""
+
+
+def _blocks_return_tuple(model: Any) -> bool:
+    """Whether the model's block loop expects tuples from its blocks (probed once, 2 tokens).
+
+    A raw forward hook on block 0: TL's ``hook_out`` sees the residual after the bridge unpacked it,
+    so it cannot tell what the block itself returned.
+    """
+    if model in _TUPLE_OUT:
+        return _TUPLE_OUT[model]
+    seen: dict[str, bool] = {}
+
+    def probe(_m: Any, _a: Any, out: Any) -> None:
+        seen["tuple"] = isinstance(out, tuple)
+        raise _Probed
+
+    h = model.blocks[0].register_forward_hook(probe)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long, device=input_device(model)))
+    except _Probed:
+        pass
+    finally:
+        h.remove()
+    _TUPLE_OUT[model] = seen.get("tuple", False)
+    return _TUPLE_OUT[model]
+
+
+@contextlib.contextmanager
+def start_at(model: Any, layer: int, resid: Tensor | None) -> Iterator[None]:
+    """Make blocks ``0..layer-1`` return ``resid`` (the residual entering ``layer``) without computing.
+
+    The rest of the model's forward (embedding lookup, masks, rotary tables, blocks
+    ``layer..``) runs unchanged, so hooks and architecture details stay the model's own.
+    """
+    if layer <= 0 or resid is None:
+        yield
+        return
+    out = (resid,) if _blocks_return_tuple(model) else resid
+
+    def skip(*args: Any, **kwargs: Any) -> Any:
+        return out
+
+    blocks = list(model.blocks)[:layer]
+    for blk in blocks:  # object.__setattr__: bridge components forward setattr to the wrapped module
+        object.__setattr__(blk, "forward", skip)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def count_block_calls(model: Any) -> Iterator[dict[str, int]]:
+    """Count the calls of the model's last block and the rows they carry, over any number of forwards.
+
+    A raw forward-pre hook because TL's ``run_with_hooks`` removes its hooks at the end of every call,
+    while this count spans many calls (partial re-runs that start mid-model or run one token included).
+    """
+    counts = {"calls": 0, "rows": 0}
+
+    def count(module: Any, args: tuple) -> None:
+        counts["calls"] += 1
+        counts["rows"] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
+
+    handle = model.blocks[-1].register_forward_pre_hook(count)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def _cache_shim(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """transformers 5 passes the KV cache as ``cache=``; TL 4.3's attention bridge reads ``past_key_values``."""
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def cache_shim(model: Any) -> Iterator[None]:
+    """Map ``cache=`` to ``past_key_values`` on every attention bridge for the duration of a call."""
+    handles = [blk.attn.register_forward_pre_hook(_cache_shim, with_kwargs=True) for blk in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def new_kv_cache(model: Any, *, keep_all: bool = False) -> Any:
+    """An empty transformers ``DynamicCache`` for the bridge's HF model, or None (e.g. TL-native models).
+
+    ``keep_all``: every layer keeps every position (no sliding-window layers, which evict the oldest
+    entries once prefix + appended tokens pass the window); the caller's mask must then do what the
+    window did (``windowed_mask``).
+    """
+    hf = getattr(model, "original_model", None)
+    config = getattr(hf, "config", None)
+    if config is None or not hasattr(hf, "generate"):
+        return None
+    try:
+        return DynamicCache() if keep_all else DynamicCache(config=config)
+    except Exception:  # noqa: BLE001 - a config DynamicCache cannot take: no KV path
+        return None
+
+
+def sliding_window(model: Any) -> int:
+    """The bridged HF model's sliding attention window in tokens (Gemma-3-270M: 512), 0 when it has none."""
+    return int(getattr(getattr(getattr(model, "original_model", None), "config", None), "sliding_window", 0) or 0)
+
+
+def windowed_mask(model: Any, mask: Tensor, near: Tensor) -> Tensor | dict[str, Tensor]:
+    """The 4D ``attention_mask`` of a forward over a cache that keeps every position (``new_kv_cache(keep_all=True)``):
+    ``mask`` on full-attention layers, ``mask & near`` on sliding-window layers (``near``, broadcast against ``mask``:
+    the key is within the query's window, ``q - p < window``, HF's rule). Given as the ``{layer type: mask}`` mapping
+    HF's Gemma-3 takes where the config names layer types, else ``mask & near`` for every layer."""
+    slide = mask & near
+    types = getattr(getattr(getattr(model, "original_model", None), "config", None), "layer_types", None)
+    return {t: slide if t == "sliding_attention" else mask for t in set(types)} if types else slide
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """Forward kwargs passing ``cache``: transformers >= 5 names the argument ``cache``, earlier ``past_key_values``."""
+    hf = model.original_model
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def fresh_cache(cache: Any, repeats: int = 1) -> Any:
+    """A copy of a prefix KV cache for one forward of appended tokens, optionally for ``repeats`` copies
+    of the batch laid out as ``tokens.repeat(repeats, 1)`` (row ``copy * batch + context``).
+
+    Its updates touch neither the original nor the copy: each layer's update runs on a throwaway
+    copy of the layer, so ``prefix + appended`` keys and values live only while that layer attends.
+    Storing them (what a ``DynamicLayer`` does) kept a second copy of the whole prefix cache alive
+    until the forward ended: 0.35 GB for 32 Gemma-3 contexts of 300 tokens. With ``repeats > 1`` a
+    layer tiles its prefix only while it attends, so one layer's ``repeats x`` prefix is alive at a
+    time, not ``repeats x`` the whole cache. The copy must therefore serve one forward only (the
+    steppers' and ``prefix_reuse``'s use).
+    """
+    new = copy.copy(cache)
+    new.layers = [_transient(copy.copy(layer), repeats) for layer in cache.layers]
+    return new
+
+
+def _transient(layer: Any, tile: int = 1) -> Any:
+    """Make ``layer.update`` return what the layer's own update returns (on its prefix tiled ``tile``
+    times along the batch), without keeping it."""
+    cls_update = type(layer).update
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        twin = copy.copy(layer)
+        if tile > 1 and twin.get_seq_length() > 0:
+            twin.keys, twin.values = twin.keys.repeat(tile, 1, 1, 1), twin.values.repeat(tile, 1, 1, 1)
+        return cls_update(twin, *args, **kwargs)
+
+    layer.update = update
+    return layer

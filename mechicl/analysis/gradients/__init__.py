@@ -1,0 +1,1 @@
+"""Integrated gradients: AttAttr over attention patterns and IG along the patching path."""

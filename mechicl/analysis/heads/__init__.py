@@ -1,0 +1,1 @@
+"""Heads: ablation, the held-out finder, replication across cells, organisms' ground truth."""

@@ -1,0 +1,1 @@
+"""Looking inside: attention to labels, saliency, the logit lens, direct logit attribution."""

@@ -1,0 +1,1 @@
+"""Patching: exact, attribution, label positions, paths, and the result type they share."""

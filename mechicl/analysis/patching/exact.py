@@ -1,0 +1,400 @@
+"""Exact activation patching between correct-label and flipped-label contexts, fast.
+
+A *pair* is one set of contexts rendered twice: the **clean** run shows the correct labels, the
+**corrupted** run shows flipped labels (or only its last ``m`` demonstration labels flipped). Inputs,
+query and every token position are identical; only label tokens differ (``check_pair`` asserts it).
+Pairs are built in ``mechicl.data.pairs``; the partial forwards below (upstream skip,
+stop at the final norm) are ``analysis.engine.hooks.run_to_final`` and ``analysis.engine.stepper.ReadoutStepper``.
+
+**Metric.** At the query readout slot (``readout_pos[:, -1]``, the position
+that predicts the last example's label) the logit difference
+``LD = logit(answer) - logit(foil)``, where ``answer`` is the label the clean
+context supports (the true label) and ``foil`` the one the corrupted context
+supports. Its batch mean is normalised so that 0 is the corrupted run and 1 the
+clean run::
+
+    effect = (mean LD_patched - mean LD_corrupted) / (mean LD_clean - mean LD_corrupted)
+
+Two directions, both on that same scale:
+  ``denoise``  clean activations patched into the corrupted run (0 = no effect, 1 = fully restored);
+  ``noise``    corrupted activations patched into the clean run (1 = no effect, 0 = fully destroyed).
+
+**Sweeps** (``KINDS``): residual stream, attention and MLP outputs by
+(layer, position); head outputs (``hook_z``) over all positions, at label
+positions, at the query readout slot; head values and attention patterns at
+label positions. Results are ``PatchResult`` (labelled axes + tidy table).
+
+**Why it is fast and still exact** (equal to ``transformer_lens.patching`` to 1e-4; tested):
+upstream blocks of a patch at layer ``l`` are skipped for real (``surgery.start_at``; the bridge's
+``start_at_layer`` still executes them, see ``benchmarks/bench_patching.py``); the run stops at
+``ln_final.hook_in`` and only the query slot's label logits are unembedded (Gemma-3's 262k-word
+unembedding is 54% of a 300-token forward in `benchmarks/bench_forward.py`), with tokens after the query slot dropped (causality); all cells
+of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
+(layer, position) cells where donor and receiver are bit-identical (before the first differing
+label) are not run; ``head_out`` re-runs only the positions from the first differing token ``p0`` on,
+over the shared prefix's keys and values (``prefix_reuse.SuffixRunner``; HF models, a sliding window applied in
+the re-runs' masks, first re-run checked against the full forward, else full width with a warning);
+readout-slot interventions re-run one token (``ReadoutStepper``, self-checked likewise).
+
+Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver forwards
+(``PatchResult.forwards``; ``head_out`` with a reused prefix: times ``(width - p0) / width``, plus one
+prefix forward shared by both directions and one check per receiver, 1 forward together) plus one
+cached forward per run, against ``n_cells`` full forwards with full-vocabulary logits for TransformerLens.
+Memory: the cached activations (``n_layers x batch x pos x d_model`` floats for the residual stream),
+the prefix KV cache (``n_layers x 2 x batch x p0 x n_kv_heads x d_head``) and one forward of ``max_rows`` rows.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechicl.analysis.engine.hooks import FINAL, Head, act_name, capture, head_masks, run_to_final, to_host
+from mechicl.analysis.patching.result import PatchResult, cell_table, normalise  # re-exported: the sweep's values
+from mechicl.analysis.engine.prefix_reuse import NoPrefixReuse, SuffixRunner, shared_prefix
+from mechicl.analysis.engine.readout import ReadoutRun, unembed_labels
+from mechicl.analysis.engine.stepper import ReadoutStepper
+from mechicl.data.pairs import PatchPair
+from mechicl.data.prompts import ROLE_NAMES
+from mechicl.errors import PairError
+from mechicl.models.device import model_dtype
+
+DIRECTIONS = ("denoise", "noise")
+
+
+# ------------------------------------------------------------- sweep kinds ---
+
+
+@dataclass(frozen=True)
+class SweepKind:
+    """One patching granularity: the hook it patches and how one cell is written."""
+
+    name: str
+    act: str  # TL activation kind for ``act_name`` (get_act_name)
+    axes: tuple[str, str]  # ("layer", "pos") / ("layer", "head") / ("layer", "kv_head")
+    description: str
+    readout_only: bool = False
+
+
+KINDS: dict[str, SweepKind] = {
+    k.name: k
+    for k in (
+        SweepKind("resid", "resid_pre", ("layer", "pos"), "residual stream entering each block, by position"),
+        SweepKind("attn_out", "attn_out", ("layer", "pos"), "attention-layer output, by position"),
+        SweepKind("mlp_out", "mlp_out", ("layer", "pos"), "MLP output, by position"),
+        SweepKind("head_out", "z", ("layer", "head"), "head output (hook_z) at every position"),
+        SweepKind("head_out_label", "z", ("layer", "head"), "head output at the in-context label positions"),
+        SweepKind("head_out_readout", "z", ("layer", "head"), "head output at the query readout slot only", True),
+        SweepKind("head_v_label", "v", ("layer", "kv_head"), "head values at the in-context label positions"),
+        SweepKind("head_pattern_label", "pattern", ("layer", "head"), "attention paid to the label positions (every destination)"),
+    )
+}
+
+
+def _n_index(model: Any, kind: SweepKind, width: int) -> int:
+    cfg = model.cfg
+    if kind.axes[1] == "pos":
+        return width
+    if kind.axes[1] == "kv_head":
+        return int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    return int(cfg.n_heads)
+
+
+def _setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int], None]:
+    """``set(receiver_act, donor_act, index)`` writes one cell in place; acts are ``[batch, ...]``."""
+    rows = torch.arange(pair.n_contexts)[:, None]
+    lab = pair.clean.label_pos[:, :-1]  # in-context (demonstration) label positions
+    if kind.axes[1] == "pos":
+        def s(a: Tensor, d: Tensor, i: int) -> None:
+            a[:, i] = d[:, i]
+    elif kind.name == "head_out":
+        def s(a: Tensor, d: Tensor, i: int) -> None:
+            a[:, :, i] = d[:, :, i]
+    elif kind.name in ("head_out_label", "head_v_label"):  # index tensors meet the activations on their device
+        def s(a: Tensor, d: Tensor, i: int) -> None:
+            a[rows.to(a.device), lab.to(a.device), i] = d[rows.to(a.device), lab.to(a.device), i]
+    elif kind.name == "head_pattern_label":
+        def s(a: Tensor, d: Tensor, i: int) -> None:  # [batch, head, dest, src]: columns of label sources
+            a[rows.to(a.device), i, :, lab.to(a.device)] = d[rows.to(a.device), i, :, lab.to(a.device)]
+    else:
+        raise ValueError(f"no full-sequence setter for {kind.name}")
+    return s
+
+
+# ---------------------------------------------------------------- patcher ---
+
+
+class Patcher:
+    """Exact activation patching for one ``PatchPair`` (see the module docstring for the speed-ups).
+
+    ``Patcher(model, pair).sweep("head_out", "denoise")`` -> ``PatchResult``.
+    Activations of each run are cached on demand (one forward per run per new set of
+    hooks) and shared between sweeps. ``max_rows`` caps the rows of one batched
+    forward (memory: ``max_rows x pos`` residual streams and MLP activations).
+    """
+
+    def __init__(self, model: Any, pair: PatchPair, *, max_rows: int = 64, progress: bool = False,
+                 prefix_reuse: bool = True) -> None:
+        self.model = model
+        self.pair = pair
+        self.max_rows = max_rows
+        self.progress = progress
+        self.prefix_reuse = prefix_reuse  # head_out sweeps re-run only the positions after the shared prefix
+        self._runner: SuffixRunner | None = None
+        self._checked: set[str] = set()
+        self.n_layers = int(self.model.cfg.n_layers)
+        self.width = int(pair.query_pos.max()) + 1  # positions after the query slot cannot matter
+        self._store: dict[str, dict[str, Tensor]] = {"clean": {}, "corrupted": {}}
+        self._ld: dict[str, Tensor] = {}
+        self.forwards = 0.0  # receiver-forward equivalents spent so far
+        self._steppers: dict[str, ReadoutStepper] = {}
+
+    # -- cached runs --
+    def _tokens(self, which: str) -> Tensor:
+        return self.pair.run(which).tokens[:, : self.width]
+
+    def _label_ld(self, resid: Tensor, offset: int = 0) -> Tensor:
+        """Per-row LD at the query slot of ``resid`` (rows ``copy * batch + context``; position 0 of ``resid`` is
+        position ``offset`` of the context)."""
+        rows = torch.arange(resid.shape[0])
+        q = self.pair.query_pos.repeat(resid.shape[0] // self.pair.n_contexts) - offset
+        logits = to_host(unembed_labels(self.model, resid[rows, q], self.pair.clean.label_token_ids))
+        n = resid.shape[0] // self.pair.n_contexts
+        return self.pair.logit_diff(logits.view(n, self.pair.n_contexts, -1))
+
+    @torch.no_grad()
+    def cached(self, which: str, names: Sequence[str]) -> dict[str, Tensor]:
+        """Activations ``names`` of run ``which`` (one forward for whatever is not cached yet)."""
+        store = self._store[which]
+        missing = [n for n in dict.fromkeys(names) if n not in store]
+        if missing or which not in self._ld:
+            resid = run_to_final(self.model, self._tokens(which), capture(missing, store))
+            self._ld[which] = self._label_ld(resid)[0]
+            self.forwards += 1
+        return store
+
+    def prime(self, which: str, run: ReadoutRun) -> None:
+        """Fill run ``which``'s cache from ``run``, a ``ReadoutRun`` whose first contexts are this pair's ``which``
+        contexts (same tokens up to the query slot), so that they are not run again. Its full-position
+        activations (except attention patterns) become cached activations; its ``FINAL`` at the query slot gives
+        the baseline. Equal to a fresh cached forward up to float rounding (different batching). Cost: none."""
+        n, w = self.pair.n_contexts, self.width
+        mine, theirs = self._tokens(which), run.batch.tokens[:n, :w]
+        if run.full_rows < n or theirs.shape != mine.shape or not torch.equal(theirs, mine):
+            raise PairError(f"the ReadoutRun's first {n} contexts are not this pair's {which!r} contexts (or it kept "
+                            f"only {run.full_rows} full rows); build the pair from the run's batch")
+        if FINAL not in run.names():
+            raise PairError(f"the ReadoutRun did not keep {FINAL!r}, which the baseline needs")
+        self._store[which].update({k: v[:n, :w] for k, v in run.full.items() if not k.endswith(("pattern", "scores"))})
+        final = run.chunks[0][1][FINAL][:n, -1]  # [n, d_model] at the query slot
+        self._ld[which] = self.pair.logit_diff(to_host(unembed_labels(self.model, final, self.pair.clean.label_token_ids)))
+
+    def baseline(self, which: str) -> Float[Tensor, "batch"]:
+        """Per-context LD of the unpatched run ``which`` (clean or corrupted): from its stepper's own forward when
+        one is built (no extra forward), else from a cached run."""
+        if which not in self._ld:
+            if which in self._steppers:
+                self._ld[which] = self.pair.logit_diff(self._steppers[which].base_logits)
+            else:
+                self.cached(which, [])
+        return self._ld[which]
+
+    # -- sweeps --
+    def sweep(
+        self,
+        kind: str,
+        direction: str = "denoise",
+        cells: Sequence[tuple[int, int]] | None = None,
+    ) -> PatchResult:
+        """Patch every cell of ``kind`` (or just ``cells`` = [(layer, idx)]) in ``direction``.
+
+        Cells not run (not requested, or provably no-ops) hold the receiver's own metric;
+        ``PatchResult.computed`` marks which were run.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown sweep kind {kind!r}; use one of {', '.join(KINDS)}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        spec = KINDS[kind]
+        t0, f0 = time.perf_counter(), self.forwards
+        recv, donor = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+        b, L = self.pair.n_contexts, self.n_layers
+        n_idx = _n_index(self.model, spec, self.width)
+        if spec.readout_only:  # the steppers' own forwards give the baselines too
+            self.stepper("clean"), self.stepper("corrupted")
+        clean_ld, corr_ld = self.baseline("clean"), self.baseline("corrupted")
+        base = self.baseline(recv)
+        ld = base.expand(L, n_idx, b).clone()
+        computed = torch.zeros(L, n_idx, dtype=torch.bool)
+        wanted = torch.zeros(L, n_idx, dtype=torch.bool)
+        if cells is None:
+            wanted[:] = True
+        else:
+            for l, i in cells:
+                wanted[l, i] = True
+
+        if spec.readout_only:
+            self._sweep_readout(spec, recv, donor, wanted, ld, computed)
+        else:
+            self._sweep_full(spec, recv, donor, wanted, ld, computed)
+
+        roles: tuple[str, ...] = ()
+        if spec.axes[1] == "pos":
+            r = self.pair.clean.roles[:, : self.width]
+            roles = tuple(ROLE_NAMES[int(r[0, p])] if bool((r[:, p] == r[0, p]).all()) else "mixed" for p in range(self.width))
+        return PatchResult(
+            kind=kind,
+            direction=direction,
+            axes=spec.axes,
+            values=normalise(ld, clean_ld, corr_ld),
+            logit_diff=ld,
+            clean_ld=clean_ld,
+            corrupted_ld=corr_ld,
+            forwards=self.forwards - f0,
+            seconds=time.perf_counter() - t0,
+            computed=computed,
+            pos_roles=roles,
+            description=spec.description,
+        )
+
+    @torch.no_grad()
+    def _sweep_full(self, spec: SweepKind, recv: str, donor: str, wanted: Tensor, ld: Tensor, computed: Tensor) -> None:
+        b, L = self.pair.n_contexts, self.n_layers
+        layers = [l for l in range(L) if wanted[l].any()]
+        names = [act_name(spec.act, l) for l in layers]
+        d_store = self.cached(donor, names)
+        pos_kind = spec.axes[1] == "pos"  # receiver activations are needed only to find no-op cells
+        r_store = self.cached(recv, (names if pos_kind else []) + [act_name("resid_pre", l) for l in layers if l > 0])
+        setter = _setter(spec, self.pair)
+        per = max(1, self.max_rows // b)
+        runner = self.suffix_runner(recv) if spec.name == "head_out" else None
+        p0, frac = (runner.start, runner.fraction) if runner is not None else (0, 1.0)
+        tokens = self._tokens(recv)[:, p0:]  # a patch before p0 copies what is there already: not re-run
+        for l in tqdm(layers, desc=f"patch {spec.name}", unit="layer", disable=not self.progress, leave=False):
+            name = act_name(spec.act, l)
+            d_act = d_store[name][:, p0:]
+            idx = [int(i) for i in wanted[l].nonzero()[:, 0]]
+            if pos_kind:  # a position where donor == receiver is a no-op patch
+                idx = [i for i in idx if not torch.equal(d_act[:, i], r_store[name][:, i])]
+            for c0 in range(0, len(idx), per):
+                chunk = idx[c0 : c0 + per]
+                n = len(chunk)
+
+                def hook(act: Tensor, hook: Any, chunk: list[int] = chunk, n: int = n, d_act: Tensor = d_act) -> Tensor:
+                    a = act.reshape(n, b, *act.shape[1:]).clone()
+                    for j, i in enumerate(chunk):
+                        setter(a[j], d_act, i)
+                    return a.reshape(act.shape)
+
+                r0 = r_store[act_name("resid_pre", l)][:, p0:].repeat(n, 1, 1) if l > 0 else None
+                if runner is not None:
+                    resid = runner.run(tokens, n, [(name, hook)], l, r0)
+                else:
+                    resid = run_to_final(self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None)
+                ld[l, chunk] = self._label_ld(resid, p0)
+                computed[l, chunk] = True
+                self.forwards += n * (L - l) / L * frac
+
+    @torch.no_grad()
+    def suffix_runner(self, recv: str) -> SuffixRunner | None:
+        """The ``SuffixRunner`` that re-runs run ``recv`` from the first position where the pair differs over the
+        shared prefix's KV cache, or None where full-width re-runs are used (``prefix_reuse=False``, no KV cache,
+        or a first re-run that differs from the full forward: warned).
+        Built once (``start / width`` of a forward), checked once per run against its baseline (the rest, 1 in all)."""
+        if not self.prefix_reuse:
+            return None
+        if self._runner is None:
+            try:
+                p0 = shared_prefix(self.pair, self.width)
+                self._runner = SuffixRunner(self.model, self._tokens("clean")[:, :p0], self.width)
+            except NoPrefixReuse as e:
+                self.prefix_reuse = False
+                if not e.expected:
+                    warnings.warn(f"Patcher: prefix reuse off ({e}); head_out re-runs run every position")
+                return None
+            self.forwards += 1 - self._runner.fraction
+        r = self._runner
+        if recv not in self._checked:
+            ld, base = self._label_ld(r.run(self._tokens(recv)[:, r.start :]), r.start)[0], self.baseline(recv)
+            self.forwards += r.fraction
+            err, tol = float((ld - base).abs().max()), max(1e-4, 2 * torch.finfo(model_dtype(self.model)).eps)
+            if not err <= tol * max(1.0, float(base.abs().max())):
+                self.prefix_reuse, self._runner = False, None
+                warnings.warn(f"Patcher: the suffix re-run over the cached prefix differs from the full forward by "
+                              f"{err:.3g}; prefix reuse off, head_out re-runs run every position")
+                return None
+            self._checked.add(recv)
+        return r
+
+    @torch.no_grad()
+    def patch_heads(self, heads: Sequence[Head], direction: str = "denoise", where: str = "all") -> float:
+        """Normalised metric with the outputs of all ``heads`` patched at once.
+
+        ``where``: ``all`` positions, in-context ``label`` positions, or the query ``readout`` slot.
+        Patching every head recovers the other run exactly (at the readout slot the
+        residual stream is embedding + head outputs + MLPs of that position only).
+        Cost: one forward from the lowest patched layer (``readout``: one token per context).
+        """
+        if where not in ("all", "label", "readout"):
+            raise ValueError(f"where must be all, label or readout, got {where!r}")
+        recv, donor = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+        clean_ld, corr_ld = self.baseline("clean"), self.baseline("corrupted")
+        heads = sorted(set((int(l), int(h)) for l, h in heads))
+        if not heads:
+            ld = self.baseline(recv)
+        elif where == "readout":
+            masks = head_masks([heads], self.n_layers, int(self.model.cfg.n_heads))
+            ld = self.pair.logit_diff(self.stepper(recv).run(masks, self.stepper(donor).z))[0]
+        else:
+            layers = sorted({l for l, _ in heads})
+            names = [act_name("z", l) for l in layers]
+            d_store = self.cached(donor, names)
+            r_store = self.cached(recv, [act_name("resid_pre", layers[0])] if layers[0] > 0 else [])
+            setter = _setter(KINDS["head_out" if where == "all" else "head_out_label"], self.pair)
+            hooks = []
+            for l in layers:
+                def hook(act: Tensor, hook: Any, l: int = l) -> Tensor:
+                    a = act.clone()
+                    for ll, h in heads:
+                        if ll == l:
+                            setter(a, d_store[act_name("z", l)], h)
+                    return a
+                hooks.append((act_name("z", l), hook))
+            l0 = layers[0]
+            start = (l0, r_store[act_name("resid_pre", l0)]) if l0 > 0 else None
+            ld = self._label_ld(run_to_final(self.model, self._tokens(recv), hooks, start=start))[0]
+            self.forwards += (self.n_layers - l0) / self.n_layers
+        return float(normalise(ld, clean_ld, corr_ld))
+
+    def stepper(self, which: str) -> "ReadoutStepper":
+        """A ``ReadoutStepper`` on run ``which`` (built once)."""
+        if which not in self._steppers:
+            self._steppers[which] = ReadoutStepper(self.model, self.pair.run(which), max_rows=max(self.max_rows, 256))
+            self.forwards += 1
+        return self._steppers[which]
+
+    @torch.no_grad()
+    def _sweep_readout(self, spec: SweepKind, recv: str, donor: str, wanted: Tensor, ld: Tensor, computed: Tensor) -> None:
+        L = self.n_layers
+        cells = wanted.nonzero().tolist()
+        donor_z = self.stepper(donor).z  # [batch, layer, head, d_head] at the query slot
+        st = self.stepper(recv)
+        masks = head_masks([[(l, h)] for l, h in cells], L, wanted.shape[1])
+        logits = st.run(masks, donor_z)  # [cells, batch, n_labels]
+        out = self.pair.logit_diff(logits)
+        for j, (l, h) in enumerate(cells):
+            ld[l, h] = out[j]
+            computed[l, h] = True
+        self.forwards += st.last_cost
+
+
+def patch(model: Any, pair: PatchPair, kind: str, direction: str = "denoise", **kw: Any) -> PatchResult:
+    """One sweep with a fresh ``Patcher`` (use a ``Patcher`` to share caches between sweeps)."""
+    return Patcher(model, pair, **kw).sweep(kind, direction)

@@ -1,0 +1,1 @@
+"""The statistics core: bootstraps, sign-flip tests, intervals, Holm, p-value text."""

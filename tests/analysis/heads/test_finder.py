@@ -1,0 +1,146 @@
+"""Findings: resample ablation at every slot against hooked forwards, matched controls, the staged cell."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mechicl.analysis.heads.finder import NO_EFFECT, FindingsConfig, _screen, find_label_heads, matched_controls
+from mechicl.analysis.heads.slot_ablation import SlotAblation, derangements
+from mechicl.data.batches import held_out_batches, stage_draws
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
+from mechicl.data.tasks import load_task
+from mechicl.errors import ConfigError
+from mechicl.models.loading import load_model
+from tests import helpers
+
+
+def _pair(loaded, task, n=4, n_examples=6, seed=0):
+    ids = sample_contexts(task, n, n_examples, seed=seed)
+    kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+    return (build_prompt_batch(task, loaded.tokenizer, ids, "default", **kw),
+            build_prompt_batch(task, loaded.tokenizer, ids, "flipped", **kw))
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+def test_resample_ablation_equals_hooked_forwards(tiny, model):
+    """closed / ΔP(true) per context equal a reference built from one hooked forward per slot and donor."""
+    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
+    correct, flipped = _pair(loaded, helpers.toy_task(3))
+    abl = SlotAblation(loaded.model, correct, flipped, k_min=2, n_resample=2, seed=5)
+    head = (1, 2)
+    sc = abl.scores([[head]])
+    ref = {}
+    for cond, b in (("correct", correct), ("flipped", flipped)):
+        base = helpers.slot_resample_reference(loaded, b, 2, head, torch.arange(b.n_contexts))  # donor = itself
+        abl_p = np.mean([helpers.slot_resample_reference(loaded, b, 2, head, d).numpy() for d in derangements(4, 2, 5)], 0)
+        ref[cond] = (base.numpy(), abl_p)
+    closed = ((ref["correct"][0] - ref["flipped"][0]) - (ref["correct"][1] - ref["flipped"][1])).mean(1)
+    assert np.allclose(sc.closed[0], closed, atol=1e-5)
+    assert np.allclose(sc.d_flipped[0], (ref["flipped"][1] - ref["flipped"][0]).mean(1), atol=1e-5)
+    assert np.allclose(abl.gap, (ref["correct"][0] - ref["flipped"][0]).mean(1), atol=1e-5)
+    assert np.abs(sc.closed).max() > 1e-4  # not vacuous
+
+
+def test_derangements_have_no_fixed_point_and_are_seeded():
+    a, b = derangements(5, 3, seed=1), derangements(5, 3, seed=1)
+    assert all((p != torch.arange(5)).all() for p in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="at least 2 contexts"):
+        derangements(1, 1, 0)
+
+
+def test_matched_controls_same_layer_first_then_neighbours_nearest_in_norm():
+    norms = np.array([[1.0, 2.0, 3.0], [1.0, 5.0, 2.1], [9.0, 2.2, 4.0]])
+    # same layer holds 2 other heads; asking for 2 stays in layer 1, nearest in norm to 2.1 first
+    assert matched_controls((1, 2), norms, set(), "layer", 2) == [(1, 0), (1, 1)]  # |log 1 - log 2.1| < |log 5 - log 2.1|
+    got = matched_controls((1, 2), norms, set(), "layer", 4)  # widened to layers 0-2
+    assert (1, 2) not in got and len(got) == 4 and all(abs(l - 1) <= 1 for l, _ in got)
+    assert got[0] in {(0, 1), (2, 1)}  # norms 2.0 / 2.2: nearest to 2.1
+    assert (1, 1) not in matched_controls((1, 2), norms, {(1, 1)}, "layer", 2)
+    assert set(matched_controls((0, 0), norms, set(), "norm", 2)) == {(1, 0), (0, 1)}
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="k_min"):
+        FindingsConfig(k=4, k_min=5)
+    with pytest.raises(ConfigError, match="control"):
+        FindingsConfig(control="random")
+
+
+CFG = FindingsConfig(k=10, k_min=4, n_screen=6, n_confirm=6, n_validate=12, n_candidates=4, n_top=2, n_control=3,
+                     n_boot=500, n_perm=500)
+
+
+@pytest.fixture(scope="module")
+def organism_cell():
+    loaded = load_model("organism-strong")
+    task = load_task("organism")
+    draws = stage_draws(task, CFG.sizes, CFG.k + 1, seed=0)
+    return find_label_heads(loaded.model, held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx,
+                                                           prepend_bos=loaded.prepend_bos), CFG, progress=False), draws
+
+
+def test_cell_on_the_strong_organism_ranks_validates_and_controls(organism_cell):
+    r, draws = organism_cell
+    assert r.has_effect and r.baseline["gap_ci_low"] > 0
+    assert len(r.screen) == 8 and list(r.screen.screen_rank) == list(range(1, 9))
+    assert len(r.confirm) == CFG.n_candidates  # the ranking is exercised: fewer candidates than heads
+    top = list(zip(r.confirm.layer[:2], r.confirm["head"][:2]))
+    assert list(zip(r.validate.layer, r.validate["head"])) == top  # validated = confirmation's top, in order
+    assert (r.validate.above_control == ((r.validate.diff_ci_low > 0) & (r.validate.effect_ci_low > 0))).all()
+    for row in r.validate.itertuples():  # controls exclude the top heads and match the layer when they can
+        ctrl = row.controls.split()
+        assert len(ctrl) == CFG.n_control and not {f"L{l}H{h}" for l, h in top} & set(ctrl)
+    assert (r.validate.effect_ci_low <= r.validate.effect).all() and (r.validate.effect <= r.validate.effect_ci_high).all()
+    assert r.stage_seeds == draws.seeds and not draws.shared_examples()
+    assert list(r.sets.test) == [f"{r.validate.heads[0]} {r.validate.heads[1]} vs {r.validate.heads[0]}",
+                                 "top 2 set vs matched sets"]
+    assert (r.sets.above_control == (r.sets.diff_ci_low > 0)).all()
+
+
+def test_stages_that_share_rows_are_refused(tiny):
+    task = helpers.toy_task(2, n=60)
+    draws = stage_draws(task, CFG.sizes, 5, seed=0)
+    bad = type(draws)({**draws.ids, "validate": draws.ids["screen"]}, draws.seeds, draws.pools)
+    batches = held_out_batches(task, tiny.tokenizer, bad, n_ctx=tiny.n_ctx, prepend_bos=tiny.prepend_bos)
+    with pytest.raises(ValueError, match="share task rows"):
+        find_label_heads(tiny.model, batches, FindingsConfig(k=4, k_min=1, n_screen=6, n_confirm=6, n_validate=12), progress=False)
+
+
+def test_a_cell_without_a_label_effect_ranks_no_head(tiny):
+    """The random tiny model ignores its labels: the verdict says so and no table is filled."""
+    task = helpers.toy_task(2, n=120)
+    cfg = FindingsConfig(k=6, k_min=2, n_screen=6, n_confirm=6, n_validate=24, n_boot=500)
+    draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=0)
+    r = find_label_heads(tiny.model, held_out_batches(task, tiny.tokenizer, draws, n_ctx=tiny.n_ctx,
+                                                      prepend_bos=tiny.prepend_bos), cfg, progress=False)
+    assert r.baseline["gap_ci_low"] <= 0 and r.verdict == NO_EFFECT and not r.has_effect
+    assert r.screen.empty and r.validate.empty
+
+
+class _FakeAblation:
+    """Per-head closed gaps fixed in advance; the screening draw's own gap is not positive."""
+
+    def __init__(self, closed: np.ndarray, gap: np.ndarray) -> None:
+        self.closed, self.gap = closed, gap  # closed [L*H, b], gap [b]
+
+    def attribution(self) -> np.ndarray:
+        return (self.closed * 0.5).T.reshape(len(self.gap), 2, 3)
+
+    def scores(self, sets, progress=False):
+        assert [s[0] for s in sets] == [(l, h) for l in range(2) for h in range(3)]
+        return SimpleNamespace(closed=self.closed)
+
+
+@pytest.mark.parametrize("screen", ["exact", "attribution"])
+def test_screen_ranks_heads_when_the_screening_gap_is_not_positive(screen):
+    closed = np.array([[0.1, 0.0], [-0.2, 0.0], [0.5, 0.1], [0.0, 0.0], [0.3, 0.4], [0.05, 0.0]])
+    df = _screen(_FakeAblation(closed, np.array([0.02, -0.04])), replace(CFG, screen=screen), progress=False)
+    assert list(zip(df.layer, df["head"])) == [(1, 1), (0, 2), (0, 0), (1, 2), (1, 0), (0, 1)]  # by mean closed
+    assert list(df.screen_rank) == list(range(1, 7)) and df.effect_est.isna().all()
+    assert screen == "attribution" or df.effect.isna().all()
