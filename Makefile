@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechicl-installed
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test lint bench clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (configured in pyproject.toml); tests/test_style.py runs the same checks inside `make test`
+lint: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The benchmarks, one at a time (each sets torch to one thread; running them side by
 # side would skew every timing), at their default sizes, then one table of their rows

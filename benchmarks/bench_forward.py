@@ -1,6 +1,6 @@
 """Time one forward of a ~300-token prompt per model, full logits vs body only (1 thread, medians).
 
-    python benchmarks/bench_forward.py [--models gemma3-270m,smollm2-135m] [--repeats 5]
+python benchmarks/bench_forward.py [--models gemma3-270m,smollm2-135m] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from mechicl.models.loading import load_model
-from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from mechicl.analysis.engine.hooks import run_to_final
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from mechicl.data.tasks import load_task
+from mechicl.models.loading import load_model
 
 
 def main() -> None:
@@ -35,11 +35,17 @@ def main() -> None:
             loaded.model(tokens)  # warm-up
             full, body = [], []
             for _ in range(args.repeats):
-                t = time.perf_counter(); loaded.model(tokens); full.append(time.perf_counter() - t)  # noqa: E702
-                t = time.perf_counter(); run_to_final(loaded.model, tokens); body.append(time.perf_counter() - t)  # noqa: E702
+                t = time.perf_counter()
+                loaded.model(tokens)
+                full.append(time.perf_counter() - t)  # noqa: E702
+                t = time.perf_counter()
+                run_to_final(loaded.model, tokens)
+                body.append(time.perf_counter() - t)  # noqa: E702
         f, bo = statistics.median(full), statistics.median(body)
-        print(f"{name}: {args.tokens} tokens, full forward {f:.2f} s, body only {bo:.2f} s "
-              f"(unembedding = {100 * (1 - bo / f):.0f}% of the forward), median of {args.repeats}, 1 thread")
+        print(
+            f"{name}: {args.tokens} tokens, full forward {f:.2f} s, body only {bo:.2f} s "
+            f"(unembedding = {100 * (1 - bo / f):.0f}% of the forward), median of {args.repeats}, 1 thread"
+        )
 
 
 if __name__ == "__main__":

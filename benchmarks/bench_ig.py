@@ -27,11 +27,11 @@ import warnings
 import pandas as pd
 import torch
 
-from mechicl.analysis.gradients.attattr import attattr
-from mechicl.analysis.patching.attribution import attribution_patch
 from mechicl.analysis.engine.hooks import run_to_final
+from mechicl.analysis.gradients.attattr import attattr
 from mechicl.analysis.gradients.ig import ranking_comparison, sign_disagreements
 from mechicl.analysis.gradients.path_ig import path_ig
+from mechicl.analysis.patching.attribution import attribution_patch
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
@@ -60,8 +60,9 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[pd.DataFrame, pd.D
         "exact patching": lambda: Patcher(model, pair, max_rows=args.max_rows).sweep("head_out", "denoise"),
         "first-order": lambda: attribution_patch(model, pair, ("head_out",), "denoise")["head_out"],
         f"path IG (m={args.steps})": lambda: path_ig(model, pair, args.steps, max_rows=args.max_rows),
-        f"AttAttr (m={args.steps}, all layers)": lambda: attattr(model, pair.corrupted, steps=args.steps,
-                                                                 max_rows=args.max_rows),
+        f"AttAttr (m={args.steps}, all layers)": lambda: attattr(
+            model, pair.corrupted, steps=args.steps, max_rows=args.max_rows
+        ),
     }
     times: dict[str, list[float]] = {k: [] for k in methods}
     outs: dict[str, object] = {}
@@ -74,22 +75,33 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[pd.DataFrame, pd.D
     ig_key = f"path IG (m={args.steps})"
     ests = {"first-order": outs["first-order"].effect, ig_key: outs[ig_key].heads}
     rank = ranking_comparison(exact, ests, k=10).set_index("method")
-    counted = {"exact patching": outs["exact patching"].forwards, "first-order": 3.0,
-               ig_key: outs[ig_key].forwards + outs[ig_key].backwards}
+    counted = {
+        "exact patching": outs["exact patching"].forwards,
+        "first-order": 3.0,
+        ig_key: outs[ig_key].forwards + outs[ig_key].backwards,
+    }
     rows = []
     for k in methods:
         if k == "forward":
             continue
         med = statistics.median(times[k])
-        row = {"model": name, "method": k, "seconds": med, "forward_equivalents": med / fwd,
-               "counted_fwd_equiv": counted.get(k, float("nan"))}
+        row = {
+            "model": name,
+            "method": k,
+            "seconds": med,
+            "forward_equivalents": med / fwd,
+            "counted_fwd_equiv": counted.get(k, float("nan")),
+        }
         if k in rank.index:
             row.update(rank.loc[k, ["spearman", "topk_overlap", "sign_agreement"]].to_dict())
         rows.append(row)
     dis = sign_disagreements(exact, ests["first-order"], ests[ig_key], min_size=1e-3).assign(model=name)
-    print(f"[{name}] {args.contexts} contexts x {args.examples} examples, width {width}, one forward "
-          f"{fwd * 1e3:.1f} ms (median of {args.repeats}); path IG completeness residual per layer at m={args.steps}: "
-          f"max |.| = {float(outs[ig_key].residual.abs().max()):.4f}", flush=True)
+    print(
+        f"[{name}] {args.contexts} contexts x {args.examples} examples, width {width}, one forward "
+        f"{fwd * 1e3:.1f} ms (median of {args.repeats}); path IG completeness residual per layer at m={args.steps}: "
+        f"max |.| = {float(outs[ig_key].residual.abs().max()):.4f}",
+        flush=True,
+    )
     return pd.DataFrame(rows), dis
 
 
@@ -115,10 +127,12 @@ def main() -> None:
         g = g.set_index("method")
         ig = [k for k in g.index if k.startswith("path IG")][0]
         closer = g.loc[ig, "spearman"] > g.loc["first-order", "spearman"]
-        print(f"{m}: path IG Spearman {g.loc[ig, 'spearman']:.3f} vs first order {g.loc['first-order', 'spearman']:.3f} "
-              f"-> IG ranks {'closer to' if closer else 'NOT closer to'} exact patching, at "
-              f"{g.loc[ig, 'forward_equivalents'] / g.loc['first-order', 'forward_equivalents']:.0f}x first order's cost "
-              f"and {g.loc[ig, 'forward_equivalents'] / g.loc['exact patching', 'forward_equivalents']:.1f}x exact patching's.")
+        print(
+            f"{m}: path IG Spearman {g.loc[ig, 'spearman']:.3f} vs first order {g.loc['first-order', 'spearman']:.3f} "
+            f"-> IG ranks {'closer to' if closer else 'NOT closer to'} exact patching, at "
+            f"{g.loc[ig, 'forward_equivalents'] / g.loc['first-order', 'forward_equivalents']:.0f}x first order's cost "
+            f"and {g.loc[ig, 'forward_equivalents'] / g.loc['exact patching', 'forward_equivalents']:.1f}x exact patching's."
+        )
 
 
 if __name__ == "__main__":

@@ -38,13 +38,14 @@ from functools import partialmethod
 from pathlib import Path
 
 import torch
-
 from _common import add_row, median, rss_mb, timed
 
 ANALYSES = ("readout", "head_out_readout", "head_out", "head_out_last2", "attribution")
 
 
-def spot_reference(model, pair, heads: list[tuple[int, int]], readout_only: bool) -> tuple[dict[tuple[int, int], float], float, float]:
+def spot_reference(
+    model, pair, heads: list[tuple[int, int]], readout_only: bool
+) -> tuple[dict[tuple[int, int], float], float, float]:
     """Mean logit difference of each head patched clean -> corrupted (``hook_z`` at the query slot if
     ``readout_only``, else at every position) and the clean and corrupted baselines: plain bridge forwards
     with full logits (``tests.helpers.hooked_head_patch``)."""
@@ -57,6 +58,7 @@ def spot_reference(model, pair, heads: list[tuple[int, int]], readout_only: bool
 def tl_all_pos(loaded, pair) -> torch.Tensor:
     """TransformerLens's all-position head-output sweep with the normalised metric (baselines from full forwards)."""
     import transformer_lens.patching as tlp
+
     from tests.helpers import tl_metric
 
     metric = tl_metric(loaded, pair)
@@ -75,7 +77,9 @@ def plain_hf(name: str):
     dirs = sorted((cache_dir() / "models").glob(f"{name}-*/config.json"))
     if not dirs:
         return None
-    return AutoModelForCausalLM.from_pretrained(str(dirs[0].parent), dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(dirs[0].parent), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def readout_step(loaded, pair):
@@ -159,8 +163,11 @@ def measure(loaded, task, analysis: str, k: int, args, rss_model: float) -> None
     diff, raw = check(res) if check is not None else (None, None)
     forwards = getattr(res, "forwards", None) if analysis != "attribution" else None
     mode = last["patcher"].stepper("corrupted").mode if analysis == "head_out_readout" else ""  # built by the sweep
-    norm_by = None if isinstance(res, torch.Tensor) or not hasattr(res, "clean_ld") else float(
-        res.clean_ld.mean() - res.corrupted_ld.mean())  # clean - corrupted LD: a small one amplifies the normalised diff
+    norm_by = (
+        None
+        if isinstance(res, torch.Tensor) or not hasattr(res, "clean_ld")
+        else float(res.clean_ld.mean() - res.corrupted_ld.mean())
+    )  # clean - corrupted LD: a small one amplifies the normalised diff
     s = median(times)
     per_1k = s / tokens * 1000
     tl_diff = None
@@ -170,16 +177,41 @@ def measure(loaded, task, analysis: str, k: int, args, rss_model: float) -> None
         tl_diff = float((res.values - tl).abs().max())
         diff = max(diff, tl_diff)
         notes.append(f"TL all-pos sweep: max diff {tl_diff:.1e}, {time.perf_counter() - t:.0f} s")
-    print(f"| {analysis} | {k} | {tokens} | {s:.2f} | {per_1k:.3f} | {fmt(forwards, '.1f')} | {mode or '-'} "
-          f"| {max(peaks):.0f} | {'yes' if finite else '**NO**'} | {fmt(diff, '.1e')} | {fmt(raw, '.1e')} | {fmt(norm_by, '.3f')} "
-          f"| {'; '.join(notes) or '-'} |", flush=True)
-    add_row(args.rows, bench="long-context", model=loaded.name, size=f"1 ctx x {k} ex ({tokens} tok), {analysis}",
-            tokens=tokens, k=k, analysis=analysis, pair=pair.description,
-            ours=ours + (f", {forwards:.1f} fwd-equiv" if forwards is not None else "") + (f", stepper {mode}" if mode else ""),
-            reference=ref, ours_times=times, ref_times=[], max_diff=diff if diff is not None else raw,
-            raw_max_diff=raw, normaliser=norm_by, tl_max_diff=tl_diff, forwards=forwards, stepper_mode=mode or None, finite=finite, notes=notes,
-            s_per_1k_tokens=per_1k, ours_peak_mb=max(peaks), ref_peak_mb=None, model_rss_mb=rss_model,
-            goal="finite, equal to the references (<= 1e-4), cost stated per 1k tokens")
+    print(
+        f"| {analysis} | {k} | {tokens} | {s:.2f} | {per_1k:.3f} | {fmt(forwards, '.1f')} | {mode or '-'} "
+        f"| {max(peaks):.0f} | {'yes' if finite else '**NO**'} | {fmt(diff, '.1e')} | {fmt(raw, '.1e')} | {fmt(norm_by, '.3f')} "
+        f"| {'; '.join(notes) or '-'} |",
+        flush=True,
+    )
+    add_row(
+        args.rows,
+        bench="long-context",
+        model=loaded.name,
+        size=f"1 ctx x {k} ex ({tokens} tok), {analysis}",
+        tokens=tokens,
+        k=k,
+        analysis=analysis,
+        pair=pair.description,
+        ours=ours
+        + (f", {forwards:.1f} fwd-equiv" if forwards is not None else "")
+        + (f", stepper {mode}" if mode else ""),
+        reference=ref,
+        ours_times=times,
+        ref_times=[],
+        max_diff=diff if diff is not None else raw,
+        raw_max_diff=raw,
+        normaliser=norm_by,
+        tl_max_diff=tl_diff,
+        forwards=forwards,
+        stepper_mode=mode or None,
+        finite=finite,
+        notes=notes,
+        s_per_1k_tokens=per_1k,
+        ours_peak_mb=max(peaks),
+        ref_peak_mb=None,
+        model_rss_mb=rss_model,
+        goal="finite, equal to the references (<= 1e-4), cost stated per 1k tokens",
+    )
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -194,8 +226,11 @@ def main() -> None:
     ap.add_argument("--analyses", default=",".join(ANALYSES), help=f"comma list of {', '.join(ANALYSES)} (default all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check-tl", action="store_true",
-                    help="also compare the head_out sweep at the largest k with TransformerLens's all-position sweep (slow)")
+    ap.add_argument(
+        "--check-tl",
+        action="store_true",
+        help="also compare the head_out sweep at the largest k with TransformerLens's all-position sweep (slow)",
+    )
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     args.k_list = [int(x) for x in args.k.split(",")]
@@ -216,10 +251,14 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded, task = load_model(args.model), load_task(args.task)
     rss_model = rss_mb()
-    print(f"Long contexts, {loaded.name} (n_ctx {loaded.n_ctx}), task {task.name}, 1 context, 1 thread, "
-          f"median of {args.repeats} repeats; RSS after load {rss_model:.0f} MB")
-    print("| analysis | k | tokens | median s | s per 1k tokens | fwd-equiv | stepper | peak MB | finite "
-          "| max diff vs reference (norm.) | max diff (raw LD / logits) | normaliser | notes |")
+    print(
+        f"Long contexts, {loaded.name} (n_ctx {loaded.n_ctx}), task {task.name}, 1 context, 1 thread, "
+        f"median of {args.repeats} repeats; RSS after load {rss_model:.0f} MB"
+    )
+    print(
+        "| analysis | k | tokens | median s | s per 1k tokens | fwd-equiv | stepper | peak MB | finite "
+        "| max diff vs reference (norm.) | max diff (raw LD / logits) | normaliser | notes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in args.k_list:
         for analysis in analyses:

@@ -97,7 +97,11 @@ def run_child(cmd: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--commands", default="load,patch,heads,report", help="comma list of load, patch, heads, report, heads-stages (the head finder's peak per stage)")
+    ap.add_argument(
+        "--commands",
+        default="load,patch,heads,report",
+        help="comma list of load, patch, heads, report, heads-stages (the head finder's peak per stage)",
+    )
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     mechicl = str(Path(sys.executable).with_name("mechicl"))
@@ -117,11 +121,18 @@ def main() -> None:
                 peak = 0.0  # the child's ru_maxrss only covers the last stage: resetting VmHWM resets it too
                 for line in out.splitlines():
                     if line.startswith("STAGE"):
-                        stage, _, mb = line[len("STAGE "):].rpartition(" ")
+                        stage, _, mb = line[len("STAGE ") :].rpartition(" ")
                         peak = max(peak, float(mb)) if stage != "model loaded (RSS now)" else peak
                         print(f"| &nbsp;&nbsp;{stage} | | {float(mb):.0f} | | |")
-                        add_row(args.rows, bench="memory-stage", model=args.model, size=stage, ours="heads stage",
-                                ours_times=[wall], ours_peak_mb=float(mb))
+                        add_row(
+                            args.rows,
+                            bench="memory-stage",
+                            model=args.model,
+                            size=stage,
+                            ours="heads stage",
+                            ours_times=[wall],
+                            ours_peak_mb=float(mb),
+                        )
                 cmd = "find_heads_for(HeadFinderConfig()) in one process (= mechicl heads defaults): the largest stage peak"
             elif name in ("patch", "heads", "report"):
                 argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
@@ -130,9 +141,20 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown command {name!r}; use load, patch, heads, report or heads-stages")
         extra = f"{peak - load_rss:.0f}" if load_rss is not None else "n/a (add load to --commands)"
-        print(f"| `{cmd}` | {wall:.0f} | {peak:.0f} | {'' if load_rss is None else f'{load_rss:.0f}'} | {extra} |", flush=True)
-        add_row(args.rows, bench="memory", model=args.model, size=name, ours=cmd, ours_times=[wall],
-                ours_peak_mb=peak, model_rss_mb=load_rss)
+        print(
+            f"| `{cmd}` | {wall:.0f} | {peak:.0f} | {'' if load_rss is None else f'{load_rss:.0f}'} | {extra} |",
+            flush=True,
+        )
+        add_row(
+            args.rows,
+            bench="memory",
+            model=args.model,
+            size=name,
+            ours=cmd,
+            ours_times=[wall],
+            ours_peak_mb=peak,
+            model_rss_mb=load_rss,
+        )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ from functools import partialmethod
 from pathlib import Path
 
 import torch
-
 from _common import add_row, median, rss_mb, timed
 
 warnings.filterwarnings("ignore")
@@ -73,6 +72,7 @@ def verdict(ok: bool) -> str:
 def measure_size(loaded, task, args, n_ex: int, rss_model: float):
     """One size: interleaved repeats of mechicl and TL, the readout forward for the bound; prints a row."""
     import transformer_lens.patching as tlp
+
     from mechicl.analysis.engine.hooks import run_to_final
     from mechicl.analysis.patching.exact import Patcher
     from mechicl.data.pairs import pair_for
@@ -124,28 +124,54 @@ def measure_size(loaded, task, args, n_ex: int, rss_model: float):
     bound = n_bound * median(t_ro)
     tokens = int(pair.clean.tokens.shape[1])
     flips = "all flipped" if args.last_m is None else f"last {args.last_m} flipped"
-    print(f"| {n_ex}, {flips} | {args.contexts} x {tokens}, re-run {p0}..{width - 1} | {median(t_o):.2f} | {median(t_r):.2f} | **{ratio:.2f}x** {verdict(ratio >= 10)} "
-          f"| {per:.2f}x | {diff:.1e} {verdict(diff <= 1e-4)} | {raw:.1e} | {bound:.2f} ({n_bound:.0f} x {median(t_ro):.3f}) "
-          f"| **{median(t_o) / bound:.2f}x** {verdict(median(t_o) <= 1.3 * bound)} | {res.forwards:.1f} | {max(m_o):.0f} | {max(m_r):.0f} |",
-          flush=True)
-    print(f"|  | (effects range {float(res.values.min()):.3f} .. {float(res.values.max()):.3f}, TL's "
-          f"{float(res_tl.min()):.3f} .. {float(res_tl.max()):.3f}: the comparison is not of constants; full-width bound "
-          f"{n_bound * median(t_full):.2f} s = {n_bound:.0f} x {median(t_full):.3f}) |", flush=True)
-    size = f"{args.contexts} ctx x {n_ex} ex ({tokens} tok)" + ("" if args.last_m is None else f", last {args.last_m} flipped")
-    add_row(args.rows, bench="P1", model=loaded.name, size=size, pair=pair.description, reused_prefix=p0, width=width,
-            full_readout_forward_times=t_full,
-            bound_forward="readout forward of positions p0.. over the cached prefix" if p0 else "readout forward (full width)",
-            ours="Patcher.sweep('head_out')", reference="TL get_act_patch_attn_head_out_all_pos",
-            ours_times=t_o, ref_times=t_r, readout_forward_times=t_ro, n_bound_forwards=n_bound,
-            max_diff=diff, raw_ld_max_diff=raw, normaliser=tl_clean - tl_corr, ours_peak_mb=max(m_o), ref_peak_mb=max(m_r), model_rss_mb=rss_model,
-            goal="ratio >= 10 (Gemma), time <= 1.3 x bound, diff <= 1e-4")
+    print(
+        f"| {n_ex}, {flips} | {args.contexts} x {tokens}, re-run {p0}..{width - 1} | {median(t_o):.2f} | {median(t_r):.2f} | **{ratio:.2f}x** {verdict(ratio >= 10)} "
+        f"| {per:.2f}x | {diff:.1e} {verdict(diff <= 1e-4)} | {raw:.1e} | {bound:.2f} ({n_bound:.0f} x {median(t_ro):.3f}) "
+        f"| **{median(t_o) / bound:.2f}x** {verdict(median(t_o) <= 1.3 * bound)} | {res.forwards:.1f} | {max(m_o):.0f} | {max(m_r):.0f} |",
+        flush=True,
+    )
+    print(
+        f"|  | (effects range {float(res.values.min()):.3f} .. {float(res.values.max()):.3f}, TL's "
+        f"{float(res_tl.min()):.3f} .. {float(res_tl.max()):.3f}: the comparison is not of constants; full-width bound "
+        f"{n_bound * median(t_full):.2f} s = {n_bound:.0f} x {median(t_full):.3f}) |",
+        flush=True,
+    )
+    size = f"{args.contexts} ctx x {n_ex} ex ({tokens} tok)" + (
+        "" if args.last_m is None else f", last {args.last_m} flipped"
+    )
+    add_row(
+        args.rows,
+        bench="P1",
+        model=loaded.name,
+        size=size,
+        pair=pair.description,
+        reused_prefix=p0,
+        width=width,
+        full_readout_forward_times=t_full,
+        bound_forward="readout forward of positions p0.. over the cached prefix"
+        if p0
+        else "readout forward (full width)",
+        ours="Patcher.sweep('head_out')",
+        reference="TL get_act_patch_attn_head_out_all_pos",
+        ours_times=t_o,
+        ref_times=t_r,
+        readout_forward_times=t_ro,
+        n_bound_forwards=n_bound,
+        max_diff=diff,
+        raw_ld_max_diff=raw,
+        normaliser=tl_clean - tl_corr,
+        ours_peak_mb=max(m_o),
+        ref_peak_mb=max(m_r),
+        model_rss_mb=rss_model,
+        goal="ratio >= 10 (Gemma), time <= 1.3 x bound, diff <= 1e-4",
+    )
     return pair, res
 
 
 def extras(loaded, pair, res_ours, repeats: int) -> None:
     """Attribution patching, the readout-slot sweep and start_at_layer, on one pair."""
-    from mechicl.analysis.patching.attribution import agreement, attribution_patch
     from mechicl.analysis.engine.hooks import run_to_final
+    from mechicl.analysis.patching.attribution import agreement, attribution_patch
     from mechicl.analysis.patching.exact import Patcher
 
     model = loaded.model
@@ -167,17 +193,27 @@ def extras(loaded, pair, res_ours, repeats: int) -> None:
         t_skip = _median_time(lambda: run_to_final(model, tokens, start=(L - 1, resid_last)), 3)[0]
     print("\n| measurement (last size) | value |")
     print("|---|---|")
-    print(f"| mechicl readout-slot head sweep (KV re-run of the query token) | {t_readout:.2f} s "
-          f"({res_readout.forwards:.2f} readout-forward equivalents, incl. 2 baseline and 2 prefix runs) |")
+    print(
+        f"| mechicl readout-slot head sweep (KV re-run of the query token) | {t_readout:.2f} s "
+        f"({res_readout.forwards:.2f} readout-forward equivalents, incl. 2 baseline and 2 prefix runs) |"
+    )
     print(f"| one full forward `model(tokens)` | {t_fwd:.3f} s |")
     print(f"| one readout forward (stops at ln_final, label logits only) | {t_ro:.3f} s |")
-    print(f"| attribution patching, all heads (2 fwd + 1 bwd) | {t_attr:.3f} s = **{t_attr / t_fwd:.2f}** full forwards "
-          f"{verdict(t_attr / t_fwd <= 3)} (target <= 3) = {t_attr / t_ro:.2f} readout forwards |")
-    print(f"| attribution vs exact: Spearman | **{agr['spearman']:.3f}** {verdict(agr['spearman'] >= 0.8)} (target >= 0.8); "
-          f"Pearson {agr['pearson']:.3f}; top-10 overlap {agr['topk_overlap']:.2f} |")
-    print(f"| bridge start_at_layer={L - 1} vs full forward | {t_sal:.3f} s vs {t_fwd:.3f} s "
-          f"({t_sal / t_fwd:.2f}x of a full forward; logits max diff {sal_diff:.1e}) |")
-    print(f"| mechicl block skipping from layer {L - 1} (readout only) | {t_skip:.3f} s ({t_skip / t_ro:.2f}x of a readout forward) |")
+    print(
+        f"| attribution patching, all heads (2 fwd + 1 bwd) | {t_attr:.3f} s = **{t_attr / t_fwd:.2f}** full forwards "
+        f"{verdict(t_attr / t_fwd <= 3)} (target <= 3) = {t_attr / t_ro:.2f} readout forwards |"
+    )
+    print(
+        f"| attribution vs exact: Spearman | **{agr['spearman']:.3f}** {verdict(agr['spearman'] >= 0.8)} (target >= 0.8); "
+        f"Pearson {agr['pearson']:.3f}; top-10 overlap {agr['topk_overlap']:.2f} |"
+    )
+    print(
+        f"| bridge start_at_layer={L - 1} vs full forward | {t_sal:.3f} s vs {t_fwd:.3f} s "
+        f"({t_sal / t_fwd:.2f}x of a full forward; logits max diff {sal_diff:.1e}) |"
+    )
+    print(
+        f"| mechicl block skipping from layer {L - 1} (readout only) | {t_skip:.3f} s ({t_skip / t_ro:.2f}x of a readout forward) |"
+    )
 
 
 def main() -> None:
@@ -189,7 +225,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--last-m", type=int, default=None, help="flip only the last M demonstration labels (default: all)")
-    ap.add_argument("--no-extras", action="store_true", help="skip attribution patching, the readout sweep and start_at_layer")
+    ap.add_argument(
+        "--no-extras", action="store_true", help="skip attribution patching, the readout sweep and start_at_layer"
+    )
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -205,11 +243,15 @@ def main() -> None:
     loaded, task = load_model(args.model), load_task(args.task)
     rss_model = rss_mb()
     L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
-    print(f"P1 all-heads output patching, {loaded.name} ({L} layers x {H} heads), task {task.name}, 1 thread, "
-          f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB")
-    print("| examples, pair | contexts x tokens, positions mechicl re-runs | mechicl s | TL s | ratio (goal >= 10 on Gemma) | per-repeat ratio "
-          "| max diff (norm.) | max diff (raw LD) | FLOP bound s (readout fwds of the re-run positions x s) | mechicl / bound (goal <= 1.3) "
-          "| mechicl fwd-equiv | mechicl peak MB | TL peak MB |")
+    print(
+        f"P1 all-heads output patching, {loaded.name} ({L} layers x {H} heads), task {task.name}, 1 thread, "
+        f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB"
+    )
+    print(
+        "| examples, pair | contexts x tokens, positions mechicl re-runs | mechicl s | TL s | ratio (goal >= 10 on Gemma) | per-repeat ratio "
+        "| max diff (norm.) | max diff (raw LD) | FLOP bound s (readout fwds of the re-run positions x s) | mechicl / bound (goal <= 1.3) "
+        "| mechicl fwd-equiv | mechicl peak MB | TL peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     pair = res = None
     for n_ex in (int(x) for x in args.examples.split(",")):

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import add_row, median, rss_mb, timed
+
 from mechicl.analysis.engine.hooks import run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
@@ -66,12 +66,26 @@ def measure_k(loaded, task, K: int, args) -> None:
     ratio = median(t_per) / median(t_one)
     diff = float((a - b).abs().max())
     tokens = int(full.lengths.float().mean())
-    print(f"| {K} | {args.contexts} x {tokens} | {median(t_one):.2f} | {median(t_per):.2f} | **{ratio:.1f}x** "
-          f"| {median([p / o for p, o in zip(t_per, t_one)]):.1f}x | {diff:.1e} | {max(m_one):.0f} | {max(m_per):.0f} |", flush=True)
-    add_row(args.rows, bench="P3", model=loaded.name, size=f"{args.contexts} ctx x K={K} ({tokens} tok)",
-            ours="one forward per context", reference="one prompt per k (mechicl readout)",
-            ours_times=t_one, ref_times=t_per, max_diff=diff, ours_peak_mb=max(m_one), ref_peak_mb=max(m_per),
-            model_rss_mb=args.rss_model, goal="ratio >= 10 at K = 32 (issue 3), exact")
+    print(
+        f"| {K} | {args.contexts} x {tokens} | {median(t_one):.2f} | {median(t_per):.2f} | **{ratio:.1f}x** "
+        f"| {median([p / o for p, o in zip(t_per, t_one)]):.1f}x | {diff:.1e} | {max(m_one):.0f} | {max(m_per):.0f} |",
+        flush=True,
+    )
+    add_row(
+        args.rows,
+        bench="P3",
+        model=loaded.name,
+        size=f"{args.contexts} ctx x K={K} ({tokens} tok)",
+        ours="one forward per context",
+        reference="one prompt per k (mechicl readout)",
+        ours_times=t_one,
+        ref_times=t_per,
+        max_diff=diff,
+        ours_peak_mb=max(m_one),
+        ref_peak_mb=max(m_per),
+        model_rss_mb=args.rss_model,
+        goal="ratio >= 10 at K = 32 (issue 3), exact",
+    )
 
 
 def main() -> None:
@@ -87,10 +101,14 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded, task = load_model(args.model), load_task(args.task)
     args.rss_model = rss_mb()
-    print(f"P3 one-forward readout vs once per k, {loaded.name}, task {task.name}, 1 thread, "
-          f"median of {args.repeats} interleaved repeats; RSS after load {args.rss_model:.0f} MB")
-    print("| K | contexts x tokens (mean) | one forward s | once per k s | ratio | per-repeat ratio "
-          "| max diff label logits | one-forward peak MB | per-k peak MB |")
+    print(
+        f"P3 one-forward readout vs once per k, {loaded.name}, task {task.name}, 1 thread, "
+        f"median of {args.repeats} interleaved repeats; RSS after load {args.rss_model:.0f} MB"
+    )
+    print(
+        "| K | contexts x tokens (mean) | one forward s | once per k s | ratio | per-repeat ratio "
+        "| max diff label logits | one-forward peak MB | per-k peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for K in (int(x) for x in args.k.split(",")):
         measure_k(loaded, task, K, args)

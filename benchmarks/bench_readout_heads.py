@@ -29,7 +29,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from _common import add_row, median, rss_mb, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.helpers
@@ -49,8 +48,8 @@ def tl_readout_sweep(model, pair) -> torch.Tensor:
 def stepper_sweep(model, pair) -> torch.Tensor:
     """The same sweep with two ``ReadoutStepper``s only: 2 prefix forwards + one re-run of the query token per head."""
     from mechicl.analysis.engine.hooks import head_masks
-    from mechicl.analysis.patching.exact import normalise
     from mechicl.analysis.engine.stepper import ReadoutStepper
+    from mechicl.analysis.patching.exact import normalise
 
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     donor, recv = ReadoutStepper(model, pair.clean), ReadoutStepper(model, pair.corrupted)
@@ -81,10 +80,14 @@ def main() -> None:
     model = loaded.model
     rss_model = rss_mb()
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    print(f"P1b readout-slot head sweep, {loaded.name} ({L} x {H} heads), task {task.name}, 1 thread, "
-          f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB")
-    print("| examples | tokens | mechicl s | TL loop s | ratio | per-repeat ratio | max diff (norm.) | max diff (raw LD) "
-          "| mechicl peak MB | TL peak MB | stepper mode | ReadoutStepper direct: s, ratio, diff, peak |")
+    print(
+        f"P1b readout-slot head sweep, {loaded.name} ({L} x {H} heads), task {task.name}, 1 thread, "
+        f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB"
+    )
+    print(
+        "| examples | tokens | mechicl s | TL loop s | ratio | per-repeat ratio | max diff (norm.) | max diff (raw LD) "
+        "| mechicl peak MB | TL peak MB | stepper mode | ReadoutStepper direct: s, ratio, diff, peak |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n_ex in (int(x) for x in args.examples.split(",")):
         pair = pair_for(loaded, task, args.contexts, n_ex, seed=args.seed)
@@ -110,18 +113,43 @@ def main() -> None:
         mode = Patcher(model, pair).stepper("corrupted").mode
         ok = "PASS" if ratio >= 50 and diff <= 1e-4 else "MISS"
         tokens = int(pair.clean.tokens.shape[1])
-        print(f"| {n_ex} | {args.contexts} x {tokens} | {median(t_o):.2f} | {median(t_r):.2f} | **{ratio:.1f}x** {ok} "
-              f"| {per:.1f}x | {diff:.1e} | {diff * denom:.1e} | {max(m_o):.0f} | {max(m_r):.0f} | {mode} "
-              f"| {median(t_d):.2f} s, **{ratio_d:.1f}x** {'PASS' if ratio_d >= 50 and diff_d <= 1e-4 else 'MISS'}, "
-              f"diff {diff_d:.1e}, {max(m_d):.0f} MB |", flush=True)
-        add_row(args.rows, bench="P1b", model=loaded.name, size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok)",
-                ours="Patcher.sweep('head_out_readout')", reference=f"TL run_with_hooks loop, {L * H} forwards",
-                ours_times=t_o, ref_times=t_r, max_diff=diff, ours_peak_mb=max(m_o), ref_peak_mb=max(m_r),
-                model_rss_mb=rss_model, goal="ratio >= 50, diff <= 1e-4")
-        add_row(args.rows, bench="P1b", model=loaded.name, size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok) direct",
-                ours="2 ReadoutSteppers (baselines from their base_logits)",
-                reference=f"TL run_with_hooks loop, {L * H} forwards", ours_times=t_d, ref_times=t_r, max_diff=diff_d,
-                ours_peak_mb=max(m_d), ref_peak_mb=max(m_r), model_rss_mb=rss_model, goal="ratio >= 50, diff <= 1e-4")
+        print(
+            f"| {n_ex} | {args.contexts} x {tokens} | {median(t_o):.2f} | {median(t_r):.2f} | **{ratio:.1f}x** {ok} "
+            f"| {per:.1f}x | {diff:.1e} | {diff * denom:.1e} | {max(m_o):.0f} | {max(m_r):.0f} | {mode} "
+            f"| {median(t_d):.2f} s, **{ratio_d:.1f}x** {'PASS' if ratio_d >= 50 and diff_d <= 1e-4 else 'MISS'}, "
+            f"diff {diff_d:.1e}, {max(m_d):.0f} MB |",
+            flush=True,
+        )
+        add_row(
+            args.rows,
+            bench="P1b",
+            model=loaded.name,
+            size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok)",
+            ours="Patcher.sweep('head_out_readout')",
+            reference=f"TL run_with_hooks loop, {L * H} forwards",
+            ours_times=t_o,
+            ref_times=t_r,
+            max_diff=diff,
+            ours_peak_mb=max(m_o),
+            ref_peak_mb=max(m_r),
+            model_rss_mb=rss_model,
+            goal="ratio >= 50, diff <= 1e-4",
+        )
+        add_row(
+            args.rows,
+            bench="P1b",
+            model=loaded.name,
+            size=f"{args.contexts} ctx x {n_ex} ex ({tokens} tok) direct",
+            ours="2 ReadoutSteppers (baselines from their base_logits)",
+            reference=f"TL run_with_hooks loop, {L * H} forwards",
+            ours_times=t_d,
+            ref_times=t_r,
+            max_diff=diff_d,
+            ours_peak_mb=max(m_d),
+            ref_peak_mb=max(m_r),
+            model_rss_mb=rss_model,
+            goal="ratio >= 50, diff <= 1e-4",
+        )
 
 
 if __name__ == "__main__":

@@ -28,13 +28,16 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from _common import add_row, median, reset_peak, rss_mb, timed
 
 warnings.filterwarnings("ignore")
-SHORT = {"head_out": "Patcher.sweep('head_out')", "resid": "Patcher.sweep('resid')",
-         "head_out_readout": "Patcher.sweep('head_out_readout')", "attr16": "attribution_patch, max_rows=16 (one chunk)",
-         "attr4": "attribution_patch, max_rows=4 (default)"}
+SHORT = {
+    "head_out": "Patcher.sweep('head_out')",
+    "resid": "Patcher.sweep('resid')",
+    "head_out_readout": "Patcher.sweep('head_out_readout')",
+    "attr16": "attribution_patch, max_rows=16 (one chunk)",
+    "attr4": "attribution_patch, max_rows=4 (default)",
+}
 
 
 def activation_bytes(model, tokens: torch.Tensor) -> int:
@@ -56,8 +59,11 @@ def main() -> None:
     ap.add_argument("--task", default="vader-words")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sweeps", default=",".join(SHORT), help=f"comma list of {', '.join(SHORT)} (default all; resid "
-                    "takes ~4 min a repeat on gemma3-270m)")
+    ap.add_argument(
+        "--sweeps",
+        default=",".join(SHORT),
+        help=f"comma list of {', '.join(SHORT)} (default all; resid takes ~4 min a repeat on gemma3-270m)",
+    )
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -78,27 +84,38 @@ def main() -> None:
     sweeps = {
         "Patcher.sweep('head_out')": (patch_pair, lambda: Patcher(model, patch_pair).sweep("head_out").values),
         "Patcher.sweep('resid')": (patch_pair, lambda: Patcher(model, patch_pair).sweep("resid").values),
-        "Patcher.sweep('head_out_readout')": (heads_pair, lambda: Patcher(model, heads_pair).sweep("head_out_readout").values),
+        "Patcher.sweep('head_out_readout')": (
+            heads_pair,
+            lambda: Patcher(model, heads_pair).sweep("head_out_readout").values,
+        ),
         "attribution_patch, max_rows=16 (one chunk)": (
-            heads_pair, lambda: attribution_patch(model, heads_pair, kinds, max_rows=16)["head_out"].values),
+            heads_pair,
+            lambda: attribution_patch(model, heads_pair, kinds, max_rows=16)["head_out"].values,
+        ),
         "attribution_patch, max_rows=4 (default)": (
-            heads_pair, lambda: attribution_patch(model, heads_pair, kinds, max_rows=4)["head_out"].values),
+            heads_pair,
+            lambda: attribution_patch(model, heads_pair, kinds, max_rows=4)["head_out"].values,
+        ),
     }
     chosen = [x.strip() for x in args.sweeps.split(",") if x.strip()]
     bad = [x for x in chosen if x not in SHORT]
     if bad:
         raise SystemExit(f"unknown sweep(s) {bad}; use a comma list of {', '.join(SHORT)}")
     sweeps = {SHORT[x]: sweeps[SHORT[x]] for x in chosen}
-    print(f"Sweep memory, {loaded.name}, task {task.name}, 1 thread; RSS after load {rss_model:.0f} MB; "
-          f"time: median of {args.repeats} interleaved repeats, peak: the largest")
-    print("| sweep | contexts x tokens | A = all activations of one forward (MB) | s | peak RSS MB | extra MB "
-          "| extra / A | goal extra <= 2A |")
+    print(
+        f"Sweep memory, {loaded.name}, task {task.name}, 1 thread; RSS after load {rss_model:.0f} MB; "
+        f"time: median of {args.repeats} interleaved repeats, peak: the largest"
+    )
+    print(
+        "| sweep | contexts x tokens | A = all activations of one forward (MB) | s | peak RSS MB | extra MB "
+        "| extra / A | goal extra <= 2A |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     times: dict[str, list[float]] = {k: [] for k in sweeps}
     peaks: dict[str, list[float]] = {k: [] for k in sweeps}
     values: dict[str, torch.Tensor] = {}
     for _ in range(args.repeats):
-        for name, (pair, fn) in sweeps.items():
+        for name, (_pair, fn) in sweeps.items():
             before = (reset_peak(), rss_mb())[1]
             dt, peak, values[name] = timed(fn)
             times[name].append(dt), peaks[name].append(peak - before)
@@ -108,12 +125,28 @@ def main() -> None:
         extra = max(peaks[name])
         size = f"{pair.n_contexts} x {W}"
         ok = "PASS" if extra <= 2 * a_mb else "MISS"
-        print(f"| {name} | {size} | {a_mb:.0f} | {median(times[name]):.2f} | {rss_model + extra:.0f} | {extra:.0f} "
-              f"| {extra / a_mb:.2f} | {ok} |", flush=True)
-        add_row(args.rows, bench="memory-sweep", model=loaded.name, size=f"{name}, {size} tok", ours=name,
-                reference=f"2 x A = {2 * a_mb:.0f} MB", ours_times=times[name], ref_times=[], max_diff=None,
-                ours_peak_mb=rss_model + extra, ref_peak_mb=None, model_rss_mb=rss_model,
-                activations_mb=a_mb, extra_mb=extra, goal="extra <= 2 x activations of one forward")
+        print(
+            f"| {name} | {size} | {a_mb:.0f} | {median(times[name]):.2f} | {rss_model + extra:.0f} | {extra:.0f} "
+            f"| {extra / a_mb:.2f} | {ok} |",
+            flush=True,
+        )
+        add_row(
+            args.rows,
+            bench="memory-sweep",
+            model=loaded.name,
+            size=f"{name}, {size} tok",
+            ours=name,
+            reference=f"2 x A = {2 * a_mb:.0f} MB",
+            ours_times=times[name],
+            ref_times=[],
+            max_diff=None,
+            ours_peak_mb=rss_model + extra,
+            ref_peak_mb=None,
+            model_rss_mb=rss_model,
+            activations_mb=a_mb,
+            extra_mb=extra,
+            goal="extra <= 2 x activations of one forward",
+        )
     if SHORT["attr16"] in values and SHORT["attr4"] in values:
         diff = float((values[SHORT["attr16"]] - values[SHORT["attr4"]]).abs().max())
         print(f"attribution_patch max |difference| between 16 and 4 rows per chunk: {diff:.1e}")

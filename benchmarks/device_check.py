@@ -55,21 +55,30 @@ def _inputs(loaded, task, contexts: int, examples: int, seed: int):
     from mechicl.data.prompts import build_prompt_batch, sample_contexts
 
     ids = sample_contexts(task, contexts, examples, seed=seed)
-    batch = build_prompt_batch(task, loaded.tokenizer, ids, "default", n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+    batch = build_prompt_batch(
+        task, loaded.tokenizer, ids, "default", n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos
+    )
     return batch, pair_for(loaded, task, contexts, examples, seed=seed)
 
 
 def _measure(loaded, batch, pair, sweep: str, device: str) -> dict:
     """Label logits and one sweep (float32, CPU tensors) plus their wall times on ``loaded``'s device."""
-    from mechicl.analysis.patching.exact import Patcher
     from mechicl.analysis.engine.readout import label_logits
+    from mechicl.analysis.patching.exact import Patcher
 
     t_ro, logits = _timed(lambda: label_logits(loaded.model, batch, progress=False), device)
     patcher = Patcher(loaded.model, pair)
     t_sw, res = _timed(lambda: patcher.sweep(sweep, "denoise"), device)
     mode = f" ({patcher.stepper('corrupted').mode} stepper)" if sweep == "head_out_readout" else ""
     gap = float(res.clean_ld.mean() - res.corrupted_ld.mean())  # the normaliser: small gaps amplify noise
-    return {"logits": logits, "values": res.values, "ld": res.logit_diff, "gap": gap, "t_readout": t_ro, "t_sweep": f"{t_sw:.2f}{mode}"}
+    return {
+        "logits": logits,
+        "values": res.values,
+        "ld": res.logit_diff,
+        "gap": gap,
+        "t_readout": t_ro,
+        "t_sweep": f"{t_sw:.2f}{mode}",
+    }
 
 
 def _compare(ref: dict, other: dict) -> dict:
@@ -100,6 +109,7 @@ def _tl_metric(model, pair, device: str):
 def p1_ratio(loaded, pair, device: str, repeats: int) -> dict:
     """mechicl all-heads exact patching vs TL's ``get_act_patch_attn_head_out_all_pos`` on ``device``."""
     import transformer_lens.patching as tlp
+
     from mechicl.analysis.patching.exact import Patcher
 
     model = loaded.model
@@ -129,8 +139,10 @@ def gpu_check(args) -> None:
     from mechicl.data.tasks import load_task
     from mechicl.models.loading import load_model
 
-    print(f"device {args.device}: {torch.cuda.get_device_name(0) if args.device.startswith('cuda') else 'cpu'}; "
-          f"{args.contexts} contexts x {args.examples} examples; sweep {args.sweep}; P1 median of {args.repeats}")
+    print(
+        f"device {args.device}: {torch.cuda.get_device_name(0) if args.device.startswith('cuda') else 'cpu'}; "
+        f"{args.contexts} contexts x {args.examples} examples; sweep {args.sweep}; P1 median of {args.repeats}"
+    )
     rows, p1_rows = [], []
     for name in args.models:
         task = load_task(_task_for(name))
@@ -147,18 +159,24 @@ def gpu_check(args) -> None:
             del loaded
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    print("\n| model | dtype | label logits max abs diff (rel.) | argmax agreement | sweep max abs diff (normalised) | "
-          "sweep LD max abs diff (clean - corrupted LD) | readout s (cpu / dev) | sweep s (cpu / dev) |")
+    print(
+        "\n| model | dtype | label logits max abs diff (rel.) | argmax agreement | sweep max abs diff (normalised) | "
+        "sweep LD max abs diff (clean - corrupted LD) | readout s (cpu / dev) | sweep s (cpu / dev) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, dtype, c, ref, got in rows:
-        print(f"| {name} | {dtype} | {c['logit_max_abs']:.2e} ({c['logit_rel']:.1e}) | {c['argmax_agree']:.3f} | "
-              f"{c['sweep_max_abs']:.2e} | {c['ld_max_abs']:.2e} ({ref['gap']:.3f}) | {ref['t_readout']:.2f} / {got['t_readout']:.2f} | "
-              f"{ref['t_sweep']} / {got['t_sweep']} |")
+        print(
+            f"| {name} | {dtype} | {c['logit_max_abs']:.2e} ({c['logit_rel']:.1e}) | {c['argmax_agree']:.3f} | "
+            f"{c['sweep_max_abs']:.2e} | {c['ld_max_abs']:.2e} ({ref['gap']:.3f}) | {ref['t_readout']:.2f} / {got['t_readout']:.2f} | "
+            f"{ref['t_sweep']} / {got['t_sweep']} |"
+        )
     if p1_rows:
         print(f"\n| model | dtype | P1 on {args.device}: TL s | mechicl s | ratio | max abs diff |")
         print("|---|---|---|---|---|---|")
         for name, dtype, p in p1_rows:
-            print(f"| {name} | {dtype} | {p['tl']:.3f} | {p['ours']:.3f} | **{p['ratio']:.2f}x** | {p['max_abs']:.2e} |")
+            print(
+                f"| {name} | {dtype} | {p['tl']:.3f} | {p['ours']:.3f} | **{p['ratio']:.2f}x** | {p['max_abs']:.2e} |"
+            )
 
 
 def cpu_dtypes(args) -> None:
@@ -167,8 +185,10 @@ def cpu_dtypes(args) -> None:
     from mechicl.models.loading import load_model
 
     print(f"CPU, 1 thread; {args.contexts} contexts x {args.examples} examples; sweep {args.sweep}")
-    print("\n| model | dtype | label logits max abs diff (rel.) | argmax agreement | sweep max abs diff (normalised) | "
-          "sweep LD max abs diff (clean - corrupted LD) | readout s | sweep s |")
+    print(
+        "\n| model | dtype | label logits max abs diff (rel.) | argmax agreement | sweep max abs diff (normalised) | "
+        "sweep LD max abs diff (clean - corrupted LD) | readout s | sweep s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         task = load_task(_task_for(name))
@@ -176,8 +196,10 @@ def cpu_dtypes(args) -> None:
         batch, pair = _inputs(ref_model, task, args.contexts, args.examples, args.seed)
         ref = _measure(ref_model, batch, pair, args.sweep, "cpu")
         del ref_model
-        print(f"| {name} | float32 | 0 (reference) | 1 | 0 | 0 ({ref['gap']:.3f}) | {ref['t_readout']:.2f} | {ref['t_sweep']} |",
-              flush=True)
+        print(
+            f"| {name} | float32 | 0 (reference) | 1 | 0 | 0 ({ref['gap']:.3f}) | {ref['t_readout']:.2f} | {ref['t_sweep']} |",
+            flush=True,
+        )
         for dtype in ("bfloat16", "float16"):
             try:
                 got = _measure(load_model(name, dtype=dtype), batch, pair, args.sweep, "cpu")
@@ -185,19 +207,26 @@ def cpu_dtypes(args) -> None:
                 print(f"| {name} | {dtype} | fails: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | | |")
                 continue
             c = _compare(ref, got)
-            print(f"| {name} | {dtype} | {c['logit_max_abs']:.2e} ({c['logit_rel']:.1e}) | {c['argmax_agree']:.3f} | "
-                  f"{c['sweep_max_abs']:.2e} | {c['ld_max_abs']:.2e} ({got['gap']:.3f}) | {got['t_readout']:.2f} | "
-                  f"{got['t_sweep']} |", flush=True)
+            print(
+                f"| {name} | {dtype} | {c['logit_max_abs']:.2e} ({c['logit_rel']:.1e}) | {c['argmax_agree']:.3f} | "
+                f"{c['sweep_max_abs']:.2e} | {c['ld_max_abs']:.2e} ({got['gap']:.3f}) | {got['t_readout']:.2f} | "
+                f"{got['t_sweep']} |",
+                flush=True,
+            )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run of this script")
-    ap.add_argument("--cpu-dtypes", action="store_true", help="compare bfloat16/float16 with float32 on the CPU instead")
+    ap.add_argument(
+        "--cpu-dtypes", action="store_true", help="compare bfloat16/float16 with float32 on the CPU instead"
+    )
     ap.add_argument("--contexts", type=int, default=4)
     ap.add_argument("--examples", type=int, default=8)
-    ap.add_argument("--sweep", default=None, help="the compared sweep (default head_out; head_out_readout with --cpu-dtypes)")
+    ap.add_argument(
+        "--sweep", default=None, help="the compared sweep (default head_out; head_out_readout with --cpu-dtypes)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-p1", action="store_true", help="skip the P1 timing against TransformerLens")
     ap.add_argument("--seed", type=int, default=0)
@@ -212,9 +241,12 @@ def main() -> int:
         return 0
     args.sweep = args.sweep or "head_out"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"device_check: no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False), so nothing "
-              f"was checked. Run it on a machine with a CUDA GPU, or use --cpu-dtypes for the CPU dtype tolerances, "
-              f"or --device cpu for a dry run of the GPU code path.", file=sys.stderr)
+        print(
+            f"device_check: no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False), so nothing "
+            f"was checked. Run it on a machine with a CUDA GPU, or use --cpu-dtypes for the CPU dtype tolerances, "
+            f"or --device cpu for a dry run of the GPU code path.",
+            file=sys.stderr,
+        )
         return 2
     gpu_check(args)
     return 0

@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from mechicl.analysis.heads.old_finder import finder as AF
 from mechicl.analysis.engine import slots as SL
 from mechicl.analysis.engine import stepper as ST
+from mechicl.analysis.heads.old_finder import finder as AF
 from mechicl.models.loading import load_model
 from mechicl.runs import findings as F
 
@@ -74,9 +74,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="a scratch grid folder (cells are written there)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    for obj, name, tag in [(SL.SlotStepper, "_init_kv", "stepper build"), (SL.SlotStepper, "run", "slot re-runs"),
-                           (SL.SlotStepper, "attribution", "attribution"), (ST.ReadoutStepper, "__init__", "zero-shot"),
-                           (AF, "_screen", "screen"), (AF, "_confirm", "confirm"), (AF, "_validate", "validate")]:
+    for obj, name, tag in [
+        (SL.SlotStepper, "_init_kv", "stepper build"),
+        (SL.SlotStepper, "run", "slot re-runs"),
+        (SL.SlotStepper, "attribution", "attribution"),
+        (ST.ReadoutStepper, "__init__", "zero-shot"),
+        (AF, "_screen", "screen"),
+        (AF, "_confirm", "confirm"),
+        (AF, "_validate", "validate"),
+    ]:
         label(obj, name, tag)
     stop = threading.Event()
     threading.Thread(target=sample, args=(stop,), daemon=True).start()
@@ -93,8 +99,10 @@ def main() -> None:
         F.run_cell(loaded, cell, spec.cell_config(cell), args.out, progress=False)
         gc.collect()
         steps = ", ".join(f"{k} {v:.0f}" for k, v in sorted(PEAKS.items(), key=lambda x: -x[1]))
-        print(f"seed {seed}: {time.perf_counter() - t:.1f} s; peak RSS by step (MB): {steps}; after the cell "
-              f"{rss():.0f} MB, of which live non-parameter tensors {live_tensor_mb():.0f} MB")
+        print(
+            f"seed {seed}: {time.perf_counter() - t:.1f} s; peak RSS by step (MB): {steps}; after the cell "
+            f"{rss():.0f} MB, of which live non-parameter tensors {live_tensor_mb():.0f} MB"
+        )
     stop.set()
 
 

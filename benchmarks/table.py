@@ -60,8 +60,10 @@ def main() -> None:
     rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
     groups = pooled(rows)
     commands: list[str] = []
-    print("| bench | model | size | mechicl | reference | mechicl s | reference s | ratio | max abs diff "
-          "| FLOP bound s (mechicl / bound) | peak RSS MB mechicl / ref (model alone) | repeats | cmd |")
+    print(
+        "| bench | model | size | mechicl | reference | mechicl s | reference s | ratio | max abs diff "
+        "| FLOP bound s (mechicl / bound) | peak RSS MB mechicl / ref (model alone) | repeats | cmd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     first = {k: i for i, k in enumerate(groups)}
     for key in sorted(groups, key=lambda k: sort_key(k, first)):
@@ -82,9 +84,11 @@ def main() -> None:
                 commands.append(c)
             ids.append(str(commands.index(c) + 1))
         mem = f"{fmt(g['ours_peak_mb'], '.0f')} / {fmt(g.get('ref_peak_mb'), '.0f') or '-'} ({fmt(g.get('model_rss_mb'), '.0f')})"
-        print(f"| {g['bench']} | {g['model']} | {g['size']} | {g['ours']} | {g.get('reference', '-')} | {o_text} "
-              f"| {fmt(r, '.2f') or '-'} | {f'**{r / o:.1f}x**' if r else '-'} | {fmt(g.get('max_diff'), '.1e') or '-'} "
-              f"| {f'{bound:.2f} ({o / bound:.2f}x)' if bound else '-'} | {mem} | {len(g['ours_times'])} | {','.join(ids)} |")
+        print(
+            f"| {g['bench']} | {g['model']} | {g['size']} | {g['ours']} | {g.get('reference', '-')} | {o_text} "
+            f"| {fmt(r, '.2f') or '-'} | {f'**{r / o:.1f}x**' if r else '-'} | {fmt(g.get('max_diff'), '.1e') or '-'} "
+            f"| {f'{bound:.2f} ({o / bound:.2f}x)' if bound else '-'} | {mem} | {len(g['ours_times'])} | {','.join(ids)} |"
+        )
     print()
     for i, c in enumerate(commands, 1):
         print(f"{i}. `flock /tmp/mechicl-cpu.lock {c}`")

@@ -27,9 +27,18 @@ import numpy as np
 from matplotlib import image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-         "--remote-debugging-pipe")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--remote-debugging-pipe",
+)
 MOUNTS = "Array.from(document.querySelectorAll('div[id^=\"circuits-vis-\"]')).map(e => e.childElementCount)"
 LOCAL = ("file:", "data:")  # schemes a self-contained page may load from
 
@@ -114,8 +123,12 @@ def _record(events: list[dict], out: PageCheck) -> None:
         if m == "Network.requestWillBeSent":
             out.requests.append(p["request"]["url"])
         elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            out.errors.append("console." + p["type"] + ": " + " ".join(str(a.get("value", a.get("description", "")))
-                                                                       for a in p.get("args", [])))
+            out.errors.append(
+                "console."
+                + p["type"]
+                + ": "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            )
         elif m == "Runtime.exceptionThrown":
             d = p.get("exceptionDetails", {})
             out.errors.append("exception: " + str(d.get("exception", {}).get("description", d.get("text"))))
@@ -123,8 +136,9 @@ def _record(events: list[dict], out: PageCheck) -> None:
             out.errors.append(f"log ({p['entry'].get('source')}): {p['entry'].get('text')} {p['entry'].get('url', '')}")
 
 
-def check_page(path: Path, width: int = 1100, height: int = 1300, mount_wait: float = 10.0,
-               timeout: float = 60.0) -> PageCheck:
+def check_page(
+    path: Path, width: int = 1100, height: int = 1300, mount_wait: float = 10.0, timeout: float = 60.0
+) -> PageCheck:
     """Load ``path`` in a fresh headless Chromium profile and return what it requested, logged and drew."""
     if CHROMIUM is None:
         raise RuntimeError("headless checks need Debian's chromium package (apt-get install chromium)")
@@ -132,9 +146,14 @@ def check_page(path: Path, width: int = 1100, height: int = 1300, mount_wait: fl
     to_child, from_us = os.pipe()
     to_us, from_child = os.pipe()
     with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                                 "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, close_fds=False, preexec_fn=lambda: _fds_3_4(to_child, from_child))
+        proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=lambda: _fds_3_4(to_child, from_child),
+        )
         os.close(to_child), os.close(from_child)
         cdp = _Pipe(from_us, to_us, time.monotonic() + timeout)
         try:
@@ -142,8 +161,9 @@ def check_page(path: Path, width: int = 1100, height: int = 1300, mount_wait: fl
             s = cdp.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
             for domain in ("Runtime", "Log", "Network", "Page"):
                 cdp.send(f"{domain}.enable", s)
-            cdp.send("Emulation.setDeviceMetricsOverride", s, width=width, height=height, deviceScaleFactor=1,
-                     mobile=False)
+            cdp.send(
+                "Emulation.setDeviceMetricsOverride", s, width=width, height=height, deviceScaleFactor=1, mobile=False
+            )
             cdp.events.clear()
             cdp.send("Page.navigate", s, url=url)
             if not cdp.wait_for("Page.loadEventFired", timeout):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -48,8 +48,14 @@ def batch(
 ) -> PromptBatch:
     ids = sample_contexts(task, n_contexts, n_examples, seed=seed)
     return build_prompt_batch(
-        task, loaded.tokenizer, ids, condition, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos,
-        template=template, seed=seed,
+        task,
+        loaded.tokenizer,
+        ids,
+        condition,
+        n_ctx=loaded.n_ctx,
+        prepend_bos=loaded.prepend_bos,
+        template=template,
+        seed=seed,
     )
 
 
@@ -87,16 +93,32 @@ def tl_metric(loaded: LoadedModel, pair: PatchPair) -> Callable[[Tensor], Tensor
 @lru_cache(maxsize=4)
 def tiny_hf(arch: str = "llama", sliding_window: int = 512) -> LoadedModel:
     """A random 2-layer Hugging Face model (Llama or Gemma-3 layout, GQA) bridged with the tiny tokenizer."""
-    common = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    common = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if arch == "llama":
             hf = LlamaForCausalLM(LlamaConfig(**common))
         else:
-            hf = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=sliding_window, query_pre_attn_scalar=16,
-                                                    layer_types=["sliding_attention", "full_attention"]))
+            hf = Gemma3ForCausalLM(
+                Gemma3TextConfig(
+                    **common,
+                    head_dim=16,
+                    sliding_window=sliding_window,
+                    query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "full_attention"],
+                )
+            )
     hf.config._attn_implementation = "eager"
     hf.config.architectures = [type(hf).__name__]
     hf.eval()
@@ -108,16 +130,27 @@ def tiny_hf(arch: str = "llama", sliding_window: int = 512) -> LoadedModel:
 @lru_cache(maxsize=1)
 def linear_model() -> LoadedModel:
     """1 layer, attention only, no norms: the logits are linear in every head output and in attn_out."""
-    cfg = TransformerBridgeConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, n_ctx=256, d_vocab=len(VOCAB),
-                                  act_fn="gelu", normalization_type=None, attn_only=True, seed=0)
+    cfg = TransformerBridgeConfig(
+        n_layers=1,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        n_ctx=256,
+        d_vocab=len(VOCAB),
+        act_fn="gelu",
+        normalization_type=None,
+        attn_only=True,
+        seed=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = TransformerBridge.boot_native(cfg, tokenizer=tiny_tokenizer()).eval()
     return LoadedModel("linear", model, tiny_tokenizer(), True, "1-layer attention-only model without norms")
 
 
-def slot_resample_reference(loaded: LoadedModel, b: PromptBatch, k_min: int, head: tuple[int, int],
-                            donor: Tensor) -> Tensor:
+def slot_resample_reference(
+    loaded: LoadedModel, b: PromptBatch, k_min: int, head: tuple[int, int], donor: Tensor
+) -> Tensor:
     """P(true) at every slot ``k >= k_min`` when ``head``'s output at that slot (only) is replaced by its
     output at the same slot of context ``donor[c]``: one plain hooked forward per slot, no KV cache."""
     l, h = head
@@ -159,6 +192,7 @@ def hooked_head_patch(model, pair: PatchPair, heads, readout_only: bool) -> tupl
         clean_logits, cache = model.run_with_cache(pair.clean.tokens, names_filter=lambda n: n in names)
         clean_ld, corr_ld = ld(clean_logits), ld(model(pair.corrupted.tokens))
         for i, (l, h) in enumerate(heads):
+
             def hook(z: Tensor, hook, h: int = h, clean_z: Tensor = cache[f"blocks.{l}.attn.hook_z"]) -> Tensor:
                 z = z.clone()
                 if readout_only:

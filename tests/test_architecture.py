@@ -78,7 +78,8 @@ def test_modules_and_functions_are_small(path):
             doc = ast.get_docstring(node) or ""
             assert n <= MAX_FUNCTION_LINES or "Long because" in doc, (
                 f"{path.name}:{node.lineno} {node.name} has {n} lines; split it or say why in its docstring "
-                f"('Long because ...')")
+                f"('Long because ...')"
+            )
 
 
 def test_the_layer_checker_catches_an_upward_import(tmp_path):
@@ -91,9 +92,11 @@ def test_the_layer_checker_catches_an_upward_import(tmp_path):
 
 def test_task_catalogue_imports_no_model_code():
     """Importing the task module (and building a prompt batch's inputs) loads no model code and no TransformerLens."""
-    code = ("import sys, mechicl.data.tasks, mechicl.data.prompts, mechicl.data.pairs, mechicl.data.batches; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformer_lens' or "
-            "m.startswith(('mechicl.models', 'mechicl.analysis', 'mechicl.runs', 'mechicl.viz'))); print(bad)")
+    code = (
+        "import sys, mechicl.data.tasks, mechicl.data.prompts, mechicl.data.pairs, mechicl.data.batches; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformer_lens' or "
+        "m.startswith(('mechicl.models', 'mechicl.analysis', 'mechicl.runs', 'mechicl.viz'))); print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
 
@@ -110,9 +113,14 @@ def _hook_body_constructors(tree: ast.AST) -> list[int]:
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef) and "hook" in [a.arg for a in fn.args.args]:
             for node in ast.walk(fn):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CONSTRUCTORS
-                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
-                        and not any(k.arg == "device" for k in node.keywords)):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in CONSTRUCTORS
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "torch"
+                    and not any(k.arg == "device" for k in node.keywords)
+                ):
                     lines.append(node.lineno)
     return lines
 

@@ -19,7 +19,7 @@ TINY = {
     "02_attention_to_labels": 'MODEL = "tiny"\nTASK = "toy"\nN_CONTEXTS, N_EXAMPLES, K_MIN = 3, 5, 2',
     "03_patching_correct_vs_flipped": 'MODEL = "tiny"\nTASK = "toy"\nN_CONTEXTS, N_EXAMPLES = 3, 5',
     "04_head_findings": 'MODEL = "tiny"\nTASK = "toy"\nN_EXAMPLES, N_SCREEN, N_EVAL, CANDIDATES, N_CONTROL = 5, 4, 8, 4, 20\n'
-                        'GRID = dict(k=8, k_min=4, n_screen=4, n_confirm=8, n_validate=8, n_candidates=4, n_boot=200, n_perm=200)',
+    "GRID = dict(k=8, k_min=4, n_screen=4, n_confirm=8, n_validate=8, n_candidates=4, n_boot=200, n_perm=200)",
     "05_model_organism": 'MODEL = "organism-strong"\nSTEPS, PRUNE_STEPS, N_CONTEXTS = 20, 10, 16',  # organisms are fast
 }
 
@@ -47,7 +47,9 @@ def test_notebook_executes_on_tiny(name):
     first = _code_cells(nb)[0]
     assert first.source.startswith("MODEL = "), "the first code cell must hold the parameters"
     first.source = TINY[name]
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     outs = [o for c in _code_cells(nb) for o in c.outputs]
     assert not [o for o in outs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) or "text/html" in o.get("data", {}) for o in outs)

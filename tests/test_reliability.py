@@ -21,8 +21,27 @@ from mechicl.cli import main
 
 B = ["behavior", "--model", "tiny", "--task", "toy", "--k", "2", "--n-contexts", "3", "--out", "out"]
 INSIDE = ["--model", "tiny", "--task", "toy", "--n-contexts", "3", "--k", "4", "--k-min", "2", "--out", "out"]
-HEADS = ["heads", "--model", "tiny", "--task", "toy", "--k", "4", "--n-screen", "3", "--n-eval", "6",
-         "--candidates", "3", "--set-sizes", "1,2", "--n-control", "5", "--out", "out"]
+HEADS = [
+    "heads",
+    "--model",
+    "tiny",
+    "--task",
+    "toy",
+    "--k",
+    "4",
+    "--n-screen",
+    "3",
+    "--n-eval",
+    "6",
+    "--candidates",
+    "3",
+    "--set-sizes",
+    "1,2",
+    "--n-control",
+    "5",
+    "--out",
+    "out",
+]
 PATCH = ["patch", "--model", "tiny", "--task", "toy", "--n-contexts", "2", "--k", "3", "--out", "out"]
 GOOD = "".join(f"w{i} w{i + 1},{'negative' if i % 2 else 'positive'}\n" for i in range(40))
 CONFIG = """name = "x"
@@ -46,7 +65,7 @@ def _set(argv: list[str], flag: str, value: str) -> list[str]:
     """``argv`` with ``flag`` set to ``value`` (replaced if present, appended if not)."""
     if flag in argv:
         i = argv.index(flag)
-        return [*argv[: i + 1], value, *argv[i + 2:]]
+        return [*argv[: i + 1], value, *argv[i + 2 :]]
     return [*argv, flag, value]
 
 
@@ -63,15 +82,27 @@ RUN = ["run", "c.toml", "--out", "out"]
 # id -> (files to write, argv, pattern the one error line must match)
 ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
     # ---- silently wrong data (now errors)
-    "csv-row-missing-label": ({"d.csv": ("text,label\n" + GOOD + "w5 w6\n").encode()}, _set(B, "--task", "d.csv"),
-                              r"d\.csv line 42: 1 field\(s\) but the header has 2"),
-    "jsonl-text-null": ({"d.jsonl": b'{"text": "w1", "label": "a"}\n{"text": null, "label": "b"}\n'},
-                        _set(B, "--task", "d.jsonl"), r"line 2: 'text' is missing or null"),
-    "switch-after-k-max": ({}, _set(_set(B, "--k", "4"), "--conditions", "default,default>flipped@99"),
-                           r"default>flipped@99: .*switch at example 99 never happens; use @1\.\.@4"),
+    "csv-row-missing-label": (
+        {"d.csv": ("text,label\n" + GOOD + "w5 w6\n").encode()},
+        _set(B, "--task", "d.csv"),
+        r"d\.csv line 42: 1 field\(s\) but the header has 2",
+    ),
+    "jsonl-text-null": (
+        {"d.jsonl": b'{"text": "w1", "label": "a"}\n{"text": null, "label": "b"}\n'},
+        _set(B, "--task", "d.jsonl"),
+        r"line 2: 'text' is missing or null",
+    ),
+    "switch-after-k-max": (
+        {},
+        _set(_set(B, "--k", "4"), "--conditions", "default,default>flipped@99"),
+        r"default>flipped@99: .*switch at example 99 never happens; use @1\.\.@4",
+    ),
     "tokens-become-unk": ({}, _set(B, "--model", "organism-strong"), r"template of task toy tokenizes to <unk>"),
-    "run-bad-plot-metrics": (_config(top='plot_metrics = ["accuracy", "nope"]'), RUN,
-                             r"plot_metrics \['nope'\] are not in the results"),
+    "run-bad-plot-metrics": (
+        _config(top='plot_metrics = ["accuracy", "nope"]'),
+        RUN,
+        r"plot_metrics \['nope'\] are not in the results",
+    ),
     # ---- CLI arguments
     "n-contexts-0": ({}, _set(B, "--n-contexts", "0"), r"argument --n-contexts: must be an integer >= 2, got 0"),
     "n-contexts-1": ({}, _set(B, "--n-contexts", "1"), r"argument --n-contexts: must be an integer >= 2, got 1"),
@@ -82,37 +113,81 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
     "seed--1": ({}, _set(B, "--seed", "-1"), r"argument --seed: must be an integer >= 0, got -1"),
     "threads--1": ({}, _set(B, "--threads", "-1"), r"argument --threads: must be an integer >= 1, got -1"),
     "set-sizes-a,b": ({}, _set(HEADS, "--set-sizes", "a,b"), r"argument --set-sizes: must be comma-separated integers"),
-    "set-sizes-0": ({}, _set(HEADS, "--set-sizes", "0"), r"argument --set-sizes: must be comma-separated integers >= 1"),
-    "set-sizes-over-candidates": ({}, _set(HEADS, "--set-sizes", "1,4"), r"--set-sizes 4 is larger than --candidates 3"),
+    "set-sizes-0": (
+        {},
+        _set(HEADS, "--set-sizes", "0"),
+        r"argument --set-sizes: must be comma-separated integers >= 1",
+    ),
+    "set-sizes-over-candidates": (
+        {},
+        _set(HEADS, "--set-sizes", "1,4"),
+        r"--set-sizes 4 is larger than --candidates 3",
+    ),
     "set-sizes-over-heads": ({}, _set(_set(HEADS, "--candidates", "9"), "--set-sizes", "9"), r"tiny has only 8 heads"),
     "n-control-0": ({}, _set(HEADS, "--n-control", "0"), r"argument --n-control: must be an integer >= 1, got 0"),
     "top--1": ({}, ["attention", *INSIDE, "--top", "-1"], r"argument --top: must be an integer >= 1, got -1"),
-    "min-gap--1": ({}, ["lens", *INSIDE, "--min-gap", "-1"], r"argument --min-gap: must be a number in \[0, 1\], got -1"),
+    "min-gap--1": (
+        {},
+        ["lens", *INSIDE, "--min-gap", "-1"],
+        r"argument --min-gap: must be a number in \[0, 1\], got -1",
+    ),
     "conditions-empty": ({}, _set(B, "--conditions", ""), r"--conditions is empty"),
-    "patch-n-contexts-0": ({}, _set(PATCH, "--n-contexts", "0"), r"argument --n-contexts: must be an integer >= 1, got 0"),
-    "heads-candidates-0": ({}, _set(HEADS, "--candidates", "0"), r"argument --candidates: must be an integer >= 1, got 0"),
+    "patch-n-contexts-0": (
+        {},
+        _set(PATCH, "--n-contexts", "0"),
+        r"argument --n-contexts: must be an integer >= 1, got 0",
+    ),
+    "heads-candidates-0": (
+        {},
+        _set(HEADS, "--candidates", "0"),
+        r"argument --candidates: must be an integer >= 1, got 0",
+    ),
     "heads-n-eval-1": ({}, _set(HEADS, "--n-eval", "1"), r"argument --n-eval: must be an integer >= 2, got 1"),
     # ---- files
-    "csv-not-utf8": ({"d.csv": b"text,label\nw1 w2,caf\xe9\n"}, _set(B, "--task", "d.csv"),
-                     r"d\.csv is not UTF-8 \(byte 0xe9 on line 2\); re-save it as UTF-8"),
-    "jsonl-malformed-line": ({"d.jsonl": b'{"text": "w1", "label": "a"}\n\n{"text": "w2", "label": \n'},
-                             _set(B, "--task", "d.jsonl"), r"d\.jsonl line 3: not valid JSON"),
-    "jsonl-missing-text": ({"d.jsonl": b'{"text": "w1", "label": "a"}\n{"label": "b"}\n'}, _set(B, "--task", "d.jsonl"),
-                           r"d\.jsonl line 2: missing key\(s\) \['text'\]; found \['label'\]"),
-    "csv-bom": ({"d.csv": b"\xef\xbb\xbf" + ("text,label\n" + GOOD).encode()}, _set(B, "--task", "d.csv"),
-                r"d\.csv starts with a UTF-8 byte-order mark"),
-    "csv-semicolon": ({"d.csv": ("text;label\n" + GOOD.replace(",", ";")).encode()}, _set(B, "--task", "d.csv"),
-                      r"header 'text;label' looks ';'-separated"),
-    "csv-capitalised-header": ({"d.csv": ("Text,Label\n" + GOOD).encode()}, _set(B, "--task", "d.csv"),
-                               r"found the columns \['Text', 'Label'\]; column names are exact"),
+    "csv-not-utf8": (
+        {"d.csv": b"text,label\nw1 w2,caf\xe9\n"},
+        _set(B, "--task", "d.csv"),
+        r"d\.csv is not UTF-8 \(byte 0xe9 on line 2\); re-save it as UTF-8",
+    ),
+    "jsonl-malformed-line": (
+        {"d.jsonl": b'{"text": "w1", "label": "a"}\n\n{"text": "w2", "label": \n'},
+        _set(B, "--task", "d.jsonl"),
+        r"d\.jsonl line 3: not valid JSON",
+    ),
+    "jsonl-missing-text": (
+        {"d.jsonl": b'{"text": "w1", "label": "a"}\n{"label": "b"}\n'},
+        _set(B, "--task", "d.jsonl"),
+        r"d\.jsonl line 2: missing key\(s\) \['text'\]; found \['label'\]",
+    ),
+    "csv-bom": (
+        {"d.csv": b"\xef\xbb\xbf" + ("text,label\n" + GOOD).encode()},
+        _set(B, "--task", "d.csv"),
+        r"d\.csv starts with a UTF-8 byte-order mark",
+    ),
+    "csv-semicolon": (
+        {"d.csv": ("text;label\n" + GOOD.replace(",", ";")).encode()},
+        _set(B, "--task", "d.csv"),
+        r"header 'text;label' looks ';'-separated",
+    ),
+    "csv-capitalised-header": (
+        {"d.csv": ("Text,Label\n" + GOOD).encode()},
+        _set(B, "--task", "d.csv"),
+        r"found the columns \['Text', 'Label'\]; column names are exact",
+    ),
     # ---- config type errors (checked when the config loads)
     "config-k_max-four": (_config(top='k_max = "four"'), RUN, r"k_max must be an integer, got str 'four'"),
     "config-k_max-4.5": (_config(top="k_max = 4.5"), RUN, r"k_max must be an integer, got float 4\.5"),
-    "config-n_contexts-str": (_config(top='n_contexts = "4"'), RUN,
-                              r"n_contexts must be an integer, got str '4' \(write n_contexts = 4, without quotes\)"),
+    "config-n_contexts-str": (
+        _config(top='n_contexts = "4"'),
+        RUN,
+        r"n_contexts must be an integer, got str '4' \(write n_contexts = 4, without quotes\)",
+    ),
     "config-min_effect-big": (_config(test='min_effect = "big"'), RUN, r"min_effect must be a number, got str 'big'"),
-    "config-alternative-bigger": (_config(test='alternative = "bigger"'), RUN,
-                                  r"alternative must be one of greater, less, two-sided, got 'bigger'"),
+    "config-alternative-bigger": (
+        _config(test='alternative = "bigger"'),
+        RUN,
+        r"alternative must be one of greater, less, two-sided, got 'bigger'",
+    ),
     "config-unknown-metric": (_config(b="random/acc"), RUN, r"condition 'random' has no metric 'acc'"),
     "config-ks-99": (_config(test="ks = [99]"), RUN, r"ks \[99\] outside 0\.\.k_max = 4"),
     # ---- output path (checked before the run)
@@ -122,18 +197,39 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
     "out-unwritable": ({}, _set(B, "--out", "ro/run"), r"cannot write to .*/ro \(permission denied\)"),
     # ---- model paths
     "model-typo-relative": ({}, _set(B, "--model", "t/typo.gguf"), r"model file not found: .*/t/typo\.gguf"),
-    "model-missing-absolute": ({}, _set(B, "--model", "/nonexistent/m.gguf"), r"model file not found: /nonexistent/m\.gguf"),
+    "model-missing-absolute": (
+        {},
+        _set(B, "--model", "/nonexistent/m.gguf"),
+        r"model file not found: /nonexistent/m\.gguf",
+    ),
     "model-random-gguf": ({"m.gguf": os.urandom(4096)}, _set(B, "--model", "m.gguf"), r"m\.gguf is not a GGUF file"),
-    "model-random-safetensors": ({"m.safetensors": os.urandom(4096)}, _set(B, "--model", "m.safetensors"),
-                                 r"m\.safetensors is not a safetensors file"),
-    "model-hub-offline": ({}, _set(B, "--model", "someorg/somemodel"),
-                          r"could not load 'someorg/somemodel' \(the Hub is unreachable: .*\)"),
-    "task-hf-offline": ({}, _set(B, "--task", "hf:someorg/somedata"),
-                        r"cannot load dataset 'someorg/somedata': the Hugging Face Hub is unreachable"),
+    "model-random-safetensors": (
+        {"m.safetensors": os.urandom(4096)},
+        _set(B, "--model", "m.safetensors"),
+        r"m\.safetensors is not a safetensors file",
+    ),
+    "model-hub-offline": (
+        {},
+        _set(B, "--model", "someorg/somemodel"),
+        r"could not load 'someorg/somemodel' \(the Hub is unreachable: .*\)",
+    ),
+    "task-hf-offline": (
+        {},
+        _set(B, "--task", "hf:someorg/somedata"),
+        r"cannot load dataset 'someorg/somedata': the Hugging Face Hub is unreachable",
+    ),
     # ---- --label-names is accepted everywhere a task is (a bad value is a one-line error for each command)
-    **{f"label-names-{cmd}": ({}, [*argv, "--label-names", "negative"], r"argument --label-names: must be two or more")
-       for cmd, argv in [("behavior", B), ("attention", ["attention", *INSIDE]), ("lens", ["lens", *INSIDE]),
-                         ("dla", ["dla", *INSIDE]), ("patch", PATCH), ("heads", HEADS)]},
+    **{
+        f"label-names-{cmd}": ({}, [*argv, "--label-names", "negative"], r"argument --label-names: must be two or more")
+        for cmd, argv in [
+            ("behavior", B),
+            ("attention", ["attention", *INSIDE]),
+            ("lens", ["lens", *INSIDE]),
+            ("dla", ["dla", *INSIDE]),
+            ("patch", PATCH),
+            ("heads", HEADS),
+        ]
+    },
 }
 
 
@@ -181,8 +277,9 @@ def test_duplicate_rows_warn_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(_set(B, "--task", "d.csv")) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mechicl:")]
-    assert err == ["mechicl: warning: d.csv: 1 duplicate row(s) (same text and label), e.g. line 43 repeats line 3; "
-                   "they are kept, so a context can show the same example twice",
-                   "mechicl: warning: d.csv: 1 text(s) appear with different labels, e.g. lines 3 and 42; "
-                   "they are kept as given"]
+    assert err == [
+        "mechicl: warning: d.csv: 1 duplicate row(s) (same text and label), e.g. line 43 repeats line 3; "
+        "they are kept, so a context can show the same example twice",
+        "mechicl: warning: d.csv: 1 text(s) appear with different labels, e.g. lines 3 and 42; they are kept as given",
+    ]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["command"][1] == "behavior"

@@ -43,8 +43,15 @@ def test_wilson_matches_reference_values_and_stays_in_0_1():
 
 def test_accuracy_ci_is_wilson_and_continuous_metrics_keep_t():
     # two contexts, one right one wrong: the t-interval was [-5.85, 6.85]
-    raw = pd.DataFrame({"condition": "c", "context": [0, 1, 0, 1], "k": 0,
-                        "metric": ["accuracy", "accuracy", "entropy", "entropy"], "value": [0.0, 1.0, 0.5, 0.7]})
+    raw = pd.DataFrame(
+        {
+            "condition": "c",
+            "context": [0, 1, 0, 1],
+            "k": 0,
+            "metric": ["accuracy", "accuracy", "entropy", "entropy"],
+            "value": [0.0, 1.0, 0.5, 0.7],
+        }
+    )
     s = summarize(raw, "m", "t").set_index("metric")
     lo, hi = wilson_interval(1, 2)
     assert (s.loc["accuracy", "ci_low"], s.loc["accuracy", "ci_high"]) == pytest.approx((float(lo), float(hi)))
@@ -71,7 +78,10 @@ def test_config_records_stripped_label_names_and_a_complete_manifest(tmp_path, m
     assert main([*B, "--task", "d.csv", "--label-names", "negative, positive", "--out", "run"]) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["label_names"] == ["negative", "positive"]
     manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
-    assert manifest["command"][:2] == ["mechicl", "behavior"] and manifest["config"]["label_names"] == ["negative", "positive"]
+    assert manifest["command"][:2] == ["mechicl", "behavior"] and manifest["config"]["label_names"] == [
+        "negative",
+        "positive",
+    ]
     assert {"torch", "transformer-lens", "python"} <= set(manifest["versions"]) and manifest["wall_time_s"] > 0
     assert "summary.md" in manifest["files"] and verify_manifest(tmp_path / "run") == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -147,7 +157,7 @@ def test_sigint_to_a_subprocess(delay, tmp_path):
 
 # --------------------------------------------------------- property test ---
 
-TEXT = st.one_of(st.text(alphabet="ab ,\"\n;\té", max_size=6), st.sampled_from(["w1", "w2 w3"]))
+TEXT = st.one_of(st.text(alphabet='ab ,"\n;\té', max_size=6), st.sampled_from(["w1", "w2 w3"]))
 LABEL = st.one_of(st.sampled_from(["pos", "neg", " pos", "0", "1", "", "x,y"]), TEXT)
 
 
@@ -164,7 +174,7 @@ def _classes_are_the_labels(path: Path, labels: list[str]) -> None:
 
 @pytest.mark.filterwarnings("ignore::mechicl.data.tasks.TaskWarning")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.lists(st.tuples(TEXT, LABEL), max_size=8), extra=st.sampled_from(["", "w1\n", "w1,pos,x\n", "\"w1"]))
+@given(rows=st.lists(st.tuples(TEXT, LABEL), max_size=8), extra=st.sampled_from(["", "w1\n", "w1,pos,x\n", '"w1']))
 def test_any_csv_loads_exactly_its_labels_or_raises_task_error(rows, extra):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -176,13 +186,17 @@ def test_any_csv_loads_exactly_its_labels_or_raises_task_error(rows, extra):
         _classes_are_the_labels(path, None if extra else [lab for _, lab in rows])
 
 
-VALUE = st.one_of(st.none(), st.booleans(), st.integers(-1, 3), st.floats(allow_nan=False), TEXT, st.lists(st.integers(), max_size=2))
+VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-1, 3), st.floats(allow_nan=False), TEXT, st.lists(st.integers(), max_size=2)
+)
 
 
 @pytest.mark.filterwarnings("ignore::mechicl.data.tasks.TaskWarning")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(objs=st.lists(st.dictionaries(st.sampled_from(["text", "label", "x"]), VALUE, max_size=3), max_size=8),
-       junk=st.sampled_from(["", "{", "[1]", "null", "\"s\""]))
+@given(
+    objs=st.lists(st.dictionaries(st.sampled_from(["text", "label", "x"]), VALUE, max_size=3), max_size=8),
+    junk=st.sampled_from(["", "{", "[1]", "null", '"s"']),
+)
 def test_any_jsonl_loads_exactly_its_labels_or_raises_task_error(objs, junk):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "t.jsonl"

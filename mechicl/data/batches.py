@@ -19,8 +19,9 @@ from mechicl.data.task import Task, Template
 from mechicl.errors import PromptError
 
 
-def zero_shot_batch(task: Task, tokenizer: Any, batch: PromptBatch, *, n_ctx: int, prepend_bos: bool,
-                    template: Template | None = None) -> PromptBatch:
+def zero_shot_batch(
+    task: Task, tokenizer: Any, batch: PromptBatch, *, n_ctx: int, prepend_bos: bool, template: Template | None = None
+) -> PromptBatch:
     """Every example of ``batch`` alone, with no demonstrations (k = 0), written with the same label words."""
     words = tuple(batch.label_words)
     cond = "default" if words == tuple(task.label_names) else f"arbitrary:{'/'.join(words)}"
@@ -52,8 +53,15 @@ class AblationBatches:
     shuffled: PromptBatch
 
 
-def ablation_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch example"], *, n_ctx: int,
-                     prepend_bos: bool, seed: int = 0) -> AblationBatches:
+def ablation_batches(
+    task: Task,
+    tokenizer: Any,
+    example_ids: Int[Tensor, "batch example"],
+    *,
+    n_ctx: int,
+    prepend_bos: bool,
+    seed: int = 0,
+) -> AblationBatches:
     """The four renderings of ``example_ids`` that ``analysis.heads.ablation.HeadAblator`` reads."""
     kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos)
     correct = build_prompt_batch(task, tokenizer, example_ids, "default", seed=seed, **kw)
@@ -61,7 +69,9 @@ def ablation_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch
         correct=correct,
         flipped=build_prompt_batch(task, tokenizer, example_ids, "flipped", seed=seed, **kw),
         zero_shot=build_prompt_batch(task, tokenizer, example_ids[:, -1:], "default", seed=seed, **kw),
-        shuffled=build_prompt_batch(task, tokenizer, example_ids, "random", shown_labels=shuffled_labels(correct, seed), **kw),
+        shuffled=build_prompt_batch(
+            task, tokenizer, example_ids, "random", shown_labels=shuffled_labels(correct, seed), **kw
+        ),
     )
 
 
@@ -114,7 +124,9 @@ def stage_draws(task: Task, sizes: dict[str, int], n_examples: int, seed: int = 
             )
         seeds[s] = seed * 1000 + i
         r = np.random.default_rng(seeds[s])
-        ids[s] = torch.as_tensor(np.stack([pool[r.choice(len(pool), n_examples, replace=False)] for _ in range(sizes[s])]))
+        ids[s] = torch.as_tensor(
+            np.stack([pool[r.choice(len(pool), n_examples, replace=False)] for _ in range(sizes[s])])
+        )
     draws = StageDraws(ids, seeds, {s: tuple(int(x) for x in pools[s]) for s in stages})
     assert not draws.shared_examples(), "held-out stages share task rows"
     return draws
@@ -133,18 +145,25 @@ class HeldOutBatches:
     draws: StageDraws
 
 
-def held_out_batches(task: Task, tokenizer: Any, draws: StageDraws, *, n_ctx: int, prepend_bos: bool,
-                     template: Template | None = None) -> HeldOutBatches:
+def held_out_batches(
+    task: Task, tokenizer: Any, draws: StageDraws, *, n_ctx: int, prepend_bos: bool, template: Template | None = None
+) -> HeldOutBatches:
     """The renderings ``analysis.heads.finder`` reads, built from ``stage_draws``."""
     kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
-    stages = {s: (build_prompt_batch(task, tokenizer, ids, "default", **kw), build_prompt_batch(task, tokenizer, ids, "flipped", **kw))
-              for s, ids in draws.ids.items()}
+    stages = {
+        s: (
+            build_prompt_batch(task, tokenizer, ids, "default", **kw),
+            build_prompt_batch(task, tokenizer, ids, "flipped", **kw),
+        )
+        for s, ids in draws.ids.items()
+    }
     last = draws.ids[STAGES[-1]][:, -1:]
     return HeldOutBatches(stages, build_prompt_batch(task, tokenizer, last, "default", **kw), draws)
 
 
-def repeated_random_tokens(tokenizer: Any, d_vocab: int, prepend_bos: bool, n_seqs: int = 8, seq_len: int = 40,
-                           seed: int = 0) -> tuple[Int[Tensor, "batch pos"], int]:
+def repeated_random_tokens(
+    tokenizer: Any, d_vocab: int, prepend_bos: bool, n_seqs: int = 8, seq_len: int = 40, seed: int = 0
+) -> tuple[Int[Tensor, "batch pos"], int]:
     """``[BOS] r r`` with ``r`` uniform over the non-special vocabulary; returns tokens and the offset of copy 1."""
     vocab = min(int(d_vocab), len(tokenizer))
     special = set(tokenizer.all_special_ids)

@@ -3,8 +3,8 @@ mid-context switches), parsed from strings such as ``flipped`` or ``default>flip
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -16,8 +16,9 @@ Cost: tokenization only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,9 +79,18 @@ class EvidenceBatches:
         return self.batches[-1]
 
 
-def evidence_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch example"], *, n_ctx: int,
-                     prepend_bos: bool, placements: Sequence[str] = PLACEMENTS, counts: Sequence[int] | None = None,
-                     template: Template | None = None, seed: int = 0) -> EvidenceBatches:
+def evidence_batches(
+    task: Task,
+    tokenizer: Any,
+    example_ids: Int[Tensor, "batch example"],
+    *,
+    n_ctx: int,
+    prepend_bos: bool,
+    placements: Sequence[str] = PLACEMENTS,
+    counts: Sequence[int] | None = None,
+    template: Template | None = None,
+    seed: int = 0,
+) -> EvidenceBatches:
     """Render ``example_ids`` (the last example is the query) once per (placement, count of flipped labels).
 
     ``counts`` default to 1..k-1 (0 and k are always rendered, once). ``seed`` seeds the ``random`` placement.
@@ -100,5 +110,9 @@ def evidence_batches(task: Task, tokenizer: Any, example_ids: Int[Tensor, "batch
         shown[:, :k] = torch.where(mask, (true[:, :k] + 1) % task.n_classes, true[:, :k])
         cond = LabelCondition("default" if m == 0 else "flipped", alias=p if m in (0, k) else f"{p}{m}")
         batches.append(build_prompt_batch(task, tokenizer, example_ids, cond, shown_labels=shown, **kw))
-    return EvidenceBatches(tuple(batches), tuple(p for p, _, _ in plan), tuple(m for _, m, _ in plan),
-                           torch.stack([mask for _, _, mask in plan]))
+    return EvidenceBatches(
+        tuple(batches),
+        tuple(p for p, _, _ in plan),
+        tuple(m for _, m, _ in plan),
+        torch.stack([mask for _, _, mask in plan]),
+    )

@@ -55,7 +55,9 @@ def _log_lik(words: Int[np.ndarray, "n k"], classes: Int[np.ndarray, "n k"], eps
     return per.sum(-1).T  # [n, 4]
 
 
-def posterior(cfg: LanguageConfig, words: Int[np.ndarray, "n k"], classes: Int[np.ndarray, "n k"]) -> Float[np.ndarray, "n 4"]:
+def posterior(
+    cfg: LanguageConfig, words: Int[np.ndarray, "n k"], classes: Int[np.ndarray, "n k"]
+) -> Float[np.ndarray, "n 4"]:
     """P(H | context) for each context; raises if a context is impossible under the language."""
     with np.errstate(divide="ignore"):
         lp = np.log(prior(cfg))[None] + _log_lik(np.asarray(words), np.asarray(classes), cfg.label_noise)
@@ -66,8 +68,12 @@ def posterior(cfg: LanguageConfig, words: Int[np.ndarray, "n k"], classes: Int[n
     return w / w.sum(-1, keepdims=True)
 
 
-def predictive(cfg: LanguageConfig, words: Int[np.ndarray, "n k"], classes: Int[np.ndarray, "n k"],
-               query_class: Int[np.ndarray, "n"]) -> Float[np.ndarray, "n 4"]:
+def predictive(
+    cfg: LanguageConfig,
+    words: Int[np.ndarray, "n k"],
+    classes: Int[np.ndarray, "n k"],
+    query_class: Int[np.ndarray, "n"],
+) -> Float[np.ndarray, "n 4"]:
     """P(the query's shown word = each of ``WORDS`` | context, query class): the Bayes-optimal prediction."""
     post = posterior(cfg, words, classes)  # [n, 4]
     eps, qc = cfg.label_noise, np.asarray(query_class)
@@ -95,11 +101,14 @@ def _condition_maps(condition: str, n_examples: int) -> tuple[list[int], tuple[i
         a, b = HYPOTHESES.index(first), HYPOTHESES.index(then)
         maps = [a if (i % 2 == 0 if at == "alt" else i < int(at)) else b for i in range(n_examples)]
         return maps, (0, 1)
-    raise ValueError(f"no Bayes curve for condition {condition!r}; use default, flipped, random, arbitrary:a/b or "
-                     f"default>flipped@m")
+    raise ValueError(
+        f"no Bayes curve for condition {condition!r}; use default, flipped, random, arbitrary:a/b or default>flipped@m"
+    )
 
 
-def _two_way(p: Float[np.ndarray, "n 4"], target: Int[np.ndarray, "n"], other: Int[np.ndarray, "n"]) -> tuple[np.ndarray, np.ndarray]:
+def _two_way(
+    p: Float[np.ndarray, "n 4"], target: Int[np.ndarray, "n"], other: Int[np.ndarray, "n"]
+) -> tuple[np.ndarray, np.ndarray]:
     """(P(target) among {target, other}, Bayes decision: 1 / 0.5 on a tie / 0)."""
     rows = np.arange(len(p))
     pt, po = p[rows, target], p[rows, other]
@@ -133,6 +142,10 @@ def bayes_point(cfg: LanguageConfig, condition: str, k: int) -> tuple[float, flo
 
 def bayes_curve(cfg: LanguageConfig, conditions: tuple[str, ...], ks: tuple[int, ...]) -> pd.DataFrame:
     """Tidy (condition, k, p_target, accuracy) of the Bayes-optimal reader."""
-    rows = [dict(condition=c, k=k, p_target=pt, accuracy=acc)
-            for c in conditions for k in ks for pt, acc in [bayes_point(cfg, c, k)]]
+    rows = [
+        dict(condition=c, k=k, p_target=pt, accuracy=acc)
+        for c in conditions
+        for k in ks
+        for pt, acc in [bayes_point(cfg, c, k)]
+    ]
     return pd.DataFrame(rows)

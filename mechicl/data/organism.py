@@ -97,10 +97,14 @@ class LanguageConfig:
         return p / p.sum()
 
     @classmethod
-    def from_prior_strength(cls, prior_strength: float, p_arbitrary: float = 0.3, label_noise: float = 0.1, n_examples: int = 20) -> LanguageConfig:
+    def from_prior_strength(
+        cls, prior_strength: float, p_arbitrary: float = 0.3, label_noise: float = 0.1, n_examples: int = 20
+    ) -> LanguageConfig:
         """``prior_strength`` = P(default map | sentiment words): p_default = s (1 - p_arb), p_flip = (1 - s)(1 - p_arb)."""
         if not 0 <= prior_strength <= 1 or not 0 <= p_arbitrary < 1:
-            raise ValueError(f"need 0 <= prior_strength <= 1 and 0 <= p_arbitrary < 1, got {prior_strength}, {p_arbitrary}")
+            raise ValueError(
+                f"need 0 <= prior_strength <= 1 and 0 <= p_arbitrary < 1, got {prior_strength}, {p_arbitrary}"
+            )
         rest = 1 - p_arbitrary
         return cls(prior_strength * rest, (1 - prior_strength) * rest, p_arbitrary, label_noise, n_examples)
 

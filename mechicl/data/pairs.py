@@ -17,7 +17,6 @@ from mechicl.data.prompts import LABEL, ROLE_NAMES, PromptBatch, build_prompt_ba
 from mechicl.data.task import Task, Template
 from mechicl.errors import PairError
 
-
 # ------------------------------------------------------------------ pairs ---
 
 
@@ -123,7 +122,9 @@ def make_pair(
     ``last_m`` flips only the last ``m`` demonstration labels (the query's own label
     token, after the readout slot, is left as in the clean run). Cost: tokenization only.
     """
-    clean = build_prompt_batch(task, tokenizer, example_ids, "default", n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
+    clean = build_prompt_batch(
+        task, tokenizer, example_ids, "default", n_ctx=n_ctx, prepend_bos=prepend_bos, template=template
+    )
     n_ex = clean.n_examples
     if last_m is None:
         corrupted = build_prompt_batch(
@@ -137,14 +138,22 @@ def make_pair(
         sl = slice(n_ex - 1 - last_m, n_ex - 1)
         shown[:, sl] = (shown[:, sl] + 1) % task.n_classes
         corrupted = build_prompt_batch(
-            task, tokenizer, example_ids, "flipped", n_ctx=n_ctx, prepend_bos=prepend_bos, template=template,
+            task,
+            tokenizer,
+            example_ids,
+            "flipped",
+            n_ctx=n_ctx,
+            prepend_bos=prepend_bos,
+            template=template,
             shown_labels=shown,
         )
         desc = f"correct labels vs last {last_m} demonstration labels flipped"
     return pair_from_batches(clean, corrupted, desc)
 
 
-def pair_for(loaded: Any, task: Task, n_contexts: int, n_examples: int, seed: int = 0, last_m: int | None = None) -> PatchPair:
+def pair_for(
+    loaded: Any, task: Task, n_contexts: int, n_examples: int, seed: int = 0, last_m: int | None = None
+) -> PatchPair:
     """``make_pair`` on freshly sampled contexts for a ``LoadedModel``."""
     ids = sample_contexts(task, n_contexts, n_examples, seed=seed)
     return make_pair(task, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, last_m=last_m)

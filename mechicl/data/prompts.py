@@ -14,8 +14,9 @@ word that is not exactly one token in context raises ``LabelTokenError``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ from torch import Tensor
 from mechicl.data.conditions import LabelCondition
 from mechicl.data.task import Task, Template
 from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
-
 
 # Position roles, stored per token in PromptBatch.roles.
 PAD, BOS, TEMPLATE, INPUT, LABEL = 0, 1, 2, 3, 4
@@ -108,7 +108,9 @@ def sample_contexts(task: Task, n_contexts: int, n_examples: int, seed: int = 0)
     return torch.as_tensor(ids, dtype=torch.long)
 
 
-def _render(template: Template, pairs: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+def _render(
+    template: Template, pairs: Sequence[tuple[str, str]]
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
     """Text plus char spans of every input and label."""
     before, _, after = template.example.partition("{input}")
     after = after[: -len("{label}")]
@@ -200,9 +202,20 @@ def _draw_shown(task: Task, cond: LabelCondition, true: np.ndarray, seed: int) -
 _Row = tuple[list[int], list[tuple[int, int]], list[tuple[int, int]], str]  # ids, input spans, label spans, text
 
 
-def _tokenize_context(task: Task, tokenizer: Any, template: Template, words: Sequence[str],
-                      seqs: Sequence[tuple[int, ...]], ex: np.ndarray, shown: np.ndarray, b: int, *, n_ctx: int,
-                      prepend_bos: bool, multi_token: bool) -> _Row:
+def _tokenize_context(
+    task: Task,
+    tokenizer: Any,
+    template: Template,
+    words: Sequence[str],
+    seqs: Sequence[tuple[int, ...]],
+    ex: np.ndarray,
+    shown: np.ndarray,
+    b: int,
+    *,
+    n_ctx: int,
+    prepend_bos: bool,
+    multi_token: bool,
+) -> _Row:
     """Render context ``b`` and tokenize it; its input and label token spans, checked against the label sequences."""
     pairs = [(task.texts[j], words[s]) for j, s in zip(ex, shown)]
     text, ins, labs = _render(template, pairs)
@@ -280,8 +293,22 @@ def build_prompt_batch(
     true = np.asarray(task.labels)[ex]
     shown = _draw_shown(task, cond, true, seed) if shown_labels is None else shown_labels.numpy()
 
-    rows = [_tokenize_context(task, tokenizer, template, words, seqs, ex[b], shown[b], b, n_ctx=n_ctx,
-                              prepend_bos=prepend_bos, multi_token=multi_token) for b in range(ex.shape[0])]
+    rows = [
+        _tokenize_context(
+            task,
+            tokenizer,
+            template,
+            words,
+            seqs,
+            ex[b],
+            shown[b],
+            b,
+            n_ctx=n_ctx,
+            prepend_bos=prepend_bos,
+            multi_token=multi_token,
+        )
+        for b in range(ex.shape[0])
+    ]
     tokens, mask, roles, spans, lpos = _assemble(rows, ex.shape[1], tokenizer.pad_token_id, prepend_bos)
     return PromptBatch(
         tokens=tokens,

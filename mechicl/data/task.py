@@ -28,9 +28,7 @@ class Template:
 
     def __post_init__(self) -> None:
         if "{input}" not in self.example or not self.example.endswith("{label}"):
-            raise TaskError(
-                f"template example {self.example!r} must contain '{{input}}' and end with '{{label}}'"
-            )
+            raise TaskError(f"template example {self.example!r} must contain '{{input}}' and end with '{{label}}'")
 
 
 @dataclass(frozen=True)
@@ -70,24 +68,34 @@ def check_tokenization(task: Task, tokenizer: Any, max_texts: int = 512, max_unk
     input tokens ``<unk>`` (checked on up to ``max_texts`` inputs, spread over the task). Cost: tokenizing them.
     """
     unk = getattr(tokenizer, "unk_token_id", None)
-    fix = ("this model cannot read this task; use a task in its vocabulary "
-           "(tiny: toy; organisms: organism) or a model with a byte-level tokenizer")
+    fix = (
+        "this model cannot read this task; use a task in its vocabulary "
+        "(tiny: toy; organisms: organism) or a model with a byte-level tokenizer"
+    )
     t = task.template
-    for what, text in (("template", t.example.replace("{input}", " ").replace("{label}", " ") + t.separator),
-                       ("label words", " ".join(task.label_names))):
+    for what, text in (
+        ("template", t.example.replace("{input}", " ").replace("{label}", " ") + t.separator),
+        ("label words", " ".join(task.label_names)),
+    ):
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if unk is not None and unk in ids:
-            raise PromptError(f"the {what} of task {task.name} tokenizes to <unk>: {text.strip()!r} -> "
-                              f"{tokenizer.convert_ids_to_tokens(ids)}; {fix}")
+            raise PromptError(
+                f"the {what} of task {task.name} tokenizes to <unk>: {text.strip()!r} -> "
+                f"{tokenizer.convert_ids_to_tokens(ids)}; {fix}"
+            )
     idx = np.unique(np.linspace(0, len(task) - 1, min(len(task), max_texts)).round().astype(int))
     n_tok = n_unk = 0
     for i in idx:
         ids = tokenizer(task.texts[i], add_special_tokens=False).input_ids
         lost = sum(1 for x in ids if x == unk) if unk is not None else 0
         if not ids or lost == len(ids):
-            raise PromptError(f"task {task.name}: the input {task.texts[i]!r} tokenizes to "
-                              f"{tokenizer.convert_ids_to_tokens(ids) or 'nothing'}; {fix}")
+            raise PromptError(
+                f"task {task.name}: the input {task.texts[i]!r} tokenizes to "
+                f"{tokenizer.convert_ids_to_tokens(ids) or 'nothing'}; {fix}"
+            )
         n_tok, n_unk = n_tok + len(ids), n_unk + lost
     if n_unk > max_unk * n_tok:
-        raise PromptError(f"task {task.name}: {n_unk} of {n_tok} input tokens ({n_unk / n_tok:.0%}) become <unk> "
-                          f"with this tokenizer; {fix}")
+        raise PromptError(
+            f"task {task.name}: {n_unk} of {n_tok} input tokens ({n_unk / n_tok:.0%}) become <unk> "
+            f"with this tokenizer; {fix}"
+        )

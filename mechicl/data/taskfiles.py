@@ -33,11 +33,15 @@ def rows_to_task(name: str, rows: list[Row], label_names: tuple[str, ...] | None
     raw = [label.strip() for _, _, label in rows]
     if all(re.fullmatch(r"\d+", v) for v in raw):
         if label_names is None:
-            raise TaskError(f"{name}: integer labels need label words; pass label_names (e.g. --label-names negative,positive)")
+            raise TaskError(
+                f"{name}: integer labels need label words; pass label_names (e.g. --label-names negative,positive)"
+            )
         labels = [int(v) for v in raw]
         if max(labels) >= len(label_names):
-            raise TaskError(f"{name}: labels go up to {max(labels)} but label_names gives {len(label_names)} words "
-                            f"{label_names}; pass one word per class 0..{max(labels)}")
+            raise TaskError(
+                f"{name}: labels go up to {max(labels)} but label_names gives {len(label_names)} words "
+                f"{label_names}; pass one word per class 0..{max(labels)}"
+            )
         names = tuple(label_names)
     else:
         names = tuple(label_names) if label_names else tuple(sorted(set(raw)))
@@ -60,18 +64,28 @@ def _warn_duplicates(name: str, rows: list[Row]) -> None:
         else:
             first[text] = (line, label.strip())
     if dup:
-        warnings.warn(f"{name}: {len(dup)} duplicate row(s) (same text and label), e.g. line {dup[0][1]} repeats "
-                      f"line {dup[0][0]}; they are kept, so a context can show the same example twice", TaskWarning)
+        warnings.warn(
+            f"{name}: {len(dup)} duplicate row(s) (same text and label), e.g. line {dup[0][1]} repeats "
+            f"line {dup[0][0]}; they are kept, so a context can show the same example twice",
+            TaskWarning,
+            stacklevel=2,
+        )
     if clash:
-        warnings.warn(f"{name}: {len(clash)} text(s) appear with different labels, e.g. lines {clash[0][0]} and "
-                      f"{clash[0][1]}; they are kept as given", TaskWarning)
+        warnings.warn(
+            f"{name}: {len(clash)} text(s) appear with different labels, e.g. lines {clash[0][0]} and "
+            f"{clash[0][1]}; they are kept as given",
+            TaskWarning,
+            stacklevel=2,
+        )
 
 
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     if raw.startswith(codecs.BOM_UTF8):
-        raise TaskError(f"{path} starts with a UTF-8 byte-order mark (BOM, as Excel's 'CSV UTF-8' writes); "
-                        f"save it as plain UTF-8 without a BOM")
+        raise TaskError(
+            f"{path} starts with a UTF-8 byte-order mark (BOM, as Excel's 'CSV UTF-8' writes); "
+            f"save it as plain UTF-8 without a BOM"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -84,10 +98,14 @@ def _check_header(path: Path, header: list[str]) -> None:
         return
     if len(header) == 1 and any(d in header[0] for d in ";\t|"):
         sep = next(d for d in ";\t|" if d in header[0])
-        raise TaskError(f"{path}: the header {header[0]!r} looks {sep!r}-separated; mechicl reads comma-separated "
-                        f"CSV: use ',' between columns (or a .jsonl file)")
+        raise TaskError(
+            f"{path}: the header {header[0]!r} looks {sep!r}-separated; mechicl reads comma-separated "
+            f"CSV: use ',' between columns (or a .jsonl file)"
+        )
     if {"text", "label"} <= {h.strip().lower() for h in header}:
-        raise TaskError(f"{path}: found the columns {header}; column names are exact: rename them to 'text' and 'label'")
+        raise TaskError(
+            f"{path}: found the columns {header}; column names are exact: rename them to 'text' and 'label'"
+        )
     missing = sorted({"text", "label"} - set(header))
     raise TaskError(f"{path}: missing column(s) {missing}; found {header}; the header must name 'text' and 'label'")
 
@@ -106,8 +124,10 @@ def _read_csv(path: Path) -> list[Row]:
             if len(row) <= 1 and not "".join(row).strip():  # a blank line
                 continue
             if len(row) != len(header):
-                raise TaskError(f"{path} line {line}: {len(row)} field(s) but the header has {len(header)} "
-                                f"({','.join(header)}); quote texts that contain commas")
+                raise TaskError(
+                    f"{path} line {line}: {len(row)} field(s) but the header has {len(header)} "
+                    f"({','.join(header)}); quote texts that contain commas"
+                )
             rows.append(checked_row(path, line, row[it], row[il]))
     except csv.Error as e:
         raise TaskError(f"{path} line {reader.line_num}: not valid CSV ({e})") from e
@@ -136,8 +156,10 @@ def _read_jsonl(path: Path) -> list[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TaskError(f"{path} line {i}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                            f"object like {{\"text\": \"...\", \"label\": \"...\"}}") from e
+            raise TaskError(
+                f"{path} line {i}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                f'object like {{"text": "...", "label": "..."}}'
+            ) from e
         if not isinstance(obj, dict):
             raise TaskError(f"{path} line {i}: a JSON {type(obj).__name__}, not an object with 'text' and 'label'")
         missing = [k for k in ("text", "label") if k not in obj]

@@ -112,11 +112,20 @@ def balanced(task: Task, seed: int) -> Task:
         return task
     texts, labels = _balance(list(task.texts), list(task.labels), task.n_classes, seed)
     before = ", ".join(f"{w}: {n}" for w, n in zip(task.label_names, counts))
-    warnings.warn(f"{task.name}: classes balanced to {min(present)} rows each (seed {seed}): kept {len(texts)} of "
-                  f"{len(task)} rows (counts were {before}); pass balance=False (--no-balance) to keep every row",
-                  TaskWarning)
-    return Task(task.name, tuple(texts), tuple(labels), task.label_names, task.template,
-                f"{task.description}, balanced ({len(texts)} of {len(task)} rows)")
+    warnings.warn(
+        f"{task.name}: classes balanced to {min(present)} rows each (seed {seed}): kept {len(texts)} of "
+        f"{len(task)} rows (counts were {before}); pass balance=False (--no-balance) to keep every row",
+        TaskWarning,
+        stacklevel=2,
+    )
+    return Task(
+        task.name,
+        tuple(texts),
+        tuple(labels),
+        task.label_names,
+        task.template,
+        f"{task.description}, balanced ({len(texts)} of {len(task)} rows)",
+    )
 
 
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]")
@@ -259,11 +268,15 @@ def hf_dataset(dataset_id: str, split: str = "train", label_names: tuple[str, ..
 
     Fails at once when the Hub cannot be reached (``hub_offline``) instead of retrying.
     """
-    fix = (f"Fix: export it to CSV/JSONL with 'text' and 'label' columns and pass the file path, or use a "
-           f"built-in task ({', '.join(known_tasks())}).")
+    fix = (
+        f"Fix: export it to CSV/JSONL with 'text' and 'label' columns and pass the file path, or use a "
+        f"built-in task ({', '.join(known_tasks())})."
+    )
     why = hub_offline()
     if why is not None and why != "HF_HUB_OFFLINE is set":  # with the variable set, datasets reads its cache only
-        raise ResourceUnavailable(f"cannot load dataset {dataset_id!r}: the Hugging Face Hub is unreachable ({why}). {fix}")
+        raise ResourceUnavailable(
+            f"cannot load dataset {dataset_id!r}: the Hugging Face Hub is unreachable ({why}). {fix}"
+        )
     try:
         import datasets
 

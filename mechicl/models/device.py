@@ -42,15 +42,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"unknown device {device!r}: use one of {', '.join(DEVICES)} (or cuda:N for the N-th GPU)")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("cuda requested but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build): "
-                              "use --device cpu")
+            raise ConfigError(
+                "cuda requested but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build): "
+                "use --device cpu"
+            )
         n = torch.cuda.device_count()
         if index and int(index) >= n:
-            raise ConfigError(f"device {name} requested but only {n} GPU(s) are visible (cuda:0..cuda:{n - 1}); "
-                              f"pick one of them or check CUDA_VISIBLE_DEVICES")
+            raise ConfigError(
+                f"device {name} requested but only {n} GPU(s) are visible (cuda:0..cuda:{n - 1}); "
+                f"pick one of them or check CUDA_VISIBLE_DEVICES"
+            )
     if kind == "mps" and not _mps_available():
-        raise ConfigError("mps requested but torch.backends.mps.is_available() is False (not an Apple-silicon Mac, "
-                          "or torch built without MPS): use --device cpu")
+        raise ConfigError(
+            "mps requested but torch.backends.mps.is_available() is False (not an Apple-silicon Mac, "
+            "or torch built without MPS): use --device cpu"
+        )
     return torch.device(name)
 
 

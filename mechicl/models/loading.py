@@ -24,9 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import safetensors.torch as st
+import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -39,15 +38,18 @@ from mechicl.models.organism import load_organism
 from mechicl.models.registry import EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGGUF, known_models
 from mechicl.models.tiny import load_tiny
 
-
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
 def _looks_like_path(name: str) -> bool:
     """A model file suffix, a leading '/', './', '../' or '~', or more than one '/': a path, never a Hub id."""
-    return (Path(name).suffix.lower() in MODEL_SUFFIXES or name.startswith(("/", "./", "../", "~", "."))
-            or name.count("/") > 1 or "\\" in name)
+    return (
+        Path(name).suffix.lower() in MODEL_SUFFIXES
+        or name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or "\\" in name
+    )
 
 
 def _check_file(path: Path) -> None:
@@ -56,8 +58,10 @@ def _check_file(path: Path) -> None:
         head = f.read(8)
         if path.suffix == ".gguf":
             if head[:4] != b"GGUF":
-                raise ModelUnavailable(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'); "
-                                       f"the file is damaged or not a model: download it again")
+                raise ModelUnavailable(
+                    f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'); "
+                    f"the file is damaged or not a model: download it again"
+                )
             return
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         try:
@@ -65,8 +69,10 @@ def _check_file(path: Path) -> None:
         except (ValueError, UnicodeDecodeError):
             ok = False
     if not ok:
-        raise ModelUnavailable(f"{path} is not a safetensors file (no valid header); the file is damaged or not a "
-                               f"model: write it again with `mechicl organism train`")
+        raise ModelUnavailable(
+            f"{path} is not a safetensors file (no valid header); the file is damaged or not a "
+            f"model: write it again with `mechicl organism train`"
+        )
 
 
 def check_model_name(name: str) -> None:
@@ -77,18 +83,24 @@ def check_model_name(name: str) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelUnavailable(f"{path} is not a Hugging Face model directory (no config.json). Pass a directory "
-                                   f"written by `save_pretrained`, a .gguf file, or one of {known_models()}.")
+            raise ModelUnavailable(
+                f"{path} is not a Hugging Face model directory (no config.json). Pass a directory "
+                f"written by `save_pretrained`, a .gguf file, or one of {known_models()}."
+            )
         return
     if path.is_file():
         if path.suffix not in {".gguf", ".safetensors"}:
-            raise ModelUnavailable(f"cannot load model file {path}: mechicl reads .gguf files, .safetensors organism "
-                                   f"checkpoints and Hugging Face model directories")
+            raise ModelUnavailable(
+                f"cannot load model file {path}: mechicl reads .gguf files, .safetensors organism "
+                f"checkpoints and Hugging Face model directories"
+            )
         _check_file(path)
         return
     if _looks_like_path(name):
-        raise ModelUnavailable(f"model file not found: {path.absolute()}; check the path (a Hub id has the form "
-                               f"'org/name', without a file suffix)")
+        raise ModelUnavailable(
+            f"model file not found: {path.absolute()}; check the path (a Hub id has the form "
+            f"'org/name', without a file suffix)"
+        )
     if not _HUB_ID.fullmatch(name):
         raise UnknownModel(
             f"unknown model {name!r}. Use one of {', '.join(known_models())}, a path to a .gguf file, "
@@ -99,8 +111,9 @@ def check_model_name(name: str) -> None:
 DeviceMap = str | dict[str, Any] | None
 
 
-def load_model(name: str, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
-               device_map: DeviceMap = None) -> LoadedModel:
+def load_model(
+    name: str, *, seed: int = 0, device: str = "cpu", dtype: str = "float32", device_map: DeviceMap = None
+) -> LoadedModel:
     """Load ``name`` (see module docstring) in eval mode (``check_model_name`` first).
 
     ``device``: ``auto`` (cuda if available, else mps, else cpu), ``cpu`` (default), ``cuda``, ``cuda:N``, ``mps``.
@@ -114,7 +127,9 @@ def load_model(name: str, *, seed: int = 0, device: str = "cpu", dtype: str = "f
         if str(device).lower() not in ("cpu", "auto"):
             raise ConfigError(f"device={device!r} and device_map={device_map!r} both place the model: pass one of them")
         if name in TINY_MODELS or name in ORGANISMS or Path(name).suffix == ".safetensors":
-            raise ConfigError(f"device_map needs a Hugging Face model; {name!r} is a TL-native bridge: use device= instead")
+            raise ConfigError(
+                f"device_map needs a Hugging Face model; {name!r} is a TL-native bridge: use device= instead"
+            )
     dev = resolve_device(device) if device_map is None else None
     loaded = _load(name, seed, dt, device_map)
     model = loaded.model
@@ -122,10 +137,16 @@ def load_model(name: str, *, seed: int = 0, device: str = "cpu", dtype: str = "f
         place_bridge(model, dev, dt if model_dtype(model) != dt else None)
     hf_map = getattr(getattr(model, "original_model", None), "hf_device_map", None) if device_map is not None else None
     if hf_map and model.W_U.device.type == "meta":
-        raise ConfigError(f"device_map {device_map!r} offloads the unembedding (lm_head -> {hf_map.get('lm_head')!r}); mechicl "
-                          f"reads W_U outside the forward: keep lm_head and the final norm on a GPU or the CPU")
-    return replace(loaded, device=str(input_device(model)), dtype=dtype_name(model_dtype(model)),
-                   device_map=dict(hf_map) if hf_map else None)
+        raise ConfigError(
+            f"device_map {device_map!r} offloads the unembedding (lm_head -> {hf_map.get('lm_head')!r}); mechicl "
+            f"reads W_U outside the forward: keep lm_head and the final norm on a GPU or the CPU"
+        )
+    return replace(
+        loaded,
+        device=str(input_device(model)),
+        dtype=dtype_name(model_dtype(model)),
+        device_map=dict(hf_map) if hf_map else None,
+    )
 
 
 def _load(name: str, seed: int, dtype: torch.dtype, device_map: DeviceMap) -> LoadedModel:
@@ -144,8 +165,10 @@ def _load(name: str, seed: int, dtype: torch.dtype, device_map: DeviceMap) -> Lo
         except MechiclError:
             raise
         except Exception as e:  # a well-formed file that is not a model mechicl can read
-            raise ModelUnavailable(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                                   f"{'it is not a mechicl organism checkpoint' if path.suffix == '.safetensors' else 'transformers cannot read this GGUF'}") from e
+            raise ModelUnavailable(
+                f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                f"{'it is not a mechicl organism checkpoint' if path.suffix == '.safetensors' else 'transformers cannot read this GGUF'}"
+            ) from e
     if path.is_dir():
         return _load_hf_dir(name, path, dtype=dtype, device_map=device_map)
     return _load_hub(name, dtype, device_map)
@@ -225,8 +248,14 @@ def _native_prepend_bos(tok: Any) -> bool:
     return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
 
 
-def _load_hf_dir(name: str, path: Path, source: str | None = None, *, dtype: torch.dtype = torch.float32,
-                 device_map: DeviceMap = None) -> LoadedModel:
+def _load_hf_dir(
+    name: str,
+    path: Path,
+    source: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_map: DeviceMap = None,
+) -> LoadedModel:
     if not (path / "config.json").exists():
         raise ModelUnavailable(
             f"{path} is not a Hugging Face model directory (no config.json). "
@@ -248,8 +277,9 @@ def _load_hf_dir(name: str, path: Path, source: str | None = None, *, dtype: tor
         if missing:  # tied unembedding stored once
             hf.tie_weights()
     else:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager",
-                                                  **_split_kwargs(device_map))
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="eager", **_split_kwargs(device_map)
+        )
     hf.eval()
     return LoadedModel(name, _bridge(name, hf, tok), tok, _native_prepend_bos(tok), source or f"directory {path}")
 
@@ -276,7 +306,11 @@ def _load_hub(name: str, dtype: torch.dtype = torch.float32, device_map: DeviceM
             name, dtype=dtype, attn_implementation="eager", local_files_only=offline, **split
         )
     except Exception as e:  # OSError, connection errors, offline-mode errors
-        where = f"(the Hub is unreachable: {why}; not in the local cache)" if offline else "from the Hugging Face Hub or its local cache"
+        where = (
+            f"(the Hub is unreachable: {why}; not in the local cache)"
+            if offline
+            else "from the Hugging Face Hub or its local cache"
+        )
         first = (str(e).splitlines() or [""])[0][:300]
         raise ModelUnavailable(
             f"could not load {name!r} {where} ({type(e).__name__}: {first}). Fix: use an embedded "

@@ -16,15 +16,15 @@ from typing import Any
 import pandas as pd
 
 from mechicl.analysis.aggregation.direct import Projections, curves, project_heads
-from mechicl.analysis.aggregation.total import total_effects
 from mechicl.analysis.aggregation.fits import MODELS, fit_all
+from mechicl.analysis.aggregation.steering import mean_difference, steer, steering_tables
+from mechicl.analysis.aggregation.total import total_effects
 from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.patching.exact import Patcher
-from mechicl.analysis.aggregation.steering import mean_difference, steer, steering_tables
 from mechicl.data.batches import stage_draws
 from mechicl.data.evidence import PLACEMENTS, evidence_batches
-from mechicl.data.pairs import pair_from_batches
 from mechicl.data.names import head_name
+from mechicl.data.pairs import pair_from_batches
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.runs.folder import Clock, RunFolder, md_table
@@ -69,8 +69,10 @@ def choose_heads(model: Any, default: Any, flipped: Any, cfg: AggregationConfig)
     if cfg.heads:
         bad = [h for h in cfg.heads if not (0 <= h[0] < model.cfg.n_layers and 0 <= h[1] < model.cfg.n_heads)]
         if bad:
-            raise ConfigError(f"--heads {fmt_heads(bad)} not in this model ({model.cfg.n_layers} layers x "
-                              f"{model.cfg.n_heads} heads = {n_heads})")
+            raise ConfigError(
+                f"--heads {fmt_heads(bad)} not in this model ({model.cfg.n_layers} layers x "
+                f"{model.cfg.n_heads} heads = {n_heads})"
+            )
         return list(cfg.heads), table
     top = table.assign(a=table["readout_effect"].abs()).sort_values("a", ascending=False).head(cfg.n_heads)
     return [(int(r.layer), int(r.head)) for r in top.itertuples()], table
@@ -80,8 +82,14 @@ def fit_heads(fit: Projections, ev: Projections, cfg: AggregationConfig) -> tupl
     """Every model fitted per head on the fit draw, compared on the eval draw (``measure``: the projections')."""
     params, comparison = [], []
     for i, (l, h) in enumerate(fit.heads):
-        p, c = fit_all(fit.flips.numpy(), fit.delta[..., i].numpy(), ev.flips.numpy(), ev.delta[..., i].numpy(),
-                       n_boot=cfg.n_boot, seed=cfg.seed)
+        p, c = fit_all(
+            fit.flips.numpy(),
+            fit.delta[..., i].numpy(),
+            ev.flips.numpy(),
+            ev.delta[..., i].numpy(),
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
+        )
         params.append(p.assign(head=head_name(l, h), measure=fit.measure))
         comparison.append(c.assign(head=head_name(l, h), measure=fit.measure))
     first = lambda d: d[["head", "measure", *[c for c in d.columns if c not in ("head", "measure")]]]  # noqa: E731
@@ -96,7 +104,9 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
     kw: dict[str, Any] = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, placements=cfg.placements)
     sel = evidence_batches(task, loaded.tokenizer, draws.ids["select"], **kw | {"placements": ()})
     heads, selection = choose_heads(model, sel.default, sel.flipped, cfg)
-    vectors = {by: mean_difference(model, sel.default, sel.flipped, heads, cfg.batch_size, by_class=by) for by in (False, True)}
+    vectors = {
+        by: mean_difference(model, sel.default, sel.flipped, heads, cfg.batch_size, by_class=by) for by in (False, True)
+    }
     folder.csv("selection.csv", selection)
     clock.lap("selection")
     fit_b = evidence_batches(task, loaded.tokenizer, draws.ids["fit"], seed=draws.seeds["fit"], **kw)
@@ -105,15 +115,26 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
     clock.lap("projections")
     fit_t, eval_t = (total_effects(model, b, p, max(cfg.batch_size, 64)) for b, p in ((fit_b, fit_p), (eval_b, eval_p)))
     clock.lap("total effects")
-    cur = pd.concat([curves(eval_p, cfg.n_boot, cfg.seed), curves(eval_t, cfg.n_boot, cfg.seed, model_series=False)],
-                    ignore_index=True)
-    params, comparison = (pd.concat(t, ignore_index=True) for t in zip(fit_heads(fit_p, eval_p, cfg), fit_heads(fit_t, eval_t, cfg)))
+    cur = pd.concat(
+        [curves(eval_p, cfg.n_boot, cfg.seed), curves(eval_t, cfg.n_boot, cfg.seed, model_series=False)],
+        ignore_index=True,
+    )
+    params, comparison = (
+        pd.concat(t, ignore_index=True) for t in zip(fit_heads(fit_p, eval_p, cfg), fit_heads(fit_t, eval_t, cfg))
+    )
     folder.csv("curves.csv", cur)
     folder.csv("fits.csv", params)
     folder.csv("models.csv", comparison)
     clock.lap("fits")
-    tables = [steering_tables(steer(model, eval_b.default, heads, vectors[by], cfg.alphas, cfg.batch_size), cfg.n_boot,
-                              cfg.seed, "per_class" if by else "pooled") for by in (False, True)]
+    tables = [
+        steering_tables(
+            steer(model, eval_b.default, heads, vectors[by], cfg.alphas, cfg.batch_size),
+            cfg.n_boot,
+            cfg.seed,
+            "per_class" if by else "pooled",
+        )
+        for by in (False, True)
+    ]
     per_alpha, slopes = (pd.concat([t[j] for t in tables], ignore_index=True) for j in (0, 1))
     folder.csv("steering.csv", per_alpha)
     folder.csv("steering_slopes.csv", slopes)
@@ -126,33 +147,70 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
 
 def _plots(folder: RunFolder, name: str, cur: pd.DataFrame, per_alpha: pd.DataFrame, cfg: AggregationConfig) -> None:
     n = cfg.n_eval
-    model_what = {"p_flipped": "P(flipped label)", "acc_flipped": "flipped label on top",
-                  "ld_flipped": "change of logit(flipped) - logit(true)"}
+    model_what = {
+        "p_flipped": "P(flipped label)",
+        "acc_flipped": "flipped label on top",
+        "ld_flipped": "change of logit(flipped) - logit(true)",
+    }
     every = cur[cur["query_class"] == "all"]
     for (series, measure), d in every.groupby(["series", "measure"], sort=False):
         what = model_what.get(series, f"{series} {'projection' if measure == 'direct' else 'total effect'} change")
-        line_plot(d, "count", "mean", folder / f"curve_{series}{'_total' if measure == 'total' else ''}.png", hue="placement",
-                  band=("ci_low", "ci_high"), xlabel="flipped demonstration labels", ylabel=what,
-                  title=f"{name}: {what} at the query readout slot vs flipped labels ({n} held-out contexts, 95% CI)")
+        line_plot(
+            d,
+            "count",
+            "mean",
+            folder / f"curve_{series}{'_total' if measure == 'total' else ''}.png",
+            hue="placement",
+            band=("ci_low", "ci_high"),
+            xlabel="flipped demonstration labels",
+            ylabel=what,
+            title=f"{name}: {what} at the query readout slot vs flipped labels ({n} held-out contexts, 95% CI)",
+        )
     for series, d in every[every["measure"].isin(["direct", "total"])].groupby("series", sort=False):
         d = d.assign(line=d["measure"] + " " + d["placement"])
-        line_plot(d, "count", "mean", folder / f"direct_vs_total_{series}.png", hue="line", band=("ci_low", "ci_high"),
-                  xlabel="flipped demonstration labels", ylabel="change of logit(flipped) - logit(true)",
-                  title=f"{name}: {series}'s direct projection and total effect (patched into m = 0, MLPs and later "
-                  f"heads recomputed) vs flipped labels ({n} held-out contexts, 95% CI)")
+        line_plot(
+            d,
+            "count",
+            "mean",
+            folder / f"direct_vs_total_{series}.png",
+            hue="line",
+            band=("ci_low", "ci_high"),
+            xlabel="flipped demonstration labels",
+            ylabel="change of logit(flipped) - logit(true)",
+            title=f"{name}: {series}'s direct projection and total effect (patched into m = 0, MLPs and later "
+            f"heads recomputed) vs flipped labels ({n} held-out contexts, 95% CI)",
+        )
     d = per_alpha[(per_alpha["metric"] == "p_flipped") & (per_alpha["query_class"] == "all")]
     d = d.assign(line=d["head"] + " " + d["vector"])
-    line_plot(d, "alpha", "mean", folder / "steering.png", hue="line", band=("ci_low", "ci_high"), xlabel="alpha",
-              ylabel="P(flipped label)", title=f"{name}: default-label contexts steered by alpha x the head's mean "
-              f"flipped - default output ({n} held-out contexts, 95% CI)")
+    line_plot(
+        d,
+        "alpha",
+        "mean",
+        folder / "steering.png",
+        hue="line",
+        band=("ci_low", "ci_high"),
+        xlabel="alpha",
+        ylabel="P(flipped label)",
+        title=f"{name}: default-label contexts steered by alpha x the head's mean "
+        f"flipped - default output ({n} held-out contexts, 95% CI)",
+    )
 
 
 def _cell(e: float, lo: float, hi: float) -> str:
     return f"{e:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFrame, params: pd.DataFrame,
-            comparison: pd.DataFrame, per_alpha: pd.DataFrame, slopes: pd.DataFrame, clock: Clock) -> str:
+def summary(
+    name: str,
+    cfg: AggregationConfig,
+    heads: list[Head],
+    cur: pd.DataFrame,
+    params: pd.DataFrame,
+    comparison: pd.DataFrame,
+    per_alpha: pd.DataFrame,
+    slopes: pd.DataFrame,
+    clock: Clock,
+) -> str:
     """The run's ``summary.md``."""
     k = cfg.n_examples - 1
     p = params.assign(cell=[_cell(*r) for r in params[["estimate", "ci_low", "ci_high"]].to_numpy()])
@@ -160,20 +218,31 @@ def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFr
     wide = p[[prm in keep.get(m, []) for m, prm in zip(p["model"], p["param"])]]
     wide = wide.assign(col=wide["model"] + " " + wide["param"])
     wide = wide.pivot(index=["head", "measure"], columns="col", values="cell").reset_index()
-    comp = comparison.assign(excess=[_cell(*r) for r in comparison[["excess_mse", "excess_ci_low", "excess_ci_high"]].to_numpy()])
+    comp = comparison.assign(
+        excess=[_cell(*r) for r in comparison[["excess_mse", "excess_ci_low", "excess_ci_high"]].to_numpy()]
+    )
     comp = comp[["head", "measure", "model", "n_params", "heldout_r2", "excess", "verdict"]]
     last = cur[(cur["placement"] == "last") & cur["count"].isin([0, k // 2, k])]
     last = last.assign(cell=[_cell(*r) for r in last[["mean", "ci_low", "ci_high"]].to_numpy()])
     last = last.pivot(index=["series", "measure", "query_class"], columns="count", values="cell")
     last = last.rename(columns=lambda c: f"m = {c}").reset_index()
-    sl = slopes.assign(p=[_cell(*r) for r in slopes[["slope_p_flipped", "slope_p_flipped_ci_low", "slope_p_flipped_ci_high"]].to_numpy()],
-                       acc=[_cell(*r) for r in slopes[["slope_acc_flipped", "slope_acc_flipped_ci_low", "slope_acc_flipped_ci_high"]].to_numpy()])
+    sl = slopes.assign(
+        p=[
+            _cell(*r)
+            for r in slopes[["slope_p_flipped", "slope_p_flipped_ci_low", "slope_p_flipped_ci_high"]].to_numpy()
+        ],
+        acc=[
+            _cell(*r)
+            for r in slopes[["slope_acc_flipped", "slope_acc_flipped_ci_low", "slope_acc_flipped_ci_high"]].to_numpy()
+        ],
+    )
     pa = per_alpha[per_alpha["metric"] == "p_flipped"]
     pa = pa.assign(cell=[_cell(*r) for r in pa[["mean", "ci_low", "ci_high"]].to_numpy()])
     pa = pa.pivot(index=["head", "vector", "query_class"], columns="alpha", values="cell")
     pa = pa.rename(columns=lambda a: f"alpha = {a:g}")
     lines = [
-        f"# Evidence aggregation: {name} on {cfg.task}", "",
+        f"# Evidence aggregation: {name} on {cfg.task}",
+        "",
         f"k = {k} demonstrations. Heads {fmt_heads(heads)} ({'given' if cfg.heads else 'chosen by |head_out_readout| on the select draw'}; "
         f"{cfg.n_select} contexts), models fitted on {cfg.n_fit} contexts and scored on {cfg.n_eval} held-out contexts "
         f"(disjoint task rows; seed {cfg.seed}). Measure `direct` = the head's direct effect on logit(flipped) - "
@@ -181,15 +250,32 @@ def summary(name: str, cfg: AggregationConfig, heads: list[Head], cur: pd.DataFr
         f"of the model's logit(flipped) - logit(true) there when the head's output at that slot is patched from the "
         f"rendering into the same context with no label flipped (later MLPs and heads recomputed); `model` = the "
         f"model's own answer (`ld_flipped`: its change from m = 0). 95% bootstrap CIs over contexts "
-        f"({cfg.n_boot} draws).", "",
-        f"## Held-out curves, placement `last` (counts 0, {k // 2}, {k}; all queries and per query class)", "", md_table(last), "",
-        f"## Fitted parameters (fit draw; models: {', '.join(MODELS)})", "", md_table(wide), "",
+        f"({cfg.n_boot} draws).",
+        "",
+        f"## Held-out curves, placement `last` (counts 0, {k // 2}, {k}; all queries and per query class)",
+        "",
+        md_table(last),
+        "",
+        f"## Fitted parameters (fit draw; models: {', '.join(MODELS)})",
+        "",
+        md_table(wide),
+        "",
         "## Model comparison on the held-out draw (excess MSE over the best model; verdict = simplest model whose "
-        "excess CI reaches 0)", "", md_table(comp), "",
+        "excess CI reaches 0)",
+        "",
+        md_table(comp),
+        "",
         "## Steering: P(flipped label) in default-label contexts, alpha x the head's mean flipped - default output "
-        "(`pooled`: one mean over the select draw; `per_class`: the mean over queries of the same true class)", "",
-        md_table(pa.reset_index()), "",
-        md_table(sl[["head", "vector", "vector_norm", "p", "acc"]].rename(columns={"p": "dP(flipped)/dalpha", "acc": "d top-1 flipped/dalpha"})), "",
+        "(`pooled`: one mean over the select draw; `per_class`: the mean over queries of the same true class)",
+        "",
+        md_table(pa.reset_index()),
+        "",
+        md_table(
+            sl[["head", "vector", "vector_norm", "p", "acc"]].rename(
+                columns={"p": "dP(flipped)/dalpha", "acc": "d top-1 flipped/dalpha"}
+            )
+        ),
+        "",
         clock.line(),
     ]
     return "\n".join(lines) + "\n"

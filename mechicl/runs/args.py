@@ -47,6 +47,7 @@ class Parser(argparse.ArgumentParser):
 
 def int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``lo``."""
+
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -55,6 +56,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
         return v
+
     return parse
 
 
@@ -72,7 +74,9 @@ def words(text: str) -> tuple[str, ...]:
     """``--label-names``: comma-separated, stripped, at least two, no empty or repeated word."""
     words = tuple(w.strip() for w in text.split(","))
     if len(words) < 2 or not all(words) or len(set(words)) != len(words):
-        raise argparse.ArgumentTypeError(f"must be two or more distinct comma-separated words, e.g. negative,positive; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be two or more distinct comma-separated words, e.g. negative,positive; got {text!r}"
+        )
     return words
 
 
@@ -111,32 +115,46 @@ def deprecated(new: str, convert: Callable[[int], int] = lambda v: v, lo: int = 
     check = int_at_least(lo)
 
     class Deprecated(argparse.Action):
-        def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        def __call__(
+            self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None
+        ) -> None:
             try:
                 value = convert(check(values))
             except argparse.ArgumentTypeError as e:
                 parser.error(f"argument {option_string}: {e}")
-            print(f"mechicl: warning: {option_string} is deprecated and will be removed in the next release; "
-                  f"use {new} {value} (same run)", file=sys.stderr)
+            print(
+                f"mechicl: warning: {option_string} is deprecated and will be removed in the next release; "
+                f"use {new} {value} (same run)",
+                file=sys.stderr,
+            )
             setattr(namespace, self.dest, value)
 
     return Deprecated
 
 
 K_MEANING = "observed in-context examples per context: k demonstrations + 1 query"
-CURVE_MEANING = "largest k of the curve (k = 0..K observed in-context examples are scored; a context holds K + 1 examples)"
+CURVE_MEANING = (
+    "largest k of the curve (k = 0..K observed in-context examples are scored; a context holds K + 1 examples)"
+)
 BATCH_MEANING = "rows (contexts) per batched forward: lower it if memory runs out, raise it for speed"
 
 
 def add_k(p: argparse.ArgumentParser, default: int | None, *, curve: bool = False, lo: int = 1, note: str = "") -> None:
     """``--k`` (dest ``k``) and its old spelling: ``--n-examples N`` (= ``--k N-1``), or ``--k-max`` for curves."""
     shown = "the config's" if default is None else default
-    p.add_argument("--k", type=int_at_least(0 if curve else lo), default=default, metavar="K",
-                   help=f"{CURVE_MEANING if curve else K_MEANING}{note} (default {shown})")
+    p.add_argument(
+        "--k",
+        type=int_at_least(0 if curve else lo),
+        default=default,
+        metavar="K",
+        help=f"{CURVE_MEANING if curve else K_MEANING}{note} (default {shown})",
+    )
     if curve:
         p.add_argument("--k-max", dest="k", action=deprecated("--k"), help=argparse.SUPPRESS)
     else:
-        p.add_argument("--n-examples", dest="k", action=deprecated("--k", lambda n: n - 1, lo + 1), help=argparse.SUPPRESS)
+        p.add_argument(
+            "--n-examples", dest="k", action=deprecated("--k", lambda n: n - 1, lo + 1), help=argparse.SUPPRESS
+        )
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int | None) -> None:
@@ -147,21 +165,35 @@ def add_batch_size(p: argparse.ArgumentParser, default: int | None) -> None:
 
 
 def add_multi_token(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--multi-token", action="store_true",
-                   help="allow label words of several tokens (each class's whole token sequence is scored; slower)")
+    p.add_argument(
+        "--multi-token",
+        action="store_true",
+        help="allow label words of several tokens (each class's whole token sequence is scored; slower)",
+    )
 
 
 def add_task_flags(p: argparse.ArgumentParser) -> None:
     """``--label-names``, ``--template`` and ``--no-balance``: which rows and words the task has, how examples are written."""
-    p.add_argument("--label-names", type=words, default=None,
-                   help="comma list of label words: file tasks, the word of class 0, 1, ... (integer labels) or the "
-                        "classes to keep (text labels); built-in tasks, new words for their classes in order")
-    p.add_argument("--template", type=template, default=None,
-                   help="example template with {input} and a final {label}, e.g. 'Input: {input}\\nLabel: {label}' "
-                        "(\\n = newline); default: the task's own (file tasks: 'Input: {input}\\nLabel: {label}')")
-    p.add_argument("--no-balance", action="store_true",
-                   help="keep every row of a .csv/.jsonl or hf: task (default: every class is downsampled to the "
-                        "smallest, seeded by --seed; built-in tasks are always balanced)")
+    p.add_argument(
+        "--label-names",
+        type=words,
+        default=None,
+        help="comma list of label words: file tasks, the word of class 0, 1, ... (integer labels) or the "
+        "classes to keep (text labels); built-in tasks, new words for their classes in order",
+    )
+    p.add_argument(
+        "--template",
+        type=template,
+        default=None,
+        help="example template with {input} and a final {label}, e.g. 'Input: {input}\\nLabel: {label}' "
+        "(\\n = newline); default: the task's own (file tasks: 'Input: {input}\\nLabel: {label}')",
+    )
+    p.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="keep every row of a .csv/.jsonl or hf: task (default: every class is downsampled to the "
+        "smallest, seeded by --seed; built-in tasks are always balanced)",
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser, label_names: bool = True, seed: int | None = 0) -> None:
@@ -171,16 +203,26 @@ def add_run_args(p: argparse.ArgumentParser, label_names: bool = True, seed: int
     p.add_argument("--seed", type=int_at_least(0), default=seed, help="random seed (context draws)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu; docs/devices.md)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and activations (default float32; float16 overflows on Gemma-3: docs/devices.md)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights and activations (default float32; float16 overflows on Gemma-3: docs/devices.md)",
+    )
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>-...); must be new or empty")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (only once the run is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out folder (only once the run is complete)"
+    )
 
 
 def add_model_task(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--task``, the same in every command that runs a model on a task."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`")
-    p.add_argument("--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words); see `mechicl tasks`")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL}); see `mechicl models`"
+    )
+    p.add_argument(
+        "--task", default="vader-words", help="task name or .csv/.jsonl path (default vader-words); see `mechicl tasks`"
+    )
 
 
 def _warn_one_line(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
@@ -201,13 +243,22 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             return func(args)
         except (*USER_ERRORS, OSError) as e:
             text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"mechicl: error: {text if isinstance(e, USER_ERRORS) else f'{type(e).__name__}: {text}'}", file=sys.stderr)
+            print(
+                f"mechicl: error: {text if isinstance(e, USER_ERRORS) else f'{type(e).__name__}: {text}'}",
+                file=sys.stderr,
+            )
             return 2
         except KeyboardInterrupt:
-            print("mechicl: interrupted; no partial run folder was left (an earlier --out folder is unchanged)", file=sys.stderr)
+            print(
+                "mechicl: interrupted; no partial run folder was left (an earlier --out folder is unchanged)",
+                file=sys.stderr,
+            )
             return 130
         except Exception as e:  # noqa: BLE001 -- a bug: traceback + one line, exit 1 (see docstring)
             traceback.print_exc()
-            print(f"mechicl: internal error ({type(e).__name__}); this is a bug in mechicl, please report it with the "
-                  f"traceback above", file=sys.stderr)
+            print(
+                f"mechicl: internal error ({type(e).__name__}); this is a bug in mechicl, please report it with the "
+                f"traceback above",
+                file=sys.stderr,
+            )
             return 1

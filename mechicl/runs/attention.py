@@ -33,16 +33,25 @@ class AttentionResult:
     batches: tuple[PromptBatch, PromptBatch]
 
 
-def compute_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock: Clock, progress: bool = True,
-                      saliency: bool = True, runs: Runs | None = None) -> AttentionResult:
+def compute_attention(
+    loaded: LoadedModel,
+    task: Task,
+    cfg: InsideConfig,
+    clock: Clock,
+    progress: bool = True,
+    saliency: bool = True,
+    runs: Runs | None = None,
+) -> AttentionResult:
     """Label attention and PM on default/flipped contexts, induction on repeated tokens, saliency (optional).
 
     Cost: one forward per context and condition (none with ``runs`` from ``inside.shared_runs``), one on the
     repeated tokens, and for saliency a forward and a backward per context and condition."""
     model = loaded.model
     bd, bf = batches_of(loaded, task, cfg, runs)
-    pats = [A.readout_patterns(model, b, cfg.batch_size, progress, r)
-            for b, r in zip((bd, bf), runs if runs is not None else (None, None))]
+    pats = [
+        A.readout_patterns(model, b, cfg.batch_size, progress, r)
+        for b, r in zip((bd, bf), runs if runs is not None else (None, None))
+    ]
     la = A.label_attention(model, [bd, bf], task.n_classes, cfg.k_min, patterns=pats)
     clock.lap("label attention")
     tokens, offset = repeated_random_tokens(loaded.tokenizer, model.cfg.d_vocab, loaded.prepend_bos, seed=cfg.seed)
@@ -56,7 +65,9 @@ def compute_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, clock:
     if saliency:
         sal = attention_saliency(model, [bd, bf], "last", cfg.k_min, max(1, cfg.batch_size // 2), progress)
         clock.lap("saliency")
-        heads = heads.merge(sal.heads[sal.heads.condition == "default"][["layer", "head", "saliency"]], on=["layer", "head"])
+        heads = heads.merge(
+            sal.heads[sal.heads.condition == "default"][["layer", "head", "saliency"]], on=["layer", "head"]
+        )
     return AttentionResult(la, ind, sal, heads, (bd, bf))
 
 
@@ -64,8 +75,13 @@ def plot_attention(folder: RunFolder, r: AttentionResult, top: pd.DataFrame, tit
     """Heatmaps (label attention, PM per condition, induction, saliency) and the top head's distance curve."""
     la = r.label_attention
     for cond in ("default", "flipped"):
-        head_map(folder, la.label_mass(cond), "label_attention", f"label_attention_{cond}.png",
-                 f"attention from readout slots to earlier labels ({cond}) - {title}")
+        head_map(
+            folder,
+            la.label_mass(cond),
+            "label_attention",
+            f"label_attention_{cond}.png",
+            f"attention from readout slots to earlier labels ({cond}) - {title}",
+        )
         head_map(folder, la.pm[la.pm.condition == cond], "pm", f"pm_{cond}.png", f"PM score ({cond}) - {title}")
     head_map(folder, r.induction, "induction", "induction.png", f"induction score (repeated random tokens) - {title}")
     best = top.iloc[0]
@@ -73,16 +89,37 @@ def plot_attention(folder: RunFolder, r: AttentionResult, top: pd.DataFrame, tit
     d = d[(d.layer == best.layer) & (d["head"] == best["head"])].copy()
     d["series"] = d.condition + np.where(d.same_word, ", word = query's class", ", other word")
     d = d.groupby(["series", "distance"], as_index=False)["mean"].mean()
-    line_plot(d, "distance", "mean", folder / "label_attention_distance.png", hue="series",
-              title=f"{best['name']}: attention per earlier label token - {title}",
-              ylabel="attention to one label token", xlabel="distance (examples back)")
+    line_plot(
+        d,
+        "distance",
+        "mean",
+        folder / "label_attention_distance.png",
+        hue="series",
+        title=f"{best['name']}: attention per earlier label token - {title}",
+        ylabel="attention to one label token",
+        xlabel="distance (examples back)",
+    )
     if r.saliency is not None:
-        sl = r.saliency.layers.melt(id_vars=["condition", "layer"], value_vars=["S_wp", "S_pq", "S_ww"], var_name="flow")
+        sl = r.saliency.layers.melt(
+            id_vars=["condition", "layer"], value_vars=["S_wp", "S_pq", "S_ww"], var_name="flow"
+        )
         sl["series"] = sl.flow + " (" + sl.condition + ")"
-        line_plot(sl, "layer", "value", folder / "saliency_layers.png", hue="series",
-                  title=f"attention saliency per layer - {title}", ylabel="mean |sum_h A dL/dA| over pairs")
-        head_map(folder, r.saliency.heads[r.saliency.heads.condition == "default"], "saliency",
-                 "saliency_heads_default.png", f"saliency onto label tokens (default) - {title}")
+        line_plot(
+            sl,
+            "layer",
+            "value",
+            folder / "saliency_layers.png",
+            hue="series",
+            title=f"attention saliency per layer - {title}",
+            ylabel="mean |sum_h A dL/dA| over pairs",
+        )
+        head_map(
+            folder,
+            r.saliency.heads[r.saliency.heads.condition == "default"],
+            "saliency",
+            "saliency_heads_default.png",
+            f"saliency onto label tokens (default) - {title}",
+        )
 
 
 def _pages(folder: RunFolder, loaded: LoadedModel, r: AttentionResult, top: pd.DataFrame, n_heads: int) -> None:
@@ -91,19 +128,42 @@ def _pages(folder: RunFolder, loaded: LoadedModel, r: AttentionResult, top: pd.D
     names = [f"L{l}H{h}" for l, h in sel]
     for cond, b in zip(("default", "flipped"), r.batches):
         p = A.context_patterns(loaded.model, b, 0, sel)
-        attention_heads_html(b, 0, loaded.tokenizer, p, names, folder / f"attention_heads_{cond}.html",
-                             f"{loaded.name}: top label-attention heads, {cond} labels (context 0)",
-                             [f"Heads ranked by mean attention from readout slots to earlier label tokens: {', '.join(names)}."])
+        attention_heads_html(
+            b,
+            0,
+            loaded.tokenizer,
+            p,
+            names,
+            folder / f"attention_heads_{cond}.html",
+            f"{loaded.name}: top label-attention heads, {cond} labels (context 0)",
+            [f"Heads ranked by mean attention from readout slots to earlier label tokens: {', '.join(names)}."],
+        )
         if cond == "default":
             last = int(b.readout_pos[0, -1])
-            readout_attention_html(b, 0, loaded.tokenizer, p[:, last, :].T, names, folder / "attention_to_labels.html",
-                                   f"{loaded.name}: attention from the last readout slot (context 0, default labels)",
-                                   ["Colour = attention from the final [Q] slot to each token, one series per head "
-                                    "(pick it in the menu)."])
+            readout_attention_html(
+                b,
+                0,
+                loaded.tokenizer,
+                p[:, last, :].T,
+                names,
+                folder / "attention_to_labels.html",
+                f"{loaded.name}: attention from the last readout slot (context 0, default labels)",
+                [
+                    "Colour = attention from the final [Q] slot to each token, one series per head "
+                    "(pick it in the menu)."
+                ],
+            )
 
 
-def report_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Path, progress: bool = True,
-                     saliency: bool = True, html_heads: int = 6) -> str:
+def report_attention(
+    loaded: LoadedModel,
+    task: Task,
+    cfg: InsideConfig,
+    out: Path,
+    progress: bool = True,
+    saliency: bool = True,
+    html_heads: int = 6,
+) -> str:
     """Label attention, PM, induction, saliency; tables, heatmaps, HTML views. Returns the markdown summary."""
     clock, folder = Clock(), RunFolder(out)
     r = compute_attention(loaded, task, cfg, clock, progress, saliency)
@@ -122,17 +182,34 @@ def report_attention(loaded: LoadedModel, task: Task, cfg: InsideConfig, out: Pa
     clock.lap("plots and HTML")
     mass = la.mass.groupby(["condition", "category"], as_index=False)["mean"].mean()
     lines = header("Attention", loaded, cfg)
-    lines += [f"## Top {cfg.top} heads by attention to earlier label tokens (default labels)", "",
-              md_table(top[["name", "label_attention", "label_attention_flipped", "pm", "pm_flipped", "induction"]
-                           + (["saliency"] if r.saliency is not None else [])]), "",
-              f"## Top {cfg.top} heads by PM score (correct labels)", "",
-              md_table(top_heads(r.heads, "pm", cfg.top)[["name", "pm", "pm_flipped", "label_attention", "induction"]]), "",
-              f"## Top {cfg.top} heads by induction score", "",
-              md_table(top_heads(r.heads, "induction", cfg.top)[["name", "induction", "label_attention", "pm"]]), "",
-              "## Mean attention mass per key category (all heads)", "",
-              md_table(mass.pivot_table(index="category", columns="condition", values="mean").reset_index()), ""]
+    lines += [
+        f"## Top {cfg.top} heads by attention to earlier label tokens (default labels)",
+        "",
+        md_table(
+            top[
+                ["name", "label_attention", "label_attention_flipped", "pm", "pm_flipped", "induction"]
+                + (["saliency"] if r.saliency is not None else [])
+            ]
+        ),
+        "",
+        f"## Top {cfg.top} heads by PM score (correct labels)",
+        "",
+        md_table(top_heads(r.heads, "pm", cfg.top)[["name", "pm", "pm_flipped", "label_attention", "induction"]]),
+        "",
+        f"## Top {cfg.top} heads by induction score",
+        "",
+        md_table(top_heads(r.heads, "induction", cfg.top)[["name", "induction", "label_attention", "pm"]]),
+        "",
+        "## Mean attention mass per key category (all heads)",
+        "",
+        md_table(mass.pivot_table(index="category", columns="condition", values="mean").reset_index()),
+        "",
+    ]
     if r.saliency is not None:
         s = r.saliency.layers
-        lines += ["## Attention saliency per layer (Wang et al.): S_wp text->labels, S_pq labels->query, S_ww rest", "",
-                  md_table(s[s.condition == "default"][["layer", "S_wp", "S_pq", "S_ww", "share_wp", "share_pq"]], 5)]
+        lines += [
+            "## Attention saliency per layer (Wang et al.): S_wp text->labels, S_pq labels->query, S_ww rest",
+            "",
+            md_table(s[s.condition == "default"][["layer", "S_wp", "S_pq", "S_ww", "share_wp", "share_pq"]], 5),
+        ]
     return finish(folder, cfg, lines, clock)

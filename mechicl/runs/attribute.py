@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from mechicl.analysis.gradients.attattr import AttAttrResult, attattr, completeness_table, default_targets, head_groups
-from mechicl.analysis.patching.attribution import attribution_patch
 from mechicl.analysis.gradients.ig import ranking_comparison, sign_disagreements
 from mechicl.analysis.gradients.path_ig import PathIGResult, path_ig
+from mechicl.analysis.patching.attribution import attribution_patch
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import PatchPair, pair_for
 from mechicl.data.task import Task
@@ -77,8 +77,17 @@ def attattr_both(loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig) -> 
     out = {}
     for cond, b in (("correct", pair.clean), ("flipped", pair.corrupted)):
         answer, foil = default_targets(b)
-        out[cond] = attattr(loaded.model, b, answer, foil, steps=cfg.steps, metric=cfg.metric, baseline=cfg.baseline,
-                            max_rows=cfg.max_rows, progress=True)
+        out[cond] = attattr(
+            loaded.model,
+            b,
+            answer,
+            foil,
+            steps=cfg.steps,
+            metric=cfg.metric,
+            baseline=cfg.baseline,
+            max_rows=cfg.max_rows,
+            progress=True,
+        )
     return out
 
 
@@ -101,23 +110,44 @@ def compute_attribute(loaded: LoadedModel, task: Task, cfg: AttributeConfig, clo
     t0 = time.perf_counter()
     fo = attribution_patch(loaded.model, pair, ("head_out",), "denoise")["head_out"]
     t_fo = time.perf_counter() - t0
-    curve = [path_ig(loaded.model, pair, m, max_rows=cfg.max_rows, patcher=patcher) for m in cfg.completeness_steps
-             if m != cfg.steps]
+    curve = [
+        path_ig(loaded.model, pair, m, max_rows=cfg.max_rows, patcher=patcher)
+        for m in cfg.completeness_steps
+        if m != cfg.steps
+    ]
     ig = path_ig(loaded.model, pair, cfg.steps, max_rows=cfg.max_rows, patcher=patcher, progress=True)
     clock.lap("path IG")
     path_comp = pd.concat([r.completeness() for r in sorted([*curve, ig], key=lambda r: r.steps)], ignore_index=True)
     heads = ig.table().assign(first_order=fo.effect.reshape(-1).numpy(), exact=exact.effect.reshape(-1).numpy())
     heads.insert(2, "name", [f"L{l}H{h}" for l, h in zip(heads.layer, heads["head"])])
-    ranking = ranking_comparison(exact.effect, {f"path IG (m={cfg.steps})": ig.heads, "first-order": fo.effect}, cfg.top)
-    costs = pd.DataFrame([
-        _cost_row("exact patching (head_out)", exact.forwards, 0.0, exact.seconds),
-        _cost_row("first-order attribution patching", 2.0, 1.0, t_fo),
-        _cost_row(f"path IG (m={cfg.steps})", ig.forwards, ig.backwards, ig.seconds),
-        _cost_row(f"AttAttr (m={cfg.steps}, both renderings)", sum(r.forwards for rs in aa.values() for r in rs),
-                  sum(r.backwards for rs in aa.values() for r in rs), t_aa),
-    ])
-    return AttributeResult(pair, aa, groups, comp, ig, path_comp, heads, ranking,
-                           sign_disagreements(exact.effect, fo.effect, ig.heads), costs)
+    ranking = ranking_comparison(
+        exact.effect, {f"path IG (m={cfg.steps})": ig.heads, "first-order": fo.effect}, cfg.top
+    )
+    costs = pd.DataFrame(
+        [
+            _cost_row("exact patching (head_out)", exact.forwards, 0.0, exact.seconds),
+            _cost_row("first-order attribution patching", 2.0, 1.0, t_fo),
+            _cost_row(f"path IG (m={cfg.steps})", ig.forwards, ig.backwards, ig.seconds),
+            _cost_row(
+                f"AttAttr (m={cfg.steps}, both renderings)",
+                sum(r.forwards for rs in aa.values() for r in rs),
+                sum(r.backwards for rs in aa.values() for r in rs),
+                t_aa,
+            ),
+        ]
+    )
+    return AttributeResult(
+        pair,
+        aa,
+        groups,
+        comp,
+        ig,
+        path_comp,
+        heads,
+        ranking,
+        sign_disagreements(exact.effect, fo.effect, ig.heads),
+        costs,
+    )
 
 
 def layer_masses(groups: pd.DataFrame) -> pd.DataFrame:
@@ -130,25 +160,43 @@ def layer_masses(groups: pd.DataFrame) -> pd.DataFrame:
 
 def attattr_groups(pair: PatchPair, aa: dict[str, list[AttAttrResult]]) -> pd.DataFrame:
     """Tidy AttAttr per (condition, layer, head, key group) at the last readout slot."""
-    return pd.concat([head_groups(rs, b).assign(condition=c) for (c, rs), b in zip(aa.items(), (pair.clean, pair.corrupted))])
+    return pd.concat(
+        [head_groups(rs, b).assign(condition=c) for (c, rs), b in zip(aa.items(), (pair.clean, pair.corrupted))]
+    )
 
 
 def plot_label_vs_input(folder: RunFolder, groups: pd.DataFrame, title: str) -> Path:
     """``attribution_label_vs_input.png``: per layer, AttAttr mass on label vs input tokens, both conditions."""
-    return line_plot(layer_masses(groups), "layer", "attribution", folder / "attribution_label_vs_input.png", hue="series",
-                     title=f"AttAttr mass at the readout slot, label vs input tokens - {title}",
-                     ylabel="sum over heads of Attr (logit diff)")
+    return line_plot(
+        layer_masses(groups),
+        "layer",
+        "attribution",
+        folder / "attribution_label_vs_input.png",
+        hue="series",
+        title=f"AttAttr mass at the readout slot, label vs input tokens - {title}",
+        ylabel="sum over heads of Attr (logit diff)",
+    )
 
 
-def _plots_and_view(folder: RunFolder, loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig, title: str) -> list[str]:
+def _plots_and_view(
+    folder: RunFolder, loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig, title: str
+) -> list[str]:
     """Per-layer label-vs-input plot, head heatmaps, the HTML view; returns the viewed head names."""
     plot_label_vs_input(folder, r.groups, title)
     for cond in ("correct", "flipped"):
         lab = r.groups[(r.groups.condition == cond) & (r.groups.group == "label")]
-        heatmap(head_grid(lab, "attribution"), folder / f"attattr_label_{cond}.png",
-                f"AttAttr on label tokens at the readout slot ({cond} labels) - {title}", label="attribution")
-    heatmap(head_grid(r.heads, "ig"), folder / "path_ig_heads.png",
-            f"path IG per head (m={cfg.steps}), flipped -> correct, normalised metric - {title}", label="IG")
+        heatmap(
+            head_grid(lab, "attribution"),
+            folder / f"attattr_label_{cond}.png",
+            f"AttAttr on label tokens at the readout slot ({cond} labels) - {title}",
+            label="attribution",
+        )
+    heatmap(
+        head_grid(r.heads, "ig"),
+        folder / "path_ig_heads.png",
+        f"path IG per head (m={cfg.steps}), flipped -> correct, normalised metric - {title}",
+        label="IG",
+    )
     lab = r.groups[(r.groups.condition == "flipped") & (r.groups.group == "label")]
     top = lab.reindex(lab.attribution.abs().sort_values(ascending=False).index).head(cfg.view_heads)
     sel = [(int(l), int(h)) for l, h in zip(top.layer, top["head"])]
@@ -156,23 +204,42 @@ def _plots_and_view(folder: RunFolder, loaded: LoadedModel, r: AttributeResult, 
     by_layer = {res.layer: res for res in r.attattr["flipped"]}
     pats = torch.stack([by_layer[l].pattern[0, h] for l, h in sel])  # [head, query, key], context 0
     atts = torch.stack([by_layer[l].attr[0, h] for l, h in sel])
-    attribution_html(r.pair.corrupted, 0, loaded.tokenizer, pats, atts, names,
-                     folder / "attribution_view.html", f"{title}: raw attention vs AttAttr, flipped labels (context 0)",
-                     [f"Heads with the largest |AttAttr| on label tokens at the readout slot: {', '.join(names)}. "
-                      "Attribution = A * mean_alpha dF/dA(alpha A), F = logit(shown label) - logit(other) at the query."])
+    attribution_html(
+        r.pair.corrupted,
+        0,
+        loaded.tokenizer,
+        pats,
+        atts,
+        names,
+        folder / "attribution_view.html",
+        f"{title}: raw attention vs AttAttr, flipped labels (context 0)",
+        [
+            f"Heads with the largest |AttAttr| on label tokens at the readout slot: {', '.join(names)}. "
+            "Attribution = A * mean_alpha dF/dA(alpha A), F = logit(shown label) - logit(other) at the query."
+        ],
+    )
     return names
 
 
 def top_label_heads(groups: pd.DataFrame, n: int) -> pd.DataFrame:
     """Heads ranked by |AttAttr on label tokens| at the readout slot (flipped labels), with raw attention beside."""
-    lab = groups[groups.group == "label"].pivot_table(index=["layer", "head"], columns="condition",
-                                                       values=["attribution", "attribution_share", "attention"])
+    lab = groups[groups.group == "label"].pivot_table(
+        index=["layer", "head"], columns="condition", values=["attribution", "attribution_share", "attention"]
+    )
     lab.columns = [f"{v}_{c}" for v, c in lab.columns]
     lab = lab.reset_index()
     lab.insert(0, "name", [f"L{l}H{h}" for l, h in zip(lab.layer, lab["head"])])
     lab = lab.reindex(lab.attribution_flipped.abs().sort_values(ascending=False).index).head(n)
-    return lab[["name", "attention_flipped", "attribution_flipped", "attribution_share_flipped",
-                "attention_correct", "attribution_correct"]]
+    return lab[
+        [
+            "name",
+            "attention_flipped",
+            "attribution_flipped",
+            "attribution_share_flipped",
+            "attention_correct",
+            "attribution_correct",
+        ]
+    ]
 
 
 def summary_lines(loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig, viewed: list[str]) -> list[str]:
@@ -180,28 +247,49 @@ def summary_lines(loaded: LoadedModel, r: AttributeResult, cfg: AttributeConfig,
     pc = r.path_completeness.pivot_table(index="layer", columns="steps", values="residual").reset_index()
     pc.columns = ["layer", *[f"residual m={m}" for m in pc.columns[1:]]]
     masses = layer_masses(r.groups).pivot_table(index="layer", columns="series", values="attribution").reset_index()
-    ac = r.attattr_completeness[["condition", "layer", "steps", "baseline", "sum_attr", "f_full_minus_f_base", "residual",
-                                 "max_abs_residual"]]
+    ac = r.attattr_completeness[
+        ["condition", "layer", "steps", "baseline", "sum_attr", "f_full_minus_f_base", "residual", "max_abs_residual"]
+    ]
     dis = r.disagreements
     return [
-        f"# Attention attribution: {loaded.name} on {cfg.task}", "",
+        f"# Attention attribution: {loaded.name} on {cfg.task}",
+        "",
         f"{cfg.n_contexts} contexts x {cfg.n_examples} examples (seed {cfg.seed}), {r.pair.description}. "
         f"Riemann midpoint rule, m = {cfg.steps} steps unless stated. AttAttr ({cfg.baseline} baseline) metric "
         f"F = {cfg.metric} of the shown label vs the next class at the query readout slot, per context; path IG metric = normalised logit "
-        f"difference (0 = flipped-label run, 1 = correct-label run).", "",
-        f"## Top {cfg.top} heads by |AttAttr on label tokens| at the readout slot (flipped labels)", "",
+        f"difference (0 = flipped-label run, 1 = correct-label run).",
+        "",
+        f"## Top {cfg.top} heads by |AttAttr on label tokens| at the readout slot (flipped labels)",
+        "",
         "Raw attention = share of the readout slot's attention on label tokens; attribution = its AttAttr "
-        "(logit-difference units); share = label attribution / the head's total |attribution| over key groups.", "",
-        md_table(top_label_heads(r.groups, cfg.top)), "",
-        "## Attribution mass per layer at the readout slot: label vs input tokens (sum over heads)", "",
-        md_table(masses), "",
-        "## AttAttr completeness: sum of Attr vs F(A) - F(baseline) (means over contexts)", "", md_table(ac, 4), "",
-        "## Path IG completeness: heads + rest - (M(clean) - M(corrupted)) per layer", "", md_table(pc, 5), "",
-        "## Per-head ranking against exact patching (head_out, denoise)", "", md_table(r.ranking), "",
-        f"## Heads where first-order attribution patching and path IG disagree in sign ({len(dis)})", "",
-        md_table(dis) if len(dis) else "None.", "",
-        "## Cost (forward-equivalents: forwards of the pair's batch + activation-only backwards, one each)", "",
-        md_table(r.costs, 1), "",
+        "(logit-difference units); share = label attribution / the head's total |attribution| over key groups.",
+        "",
+        md_table(top_label_heads(r.groups, cfg.top)),
+        "",
+        "## Attribution mass per layer at the readout slot: label vs input tokens (sum over heads)",
+        "",
+        md_table(masses),
+        "",
+        "## AttAttr completeness: sum of Attr vs F(A) - F(baseline) (means over contexts)",
+        "",
+        md_table(ac, 4),
+        "",
+        "## Path IG completeness: heads + rest - (M(clean) - M(corrupted)) per layer",
+        "",
+        md_table(pc, 5),
+        "",
+        "## Per-head ranking against exact patching (head_out, denoise)",
+        "",
+        md_table(r.ranking),
+        "",
+        f"## Heads where first-order attribution patching and path IG disagree in sign ({len(dis)})",
+        "",
+        md_table(dis) if len(dis) else "None.",
+        "",
+        "## Cost (forward-equivalents: forwards of the pair's batch + activation-only backwards, one each)",
+        "",
+        md_table(r.costs, 1),
+        "",
         f"View: `attribution_view.html` ({', '.join(viewed)}).",
     ]
 

@@ -38,8 +38,16 @@ def behavior_batches(loaded: LoadedModel, task: Task, cfg: BehaviorConfig) -> li
     if len(set(names)) != len(names):
         raise PromptError(f"condition names must be unique, got {names}; give repeated conditions an alias")
     return [
-        build_prompt_batch(task, loaded.tokenizer, ids, c, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos,
-                           seed=cfg.seed, multi_token=cfg.multi_token)
+        build_prompt_batch(
+            task,
+            loaded.tokenizer,
+            ids,
+            c,
+            n_ctx=loaded.n_ctx,
+            prepend_bos=loaded.prepend_bos,
+            seed=cfg.seed,
+            multi_token=cfg.multi_token,
+        )
         for c in conditions
     ]  # all built first: tokenization errors surface before any forward
 
@@ -50,16 +58,26 @@ def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress:
     check_tokenization(task, loaded.tokenizer)
     batches = behavior_batches(loaded, task, cfg)
     raw = score_batches(loaded.model, batches, cfg.batch_size, progress)
-    return BehaviorResult(cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0,
-                          tuple(task.class_counts()))
+    return BehaviorResult(
+        cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0, tuple(task.class_counts())
+    )
 
 
 def plot_metric(summary: pd.DataFrame, metric: str, path: Path, title: str = "", vline: int | None = None) -> Path:
     """One line per condition with its 95% CI band, metric against k (``vline``: a label-map switch)."""
-    return line_plot(summary[summary.metric == metric], "k", "mean", path, hue="condition", title=title,
-                     ylabel=LABELS.get(metric, metric), band=("ci_low", "ci_high"),
-                     xlabel="number of in-context examples observed (k)", vline=vline,
-                     vline_label=None if vline is None else f"switch at k = {vline}")
+    return line_plot(
+        summary[summary.metric == metric],
+        "k",
+        "mean",
+        path,
+        hue="condition",
+        title=title,
+        ylabel=LABELS.get(metric, metric),
+        band=("ci_low", "ci_high"),
+        xlabel="number of in-context examples observed (k)",
+        vline=vline,
+        vline_label=None if vline is None else f"switch at k = {vline}",
+    )
 
 
 def _fmt(row: pd.Series) -> str:
@@ -72,8 +90,12 @@ def summary_markdown(result: BehaviorResult) -> str:
     model, task = s.model.iloc[0], s.task.iloc[0]
     conds = list(dict.fromkeys(s.condition))
     ks = sorted({0, min(4, cfg.k_max), cfg.k_max})
-    rows = [{"condition": c, "metric": m, **{f"k = {k}": _fmt(value_at(s, c, m, k)) for k in ks}}
-            for c in conds for m in LABELS if ((s.condition == c) & (s.metric == m)).any()]
+    rows = [
+        {"condition": c, "metric": m, **{f"k = {k}": _fmt(value_at(s, c, m, k)) for k in ks}}
+        for c in conds
+        for m in LABELS
+        if ((s.condition == c) & (s.metric == m)).any()
+    ]
     lines = [
         f"# Behaviour: {model} on {task}",
         "",
@@ -106,16 +128,18 @@ def _flipped_lines(s: pd.DataFrame, K: int, counts: tuple[int, ...]) -> list[str
     fa, ft = value_at(s, "flipped", "accuracy", K), value_at(s, "flipped", "accuracy_true", K)
     n_labels = len(counts) or 2
     coin, chance = math.log(1 / n_labels), 1 / n_labels
-    where = ("below" if fK.ci_high < coin else "above" if fK.ci_low > coin else "not distinguishable from")
-    moved = (f"The in-context labels move the prediction (the k = 0 and k = {K} CIs do not overlap)"
-             if fK.ci_low > f0.ci_high else f"The k = 0 and k = {K} CIs overlap: no clear move at this sample size")
+    where = "below" if fK.ci_high < coin else "above" if fK.ci_low > coin else "not distinguishable from"
+    moved = (
+        f"The in-context labels move the prediction (the k = 0 and k = {K} CIs do not overlap)"
+        if fK.ci_low > f0.ci_high
+        else f"The k = 0 and k = {K} CIs overlap: no clear move at this sample size"
+    )
     if fa.ci_low > chance:
         reading = "the model picks the flipped label more often than chance: it learns part of the flipped map."
     elif fa.ci_high < chance:
         reading = "the model still picks its prior's label more often than not."
     else:
-        reading = ("flipped-label accuracy is at chance, so the move is towards a 50/50 guess, not to the "
-                   "flipped map.")
+        reading = "flipped-label accuracy is at chance, so the move is towards a 50/50 guess, not to the flipped map."
     balanced = len(set(counts)) == 1 if counts else True
     return [
         f"- Flipped labels: log-likelihood of the flipped label goes from {f0['mean']:.3f} (k = 0) to {_fmt(fK)} "
@@ -134,8 +158,10 @@ def _chance(counts: tuple[int, ...]) -> str:
     kind = "binary" if c == 2 else f"{c}-class"
     if len(set(counts)) == 1:
         return f"{1 / c:.3g} is chance for this balanced {kind} task"
-    return (f"the classes are unbalanced ({'/'.join(map(str, counts))}): always answering the most common class "
-            f"scores {max(counts) / sum(counts):.3f} against true labels")
+    return (
+        f"the classes are unbalanced ({'/'.join(map(str, counts))}): always answering the most common class "
+        f"scores {max(counts) / sum(counts):.3f} against true labels"
+    )
 
 
 def write_behavior(result: BehaviorResult, out: Path) -> RunFolder:

@@ -44,11 +44,18 @@ def bayes_reference(result: BehaviorResult) -> pd.DataFrame | None:
 
 def bayes_lines(bayes: pd.DataFrame) -> list[str]:
     """summary.md lines: the largest |distance| per condition."""
-    lines = ["", "## Against the Bayes-optimal reader of the organism's language", "",
-             "`bayes.csv`: accuracy minus the exact Bayes-optimal accuracy (`data.optimal_reader`), per condition and k. "
-             "Largest distance per condition:", ""]
+    lines = [
+        "",
+        "## Against the Bayes-optimal reader of the organism's language",
+        "",
+        "`bayes.csv`: accuracy minus the exact Bayes-optimal accuracy (`data.optimal_reader`), per condition and k. "
+        "Largest distance per condition:",
+        "",
+    ]
     for cond, d in bayes.groupby("condition", sort=False):
         r = d.loc[d["distance"].abs().idxmax()]
-        lines.append(f"- {cond}: {r['distance']:+.3f} at k = {int(r['k'])} (organism {r['organism']:.3f} "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}], Bayes {r['bayes_accuracy']:.3f})")
+        lines.append(
+            f"- {cond}: {r['distance']:+.3f} at k = {int(r['k'])} (organism {r['organism']:.3f} "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}], Bayes {r['bayes_accuracy']:.3f})"
+        )
     return lines

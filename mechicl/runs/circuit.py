@@ -17,9 +17,15 @@ from typing import Any
 import pandas as pd
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads
-from mechicl.analysis.patching.positions import PARTS, POSITION_SETS, patch_head_parts, patch_position_sets, value_interval
-from mechicl.analysis.patching.paths import INPUTS, LOGITS, MLPS, PathResult, path_matrix, path_patch
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.paths import INPUTS, LOGITS, MLPS, PathResult, path_matrix, path_patch
+from mechicl.analysis.patching.positions import (
+    PARTS,
+    POSITION_SETS,
+    patch_head_parts,
+    patch_position_sets,
+    value_interval,
+)
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
@@ -49,11 +55,15 @@ class CircuitConfig:
 
     def __post_init__(self) -> None:
         if not self.positions or any(p not in POSITION_SETS for p in self.positions):
-            raise ConfigError(f"sender positions must be a list of {', '.join(POSITION_SETS)}, got {self.positions} "
-                              f"(--positions takes a comma list)")
+            raise ConfigError(
+                f"sender positions must be a list of {', '.join(POSITION_SETS)}, got {self.positions} "
+                f"(--positions takes a comma list)"
+            )
         if self.seed_eval == self.seed_select:
-            raise ConfigError("the held-out seed must differ from the selection seed (--seed-eval vs --seed): heads are "
-                              "chosen on one draw of contexts and measured on another")
+            raise ConfigError(
+                "the held-out seed must differ from the selection seed (--seed-eval vs --seed): heads are "
+                "chosen on one draw of contexts and measured on another"
+            )
 
 
 def select_heads(patcher: Patcher, cfg: CircuitConfig) -> tuple[list[Head], list[Head], pd.DataFrame]:
@@ -98,8 +108,14 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
     folder.csv("resid_sets.csv", sets)
     for d, df in sets.groupby("direction"):
         grid = df.pivot(index="layer", columns="positions", values="value")
-        heatmap(grid.to_numpy(), folder / f"resid_sets_{d}.png", f"{loaded.name}: residual patched at all positions of "
-                f"a set ({d}; 1 = clean, 0 = corrupted)", xlabel="positions", xticklabels=list(grid.columns), center=None)
+        heatmap(
+            grid.to_numpy(),
+            folder / f"resid_sets_{d}.png",
+            f"{loaded.name}: residual patched at all positions of a set ({d}; 1 = clean, 0 = corrupted)",
+            xlabel="positions",
+            xticklabels=list(grid.columns),
+            center=None,
+        )
     parts = pd.concat([_with_ci(patch_head_parts(ev, p, "denoise")) for p in PARTS])
     folder.csv("head_parts.csv", parts)
     clock.lap("label patching")
@@ -113,44 +129,83 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
     return folder, text
 
 
-def _draw_paths(folder: RunFolder, name: str, results: list[PathResult], senders: list[Head], receivers: list[Head],
-                cfg: CircuitConfig) -> None:
+def _draw_paths(
+    folder: RunFolder,
+    name: str,
+    results: list[PathResult],
+    senders: list[Head],
+    receivers: list[Head],
+    cfg: CircuitConfig,
+) -> None:
     for r in results:
         for inp in (*INPUTS, LOGITS):
             mat = path_matrix(r, inp)
             if mat.size:
-                heatmap(mat.to_numpy(), folder / f"paths_{r.positions}_{r.mlps}_{inp}.png",
-                        f"{name}: path effect sender ({r.positions} positions, MLPs {r.mlps}) -> {inp}", xlabel="receiver",
-                        ylabel="sender", xticklabels=list(mat.columns), label="normalised effect")
+                heatmap(
+                    mat.to_numpy(),
+                    folder / f"paths_{r.positions}_{r.mlps}_{inp}.png",
+                    f"{name}: path effect sender ({r.positions} positions, MLPs {r.mlps}) -> {inp}",
+                    xlabel="receiver",
+                    ylabel="sender",
+                    xticklabels=list(mat.columns),
+                    label="normalised effect",
+                )
         edges = significant_edges(r.table(), cfg.threshold)
         nodes = [f"L{l}H{h}" for l, h in sorted(set(senders) | set(receivers))]
         stem = f"circuit_{r.positions}_{r.mlps}"
-        circuit_figure(edges, nodes, [folder / f"{stem}.png", folder / f"{stem}.svg"],
-                       f"{name}: path effects from sender heads' outputs at {r.positions} positions (MLPs {r.mlps}), |effect| >= "
-                       f"{cfg.threshold} with a 95% context-bootstrap interval over {cfg.n_eval} held-out contexts excluding 0")
+        circuit_figure(
+            edges,
+            nodes,
+            [folder / f"{stem}.png", folder / f"{stem}.svg"],
+            f"{name}: path effects from sender heads' outputs at {r.positions} positions (MLPs {r.mlps}), |effect| >= "
+            f"{cfg.threshold} with a 95% context-bootstrap interval over {cfg.n_eval} held-out contexts excluding 0",
+        )
 
 
-def summary(name: str, cfg: CircuitConfig, senders: list[Head], receivers: list[Head], sets: pd.DataFrame,
-            parts: pd.DataFrame, paths: pd.DataFrame, ev: Patcher, clock: Clock) -> str:
+def summary(
+    name: str,
+    cfg: CircuitConfig,
+    senders: list[Head],
+    receivers: list[Head],
+    sets: pd.DataFrame,
+    parts: pd.DataFrame,
+    paths: pd.DataFrame,
+    ev: Patcher,
+    clock: Clock,
+) -> str:
     """The run's ``summary.md``: tables of every measured number and how it was measured."""
     wide = sets.pivot_table(index=["direction", "layer"], columns="positions", values="value").reset_index()
-    parts = parts.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(parts["value"], parts["ci_low"], parts["ci_high"])])
+    parts = parts.assign(
+        cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(parts["value"], parts["ci_low"], parts["ci_high"])]
+    )
     pv = parts.pivot(index=["layer", "head"], columns="kind", values="cell").reset_index()
     pv = pv[[(int(l), int(h)) in set(senders) | set(receivers) for l, h in zip(pv["layer"], pv["head"])]]
     top = paths.assign(a=paths["effect"].abs()).sort_values("a", ascending=False).drop(columns="a").head(12)
     lines = [
-        f"# Circuit: {name} on {cfg.task}", "",
+        f"# Circuit: {name} on {cfg.task}",
+        "",
         f"Heads chosen on {cfg.n_select} contexts (seed {cfg.seed_select}); every number below is measured on "
         f"{cfg.n_eval} other contexts (seed {cfg.seed_eval}), {cfg.n_examples} examples each (k = {cfg.n_examples - 1}). "
         f"Clean = correct labels, corrupted = all demonstration labels flipped; metric = answer - foil logit "
         f"difference at the query slot, normalised 0 = corrupted, 1 = clean (mean LD clean "
-        f"{float(ev.baseline('clean').mean()):.3f}, corrupted {float(ev.baseline('corrupted').mean()):.3f}).", "",
-        f"Senders: {fmt_heads(senders)}. Receivers: {fmt_heads(receivers)}.", "",
-        "## Residual stream patched at all positions of a set, by layer", "", md_table(wide), "",
-        "## Pattern vs value at the label positions (denoise; one head's z recomputed)", "", md_table(pv), "",
-        "## Strongest paths (denoise; 95% context-bootstrap intervals)", "",
-        md_table(top[["positions", "mlps", "sender", "receiver", "input", "effect", "ci_low", "ci_high"]]), "",
-        "MLPs frozen: only the direct sender -> receiver path; recomputed: paths through MLPs count too.", "",
+        f"{float(ev.baseline('clean').mean()):.3f}, corrupted {float(ev.baseline('corrupted').mean()):.3f}).",
+        "",
+        f"Senders: {fmt_heads(senders)}. Receivers: {fmt_heads(receivers)}.",
+        "",
+        "## Residual stream patched at all positions of a set, by layer",
+        "",
+        md_table(wide),
+        "",
+        "## Pattern vs value at the label positions (denoise; one head's z recomputed)",
+        "",
+        md_table(pv),
+        "",
+        "## Strongest paths (denoise; 95% context-bootstrap intervals)",
+        "",
+        md_table(top[["positions", "mlps", "sender", "receiver", "input", "effect", "ci_low", "ci_high"]]),
+        "",
+        "MLPs frozen: only the direct sender -> receiver path; recomputed: paths through MLPs count too.",
+        "",
         clock.line(),
     ]
     return "\n".join(lines) + "\n"

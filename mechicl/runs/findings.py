@@ -19,10 +19,11 @@ import hashlib
 import json
 import multiprocessing
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -50,7 +51,11 @@ class Cell:
     @property
     def slug(self) -> str:
         p = Path(self.task)
-        task = self.task if p.suffix not in (".csv", ".jsonl") else f"{p.stem}-{hashlib.sha1(self.task.encode()).hexdigest()[:6]}"
+        task = (
+            self.task
+            if p.suffix not in (".csv", ".jsonl")
+            else f"{p.stem}-{hashlib.sha1(self.task.encode()).hexdigest()[:6]}"
+        )
         return f"{self.model}__{task.replace('/', '_').replace(':', '_')}__seed{self.seed}"
 
 
@@ -82,10 +87,16 @@ def load_grid(path: Path | str | None, **overrides: Any) -> GridSpec:
     known = {f.name for f in fields(FindingsConfig)} - {"seed"}
     cfg = raw.pop("config", {})
     per_task = raw.pop("task_config", {})
-    bad = (set(cfg) - known) | (set(raw) - {"models", "tasks", "seeds"}) | {k for o in per_task.values() for k in o} - known
+    bad = (
+        (set(cfg) - known)
+        | (set(raw) - {"models", "tasks", "seeds"})
+        | {k for o in per_task.values() for k in o} - known
+    )
     if bad:
-        raise ConfigError(f"unknown keys in {path}: {sorted(bad)}; grid keys are models, tasks, seeds and [config] "
-                          f"with {sorted(known)}")
+        raise ConfigError(
+            f"unknown keys in {path}: {sorted(bad)}; grid keys are models, tasks, seeds and [config] "
+            f"with {sorted(known)}"
+        )
     spec = {k: tuple(v) for k, v in raw.items()}
     cfg = {**{k: v for k, v in asdict(FindingsConfig()).items() if k in known}, **cfg}
     spec.update({k: tuple(v) for k, v in overrides.items() if v is not None and k in ("models", "tasks", "seeds")})
@@ -101,7 +112,9 @@ def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: 
     batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     result = find_label_heads(loaded.model, batches, cfg, progress=progress)
     dest = out / "cells" / cell.slug
-    with staged(dest, command=["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)], config=cfg) as tmp:
+    with staged(
+        dest, command=["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)], config=cfg
+    ) as tmp:
         write_cell(result, cell, RunFolder(tmp))
     del result, batches
     release_host_memory()  # the next cell starts from the model's footprint, not this cell's high-water mark
@@ -109,9 +122,18 @@ def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: 
 
 
 def write_cell(result: FindingsResult, cell: Cell, folder: RunFolder) -> None:
-    folder.json("cell.json", {**asdict(cell), "verdict": result.verdict, "has_effect": result.has_effect,
-                              "baseline": result.baseline, "stage_seeds": result.stage_seeds,
-                              "timings": result.timings, "config": asdict(result.config)})
+    folder.json(
+        "cell.json",
+        {
+            **asdict(cell),
+            "verdict": result.verdict,
+            "has_effect": result.has_effect,
+            "baseline": result.baseline,
+            "stage_seeds": result.stage_seeds,
+            "timings": result.timings,
+            "config": asdict(result.config),
+        },
+    )
     for name in TABLES:
         folder.csv(f"{name}.csv", getattr(result, name))
     folder.text("summary.md", findings_markdown(result, cell.model, cell.task))
@@ -129,8 +151,15 @@ def finished(out: Path) -> set[str]:
     return {p.name for p in (out / "cells").glob("*") if (p / "manifest.json").is_file()}
 
 
-def run_grid(spec: GridSpec, out: Path | str, *, executor: Any = None, n_workers: int = 1, progress: bool = True,
-             say: Callable[[str], None] = print) -> Replication:
+def run_grid(
+    spec: GridSpec,
+    out: Path | str,
+    *,
+    executor: Any = None,
+    n_workers: int = 1,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> Replication:
     """Run every unfinished cell of ``spec`` (serially, or on ``executor``), then summarise all finished ones.
 
     ``executor``: anything with ``submit(fn, *args)`` returning an object with ``result()`` (a
@@ -140,8 +169,10 @@ def run_grid(spec: GridSpec, out: Path | str, *, executor: Any = None, n_workers
     out = Path(out)
     _check_finished(spec, out)
     todo = [c for c in spec.cells() if c.slug not in finished(out)]
-    say(f"[mechicl] findings grid: {len(spec.cells())} cells, {len(spec.cells()) - len(todo)} already finished, "
-        f"{len(todo)} to run -> {out}")
+    say(
+        f"[mechicl] findings grid: {len(spec.cells())} cells, {len(spec.cells()) - len(todo)} already finished, "
+        f"{len(todo)} to run -> {out}"
+    )
     by_model: dict[str, list[Cell]] = {}
     for c in todo:
         by_model.setdefault(c.model, []).append(c)
@@ -154,8 +185,11 @@ def run_grid(spec: GridSpec, out: Path | str, *, executor: Any = None, n_workers
                 run_cell(loaded, c, spec.cell_config(c), out, progress=False)
                 bar.update()
     else:
-        jobs = [(executor.submit(run_cells, m, cells[i::n_workers], spec, out), len(cells[i::n_workers]))
-                for m, cells in by_model.items() for i in range(min(n_workers, len(cells)))]
+        jobs = [
+            (executor.submit(run_cells, m, cells[i::n_workers], spec, out), len(cells[i::n_workers]))
+            for m, cells in by_model.items()
+            for i in range(min(n_workers, len(cells)))
+        ]
         for job, n in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
             job.result()
             bar.update(n)
@@ -172,12 +206,15 @@ def _check_finished(spec: GridSpec, out: Path) -> None:
             had = {k: v for k, v in json.loads(meta.read_text(encoding="utf-8"))["config"].items() if k != "seed"}
             if had != want:
                 diff = {k: (had.get(k), v) for k, v in want.items() if had.get(k) != v}
-                raise ConfigError(f"{out}/cells/{c.slug} was run with another configuration ({diff}, as (had, asked)); "
-                                  f"pass another --out, or delete that cell to rerun it")
+                raise ConfigError(
+                    f"{out}/cells/{c.slug} was run with another configuration ({diff}, as (had, asked)); "
+                    f"pass another --out, or delete that cell to rerun it"
+                )
 
 
-def make_executor(workers: int = 1, scheduler: str | None = None, slurm: dict[str, Any] | None = None,
-                  log_dir: Path | None = None) -> tuple[Any, int]:
+def make_executor(
+    workers: int = 1, scheduler: str | None = None, slurm: dict[str, Any] | None = None, log_dir: Path | None = None
+) -> tuple[Any, int]:
     """An existing engine for the grid's cells, and how many jobs to split each model's cells into.
 
     ``scheduler`` (``tcp://host:port``): a Dask ``distributed`` cluster; ``slurm``: ``submitit``
@@ -214,8 +251,17 @@ def read_cell(folder: Path) -> CellTables:
         p = folder / f"{name}.csv"
         return pd.read_csv(p) if p.is_file() and p.stat().st_size > 1 else pd.DataFrame()
 
-    return CellTables(meta["model"], meta["task"], int(meta["seed"]), bool(meta["has_effect"]), meta["baseline"],
-                      table("screen"), table("validate"), table("sets"), float(sum(meta["timings"].values())))
+    return CellTables(
+        meta["model"],
+        meta["task"],
+        int(meta["seed"]),
+        bool(meta["has_effect"]),
+        meta["baseline"],
+        table("screen"),
+        table("validate"),
+        table("sets"),
+        float(sum(meta["timings"].values())),
+    )
 
 
 def summarise(out: Path, spec: GridSpec | None = None) -> Replication:
@@ -223,7 +269,11 @@ def summarise(out: Path, spec: GridSpec | None = None) -> Replication:
     names = finished(out) if spec is None else finished(out) & {c.slug for c in spec.cells()}
     cells = [read_cell(out / "cells" / n) for n in sorted(names)]
     rep = replicate(cells)
-    with staged(out / "summary", overwrite=True, command=["mechicl", "findings", "summarise", str(out)],
-                config=None if spec is None else spec) as tmp:
+    with staged(
+        out / "summary",
+        overwrite=True,
+        command=["mechicl", "findings", "summarise", str(out)],
+        config=None if spec is None else spec,
+    ) as tmp:
         write_summary(rep, RunFolder(tmp), spec)
     return rep

@@ -162,8 +162,9 @@ def _remember_ctrl_c() -> Iterator[list[bool]]:
 
 
 @contextmanager
-def staged(out: Path | str, *, overwrite: bool = False, command: list[str] | None = None,
-           config: Any = None) -> Iterator[Path]:
+def staged(
+    out: Path | str, *, overwrite: bool = False, command: list[str] | None = None, config: Any = None
+) -> Iterator[Path]:
     """A hidden sibling folder to write a run into; renamed to ``out`` with a manifest only on success.
 
     On any exception (Ctrl-C included, even one Python swallowed in a finalizer) the partial folder,
@@ -270,5 +271,7 @@ class Clock:
 
     def line(self) -> str:
         stages = ", ".join(f"{n} {s:.0f} s" for n, s in self.laps)
-        return (f"Wall time {time.perf_counter() - self.t0:.0f} s, process CPU time {time.process_time() - self.c0:.0f} s "
-                f"(model load excluded; stages: {stages}).")
+        return (
+            f"Wall time {time.perf_counter() - self.t0:.0f} s, process CPU time {time.process_time() - self.c0:.0f} s "
+            f"(model load excluded; stages: {stages})."
+        )

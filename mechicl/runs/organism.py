@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from mechicl.analysis.heads.ablation import HeadAblator
 from mechicl.analysis.behavior.curves import BehaviorConfig
+from mechicl.analysis.heads.ablation import HeadAblator
 from mechicl.data.batches import ablation_batches
 from mechicl.data.optimal_reader import bayes_curve
 from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
@@ -37,7 +37,12 @@ from mechicl.data.prompts import sample_contexts
 from mechicl.models.base import LoadedModel
 from mechicl.models.device import input_device
 from mechicl.models.organism import (
-    OrganismConfig, build_model, load_checkpoint, out_weight, save_checkpoint, weights_sha256,
+    OrganismConfig,
+    build_model,
+    load_checkpoint,
+    out_weight,
+    save_checkpoint,
+    weights_sha256,
 )
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.folder import md_table
@@ -87,9 +92,19 @@ def probe(model: Any, cfg: OrganismConfig, n: int = 256, ks: tuple[int, ...] = (
     }
 
 
-def _fit(model: Any, cfg: OrganismConfig, rng: np.random.Generator, steps: int, lr: float, warmup: int,
-         curve: list[tuple[int, float]], after_step: Any = None, progress: bool = True, log_every: int = 50,
-         desc: str = "train organism") -> None:
+def _fit(
+    model: Any,
+    cfg: OrganismConfig,
+    rng: np.random.Generator,
+    steps: int,
+    lr: float,
+    warmup: int,
+    curve: list[tuple[int, float]],
+    after_step: Any = None,
+    progress: bool = True,
+    log_every: int = 50,
+    desc: str = "train organism",
+) -> None:
     """``steps`` AdamW steps (linear warm-up, cosine decay, clipping 1.0) on fresh sequences from ``rng``."""
     if steps <= 0:
         return
@@ -153,9 +168,12 @@ def train(cfg: OrganismConfig, progress: bool = True, log_every: int = 50) -> Tr
         if cfg.keep_heads:
             gr = last_layer_gap_reductions(model, cfg)
             if np.isnan(gr).all():
-                warnings.warn(f"pruning: no last-layer head has a gap reduction (the model shows no flipped-label gap "
-                              f"after stage 1), so the kept head(s) are the lowest-index ones, not chosen by effect; "
-                              f"train longer or with another --seed, or use --keep-heads 0", stacklevel=2)
+                warnings.warn(
+                    "pruning: no last-layer head has a gap reduction (the model shows no flipped-label gap "
+                    "after stage 1), so the kept head(s) are the lowest-index ones, not chosen by effect; "
+                    "train longer or with another --seed, or use --keep-heads 0",
+                    stacklevel=2,
+                )
             order = np.argsort(-np.nan_to_num(gr, nan=-np.inf), kind="stable")
             kept = tuple(sorted(int(h) for h in order[: cfg.keep_heads]))
             d_head = cfg.d_model // cfg.n_heads
@@ -167,8 +185,19 @@ def train(cfg: OrganismConfig, progress: bool = True, log_every: int = 50) -> Tr
                     w.mul_(mask)
 
             hold()
-            _fit(model, cfg, rng, cfg.prune_steps, cfg.prune_lr, min(cfg.warmup, max(1, cfg.prune_steps // 20)), curve,
-                 after_step=hold, progress=progress, log_every=log_every, desc=f"prune to head(s) {kept}")
+            _fit(
+                model,
+                cfg,
+                rng,
+                cfg.prune_steps,
+                cfg.prune_lr,
+                min(cfg.warmup, max(1, cfg.prune_steps // 20)),
+                curve,
+                after_step=hold,
+                progress=progress,
+                log_every=log_every,
+                desc=f"prune to head(s) {kept}",
+            )
             gaps = tuple(float(x) for x in gr)
         model.eval()
         return TrainResult(model, cfg, tuple(curve), time.perf_counter() - t0, gaps, kept)
@@ -213,12 +242,18 @@ def curves_markdown(acc: pd.DataFrame) -> str:
     rows = []
     for cond in CURVE_CONDITIONS:
         r = acc[acc.condition == cond].set_index("k")
-        rows.append({"condition": cond, **{f"k={k}": f"{r.at[k, 'mean']:.3f} [{r.at[k, 'ci_low']:.2f}, {r.at[k, 'ci_high']:.2f}]"
-                                           for k in ks}})
+        rows.append(
+            {
+                "condition": cond,
+                **{f"k={k}": f"{r.at[k, 'mean']:.3f} [{r.at[k, 'ci_low']:.2f}, {r.at[k, 'ci_high']:.2f}]" for k in ks},
+            }
+        )
     return md_table(pd.DataFrame(rows))
 
 
-def write_card(path: Path, name: str, result: Any, sha256: str, acc: pd.DataFrame, probe: dict[str, list[float]]) -> Path:
+def write_card(
+    path: Path, name: str, result: Any, sha256: str, acc: pd.DataFrame, probe: dict[str, list[float]]
+) -> Path:
     """Write ``<checkpoint>.md``: recipe, training time, weights hash, loss curve and measured curves."""
     cfg = result.config
     lang = cfg.language
@@ -263,9 +298,11 @@ def _pruning(result: Any) -> str:
     last = cfg.n_layers - 1
     gaps = ", ".join(f"L{last}H{h} {g:.2f}" for h, g in enumerate(result.gap_before_pruning))
     kept = " ".join(f"L{last}H{h}" for h in result.kept_heads)
-    return (f"pruning stage: after step {cfg.steps} the last layer's heads closed the flipped-label gap at k=16 by "
-            f"{gaps} when mean-ablated alone at the readout slot; kept {kept}, zeroed the other heads' W_O and "
-            f"trained {cfg.prune_steps} more steps (lr {cfg.prune_lr}) with them held at zero")
+    return (
+        f"pruning stage: after step {cfg.steps} the last layer's heads closed the flipped-label gap at k=16 by "
+        f"{gaps} when mean-ablated alone at the readout slot; kept {kept}, zeroed the other heads' W_O and "
+        f"trained {cfg.prune_steps} more steps (lr {cfg.prune_lr}) with them held at zero"
+    )
 
 
 def _log_ratio(a: float, b: float) -> str:
@@ -283,19 +320,35 @@ def bayes_table(lang: LanguageConfig, acc: pd.DataFrame) -> pd.DataFrame:
     bayes = bayes_curve(lang, CURVE_CONDITIONS, tuple(int(k) for k in sorted(acc.k.unique())))
     t = acc[["condition", "k", "mean", "ci_low", "ci_high"]].merge(bayes, on=["condition", "k"])
     return t.rename(columns={"mean": "organism", "accuracy": "bayes_accuracy", "p_target": "bayes_p"}).assign(
-        gap=lambda d: d["organism"] - d["bayes_accuracy"])
+        gap=lambda d: d["organism"] - d["bayes_accuracy"]
+    )
 
 
 def bayes_section(lang: LanguageConfig, acc: pd.DataFrame, card: Path) -> str:
     """The card's Bayes section (markdown) and its plot ``<card stem>.bayes.png`` beside the card."""
     t = bayes_table(lang, acc)
     plot = Path(card).with_suffix(".bayes.png")
-    series = pd.concat([
-        t.assign(series=t["condition"] + " organism", value=t["organism"], lo=t["ci_low"], hi=t["ci_high"]),
-        t.assign(series=t["condition"] + " Bayes", value=t["bayes_accuracy"], lo=t["bayes_accuracy"], hi=t["bayes_accuracy"]),
-    ])
-    line_plot(series, "k", "value", plot, hue="series", band=("lo", "hi"), ylabel="accuracy against the shown labels",
-              title=f"{Path(card).stem}: organism (95% CI) vs the Bayes-optimal reader of its language")
+    series = pd.concat(
+        [
+            t.assign(series=t["condition"] + " organism", value=t["organism"], lo=t["ci_low"], hi=t["ci_high"]),
+            t.assign(
+                series=t["condition"] + " Bayes",
+                value=t["bayes_accuracy"],
+                lo=t["bayes_accuracy"],
+                hi=t["bayes_accuracy"],
+            ),
+        ]
+    )
+    line_plot(
+        series,
+        "k",
+        "value",
+        plot,
+        hue="series",
+        band=("lo", "hi"),
+        ylabel="accuracy against the shown labels",
+        title=f"{Path(card).stem}: organism (95% CI) vs the Bayes-optimal reader of its language",
+    )
     rows = t[["condition", "k", "organism", "ci_low", "ci_high", "bayes_accuracy", "bayes_p", "gap"]]
     return f"""
 {BAYES_HEADER}

@@ -10,12 +10,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mechicl.runs.args import (add_batch_size, add_k, add_model_task, add_multi_token, add_run_args, int_at_least, int_list,
-                               set_sizes)
+from mechicl.runs.args import (
+    add_batch_size,
+    add_k,
+    add_model_task,
+    add_multi_token,
+    add_run_args,
+    int_at_least,
+    int_list,
+    set_sizes,
+)
 
-CONDITIONS_HELP = ("comma list of label conditions: default, random, flipped, arbitrary[:w1/w2] (replacement label words, "
-                   "default A/B), and mid-context switches a>b@N (map a for examples 0..N-1, then b, e.g. "
-                   "default>flipped@8) or a>b@alt (alternate every example)")
+CONDITIONS_HELP = (
+    "comma list of label conditions: default, random, flipped, arbitrary[:w1/w2] (replacement label words, "
+    "default A/B), and mid-context switches a>b@N (map a for examples 0..N-1, then b, e.g. "
+    "default>flipped@8) or a>b@alt (alternate every example)"
+)
 
 ORGANISM_DEFAULTS = {"p_arbitrary": 0.3, "label_noise": 0.1, "steps": 3500, "keep_heads": 1, "prune_steps": 1000}
 """The shipped recipe (``data.organism.LanguageConfig.from_prior_strength``, ``models.organism.OrganismConfig``);
@@ -37,7 +47,9 @@ def run_args(p: argparse.ArgumentParser) -> None:
     """``run <config.toml>``: every flag overrides the config's value."""
     p.add_argument("config", type=Path, help="TOML experiment config, e.g. experiments/nh1_random_labels.toml")
     p.add_argument("--model", default=None, help="override the config's model (name or path; see `mechicl models`)")
-    p.add_argument("--task", default=None, help="override the config's task (name or .csv/.jsonl path; see `mechicl tasks`)")
+    p.add_argument(
+        "--task", default=None, help="override the config's task (name or .csv/.jsonl path; see `mechicl tasks`)"
+    )
     add_k(p, None, curve=True)
     p.add_argument("--n-contexts", type=int_at_least(2), default=None, help="override the number of context draws")
     add_batch_size(p, None)
@@ -48,10 +60,16 @@ def run_args(p: argparse.ArgumentParser) -> None:
 def inside_args(p: argparse.ArgumentParser, n_contexts: int = 32) -> None:
     """``attention``, ``lens``, ``dla``: default vs flipped contexts, every readout slot with k >= --k-min."""
     add_model_task(p)
-    p.add_argument("--n-contexts", type=int_at_least(2), default=n_contexts, help=f"contexts per condition (default {n_contexts})")
+    p.add_argument(
+        "--n-contexts", type=int_at_least(2), default=n_contexts, help=f"contexts per condition (default {n_contexts})"
+    )
     add_k(p, 15, note="; the readout slots of examples 0..k are all scored")
-    p.add_argument("--k-min", type=int_at_least(1), default=4,
-                   help="average over readout slots with >= k-min earlier examples (at most --k; default 4)")
+    p.add_argument(
+        "--k-min",
+        type=int_at_least(1),
+        default=4,
+        help="average over readout slots with >= k-min earlier examples (at most --k; default 4)",
+    )
     add_batch_size(p, 8)
     p.add_argument("--top", type=int_at_least(1), default=10, help="rows in the printed top lists (default 10)")
     add_run_args(p)
@@ -61,19 +79,30 @@ def pair_args(p: argparse.ArgumentParser, batch_size: int, top: int, top_help: s
     """The flags of commands that compare correct- with flipped-label renderings of the same contexts (a pair)."""
     p.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
     add_k(p, 7)
-    p.add_argument("--last-m", type=int_at_least(1), default=None,
-                   help="flip only the last m demonstration labels (default: all k)")
+    p.add_argument(
+        "--last-m",
+        type=int_at_least(1),
+        default=None,
+        help="flip only the last m demonstration labels (default: all k)",
+    )
     add_batch_size(p, batch_size)
     p.add_argument("--top", type=int_at_least(1), default=top, help=f"{top_help} (default {top})")
 
 
 def patch_args(p: argparse.ArgumentParser) -> None:
     add_model_task(p)
-    p.add_argument("--kinds", default="resid,head_out",
-                   help="comma list of resid, attn_out, mlp_out, head_out, head_out_label, head_out_readout, "
-                        "head_v_label, head_pattern_label (default resid,head_out)")
-    p.add_argument("--direction", choices=["denoise", "noise", "both"], default="both",
-                   help="denoise = clean into corrupted, noise = corrupted into clean (default both)")
+    p.add_argument(
+        "--kinds",
+        default="resid,head_out",
+        help="comma list of resid, attn_out, mlp_out, head_out, head_out_label, head_out_readout, "
+        "head_v_label, head_pattern_label (default resid,head_out)",
+    )
+    p.add_argument(
+        "--direction",
+        choices=["denoise", "noise", "both"],
+        default="both",
+        help="denoise = clean into corrupted, noise = corrupted into clean (default both)",
+    )
     pair_args(p, 64, 5, "cells listed per sweep in the summary")
     add_run_args(p)
 
@@ -81,26 +110,48 @@ def patch_args(p: argparse.ArgumentParser) -> None:
 def heads_args(p: argparse.ArgumentParser) -> None:
     add_model_task(p)
     add_k(p, 16)
-    p.add_argument("--n-screen", type=int_at_least(1), default=16, help="contexts for attribution and exact patching (default 16)")
+    p.add_argument(
+        "--n-screen", type=int_at_least(1), default=16, help="contexts for attribution and exact patching (default 16)"
+    )
     p.add_argument("--n-eval", type=int_at_least(2), default=64, help="held-out contexts for ablation (default 64)")
-    p.add_argument("--candidates", type=int_at_least(1), default=12, help="heads confirmed with exact patching (default 12)")
-    p.add_argument("--set-sizes", type=set_sizes, default=(1, 2, 4), help="sizes of the top-n head sets ablated (default 1,2,4)")
+    p.add_argument(
+        "--candidates", type=int_at_least(1), default=12, help="heads confirmed with exact patching (default 12)"
+    )
+    p.add_argument(
+        "--set-sizes", type=set_sizes, default=(1, 2, 4), help="sizes of the top-n head sets ablated (default 1,2,4)"
+    )
     p.add_argument("--n-control", type=int_at_least(1), default=200, help="random head sets per size (default 200)")
-    p.add_argument("--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)")
+    p.add_argument(
+        "--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)"
+    )
     add_batch_size(p, 256)
     add_run_args(p)
 
 
 def attribute_args(p: argparse.ArgumentParser) -> None:
     add_model_task(p)
-    p.add_argument("--steps", type=int_at_least(1), default=20, help="Riemann steps (midpoint rule) of both IGs (default 20)")
-    p.add_argument("--completeness-steps", type=set_sizes, default=(1, 5, 20, 50),
-                   help="step counts at which path-IG completeness is reported (default 1,5,20,50)")
-    p.add_argument("--metric", choices=["logit_diff", "prob"], default="logit_diff",
-                   help="AttAttr metric at the query slot: shown-label logit difference or P(shown label) (default logit_diff)")
-    p.add_argument("--baseline", choices=["uniform", "zero"], default="uniform",
-                   help="AttAttr path start: uniform causal attention, or 0 * A as in Hao et al. (degenerate with a "
-                        "post-attention norm, e.g. Gemma-3; default uniform)")
+    p.add_argument(
+        "--steps", type=int_at_least(1), default=20, help="Riemann steps (midpoint rule) of both IGs (default 20)"
+    )
+    p.add_argument(
+        "--completeness-steps",
+        type=set_sizes,
+        default=(1, 5, 20, 50),
+        help="step counts at which path-IG completeness is reported (default 1,5,20,50)",
+    )
+    p.add_argument(
+        "--metric",
+        choices=["logit_diff", "prob"],
+        default="logit_diff",
+        help="AttAttr metric at the query slot: shown-label logit difference or P(shown label) (default logit_diff)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=["uniform", "zero"],
+        default="uniform",
+        help="AttAttr path start: uniform causal attention, or 0 * A as in Hao et al. (degenerate with a "
+        "post-attention norm, e.g. Gemma-3; default uniform)",
+    )
     pair_args(p, 32, 10, "heads listed; k of the top-k overlap")
     p.add_argument("--view-heads", type=int_at_least(1), default=4, help="heads in attribution_view.html (default 4)")
     add_run_args(p)
@@ -109,14 +160,20 @@ def attribute_args(p: argparse.ArgumentParser) -> None:
 def circuit_args(p: argparse.ArgumentParser) -> None:
     add_model_task(p)
     add_k(p, 8)
-    for flag, default, low, what in (("--n-select", 8, 1, "contexts that choose the heads"),
-                                     ("--n-eval", 16, 2, "held-out contexts for every reported number"),
-                                     ("--senders", 4, 1, "sender heads on large models"),
-                                     ("--receivers", 4, 1, "receiver heads on large models"),
-                                     ("--seed-eval", 1, 0, "seed of the held-out contexts")):
+    for flag, default, low, what in (
+        ("--n-select", 8, 1, "contexts that choose the heads"),
+        ("--n-eval", 16, 2, "held-out contexts for every reported number"),
+        ("--senders", 4, 1, "sender heads on large models"),
+        ("--receivers", 4, 1, "receiver heads on large models"),
+        ("--seed-eval", 1, 0, "seed of the held-out contexts"),
+    ):
         p.add_argument(flag, type=int_at_least(low), default=default, help=f"{what} (default {default})")
-    p.add_argument("--positions", default="label,all", help="sender positions: comma list of label, input, readout, all")
-    p.add_argument("--threshold", type=float, default=0.05, help="smallest |path effect| drawn as an edge (default 0.05)")
+    p.add_argument(
+        "--positions", default="label,all", help="sender positions: comma list of label, input, readout, all"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.05, help="smallest |path effect| drawn as an edge (default 0.05)"
+    )
     add_run_args(p)  # --seed (of the selection contexts), --threads, --out, --overwrite, --label-names, --template
 
 
@@ -135,17 +192,28 @@ def aggregate_args(p: argparse.ArgumentParser) -> None:
     """``aggregate``: head projections against the count and placement of flipped labels; steering."""
     add_model_task(p)
     add_k(p, 16)
-    for flag, default, low, what in (("--n-select", 16, 2, "contexts that choose the heads and the steering vectors"),
-                                     ("--n-fit", 64, 2, "contexts the models are fitted on"),
-                                     ("--n-eval", 64, 2, "held-out contexts: curves, model comparison, steering"),
-                                     ("--n-heads", 4, 1, "heads chosen when --heads is not given"),
-                                     ("--n-boot", 1000, 0, "bootstrap draws over contexts")):
+    for flag, default, low, what in (
+        ("--n-select", 16, 2, "contexts that choose the heads and the steering vectors"),
+        ("--n-fit", 64, 2, "contexts the models are fitted on"),
+        ("--n-eval", 64, 2, "held-out contexts: curves, model comparison, steering"),
+        ("--n-heads", 4, 1, "heads chosen when --heads is not given"),
+        ("--n-boot", 1000, 0, "bootstrap draws over contexts"),
+    ):
         p.add_argument(flag, type=int_at_least(low), default=default, help=f"{what} (default {default})")
-    p.add_argument("--heads", default=None, help="heads to measure, e.g. L1H1,L0H2 (default: chosen on the select draw)")
-    p.add_argument("--placements", default="last,first,spread,random",
-                   help="where the flipped labels sit: comma list of last, first, spread, random (default all four)")
-    p.add_argument("--alphas", type=float_list, default=(0.0, 0.5, 1.0, 2.0, 4.0),
-                   help="steering multipliers of the mean flipped - default head output (default 0,0.5,1,2,4)")
+    p.add_argument(
+        "--heads", default=None, help="heads to measure, e.g. L1H1,L0H2 (default: chosen on the select draw)"
+    )
+    p.add_argument(
+        "--placements",
+        default="last,first,spread,random",
+        help="where the flipped labels sit: comma list of last, first, spread, random (default all four)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=float_list,
+        default=(0.0, 0.5, 1.0, 2.0, 4.0),
+        help="steering multipliers of the mean flipped - default head output (default 0,0.5,1,2,4)",
+    )
     add_batch_size(p, 16)
     add_run_args(p)  # --seed (of the three disjoint draws), --threads, --out, --overwrite, --label-names, --template
 
@@ -155,14 +223,29 @@ def report_args(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (seconds on tiny models; for tests)")
     size.add_argument("--full", action="store_true", help="paper-grade sizes (much slower)")
-    p.add_argument("--arbitrary", default=None, help="label words of the arbitrary condition, one per class "
-                   "(default: one capital letter per class, A/B for two classes)")
-    p.add_argument("--attribution", action="store_true",
-                   help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)")
-    p.add_argument("--findings", default=None, metavar="DIR",
-                   help="a finished `mechicl findings` grid folder: its head verdicts for this model fill section 7")
-    p.add_argument("--circuit", default=None, metavar="DIR",
-                   help="a `mechicl circuit` run folder on this model: its path effects and circuit figure fill section 7")
+    p.add_argument(
+        "--arbitrary",
+        default=None,
+        help="label words of the arbitrary condition, one per class "
+        "(default: one capital letter per class, A/B for two classes)",
+    )
+    p.add_argument(
+        "--attribution",
+        action="store_true",
+        help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)",
+    )
+    p.add_argument(
+        "--findings",
+        default=None,
+        metavar="DIR",
+        help="a finished `mechicl findings` grid folder: its head verdicts for this model fill section 7",
+    )
+    p.add_argument(
+        "--circuit",
+        default=None,
+        metavar="DIR",
+        help="a `mechicl circuit` run folder on this model: its path effects and circuit figure fill section 7",
+    )
     add_batch_size(p, 8)
     add_run_args(p)
 
@@ -180,19 +263,35 @@ class DefaultsFormatter(argparse.HelpFormatter):
 def organism_train_args(p: argparse.ArgumentParser) -> None:
     """``organism train``: the recipe's flags, with the shipped recipe's values as defaults (shown in --help)."""
     d = ORGANISM_DEFAULTS
-    p.add_argument("--prior-strength", type=float, required=True, default=argparse.SUPPRESS,
-                   help="P(default label map | sentiment labels), in [0, 1]; shipped: 0.97 strong, 0.6 weak")
-    p.add_argument("--p-arbitrary", type=float, default=d["p_arbitrary"], help="share of sequences with arbitrary letter labels")
-    p.add_argument("--label-noise", type=float, default=d["label_noise"], help="chance that a shown label is the other class's")
+    p.add_argument(
+        "--prior-strength",
+        type=float,
+        required=True,
+        default=argparse.SUPPRESS,
+        help="P(default label map | sentiment labels), in [0, 1]; shipped: 0.97 strong, 0.6 weak",
+    )
+    p.add_argument(
+        "--p-arbitrary", type=float, default=d["p_arbitrary"], help="share of sequences with arbitrary letter labels"
+    )
+    p.add_argument(
+        "--label-noise", type=float, default=d["label_noise"], help="chance that a shown label is the other class's"
+    )
     p.add_argument("--steps", type=int_at_least(1), default=d["steps"], help="optimizer steps of the first stage")
-    p.add_argument("--keep-heads", type=int_at_least(0), default=d["keep_heads"],
-                   help="pruning stage: last-layer heads kept (0 = no pruning stage)")
+    p.add_argument(
+        "--keep-heads",
+        type=int_at_least(0),
+        default=d["keep_heads"],
+        help="pruning stage: last-layer heads kept (0 = no pruning stage)",
+    )
     p.add_argument("--prune-steps", type=int_at_least(0), default=d["prune_steps"], help="steps after pruning")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="training seed")
-    p.add_argument("--out", type=Path, default=None,
-                   help="checkpoint path (.safetensors; default runs/organism-s<strength>-seed<seed>.safetensors); "
-                        "a model card .md is written beside it")
-
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="checkpoint path (.safetensors; default runs/organism-s<strength>-seed<seed>.safetensors); "
+        "a model card .md is written beside it",
+    )
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -205,24 +304,83 @@ def name_list(text: str) -> tuple[str, ...]:
 
 def findings_args(p: argparse.ArgumentParser) -> None:
     """``findings``: the head finder over models x tasks x seeds (a grid; every flag overrides the config's value)."""
-    p.add_argument("--config", type=Path, default=None, help="grid TOML (models, tasks, seeds, [config]); e.g. experiments/findings.toml")
-    p.add_argument("--models", type=name_list, default=None, help="comma list of models (default: the config's, else gemma3-270m,smollm2-135m)")
-    p.add_argument("--tasks", type=name_list, default=None, help="comma list of tasks (default: the config's, else the vader tasks and vega-cars)")
-    p.add_argument("--seeds", type=int_list(0, "0,1,2"), default=None, help="comma list of seeds (default: the config's, else 0,1,2)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="grid TOML (models, tasks, seeds, [config]); e.g. experiments/findings.toml",
+    )
+    p.add_argument(
+        "--models",
+        type=name_list,
+        default=None,
+        help="comma list of models (default: the config's, else gemma3-270m,smollm2-135m)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=name_list,
+        default=None,
+        help="comma list of tasks (default: the config's, else the vader tasks and vega-cars)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int_list(0, "0,1,2"),
+        default=None,
+        help="comma list of seeds (default: the config's, else 0,1,2)",
+    )
     add_k(p, None, note="; readout slots k_min..k are measured")
     p.add_argument("--k-min", type=int_at_least(0), default=None, help="first readout slot measured (default 8)")
-    for flag, default, what in [("n-screen", 8, "screening"), ("n-confirm", 24, "confirmation"), ("n-validate", 32, "validation")]:
-        p.add_argument(f"--{flag}", type=int_at_least(4), default=None, help=f"contexts of the {what} draw (default {default})")
-    p.add_argument("--n-candidates", type=int_at_least(1), default=None, help="screened heads confirmed exactly (default 8)")
-    p.add_argument("--n-top", type=int_at_least(1), default=None, help="confirmed heads validated against controls (default 3)")
-    p.add_argument("--ablation", choices=["resample", "mean", "zero"], default=None, help="slot ablation (default resample)")
-    p.add_argument("--n-resample", type=int_at_least(1), default=None, help="donor draws averaged per resample ablation (default 2)")
+    for flag, default, what in [
+        ("n-screen", 8, "screening"),
+        ("n-confirm", 24, "confirmation"),
+        ("n-validate", 32, "validation"),
+    ]:
+        p.add_argument(
+            f"--{flag}", type=int_at_least(4), default=None, help=f"contexts of the {what} draw (default {default})"
+        )
+    p.add_argument(
+        "--n-candidates", type=int_at_least(1), default=None, help="screened heads confirmed exactly (default 8)"
+    )
+    p.add_argument(
+        "--n-top", type=int_at_least(1), default=None, help="confirmed heads validated against controls (default 3)"
+    )
+    p.add_argument(
+        "--ablation", choices=["resample", "mean", "zero"], default=None, help="slot ablation (default resample)"
+    )
+    p.add_argument(
+        "--n-resample",
+        type=int_at_least(1),
+        default=None,
+        help="donor draws averaged per resample ablation (default 2)",
+    )
     p.add_argument("--control", choices=["layer", "norm"], default=None, help="control matching (default layer)")
-    p.add_argument("--n-control", type=int_at_least(1), default=None, help="matched control heads per validated head (default 5)")
+    p.add_argument(
+        "--n-control", type=int_at_least(1), default=None, help="matched control heads per validated head (default 5)"
+    )
     p.add_argument("--screen", choices=["exact", "attribution"], default=None, help="screen ranking (default exact)")
-    p.add_argument("--workers", type=int_at_least(1), default=1, help="local worker processes, one torch thread each (default 1: serial)")
-    p.add_argument("--scheduler", default=None, help="a Dask distributed scheduler address, tcp://host:port (pip install 'mechicl[distributed]')")
-    p.add_argument("--slurm", default=None, help="submitit/Slurm parameters as key=value,... e.g. slurm_partition=gpu,timeout_min=60")
-    p.add_argument("--summarise-only", action="store_true", help="run no cell; rebuild out/summary from the finished cells")
+    p.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=1,
+        help="local worker processes, one torch thread each (default 1: serial)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="a Dask distributed scheduler address, tcp://host:port (pip install 'mechicl[distributed]')",
+    )
+    p.add_argument(
+        "--slurm",
+        default=None,
+        help="submitit/Slurm parameters as key=value,... e.g. slurm_partition=gpu,timeout_min=60",
+    )
+    p.add_argument(
+        "--summarise-only", action="store_true", help="run no cell; rebuild out/summary from the finished cells"
+    )
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads in the serial run (default 1)")
-    p.add_argument("--out", type=Path, default=Path("runs/findings"), help="grid folder; finished cells in it are skipped (default runs/findings)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/findings"),
+        help="grid folder; finished cells in it are skipped (default runs/findings)",
+    )

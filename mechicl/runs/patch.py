@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -36,12 +36,15 @@ class PatchRunConfig:
     seed: int = 0
 
 
-EFFECT_MEANING = {"denoise": "effect = patched value (0 = corrupted run, 1 = clean restored)",
-                  "noise": "effect = patched value - 1 (0 = clean run unchanged, -1 = corrupted answer)"}
+EFFECT_MEANING = {
+    "denoise": "effect = patched value (0 = corrupted run, 1 = clean restored)",
+    "noise": "effect = patched value - 1 (0 = clean run unchanged, -1 = corrupted answer)",
+}
 
 
-def write_patch_results(folder: RunFolder, results: Sequence[PatchResult], title: str = "",
-                        query_pos: Sequence[int] = ()) -> None:
+def write_patch_results(
+    folder: RunFolder, results: Sequence[PatchResult], title: str = "", query_pos: Sequence[int] = ()
+) -> None:
     """``<kind>_<direction>.csv`` and ``.png`` per result plus ``patching.csv`` (all rows). Each heatmap draws the
     table's ``effect`` column; position heatmaps mark ``query_pos`` (the query readout slot of each context)."""
     tables = []
@@ -52,10 +55,18 @@ def write_patch_results(folder: RunFolder, results: Sequence[PatchResult], title
         folder.csv(f"{stem}.csv", t)
         pos = r.axes[1] == "pos"
         ticks = [f"{p}:{role[:3]}" for p, role in enumerate(r.pos_roles)] if r.pos_roles else None
-        heatmap(r.effect.detach().float().numpy(), folder / f"{stem}.png",
-                f"{title}: {r.kind} ({r.description}), {r.direction}; {EFFECT_MEANING[r.direction]}",
-                xlabel=r.axes[1], ylabel=r.axes[0], xticklabels=ticks, center=0.0, label="effect",
-                mark_cols=sorted(set(query_pos)) if pos else (), mark_label="query readout slot")
+        heatmap(
+            r.effect.detach().float().numpy(),
+            folder / f"{stem}.png",
+            f"{title}: {r.kind} ({r.description}), {r.direction}; {EFFECT_MEANING[r.direction]}",
+            xlabel=r.axes[1],
+            ylabel=r.axes[0],
+            xticklabels=ticks,
+            center=0.0,
+            label="effect",
+            mark_cols=sorted(set(query_pos)) if pos else (),
+            mark_label="query readout slot",
+        )
     if tables:
         folder.csv("patching.csv", pd.concat(tables, ignore_index=True))
 
@@ -66,18 +77,32 @@ def summary(results: Sequence[PatchResult], patcher: Patcher, cfg: PatchRunConfi
     for r in results:
         t = r.table()
         t = t.reindex(t.effect.abs().sort_values(ascending=False).index).head(cfg.top)
-        cells = ", ".join(f"L{int(row[r.axes[0]])}{r.axes[1][0].upper()}{int(row[r.axes[1]])} ({row.effect:+.3f})"
-                          for _, row in t.iterrows())
-        rows.append({"sweep": r.kind, "direction": r.direction, "top cells (effect)": cells,
-                     "seconds": f"{r.seconds:.1f}", "forward-equivalents": f"{r.forwards:.1f}"})
-    lines = [f"# Activation patching: {title}", "",
-             f"{cfg.n_contexts} contexts x (k = {cfg.n_examples - 1} demonstrations + 1 query), {patcher.pair.description}, "
-             f"seed {cfg.seed}. "
-             f"Normalised logit difference at the query readout slot: 0 = corrupted run, 1 = clean run; effect = "
-             f"value (denoise) or value - 1 (noise), the number each heatmap draws. Cells: LxHy = layer x head y, "
-             f"LxPp = layer x position p, LxKk = layer x key-value head k. "
-             f"Mean LD clean {float(patcher.baseline('clean').mean()):.3f}, corrupted "
-             f"{float(patcher.baseline('corrupted').mean()):.3f}.", "", md_table(pd.DataFrame(rows))]
+        cells = ", ".join(
+            f"L{int(row[r.axes[0]])}{r.axes[1][0].upper()}{int(row[r.axes[1]])} ({row.effect:+.3f})"
+            for _, row in t.iterrows()
+        )
+        rows.append(
+            {
+                "sweep": r.kind,
+                "direction": r.direction,
+                "top cells (effect)": cells,
+                "seconds": f"{r.seconds:.1f}",
+                "forward-equivalents": f"{r.forwards:.1f}",
+            }
+        )
+    lines = [
+        f"# Activation patching: {title}",
+        "",
+        f"{cfg.n_contexts} contexts x (k = {cfg.n_examples - 1} demonstrations + 1 query), {patcher.pair.description}, "
+        f"seed {cfg.seed}. "
+        f"Normalised logit difference at the query readout slot: 0 = corrupted run, 1 = clean run; effect = "
+        f"value (denoise) or value - 1 (noise), the number each heatmap draws. Cells: LxHy = layer x head y, "
+        f"LxPp = layer x position p, LxKk = layer x key-value head k. "
+        f"Mean LD clean {float(patcher.baseline('clean').mean()):.3f}, corrupted "
+        f"{float(patcher.baseline('corrupted').mean()):.3f}.",
+        "",
+        md_table(pd.DataFrame(rows)),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -33,20 +33,30 @@ def prepare(args: argparse.Namespace, kind: str, model: str, task: str) -> Path:
     return check_out(args.out or default_out(kind, model, task), args.overwrite)
 
 
-def task_from_args(args: argparse.Namespace, spec: str | None = None, seed: int | None = None,
-                   label_names: tuple[str, ...] | None = None) -> Task:
+def task_from_args(
+    args: argparse.Namespace,
+    spec: str | None = None,
+    seed: int | None = None,
+    label_names: tuple[str, ...] | None = None,
+) -> Task:
     """``load_task(spec or args.task)`` with ``--label-names`` (file tasks: class words; built-in tasks: new words for
     their classes), ``--no-balance`` (user data keeps every row) and ``--template`` (replaces the example template;
     the separator and prefix stay the task's).
     ``spec``, ``seed`` and ``label_names`` replace the arguments' values (``mechicl run`` takes them from its config)."""
     spec = spec or args.task
     names = label_names or getattr(args, "label_names", None)
-    task = load_task(spec, seed=args.seed if seed is None else seed, label_names=names,
-                     balance=not getattr(args, "no_balance", False))
+    task = load_task(
+        spec,
+        seed=args.seed if seed is None else seed,
+        label_names=names,
+        balance=not getattr(args, "no_balance", False),
+    )
     if names and spec in known_tasks() and tuple(names) != task.label_names:
         if len(names) != task.n_classes:
-            raise ConfigError(f"--label-names gives {len(names)} words but task {spec} has {task.n_classes} classes "
-                              f"({', '.join(task.label_names)}); pass one word per class, in that order")
+            raise ConfigError(
+                f"--label-names gives {len(names)} words but task {spec} has {task.n_classes} classes "
+                f"({', '.join(task.label_names)}); pass one word per class, in that order"
+            )
         task = dataclasses.replace(task, label_names=tuple(names))
     example = getattr(args, "template", None)
     if example:
@@ -66,10 +76,17 @@ def staged_args(args: argparse.Namespace, out: Path) -> Iterator[Path]:
 def ran(loaded: LoadedModel, task: Task) -> dict[str, Any]:
     """What actually ran: the loaded model's name and source, the task's name, size, label words and template."""
     t = task.template
-    return {"model": loaded.name, "model_source": str(loaded.source), "device": str(getattr(loaded, "device", "cpu")),
-            "dtype": str(getattr(loaded, "dtype", "float32")), "task": task.name, "task_rows": len(task),
-            "class_counts": task.class_counts(), "label_names": list(task.label_names),
-            "template": {"example": t.example, "separator": t.separator, "prefix": t.prefix}}
+    return {
+        "model": loaded.name,
+        "model_source": str(loaded.source),
+        "device": str(getattr(loaded, "device", "cpu")),
+        "dtype": str(getattr(loaded, "dtype", "float32")),
+        "task": task.name,
+        "task_rows": len(task),
+        "class_counts": task.class_counts(),
+        "label_names": list(task.label_names),
+        "template": {"example": t.example, "separator": t.separator, "prefix": t.prefix},
+    }
 
 
 def record_ran(folder: Path, loaded: LoadedModel, task: Task, config: Any = None) -> None:
@@ -78,8 +95,9 @@ def record_ran(folder: Path, loaded: LoadedModel, task: Task, config: Any = None
     if path.is_file():
         record = json.loads(path.read_text(encoding="utf-8"))
     elif config is not None:
-        record = json.loads(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
-                                       default=str))
+        record = json.loads(
+            json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config, default=str)
+        )
     else:
         record = {}
     record["ran"] = ran(loaded, task)
@@ -90,14 +108,19 @@ def check_head_sets(args: argparse.Namespace, loaded: LoadedModel | None = None)
     """``heads``: set sizes within --candidates (before loading), and within the model's heads (after). Returns the
     candidates to confirm: --candidates, or every head (with a warning) when the model has fewer."""
     if max(args.set_sizes) > args.candidates:
-        raise ConfigError(f"--set-sizes {max(args.set_sizes)} is larger than --candidates {args.candidates}: the sets are "
-                          f"the top-n candidates; raise --candidates or use smaller sizes")
+        raise ConfigError(
+            f"--set-sizes {max(args.set_sizes)} is larger than --candidates {args.candidates}: the sets are "
+            f"the top-n candidates; raise --candidates or use smaller sizes"
+        )
     if loaded is None:
         return args.candidates
     n_heads = loaded.model.cfg.n_layers * loaded.model.cfg.n_heads
     if max(args.set_sizes) > n_heads:
-        raise ConfigError(f"--set-sizes {max(args.set_sizes)}: {loaded.name} has only {n_heads} heads; use at most {n_heads}")
+        raise ConfigError(
+            f"--set-sizes {max(args.set_sizes)}: {loaded.name} has only {n_heads} heads; use at most {n_heads}"
+        )
     if args.candidates > n_heads:
-        warnings.warn(f"--candidates {args.candidates}: {loaded.name} has {n_heads} heads; confirming all {n_heads}",
-                      stacklevel=2)
+        warnings.warn(
+            f"--candidates {args.candidates}: {loaded.name} has {n_heads} heads; confirming all {n_heads}", stacklevel=2
+        )
     return min(args.candidates, n_heads)

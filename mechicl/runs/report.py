@@ -12,33 +12,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
-from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult
 from mechicl.analysis.behavior.hypotheses import run_tests
 from mechicl.analysis.engine.hooks import act_name
-from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.engine.surgery import count_block_calls
+from mechicl.analysis.patching.attribution import agreement, attribution_patch
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs import report_sections as S
-from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
 from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.behavior_optimal_reader import bayes_reference
-from mechicl.runs.run import load_config, verdict_markdown
 from mechicl.runs.folder import Clock, RunFolder
-from mechicl.runs.report_circuit import check_external
 from mechicl.runs.heads import find_heads_for
 from mechicl.runs.inside import Runs, compute_dla, compute_lens, shared_runs
+from mechicl.runs.report_circuit import check_external
+from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
+from mechicl.runs.run import load_config, verdict_markdown
 from mechicl.viz.report_html import render_report
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -87,21 +88,26 @@ def nh_tests(beh: BehaviorResult, cfg: ReportConfig, model: str) -> list[NHTest]
                 keep.append(dataclasses.replace(t, ks=ks))
         if not keep:
             continue
-        ec = dataclasses.replace(base, task=cfg.task, n_contexts=cfg.n_behavior, k_max=cfg.k_max, seed=cfg.seed,
-                                 tests=tuple(keep))
+        ec = dataclasses.replace(
+            base, task=cfg.task, n_contexts=cfg.n_behavior, k_max=cfg.k_max, seed=cfg.seed, tests=tuple(keep)
+        )
         tests = run_tests(ec, beh.raw)
         out.append(NHTest(ec, tests, verdict_markdown(ec, tests, model)))
     return out
 
 
-def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool, runs: Runs | None = None) -> PatchStage:
+def patch_stage(
+    loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bool, runs: Runs | None = None
+) -> PatchStage:
     """Exact sweeps and attribution patching on the first ``n_patch`` contexts of the inside draws (the contexts
     ``mechicl patch`` samples with the same seed). With ``runs`` that kept them in full, their cached runs are
     read from there instead of being run again."""
     shared = runs is not None and runs[0].full_rows >= cfg.n_patch
     if shared:
         rows = slice(0, cfg.n_patch)
-        pair = pair_from_batches(runs[0].batch.select(rows), runs[1].batch.select(rows), "correct labels vs all labels flipped")
+        pair = pair_from_batches(
+            runs[0].batch.select(rows), runs[1].batch.select(rows), "correct labels vs all labels flipped"
+        )
     else:
         pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
     patcher = Patcher(loaded.model, pair, progress=progress)
@@ -118,16 +124,25 @@ def patch_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, progress: bo
     table = exact.table()[["layer", "head", "value"]].rename(columns={"value": "exact"})
     table["attribution"] = est.values.reshape(-1).numpy()
     table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
-    return PatchStage(results, (lo, hi), table, agreement(est.values, exact.values, k=min(10, len(table))),
-                      pair.description, pair)
+    return PatchStage(
+        results, (lo, hi), table, agreement(est.values, exact.values, k=min(10, len(table))), pair.description, pair
+    )
 
 
-def compute_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: Stages,
-                   progress: bool = True) -> ReportData:
+def compute_report(
+    loaded: LoadedModel, task: Task, cfg: ReportConfig, stages: Stages, progress: bool = True
+) -> ReportData:
     """Run every stage. Long because it lists the stages in order, each under its timer and forward counter."""
     ic = cfg.inside()
-    bc = BehaviorConfig(cfg.model, cfg.task, ("default", "random", "flipped", f"arbitrary:{cfg.arbitrary}"),
-                        cfg.k_max, cfg.n_behavior, cfg.seed, cfg.batch_size)
+    bc = BehaviorConfig(
+        cfg.model,
+        cfg.task,
+        ("default", "random", "flipped", f"arbitrary:{cfg.arbitrary}"),
+        cfg.k_max,
+        cfg.n_behavior,
+        cfg.seed,
+        cfg.batch_size,
+    )
     with stages.stage("behaviour", f"{cfg.n_behavior} contexts x 4 conditions, k <= {cfg.k_max}"):
         beh = run_behavior(loaded, task, bc, progress)
         nh = nh_tests(beh, cfg, loaded.name)
@@ -177,18 +192,23 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
 
 def rerun_command(args: argparse.Namespace, size: str) -> str:
     """The `mechicl report` command line that re-runs a report with these parsed flags (shown in its run facts)."""
-    return (f"mechicl report --model {args.model} --task {args.task} --seed {args.seed}"
-            + (f" --arbitrary {args.arbitrary}" if args.arbitrary else "")
-            + {"quick": " --quick", "full": " --full", "default": ""}[size] + (" --attribution" if args.attribution else "")
-            + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
-            + (f" --template {args.template!r}" if args.template else "")
-            + (" --no-balance" if args.no_balance else "")
-            + (f" --findings {args.findings}" if args.findings else "") + (f" --circuit {args.circuit}" if args.circuit else "")
-            + (f" --batch-size {args.batch_size}" if args.batch_size != 8 else ""))
+    return (
+        f"mechicl report --model {args.model} --task {args.task} --seed {args.seed}"
+        + (f" --arbitrary {args.arbitrary}" if args.arbitrary else "")
+        + {"quick": " --quick", "full": " --full", "default": ""}[size]
+        + (" --attribution" if args.attribution else "")
+        + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
+        + (f" --template {args.template!r}" if args.template else "")
+        + (" --no-balance" if args.no_balance else "")
+        + (f" --findings {args.findings}" if args.findings else "")
+        + (f" --circuit {args.circuit}" if args.circuit else "")
+        + (f" --batch-size {args.batch_size}" if args.batch_size != 8 else "")
+    )
 
 
-def run_report(loaded: LoadedModel, task: Task, cfg: ReportConfig, out: Path, command: str,
-               progress: bool = True) -> RunFolder:
+def run_report(
+    loaded: LoadedModel, task: Task, cfg: ReportConfig, out: Path, command: str, progress: bool = True
+) -> RunFolder:
     """Compute every stage, write the CSVs, figures and report.html into ``out``; returns the folder."""
     if cfg.model != loaded.name and Path(cfg.model).name != loaded.name:
         cfg = dataclasses.replace(cfg, model=loaded.name)

@@ -20,16 +20,20 @@ def check_external(findings: str | None, circuit: str | None, model: str) -> Non
     if findings is not None:
         heads = Path(findings) / "summary" / "heads.csv"
         if not heads.is_file():
-            raise ConfigError(f"--findings {findings}: no {heads}; give the --out folder of a finished "
-                              f"`mechicl findings` grid (its summary/ is rebuilt by `mechicl findings --summarise-only`)")
+            raise ConfigError(
+                f"--findings {findings}: no {heads}; give the --out folder of a finished "
+                f"`mechicl findings` grid (its summary/ is rebuilt by `mechicl findings --summarise-only`)"
+            )
     if circuit is not None:
         cfg = Path(circuit) / "config.json"
         if not (cfg.is_file() and (Path(circuit) / "paths.csv").is_file()):
             raise ConfigError(f"--circuit {circuit}: no config.json and paths.csv; give a `mechicl circuit` run folder")
         ran = json.loads(cfg.read_text()).get("model")
         if ran != model:
-            raise ConfigError(f"--circuit {circuit} was run on {ran!r}, this report on {model!r}; run `mechicl circuit "
-                              f"--model {model}` and give its folder")
+            raise ConfigError(
+                f"--circuit {circuit} was run on {ran!r}, this report on {model!r}; run `mechicl circuit "
+                f"--model {model}` and give its folder"
+            )
 
 
 def findings_blocks(folder: Path, model: str) -> list:
@@ -39,26 +43,51 @@ def findings_blocks(folder: Path, model: str) -> list:
     cells = pd.read_csv(folder / "summary" / "cells.csv")
     cells = cells[cells.model == model]
     if not len(cells):
-        return [Note(f"The findings grid in {folder} has no cell for {model}; run `mechicl findings --models {model} "
-                     f"--out {folder}` (it resumes).", pointer=True)]
+        return [
+            Note(
+                f"The findings grid in {folder} has no cell for {model}; run `mechicl findings --models {model} "
+                f"--out {folder}` (it resumes).",
+                pointer=True,
+            )
+        ]
     rep = heads.sort_values(["n_above_control", "effect_median"], ascending=False).head(8)
-    table = pd.DataFrame({"head": rep["head"], "verdict": rep.verdict,
-                          "above control / cells": [f"{a}/{n}" for a, n in zip(rep.n_above_control, rep.n_cells)],
-                          "per task": rep.per_task, "effect median": rep.effect_median, "effect min": rep.effect_min,
-                          "effect max": rep.effect_max, "controls (median)": rep.control_mean_median})
+    table = pd.DataFrame(
+        {
+            "head": rep["head"],
+            "verdict": rep.verdict,
+            "above control / cells": [f"{a}/{n}" for a, n in zip(rep.n_above_control, rep.n_cells)],
+            "per task": rep.per_task,
+            "effect median": rep.effect_median,
+            "effect min": rep.effect_min,
+            "effect max": rep.effect_max,
+            "controls (median)": rep.control_mean_median,
+        }
+    )
     n_eff = int(cells.has_effect.sum())
     repl = list(heads[heads.verdict == "replicates"]["head"])
-    blocks: list = [Table(table.reset_index(drop=True),
-                          f"Findings grid ({folder}): {len(cells)} cells of {model} over tasks "
-                          f"{', '.join(dict.fromkeys(cells.task))}, {n_eff} with an in-context effect to attribute. "
-                          + (f"Heads that replicate (above matched controls in >= 2/3 of cells): {', '.join(repl)}."
-                             if repl else "No head replicates across cells.")
-                          + " Effects are shares of the correct-vs-flipped gap in P(true label) removed by ablation, "
-                          "validated on held-out contexts (docs/findings.md).")]
+    blocks: list = [
+        Table(
+            table.reset_index(drop=True),
+            f"Findings grid ({folder}): {len(cells)} cells of {model} over tasks "
+            f"{', '.join(dict.fromkeys(cells.task))}, {n_eff} with an in-context effect to attribute. "
+            + (
+                f"Heads that replicate (above matched controls in >= 2/3 of cells): {', '.join(repl)}."
+                if repl
+                else "No head replicates across cells."
+            )
+            + " Effects are shares of the correct-vs-flipped gap in P(true label) removed by ablation, "
+            "validated on held-out contexts (docs/findings.md).",
+        )
+    ]
     png = folder / "summary" / f"effects_{model}.png"
     if png.is_file():
-        blocks.append(Figure(png, "Screening effect of each head alone, per task (mean over seeds); outlined heads are "
-                                  "above matched controls in a cell. Look for the same heads lighting up in every panel."))
+        blocks.append(
+            Figure(
+                png,
+                "Screening effect of each head alone, per task (mean over seeds); outlined heads are "
+                "above matched controls in a cell. Look for the same heads lighting up in every panel.",
+            )
+        )
     return blocks
 
 
@@ -69,16 +98,29 @@ def circuit_blocks(folder: Path) -> list:
     sig = significant_edges(paths, threshold)  # the circuit figure's own edge rule
     n = int(paths.n_contexts.max()) if len(paths) else 0
     top = sig.reindex(sig.effect.abs().sort_values(ascending=False).index).head(10)
-    blocks: list = [Table(top[["sender", "receiver", "input", "positions", "mlps", "effect", "ci_low", "ci_high"]]
-                          .reset_index(drop=True),
-                          f"Path patching ({folder}): of {len(paths)} sender -> receiver paths, {len(sig)} have "
-                          f"|effect| >= {threshold} with a 95% interval over {n} held-out contexts excluding 0"
-                          + (f"; the largest is {top.iloc[0].sender} -> {top.iloc[0].receiver} ({top.iloc[0].input}) "
-                             f"{top.iloc[0].effect:+.2f} [{top.iloc[0].ci_low:+.2f}, {top.iloc[0].ci_high:+.2f}]."
-                             if len(top) else ". The evidence does not support a circuit at this size."))]
+    blocks: list = [
+        Table(
+            top[["sender", "receiver", "input", "positions", "mlps", "effect", "ci_low", "ci_high"]].reset_index(
+                drop=True
+            ),
+            f"Path patching ({folder}): of {len(paths)} sender -> receiver paths, {len(sig)} have "
+            f"|effect| >= {threshold} with a 95% interval over {n} held-out contexts excluding 0"
+            + (
+                f"; the largest is {top.iloc[0].sender} -> {top.iloc[0].receiver} ({top.iloc[0].input}) "
+                f"{top.iloc[0].effect:+.2f} [{top.iloc[0].ci_low:+.2f}, {top.iloc[0].ci_high:+.2f}]."
+                if len(top)
+                else ". The evidence does not support a circuit at this size."
+            ),
+        )
+    ]
     for png in sorted(folder.glob("circuit_*.png")):
-        blocks.append(Figure(png, f"Circuit ({png.stem}): heads as nodes, path effects above the threshold with a CI "
-                                  "excluding 0 as edges (docs/circuit.md)."))
+        blocks.append(
+            Figure(
+                png,
+                f"Circuit ({png.stem}): heads as nodes, path effects above the threshold with a CI "
+                "excluding 0 as edges (docs/circuit.md).",
+            )
+        )
     return blocks
 
 
@@ -88,14 +130,24 @@ def circuit_section(findings: str | None, circuit: str | None, model: str, task:
     if findings is not None:
         blocks += findings_blocks(Path(findings), model)
     else:
-        blocks.append(Note(f"Findings: run `mechicl findings --models {model} --out runs/findings` (the replication "
-                           "grid over tasks and seeds; minutes per cell), then re-run this report with "
-                           "`--findings runs/findings` to show its head verdicts here.", pointer=True))
+        blocks.append(
+            Note(
+                f"Findings: run `mechicl findings --models {model} --out runs/findings` (the replication "
+                "grid over tasks and seeds; minutes per cell), then re-run this report with "
+                "`--findings runs/findings` to show its head verdicts here.",
+                pointer=True,
+            )
+        )
     if circuit is not None:
         blocks += circuit_blocks(Path(circuit))
     else:
-        blocks.append(Note(f"Circuit: run `mechicl circuit --model {model} --task {task} --out runs/circuit` "
-                           "(label-position and sender -> receiver path patching) and `mechicl aggregate` (evidence "
-                           "aggregation), then re-run this report with `--circuit runs/circuit` to show the circuit "
-                           "figure and path effects here.", pointer=True))
+        blocks.append(
+            Note(
+                f"Circuit: run `mechicl circuit --model {model} --task {task} --out runs/circuit` "
+                "(label-position and sender -> receiver path patching) and `mechicl aggregate` (evidence "
+                "aggregation), then re-run this report with `--circuit runs/circuit` to show the circuit "
+                "figure and path effects here.",
+                pointer=True,
+            )
+        )
     return Section("Circuit and findings", tuple(blocks))

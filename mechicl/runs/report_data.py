@@ -12,9 +12,9 @@ import pandas as pd
 
 from mechicl.analysis.behavior.curves import BehaviorResult
 from mechicl.analysis.behavior.hypotheses import ExperimentConfig
+from mechicl.analysis.engine.readout import ReadoutRun
 from mechicl.analysis.heads.old_finder import HeadFinderConfig, HeadFinderResult
 from mechicl.analysis.patching.exact import PatchResult
-from mechicl.analysis.engine.readout import ReadoutRun
 from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
 from mechicl.runs.attention import AttentionResult
@@ -24,7 +24,9 @@ from mechicl.runs.inside import InsideConfig
 def arbitrary_words(n_classes: int) -> str:
     """The arbitrary condition's default label words: one capital letter per class (``A/B``, ``A/B/C``, ...)."""
     if not 2 <= n_classes <= 26:
-        raise ConfigError(f"no default arbitrary label words for {n_classes} classes; give them with --arbitrary w1/w2/...")
+        raise ConfigError(
+            f"no default arbitrary label words for {n_classes} classes; give them with --arbitrary w1/w2/..."
+        )
     return "/".join(string.ascii_uppercase[:n_classes])
 
 
@@ -62,31 +64,67 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.k_min < self.n_examples or self.k_max < 1:
-            raise ConfigError(f"need 1 <= k_min < n_examples and k_max >= 1 (got k_min={self.k_min}, "
-                              f"n_examples={self.n_examples}, k_max={self.k_max})")
+            raise ConfigError(
+                f"need 1 <= k_min < n_examples and k_max >= 1 (got k_min={self.k_min}, "
+                f"n_examples={self.n_examples}, k_max={self.k_max})"
+            )
 
     @classmethod
     def sized(cls, size: str, **kw: Any) -> "ReportConfig":
         """``"default"``, ``"quick"`` (seconds on tiny models, for tests) or ``"full"`` (paper-grade sizes)."""
         presets = {
             "default": {},
-            "quick": dict(k_max=6, n_behavior=8, n_examples=6, n_inside=6, k_min=2, n_patch=3, n_screen=4, n_eval=8,
-                          n_candidates=4, n_control=20, attribution=True, attribution_steps=4),
-            "full": dict(k_max=16, n_behavior=128, n_examples=17, n_inside=64, n_patch=16, n_screen=16, n_eval=160,
-                         n_candidates=12, n_control=200, resid_examples=0, attribution=True),
+            "quick": dict(
+                k_max=6,
+                n_behavior=8,
+                n_examples=6,
+                n_inside=6,
+                k_min=2,
+                n_patch=3,
+                n_screen=4,
+                n_eval=8,
+                n_candidates=4,
+                n_control=20,
+                attribution=True,
+                attribution_steps=4,
+            ),
+            "full": dict(
+                k_max=16,
+                n_behavior=128,
+                n_examples=17,
+                n_inside=64,
+                n_patch=16,
+                n_screen=16,
+                n_eval=160,
+                n_candidates=12,
+                n_control=200,
+                resid_examples=0,
+                attribution=True,
+            ),
         }
         if size not in presets:
             raise ConfigError(f"unknown report size {size!r}; use one of {', '.join(presets)}")
         return cls(**{**presets[size], **kw})
 
     def inside(self) -> InsideConfig:
-        return InsideConfig(self.model, self.task, self.n_inside, self.n_examples, self.k_min, self.seed,
-                            self.batch_size, self.top)
+        return InsideConfig(
+            self.model, self.task, self.n_inside, self.n_examples, self.k_min, self.seed, self.batch_size, self.top
+        )
 
     def heads(self) -> HeadFinderConfig:
         sizes = tuple(s for s in (1, 2, 4) if s <= self.n_candidates)
-        return HeadFinderConfig(self.model, self.task, self.n_examples, self.n_screen, self.n_eval, self.n_candidates,
-                                sizes, self.n_control, "mean", self.seed)
+        return HeadFinderConfig(
+            self.model,
+            self.task,
+            self.n_examples,
+            self.n_screen,
+            self.n_eval,
+            self.n_candidates,
+            sizes,
+            self.n_control,
+            "mean",
+            self.seed,
+        )
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,16 @@ from pathlib import Path
 import pandas as pd
 
 from mechicl.analysis.behavior.curves import BehaviorResult
-from mechicl.analysis.behavior.ideal_learner import LearnerResult
 from mechicl.analysis.behavior.hypotheses import ExperimentConfig, equivalence_margins, parse_config, run_tests
+from mechicl.analysis.behavior.ideal_learner import LearnerResult
 from mechicl.analysis.stats.paired import NOT_ENOUGH
 from mechicl.data.task import Task
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
-from mechicl.runs.run_ideal_learner import fit_learner, learner_markdown, write_learner
 from mechicl.runs.behavior import plot_metric, run_behavior, summary_markdown
 from mechicl.runs.folder import RunFolder, md_table
+from mechicl.runs.run_ideal_learner import fit_learner, learner_markdown, write_learner
 
 
 def load_config(path: Path | str, **overrides: object) -> ExperimentConfig:
@@ -51,48 +51,78 @@ def _sig(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def verdict_markdown(cfg: ExperimentConfig, tests: pd.DataFrame, model: str, margins: pd.DataFrame | None = None) -> str:
+def verdict_markdown(
+    cfg: ExperimentConfig, tests: pd.DataFrame, model: str, margins: pd.DataFrame | None = None
+) -> str:
     """Per-hypothesis verdict: rejected or not, at which k, with effect sizes and CIs.
 
     ``margins`` (``equivalence_margins``): how each measured equivalence margin was sized, listed under the table.
     """
     prim = tests[tests.primary]
     rejected = prim[prim.decision == "reject"]
-    lines = [f"# {cfg.hypothesis}: {cfg.statement}", "", f"Model {model}, task {cfg.task}, {cfg.n_contexts} context "
-             f"draws shared by all conditions, alpha = {cfg.alpha} (Holm-corrected over every k of all primary tests "
-             f"together, and over the k of each supporting test).", ""]
+    lines = [
+        f"# {cfg.hypothesis}: {cfg.statement}",
+        "",
+        f"Model {model}, task {cfg.task}, {cfg.n_contexts} context "
+        f"draws shared by all conditions, alpha = {cfg.alpha} (Holm-corrected over every k of all primary tests "
+        f"together, and over the k of each supporting test).",
+        "",
+    ]
     if not rejected.empty:
         best = rejected.loc[rejected.mean_diff.abs().idxmax()]
-        where = "; ".join(f"{g.a.iloc[0]} vs {g.b.iloc[0]} at k = {', '.join(str(k) for k in g.k)}"
-                          for _, g in rejected.groupby("test", sort=True))
+        where = "; ".join(
+            f"{g.a.iloc[0]} vs {g.b.iloc[0]} at k = {', '.join(str(k) for k in g.k)}"
+            for _, g in rejected.groupby("test", sort=True)
+        )
         lines.append(
             f"**Verdict: {cfg.hypothesis} is rejected** by {where}. Largest effect: {best.a} − {best.b} = "
             f"{_sig(best.mean_diff)} [95% CI {_sig(best.ci_low)}, {_sig(best.ci_high)}] at k = {best.k} "
             f"(Holm p = {best.p_holm:.4f}, n = {best.n})."
         )
     elif (prim.decision == NOT_ENOUGH).any():
-        lines.append(f"**Verdict: {NOT_ENOUGH}.** No primary test rejects {cfg.hypothesis}, and some CIs are wider "
-                     f"than their equivalence margin: run more context draws (n_contexts).")
+        lines.append(
+            f"**Verdict: {NOT_ENOUGH}.** No primary test rejects {cfg.hypothesis}, and some CIs are wider "
+            f"than their equivalence margin: run more context draws (n_contexts)."
+        )
     else:
-        lines.append(f"**Verdict: {cfg.hypothesis} is not rejected**; every primary difference lies within its "
-                     f"equivalence margin.")
-    rows = [{"test": f"{t.a} vs {t.b}{'' if t.primary else ' (supporting)'}", "claim": t.claim, "k": r.k,
-             "difference (a − b)": _sig(r.mean_diff), "95% CI": f"[{_sig(r.ci_low)}, {_sig(r.ci_high)}]",
-             "Holm p": f"{r.p_holm:.4f}", "decision": r.decision}
-            for i, t in enumerate(cfg.tests) for r in tests[tests.test == i].itertuples()]
+        lines.append(
+            f"**Verdict: {cfg.hypothesis} is not rejected**; every primary difference lies within its "
+            f"equivalence margin."
+        )
+    rows = [
+        {
+            "test": f"{t.a} vs {t.b}{'' if t.primary else ' (supporting)'}",
+            "claim": t.claim,
+            "k": r.k,
+            "difference (a − b)": _sig(r.mean_diff),
+            "95% CI": f"[{_sig(r.ci_low)}, {_sig(r.ci_high)}]",
+            "Holm p": f"{r.p_holm:.4f}",
+            "decision": r.decision,
+        }
+        for i, t in enumerate(cfg.tests)
+        for r in tests[tests.test == i].itertuples()
+    ]
     lines += ["", md_table(pd.DataFrame(rows))]
     if margins is not None and not margins.empty:
-        lines += ["", "Equivalence margins measured on these draws (the fraction times the end of the reference's 95% "
-                  "bootstrap CI nearest 0, rounded down; \"no effect\" needs the test's whole 95% CI inside ±margin; "
-                  "p_TOST is Schuirmann's two one-sided t-tests against the same margin):", ""]
-        lines += [f"- {cfg.tests[m.test].a} vs {cfg.tests[m.test].b}, k = {m.k}: margin ±{m.margin:.3f} = "
-                  f"{m.fraction:g} × reference {m.reference} = {_sig(m.ref_mean)} [{_sig(m.ref_ci_low)}, "
-                  f"{_sig(m.ref_ci_high)}]; p_TOST = {m.p_tost:.4f}" for m in margins.itertuples()]
+        lines += [
+            "",
+            "Equivalence margins measured on these draws (the fraction times the end of the reference's 95% "
+            'bootstrap CI nearest 0, rounded down; "no effect" needs the test\'s whole 95% CI inside ±margin; '
+            "p_TOST is Schuirmann's two one-sided t-tests against the same margin):",
+            "",
+        ]
+        lines += [
+            f"- {cfg.tests[m.test].a} vs {cfg.tests[m.test].b}, k = {m.k}: margin ±{m.margin:.3f} = "
+            f"{m.fraction:g} × reference {m.reference} = {_sig(m.ref_mean)} [{_sig(m.ref_ci_low)}, "
+            f"{_sig(m.ref_ci_high)}]; p_TOST = {m.p_tost:.4f}"
+            for m in margins.itertuples()
+        ]
     return "\n".join(lines) + "\n"
 
 
-def run_experiment(cfg: ExperimentConfig, loaded: LoadedModel, progress: bool = True,
-                   task: Task | None = None) -> ExperimentResult:
+def run_experiment(
+    cfg: ExperimentConfig, loaded: LoadedModel, progress: bool = True, task: Task | None = None
+) -> ExperimentResult:
     """Score the config's conditions on shared draws, run its tests and write nothing. Cost: see ``ExperimentConfig``.
 
     ``task``: the config's task already loaded (the CLI loads it before the model); loaded here if None.
@@ -122,7 +152,9 @@ def write_experiment(result: ExperimentResult, out: Path, config_text: str | Non
         plot_metric(s, metric, folder / f"{metric}.png", title, vline=cfg.switch_at)
     if result.learner:
         write_learner(folder, result.learner, title)
-    folder.text("verdict.md", result.verdict + "\n" + summary_markdown(result.behavior).replace("# Behaviour", "## Behaviour"))
+    folder.text(
+        "verdict.md", result.verdict + "\n" + summary_markdown(result.behavior).replace("# Behaviour", "## Behaviour")
+    )
     if config_text is not None:
         folder.text("config.toml", config_text)
     return folder

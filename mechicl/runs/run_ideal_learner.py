@@ -13,8 +13,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from mechicl.analysis.behavior.ideal_learner import LearnerResult, learner_curves, learner_inputs, zero_shot_log_odds
 from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult
+from mechicl.analysis.behavior.ideal_learner import LearnerResult, learner_curves, learner_inputs, zero_shot_log_odds
 from mechicl.data.conditions import LabelCondition
 from mechicl.data.prompts import build_prompt_batch
 from mechicl.data.task import Task
@@ -30,8 +30,14 @@ def _learnable(c: LabelCondition) -> bool:
     return c.kind in ("default", "flipped", "random") and c.prefix is None
 
 
-def fit_learner(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, beh: BehaviorResult, per_class: bool = False,
-                progress: bool = True) -> tuple[LearnerResult, LearnerResult]:
+def fit_learner(
+    loaded: LoadedModel,
+    task: Task,
+    cfg: BehaviorConfig,
+    beh: BehaviorResult,
+    per_class: bool = False,
+    progress: bool = True,
+) -> tuple[LearnerResult, LearnerResult]:
     """Zero-shot prior for every drawn example, then ``learner_curves`` on the conditions it can read:
     (own prior, rescaled prior).
 
@@ -39,13 +45,24 @@ def fit_learner(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, beh: Behav
     """
     if len(task.label_names) != 2:
         raise ConfigError(f"bayes_learner needs a binary task; {task.name} has {len(task.label_names)} labels")
-    batches = [b for b in behavior_batches(loaded, task, cfg) if b.label_condition is None or _learnable(b.label_condition)]
+    batches = [
+        b for b in behavior_batches(loaded, task, cfg) if b.label_condition is None or _learnable(b.label_condition)
+    ]
     if "default" not in {b.condition for b in batches}:
-        raise ConfigError("bayes_learner fits its evidence strength on a condition named 'default'; add "
-                          "[[conditions]] labels = \"default\" to the config")
+        raise ConfigError(
+            "bayes_learner fits its evidence strength on a condition named 'default'; add "
+            '[[conditions]] labels = "default" to the config'
+        )
     items = torch.unique(batches[0].example_ids)
-    single = build_prompt_batch(task, loaded.tokenizer, items[:, None], "default", n_ctx=loaded.n_ctx,
-                                prepend_bos=loaded.prepend_bos, seed=cfg.seed)
+    single = build_prompt_batch(
+        task,
+        loaded.tokenizer,
+        items[:, None],
+        "default",
+        n_ctx=loaded.n_ctx,
+        prepend_bos=loaded.prepend_bos,
+        seed=cfg.seed,
+    )
     z = zero_shot_log_odds(loaded.model, single, progress=progress)
     raw = beh.raw[beh.raw.condition.isin({b.condition for b in batches})]
     x = learner_inputs(raw, batches, items, z)
@@ -65,9 +82,15 @@ def _cell(c: pd.DataFrame, cond: str, metric: str, source: str, k: int) -> str:
 def _fit_text(res: LearnerResult) -> str:
     return "; ".join(
         f"{'all queries' if r.query_class == 'all' else f'query class {r.query_class}'}: beta = {r.beta:.3f} nats per "
-        f"demonstration [95% CI {r.ci_low:.3f}, {r.ci_high:.3f}]" + (" (at the bound 0)" if r.at_bound else "")
-        + (f", prior weight w = {r.prior_weight:.3f} [{r.prior_weight_ci_low:.3f}, {r.prior_weight_ci_high:.3f}]"
-           if res.rescaled else "") for r in res.fit.itertuples())
+        f"demonstration [95% CI {r.ci_low:.3f}, {r.ci_high:.3f}]"
+        + (" (at the bound 0)" if r.at_bound else "")
+        + (
+            f", prior weight w = {r.prior_weight:.3f} [{r.prior_weight_ci_low:.3f}, {r.prior_weight_ci_high:.3f}]"
+            if res.rescaled
+            else ""
+        )
+        for r in res.fit.itertuples()
+    )
 
 
 def learner_markdown(results: tuple[LearnerResult, ...], k_max: int) -> str:
@@ -77,26 +100,40 @@ def learner_markdown(results: tuple[LearnerResult, ...], k_max: int) -> str:
     for res in results:
         c = res.curves
         sources = ("bayes", "model - bayes") if res.rescaled else ("model", "bayes", "model - bayes")  # model once
-        rows += [{"learner": "" if s == "model" else _name(res), "condition": cond, "metric": m, "source": s,
-                  **{f"k = {k}": _cell(c, cond, m, s, k) for k in ks}}
-                 for cond in dict.fromkeys(c.condition) for m in ("log_likelihood", "accuracy") for s in sources]
+        rows += [
+            {
+                "learner": "" if s == "model" else _name(res),
+                "condition": cond,
+                "metric": m,
+                "source": s,
+                **{f"k = {k}": _cell(c, cond, m, s, k) for k in ks},
+            }
+            for cond in dict.fromkeys(c.condition)
+            for m in ("log_likelihood", "accuracy")
+            for s in sources
+        ]
     fits = "\n".join(f"- {_name(r)}: {_fit_text(r)}" for r in results)
-    return "\n".join([
-        "## The model against an ideal learner with its own prior",
-        "",
-        "The learner's prior log-odds for each query are the model's zero-shot log-odds z (the query alone); each "
-        "demonstration adds +beta to the log-odds of the map it follows (Bayes' rule with independent evidence): "
-        "eta = w z + beta (agreeing - disagreeing demonstrations so far). `own prior` keeps w = 1; `rescaled prior` "
-        "also fits w, for a model that is less (w < 1) or more sure of a query inside a context than alone. Both "
-        f"are fitted by maximum likelihood of the model's own default-label predictions (k = 1..{k_max}):",
-        "",
-        fits,
-        "",
-        "Every other row is a prediction. Means over contexts, 95% percentile-bootstrap CIs "
-        f"({results[0].n_boot} resamples of contexts, refitted in each); `model - bayes` is the paired difference.",
-        "",
-        md_table(pd.DataFrame(rows)),
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "## The model against an ideal learner with its own prior",
+                "",
+                "The learner's prior log-odds for each query are the model's zero-shot log-odds z (the query alone); each "
+                "demonstration adds +beta to the log-odds of the map it follows (Bayes' rule with independent evidence): "
+                "eta = w z + beta (agreeing - disagreeing demonstrations so far). `own prior` keeps w = 1; `rescaled prior` "
+                "also fits w, for a model that is less (w < 1) or more sure of a query inside a context than alone. Both "
+                f"are fitted by maximum likelihood of the model's own default-label predictions (k = 1..{k_max}):",
+                "",
+                fits,
+                "",
+                "Every other row is a prediction. Means over contexts, 95% percentile-bootstrap CIs "
+                f"({results[0].n_boot} resamples of contexts, refitted in each); `model - bayes` is the paired difference.",
+                "",
+                md_table(pd.DataFrame(rows)),
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_learner(folder: RunFolder, results: tuple[LearnerResult, ...], title: str) -> None:
@@ -105,8 +142,24 @@ def write_learner(folder: RunFolder, results: tuple[LearnerResult, ...], title: 
     folder.csv("bayes_learner.csv", curves)
     folder.csv("bayes_fit.csv", pd.concat([r.fit.assign(learner=_name(r)) for r in results], ignore_index=True))
     c = curves[(curves.source == "bayes") | ((curves.source == "model") & (curves.learner == "own prior"))].copy()
-    c["line"] = c.condition + ": " + c.source.map({"model": "model", "bayes": "ideal learner, "}) + \
-        c.learner.where(c.source == "bayes", "")
-    for metric, label in (("log_likelihood", "log-likelihood of shown label"), ("accuracy", "accuracy (vs. shown label)")):
-        line_plot(c[c.metric == metric], "k", "mean", folder / f"bayes_{metric}.png", hue="line", title=title,
-                  ylabel=label, band=("ci_low", "ci_high"), xlabel="number of in-context examples observed (k)")
+    c["line"] = (
+        c.condition
+        + ": "
+        + c.source.map({"model": "model", "bayes": "ideal learner, "})
+        + c.learner.where(c.source == "bayes", "")
+    )
+    for metric, label in (
+        ("log_likelihood", "log-likelihood of shown label"),
+        ("accuracy", "accuracy (vs. shown label)"),
+    ):
+        line_plot(
+            c[c.metric == metric],
+            "k",
+            "mean",
+            folder / f"bayes_{metric}.png",
+            hue="line",
+            title=title,
+            ylabel=label,
+            band=("ci_low", "ci_high"),
+            xlabel="number of in-context examples observed (k)",
+        )

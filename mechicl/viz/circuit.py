@@ -6,8 +6,8 @@ Drawing only: takes a tidy edge table (sender, receiver, input, effect, CI) and 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -43,14 +43,29 @@ def circuit_figure(edges: pd.DataFrame, nodes: Sequence[str], paths: Sequence[Pa
     for k, e in enumerate(edges.itertuples(index=False)):
         (x0, y0), (x1, y1) = pos[e.sender], pos[e.receiver]
         bend = 0.15 * ((k % 3) - 1)  # parallel edges into one head (q, k, v) do not overlap
-        ax.annotate("", xy=(x1, y1 - 0.12), xytext=(x0, y0 + 0.12),
-                    arrowprops=dict(arrowstyle="-|>", color=INPUT_COLORS.get(e.input, "grey"),
-                                    lw=0.8 + 3.0 * abs(e.effect) / (big or 1.0), alpha=0.85,
-                                    connectionstyle=f"arc3,rad={bend}"))
+        ax.annotate(
+            "",
+            xy=(x1, y1 - 0.12),
+            xytext=(x0, y0 + 0.12),
+            arrowprops=dict(
+                arrowstyle="-|>",
+                color=INPUT_COLORS.get(e.input, "grey"),
+                lw=0.8 + 3.0 * abs(e.effect) / (big or 1.0),
+                alpha=0.85,
+                connectionstyle=f"arc3,rad={bend}",
+            ),
+        )
         t = 0.8 if e.receiver == "logits" else 0.35 + 0.1 * (k % 3)  # the logits edge passes the top layer's row
-        ax.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), f"{e.input} {e.effect:+.2f}\n[{e.ci_low:+.2f}, {e.ci_high:+.2f}]",
-                fontsize=6, ha="center", va="center", color=INPUT_COLORS.get(e.input, "grey"),
-                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+        ax.text(
+            x0 + t * (x1 - x0),
+            y0 + t * (y1 - y0),
+            f"{e.input} {e.effect:+.2f}\n[{e.ci_low:+.2f}, {e.ci_high:+.2f}]",
+            fontsize=6,
+            ha="center",
+            va="center",
+            color=INPUT_COLORS.get(e.input, "grey"),
+            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8),
+        )
     for name, (x, y) in pos.items():
         ax.scatter([x], [y], s=700 if name != "logits" else 900, c="white", edgecolors="black", zorder=3)
         ax.text(x, y, name, ha="center", va="center", fontsize=7, zorder=4)

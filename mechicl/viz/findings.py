@@ -14,15 +14,23 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mechicl.viz.plots import wrap_title  # noqa: E402
 
 
-def effect_panels(maps: dict[str, np.ndarray], path: Path, title: str, *, marks: dict[str, list[tuple[int, int]]] | None = None,
-                  label: str = "share of the correct-vs-flipped gap closed") -> Path:
+def effect_panels(
+    maps: dict[str, np.ndarray],
+    path: Path,
+    title: str,
+    *,
+    marks: dict[str, list[tuple[int, int]]] | None = None,
+    label: str = "share of the correct-vs-flipped gap closed",
+) -> Path:
     """One ``[layer, head]`` heatmap per task side by side, diverging around 0 on a shared scale;
     ``marks[task]`` heads are outlined (e.g. the heads above their matched controls there)."""
     tasks = list(maps)
     n_layers, n_heads = next(iter(maps.values())).shape
     vmax = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
     w = min(3.2, 0.35 * n_heads + 1.0)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(w * len(tasks) + 1.2, 0.22 * n_layers + 1.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(w * len(tasks) + 1.2, 0.22 * n_layers + 1.8), squeeze=False, sharey=True
+    )
     im = None
     for ax, task in zip(axes[0], tasks):
         im = ax.imshow(maps[task], cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")

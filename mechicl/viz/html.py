@@ -10,8 +10,9 @@ Token names mark the prompt's structure (positions from the PromptBatch):
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import circuitsvis as cv
 import torch
@@ -20,8 +21,10 @@ from torch import Tensor
 
 from mechicl.data.prompts import BOS, PromptBatch
 
-LEGEND = ("[L] label token ([L✗]: shows a class other than the example's true class) · "
-          "[Q] readout slot (predicts the next label) · « » first / last token of an input · ⏎ newline")
+LEGEND = (
+    "[L] label token ([L✗]: shows a class other than the example's true class) · "
+    "[Q] readout slot (predicts the next label) · « » first / last token of an input · ⏎ newline"
+)
 
 
 def token_names(batch: PromptBatch, row: int, tokenizer: Any) -> list[str]:
@@ -31,7 +34,7 @@ def token_names(batch: PromptBatch, row: int, tokenizer: Any) -> list[str]:
     names = [tokenizer.decode([t]).replace("\n", "⏎") for t in ids]
     if int(batch.roles[row, 0]) == BOS:
         names[0] = "<bos>"
-    for (s, e) in batch.input_spans[row].tolist():
+    for s, e in batch.input_spans[row].tolist():
         names[s] = "«" + names[s]
         names[e - 1] = names[e - 1] + "»"
     for j, p in enumerate(batch.label_pos[row].tolist()):
@@ -47,26 +50,42 @@ def save_html(views: Sequence[Any], path: Path, title: str, notes: Sequence[str]
     body = "".join(f"<p>{html.escape(n)}</p>\n" for n in notes)
     parts = "\n".join(v.local_src for v in views)
     path.write_text(
-        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
-        f"<body style=\"font-family: sans-serif\">\n<h2>{html.escape(title)}</h2>\n{body}{parts}\n</body></html>\n",
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+        f'<body style="font-family: sans-serif">\n<h2>{html.escape(title)}</h2>\n{body}{parts}\n</body></html>\n',
         encoding="utf-8",
     )
     return path
 
 
-def attention_heads_html(batch: PromptBatch, row: int, tokenizer: Any,
-                         patterns: Float[Tensor, "head query key"], head_names: Sequence[str], path: Path,
-                         title: str, notes: Sequence[str] = ()) -> Path:
+def attention_heads_html(
+    batch: PromptBatch,
+    row: int,
+    tokenizer: Any,
+    patterns: Float[Tensor, "head query key"],
+    head_names: Sequence[str],
+    path: Path,
+    title: str,
+    notes: Sequence[str] = (),
+) -> Path:
     """circuitsvis ``attention_heads`` view of selected heads on one context."""
     names = token_names(batch, row, tokenizer)
     n = len(names)
-    view = cv.attention.attention_heads(attention=patterns[:, :n, :n].numpy(), tokens=names,
-                                        attention_head_names=list(head_names))
+    view = cv.attention.attention_heads(
+        attention=patterns[:, :n, :n].numpy(), tokens=names, attention_head_names=list(head_names)
+    )
     return save_html([view], path, title, [LEGEND, *notes])
 
 
-def readout_attention_html(batch: PromptBatch, row: int, tokenizer: Any, values: Float[Tensor, "key series"],
-                           series: Sequence[str], path: Path, title: str, notes: Sequence[str] = ()) -> Path:
+def readout_attention_html(
+    batch: PromptBatch,
+    row: int,
+    tokenizer: Any,
+    values: Float[Tensor, "key series"],
+    series: Sequence[str],
+    path: Path,
+    title: str,
+    notes: Sequence[str] = (),
+) -> Path:
     """circuitsvis ``colored_tokens_multi``: each token coloured by the attention it receives (one series
     per head, e.g. from the last readout slot)."""
     names = token_names(batch, row, tokenizer)
@@ -74,9 +93,17 @@ def readout_attention_html(batch: PromptBatch, row: int, tokenizer: Any, values:
     return save_html([view], path, title, [LEGEND, *notes])
 
 
-def attribution_html(batch: PromptBatch, row: int, tokenizer: Any, patterns: Float[Tensor, "head query key"],
-                     attributions: Float[Tensor, "head query key"], head_names: Sequence[str], path: Path,
-                     title: str, notes: Sequence[str] = ()) -> Path:
+def attribution_html(
+    batch: PromptBatch,
+    row: int,
+    tokenizer: Any,
+    patterns: Float[Tensor, "head query key"],
+    attributions: Float[Tensor, "head query key"],
+    head_names: Sequence[str],
+    path: Path,
+    title: str,
+    notes: Sequence[str] = (),
+) -> Path:
     """Raw attention beside attention attribution (AttAttr) for selected heads on one context.
 
     Two circuitsvis views: ``colored_tokens_multi`` of the last readout slot's row (series
@@ -93,6 +120,13 @@ def attribution_html(batch: PromptBatch, row: int, tokenizer: Any, patterns: Flo
     tokens_view = cv.tokens.colored_tokens_multi(tokens=names, values=values, labels=series)
     grid = torch.stack([x for p, a in zip(pat, att / scale) for x in (p, a)])
     grid_names = [f"{h} {kind}" for h in head_names for kind in ("attention", "attribution / max|attr|")]
-    grid_view = cv.attention.attention_heads(attention=grid.numpy(), tokens=names, attention_head_names=grid_names,
-                                             min_value=-1.0, max_value=1.0, negative_color="red", positive_color="blue")
+    grid_view = cv.attention.attention_heads(
+        attention=grid.numpy(),
+        tokens=names,
+        attention_head_names=grid_names,
+        min_value=-1.0,
+        max_value=1.0,
+        negative_color="red",
+        positive_color="blue",
+    )
     return save_html([tokens_view, grid_view], path, title, [LEGEND, *notes])

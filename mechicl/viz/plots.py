@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -21,9 +21,19 @@ def wrap_title(title: str, width_in: float, fontsize: float) -> str:
     return "\n".join(textwrap.wrap(title, chars))
 
 
-def heatmap(values: np.ndarray, path: Path, title: str = "", *, xlabel: str = "head", ylabel: str = "layer",
-            xticklabels: Sequence[str] | None = None, center: float | None | str = "auto",
-            label: str | None = None, mark_cols: Sequence[int] = (), mark_label: str = "") -> Path:
+def heatmap(
+    values: np.ndarray,
+    path: Path,
+    title: str = "",
+    *,
+    xlabel: str = "head",
+    ylabel: str = "layer",
+    xticklabels: Sequence[str] | None = None,
+    center: float | None | str = "auto",
+    label: str | None = None,
+    mark_cols: Sequence[int] = (),
+    mark_label: str = "",
+) -> Path:
     """A rows x columns heatmap (rows = layers) with integer ticks and a wrapped, unclipped title.
 
     ``center``: a float draws diverging colours centred there; ``None`` a sequential map; ``"auto"``
@@ -50,17 +60,36 @@ def heatmap(values: np.ndarray, path: Path, title: str = "", *, xlabel: str = "h
         step = max(1, n_cols // 40)
         ax.set_xticks(range(0, n_cols, step), [str(c) for c in range(0, n_cols, step)], fontsize=7)
     for i, c in enumerate(mark_cols):
-        ax.add_patch(plt.Rectangle((c - 0.5, -0.5), 1, n_rows, fill=False, edgecolor="black", lw=1.8, ls="--",
-                                   label=mark_label if i == 0 else None))
+        ax.add_patch(
+            plt.Rectangle(
+                (c - 0.5, -0.5),
+                1,
+                n_rows,
+                fill=False,
+                edgecolor="black",
+                lw=1.8,
+                ls="--",
+                label=mark_label if i == 0 else None,
+            )
+        )
     if len(mark_cols) and mark_label:
-        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12 if xticklabels is None else -0.3), fontsize=7, frameon=False)
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(0, -0.12 if xticklabels is None else -0.3), fontsize=7, frameon=False
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if n_rows * n_cols <= 120:
         mean = np.nanmean(v)
         for (i, j), x in np.ndenumerate(v):
-            ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=6,
-                    color="black" if center is not None or x > mean else "white")
+            ax.text(
+                j,
+                i,
+                f"{x:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="black" if center is not None or x > mean else "white",
+            )
     fig.colorbar(im, ax=ax, label=label or "", shrink=0.8)
     ax.set_title(wrap_title(title, 0.8 * w, 8), fontsize=8)
     fig.savefig(path, bbox_inches="tight")
@@ -73,9 +102,19 @@ def head_grid(df: pd.DataFrame, value: str) -> np.ndarray:
     return df.pivot_table(index="layer", columns="head", values=value, aggfunc="mean").sort_index().to_numpy()
 
 
-def line_plot(df: pd.DataFrame, x: str, y: str, path: Path, hue: str | None = None, title: str = "",
-              ylabel: str | None = None, band: tuple[str, str] | None = None, xlabel: str | None = None,
-              vline: float | None = None, vline_label: str | None = None) -> Path:
+def line_plot(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    path: Path,
+    hue: str | None = None,
+    title: str = "",
+    ylabel: str | None = None,
+    band: tuple[str, str] | None = None,
+    xlabel: str | None = None,
+    vline: float | None = None,
+    vline_label: str | None = None,
+) -> Path:
     """One line per ``hue`` value of ``y`` against ``x``, with optional CI band columns and a marker line."""
     fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
     groups = df.groupby(hue, sort=False) if hue else [("", df)]

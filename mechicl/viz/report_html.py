@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import circuitsvis as cv
 import pandas as pd
@@ -58,7 +59,7 @@ class Note:
     pointer: bool = False
 
 
-Block = Union[Figure, Table, View, Note]
+Block = Figure | Table | View | Note
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,10 @@ def table_html(df: pd.DataFrame, digits: int = 3) -> str:
 def _block(b: Block) -> str:
     cap = html.escape(getattr(b, "caption", ""))
     if isinstance(b, Figure):
-        return (f'<figure><img alt="{html.escape(Path(b.path).name)}" src="{png_data_uri(b.path)}">'
-                f"<figcaption>{cap}</figcaption></figure>")
+        return (
+            f'<figure><img alt="{html.escape(Path(b.path).name)}" src="{png_data_uri(b.path)}">'
+            f"<figcaption>{cap}</figcaption></figure>"
+        )
     if isinstance(b, Table):
         return f'<div class="table">{table_html(b.df, b.digits)}<p class="caption">{cap}</p></div>'
     if isinstance(b, View):
@@ -99,17 +102,21 @@ def render_report(title: str, intro: Sequence[str], sections: Sequence[Section],
     for i, s in enumerate(sections, 1):
         body.append(f'<h2 id="{s.anchor}">{i}. {html.escape(s.title)}</h2>')
         body += [_block(b) for b in s.blocks]
-    path.write_text(f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-                    f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n",
-                    encoding="utf-8")
+    path.write_text(
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n",
+        encoding="utf-8",
+    )
     return path
 
 
-def attention_view(batch: PromptBatch, row: int, tokenizer: Any, patterns: Float[Tensor, "head query key"],
-                   head_names: Sequence[str]) -> str:
+def attention_view(
+    batch: PromptBatch, row: int, tokenizer: Any, patterns: Float[Tensor, "head query key"], head_names: Sequence[str]
+) -> str:
     """circuitsvis ``attention_heads`` of one context with the prompt's marks ([L], [Q], « ») as inline HTML."""
     names = token_names(batch, row, tokenizer)
     n = len(names)
-    view = cv.attention.attention_heads(attention=patterns[:, :n, :n].float().numpy(), tokens=names,
-                                        attention_head_names=list(head_names))
+    view = cv.attention.attention_heads(
+        attention=patterns[:, :n, :n].float().numpy(), tokens=names, attention_head_names=list(head_names)
+    )
     return f"<p>{html.escape(LEGEND)}</p>\n{view.local_src}"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -25,8 +25,18 @@ def _finish(fig: plt.Figure, ax: plt.Axes, path: Path, title: str, xlabel: str, 
     return path
 
 
-def scatter(df: pd.DataFrame, x: str, y: str, path: Path, label: str | None = None, n_labels: int = 8,
-            title: str = "", xlabel: str | None = None, ylabel: str | None = None, diagonal: bool = False) -> Path:
+def scatter(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    path: Path,
+    label: str | None = None,
+    n_labels: int = 8,
+    title: str = "",
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    diagonal: bool = False,
+) -> Path:
     """``y`` against ``x``, one dot per row; the ``n_labels`` rows farthest from the origin carry ``df[label]``.
     ``diagonal`` draws y = x (e.g. an estimate against its exact value)."""
     fig, ax = plt.subplots(figsize=(5.6, 4.2), dpi=120)
@@ -44,8 +54,15 @@ def scatter(df: pd.DataFrame, x: str, y: str, path: Path, label: str | None = No
     return _finish(fig, ax, path, title, xlabel or x, ylabel or y)
 
 
-def histogram(values: Sequence[float], path: Path, marks: Sequence[tuple[str, float]] = (),
-              band: tuple[float, float] | None = None, title: str = "", xlabel: str = "", bins: int = 30) -> Path:
+def histogram(
+    values: Sequence[float],
+    path: Path,
+    marks: Sequence[tuple[str, float]] = (),
+    band: tuple[float, float] | None = None,
+    title: str = "",
+    xlabel: str = "",
+    bins: int = 30,
+) -> Path:
     """Histogram of ``values`` (e.g. a random control) with vertical lines at ``marks`` (name, value) and a
     shaded ``band`` (e.g. the marked value's confidence interval)."""
     fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mechicl.data.optimal_reader import WORDS, bayes_curve, bayes_point, posterior, predictive
-from mechicl.data.organism import ARBITRARY_IDS, LanguageConfig, SENTIMENT_IDS, sample_sequences
+from mechicl.data.organism import ARBITRARY_IDS, SENTIMENT_IDS, LanguageConfig, sample_sequences
 
 CFG = LanguageConfig()  # the strong organism's language: 0.679 / 0.021 / 0.3, noise 0.1
 WORD_IDS = np.concatenate([SENTIMENT_IDS, ARBITRARY_IDS])  # token id of WORDS[i]

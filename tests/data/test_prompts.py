@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from mechicl.data.conditions import LabelCondition, parse_conditions
 from mechicl.data.prompts import BOS, INPUT, LABEL, PAD, build_prompt_batch, sample_contexts
-from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
 from mechicl.data.task import Task, Template
 from mechicl.data.words import TOY_WORDS
+from mechicl.errors import ContextOverflowError, LabelTokenError, PromptError
 from tests import helpers
 
 TEMPLATE_WORDS = ["input", "review", "sentence", "text", "answer", "the", "is", "label", "class", "output"]
@@ -30,16 +30,29 @@ def task_and_template(draw):
     a, b = draw(st.sampled_from(TEMPLATE_WORDS)), draw(st.sampled_from(TEMPLATE_WORDS))
     p1, p2 = draw(st.sampled_from(PUNCT)), draw(st.sampled_from(PUNCT))
     mid = draw(st.sampled_from(["\n", " ", "\n\n"]))
-    tpl = Template(f"{a}{p1} {{input}}{mid}{b}{p2} {{label}}", draw(st.sampled_from(SEPS)), draw(st.sampled_from(["", "the following :\n"])))
+    tpl = Template(
+        f"{a}{p1} {{input}}{mid}{b}{p2} {{label}}",
+        draw(st.sampled_from(SEPS)),
+        draw(st.sampled_from(["", "the following :\n"])),
+    )
     return Task("prop", texts, labels, tuple(words), tpl), n_classes
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(task_and_template(), st.sampled_from(["default", "random", "flipped", "arbitrary"]), st.integers(1, 6), st.integers(0, 10_000))
+@given(
+    task_and_template(),
+    st.sampled_from(["default", "random", "flipped", "arbitrary"]),
+    st.integers(1, 6),
+    st.integers(0, 10_000),
+)
 def test_positions_properties(tiny, tt, kind, n_examples, seed):
     task, n_classes = tt
     n_examples = min(n_examples, len(task))
-    cond = LabelCondition("arbitrary", tuple(["a", "b", "c", "d"][:n_classes])) if kind == "arbitrary" else LabelCondition(kind)
+    cond = (
+        LabelCondition("arbitrary", tuple(["a", "b", "c", "d"][:n_classes]))
+        if kind == "arbitrary"
+        else LabelCondition(kind)
+    )
     ids = sample_contexts(task, 3, n_examples, seed=seed)
     b = build_prompt_batch(task, tiny.tokenizer, ids, cond, n_ctx=tiny.n_ctx, prepend_bos=True, seed=seed)
     rows = torch.arange(b.n_contexts)[:, None]
@@ -80,7 +93,10 @@ def test_random_labels_keep_marginal(tiny):
 
 def test_conditions_share_inputs(tiny, toy):
     ids = sample_contexts(toy, 5, 6, seed=3)
-    bs = [build_prompt_batch(toy, tiny.tokenizer, ids, c, n_ctx=tiny.n_ctx, prepend_bos=True) for c in ("default", "flipped")]
+    bs = [
+        build_prompt_batch(toy, tiny.tokenizer, ids, c, n_ctx=tiny.n_ctx, prepend_bos=True)
+        for c in ("default", "flipped")
+    ]
     assert torch.equal(bs[0].input_spans, bs[1].input_spans)
     assert torch.equal(bs[0].label_pos, bs[1].label_pos)
     differ = bs[0].tokens != bs[1].tokens
@@ -140,12 +156,16 @@ def test_select_trims_padding(tiny, toy):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(2, 5), st.sampled_from(["default", "flipped"]), st.integers(0, 9), st.booleans(), st.integers(0, 999))
+@given(
+    st.integers(2, 5), st.sampled_from(["default", "flipped"]), st.integers(0, 9), st.booleans(), st.integers(0, 999)
+)
 def test_mid_context_switch_follows_its_definition(tiny, n_classes, first, at, alternate, seed):
     task = helpers.toy_task(n_classes=n_classes, n=60)
     then = "flipped" if first == "default" else "default"
     cond = LabelCondition.parse(f"{first}>{then}@{'alt' if alternate else at}")
-    b = build_prompt_batch(task, tiny.tokenizer, sample_contexts(task, 3, 8, seed=seed), cond, n_ctx=512, prepend_bos=True)
+    b = build_prompt_batch(
+        task, tiny.tokenizer, sample_contexts(task, 3, 8, seed=seed), cond, n_ctx=512, prepend_bos=True
+    )
     flip = (b.true_labels + 1) % n_classes
     for i in range(8):
         kind = (first if i % 2 == 0 else then) if alternate else (first if i < at else then)

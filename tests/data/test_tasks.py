@@ -144,7 +144,9 @@ def _a10_b4(tmp_path):
 
 def test_file_tasks_are_balanced_with_a_warning(tmp_path):
     path = _a10_b4(tmp_path)
-    with pytest.warns(TaskWarning, match=r"balanced to 4 rows each \(seed 3\): kept 8 of 14 rows \(counts were a: 10, b: 4\)"):
+    with pytest.warns(
+        TaskWarning, match=r"balanced to 4 rows each \(seed 3\): kept 8 of 14 rows \(counts were a: 10, b: 4\)"
+    ):
         t = load_task(path, seed=3)
     assert t.class_counts() == [4, 4] and len(t) == 8
     assert [x for x, y in zip(t.texts, t.labels) if y == 1] == ["w10", "w11", "w12", "w13"]  # the small class whole

@@ -15,20 +15,23 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mechicl.analysis.inside.dla import direct_logits
 from mechicl.analysis.engine.hooks import run_to_final
-from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.engine.readout import label_logits
+from mechicl.analysis.inside.dla import direct_logits
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
-from mechicl.models.device import release_host_memory
 from mechicl.data.words import VOCAB, tiny_tokenizer
 from mechicl.errors import ConfigError
 from mechicl.models import device as dev
+from mechicl.models.device import release_host_memory
 from mechicl.models.loading import load_model
 from tests import helpers
 
-TOL = {"bfloat16": (0.1, 5e-3, 0.06), "float16": (0.02, 1e-3, 0.015)}  # (label logits, normalised sweep, DLA), ~3x measured
+TOL = {
+    "bfloat16": (0.1, 5e-3, 0.06),
+    "float16": (0.02, 1e-3, 0.015),
+}  # (label logits, normalised sweep, DLA), ~3x measured
 
 
 # ------------------------------------------------------------ names and errors ---
@@ -119,7 +122,10 @@ def test_half_precision_agrees_with_float32(organism_f32, dtype):
     for kind in ("head_out", "head_out_readout"):
         x, y = Patcher(ref.model, pair).sweep(kind).values, Patcher(half.model, pair).sweep(kind).values
         assert (x - y).abs().max() <= tol_sweep, kind
-    dla_ref, dla_half = direct_logits(ref.model, pair.clean, progress=False), direct_logits(half.model, pair.clean, progress=False)
+    dla_ref, dla_half = (
+        direct_logits(ref.model, pair.clean, progress=False),
+        direct_logits(half.model, pair.clean, progress=False),
+    )
     assert (dla_ref.contrib - dla_half.contrib).abs().max() <= tol_dla  # its sums are checked at 2 eps of the dtype
 
 
@@ -129,9 +135,18 @@ def test_half_precision_agrees_with_float32(organism_f32, dtype):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A random 2-layer Llama (GQA, rotary) saved with the tiny tokenizer, as load_model reads a local HF model."""
-    cfg = LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hf = LlamaForCausalLM(cfg)
@@ -158,13 +173,23 @@ def test_hf_model_built_in_bfloat16_keeps_float32_rotary(llama_dir):
 def test_device_map_split_equals_one_device(llama_dir):
     """An accelerate split (layer 1 offloaded to disk: accelerate's hooks run every module) gives the same numbers."""
     path, ref, pair = llama_dir
-    split_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    split_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     split = load_model(str(path), device_map=split_map)
     assert split.is_split and split.device_map == split_map and split.device == "cpu"
-    assert torch.equal(label_logits(split.model, pair.clean, progress=False), label_logits(ref.model, pair.clean, progress=False))
+    assert torch.equal(
+        label_logits(split.model, pair.clean, progress=False), label_logits(ref.model, pair.clean, progress=False)
+    )
     for kind in ("head_out", "head_out_readout"):
-        assert torch.equal(Patcher(split.model, pair).sweep(kind).values, Patcher(ref.model, pair).sweep(kind).values), kind
+        assert torch.equal(
+            Patcher(split.model, pair).sweep(kind).values, Patcher(ref.model, pair).sweep(kind).values
+        ), kind
     with pytest.raises(ConfigError, match="offloads the unembedding"):
         load_model(str(path), device_map={**split_map, "model.layers.1": "cpu", "lm_head": "disk"})
 

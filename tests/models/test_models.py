@@ -5,8 +5,7 @@ import time
 import pytest
 
 from mechicl.data.fetch import pip_download, verify_sha256
-from mechicl.errors import ResourceUnavailable
-from mechicl.errors import ModelUnavailable, UnknownModel
+from mechicl.errors import ModelUnavailable, ResourceUnavailable, UnknownModel
 from mechicl.models.loading import load_model
 
 

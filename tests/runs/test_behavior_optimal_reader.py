@@ -24,8 +24,23 @@ def _hand_accuracy(condition: str, k: int, p: tuple[float, float, float], eps: f
 
 def test_behavior_on_an_organism_writes_the_bayes_curve_and_distance(tmp_path, capsys):
     out = tmp_path / "b"
-    args = ["behavior", "--model", str(checkpoint_path("organism-strong")), "--task", "organism", "--conditions",
-            "default,flipped,arbitrary:a/b,random", "--k", "4", "--n-contexts", "8", "--threads", "1", "--out", str(out)]
+    args = [
+        "behavior",
+        "--model",
+        str(checkpoint_path("organism-strong")),
+        "--task",
+        "organism",
+        "--conditions",
+        "default,flipped,arbitrary:a/b,random",
+        "--k",
+        "4",
+        "--n-contexts",
+        "8",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     capsys.readouterr()
     bayes, summary = pd.read_csv(out / "bayes.csv"), pd.read_csv(out / "summary.csv")
@@ -47,8 +62,26 @@ def test_behavior_on_an_organism_writes_the_bayes_curve_and_distance(tmp_path, c
 
 def test_no_bayes_curve_for_models_without_a_known_language(tmp_path, capsys):
     out = tmp_path / "t"
-    assert main(["behavior", "--model", "tiny", "--task", "toy", "--k", "2", "--n-contexts", "2", "--threads", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "behavior",
+                "--model",
+                "tiny",
+                "--task",
+                "toy",
+                "--k",
+                "2",
+                "--n-contexts",
+                "2",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert not (out / "bayes.csv").exists() and (out / "accuracy.png").exists()
     assert organism_config("tiny") is None and organism_config("organism-strong") is not None

@@ -9,14 +9,23 @@ import pandas as pd
 from mechicl.cli import main
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
-from mechicl.runs.circuit import CircuitConfig, significant_edges, run_circuit
+from mechicl.runs.circuit import CircuitConfig, run_circuit, significant_edges
 
 
 def test_circuit_run_writes_every_table_and_figure(tmp_path):
     cfg = CircuitConfig("organism-strong", "organism", n_examples=6, n_select=4, n_eval=6, positions=("label",))
     folder, text = run_circuit(load_model("organism-strong"), load_task("organism"), cfg, tmp_path)
-    for name in ("selection.csv", "resid_sets.csv", "head_parts.csv", "paths.csv", "circuit_label_frozen.png",
-                 "circuit_label_frozen.svg", "circuit_label_recomputed.svg", "paths_label_frozen_v.png", "summary.md"):
+    for name in (
+        "selection.csv",
+        "resid_sets.csv",
+        "head_parts.csv",
+        "paths.csv",
+        "circuit_label_frozen.png",
+        "circuit_label_frozen.svg",
+        "circuit_label_recomputed.svg",
+        "paths_label_frozen_v.png",
+        "summary.md",
+    ):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "config.json").read_text())["seed_eval"] != cfg.seed_select
     paths = pd.read_csv(tmp_path / "paths.csv")
@@ -28,9 +37,39 @@ def test_circuit_run_writes_every_table_and_figure(tmp_path):
 
 
 def test_cli_refuses_selection_on_the_evaluation_draw(tmp_path, capsys):
-    assert main(["circuit", "--model", "organism-strong", "--task", "organism", "--seed", "3", "--seed-eval", "3",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "circuit",
+                "--model",
+                "organism-strong",
+                "--task",
+                "organism",
+                "--seed",
+                "3",
+                "--seed-eval",
+                "3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "seed-eval" in capsys.readouterr().err
-    assert main(["circuit", "--model", "organism-strong", "--task", "organism", "--positions", "labels",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "circuit",
+                "--model",
+                "organism-strong",
+                "--task",
+                "organism",
+                "--positions",
+                "labels",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "--positions" in capsys.readouterr().err

@@ -10,10 +10,33 @@ from mechicl.cli import main
 
 def test_behavior_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["behavior", "--model", "tiny", "--task", "toy", "--k", "3", "--n-contexts", "4",
-               "--conditions", "default,random,flipped", "--out", str(out)])
+    rc = main(
+        [
+            "behavior",
+            "--model",
+            "tiny",
+            "--task",
+            "toy",
+            "--k",
+            "3",
+            "--n-contexts",
+            "4",
+            "--conditions",
+            "default,random,flipped",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
-    for name in ["raw.csv", "summary.csv", "summary.md", "config.json", "accuracy.png", "log_likelihood.png", "entropy.png"]:
+    for name in [
+        "raw.csv",
+        "summary.csv",
+        "summary.md",
+        "config.json",
+        "accuracy.png",
+        "log_likelihood.png",
+        "entropy.png",
+    ]:
         assert (out / name).stat().st_size > 0, name
     s = pd.read_csv(out / "summary.csv")
     assert set(s.condition) == {"default", "random", "flipped"} and s.k.max() == 3
@@ -40,22 +63,70 @@ def test_template_and_label_names_reach_the_prompts_and_config(tmp_path, capsys)
     """--template (with \\n escapes) replaces a built-in task's template, --label-names renames its classes; config.json
     records what ran."""
     out = tmp_path / "run"
-    assert main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "head_out", "--n-contexts", "2", "--k", "3",
-                 "--template", "Review: {input}\\nSentiment: {label}", "--label-names", "bad,good", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "patch",
+                "--model",
+                "tiny",
+                "--task",
+                "toy",
+                "--kinds",
+                "head_out",
+                "--n-contexts",
+                "2",
+                "--k",
+                "3",
+                "--template",
+                "Review: {input}\\nSentiment: {label}",
+                "--label-names",
+                "bad,good",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ran = json.loads((out / "config.json").read_text())["ran"]
     assert ran["template"]["example"] == "Review: {input}\nSentiment: {label}" and ran["label_names"] == ["bad", "good"]
     assert ran["model"] == "tiny" and ran["task"] == "toy"
     with pytest.raises(SystemExit) as e:  # a bad flag value stops in argparse, exit 2, before anything loads
         main(["patch", "--model", "tiny", "--task", "toy", "--template", "{label} {input}"])
     assert e.value.code == 2 and "must contain '{input}' and end with '{label}'" in capsys.readouterr().err
-    assert main(["patch", "--model", "tiny", "--task", "toy", "--label-names", "a,b,c", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["patch", "--model", "tiny", "--task", "toy", "--label-names", "a,b,c", "--out", str(tmp_path / "x")]) == 2
+    )
     assert "task toy has 2 classes" in capsys.readouterr().err
 
 
 def test_heads_prints_a_verdict_and_one_column_scheme(tmp_path, capsys):
     out = tmp_path / "heads"
-    assert main(["heads", "--model", "tiny", "--task", "toy", "--k", "3", "--n-screen", "2", "--n-eval", "4",
-                 "--candidates", "12", "--set-sizes", "1", "--n-control", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "heads",
+                "--model",
+                "tiny",
+                "--task",
+                "toy",
+                "--k",
+                "3",
+                "--n-screen",
+                "2",
+                "--n-eval",
+                "4",
+                "--candidates",
+                "12",
+                "--set-sizes",
+                "1",
+                "--n-control",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed, err = capsys.readouterr()
     assert "--candidates 12: tiny has 8 heads; confirming all 8" in err  # more than the model has: all of them
     verdict = [line for line in printed.splitlines() if line.startswith("Verdict: ")]
@@ -75,8 +146,28 @@ def test_file_task_with_integer_labels(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"w{i} w{i + 1},{i % 2}\n" for i in range(20)))
     out = tmp_path / "run"
-    assert main(["behavior", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive",
-                 "--k", "2", "--n-contexts", "3", "--conditions", "default,flipped", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "behavior",
+                "--model",
+                "tiny",
+                "--task",
+                str(data),
+                "--label-names",
+                "negative,positive",
+                "--k",
+                "2",
+                "--n-contexts",
+                "3",
+                "--conditions",
+                "default,flipped",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "summary.csv").exists()
 
 
@@ -85,15 +176,58 @@ def test_file_tasks_are_balanced_unless_no_balance(tmp_path, capsys):
     data.write_text("text,label\n" + "".join(f"w{i} w{i + 1},{int(i % 4 == 0)}\n" for i in range(24)))  # 18 vs 6 rows
     for extra, rows in (([], 12), (["--no-balance"], 24)):
         out = tmp_path / f"run{len(extra)}"
-        assert main(["patch", "--model", "tiny", "--task", str(data), "--label-names", "negative,positive", "--kinds",
-                     "head_out", "--n-contexts", "2", "--k", "3", "--out", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "patch",
+                    "--model",
+                    "tiny",
+                    "--task",
+                    str(data),
+                    "--label-names",
+                    "negative,positive",
+                    "--kinds",
+                    "head_out",
+                    "--n-contexts",
+                    "2",
+                    "--k",
+                    "3",
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         assert json.loads((out / "config.json").read_text())["ran"]["task_rows"] == rows
 
 
 def test_device_and_dtype_flags_load_the_model_that_way_and_are_recorded(tmp_path, capsys):
     out = tmp_path / "bf16"
-    assert main(["behavior", "--model", "organism-strong", "--task", "organism", "--conditions", "default", "--k", "2",
-                     "--n-contexts", "2", "--device", "cpu", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "behavior",
+                "--model",
+                "organism-strong",
+                "--task",
+                "organism",
+                "--conditions",
+                "default",
+                "--k",
+                "2",
+                "--n-contexts",
+                "2",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ran = json.loads((out / "config.json").read_text())["ran"]
     assert (ran["device"], ran["dtype"]) == ("cpu", "bfloat16")
     assert "cpu, bfloat16" in capsys.readouterr().out

@@ -16,9 +16,14 @@ CURVE = {"demo", "behavior", "run"}  # --k is the largest k of a curve there
 NO_K = {"report"}  # sizes come from --quick / --full presets
 NO_BATCH = {"circuit"}  # CircuitConfig has no batch knob (its sweeps run every context at once)
 SAME_EVERYWHERE = {  # flag -> (dest, default)
-    "--label-names": ("label_names", None), "--template": ("template", None), "--multi-token": ("multi_token", False),
+    "--label-names": ("label_names", None),
+    "--template": ("template", None),
+    "--multi-token": ("multi_token", False),
     "--no-balance": ("no_balance", False),
-    "--seed": ("seed", 0), "--threads": ("threads", None), "--out": ("out", None), "--overwrite": ("overwrite", False),
+    "--seed": ("seed", 0),
+    "--threads": ("threads", None),
+    "--out": ("out", None),
+    "--overwrite": ("overwrite", False),
 }
 
 
@@ -48,8 +53,22 @@ def _default_in_help(action: argparse.Action) -> str:
 
 
 def test_the_walk_finds_the_commands():
-    assert {"demo", "behavior", "run", "attention", "lens", "dla", "patch", "heads", "attribute", "circuit",
-            "report", "organism train", "models", "tasks"} <= set(COMMANDS)
+    assert {
+        "demo",
+        "behavior",
+        "run",
+        "attention",
+        "lens",
+        "dla",
+        "patch",
+        "heads",
+        "attribute",
+        "circuit",
+        "report",
+        "organism train",
+        "models",
+        "tasks",
+    } <= set(COMMANDS)
     assert set(TASK_COMMANDS) >= {"demo", "behavior", "run", "attention", "patch", "heads", "circuit", "report"}
 
 
@@ -60,7 +79,9 @@ def test_task_commands_share_the_task_and_run_flags(name):
     for flag, (dest, default) in SAME_EVERYWHERE.items():
         action = _flag(p, flag)
         if flag == "--multi-token":
-            assert (action is not None) == (name in MULTI_TOKEN), f"{name}: --multi-token only where labels are sequences"
+            assert (action is not None) == (name in MULTI_TOKEN), (
+                f"{name}: --multi-token only where labels are sequences"
+            )
             if action is None:
                 continue
             assert action.help == _flag(COMMANDS["behavior"], flag).help
@@ -99,13 +120,16 @@ def test_batch_size_means_rows_per_forward_everywhere(name):
     assert old is not None and old.dest == "batch_size" and old.help == argparse.SUPPRESS
 
 
-@pytest.mark.parametrize("old, new, expect", [
-    (["patch", "--n-examples", "8"], "--k 7", ("k", 7)),
-    (["heads", "--n-examples", "17"], "--k 16", ("k", 16)),
-    (["attention", "--n-examples", "16"], "--k 15", ("k", 15)),
-    (["behavior", "--k-max", "12"], "--k 12", ("k", 12)),
-    (["attribute", "--max-rows", "9"], "--batch-size 9", ("batch_size", 9)),
-])
+@pytest.mark.parametrize(
+    "old, new, expect",
+    [
+        (["patch", "--n-examples", "8"], "--k 7", ("k", 7)),
+        (["heads", "--n-examples", "17"], "--k 16", ("k", 16)),
+        (["attention", "--n-examples", "16"], "--k 15", ("k", 15)),
+        (["behavior", "--k-max", "12"], "--k 12", ("k", 12)),
+        (["attribute", "--max-rows", "9"], "--batch-size 9", ("batch_size", 9)),
+    ],
+)
 def test_old_flags_work_with_a_deprecation_message(old, new, expect, capsys):
     args = build_parser().parse_args(old)
     assert getattr(args, expect[0]) == expect[1]

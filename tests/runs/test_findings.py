@@ -12,8 +12,19 @@ from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs import findings as F
 
-CFG = FindingsConfig(k=8, k_min=4, n_screen=4, n_confirm=4, n_validate=8, n_candidates=3, n_top=2, n_control=2,
-                     n_resample=1, n_boot=200, n_perm=200)
+CFG = FindingsConfig(
+    k=8,
+    k_min=4,
+    n_screen=4,
+    n_confirm=4,
+    n_validate=8,
+    n_candidates=3,
+    n_top=2,
+    n_control=2,
+    n_resample=1,
+    n_boot=200,
+    n_perm=200,
+)
 SPEC = F.GridSpec(models=("organism-strong",), tasks=("organism",), seeds=(0, 1), config=CFG)
 QUIET = dict(progress=False, say=lambda s: None)
 
@@ -24,7 +35,12 @@ def test_grid_writes_cells_and_summary_then_skips_finished_cells(tmp_path, monke
     cell = tmp_path / "cells" / SPEC.cells()[0].slug
     meta = json.loads((cell / "cell.json").read_text())
     assert meta["seed"] == 0 and meta["stage_seeds"] == {"screen": 0, "confirm": 1, "validate": 2}
-    assert {p.name for p in cell.iterdir()} >= {"cell.json", "manifest.json", "summary.md", *(f"{t}.csv" for t in F.TABLES)}
+    assert {p.name for p in cell.iterdir()} >= {
+        "cell.json",
+        "manifest.json",
+        "summary.md",
+        *(f"{t}.csv" for t in F.TABLES),
+    }
     assert len(rep.cells) == 2 and (tmp_path / "summary" / "summary.md").is_file()
     assert (tmp_path / "summary" / "effects_organism-strong.png").is_file()
     before = pd.read_csv(cell / "validate.csv")
@@ -51,15 +67,19 @@ def test_a_killed_grid_resumes_with_the_missing_cell_only(tmp_path, monkeypatch)
     assert not list((tmp_path / "cells").glob(f"{SPEC.cells()[1].slug}*"))  # nothing half-written
 
     ran = []
-    monkeypatch.setattr(F, "run_cell", lambda loaded, cell, *a, **k: (ran.append(cell.seed), real(loaded, cell, *a, **k))[1])
+    monkeypatch.setattr(
+        F, "run_cell", lambda loaded, cell, *a, **k: (ran.append(cell.seed), real(loaded, cell, *a, **k))[1]
+    )
     F.run_grid(SPEC, tmp_path, **QUIET)
     assert ran == [1] and F.finished(tmp_path) == {c.slug for c in SPEC.cells()}
 
 
 def test_grid_config_from_toml_with_overrides_and_clear_errors(tmp_path):
     p = tmp_path / "g.toml"
-    p.write_text('models = ["gemma3-270m"]\ntasks = ["vader-words", "vega-cars"]\nseeds = [0, 1, 2]\n[config]\nk = 12\n'
-                 '[task_config.vega-cars]\nk = 6\nk_min = 2\n')
+    p.write_text(
+        'models = ["gemma3-270m"]\ntasks = ["vader-words", "vega-cars"]\nseeds = [0, 1, 2]\n[config]\nk = 12\n'
+        "[task_config.vega-cars]\nk = 6\nk_min = 2\n"
+    )
     spec = F.load_grid(p, seeds=(5,), n_top=2)
     assert spec.models == ("gemma3-270m",) and spec.seeds == (5,) and spec.config.k == 12 and spec.config.n_top == 2
     assert len(spec.cells()) == 2
@@ -77,18 +97,61 @@ def test_cell_slugs_are_unique_and_path_safe():
 
 
 def test_cli_runs_a_grid_resumes_and_summarises(tmp_path, capsys):
-    argv = ["findings", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0", "--k", "8", "--k-min", "4",
-            "--n-screen", "4", "--n-confirm", "4", "--n-validate", "8", "--n-candidates", "3", "--n-top", "2",
-            "--n-control", "2", "--n-resample", "1", "--out", str(tmp_path / "grid")]
+    argv = [
+        "findings",
+        "--models",
+        "organism-strong",
+        "--tasks",
+        "organism",
+        "--seeds",
+        "0",
+        "--k",
+        "8",
+        "--k-min",
+        "4",
+        "--n-screen",
+        "4",
+        "--n-confirm",
+        "4",
+        "--n-validate",
+        "8",
+        "--n-candidates",
+        "3",
+        "--n-top",
+        "2",
+        "--n-control",
+        "2",
+        "--n-resample",
+        "1",
+        "--out",
+        str(tmp_path / "grid"),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "# Findings grid" in out and "## Head-level findings" in out and "Halawi" in out
     assert main(argv) == 0
     assert "1 already finished, 0 to run" in capsys.readouterr().out
-    cfg = json.loads((tmp_path / "grid" / "cells" / "organism-strong__organism__seed0" / "cell.json").read_text())["config"]
+    cfg = json.loads((tmp_path / "grid" / "cells" / "organism-strong__organism__seed0" / "cell.json").read_text())[
+        "config"
+    ]
     assert (cfg["k"], cfg["k_min"], cfg["n_top"], cfg["seed"]) == (8, 4, 2, 0)
-    assert main(["findings", "--summarise-only", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0",
-                 "--out", str(tmp_path / "grid")]) == 0
+    assert (
+        main(
+            [
+                "findings",
+                "--summarise-only",
+                "--models",
+                "organism-strong",
+                "--tasks",
+                "organism",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "grid"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_a_finished_cell_run_with_another_config_is_not_silently_reused(tmp_path):

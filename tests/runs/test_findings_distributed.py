@@ -12,8 +12,11 @@ from tests.runs.test_findings import QUIET, SPEC
 
 
 def _tables(out):
-    return {(slug, t): pd.read_csv(out / "cells" / slug / f"{t}.csv") for slug in sorted(F.finished(out))
-            for t in ("screen", "confirm", "validate", "sets")}
+    return {
+        (slug, t): pd.read_csv(out / "cells" / slug / f"{t}.csv")
+        for slug in sorted(F.finished(out))
+        for t in ("screen", "confirm", "validate", "sets")
+    }
 
 
 @pytest.fixture(scope="module")

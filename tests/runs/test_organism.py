@@ -10,10 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl.models.loading import known_models, load_model
-from mechicl.models.organism import CHECKPOINT_DIR, checkpoint_path, organism_config
-from mechicl.models.registry import ORGANISMS
-from mechicl.runs.organism import measure_curves, train
+from mechicl.analysis.heads.old_finder import HeadFinderConfig
 from mechicl.data.organism import (
     ARBITRARY_IDS,
     FEATURE_WORDS,
@@ -24,11 +21,22 @@ from mechicl.data.organism import (
     organism_tokenizer,
     sample_sequences,
 )
-from mechicl.analysis.heads.old_finder import HeadFinderConfig
-from mechicl.runs.heads import find_heads_for
-from mechicl.models.organism import OrganismConfig, live_heads, load_checkpoint, save_checkpoint, weights_sha256
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from mechicl.data.tasks import known_tasks, load_task
+from mechicl.models.loading import known_models, load_model
+from mechicl.models.organism import (
+    CHECKPOINT_DIR,
+    OrganismConfig,
+    checkpoint_path,
+    live_heads,
+    load_checkpoint,
+    organism_config,
+    save_checkpoint,
+    weights_sha256,
+)
+from mechicl.models.registry import ORGANISMS
+from mechicl.runs.heads import find_heads_for
+from mechicl.runs.organism import measure_curves, train
 
 TINY_RECIPE = dict(steps=3, batch=4, warmup=1, prune_steps=2)
 
@@ -110,7 +118,9 @@ def test_checkpoint_round_trip(tmp_path):
     path = save_checkpoint(res.model, cfg, tmp_path / "o.safetensors")
     loaded = load_model(str(path))
     assert len(res.kept_heads) == 1 and live_heads(loaded.model, cfg.n_layers - 1) == list(res.kept_heads)
-    assert loaded.prepend_bos and loaded.n_ctx == cfg.n_ctx and weights_sha256(loaded.model) == weights_sha256(res.model)
+    assert (
+        loaded.prepend_bos and loaded.n_ctx == cfg.n_ctx and weights_sha256(loaded.model) == weights_sha256(res.model)
+    )
     x = torch.randint(0, 50, (2, 20))
     assert torch.equal(loaded.model(x), res.model(x))
     with pytest.raises(Exception, match="not an organism checkpoint"):
@@ -147,7 +157,9 @@ def test_shipped_checkpoints_are_small_with_cards_that_match_the_weights(organis
         sha = re.search(r"weights sha256: `([0-9a-f]{64})`", card).group(1)
         assert sha == weights_sha256(loaded.model), f"{name}: the model card describes other weights"
         assert "| flipped |" in card and "| default |" in card
-    assert sorted(p.name for p in CHECKPOINT_DIR.glob("*.safetensors")) == sorted(f"{s}.safetensors" for s in ORGANISMS.values())
+    assert sorted(p.name for p in CHECKPOINT_DIR.glob("*.safetensors")) == sorted(
+        f"{s}.safetensors" for s in ORGANISMS.values()
+    )
 
 
 def test_strong_prior_knows_the_default_labels_zero_shot(curves):
@@ -182,8 +194,9 @@ def test_heads_finds_the_planted_label_reading_head(organisms):
     flipped-label ICL, far above every other head ablated alone, and leaves zero-shot accuracy intact.
     It must be the head training kept in the last layer (read from the weights, not hard-coded)."""
     loaded = organisms["organism-strong"]
-    cfg = HeadFinderConfig("organism-strong", "organism", n_examples=17, n_screen=16, n_eval=64, n_candidates=8,
-                           set_sizes=(1,), seed=0)
+    cfg = HeadFinderConfig(
+        "organism-strong", "organism", n_examples=17, n_screen=16, n_eval=64, n_candidates=8, set_sizes=(1,), seed=0
+    )
     res = find_heads_for(loaded, load_task("organism"), cfg, progress=False)
     assert res.baseline["gap"] > 0.5  # with 16 flipped demonstrations it mostly follows them
     best = res.heads.loc[res.heads.gap_reduction_mean.idxmax()]
@@ -228,11 +241,36 @@ def test_cli_trains_an_organism_and_behaviour_runs_on_a_shipped_one(tmp_path, ca
     from mechicl.cli import main
 
     out = tmp_path / "o.safetensors"
-    assert main(["organism", "train", "--prior-strength", "0.9", "--steps", "2", "--prune-steps", "2", "--out", str(out)]) == 0
-    assert out.exists() and "p_default" in out.with_suffix(".md").read_text() and "pruning stage" in out.with_suffix(".md").read_text()
+    assert (
+        main(["organism", "train", "--prior-strength", "0.9", "--steps", "2", "--prune-steps", "2", "--out", str(out)])
+        == 0
+    )
+    assert (
+        out.exists()
+        and "p_default" in out.with_suffix(".md").read_text()
+        and "pruning stage" in out.with_suffix(".md").read_text()
+    )
     assert main(["organism", "train", "--prior-strength", "2"]) == 2
     assert "prior_strength" in capsys.readouterr().err
     run = tmp_path / "beh"
-    assert main(["behavior", "--model", "organism-strong", "--task", "organism", "--k", "4", "--n-contexts", "8",
-                 "--conditions", "default,flipped", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "behavior",
+                "--model",
+                "organism-strong",
+                "--task",
+                "organism",
+                "--k",
+                "4",
+                "--n-contexts",
+                "8",
+                "--conditions",
+                "default,flipped",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert any(run.iterdir())

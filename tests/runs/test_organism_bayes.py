@@ -13,8 +13,15 @@ from mechicl.runs.organism import BAYES_HEADER, bayes_table, refresh_bayes_secti
 
 
 def test_bayes_table_puts_the_ideal_reader_beside_the_measurement():
-    acc = pd.DataFrame({"condition": ["flipped", "flipped"], "k": [1, 16], "mean": [0.4, 0.9], "ci_low": [0.3, 0.8],
-                        "ci_high": [0.5, 1.0]})
+    acc = pd.DataFrame(
+        {
+            "condition": ["flipped", "flipped"],
+            "k": [1, 16],
+            "mean": [0.4, 0.9],
+            "ci_low": [0.3, 0.8],
+            "ci_high": [0.5, 1.0],
+        }
+    )
     t = bayes_table(LanguageConfig(), acc)
     assert list(t["bayes_accuracy"]) == [0.0, 1.0]
     assert t["bayes_p"].iloc[1] == bayes_point(LanguageConfig(), "flipped", 16)[0]

@@ -17,25 +17,78 @@ ROOT = DOC.parents[1]
 COMMON = {"summary.md", "config.json", "manifest.json"}
 TINY = ["--model", "tiny", "--task", "toy", "--threads", "1"]
 RUNS = {
-    "behavior": ["behavior", *TINY, "--conditions", "default,flipped,default>flipped@2", "--k", "3", "--n-contexts", "4"],
-    "run": ["run", str(ROOT / "experiments" / "nh3_label_switch.toml"), "--model", "organism-strong", "--task", "organism",
-            "--n-contexts", "4",
-            "--threads", "1"],
+    "behavior": [
+        "behavior",
+        *TINY,
+        "--conditions",
+        "default,flipped,default>flipped@2",
+        "--k",
+        "3",
+        "--n-contexts",
+        "4",
+    ],
+    "run": [
+        "run",
+        str(ROOT / "experiments" / "nh3_label_switch.toml"),
+        "--model",
+        "organism-strong",
+        "--task",
+        "organism",
+        "--n-contexts",
+        "4",
+        "--threads",
+        "1",
+    ],
     "attention": ["attention", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
     "lens": ["lens", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
     "dla": ["dla", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
     "patch": ["patch", *TINY, "--kinds", "resid,head_out,head_v_label", "--n-contexts", "2", "--k", "3"],
-    "heads": ["heads", *TINY, "--k", "3", "--n-screen", "2", "--n-eval", "4", "--candidates", "3",
-              "--set-sizes", "1,2", "--n-control", "3"],
+    "heads": [
+        "heads",
+        *TINY,
+        "--k",
+        "3",
+        "--n-screen",
+        "2",
+        "--n-eval",
+        "4",
+        "--candidates",
+        "3",
+        "--set-sizes",
+        "1,2",
+        "--n-control",
+        "3",
+    ],
     "attribute": ["attribute", *TINY, "--n-contexts", "2", "--k", "3", "--steps", "3", "--completeness-steps", "1,3"],
     "circuit": ["circuit", *TINY, "--k", "3", "--n-select", "2", "--n-eval", "3"],
-    "aggregate": ["aggregate", "--model", "organism-strong", "--task", "organism", "--threads", "1", "--k", "4",
-                  "--n-select", "4", "--n-fit", "4", "--n-eval", "4", "--n-boot", "20", "--n-heads", "2"],
+    "aggregate": [
+        "aggregate",
+        "--model",
+        "organism-strong",
+        "--task",
+        "organism",
+        "--threads",
+        "1",
+        "--k",
+        "4",
+        "--n-select",
+        "4",
+        "--n-fit",
+        "4",
+        "--n-eval",
+        "4",
+        "--n-boot",
+        "20",
+        "--n-heads",
+        "2",
+    ],
     "report": ["report", *TINY, "--quick"],
 }
 NO_RUN_FOLDER = {"models", "tasks", "organism"}  # print to the terminal; organism train writes a checkpoint + card
 GRID = {"findings"}  # a grid folder (cells/ + summary/), checked by test_findings_files_and_columns_are_documented
-NOT_YET = {"findings"}  # a grid folder (cells/<cell>/..., summary/...): its section of docs/outputs.md is still to write
+NOT_YET = {
+    "findings"
+}  # a grid folder (cells/<cell>/..., summary/...): its section of docs/outputs.md is still to write
 SAME_AS = {"demo": "behavior"}  # documented together ("also `mechicl demo`"), same writer
 
 
@@ -48,8 +101,10 @@ def _sections() -> dict[str, str]:
 def _file_patterns(section: str) -> list[re.Pattern]:
     table = section.split("\n####")[0]
     names = [n for row in re.findall(r"^\| (.+?) \|", table, flags=re.M) for n in re.findall(r"`([^`]+)`", row)]
-    return [re.compile(re.sub(r"<[^>]+>", "[^/]+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">")) + "$")
-            for n in names]
+    return [
+        re.compile(re.sub(r"<[^>]+>", "[^/]+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">")) + "$")
+        for n in names
+    ]
 
 
 def _columns(section: str) -> dict[str, set[str]]:
@@ -98,16 +153,49 @@ def test_every_file_and_column_is_documented(command, tmp_path, capsys):
 
 def test_findings_files_and_columns_are_documented(tmp_path, capsys):
     out = tmp_path / "grid"
-    assert main(["findings", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0", "--k", "8", "--k-min", "4",
-                 "--n-screen", "4", "--n-confirm", "4", "--n-validate", "8", "--n-candidates", "3", "--n-top", "2",
-                 "--n-control", "2", "--n-resample", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "findings",
+                "--models",
+                "organism-strong",
+                "--tasks",
+                "organism",
+                "--seeds",
+                "0",
+                "--k",
+                "8",
+                "--k-min",
+                "4",
+                "--n-screen",
+                "4",
+                "--n-confirm",
+                "4",
+                "--n-validate",
+                "8",
+                "--n-candidates",
+                "3",
+                "--n-top",
+                "2",
+                "--n-control",
+                "2",
+                "--n-resample",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     section = _sections()["findings"]
     patterns, columns = _file_patterns(section), _columns(section)
     folders = [*(out / "cells").iterdir(), out / "summary"]
     for folder in folders:
         for f in sorted(p.name for p in folder.iterdir()):
-            assert f == "manifest.json" or any(p.match(f) for p in patterns), f"docs/outputs.md does not list {f} (findings)"
+            assert f == "manifest.json" or any(p.match(f) for p in patterns), (
+                f"docs/outputs.md does not list {f} (findings)"
+            )
             if f.endswith(".csv"):
                 undocumented = set(pd.read_csv(folder / f).columns) - columns.get(f, set())
                 assert not undocumented, f"docs/outputs.md: columns {sorted(undocumented)} of {f} are not described"

@@ -12,14 +12,25 @@ from mechicl.runs.folder import RunFolder
 
 def _result(kind: str, direction: str, axes: tuple[str, str], roles: tuple[str, ...] = ()) -> PatchResult:
     values = torch.tensor([[0.013, 0.9, 1.0], [0.5, 1.2, 0.99]])
-    return PatchResult(kind, direction, axes, values, values[..., None].repeat(1, 1, 2), torch.zeros(2), torch.zeros(2),
-                       pos_roles=roles)
+    return PatchResult(
+        kind,
+        direction,
+        axes,
+        values,
+        values[..., None].repeat(1, 1, 2),
+        torch.zeros(2),
+        torch.zeros(2),
+        pos_roles=roles,
+    )
 
 
 def test_heatmaps_show_effect_and_mark_the_query(tmp_path, monkeypatch):
     drawn = {}
     monkeypatch.setattr(patch, "heatmap", lambda v, path, title, **kw: drawn.__setitem__(path.name, (v, title, kw)))
-    results = [_result("head_out", "noise", ("layer", "head")), _result("resid", "denoise", ("layer", "pos"), ("bos",) * 3)]
+    results = [
+        _result("head_out", "noise", ("layer", "head")),
+        _result("resid", "denoise", ("layer", "pos"), ("bos",) * 3),
+    ]
     patch.write_patch_results(RunFolder(tmp_path), results, "m on t", query_pos=[2, 2])
     v, title, kw = drawn["head_out_noise.png"]
     table = results[0].table()

@@ -17,8 +17,16 @@ from mechicl.viz.report_html import Figure, Note, Section, Table, render_report
 from tests.browser import CHROMIUM, check_page
 from tests.viz.test_views import EXTERNAL, _no_external_script
 
-SECTIONS = ["Behaviour", "Where the flip happens", "Who looks at labels", "Who carries the label information causally",
-            "Validation", "Prior vs context", "Circuit and findings", "Run facts"]
+SECTIONS = [
+    "Behaviour",
+    "Where the flip happens",
+    "Who looks at labels",
+    "Who carries the label information causally",
+    "Validation",
+    "Prior vs context",
+    "Circuit and findings",
+    "Run facts",
+]
 ORG = ["--model", "organism-strong", "--task", "organism", "--arbitrary", "a/b", "--seed", "0"]
 Q = ReportConfig.sized("quick", model="organism-strong", task="organism")  # the sizes --quick uses
 
@@ -56,14 +64,19 @@ def test_captions_quote_the_runs_csvs(report):
     assert f"flipped {d['mean']:.2f} [{d.ci_low:.2f}, {d.ci_high:.2f}]" in text
     gap = pd.read_csv(out / "lens_gap.csv").query("metric == 'accuracy_true'")
     best = gap.loc[gap["mean"].idxmax()]
-    assert f"The largest gap is {best['mean']:.2f} [{best.ci_low:.2f}, {best.ci_high:.2f}] at depth {int(best.depth)}" in text
+    assert (
+        f"The largest gap is {best['mean']:.2f} [{best.ci_low:.2f}, {best.ci_high:.2f}] at depth {int(best.depth)}"
+        in text
+    )
     att = pd.read_csv(out / "attention_heads.csv").sort_values("label_attention", ascending=False).iloc[0]
     assert f"L{int(att.layer)}H{int(att['head'])} puts {att.label_attention:.2f} of its readout attention" in text
     a = pd.read_csv(out / "attribution_vs_exact.csv")
     assert f"Spearman {stats.spearmanr(a.attribution, a.exact).statistic:.2f}" in text
     h = pd.read_csv(out / "heads.csv").iloc[0]
-    assert (f"Mean-ablating L{int(h.layer)}H{int(h['head'])} at the query readout slot on {Q.n_eval} held-out contexts "
-            f"reduces the correct-vs-flipped accuracy gap by {h.gap_reduction_mean:+.2f}") in text
+    assert (
+        f"Mean-ablating L{int(h.layer)}H{int(h['head'])} at the query readout slot on {Q.n_eval} held-out contexts "
+        f"reduces the correct-vs-flipped accuracy gap by {h.gap_reduction_mean:+.2f}"
+    ) in text
     st = pd.read_csv(out / "stages.csv")
     assert f"{int(st.forwards.sum())} over {int(st.rows.sum())} context rows" in html
     f = st.set_index("stage").forwards  # one shared run per condition feeds attention, lens, DLA, patching caches
@@ -81,19 +94,73 @@ def test_captions_quote_the_runs_csvs(report):
 
 def test_numbers_equal_the_separate_commands(report, tmp_path):
     out, _ = report
-    assert main(["behavior", *ORG[:4], "--conditions", "default,random,flipped,arbitrary:a/b", "--k", str(Q.k_max),
-                 "--n-contexts", str(Q.n_behavior), "--out", str(tmp_path / "b")]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b" / "summary.csv"), pd.read_csv(out / "behavior_summary.csv"))
+    assert (
+        main(
+            [
+                "behavior",
+                *ORG[:4],
+                "--conditions",
+                "default,random,flipped,arbitrary:a/b",
+                "--k",
+                str(Q.k_max),
+                "--n-contexts",
+                str(Q.n_behavior),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "b" / "summary.csv"), pd.read_csv(out / "behavior_summary.csv")
+    )
     inside = ["--n-contexts", str(Q.n_inside), "--k", str(Q.n_examples - 1), "--k-min", str(Q.k_min)]
     assert main(["lens", *ORG[:4], *inside, "--out", str(tmp_path / "l")]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "l" / "lens_summary.csv"), pd.read_csv(out / "lens_summary.csv"))
-    assert main(["heads", *ORG[:4], "--k", str(Q.n_examples - 1), "--n-screen", str(Q.n_screen), "--n-eval",
-                 str(Q.n_eval), "--candidates", str(Q.n_candidates), "--n-control", str(Q.n_control),
-                 "--out", str(tmp_path / "h")]) == 0
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "l" / "lens_summary.csv"), pd.read_csv(out / "lens_summary.csv")
+    )
+    assert (
+        main(
+            [
+                "heads",
+                *ORG[:4],
+                "--k",
+                str(Q.n_examples - 1),
+                "--n-screen",
+                str(Q.n_screen),
+                "--n-eval",
+                str(Q.n_eval),
+                "--candidates",
+                str(Q.n_candidates),
+                "--n-control",
+                str(Q.n_control),
+                "--out",
+                str(tmp_path / "h"),
+            ]
+        )
+        == 0
+    )
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "h" / "heads.csv"), pd.read_csv(out / "heads.csv"))
     # the patching caches come from the shared runs; the sweep equals `mechicl patch` on the same contexts
-    assert main(["patch", *ORG[:4], "--kinds", "head_out", "--direction", "denoise", "--n-contexts", str(Q.n_patch),
-                 "--k", str(Q.n_examples - 1), "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "patch",
+                *ORG[:4],
+                "--kinds",
+                "head_out",
+                "--direction",
+                "denoise",
+                "--n-contexts",
+                str(Q.n_patch),
+                "--k",
+                str(Q.n_examples - 1),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     ref = pd.read_csv(tmp_path / "p" / "head_out_denoise.csv")
     mine = pd.read_csv(out / "attribution_vs_exact.csv")
     np.testing.assert_allclose(mine.exact, ref.value, atol=1e-5)
@@ -102,7 +169,9 @@ def test_numbers_equal_the_separate_commands(report, tmp_path):
 def test_render_report_escapes_and_inlines(tmp_path):
     png = tmp_path / "x.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    sec = Section("A & B", (Figure(png, "cap <1>"), Table(pd.DataFrame({"v": [0.12345]}), "t"), Note("n", pointer=True)))
+    sec = Section(
+        "A & B", (Figure(png, "cap <1>"), Table(pd.DataFrame({"v": [0.12345]}), "t"), Note("n", pointer=True))
+    )
     html = render_report("T", ["intro"], [sec], tmp_path / "r.html").read_text()
     assert 'href="#s-a---b"' in html and 'id="s-a---b"' in html and "cap &lt;1&gt;" in html
     assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html and "0.123" in html and 'class="note"' in html
@@ -133,8 +202,10 @@ def test_report_renders_in_headless_chromium(report):
 def test_browser_check_catches_a_broken_page(tmp_path):
     """Each of the four checks can fail: an empty page, a view that never mounts, console.error, an http image."""
     bad = tmp_path / "bad.html"
-    bad.write_text('<!DOCTYPE html><html><body><div id="circuits-vis-1"></div><img src="http://127.0.0.1:9/x.png">'
-                   '<script>console.error("boom")</script></body></html>')
+    bad.write_text(
+        '<!DOCTYPE html><html><body><div id="circuits-vis-1"></div><img src="http://127.0.0.1:9/x.png">'
+        '<script>console.error("boom")</script></body></html>'
+    )
     page = check_page(bad, mount_wait=0.5)
     assert page.blank and page.mounts == [0] and page.external == ["http://127.0.0.1:9/x.png"]
     assert any("boom" in e for e in page.errors) and any("127.0.0.1:9" in e for e in page.errors)
@@ -145,7 +216,9 @@ def test_without_attribution_section_3_says_how_to_get_it():
 
     text = integrated_gradients_pointer("organism-strong", "organism")
     assert "`--attribution`" in text and "`mechicl attribute --model organism-strong --task organism`" in text
-    assert not ReportConfig.sized("default", model="m").attribution and ReportConfig.sized("quick", model="m").attribution
+    assert (
+        not ReportConfig.sized("default", model="m").attribution and ReportConfig.sized("quick", model="m").attribution
+    )
 
 
 def test_p_values_at_their_monte_carlo_floor_read_at_most():

@@ -19,11 +19,63 @@ ORG = ["--model", "organism-strong", "--task", "organism"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("external")
-    assert main(["findings", "--models", "organism-strong", "--tasks", "organism", "--seeds", "0", "--k", "8", "--k-min", "4",
-                 "--n-screen", "4", "--n-confirm", "4", "--n-validate", "8", "--n-candidates", "3", "--n-top", "2",
-                 "--n-control", "2", "--n-resample", "1", "--threads", "1", "--out", str(base / "grid")]) == 0
-    assert main(["circuit", *ORG, "--k", "5", "--n-select", "4", "--n-eval", "6", "--positions", "label", "--threads", "1",
-                 "--out", str(base / "circuit")]) == 0
+    assert (
+        main(
+            [
+                "findings",
+                "--models",
+                "organism-strong",
+                "--tasks",
+                "organism",
+                "--seeds",
+                "0",
+                "--k",
+                "8",
+                "--k-min",
+                "4",
+                "--n-screen",
+                "4",
+                "--n-confirm",
+                "4",
+                "--n-validate",
+                "8",
+                "--n-candidates",
+                "3",
+                "--n-top",
+                "2",
+                "--n-control",
+                "2",
+                "--n-resample",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(base / "grid"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "circuit",
+                *ORG,
+                "--k",
+                "5",
+                "--n-select",
+                "4",
+                "--n-eval",
+                "6",
+                "--positions",
+                "label",
+                "--threads",
+                "1",
+                "--out",
+                str(base / "circuit"),
+            ]
+        )
+        == 0
+    )
     return base / "grid", base / "circuit"
 
 
@@ -62,9 +114,25 @@ def test_folders_that_cannot_fill_it_are_refused(folders, tmp_path, capsys):
 
 def test_report_shows_them_and_its_rerun_command_keeps_them(folders, tmp_path):
     grid, circ = folders
-    assert main(["report", *ORG, "--arbitrary", "a/b", "--quick", "--findings", str(grid), "--circuit", str(circ),
-                 "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                *ORG,
+                "--arbitrary",
+                "a/b",
+                "--quick",
+                "--findings",
+                str(grid),
+                "--circuit",
+                str(circ),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
-    sec7 = html[html.rindex("7. Circuit and findings"):html.rindex("8. Run facts")]  # past the table of contents
+    sec7 = html[html.rindex("7. Circuit and findings") : html.rindex("8. Run facts")]  # past the table of contents
     assert "Findings grid (" in sec7 and "Path patching (" in sec7 and len(re.findall(r"<img", sec7)) >= 2
     assert f"--findings {grid} --circuit {circ}" in html

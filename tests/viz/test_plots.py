@@ -19,8 +19,16 @@ def figures(monkeypatch):
 
 def test_heatmap_ticks_title_and_marked_slot(tmp_path, figures):
     title = "tiny on toy: resid (residual stream entering each block, by position), noise; " * 3
-    plots.heatmap(np.random.default_rng(0).normal(size=(2, 30)), tmp_path / "h.png", title, xlabel="pos",
-                  xticklabels=[f"{p}:tem" for p in range(30)], center=0.0, mark_cols=[27, 29], mark_label="query readout slot")
+    plots.heatmap(
+        np.random.default_rng(0).normal(size=(2, 30)),
+        tmp_path / "h.png",
+        title,
+        xlabel="pos",
+        xticklabels=[f"{p}:tem" for p in range(30)],
+        center=0.0,
+        mark_cols=[27, 29],
+        mark_label="query readout slot",
+    )
     ax = figures[0].axes[0]
     assert list(ax.get_yticks()) == [0, 1] and [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"]
     assert " ".join(ax.get_title().split()) == " ".join(title.split())  # wrapped, nothing cut

@@ -8,18 +8,21 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl.runs.folder import md_table
-from mechicl.viz import html, plots
 from mechicl.analysis.inside.attention import context_patterns
 from mechicl.cli import main
+from mechicl.runs.folder import md_table
+from mechicl.viz import html, plots
 from tests import helpers
 
-EXTERNAL = re.compile(r"""(<script[^>]*\bsrc\s*=|\bimport\b[^;"']*\bfrom\s*["']https?:|\bimport\s*\(\s*["']https?:|unpkg\.com|cdn\.jsdelivr)""", re.I)
+EXTERNAL = re.compile(
+    r"""(<script[^>]*\bsrc\s*=|\bimport\b[^;"']*\bfrom\s*["']https?:|\bimport\s*\(\s*["']https?:|unpkg\.com|cdn\.jsdelivr)""",
+    re.I,
+)
 
 
 def _no_external_script(text: str) -> None:
     hit = EXTERNAL.search(text)
-    assert hit is None, f"external script reference: {text[max(0, hit.start() - 80): hit.end() + 80]!r}"
+    assert hit is None, f"external script reference: {text[max(0, hit.start() - 80) : hit.end() + 80]!r}"
     assert "CircuitsVis.render(" in text  # the inlined bundle renders the view
 
 
@@ -51,8 +54,9 @@ def test_html_views_are_self_contained(tiny, toy, tmp_path):
     assert pat.shape == (2, n, n)
     torch.testing.assert_close(pat.sum(-1), torch.ones(2, n))
     p1 = html.attention_heads_html(b, 1, tiny.tokenizer, pat, ["L0H1", "L1H2"], tmp_path / "a.html", "heads")
-    p2 = html.readout_attention_html(b, 1, tiny.tokenizer, pat[:, int(b.readout_pos[1, -1])].T, ["L0H1", "L1H2"],
-                                    tmp_path / "b.html", "tokens")
+    p2 = html.readout_attention_html(
+        b, 1, tiny.tokenizer, pat[:, int(b.readout_pos[1, -1])].T, ["L0H1", "L1H2"], tmp_path / "b.html", "tokens"
+    )
     for p in (p1, p2):
         text = p.read_text(encoding="utf-8")
         _no_external_script(text)
@@ -63,7 +67,9 @@ def test_heatmap_and_line_plot_write_pngs(tmp_path):
     df = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "v": [0.1, -0.2, 0.3, 0.0]})
     assert plots.heatmap(plots.head_grid(df, "v"), tmp_path / "h.png", "t").read_bytes()[:4] == b"\x89PNG"
     line = pd.DataFrame({"x": [0, 1, 0, 1], "y": [1.0, 2.0, 0.5, 0.2], "s": ["a", "a", "b", "b"], "lo": 0.0, "hi": 3.0})
-    assert plots.line_plot(line, "x", "y", tmp_path / "l.png", hue="s", band=("lo", "hi"), vline=1).stat().st_size > 1000
+    assert (
+        plots.line_plot(line, "x", "y", tmp_path / "l.png", hue="s", band=("lo", "hi"), vline=1).stat().st_size > 1000
+    )
 
 
 def test_md_table():
@@ -79,9 +85,22 @@ def test_attention_command(tmp_path, capsys):
     assert main(["attention", *COMMON, "--top", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Top 3 heads by attention to earlier label tokens" in printed and "L1H" in printed
-    for name in ["label_attention.csv", "label_attention_by_distance.csv", "pm.csv", "induction.csv", "heads.csv",
-                 "saliency_layers.csv", "saliency_heads.csv", "label_attention_default.png", "pm_flipped.png",
-                 "induction.png", "saliency_layers.png", "label_attention_distance.png", "summary.md", "config.json"]:
+    for name in [
+        "label_attention.csv",
+        "label_attention_by_distance.csv",
+        "pm.csv",
+        "induction.csv",
+        "heads.csv",
+        "saliency_layers.csv",
+        "saliency_heads.csv",
+        "label_attention_default.png",
+        "pm_flipped.png",
+        "induction.png",
+        "saliency_layers.png",
+        "label_attention_distance.png",
+        "summary.md",
+        "config.json",
+    ]:
         assert (out / name).stat().st_size > 0, name
     for name in ["attention_heads_default.html", "attention_heads_flipped.html", "attention_to_labels.html"]:
         _no_external_script((out / name).read_text(encoding="utf-8"))
@@ -101,7 +120,7 @@ def test_lens_and_dla_commands(tmp_path, capsys):
     pvc = pd.read_csv(tmp_path / "dla" / "prior_vs_context.csv")
     assert {"context", "prior", "side"} <= set(pvc.columns) and (pvc.kind == "head").sum() == 8
     dla = pd.read_csv(tmp_path / "dla" / "dla.csv")
-    for (cond, dec), g in dla.groupby(["condition", "decomposition"]):
+    for (_cond, _dec), g in dla.groupby(["condition", "decomposition"]):
         assert g[g.kind != "total"].dla.sum() == pytest.approx(g[g.kind == "total"].dla.iloc[0], abs=1e-4)
 
 

@@ -15,8 +15,9 @@ no unembedding); memory: the captured activations at the readout slots of one ch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -24,9 +25,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.inside.dla import norm_affine
 from mechicl.analysis.engine.hooks import FINAL, Head, act_name
 from mechicl.analysis.engine.readout import readout_activations, unembed_labels
+from mechicl.analysis.inside.dla import norm_affine
 from mechicl.analysis.stats.resampling import mean_ci
 from mechicl.data.evidence import EvidenceBatches
 from mechicl.data.prompts import PromptBatch
@@ -70,10 +71,14 @@ def _frozen(x: Tensor, scale: Tensor, norm: Any) -> Tensor:
     return x / scale * gain
 
 
-def query_projection(model: Any, batch: PromptBatch, heads: Sequence[Head], batch_size: int = 16,
-                     progress: bool = False
-                     ) -> tuple[Float[Tensor, "batch head"], Float[Tensor, "batch n_labels"], Float[Tensor, "batch"],
-                                Float[Tensor, "batch head d_head"]]:
+def query_projection(
+    model: Any, batch: PromptBatch, heads: Sequence[Head], batch_size: int = 16, progress: bool = False
+) -> tuple[
+    Float[Tensor, "batch head"],
+    Float[Tensor, "batch n_labels"],
+    Float[Tensor, "batch"],
+    Float[Tensor, "batch head d_head"],
+]:
     """(each head's DLA on logit(flipped) - logit(true) at the query readout slot, the label logits there,
     the final norm's scale there, each head's ``hook_z`` there (float32)). Cost: one forward per context, stopped
     after the final norm. Float64 on the CPU after capture."""
@@ -83,10 +88,15 @@ def query_projection(model: Any, batch: PromptBatch, heads: Sequence[Head], batc
     names += [f"blocks.{l}.ln1_post.hook_scale" for l in layers] if post else []
     W_U = model.W_U.detach()
     out, logits, scales, zs = [], [], [], []
-    for sub, acts in readout_activations(model, batch, names, batch_size, progress, desc="projection", stop="ln_final.hook_out"):
+    for sub, acts in readout_activations(
+        model, batch, names, batch_size, progress, desc="projection", stop="ln_final.hook_out"
+    ):
         st = {n: a[:, -1].detach().cpu().double() for n, a in acts.items()}  # the query's readout slot
-        zs.append(torch.stack([acts[act_name("z", l)][:, -1, h].detach().float().cpu() for l, h in heads], 1)
-                  if heads else torch.zeros(sub.n_contexts, 0, 0))
+        zs.append(
+            torch.stack([acts[act_name("z", l)][:, -1, h].detach().float().cpu() for l, h in heads], 1)
+            if heads
+            else torch.zeros(sub.n_contexts, 0, 0)
+        )
         true = sub.true_labels[:, -1]
         flipped = (true + 1) % len(sub.label_words)
         ids = sub.label_token_ids.to(W_U.device)
@@ -105,8 +115,9 @@ def query_projection(model: Any, batch: PromptBatch, heads: Sequence[Head], batc
     return torch.cat(out), torch.cat(logits), torch.cat(scales), torch.cat(zs)
 
 
-def project_heads(model: Any, ev: EvidenceBatches, heads: Sequence[Head], batch_size: int = 16,
-                  progress: bool = True) -> Projections:
+def project_heads(
+    model: Any, ev: EvidenceBatches, heads: Sequence[Head], batch_size: int = 16, progress: bool = True
+) -> Projections:
     """``query_projection`` on every rendering of ``ev``; keeps each head's ``hook_z`` at the query slot (the donors
     of ``aggregation_total``). Cost: one forward per context per rendering."""
     vals, p, acc, ld, scales, zs = [], [], [], [], [], []
@@ -124,8 +135,18 @@ def project_heads(model: Any, ev: EvidenceBatches, heads: Sequence[Head], batch_
     scale = torch.stack(scales)  # [r, b]: the final norm's scale differs between renderings; fix it at rendering 0
     values = torch.stack(vals) * (scale / scale[:1])[..., None]
     true = ev.default.true_labels[:, -1]
-    return Projections(values, torch.stack(p), torch.stack(acc), ev.flips, tuple(heads), ev.placement, ev.count, true,
-                       torch.stack(ld), torch.stack(zs))
+    return Projections(
+        values,
+        torch.stack(p),
+        torch.stack(acc),
+        ev.flips,
+        tuple(heads),
+        ev.placement,
+        ev.count,
+        true,
+        torch.stack(ld),
+        torch.stack(zs),
+    )
 
 
 def curves(proj: Projections, n_boot: int = 1000, seed: int = 0, model_series: bool = True) -> pd.DataFrame:
@@ -146,8 +167,18 @@ def curves(proj: Projections, n_boot: int = 1000, seed: int = 0, model_series: b
         for cls, keep in groups:
             mean, lo, hi = mean_ci(x[:, keep].numpy(), n_boot=n_boot, seed=seed)  # per rendering, contexts resampled
             for r, (pl, m) in enumerate(zip(proj.placement, proj.count)):
-                for shown in ([pl] if pl not in ("none", "all") else sorted(set(proj.placement) - {"none", "all"})):
-                    rows.append({"series": name, "measure": measure, "query_class": cls, "placement": shown, "count": m, "mean": mean[r],
-                                 "ci_low": lo[r], "ci_high": hi[r], "n_contexts": int(keep.sum())})
+                for shown in [pl] if pl not in ("none", "all") else sorted(set(proj.placement) - {"none", "all"}):
+                    rows.append(
+                        {
+                            "series": name,
+                            "measure": measure,
+                            "query_class": cls,
+                            "placement": shown,
+                            "count": m,
+                            "mean": mean[r],
+                            "ci_low": lo[r],
+                            "ci_high": hi[r],
+                            "n_contexts": int(keep.sum()),
+                        }
+                    )
     return pd.DataFrame(rows)
-

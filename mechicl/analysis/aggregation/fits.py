@@ -46,8 +46,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def features(model: str, flips: Bool[np.ndarray, "obs k"], grids: Grids = Grids()
-             ) -> tuple[Float[np.ndarray, "grid obs p"], list[dict[str, float]], list[str]]:
+def features(
+    model: str, flips: Bool[np.ndarray, "obs k"], grids: Grids = Grids()
+) -> tuple[Float[np.ndarray, "grid obs p"], list[dict[str, float]], list[str]]:
     """Design matrices of ``model`` at every grid point, the grid parameters, and the linear parameters' names."""
     F = np.asarray(flips, dtype=float)
     k = F.shape[-1]
@@ -64,13 +65,16 @@ def features(model: str, flips: Bool[np.ndarray, "obs k"], grids: Grids = Grids(
         return X, [{"mid": m, "width": w} for m, w in grid], ["intercept", "amplitude"]
     if model == "recency":
         dist = np.arange(k, 0, -1, dtype=float)  # d_j for j = 0..k-1
-        X = np.stack([np.concatenate([one, (F * np.exp(-lam * (dist - 1)))[..., None].sum(-2)], -1) for lam in grids.decays])
+        X = np.stack(
+            [np.concatenate([one, (F * np.exp(-lam * (dist - 1)))[..., None].sum(-2)], -1) for lam in grids.decays]
+        )
         return X, [{"decay": lam} for lam in grids.decays], ["intercept", "weight_last"]
     raise ValueError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
 
 
-def _solve(X: np.ndarray, ysum: np.ndarray, mult: np.ndarray, ctx: np.ndarray, yy: np.ndarray, weights: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _solve(
+    X: np.ndarray, ysum: np.ndarray, mult: np.ndarray, ctx: np.ndarray, yy: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares at every grid point for every row of context ``weights [B, contexts]``.
 
     Observations may be grouped: row o stands for ``mult[o]`` observations with design row ``X[:, o]`` and
@@ -124,9 +128,18 @@ def _as_obs(flips: Bool[np.ndarray, "rendering batch k"], y: Float[np.ndarray, "
     return F.reshape(-1, F.shape[-1]), y.reshape(-1), ctx
 
 
-def fit_model(model: str, flips: Bool[np.ndarray, "rendering batch k"], y: Float[np.ndarray, "rendering batch"],
-              flips_eval: Bool[np.ndarray, "rendering batch2 k"], y_eval: Float[np.ndarray, "rendering batch2"], *,
-              n_boot: int = 1000, seed: int = 0, level: float = 0.95, grids: Grids = Grids()) -> ModelFit:
+def fit_model(
+    model: str,
+    flips: Bool[np.ndarray, "rendering batch k"],
+    y: Float[np.ndarray, "rendering batch"],
+    flips_eval: Bool[np.ndarray, "rendering batch2 k"],
+    y_eval: Float[np.ndarray, "rendering batch2"],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    grids: Grids = Grids(),
+) -> ModelFit:
     """Fit ``model`` on (``flips``, ``y``), bootstrap its parameters over contexts, score it on the eval draw."""
     F, yo, ctx = _as_obs(flips, y)
     n = y.shape[1]
@@ -144,8 +157,11 @@ def fit_model(model: str, flips: Bool[np.ndarray, "rendering batch k"], y: Float
     for nm, v in vals.items():
         lo, hi = percentile_interval(v[1:], level) if n_boot else (np.nan, np.nan)
         params[nm] = (float(v[0]), float(lo), float(hi))
-    point = Grids(grids.n_mid_per_unit, (params["width"][0],) if model == "vote" else grids.widths,
-                  (params["decay"][0],) if model == "recency" else grids.decays)
+    point = Grids(
+        grids.n_mid_per_unit,
+        (params["width"][0],) if model == "vote" else grids.widths,
+        (params["decay"][0],) if model == "recency" else grids.decays,
+    )
     mid = int(np.argmin(np.abs(grids.mids(F.shape[-1]) - params["mid"][0]))) if model == "vote" else 0
     predict = lambda flips_: features(model, flips_, point)[0][mid] @ beta[0]  # noqa: E731
     fit_res = yo - predict(F)
@@ -163,19 +179,42 @@ def compare(fits: list[ModelFit], n_boot: int = 1000, seed: int = 0) -> pd.DataF
     mse = np.stack([f.heldout_sq for f in fits])  # [model, context]
     best = int(mse.mean(1).argmin())
     d, lo, hi = mean_ci(mse - mse[best], n_boot=n_boot, seed=seed)
-    out = pd.DataFrame({"model": [f.model for f in fits], "n_params": [f.n_params for f in fits],
-                         "fit_mse": [f.fit_mse for f in fits], "heldout_mse": mse.mean(1),
-                         "heldout_r2": [f.heldout_r2 for f in fits], "excess_mse": d, "excess_ci_low": lo,
-                         "excess_ci_high": hi, "best": [i == best for i in range(len(fits))]})
+    out = pd.DataFrame(
+        {
+            "model": [f.model for f in fits],
+            "n_params": [f.n_params for f in fits],
+            "fit_mse": [f.fit_mse for f in fits],
+            "heldout_mse": mse.mean(1),
+            "heldout_r2": [f.heldout_r2 for f in fits],
+            "excess_mse": d,
+            "excess_ci_low": lo,
+            "excess_ci_high": hi,
+            "best": [i == best for i in range(len(fits))],
+        }
+    )
     out["adequate"] = out["excess_ci_low"] <= 0
     simplest = out[out["adequate"]].sort_values(["n_params", "heldout_mse"]).index[0]
     return out.assign(verdict=out.index == simplest)
 
 
-def fit_all(flips, y, flips_eval, y_eval, *, n_boot: int = 1000, seed: int = 0,
-            models: tuple[str, ...] = MODELS, grids: Grids = Grids()) -> tuple[pd.DataFrame, pd.DataFrame]:
+def fit_all(
+    flips,
+    y,
+    flips_eval,
+    y_eval,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    models: tuple[str, ...] = MODELS,
+    grids: Grids = Grids(),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every model on one head: (parameter table: model, param, estimate, ci_low, ci_high; comparison table)."""
     fits = [fit_model(m, flips, y, flips_eval, y_eval, n_boot=n_boot, seed=seed, grids=grids) for m in models]
-    params = pd.DataFrame([{"model": f.model, "param": p, "estimate": e, "ci_low": lo, "ci_high": hi}
-                           for f in fits for p, (e, lo, hi) in f.params.items()])
+    params = pd.DataFrame(
+        [
+            {"model": f.model, "param": p, "estimate": e, "ci_low": lo, "ci_high": hi}
+            for f in fits
+            for p, (e, lo, hi) in f.params.items()
+        ]
+    )
     return params, compare(fits, n_boot, seed)

@@ -11,8 +11,9 @@ Cost: vectors: one forward per context per rendering; steering: one forward per 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,8 +28,14 @@ from mechicl.analysis.stats.resampling import mean_ci
 from mechicl.data.prompts import PromptBatch
 
 
-def mean_difference(model: Any, default: PromptBatch, flipped: PromptBatch, heads: Sequence[Head],
-                    batch_size: int = 16, by_class: bool = False) -> Float[Tensor, "head *class d_head"]:
+def mean_difference(
+    model: Any,
+    default: PromptBatch,
+    flipped: PromptBatch,
+    heads: Sequence[Head],
+    batch_size: int = 16,
+    by_class: bool = False,
+) -> Float[Tensor, "head *class d_head"]:
     """Per head: mean over contexts of ``z(flipped) - z(default)`` at the query readout slot (float32, CPU);
     ``by_class``: one mean per true class of the query (``[head, n_labels, d_head]``; NaN for a class with no
     query). ``default`` and ``flipped`` must render the same contexts. Cost: one forward per context of each."""
@@ -43,9 +50,15 @@ def mean_difference(model: Any, default: PromptBatch, flipped: PromptBatch, head
                 acc[n].append(acts[n][:, -1].detach().float().cpu())  # [b, H, d_head]
         means.append({n: torch.cat(v) for n, v in acc.items()})  # [b, H, d_head]
     cls = default.true_labels[:, -1]
-    groups = [cls == c for c in range(len(default.label_words))] if by_class else [torch.ones_like(cls, dtype=torch.bool)]
-    out = torch.stack([torch.stack([(means[1][act_name("z", l)][g, h] - means[0][act_name("z", l)][g, h]).mean(0)
-                                    for g in groups]) for l, h in heads])  # [head, group, d_head]
+    groups = (
+        [cls == c for c in range(len(default.label_words))] if by_class else [torch.ones_like(cls, dtype=torch.bool)]
+    )
+    out = torch.stack(
+        [
+            torch.stack([(means[1][act_name("z", l)][g, h] - means[0][act_name("z", l)][g, h]).mean(0) for g in groups])
+            for l, h in heads
+        ]
+    )  # [head, group, d_head]
     return out if by_class else out[:, 0]
 
 
@@ -65,8 +78,15 @@ class Steering:
 
 
 @torch.no_grad()
-def steer(model: Any, batch: PromptBatch, heads: Sequence[Head], vectors: Float[Tensor, "head *class d_head"],
-          alphas: Sequence[float], batch_size: int = 16, progress: bool = True) -> Steering:
+def steer(
+    model: Any,
+    batch: PromptBatch,
+    heads: Sequence[Head],
+    vectors: Float[Tensor, "head *class d_head"],
+    alphas: Sequence[float],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Steering:
     """Add ``alpha * vectors[i]`` to head ``heads[i]``'s ``hook_z`` at the query readout slot of ``batch``.
 
     ``vectors [head, n_labels, d_head]`` (``mean_difference(by_class=True)``): each context gets the vector of
@@ -84,21 +104,33 @@ def steer(model: Any, batch: PromptBatch, heads: Sequence[Head], vectors: Float[
             cls = sub.true_labels[:, -1].repeat(n_a)
             vec = vectors[i] if vectors.dim() == 2 else vectors[i][cls]  # [d_head] or [rows, d_head]
 
-            def add(z: Tensor, hook: Any, h: int = h, pos: Tensor = pos, scale: Tensor = scale, vec: Tensor = vec) -> Tensor:
+            def add(
+                z: Tensor, hook: Any, h: int = h, pos: Tensor = pos, scale: Tensor = scale, vec: Tensor = vec
+            ) -> Tensor:
                 z = z.clone()
                 rows = torch.arange(z.shape[0], device=z.device)
                 z[rows, pos.to(z.device), h] += scale.to(z.device, z.dtype)[:, None] * vec.to(z.device, z.dtype)
                 return z
 
-            resid = run_to_final(model, sub.tokens.repeat(n_a, 1), [(act_name("z", l), add)],
-                                 attention_mask=on_device(model, sub.attention_mask.repeat(n_a, 1)))
+            resid = run_to_final(
+                model,
+                sub.tokens.repeat(n_a, 1),
+                [(act_name("z", l), add)],
+                attention_mask=on_device(model, sub.attention_mask.repeat(n_a, 1)),
+            )
             at = resid[torch.arange(n_a * b, device=resid.device), pos.to(resid.device)]
             logits = unembed_labels(model, at, sub.label_token_ids).float().cpu().reshape(n_a, b, -1)
             flipped = (sub.true_labels[:, -1] + 1) % len(sub.label_words)
             p_out[i, :, start : start + b] = torch.softmax(logits, -1)[:, torch.arange(b), flipped]
             acc_out[i, :, start : start + b] = (logits.argmax(-1) == flipped).float()
-    return Steering(p_out, acc_out, vectors.detach().float().cpu(), tuple(heads), tuple(float(a) for a in alphas),
-                    batch.true_labels[:, -1].clone())
+    return Steering(
+        p_out,
+        acc_out,
+        vectors.detach().float().cpu(),
+        tuple(heads),
+        tuple(float(a) for a in alphas),
+        batch.true_labels[:, -1].clone(),
+    )
 
 
 def _slopes(y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -107,8 +139,9 @@ def _slopes(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.einsum("a,...ac->...c", xc, y - y.mean(-2, keepdims=True)) / (xc**2).sum()
 
 
-def steering_tables(st: Steering, n_boot: int = 2000, seed: int = 0, vector: str = "pooled"
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def steering_tables(
+    st: Steering, n_boot: int = 2000, seed: int = 0, vector: str = "pooled"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per head, alpha and query class (``all`` and each class): mean P(flipped) and flipped top-1 rate with
     bootstrap CIs over contexts;
     per head: the per-context least-squares slope per unit alpha, averaged, with its bootstrap CI). ``vector``
@@ -122,8 +155,19 @@ def steering_tables(st: Steering, n_boot: int = 2000, seed: int = 0, vector: str
             m, lo, hi = mean_ci(x[..., keep].numpy(), n_boot=n_boot, seed=seed)
             for i, name in enumerate(names):
                 for a, alpha in enumerate(st.alphas):
-                    rows.append({"head": name, "vector": vector, "alpha": alpha, "metric": what, "query_class": cls, "mean": m[i, a],
-                                 "ci_low": lo[i, a], "ci_high": hi[i, a], "n_contexts": int(keep.sum())})
+                    rows.append(
+                        {
+                            "head": name,
+                            "vector": vector,
+                            "alpha": alpha,
+                            "metric": what,
+                            "query_class": cls,
+                            "mean": m[i, a],
+                            "ci_low": lo[i, a],
+                            "ci_high": hi[i, a],
+                            "n_contexts": int(keep.sum()),
+                        }
+                    )
     x = np.asarray(st.alphas, dtype=float)
     norm = st.vectors.norm(dim=-1)
     out = {"head": names, "vector": vector, "vector_norm": (norm if norm.dim() == 1 else norm.nanmean(-1)).numpy()}

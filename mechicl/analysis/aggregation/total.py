@@ -28,8 +28,6 @@ import dataclasses
 from typing import Any
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.aggregation.direct import Projections
@@ -40,17 +38,22 @@ from mechicl.data.evidence import EvidenceBatches
 
 def _check(ev: EvidenceBatches, proj: Projections) -> None:
     if proj.z is None:
-        raise ValueError("total_effects needs the heads' hook_z at the query slot: pass the Projections that "
-                         "aggregation.project_heads returned for these renderings (it keeps them in .z)")
+        raise ValueError(
+            "total_effects needs the heads' hook_z at the query slot: pass the Projections that "
+            "aggregation.project_heads returned for these renderings (it keeps them in .z)"
+        )
     if tuple(proj.z.shape[:2]) != (len(ev.batches), ev.default.n_contexts) or proj.count != ev.count:
-        raise ValueError(f"the Projections ({tuple(proj.z.shape[:2])} renderings x contexts) were not made from these "
-                         f"renderings ({len(ev.batches)} x {ev.default.n_contexts}); run project_heads on the same "
-                         "EvidenceBatches")
+        raise ValueError(
+            f"the Projections ({tuple(proj.z.shape[:2])} renderings x contexts) were not made from these "
+            f"renderings ({len(ev.batches)} x {ev.default.n_contexts}); run project_heads on the same "
+            "EvidenceBatches"
+        )
 
 
 @torch.no_grad()
-def total_effects(model: Any, ev: EvidenceBatches, proj: Projections, batch_size: int = 64, progress: bool = True
-                  ) -> Projections:
+def total_effects(
+    model: Any, ev: EvidenceBatches, proj: Projections, batch_size: int = 64, progress: bool = True
+) -> Projections:
     """Each head of ``proj`` patched, at the query readout slot, from every rendering of ``ev`` into its m = 0
     rendering: the change of logit(flipped) - logit(true) there (module docstring). Returns ``proj`` with these
     total effects as ``values`` (``values[0] == 0``, so ``delta == values``), ``measure = "total"`` and no ``z``;

@@ -14,8 +14,9 @@ and the softmax runs over those sequence scores; this costs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,10 @@ class BehaviorConfig:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
         if self.k_max < 0 or self.n_contexts < 2 or self.seed < 0 or self.batch_size < 1:
-            raise ConfigError(f"need k_max >= 0, n_contexts >= 2, seed >= 0 and batch_size >= 1 (got k_max={self.k_max}, "
-                              f"n_contexts={self.n_contexts}, seed={self.seed}, batch_size={self.batch_size})")
+            raise ConfigError(
+                f"need k_max >= 0, n_contexts >= 2, seed >= 0 and batch_size >= 1 (got k_max={self.k_max}, "
+                f"n_contexts={self.n_contexts}, seed={self.seed}, batch_size={self.batch_size})"
+            )
         if not self.conditions:
             raise ConfigError("no label conditions; give at least one, e.g. default,flipped")
         for c in self.conditions:
@@ -138,7 +141,9 @@ def summarize(raw: pd.DataFrame, model: str, task: str, level: float = 0.95) -> 
     return out[SUMMARY_COLUMNS]
 
 
-def score_batches(model: Any, batches: Sequence[PromptBatch], batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+def score_batches(
+    model: Any, batches: Sequence[PromptBatch], batch_size: int = 8, progress: bool = True
+) -> pd.DataFrame:
     """Per-context scores of every batch (one per condition, the same context draws), stacked.
 
     Cost: one forward per context (single-token labels) or ``n_examples * n_labels`` prefix forwards

@@ -73,8 +73,17 @@ class ExperimentConfig:
     bayes_per_class: bool = False  # one evidence strength per query class instead of one scalar
 
     def behavior_config(self) -> BehaviorConfig:
-        return BehaviorConfig(self.model, self.task, self.conditions, self.k_max, self.n_contexts, self.seed,
-                              self.batch_size, self.multi_token, self.label_names)
+        return BehaviorConfig(
+            self.model,
+            self.task,
+            self.conditions,
+            self.k_max,
+            self.n_contexts,
+            self.seed,
+            self.batch_size,
+            self.multi_token,
+            self.label_names,
+        )
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -85,11 +94,32 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
 
 _COND_KEYS = {"labels", "name", "prefix"}
 _INT, _NUM, _STR, _BOOL = "an integer", "a number", "a string", "true or false"
-_TOP_TYPES = {"name": _STR, "hypothesis": _STR, "statement": _STR, "task": _STR, "model": _STR, "k_max": _INT,
-              "n_contexts": _INT, "seed": _INT, "batch_size": _INT, "alpha": _NUM, "switch_at": _INT,
-              "multi_token": _BOOL, "bayes_learner": _BOOL, "bayes_per_class": _BOOL}
-_TEST_TYPES = {"a": _STR, "b": _STR, "alternative": _STR, "min_effect": _NUM, "claim": _STR, "primary": _BOOL,
-               "margin_ref": _STR, "margin_fraction": _NUM}
+_TOP_TYPES = {
+    "name": _STR,
+    "hypothesis": _STR,
+    "statement": _STR,
+    "task": _STR,
+    "model": _STR,
+    "k_max": _INT,
+    "n_contexts": _INT,
+    "seed": _INT,
+    "batch_size": _INT,
+    "alpha": _NUM,
+    "switch_at": _INT,
+    "multi_token": _BOOL,
+    "bayes_learner": _BOOL,
+    "bayes_per_class": _BOOL,
+}
+_TEST_TYPES = {
+    "a": _STR,
+    "b": _STR,
+    "alternative": _STR,
+    "min_effect": _NUM,
+    "claim": _STR,
+    "primary": _BOOL,
+    "margin_ref": _STR,
+    "margin_fraction": _NUM,
+}
 _COND_TYPES = {"labels": _STR, "name": _STR, "prefix": _STR}
 ALTERNATIVES = ("greater", "less", "two-sided")
 
@@ -107,7 +137,11 @@ def _check_types(table: dict, types: dict[str, str], where: str) -> None:
     for key, want in types.items():
         if key in table and not _is(table[key], want):
             v = table[key]
-            hint = f" (write {key} = {v}, without quotes)" if isinstance(v, str) and v.strip().lstrip("-").replace(".", "", 1).isdigit() else ""
+            hint = (
+                f" (write {key} = {v}, without quotes)"
+                if isinstance(v, str) and v.strip().lstrip("-").replace(".", "", 1).isdigit()
+                else ""
+            )
             raise ConfigError(f"{where}: {key} must be {want}, got {type(v).__name__} {v!r}{hint}")
 
 
@@ -168,7 +202,9 @@ def _parse_conditions(items: object, where: str) -> list[LabelCondition]:
         if "labels" not in c:
             raise ConfigError(f"{at}: missing 'labels' (e.g. labels = \"flipped\")")
         base = LabelCondition.parse(c["labels"])
-        conds.append(LabelCondition(base.kind, base.verbalizers, base.then, base.switch_at, c.get("prefix"), c.get("name")))
+        conds.append(
+            LabelCondition(base.kind, base.verbalizers, base.then, base.switch_at, c.get("prefix"), c.get("name"))
+        )
     names = [c.name for c in conds]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: condition names must be unique, got {names}; give repeated conditions a name")
@@ -196,7 +232,7 @@ def _parse_tests(items: object, where: str) -> list[PairedTestSpec]:
             t = {**t, "ks": tuple(ks)}
         for key in ("a", "b"):
             if key not in t:
-                raise ConfigError(f"{at}: missing {key!r} (e.g. {key} = \"default/accuracy\")")
+                raise ConfigError(f'{at}: missing {key!r} (e.g. {key} = "default/accuracy")')
         tests.append(PairedTestSpec(**t))
     return tests
 
@@ -205,14 +241,16 @@ def _check_margin(t: dict, at: str) -> None:
     """``margin_ref`` ('c1/m1 - c2/m2') comes with a ``margin_fraction`` in (0, 1) and replaces ``min_effect``."""
     if "margin_ref" not in t:
         if "margin_fraction" in t:
-            raise ConfigError(f"{at}: margin_fraction needs margin_ref = \"cond/metric - cond/metric\"")
+            raise ConfigError(f'{at}: margin_fraction needs margin_ref = "cond/metric - cond/metric"')
         return
     if "min_effect" in t:
         raise ConfigError(f"{at}: give min_effect or margin_ref, not both")
     if " - " not in t["margin_ref"]:
         raise ConfigError(f"{at}: margin_ref must read 'cond/metric - cond/metric', got {t['margin_ref']!r}")
     if not 0 < t.get("margin_fraction", -1) < 1:
-        raise ConfigError(f"{at}: margin_ref needs margin_fraction in (0, 1) (e.g. 0.15), got {t.get('margin_fraction')!r}")
+        raise ConfigError(
+            f"{at}: margin_ref needs margin_fraction in (0, 1) (e.g. 0.15), got {t.get('margin_fraction')!r}"
+        )
 
 
 def _check_tests(cfg: ExperimentConfig, where: str) -> None:
@@ -224,7 +262,9 @@ def _check_tests(cfg: ExperimentConfig, where: str) -> None:
         for side in (t.a, t.b, *(t.ref_sides or ())):
             cond, _, metric = side.rpartition("/")
             if cond not in produced:
-                raise ConfigError(f"{at}: test side {side!r} must be 'condition/metric' with condition in {sorted(produced)}")
+                raise ConfigError(
+                    f"{at}: test side {side!r} must be 'condition/metric' with condition in {sorted(produced)}"
+                )
             if metric not in produced[cond]:
                 raise ConfigError(f"{at}: condition {cond!r} has no metric {metric!r}; it has {sorted(produced[cond])}")
         bad = [k for k in t.ks or () if not 0 <= k <= cfg.k_max]
@@ -262,15 +302,28 @@ def equivalence_margins(cfg: ExperimentConfig, raw: pd.DataFrame) -> pd.DataFram
         if t.ref_sides is None:
             continue
         for k in _ks(cfg, t):
-            m = relative_margin(*(_per_context(raw, side, k) for side in t.ref_sides), t.margin_fraction,
-                                seed=cfg.seed + k)
+            m = relative_margin(
+                *(_per_context(raw, side, k) for side in t.ref_sides), t.margin_fraction, seed=cfg.seed + k
+            )
             margin = math.floor(m.margin * 1000) / 1000 if math.isfinite(m.margin) else math.nan
             d = _per_context(raw, t.a, k) - _per_context(raw, t.b, k)
-            rows.append({"test": i, "k": k, "reference": t.margin_ref, "fraction": t.margin_fraction,
-                         "ref_mean": m.ref_mean, "ref_ci_low": m.ref_ci_low, "ref_ci_high": m.ref_ci_high,
-                         "margin": margin, "p_tost": tost(d, margin)[2] if margin > 0 else math.nan})
-    return pd.DataFrame(rows, columns=["test", "k", "reference", "fraction", "ref_mean", "ref_ci_low", "ref_ci_high",
-                                       "margin", "p_tost"])
+            rows.append(
+                {
+                    "test": i,
+                    "k": k,
+                    "reference": t.margin_ref,
+                    "fraction": t.margin_fraction,
+                    "ref_mean": m.ref_mean,
+                    "ref_ci_low": m.ref_ci_low,
+                    "ref_ci_high": m.ref_ci_high,
+                    "margin": margin,
+                    "p_tost": tost(d, margin)[2] if margin > 0 else math.nan,
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=["test", "k", "reference", "fraction", "ref_mean", "ref_ci_low", "ref_ci_high", "margin", "p_tost"],
+    )
 
 
 def run_tests(cfg: ExperimentConfig, raw: pd.DataFrame) -> pd.DataFrame:
@@ -285,17 +338,24 @@ def run_tests(cfg: ExperimentConfig, raw: pd.DataFrame) -> pd.DataFrame:
     frames = []
     for i, t in enumerate(cfg.tests):
         a, b = tuple(t.a.rsplit("/", 1)), tuple(t.b.rsplit("/", 1))
-        df = compare_over_k(raw, a, b, _ks(cfg, t), alternative=t.alternative, alpha=cfg.alpha,
-                            min_effect=t.min_effect, seed=cfg.seed)
+        df = compare_over_k(
+            raw, a, b, _ks(cfg, t), alternative=t.alternative, alpha=cfg.alpha, min_effect=t.min_effect, seed=cfg.seed
+        )
         df.insert(0, "test", i)
         df.insert(1, "primary", t.primary)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     prim = out.primary.to_numpy(dtype=bool)
     out.loc[prim, "p_holm"] = holm(out.p_value[prim].to_numpy())
-    out["decision"] = [_decide(r, margins.loc[(r.test, r.k), "margin"] if cfg.tests[r.test].ref_sides
-                               else cfg.tests[r.test].min_effect, cfg.alpha, cfg.tests[r.test].alternative)
-                       for r in out.itertuples()]
+    out["decision"] = [
+        _decide(
+            r,
+            margins.loc[(r.test, r.k), "margin"] if cfg.tests[r.test].ref_sides else cfg.tests[r.test].min_effect,
+            cfg.alpha,
+            cfg.tests[r.test].alternative,
+        )
+        for r in out.itertuples()
+    ]
     return out
 
 

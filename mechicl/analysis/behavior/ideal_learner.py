@@ -51,7 +51,9 @@ def evidence_sums(signs: Float[np.ndarray, "n e"]) -> Float[np.ndarray, "n e"]:
     return np.concatenate([np.zeros((len(s), 1)), np.cumsum(s[:, :-1], axis=1)], axis=1)
 
 
-def log_odds(z: Float[np.ndarray, "n e"], s_sum: Float[np.ndarray, "n e"], beta: Float[np.ndarray, "n e"]) -> np.ndarray:
+def log_odds(
+    z: Float[np.ndarray, "n e"], s_sum: Float[np.ndarray, "n e"], beta: Float[np.ndarray, "n e"]
+) -> np.ndarray:
     """The learner's log-odds of each query's true label (``beta`` broadcast per query)."""
     return np.asarray(z, dtype=float) + np.asarray(beta, dtype=float) * np.asarray(s_sum, dtype=float)
 
@@ -72,8 +74,9 @@ def fit_beta(z: Float[np.ndarray, "m"], s_sum: Float[np.ndarray, "m"], p_true: F
         raise ValueError(f"fit_beta needs equal, non-empty arrays; got {len(z)}, {len(s_sum)}, {len(p_true)}")
     if not np.any(s_sum):
         raise ValueError("no demonstrations before any query (all evidence sums are 0): beta is not identified")
-    r = optimize.minimize_scalar(_neg_loglik, bounds=(0.0, BETA_MAX), args=(z, s_sum, p_true), method="bounded",
-                                 options={"xatol": 1e-7})
+    r = optimize.minimize_scalar(
+        _neg_loglik, bounds=(0.0, BETA_MAX), args=(z, s_sum, p_true), method="bounded", options={"xatol": 1e-7}
+    )
     return float(r.x)
 
 
@@ -84,7 +87,9 @@ def _neg_loglik2(params: np.ndarray, z: np.ndarray, s_sum: np.ndarray, p_true: n
     return _neg_loglik(beta, w * z, s_sum, p_true), -np.array([np.sum(resid * z), np.sum(resid * s_sum)])
 
 
-def fit_weight_and_beta(z: Float[np.ndarray, "m"], s_sum: Float[np.ndarray, "m"], p_true: Float[np.ndarray, "m"]) -> tuple[float, float]:
+def fit_weight_and_beta(
+    z: Float[np.ndarray, "m"], s_sum: Float[np.ndarray, "m"], p_true: Float[np.ndarray, "m"]
+) -> tuple[float, float]:
     """Maximum-likelihood (w, beta), w in [0, 5] and beta in [0, BETA_MAX], for ``eta = w z + beta S``.
 
     Concave in (w, beta) (eta is linear in them): L-BFGS-B with the analytic gradient finds the maximum.
@@ -92,8 +97,15 @@ def fit_weight_and_beta(z: Float[np.ndarray, "m"], s_sum: Float[np.ndarray, "m"]
     z, s_sum, p_true = (np.asarray(a, dtype=float).ravel() for a in (z, s_sum, p_true))
     if not np.any(s_sum):
         raise ValueError("no demonstrations before any query (all evidence sums are 0): beta is not identified")
-    r = optimize.minimize(_neg_loglik2, np.array([1.0, 0.1]), args=(z, s_sum, p_true), jac=True, method="L-BFGS-B",
-                          bounds=[(0.0, 5.0), (0.0, BETA_MAX)], options={"ftol": 1e-13, "gtol": 1e-9})
+    r = optimize.minimize(
+        _neg_loglik2,
+        np.array([1.0, 0.1]),
+        args=(z, s_sum, p_true),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(0.0, 5.0), (0.0, BETA_MAX)],
+        options={"ftol": 1e-13, "gtol": 1e-9},
+    )
     return float(r.x[0]), float(r.x[1])
 
 
@@ -116,7 +128,9 @@ class LearnerInputs:
     def __post_init__(self) -> None:
         shape = np.shape(self.z)
         if self.default not in self.signs or self.default not in self.model_ll:
-            raise ValueError(f"the Bayes learner is fitted on condition {self.default!r}; it is not among {sorted(self.signs)}")
+            raise ValueError(
+                f"the Bayes learner is fitted on condition {self.default!r}; it is not among {sorted(self.signs)}"
+            )
         if not np.all(self.signs[self.default] == 1):
             raise ValueError(f"condition {self.default!r} must show every true label to fit the evidence strength")
         for name, arr in [("true_class", self.true_class), *self.signs.items(), *self.model_ll.items()]:
@@ -152,22 +166,27 @@ def learner_scores(x: LearnerInputs, params: Params, cond: str) -> tuple[np.ndar
     return log_expit(eta), np.where(eta == 0, 0.5, (eta > 0).astype(float))
 
 
-def zero_shot_log_odds(model: object, single: PromptBatch, batch_size: int = 32, progress: bool = True) -> Float[np.ndarray, "n"]:
+def zero_shot_log_odds(
+    model: object, single: PromptBatch, batch_size: int = 32, progress: bool = True
+) -> Float[np.ndarray, "n"]:
     """The model's zero-shot log-odds of the true label, one per row of ``single`` (contexts of one example).
 
     With probabilities normalised over the two label words, the log-odds is the logit difference
     true - other. Cost: one forward of a one-example prompt per row.
     """
     if single.n_examples != 1 or len(single.label_token_ids) != 2:
-        raise ValueError(f"need one-example contexts of a binary task, got {single.n_examples} examples and "
-                         f"{len(single.label_token_ids)} labels (build them with data.prompts.build_prompt_batch)")
+        raise ValueError(
+            f"need one-example contexts of a binary task, got {single.n_examples} examples and "
+            f"{len(single.label_token_ids)} labels (build them with data.prompts.build_prompt_batch)"
+        )
     logits = label_logits(model, single, batch_size, progress)[:, 0].double()  # [n, 2]
     t = single.true_labels[:, 0]
     return (logits[torch.arange(len(t)), t] - logits[torch.arange(len(t)), 1 - t]).numpy()
 
 
-def learner_inputs(raw: pd.DataFrame, batches: list[PromptBatch], item_ids: Tensor, item_z: np.ndarray,
-                   default: str = "default") -> LearnerInputs:
+def learner_inputs(
+    raw: pd.DataFrame, batches: list[PromptBatch], item_ids: Tensor, item_z: np.ndarray, default: str = "default"
+) -> LearnerInputs:
     """Assemble ``LearnerInputs`` from ``behavior.score_batches``'s per-context table and the conditions' batches
     (same draws), given the zero-shot log-odds ``item_z`` of the task rows ``item_ids``."""
     lookup = dict(zip(np.asarray(item_ids).tolist(), np.asarray(item_z, dtype=float).tolist()))
@@ -207,8 +226,14 @@ def _means(x: LearnerInputs, betas: Params, rows: np.ndarray) -> dict[tuple[str,
     return out
 
 
-def learner_curves(x: LearnerInputs, per_class: bool = False, n_boot: int = 1000, level: float = 0.95,
-                   seed: int = 0, rescaled: bool = False) -> LearnerResult:
+def learner_curves(
+    x: LearnerInputs,
+    per_class: bool = False,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    rescaled: bool = False,
+) -> LearnerResult:
     """Fit beta (and w if ``rescaled``) on the default contexts, predict every condition, and bootstrap
     contexts (refitting each time).
 
@@ -227,16 +252,43 @@ def learner_curves(x: LearnerInputs, per_class: bool = False, n_boot: int = 1000
         for key, v in _means(x, b, rows).items():
             boot[key].append(v)
     lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+
     def ci(c: int, i: int, q: float) -> float:
         return float(np.quantile([b[c][i] for b in boot_betas], q)) if n_boot else np.nan
 
-    fit = pd.DataFrame([{"query_class": "all" if c == -1 else c, "prior_weight": w, "prior_weight_ci_low": ci(c, 0, lo_q),
-                         "prior_weight_ci_high": ci(c, 0, hi_q), "beta": v, "ci_low": ci(c, 1, lo_q),
-                         "ci_high": ci(c, 1, hi_q), "at_bound": bool(v < 1e-6 or v > BETA_MAX - 1e-3)}
-                        for c, (w, v) in betas.items()])
+    fit = pd.DataFrame(
+        [
+            {
+                "query_class": "all" if c == -1 else c,
+                "prior_weight": w,
+                "prior_weight_ci_low": ci(c, 0, lo_q),
+                "prior_weight_ci_high": ci(c, 0, hi_q),
+                "beta": v,
+                "ci_low": ci(c, 1, lo_q),
+                "ci_high": ci(c, 1, hi_q),
+                "at_bound": bool(v < 1e-6 or v > BETA_MAX - 1e-3),
+            }
+            for c, (w, v) in betas.items()
+        ]
+    )
     rows_out = []
     for (cond, metric, source), mean in point.items():
-        qs = np.quantile(np.stack(boot[(cond, metric, source)]), [lo_q, hi_q], axis=0) if n_boot else np.full((2, len(mean)), np.nan)
-        rows_out += [{"condition": cond, "k": k, "metric": metric, "source": source, "mean": float(mean[k]),
-                      "ci_low": float(qs[0, k]), "ci_high": float(qs[1, k]), "n": n} for k in range(len(mean))]
+        qs = (
+            np.quantile(np.stack(boot[(cond, metric, source)]), [lo_q, hi_q], axis=0)
+            if n_boot
+            else np.full((2, len(mean)), np.nan)
+        )
+        rows_out += [
+            {
+                "condition": cond,
+                "k": k,
+                "metric": metric,
+                "source": source,
+                "mean": float(mean[k]),
+                "ci_low": float(qs[0, k]),
+                "ci_high": float(qs[1, k]),
+                "n": n,
+            }
+            for k in range(len(mean))
+        ]
     return LearnerResult(fit, pd.DataFrame(rows_out), n_boot, rescaled)

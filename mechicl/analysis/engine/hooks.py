@@ -18,7 +18,8 @@ shim) is in ``analysis.engine.surgery``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -62,8 +63,9 @@ def _query_axis(name: str) -> int:
     return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
 
 
-def capture(names: Sequence[str], store: dict[str, Tensor], at: Int[Tensor, "batch slot"] | None = None,
-            grad: bool = False) -> list[Hook]:
+def capture(
+    names: Sequence[str], store: dict[str, Tensor], at: Int[Tensor, "batch slot"] | None = None, grad: bool = False
+) -> list[Hook]:
     """Hooks that keep the activation of each hook in ``names`` in ``store[name]``.
 
     ``at``: gather these positions per context (``[batch, slot]``; the query axis of attention
@@ -101,8 +103,15 @@ class _Stop(Exception):
     """Raised by the stop hook to end a forward early; only ``run_to_final`` raises and catches it."""
 
 
-def run_to_final(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[Hook] = (), *, stop: str = FINAL,
-                 start: tuple[int, Tensor] | None = None, **forward_kwargs: Any) -> Float[Tensor, "batch pos d_model"]:
+def run_to_final(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    hooks: Sequence[Hook] = (),
+    *,
+    stop: str = FINAL,
+    start: tuple[int, Tensor] | None = None,
+    **forward_kwargs: Any,
+) -> Float[Tensor, "batch pos d_model"]:
     """Run ``model`` (a TransformerBridge) with ``hooks``; stop once hook ``stop`` fires and return its activation.
 
     With the default ``stop`` that is the residual entering the final norm and the unembedding

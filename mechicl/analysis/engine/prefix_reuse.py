@@ -19,14 +19,22 @@ stepper does. Callers check the first re-run against their full forward (``Patch
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Hook, run_to_final
-from mechicl.analysis.engine.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
+from mechicl.analysis.engine.surgery import (
+    cache_kwargs,
+    cache_shim,
+    fresh_cache,
+    new_kv_cache,
+    sliding_window,
+    windowed_mask,
+)
 from mechicl.data.pairs import PatchPair
 
 
@@ -94,18 +102,31 @@ class SuffixRunner:
         return (self.width - self.start) / self.width
 
     @torch.no_grad()
-    def run(self, suffix: Int[Tensor, "batch suffix"], n: int = 1, hooks: Sequence[Hook] = (), layer: int = 0,
-            resid: Float[Tensor, "rows suffix d_model"] | None = None) -> Float[Tensor, "rows suffix d_model"]:
+    def run(
+        self,
+        suffix: Int[Tensor, "batch suffix"],
+        n: int = 1,
+        hooks: Sequence[Hook] = (),
+        layer: int = 0,
+        resid: Float[Tensor, "rows suffix d_model"] | None = None,
+    ) -> Float[Tensor, "rows suffix d_model"]:
         """The residual entering the final norm at the suffix positions of ``n`` copies of ``suffix``
         (``rows = n x batch``; hooks see ``[rows, width - start, ...]`` activations)."""
         if suffix.shape[1] != self.width - self.start:
-            raise ValueError(f"suffix has {suffix.shape[1]} positions, expected {self.width - self.start} "
-                             f"(positions {self.start}..{self.width - 1})")
+            raise ValueError(
+                f"suffix has {suffix.shape[1]} positions, expected {self.width - self.start} "
+                f"(positions {self.start}..{self.width - 1})"
+            )
         rows = n * suffix.shape[0]
         with cache_shim(self.model):
             return run_to_final(
-                self.model, suffix.repeat(n, 1), hooks, start=(layer, resid) if layer > 0 else None,
+                self.model,
+                suffix.repeat(n, 1),
+                hooks,
+                start=(layer, resid) if layer > 0 else None,
                 attention_mask={t: m.expand(rows, -1, -1, -1).contiguous() for t, m in self._mask.items()}
-                if isinstance(self._mask, dict) else self._mask.expand(rows, -1, -1, -1).contiguous(),
-                position_ids=self._pos.expand(rows, -1).contiguous(), **cache_kwargs(self.model, fresh_cache(self._cache, n)),
+                if isinstance(self._mask, dict)
+                else self._mask.expand(rows, -1, -1, -1).contiguous(),
+                position_ids=self._pos.expand(rows, -1).contiguous(),
+                **cache_kwargs(self.model, fresh_cache(self._cache, n)),
             )

@@ -11,7 +11,8 @@ context: the re-run copy of slot ``s`` sees the cached positions before ``s`` an
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -20,7 +21,14 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.engine.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
+from mechicl.analysis.engine.surgery import (
+    cache_kwargs,
+    cache_shim,
+    fresh_cache,
+    new_kv_cache,
+    sliding_window,
+    windowed_mask,
+)
 from mechicl.data.prompts import PromptBatch
 
 
@@ -61,10 +69,22 @@ class SlotStepper:
     ``score_bytes`` (the chunking of ``run``).
     """
 
-    def __init__(self, model: Any, batch: PromptBatch, k_min: int, *, step_tokens: int = 8192, max_rows: int = 64,
-                 score_bytes: int = 2**26, mode: str = "auto", atol: float = 1e-3) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch: PromptBatch,
+        k_min: int,
+        *,
+        step_tokens: int = 8192,
+        max_rows: int = 64,
+        score_bytes: int = 2**26,
+        mode: str = "auto",
+        atol: float = 1e-3,
+    ) -> None:
         if not 0 <= k_min < batch.n_examples:
-            raise ValueError(f"k_min={k_min} must be in [0, {batch.n_examples - 1}] for {batch.n_examples}-example contexts")
+            raise ValueError(
+                f"k_min={k_min} must be in [0, {batch.n_examples - 1}] for {batch.n_examples}-example contexts"
+            )
         self.model, self.batch, self.k_min = model, batch, k_min
         self.step_tokens, self.max_rows, self.score_bytes = step_tokens, max_rows, score_bytes
         self.pos = batch.readout_pos[:, k_min:]  # [b, S] readout positions of the slots
@@ -81,7 +101,10 @@ class SlotStepper:
                 if mode == "kv":
                     raise
                 if not isinstance(e, _NoCache):  # TL-native models have none: full forwards are expected there
-                    warnings.warn(f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
+                    warnings.warn(
+                        f"SlotStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards",
+                        stacklevel=2,
+                    )
         self._init_full()
 
     @property
@@ -105,11 +128,19 @@ class SlotStepper:
         store: dict[str, Tensor] = {}
         res_names = [act_name("resid_pre", l) for l in range(1, self.L)]
         with cache_shim(self.model):
-            resid = run_to_final(self.model, tok, capture(self._z_names() + res_names, store, at=self._cols),
-                                 attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache))
+            resid = run_to_final(
+                self.model,
+                tok,
+                capture(self._z_names() + res_names, store, at=self._cols),
+                attention_mask=mask,
+                position_ids=pos,
+                **cache_kwargs(self.model, cache),
+            )
         self._cache = cache
         self.z = torch.stack([store[n] for n in self._z_names()], 2)  # [b, S, L, H, d]
-        self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.L)}  # [b, S, d]: re-runs start there
+        self._resid_pre = {
+            l: store[act_name("resid_pre", l)] for l in range(1, self.L)
+        }  # [b, S, d]: re-runs start there
         rows = torch.arange(tok.shape[0])[:, None]
         self.base_logits = unembed_labels(self.model, resid[rows, self._cols], self.label_ids)  # [b, S, labels]
         self.mode = "kv"
@@ -129,8 +160,9 @@ class SlotStepper:
         self.mode = "full"
 
     @torch.no_grad()
-    def run(self, masks: Bool[Tensor, "n layer head"], source: Float[Tensor, "..."] | None = None,
-            progress: bool = False) -> Float[Tensor, "n batch slot n_labels"]:
+    def run(
+        self, masks: Bool[Tensor, "n layer head"], source: Float[Tensor, "..."] | None = None, progress: bool = False
+    ) -> Float[Tensor, "n batch slot n_labels"]:
         """Label logits at every slot for ``n`` interventions.
 
         Intervention ``i`` replaces the slot output of every head with ``masks[i, layer, head]`` by
@@ -143,8 +175,10 @@ class SlotStepper:
         else:  # full: each chunk runs its contexts in groups of at most max_rows rows
             per = max(1, self.max_rows // S)
         chunks = range(0, n, per)
-        out = [self._chunk(masks[c : c + per], source)
-               for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)]
+        out = [
+            self._chunk(masks[c : c + per], source)
+            for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
+        ]
         return torch.cat(out, 0) if out else torch.zeros(0, self.batch.n_contexts, S, len(self.label_ids))
 
     def _kv_chunk(self, n: int) -> int:
@@ -156,8 +190,9 @@ class SlotStepper:
             per = (per + 1) // 2
         return per
 
-    def attribution(self, source: Float[Tensor, "batch slot layer head d_head"] | None,
-                    metric: Callable[[Tensor, Tensor], Tensor]) -> Float[Tensor, "batch slot layer head"]:
+    def attribution(
+        self, source: Float[Tensor, "batch slot layer head d_head"] | None, metric: Callable[[Tensor, Tensor], Tensor]
+    ) -> Float[Tensor, "batch slot layer head"]:
         """First-order estimate of each head's replacement effect at each slot on ``metric``.
 
         ``metric(logits [b, S, labels], true_labels [b, S]) -> [b, S]`` (e.g. P(true label)). Estimate:
@@ -172,8 +207,14 @@ class SlotStepper:
             if self.mode == "kv":
                 tok, mask, pos, _ = self._prefix
                 with cache_shim(self.model):
-                    resid = run_to_final(self.model, tok.gather(1, self._cols), hooks, attention_mask=self._step_mask(self._cols),
-                                         position_ids=pos.gather(1, self._cols), **cache_kwargs(self.model, fresh_cache(self._cache)))
+                    resid = run_to_final(
+                        self.model,
+                        tok.gather(1, self._cols),
+                        hooks,
+                        attention_mask=self._step_mask(self._cols),
+                        position_ids=pos.gather(1, self._cols),
+                        **cache_kwargs(self.model, fresh_cache(self._cache)),
+                    )
                 logits = unembed_labels(self.model, resid, self.label_ids)  # [b, S, labels]
                 at = lambda x: x  # noqa: E731 - copies are already [b, S, ...]
             else:
@@ -210,8 +251,9 @@ class SlotStepper:
             return source[l][None, None, None]
         return source[:, :, l][:, None]
 
-    def _hooks(self, masks: Tensor, source: Tensor | None, full_rows: Tensor | None, b: int | None = None
-               ) -> list[tuple[str, Callable]]:
+    def _hooks(
+        self, masks: Tensor, source: Tensor | None, full_rows: Tensor | None, b: int | None = None
+    ) -> list[tuple[str, Callable]]:
         """``hook_z`` replacements: kv rows ``[b, n*S]`` or full rows ``(context, i, s)`` at their slot."""
         n, S, b = masks.shape[0], self.n_slots, b or self.batch.n_contexts
         hooks = []
@@ -220,7 +262,7 @@ class SlotStepper:
             if not m_l.any():
                 continue
 
-            def hook(act: Tensor, hook: Any, m_l: Tensor = m_l, src: Tensor | None = self._src(source, l)) -> Tensor:
+            def hook(act: Tensor, hook: Any, m_l: Tensor = m_l, src: Tensor | None = self._src(source, l)) -> Tensor:  # noqa: B008 - bound per layer
                 m_l = m_l.to(act.device)  # masks and sources live on the host; meet the activation on its device
                 src = None if src is None else src.to(act.device, act.dtype)
                 keep = m_l[None, :, None, :, None]  # [1, n, 1, H, 1]
@@ -248,9 +290,13 @@ class SlotStepper:
             start = (l0, self._resid_pre[l0].repeat(1, n, 1)) if l0 > 0 else None
             with cache_shim(self.model):
                 resid = run_to_final(
-                    self.model, tok.gather(1, cols), self._hooks(masks, source, None), attention_mask=self._step_mask(cols),
+                    self.model,
+                    tok.gather(1, cols),
+                    self._hooks(masks, source, None),
+                    attention_mask=self._step_mask(cols),
                     start=start,
-                    position_ids=pos.gather(1, cols), **cache_kwargs(self.model, fresh_cache(self._cache)),
+                    position_ids=pos.gather(1, cols),
+                    **cache_kwargs(self.model, fresh_cache(self._cache)),
                 )
             return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
         cb = max(1, self.max_rows // (n * S))  # contexts per forward: at most max_rows rows (or one context)
@@ -263,5 +309,9 @@ class SlotStepper:
             src = source if source is None or source.dim() == 3 else source[rows]
             tokens = self.batch.tokens[rows, : self.P].repeat_interleave(n * S, 0)
             resid = run_to_final(self.model, tokens, self._hooks(masks, src, rows_pos, m))
-            out.append(unembed_labels(self.model, resid[torch.arange(len(rows_pos)), rows_pos], self.label_ids).view(m, n, S, -1))
+            out.append(
+                unembed_labels(self.model, resid[torch.arange(len(rows_pos)), rows_pos], self.label_ids).view(
+                    m, n, S, -1
+                )
+            )
         return torch.cat(out, 0).transpose(0, 1)

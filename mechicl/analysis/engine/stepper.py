@@ -8,7 +8,8 @@ construction); the KV-cache plumbing it needs beyond TL hooks is in ``analysis.e
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -17,12 +18,21 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final, to_host
 from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.engine.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache, sliding_window, windowed_mask
+from mechicl.analysis.engine.surgery import (
+    cache_kwargs,
+    cache_shim,
+    fresh_cache,
+    new_kv_cache,
+    sliding_window,
+    windowed_mask,
+)
 from mechicl.data.prompts import PromptBatch
 from mechicl.models.device import input_device, model_dtype
 
-def _left_padded_prefix(tokens: Int[Tensor, "batch pos"], q: Int[Tensor, "batch"]
-                          ) -> tuple[Int[Tensor, "batch P"], Int[Tensor, "batch P"], Int[Tensor, "batch P"]]:
+
+def _left_padded_prefix(
+    tokens: Int[Tensor, "batch pos"], q: Int[Tensor, "batch"]
+) -> tuple[Int[Tensor, "batch P"], Int[Tensor, "batch P"], Int[Tensor, "batch P"]]:
     """Tokens, attention mask and position ids with row ``r`` holding ``tokens[r, :q_r + 1]`` at the right end
     (left padding), so that every query token sits in the last column."""
     b, P = tokens.shape[0], int(q.max()) + 1
@@ -61,8 +71,16 @@ class ReadoutStepper:
     Devices: ``z`` and the cache stay on the model's device(s); logits come back float32 on the CPU.
     """
 
-    def __init__(self, model: Any, batch: PromptBatch, *, max_rows: int = 256, step_tokens: int = 4096, mode: str = "auto",
-                 atol: float = 1e-3) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch: PromptBatch,
+        *,
+        max_rows: int = 256,
+        step_tokens: int = 4096,
+        mode: str = "auto",
+        atol: float = 1e-3,
+    ) -> None:
         self.model = model
         self.batch = batch
         self.max_rows, self.step_tokens = max_rows, step_tokens
@@ -83,8 +101,12 @@ class ReadoutStepper:
                 try:
                     with cache_shim(self.model):
                         resid = run_to_final(
-                            self.model, tok, capture(z_names, store, at=torch.full((b, 1), P - 1)), attention_mask=mask,
-                            position_ids=pos, **cache_kwargs(self.model, cache),
+                            self.model,
+                            tok,
+                            capture(z_names, store, at=torch.full((b, 1), P - 1)),
+                            attention_mask=mask,
+                            position_ids=pos,
+                            **cache_kwargs(self.model, cache),
                         )
                     if cache.get_seq_length() != P:
                         raise RuntimeError(f"KV cache holds {cache.get_seq_length()} positions, expected {P}")
@@ -93,12 +115,17 @@ class ReadoutStepper:
                 except Exception as e:  # noqa: BLE001 - any failure means: use full forwards
                     if mode == "kv":
                         raise
-                    warnings.warn(f"ReadoutStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards")
+                    warnings.warn(
+                        f"ReadoutStepper: KV-cache path unavailable ({type(e).__name__}: {e}); using full forwards",
+                        stacklevel=2,
+                    )
                     cache, store = None, {}
             if cache is None:
                 full = batch.tokens[:, :P]
                 res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
-                resid = run_to_final(self.model, full, [*capture(z_names, store, at=self.q[:, None]), *capture(res_names, store)])
+                resid = run_to_final(
+                    self.model, full, [*capture(z_names, store, at=self.q[:, None]), *capture(res_names, store)]
+                )
                 self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}
                 rows, dev = torch.arange(b), input_device(self.model)
                 self.z = torch.stack([store[n][:, 0].to(dev) for n in z_names], 1)  # kept at the query slot only
@@ -116,7 +143,10 @@ class ReadoutStepper:
                 if not err <= tol * max(1.0, float(self.base_logits.abs().max())):
                     if mode == "kv":
                         raise RuntimeError(f"ReadoutStepper KV path differs from the full forward by {err:.3g}")
-                    warnings.warn(f"ReadoutStepper: KV re-run differs from the full forward by {err:.3g}; using full forwards")
+                    warnings.warn(
+                        f"ReadoutStepper: KV re-run differs from the full forward by {err:.3g}; using full forwards",
+                        stacklevel=2,
+                    )
                     self.__init__(model, batch, max_rows=max_rows, step_tokens=step_tokens, mode="full", atol=atol)  # type: ignore[misc]
                     return
         self.last_cost = 1.0
@@ -167,7 +197,9 @@ class ReadoutStepper:
             out.append(self._run_chunk(masks[c0 : c0 + per], source))
         return torch.cat(out, 0) if out else torch.zeros(0, b, len(self.label_ids))
 
-    def _hooks(self, masks: Tensor, source: Tensor | None, n: int, rows_pos: Tensor | None) -> list[tuple[str, Callable]]:
+    def _hooks(
+        self, masks: Tensor, source: Tensor | None, n: int, rows_pos: Tensor | None
+    ) -> list[tuple[str, Callable]]:
         b = self.n_contexts
         hooks = []
         for l in range(self.n_layers):
@@ -210,8 +242,11 @@ class ReadoutStepper:
             m4[:, 0, torch.arange(n), pm + torch.arange(n)] = True
             with cache_shim(self.model):
                 resid = run_to_final(
-                    self.model, tok[:, -1:].expand(b, n).contiguous(), self._hooks(masks, source, n, None),
-                    attention_mask=self._windowed(m4), position_ids=self.q[:, None].expand(b, n).contiguous(),
+                    self.model,
+                    tok[:, -1:].expand(b, n).contiguous(),
+                    self._hooks(masks, source, n, None),
+                    attention_mask=self._windowed(m4),
+                    position_ids=self.q[:, None].expand(b, n).contiguous(),
                     **cache_kwargs(self.model, fresh_cache(self._kv_cache)),
                 )
             self.last_cost += n / max(1, int(self.q.float().mean()) + 1)
@@ -222,7 +257,10 @@ class ReadoutStepper:
         rows_pos = self.q.repeat_interleave(n)
         start = (l0, self._resid_pre[l0].repeat_interleave(n, 0)) if l0 > 0 else None
         resid = run_to_final(
-            self.model, self.batch.tokens[:, :P].repeat_interleave(n, 0), self._hooks(masks, source, n, rows_pos), start=start
+            self.model,
+            self.batch.tokens[:, :P].repeat_interleave(n, 0),
+            self._hooks(masks, source, n, rows_pos),
+            start=start,
         )
         self.last_cost += n * (L - l0) / L
         logits = to_host(unembed_labels(self.model, resid[torch.arange(b * n), rows_pos], self.label_ids))

@@ -22,7 +22,8 @@ import contextlib
 import copy
 import inspect
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor

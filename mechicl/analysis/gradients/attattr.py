@@ -36,8 +36,9 @@ forward each), ``m + 2`` rows per context side by side. Memory: the autograd gra
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -96,8 +97,19 @@ def uniform_pattern(shape: tuple[int, ...]) -> Float[Tensor, "batch head query k
     return u.expand(shape)
 
 
-def _scaled_run(model: Any, tokens: Tensor, pattern: Tensor, base: Tensor, resid: Tensor | None, layer: int,
-                a: Tensor, batch: PromptBatch, answer: Tensor, foil: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def _scaled_run(
+    model: Any,
+    tokens: Tensor,
+    pattern: Tensor,
+    base: Tensor,
+    resid: Tensor | None,
+    layer: int,
+    a: Tensor,
+    batch: PromptBatch,
+    answer: Tensor,
+    foil: Tensor,
+    metric: str,
+) -> tuple[Tensor, Tensor]:
     """F and dF/d(pattern) at ``base + alpha (pattern - base)`` for the ``alpha`` values ``a``, rows
     alpha-major: ``[n, b]``, ``[n, b, H, W, W]``."""
     n, b = len(a), tokens.shape[0]
@@ -113,15 +125,25 @@ def _scaled_run(model: Any, tokens: Tensor, pattern: Tensor, base: Tensor, resid
     with torch.enable_grad():
         out = run_to_final(model, tokens.repeat(n, 1), [(act_name("pattern", layer), scaled)], start=start)
         q = batch.readout_pos[:, -1].repeat(n)
-        f = label_metric(model, out[torch.arange(n * b), q], batch.label_token_ids, answer.repeat(n), foil.repeat(n), metric)
+        f = label_metric(
+            model, out[torch.arange(n * b), q], batch.label_token_ids, answer.repeat(n), foil.repeat(n), metric
+        )
         (g,) = torch.autograd.grad(f.sum(), leaf)
     return f.detach().view(n, b), g.view(n, b, *pattern.shape[1:])
 
 
-def attattr(model: Any, batch: PromptBatch, answer: Int[Tensor, "batch"] | None = None,
-            foil: Int[Tensor, "batch"] | None = None, layers: Sequence[int] | None = None, steps: int = 20,
-            metric: str = "logit_diff", baseline: str = "zero", max_rows: int = 64,
-            progress: bool = False) -> list[AttAttrResult]:
+def attattr(
+    model: Any,
+    batch: PromptBatch,
+    answer: Int[Tensor, "batch"] | None = None,
+    foil: Int[Tensor, "batch"] | None = None,
+    layers: Sequence[int] | None = None,
+    steps: int = 20,
+    metric: str = "logit_diff",
+    baseline: str = "zero",
+    max_rows: int = 64,
+    progress: bool = False,
+) -> list[AttAttrResult]:
     """AttAttr of each of ``layers`` (default all) at the query readout slot of ``batch``.
 
     ``answer``/``foil``: class indices per context (default ``default_targets``; for a ``PatchPair``
@@ -158,8 +180,21 @@ def attattr(model: Any, batch: PromptBatch, answer: Int[Tensor, "batch"] | None 
         attr = to_host((A - A0) * g[:steps].mean(0))
         A = to_host(A)
         cost = len(a) * (L - l) / L
-        out.append(AttAttrResult(l, steps, metric, baseline, attr, A, f[-1], f[-2], cost + 1 / len(layers), cost,
-                                 time.perf_counter() - t0))
+        out.append(
+            AttAttrResult(
+                l,
+                steps,
+                metric,
+                baseline,
+                attr,
+                A,
+                f[-1],
+                f[-2],
+                cost + 1 / len(layers),
+                cost,
+                time.perf_counter() - t0,
+            )
+        )
     return out
 
 
@@ -176,7 +211,9 @@ def key_group_index(batch: PromptBatch, width: int) -> Int[Tensor, "batch key"]:
     return g
 
 
-def group_masses(r: AttAttrResult, batch: PromptBatch) -> tuple[Float[Tensor, "batch head group"], Float[Tensor, "batch head group"]]:
+def group_masses(
+    r: AttAttrResult, batch: PromptBatch
+) -> tuple[Float[Tensor, "batch head group"], Float[Tensor, "batch head group"]]:
     """Attribution and raw attention per key group (``GROUPS``) at the last readout slot; the
     ``other_queries`` group holds the attribution of every other query row (its attention is NaN)."""
     b, H, W, _ = r.attr.shape
@@ -200,17 +237,36 @@ def head_groups(results: Sequence[AttAttrResult], batch: PromptBatch) -> pd.Data
         attr_g, att_g = (x.mean(0).numpy() for x in group_masses(r, batch))  # [H, G]
         H, G = attr_g.shape
         share = attr_g / np.maximum(np.abs(attr_g).sum(-1, keepdims=True), 1e-12)
-        frames.append(pd.DataFrame({
-            "layer": r.layer, "head": np.repeat(np.arange(H), G), "group": np.tile(GROUPS, H),
-            "attribution": attr_g.ravel(), "attribution_share": share.ravel(), "attention": att_g.ravel(),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": r.layer,
+                    "head": np.repeat(np.arange(H), G),
+                    "group": np.tile(GROUPS, H),
+                    "attribution": attr_g.ravel(),
+                    "attribution_share": share.ravel(),
+                    "attention": att_g.ravel(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
 def completeness_table(results: Sequence[AttAttrResult]) -> pd.DataFrame:
     """Per layer: steps, baseline, sum of attributions, F(A) - F(baseline), residual (means over contexts), max |residual|."""
-    return pd.DataFrame([{
-        "layer": r.layer, "steps": r.steps, "baseline": r.baseline, "sum_attr": float(r.total.mean()),
-        "f_full_minus_f_base": float((r.f_full - r.f_base).mean()), "residual": float(r.completeness.mean()),
-        "max_abs_residual": float(r.completeness.abs().max()), "forwards": r.forwards, "backwards": r.backwards,
-    } for r in results])
+    return pd.DataFrame(
+        [
+            {
+                "layer": r.layer,
+                "steps": r.steps,
+                "baseline": r.baseline,
+                "sum_attr": float(r.total.mean()),
+                "f_full_minus_f_base": float((r.f_full - r.f_base).mean()),
+                "residual": float(r.completeness.mean()),
+                "max_abs_residual": float(r.completeness.abs().max()),
+                "forwards": r.forwards,
+                "backwards": r.backwards,
+            }
+            for r in results
+        ]
+    )

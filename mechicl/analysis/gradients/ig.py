@@ -31,8 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechicl.analysis.patching.attribution import agreement
 from mechicl.analysis.engine.readout import unembed_labels
+from mechicl.analysis.patching.attribution import agreement
 
 METRICS = ("logit_diff", "prob")
 
@@ -55,8 +55,14 @@ def chunks(n: int, per: int) -> list[slice]:
     return [slice(i, min(n, i + per)) for i in range(0, n, per)]
 
 
-def label_metric(model: Any, resid_q: Float[Tensor, "row d_model"], label_ids: Int[Tensor, "n_labels"],
-                 answer: Int[Tensor, "row"], foil: Int[Tensor, "row"], metric: str = "logit_diff") -> Float[Tensor, "row"]:
+def label_metric(
+    model: Any,
+    resid_q: Float[Tensor, "row d_model"],
+    label_ids: Int[Tensor, "n_labels"],
+    answer: Int[Tensor, "row"],
+    foil: Int[Tensor, "row"],
+    metric: str = "logit_diff",
+) -> Float[Tensor, "row"]:
     """Per row: logit(answer) - logit(foil) over the label set (``logit_diff``) or P(answer) (``prob``).
 
     ``resid_q`` is the residual entering the final norm at the query readout slot; ``answer`` / ``foil``
@@ -76,8 +82,12 @@ def _sign_agreement(est: np.ndarray, exact: np.ndarray, min_effect: float) -> fl
     return float((np.sign(est[keep]) == np.sign(exact[keep])).mean()) if keep.any() else float("nan")
 
 
-def ranking_comparison(exact: Float[Tensor, "layer head"], estimates: dict[str, Float[Tensor, "layer head"]],
-                       k: int = 10, min_effect: float = 0.01) -> pd.DataFrame:
+def ranking_comparison(
+    exact: Float[Tensor, "layer head"],
+    estimates: dict[str, Float[Tensor, "layer head"]],
+    k: int = 10,
+    min_effect: float = 0.01,
+) -> pd.DataFrame:
     """Each estimate of the per-head patching effect against the exact effect.
 
     Columns: method, spearman, pearson, topk_overlap (top-``k`` heads by |effect|, shared / k),
@@ -89,15 +99,26 @@ def ranking_comparison(exact: Float[Tensor, "layer head"], estimates: dict[str, 
     rows = []
     for name, est in estimates.items():
         a = agreement(est, exact, k)
-        rows.append({"method": name, "spearman": a["spearman"], "pearson": a["pearson"],
-                     "topk_overlap": a["topk_overlap"], "k": int(a["k"]),
-                     "sign_agreement": _sign_agreement(est.reshape(-1).double().numpy(), x, min_effect),
-                     "n_signed": int((np.abs(x) >= min_effect).sum())})
+        rows.append(
+            {
+                "method": name,
+                "spearman": a["spearman"],
+                "pearson": a["pearson"],
+                "topk_overlap": a["topk_overlap"],
+                "k": int(a["k"]),
+                "sign_agreement": _sign_agreement(est.reshape(-1).double().numpy(), x, min_effect),
+                "n_signed": int((np.abs(x) >= min_effect).sum()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def sign_disagreements(exact: Float[Tensor, "layer head"], first_order: Float[Tensor, "layer head"],
-                       ig: Float[Tensor, "layer head"], min_size: float = 0.0) -> pd.DataFrame:
+def sign_disagreements(
+    exact: Float[Tensor, "layer head"],
+    first_order: Float[Tensor, "layer head"],
+    ig: Float[Tensor, "layer head"],
+    min_size: float = 0.0,
+) -> pd.DataFrame:
     """Heads where first-order attribution patching and path IG disagree in sign, with the exact effect.
 
     ``min_size``: skip heads where both estimates are smaller than this. ``agrees_with_exact`` says which
@@ -108,8 +129,23 @@ def sign_disagreements(exact: Float[Tensor, "layer head"], first_order: Float[Te
     out = []
     for l, h in bad.nonzero().tolist():
         sx = torch.sign(x[l, h])
-        who = "ig" if sx == torch.sign(g[l, h]) and sx != 0 else "first_order" if sx == torch.sign(fo[l, h]) and sx != 0 else "neither"
-        out.append({"layer": l, "head": h, "name": f"L{l}H{h}", "first_order": float(fo[l, h]), "ig": float(g[l, h]),
-                    "exact": float(x[l, h]), "agrees_with_exact": who})
+        who = (
+            "ig"
+            if sx == torch.sign(g[l, h]) and sx != 0
+            else "first_order"
+            if sx == torch.sign(fo[l, h]) and sx != 0
+            else "neither"
+        )
+        out.append(
+            {
+                "layer": l,
+                "head": h,
+                "name": f"L{l}H{h}",
+                "first_order": float(fo[l, h]),
+                "ig": float(g[l, h]),
+                "exact": float(x[l, h]),
+                "agrees_with_exact": who,
+            }
+        )
     cols = ["layer", "head", "name", "first_order", "ig", "exact", "agrees_with_exact"]
     return pd.DataFrame(out, columns=cols).sort_values("exact", key=np.abs, ascending=False, ignore_index=True)

@@ -28,8 +28,9 @@ of every layer for both runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,19 +72,40 @@ class PathIGResult:
     def table(self) -> pd.DataFrame:
         """Tidy: layer, head, ig (one row per head)."""
         L, H = self.heads.shape
-        return pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
-                             "ig": self.heads.reshape(-1).numpy()})
+        return pd.DataFrame(
+            {
+                "layer": np.repeat(np.arange(L), H),
+                "head": np.tile(np.arange(H), L),
+                "ig": self.heads.reshape(-1).numpy(),
+            }
+        )
 
     def completeness(self) -> pd.DataFrame:
         """Per layer: steps, heads' sum, rest, total, residual (total - 1), the path's endpoints."""
-        return pd.DataFrame({"layer": np.arange(len(self.rest)), "steps": self.steps,
-                             "heads_sum": self.heads.sum(-1).numpy(), "rest": self.rest.numpy(),
-                             "total": self.total.numpy(), "residual": self.residual.numpy(),
-                             "m_start": self.endpoints[:, 0].numpy(), "m_end": self.endpoints[:, 1].numpy()})
+        return pd.DataFrame(
+            {
+                "layer": np.arange(len(self.rest)),
+                "steps": self.steps,
+                "heads_sum": self.heads.sum(-1).numpy(),
+                "rest": self.rest.numpy(),
+                "total": self.total.numpy(),
+                "residual": self.residual.numpy(),
+                "m_start": self.endpoints[:, 0].numpy(),
+                "m_end": self.endpoints[:, 1].numpy(),
+            }
+        )
 
 
-def _interpolated_run(model: Any, pair: PatchPair, tokens: Tensor, layer: int, a: Tensor, z: tuple[Tensor, Tensor],
-                      r: tuple[Tensor, Tensor], base: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _interpolated_run(
+    model: Any,
+    pair: PatchPair,
+    tokens: Tensor,
+    layer: int,
+    a: Tensor,
+    z: tuple[Tensor, Tensor],
+    r: tuple[Tensor, Tensor],
+    base: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
     """M and its gradients w.r.t. the interpolated ``z`` and residual for the ``alpha`` values ``a``.
 
     ``z``/``r`` = (corrupted, clean) activations; rows alpha-major. Returns M ``[n]``,
@@ -103,6 +125,7 @@ def _interpolated_run(model: Any, pair: PatchPair, tokens: Tensor, layer: int, a
             if x.shape != leaf.shape:
                 raise RuntimeError(f"{hook.name} has shape {tuple(x.shape)}, expected {tuple(leaf.shape)}")
             return leaf.to(x.dtype)
+
         return hook
 
     hooks = [(act_name("resid_pre", layer), put(rl)), (act_name("z", layer), put(zl))]
@@ -116,8 +139,15 @@ def _interpolated_run(model: Any, pair: PatchPair, tokens: Tensor, layer: int, a
     return m.detach(), gz.view(n, *z[0].shape), gr.view(n, *r[0].shape)
 
 
-def path_ig(model: Any, pair: PatchPair, steps: int = 20, layers: Sequence[int] | None = None,
-            max_rows: int = 32, patcher: Patcher | None = None, progress: bool = False) -> PathIGResult:
+def path_ig(
+    model: Any,
+    pair: PatchPair,
+    steps: int = 20,
+    layers: Sequence[int] | None = None,
+    max_rows: int = 32,
+    patcher: Patcher | None = None,
+    progress: bool = False,
+) -> PathIGResult:
     """IG of every head output and of the rest, per layer, from the corrupted to the clean run.
 
     ``patcher``: reuse a ``Patcher``'s cached runs (and its baselines). Cost: see the module docstring.
@@ -153,8 +183,13 @@ def path_ig(model: Any, pair: PatchPair, steps: int = 20, layers: Sequence[int] 
     return PathIGResult(steps, heads, rest, ends, fw, bw, time.perf_counter() - t0)
 
 
-def completeness_curve(model: Any, pair: PatchPair, steps: Sequence[int] = (1, 5, 20, 50),
-                       layers: Sequence[int] | None = None, max_rows: int = 32) -> pd.DataFrame:
+def completeness_curve(
+    model: Any,
+    pair: PatchPair,
+    steps: Sequence[int] = (1, 5, 20, 50),
+    layers: Sequence[int] | None = None,
+    max_rows: int = 32,
+) -> pd.DataFrame:
     """``PathIGResult.completeness()`` for each number of steps (one shared ``Patcher``), stacked."""
     p = Patcher(model, pair, max_rows=max_rows)
     frames = [path_ig(model, pair, m, layers, max_rows, patcher=p).completeness() for m in steps]

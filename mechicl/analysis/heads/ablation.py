@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,9 +47,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
-from mechicl.analysis.stats.resampling import percentile_interval
-from mechicl.analysis.stats.paired import t_interval
 from mechicl.analysis.engine.stepper import ReadoutStepper
+from mechicl.analysis.stats.paired import t_interval
+from mechicl.analysis.stats.resampling import percentile_interval
 from mechicl.data.batches import AblationBatches
 
 ABLATIONS = ("zero", "mean")
@@ -62,9 +63,14 @@ def gap_reduction(acc_correct: Any, acc_flipped: Any, acc_flipped_ablated: Any) 
     return np.where(gap > 0, out, np.nan)
 
 
-def gap_reduction_ci(acc_correct: Float[np.ndarray, "batch"], acc_flipped: Float[np.ndarray, "batch"],
-                     acc_flipped_ablated: Float[np.ndarray, "n batch"], n_boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gap_reduction_ci(
+    acc_correct: Float[np.ndarray, "batch"],
+    acc_flipped: Float[np.ndarray, "batch"],
+    acc_flipped_ablated: Float[np.ndarray, "n batch"],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gap reduction of ``n`` ablations with a paired bootstrap over contexts (the same resampled
     contexts in all three accuracies); bootstrap draws without a gap are dropped. ``[n]`` each."""
     ac, af = np.asarray(acc_correct, dtype=float), np.asarray(acc_flipped, dtype=float)
@@ -99,8 +105,10 @@ class HeadAblator:
         self._shuffled: ReadoutStepper | None = None
         self.target = self.correct.batch.true_labels[:, -1]  # true label of each query
         self.mean_z = self.correct.z.mean(0)  # [layer, head, d_head]: mean output at the query slot, clean distribution
-        self.base = {c: {k: v[0] for k, v in self._score(getattr(self, c).base_logits[None]).items()}
-                     for c in ("correct", "flipped", "zero_shot")}
+        self.base = {
+            c: {k: v[0] for k, v in self._score(getattr(self, c).base_logits[None]).items()}
+            for c in ("correct", "flipped", "zero_shot")
+        }
 
     @property
     def n_contexts(self) -> int:
@@ -127,41 +135,55 @@ class HeadAblator:
             raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
         return None if ablation == "zero" else self.mean_z
 
-    def ablate(self, sets: Sequence[Sequence[Head]], ablation: str = "mean", conditions: Sequence[str] = ("correct", "flipped"),
-               progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    def ablate(
+        self,
+        sets: Sequence[Sequence[Head]],
+        ablation: str = "mean",
+        conditions: Sequence[str] = ("correct", "flipped"),
+        progress: bool = False,
+    ) -> dict[str, dict[str, np.ndarray]]:
         """Per-context scores ``[n_sets, batch]`` under each head set's ablation, per condition."""
         masks = head_masks(sets, self.L, self.H)
         src = self._source(ablation)
         return {c: self._score(getattr(self, c).run(masks, src, progress=progress)) for c in conditions}
 
-    def gap_table(self, sets: Sequence[Sequence[Head]], ablation: str = "mean", n_boot: int = 1000, seed: int = 0,
-                  with_correct: bool = True) -> pd.DataFrame:
+    def gap_table(
+        self,
+        sets: Sequence[Sequence[Head]],
+        ablation: str = "mean",
+        n_boot: int = 1000,
+        seed: int = 0,
+        with_correct: bool = True,
+    ) -> pd.DataFrame:
         """Gap reduction (accuracy and P(true)) with a bootstrap CI over contexts; Δ correct-label and zero-shot accuracy."""
         conds = ("correct", "flipped", "zero_shot") if with_correct else ("flipped",)
         res = self.ablate(sets, ablation, conds)
         bc, bf = self.base["correct"], self.base["flipped"]
-        acc_c, acc_f = bc["correct"].mean(), bf["correct"].mean()
+        acc_c, _acc_f = bc["correct"].mean(), bf["correct"].mean()
         p_c, p_f = bc["p_true"].mean(), bf["p_true"].mean()
         fa = res["flipped"]["correct"]  # [n, batch]
         gr, lo, hi = gap_reduction_ci(bc["correct"], bf["correct"], fa, n_boot, seed)
         gr_p = gap_reduction(p_c, p_f, res["flipped"]["p_true"].mean(1))
-        df = pd.DataFrame({
-            "heads": [fmt_heads(s) for s in sets],
-            "size": [len(s) for s in sets],
-            "ablation": ablation,
-            "gap_reduction": gr,
-            "gap_reduction_ci_low": lo,
-            "gap_reduction_ci_high": hi,
-            "gap_reduction_ptrue": gr_p,
-            "acc_flipped_ablated": fa.mean(1),
-        })
+        df = pd.DataFrame(
+            {
+                "heads": [fmt_heads(s) for s in sets],
+                "size": [len(s) for s in sets],
+                "ablation": ablation,
+                "gap_reduction": gr,
+                "gap_reduction_ci_low": lo,
+                "gap_reduction_ci_high": hi,
+                "gap_reduction_ptrue": gr_p,
+                "acc_flipped_ablated": fa.mean(1),
+            }
+        )
         if with_correct:
             df["d_acc_correct"] = res["correct"]["correct"].mean(1) - acc_c
             df["d_acc_zero_shot"] = res["zero_shot"]["correct"].mean(1) - self.base["zero_shot"]["correct"].mean()
         return df
 
-    def random_control(self, size: int, n_draws: int, seed: int = 0, exclude: Sequence[Head] = (),
-                       ablation: str = "mean") -> pd.DataFrame:
+    def random_control(
+        self, size: int, n_draws: int, seed: int = 0, exclude: Sequence[Head] = (), ablation: str = "mean"
+    ) -> pd.DataFrame:
         """Gap reduction of ``n_draws`` random head sets of ``size`` heads (none from ``exclude``); seeded.
 
         When the pool has no more than ``n_draws`` sets of that size (always for ``size == 1``:
@@ -199,7 +221,13 @@ def summarize_control(value: float, draws: np.ndarray) -> dict[str, float]:
     """Control mean, 2.5-97.5% range of the draws, and the one-sided empirical p-value of ``value``."""
     d = draws[~np.isnan(draws)]
     if d.size == 0:
-        return {"control_mean": np.nan, "control_ci_low": np.nan, "control_ci_high": np.nan, "control_p": np.nan, "n_draws": 0}
+        return {
+            "control_mean": np.nan,
+            "control_ci_low": np.nan,
+            "control_ci_high": np.nan,
+            "control_p": np.nan,
+            "n_draws": 0,
+        }
     return {
         "control_mean": float(d.mean()),
         "control_ci_low": float(np.percentile(d, 2.5)),

@@ -24,17 +24,17 @@ Effects are shares of the correct-vs-flipped gap closed by ablation (``analysis.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
-from mechicl.analysis.stats.resampling import mean_ci, ratio_ci, sign_flip_p
-from mechicl.analysis.heads.slot_ablation import SLOT_ABLATIONS, SetScores, SlotAblation, derangements, p_true
 from mechicl.analysis.engine.stepper import ReadoutStepper
+from mechicl.analysis.heads.slot_ablation import SLOT_ABLATIONS, SlotAblation, derangements, p_true
+from mechicl.analysis.stats.resampling import mean_ci, ratio_ci, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
 from mechicl.models.device import release_host_memory
@@ -128,12 +128,19 @@ def _baseline(abl: SlotAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig)
     p0 = p_true(zero_shot.base_logits, zero_shot.batch.true_labels[:, -1]).numpy()
     gain, i_lo, i_hi = mean_ci(abl.base["correct"][:, -1] - p0, n_boot=cfg.n_boot, seed=cfg.seed)
     return {
-        "gap": float(gap), "gap_ci_low": float(g_lo), "gap_ci_high": float(g_hi),
-        "icl_gain": float(gain), "icl_gain_ci_low": float(i_lo), "icl_gain_ci_high": float(i_hi),
-        "p_correct": float(abl.base["correct"].mean()), "p_flipped": float(abl.base["flipped"].mean()),
+        "gap": float(gap),
+        "gap_ci_low": float(g_lo),
+        "gap_ci_high": float(g_hi),
+        "icl_gain": float(gain),
+        "icl_gain_ci_low": float(i_lo),
+        "icl_gain_ci_high": float(i_hi),
+        "p_correct": float(abl.base["correct"].mean()),
+        "p_flipped": float(abl.base["flipped"].mean()),
         "p_zero_shot": float(p0.mean()),
-        "acc_correct_last": float(abl.acc_last["correct"].mean()), "acc_flipped_last": float(abl.acc_last["flipped"].mean()),
-        "n_contexts": abl.n_contexts, "n_slots": int(abl.labels.shape[1]),
+        "acc_correct_last": float(abl.acc_last["correct"].mean()),
+        "acc_flipped_last": float(abl.acc_last["flipped"].mean()),
+        "n_contexts": abl.n_contexts,
+        "n_slots": int(abl.labels.shape[1]),
     }
 
 
@@ -150,8 +157,14 @@ def _screen(abl: SlotAblation, cfg: FindingsConfig, progress: bool) -> pd.DataFr
     L, H = est.shape[1:]
     share = (lambda x: x / gap) if gap > 0 else (lambda x: np.full_like(x, np.nan))  # noqa: E731
     closed_est = est.mean(0).reshape(-1)
-    df = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
-                       "effect_est": share(closed_est), "closed_est": closed_est})
+    df = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(L), H),
+            "head": np.tile(np.arange(H), L),
+            "effect_est": share(closed_est),
+            "closed_est": closed_est,
+        }
+    )
     key = "closed_est"
     if cfg.screen == "exact":
         sc = abl.scores([[(l, h)] for l in range(L) for h in range(H)], progress=progress)
@@ -184,15 +197,25 @@ def _zero_shot_effect(zs: ReadoutStepper, heads: list[Head], cfg: FindingsConfig
     L, H = zs.n_layers, zs.n_heads
     y = zs.batch.true_labels[:, -1]
     base = p_true(zs.base_logits, y).numpy()
-    runs = [zs.run(head_masks([[x] for x in heads], L, H), zs.z[d]) for d in derangements(zs.n_contexts, cfg.n_resample, cfg.seed)]
+    runs = [
+        zs.run(head_masks([[x] for x in heads], L, H), zs.z[d])
+        for d in derangements(zs.n_contexts, cfg.n_resample, cfg.seed)
+    ]
     d = np.mean([p_true(r, y).numpy() for r in runs], 0) - base[None]  # [n, b]
     m, lo, hi = mean_ci(d, n_boot=cfg.n_boot, seed=cfg.seed)
-    return pd.DataFrame({"heads": [fmt_heads([x]) for x in heads], "d_p_zero_shot": m,
-                         "d_p_zero_shot_ci_low": lo, "d_p_zero_shot_ci_high": hi})
+    return pd.DataFrame(
+        {
+            "heads": [fmt_heads([x]) for x in heads],
+            "d_p_zero_shot": m,
+            "d_p_zero_shot_ci_low": lo,
+            "d_p_zero_shot_ci_high": hi,
+        }
+    )
 
 
-def _validate(model: Any, abl: SlotAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig,
-              progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _validate(
+    model: Any, abl: SlotAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig, progress: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Top heads against matched controls, the set tests and the zero-shot check (validation draws)."""
     norms = abl.head_norms(model)
     ctrl = {x: matched_controls(x, norms, set(top), cfg.control, cfg.n_control) for x in top}
@@ -210,11 +233,21 @@ def _validate(model: Any, abl: SlotAblation, zs: ReadoutStepper, top: list[Head]
     for rank, x in enumerate(top, 1):
         c_eff = tab.loc[[fmt_heads([c]) for c in ctrl[x]], "effect"].to_numpy()
         d = closed([x]) - np.mean([closed([c]) for c in ctrl[x]], 0)
-        r = {"rank": rank, "layer": x[0], "head": x[1], "heads": fmt_heads([x]), **tab.loc[fmt_heads([x])].to_dict(), "norm": norms[x],
-             "controls": fmt_heads(ctrl[x]), "control_norm": float(np.mean([norms[c] for c in ctrl[x]])),
-             "control_mean": float(c_eff.mean()), "control_min": float(c_eff.min()), "control_max": float(c_eff.max()),
-             "control_rank_p": float((1 + (c_eff >= tab.loc[fmt_heads([x]), "effect"]).sum()) / (1 + len(c_eff))),
-             **_paired(abl, d, cfg)}
+        r = {
+            "rank": rank,
+            "layer": x[0],
+            "head": x[1],
+            "heads": fmt_heads([x]),
+            **tab.loc[fmt_heads([x])].to_dict(),
+            "norm": norms[x],
+            "controls": fmt_heads(ctrl[x]),
+            "control_norm": float(np.mean([norms[c] for c in ctrl[x]])),
+            "control_mean": float(c_eff.mean()),
+            "control_min": float(c_eff.min()),
+            "control_max": float(c_eff.max()),
+            "control_rank_p": float((1 + (c_eff >= tab.loc[fmt_heads([x]), "effect"]).sum()) / (1 + len(c_eff))),
+            **_paired(abl, d, cfg),
+        }
         r["above_control"] = bool(r["diff_ci_low"] > 0 and r["effect_ci_low"] > 0)
         rows.append(r)
     val = pd.DataFrame(rows).merge(_zero_shot_effect(zs, top, cfg), on="heads")
@@ -222,8 +255,14 @@ def _validate(model: Any, abl: SlotAblation, zs: ReadoutStepper, top: list[Head]
     return val, _set_tests(abl, tab, closed, top, ctrl, cfg), controls
 
 
-def _set_tests(abl: SlotAblation, tab: pd.DataFrame, closed: Callable[[list[Head]], np.ndarray], top: list[Head],
-               ctrl: dict[Head, list[Head]], cfg: FindingsConfig) -> pd.DataFrame:
+def _set_tests(
+    abl: SlotAblation,
+    tab: pd.DataFrame,
+    closed: Callable[[list[Head]], np.ndarray],
+    top: list[Head],
+    ctrl: dict[Head, list[Head]],
+    cfg: FindingsConfig,
+) -> pd.DataFrame:
     """{top1 + top2} vs {top1} against {top1 + control of top2} vs {top1}; the top set against matched sets."""
     if len(top) < 2:
         return pd.DataFrame()
@@ -232,27 +271,43 @@ def _set_tests(abl: SlotAblation, tab: pd.DataFrame, closed: Callable[[list[Head
     rows = []
     d = inc(t2) - np.mean([inc(c) for c in ctrl[t2]], 0)
     r_inc = ratio_ci(inc(t2), abl.gap, n_boot=cfg.n_boot, seed=cfg.seed)
-    rows.append({"test": f"{fmt_heads([t1, t2])} vs {fmt_heads([t1])}", "heads": fmt_heads(sorted([t1, t2])),
-                 "effect": float(r_inc[0]), "effect_ci_low": float(r_inc[1]), "effect_ci_high": float(r_inc[2]),
-                 "controls": "; ".join(fmt_heads(sorted([t1, c])) for c in ctrl[t2]),
-                 "control_mean": float(np.mean([inc(c).mean() for c in ctrl[t2]]) / abl.gap.mean()),
-                 **_paired(abl, d, cfg)})
+    rows.append(
+        {
+            "test": f"{fmt_heads([t1, t2])} vs {fmt_heads([t1])}",
+            "heads": fmt_heads(sorted([t1, t2])),
+            "effect": float(r_inc[0]),
+            "effect_ci_low": float(r_inc[1]),
+            "effect_ci_high": float(r_inc[2]),
+            "controls": "; ".join(fmt_heads(sorted([t1, c])) for c in ctrl[t2]),
+            "control_mean": float(np.mean([inc(c).mean() for c in ctrl[t2]]) / abl.gap.mean()),
+            **_paired(abl, d, cfg),
+        }
+    )
     matched = [sorted(ctrl[x][i] for x in top) for i in range(cfg.n_control)]
     d = closed(sorted(top)) - np.mean([closed(m) for m in matched], 0)
     t = tab.loc[fmt_heads(sorted(top))]
-    rows.append({"test": f"top {len(top)} set vs matched sets", "heads": fmt_heads(sorted(top)),
-                 "effect": float(t.effect), "effect_ci_low": float(t.effect_ci_low), "effect_ci_high": float(t.effect_ci_high),
-                 "gap_reduction": float(t.gap_reduction), "controls": "; ".join(fmt_heads(m) for m in matched),
-                 "control_mean": float(tab.loc[[fmt_heads(m) for m in matched], "effect"].mean()),
-                 "control_gap_reduction": float(tab.loc[[fmt_heads(m) for m in matched], "gap_reduction"].mean()),
-                 **_paired(abl, d, cfg)})
+    rows.append(
+        {
+            "test": f"top {len(top)} set vs matched sets",
+            "heads": fmt_heads(sorted(top)),
+            "effect": float(t.effect),
+            "effect_ci_low": float(t.effect_ci_low),
+            "effect_ci_high": float(t.effect_ci_high),
+            "gap_reduction": float(t.gap_reduction),
+            "controls": "; ".join(fmt_heads(m) for m in matched),
+            "control_mean": float(tab.loc[[fmt_heads(m) for m in matched], "effect"].mean()),
+            "control_gap_reduction": float(tab.loc[[fmt_heads(m) for m in matched], "gap_reduction"].mean()),
+            **_paired(abl, d, cfg),
+        }
+    )
     out = pd.DataFrame(rows)
     out["above_control"] = (out["diff_ci_low"] > 0) & (out["effect_ci_low"] > 0)
     return out
 
 
-def find_label_heads(model: Any, batches: HeldOutBatches, cfg: FindingsConfig | None = None,
-                     progress: bool = True) -> FindingsResult:
+def find_label_heads(
+    model: Any, batches: HeldOutBatches, cfg: FindingsConfig | None = None, progress: bool = True
+) -> FindingsResult:
     """Screen, confirm and validate label-aggregation heads on the three disjoint draws of ``batches``.
 
     Cost: 2 forwards of each stage's contexts and 1 of the validation queries alone; 2 backwards of
@@ -272,15 +327,19 @@ def find_label_heads(model: Any, batches: HeldOutBatches, cfg: FindingsConfig | 
     timings["baseline"] = time.perf_counter() - t
     empty = pd.DataFrame()
     if not base["gap_ci_low"] > 0:
-        say(f"{NO_EFFECT}: gap {base['gap']:+.3f} [{base['gap_ci_low']:+.3f}, {base['gap_ci_high']:+.3f}], "
-            f"ICL gain {base['icl_gain']:+.3f} [{base['icl_gain_ci_low']:+.3f}, {base['icl_gain_ci_high']:+.3f}]")
+        say(
+            f"{NO_EFFECT}: gap {base['gap']:+.3f} [{base['gap_ci_low']:+.3f}, {base['gap_ci_high']:+.3f}], "
+            f"ICL gain {base['icl_gain']:+.3f} [{base['icl_gain_ci_low']:+.3f}, {base['icl_gain_ci_high']:+.3f}]"
+        )
         return FindingsResult(cfg, NO_EFFECT, base, empty, empty, empty, empty, empty, batches.draws.seeds, timings)
     t = time.perf_counter()
     screen = _screen(SlotAblation(model, *batches.stages["screen"], **{**kw, "n_resample": 1}), cfg, progress)
     release_host_memory()  # the screening steppers' caches: back to the OS before the next stage's
     timings["screen"] = time.perf_counter() - t
     t = time.perf_counter()
-    cands = list(zip(screen.layer.head(cfg.n_candidates).astype(int), screen["head"].head(cfg.n_candidates).astype(int)))
+    cands = list(
+        zip(screen.layer.head(cfg.n_candidates).astype(int), screen["head"].head(cfg.n_candidates).astype(int))
+    )
     confirm = _confirm(SlotAblation(model, *batches.stages["confirm"], **kw), cands, cfg, progress)
     release_host_memory()
     timings["confirm"] = time.perf_counter() - t
@@ -289,7 +348,8 @@ def find_label_heads(model: Any, batches: HeldOutBatches, cfg: FindingsConfig | 
     validate, sets, controls = _validate(model, val, zs, top, cfg, progress)
     timings["validate"] = time.perf_counter() - t
     n_above = int(validate.above_control.sum())
-    verdict = (f"{n_above} of the top {len(top)} heads above matched controls: "
-               + (", ".join(validate.heads[validate.above_control]) if n_above else "none"))
+    verdict = f"{n_above} of the top {len(top)} heads above matched controls: " + (
+        ", ".join(validate.heads[validate.above_control]) if n_above else "none"
+    )
     say(f"{verdict} ({sum(timings.values()):.0f} s)")
     return FindingsResult(cfg, verdict, base, screen, confirm, validate, sets, controls, batches.draws.seeds, timings)

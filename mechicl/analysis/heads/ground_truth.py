@@ -31,8 +31,8 @@ from typing import Any
 import pandas as pd
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads
-from mechicl.analysis.patching.paths import path_patch
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.paths import path_patch
 from mechicl.analysis.stats.paired import t_interval
 from mechicl.models.organism import live_heads
 
@@ -61,11 +61,15 @@ class GroundTruth:
     @property
     def rule(self) -> str:
         if not self.has_effect:
-            return (f"no label effect to route: LD clean - corrupted {self.gap[0]:.3f} "
-                    f"[{self.gap[1]:.3f}, {self.gap[2]:.3f}] includes 0; no reader")
-        return (f"live last-layer heads whose strongest path from an earlier head's output ({self.positions} positions, "
-                f"MLPs recomputed, denoise) into their q, k or v has a 95% CI above {self.min_effect}: "
-                f"{fmt_heads(list(self.readers)) or 'none'}")
+            return (
+                f"no label effect to route: LD clean - corrupted {self.gap[0]:.3f} "
+                f"[{self.gap[1]:.3f}, {self.gap[2]:.3f}] includes 0; no reader"
+            )
+        return (
+            f"live last-layer heads whose strongest path from an earlier head's output ({self.positions} positions, "
+            f"MLPs recomputed, denoise) into their q, k or v has a 95% CI above {self.min_effect}: "
+            f"{fmt_heads(list(self.readers)) or 'none'}"
+        )
 
 
 def reader_paths(patcher: Patcher, positions: str = "all", mlps: str = "recomputed") -> pd.DataFrame:
@@ -81,11 +85,22 @@ def reader_paths(patcher: Patcher, positions: str = "all", mlps: str = "recomput
     t = path_patch(patcher, senders, receivers, positions, "denoise", mlps=mlps).table()
     t = t[t["input"] != "logits"]
     best = t.loc[t.groupby("receiver_head")["effect"].idxmax()]
-    return pd.DataFrame({
-        "layer": last, "head": best["receiver_head"].astype(int).to_numpy(), "sender": best["sender"].to_numpy(),
-        "input": best["input"].to_numpy(), "effect": best["effect"].to_numpy(), "ci_low": best["ci_low"].to_numpy(),
-        "ci_high": best["ci_high"].to_numpy(), "n_contexts": best["n_contexts"].to_numpy(),
-    }).sort_values("head").reset_index(drop=True)
+    return (
+        pd.DataFrame(
+            {
+                "layer": last,
+                "head": best["receiver_head"].astype(int).to_numpy(),
+                "sender": best["sender"].to_numpy(),
+                "input": best["input"].to_numpy(),
+                "effect": best["effect"].to_numpy(),
+                "ci_low": best["ci_low"].to_numpy(),
+                "ci_high": best["ci_high"].to_numpy(),
+                "n_contexts": best["n_contexts"].to_numpy(),
+            }
+        )
+        .sort_values("head")
+        .reset_index(drop=True)
+    )
 
 
 def ground_truth_readers(model: Any, patcher: Patcher, min_effect: float = 0.1, positions: str = "all") -> GroundTruth:

@@ -8,17 +8,18 @@ ready-made (``runs.heads`` builds them from disjoint context draws) and returns 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.heads.ablation import ABLATIONS, HeadAblator, summarize_control
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
-from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.patching.exact import Patcher, PatchResult
 from mechicl.data.batches import AblationBatches
 from mechicl.data.pairs import PatchPair
@@ -106,9 +107,11 @@ class HeadFinderResult:
         return float(sum(self.timings.values()))
 
 
-RULE = ("a head is found when the bootstrap 95% CI of its gap reduction ({ablation} ablation, held-out contexts) "
-        "excludes 0 and its gap reduction exceeds every other head's, each ablated alone (control p at its floor "
-        "1/(1 + other heads))")
+RULE = (
+    "a head is found when the bootstrap 95% CI of its gap reduction ({ablation} ablation, held-out contexts) "
+    "excludes 0 and its gap reduction exceeds every other head's, each ablated alone (control p at its floor "
+    "1/(1 + other heads))"
+)
 
 
 @dataclass(frozen=True)
@@ -139,17 +142,23 @@ def verdict(heads: pd.DataFrame, ablation: str = "mean") -> Verdict:
 
     def numbers(r: Any) -> str:
         g = getattr(r, f"gap_reduction_{ablation}")
-        return (f"gap reduction {g:+.3f} [{r.gap_reduction_ci_low:+.3f}, {r.gap_reduction_ci_high:+.3f}], "
-                f"{p_text(r.control_p, int(r.n_other))} against {int(r.n_other)} other heads")
+        return (
+            f"gap reduction {g:+.3f} [{r.gap_reduction_ci_low:+.3f}, {r.gap_reduction_ci_high:+.3f}], "
+            f"{p_text(r.control_p, int(r.n_other))} against {int(r.n_other)} other heads"
+        )
 
     if ok.any():
         r = heads[ok].iloc[0]
-        line = (f"Verdict: L{int(r.layer)}H{int(r['head'])} is the only head whose gap reduction CI excludes 0 and exceeds "
-                f"every other head's ({numbers(r)}).")
+        line = (
+            f"Verdict: L{int(r.layer)}H{int(r['head'])} is the only head whose gap reduction CI excludes 0 and exceeds "
+            f"every other head's ({numbers(r)})."
+        )
         return Verdict(((int(r.layer), int(r["head"])),), line, rule)
     best = heads.loc[gr.fillna(-np.inf).idxmax()]
-    line = (f"Verdict: no head passes (CI of the gap reduction excludes 0 and it exceeds every other head's); the "
-            f"largest gap reduction, L{int(best.layer)}H{int(best['head'])}: {numbers(best)}.")
+    line = (
+        f"Verdict: no head passes (CI of the gap reduction excludes 0 and it exceeds every other head's); the "
+        f"largest gap reduction, L{int(best.layer)}H{int(best['head'])}: {numbers(best)}."
+    )
     return Verdict((), line, rule)
 
 
@@ -180,16 +189,24 @@ def _screen(model: Any, patcher: Patcher, cfg: HeadFinderConfig) -> _Screen:
 def _baseline(abl: HeadAblator) -> dict[str, float]:
     bc, bf = abl.base["correct"], abl.base["flipped"]
     baseline = {
-        "acc_correct": float(bc["correct"].mean()), "acc_flipped": float(bf["correct"].mean()),
-        "p_correct": float(bc["p_true"].mean()), "p_flipped": float(bf["p_true"].mean()),
+        "acc_correct": float(bc["correct"].mean()),
+        "acc_flipped": float(bf["correct"].mean()),
+        "p_correct": float(bc["p_true"].mean()),
+        "p_flipped": float(bf["p_true"].mean()),
         "acc_zero_shot": float(abl.base["zero_shot"]["correct"].mean()),
     }
     baseline["gap"] = baseline["acc_correct"] - baseline["acc_flipped"]
     return baseline
 
 
-def _set_controls(abl: HeadAblator, ranked: list[Head], single: pd.DataFrame, each: pd.DataFrame, cfg: HeadFinderConfig,
-                  progress: bool) -> tuple[list[dict], list[pd.DataFrame]]:
+def _set_controls(
+    abl: HeadAblator,
+    ranked: list[Head],
+    single: pd.DataFrame,
+    each: pd.DataFrame,
+    cfg: HeadFinderConfig,
+    progress: bool,
+) -> tuple[list[dict], list[pd.DataFrame]]:
     """Each top-n set's gap reduction against same-size control sets (size 1: every other head once)."""
     sizes = sorted({s for s in cfg.set_sizes if 1 <= s <= len(ranked)})
     set_rows, controls = [], []
@@ -210,8 +227,17 @@ def _set_controls(abl: HeadAblator, ranked: list[Head], single: pd.DataFrame, ea
     return set_rows, controls
 
 
-def _candidate_rows(ranked: list[Head], sc: _Screen, den: PatchResult, noi: PatchResult, single: dict[str, pd.DataFrame],
-                    each_gr: np.ndarray, fv: pd.DataFrame, cfg: HeadFinderConfig, n_heads: int) -> pd.DataFrame:
+def _candidate_rows(
+    ranked: list[Head],
+    sc: _Screen,
+    den: PatchResult,
+    noi: PatchResult,
+    single: dict[str, pd.DataFrame],
+    each_gr: np.ndarray,
+    fv: pd.DataFrame,
+    cfg: HeadFinderConfig,
+    n_heads: int,
+) -> pd.DataFrame:
     """The ranked candidates' table (one row per head, every stage's number)."""
     fv_idx = fv.set_index(["layer", "head"])
     a_all, rd, rn = sc.attribution["head_out"].values, sc.readout_denoise, sc.readout_noise
@@ -220,38 +246,48 @@ def _candidate_rows(ranked: list[Head], sc: _Screen, den: PatchResult, noi: Patc
         sz, sm = single["zero"].iloc[rank - 1], single["mean"].iloc[rank - 1]
         sa = single[cfg.ablation].iloc[rank - 1]
         ctl = summarize_control(float(sa.gap_reduction), np.delete(each_gr, l * n_heads + h))
-        rows.append({
-            "rank": rank, "layer": l, "head": h,
-            "attribution": float(a_all[l, h]),
-            "patch_denoise": float(den.values[l, h]),
-            "patch_noise": float(noi.effect[l, h]),
-            "readout_patch_denoise": float(rd.values[l, h]),
-            "readout_patch_noise": float(rn.effect[l, h]),
-            "gap_reduction_mean": float(sm.gap_reduction),
-            "gap_reduction_ci_low": float(sa.gap_reduction_ci_low),
-            "gap_reduction_ci_high": float(sa.gap_reduction_ci_high),
-            "gap_reduction_zero": float(sz.gap_reduction),
-            "gap_reduction_ptrue_mean": float(sm.gap_reduction_ptrue),
-            "d_acc_correct_mean": float(sm.d_acc_correct),
-            "d_acc_correct_zero": float(sz.d_acc_correct),
-            "d_acc_zero_shot_mean": float(sm.d_acc_zero_shot),
-            "d_acc_zero_shot_zero": float(sz.d_acc_zero_shot),
-            "fv_cie": float(fv_idx.loc[(l, h), "fv_cie"]),
-            "control_ci_high": ctl["control_ci_high"], "control_p": ctl["control_p"], "n_other": ctl["n_draws"],
-        })
+        rows.append(
+            {
+                "rank": rank,
+                "layer": l,
+                "head": h,
+                "attribution": float(a_all[l, h]),
+                "patch_denoise": float(den.values[l, h]),
+                "patch_noise": float(noi.effect[l, h]),
+                "readout_patch_denoise": float(rd.values[l, h]),
+                "readout_patch_noise": float(rn.effect[l, h]),
+                "gap_reduction_mean": float(sm.gap_reduction),
+                "gap_reduction_ci_low": float(sa.gap_reduction_ci_low),
+                "gap_reduction_ci_high": float(sa.gap_reduction_ci_high),
+                "gap_reduction_zero": float(sz.gap_reduction),
+                "gap_reduction_ptrue_mean": float(sm.gap_reduction_ptrue),
+                "d_acc_correct_mean": float(sm.d_acc_correct),
+                "d_acc_correct_zero": float(sz.d_acc_correct),
+                "d_acc_zero_shot_mean": float(sm.d_acc_zero_shot),
+                "d_acc_zero_shot_zero": float(sz.d_acc_zero_shot),
+                "fv_cie": float(fv_idx.loc[(l, h), "fv_cie"]),
+                "control_ci_high": ctl["control_ci_high"],
+                "control_p": ctl["control_p"],
+                "n_other": ctl["n_draws"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _all_heads(sc: _Screen, each_gr: np.ndarray, fv: pd.DataFrame, L: int, H: int) -> pd.DataFrame:
     """Every (layer, head): attribution, exact readout-slot patching, gap reduction alone, FV effect."""
     a_all, a_read = sc.attribution["head_out"].values, sc.attribution["head_out_readout"].values
-    all_heads = pd.DataFrame({
-        "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
-        "attribution": a_all.reshape(-1).numpy(), "attribution_readout": a_read.reshape(-1).numpy(),
-        "readout_patch_denoise": sc.readout_denoise.values.reshape(-1).numpy(),
-        "readout_patch_noise": sc.readout_noise.effect.reshape(-1).numpy(),
-        "gap_reduction": each_gr,
-    }).merge(fv, on=["layer", "head"])
+    all_heads = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(L), H),
+            "head": np.tile(np.arange(H), L),
+            "attribution": a_all.reshape(-1).numpy(),
+            "attribution_readout": a_read.reshape(-1).numpy(),
+            "readout_patch_denoise": sc.readout_denoise.values.reshape(-1).numpy(),
+            "readout_patch_noise": sc.readout_noise.effect.reshape(-1).numpy(),
+            "gap_reduction": each_gr,
+        }
+    ).merge(fv, on=["layer", "head"])
     cands = set(sc.candidates)
     all_heads["candidate"] = [(int(l), int(h)) in cands for l, h in zip(all_heads["layer"], all_heads["head"])]
     return all_heads
@@ -263,12 +299,22 @@ def _agreement(sc: _Screen, den: PatchResult, L: int, H: int) -> dict[str, float
     cand_ex = torch.tensor([float(den.values[x]) for x in sc.candidates])
     agr = agreement(sc.attribution["head_out_readout"].values, sc.readout_denoise.values, k=min(10, L * H))
     agr_c = agreement(cand_est, cand_ex, k=min(5, len(sc.candidates))) if len(sc.candidates) > 2 else {}
-    return {"spearman_readout": agr["spearman"], "topk_overlap_readout": agr["topk_overlap"], "k": agr["k"],
-            "spearman_candidates": agr_c.get("spearman", float("nan"))}
+    return {
+        "spearman_readout": agr["spearman"],
+        "topk_overlap_readout": agr["topk_overlap"],
+        "k": agr["k"],
+        "spearman_candidates": agr_c.get("spearman", float("nan")),
+    }
 
 
-def find_heads(model: Any, pair: PatchPair, held_out: AblationBatches, cfg: HeadFinderConfig | None = None,
-               progress: bool = True, name: str | None = None) -> HeadFinderResult:
+def find_heads(
+    model: Any,
+    pair: PatchPair,
+    held_out: AblationBatches,
+    cfg: HeadFinderConfig | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> HeadFinderResult:
     """Find and validate the heads that carry in-context label information to the readout slot.
 
     ``pair`` (correct vs flipped labels) screens and confirms; ``held_out`` (other contexts) validates.
@@ -286,8 +332,10 @@ def find_heads(model: Any, pair: PatchPair, held_out: AblationBatches, cfg: Head
     patcher = Patcher(model, pair, max_rows=max(16, cfg.max_rows // 4), progress=progress)
     sc = _screen(model, patcher, cfg)
     timings["screen"] = time.perf_counter() - t
-    say(f"screened {L * H} heads (attribution + exact readout-slot patching) in {timings['screen']:.1f} s; "
-        f"candidates {fmt_heads(sc.candidates)}")
+    say(
+        f"screened {L * H} heads (attribution + exact readout-slot patching) in {timings['screen']:.1f} s; "
+        f"candidates {fmt_heads(sc.candidates)}"
+    )
 
     t, f0 = time.perf_counter(), patcher.forwards  # confirm: exact patching at all positions, both directions
     den = patcher.sweep("head_out", "denoise", cells=sc.candidates)
@@ -306,13 +354,22 @@ def find_heads(model: Any, pair: PatchPair, held_out: AblationBatches, cfg: Head
     t = time.perf_counter()
     fv = abl.function_vector_effects(progress=progress)
     timings["function_vectors"] = time.perf_counter() - t
-    say(f"ablation + control in {timings['ablation']:.1f} s, function-vector effects in {timings['function_vectors']:.1f} s "
-        f"(readout re-runs: {abl.correct.mode})")
+    say(
+        f"ablation + control in {timings['ablation']:.1f} s, function-vector effects in {timings['function_vectors']:.1f} s "
+        f"(readout re-runs: {abl.correct.mode})"
+    )
 
     each_gr = each["gap_reduction"].to_numpy()  # [L * H]
     return HeadFinderResult(
-        config=cfg, model=cfg.model, task=cfg.task,
-        heads=_candidate_rows(ranked, sc, den, noi, single, each_gr, fv, cfg, H), all_heads=_all_heads(sc, each_gr, fv, L, H),
-        sets=pd.DataFrame(set_rows), control=pd.concat(controls, ignore_index=True) if controls else pd.DataFrame(),
-        baseline=_baseline(abl), agreement=_agreement(sc, den, L, H), timings=timings, stepper_mode=abl.correct.mode,
+        config=cfg,
+        model=cfg.model,
+        task=cfg.task,
+        heads=_candidate_rows(ranked, sc, den, noi, single, each_gr, fv, cfg, H),
+        all_heads=_all_heads(sc, each_gr, fv, L, H),
+        sets=pd.DataFrame(set_rows),
+        control=pd.concat(controls, ignore_index=True) if controls else pd.DataFrame(),
+        baseline=_baseline(abl),
+        agreement=_agreement(sc, den, L, H),
+        timings=timings,
+        stepper_mode=abl.correct.mode,
     )

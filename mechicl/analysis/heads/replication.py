@@ -36,7 +36,9 @@ class CellTables:
     baseline: dict[str, float]
     screen: pd.DataFrame = field(repr=False)  # layer, head, effect_est
     validate: pd.DataFrame = field(repr=False)  # layer, head, effect(_ci_low/_high), above_control, ...
-    sets: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # test, effect, control_mean, gap_reduction, ...
+    sets: pd.DataFrame = field(
+        default_factory=pd.DataFrame, repr=False
+    )  # test, effect, control_mean, gap_reduction, ...
     seconds: float = float("nan")
 
 
@@ -59,17 +61,28 @@ def _cell_rows(cells: list[CellTables]) -> pd.DataFrame:
         above = v[v.above_control] if len(v) else v
         top_set = c.sets[c.sets.test.str.startswith("top ")] if len(c.sets) else c.sets
         t = top_set.iloc[0] if len(top_set) else None
-        rows.append({"model": c.model, "task": c.task, "seed": c.seed, "has_effect": c.has_effect,
-                     **{k: c.baseline.get(k, np.nan) for k in ("gap", "gap_ci_low", "gap_ci_high", "icl_gain",
-                                                               "icl_gain_ci_low", "icl_gain_ci_high")},
-                     "top_heads": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in v.itertuples()) if len(v) else "",
-                     "above_control": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in above.itertuples()) if len(v) else "",
-                     "top_set_effect": np.nan if t is None else t.effect,
-                     "top_set_control": np.nan if t is None else t.control_mean,
-                     "top_set_gap_reduction": np.nan if t is None else t.get("gap_reduction", np.nan),
-                     "top_set_control_gap_reduction": np.nan if t is None else t.get("control_gap_reduction", np.nan),
-                     "top_set_above_control": None if t is None else bool(t.above_control),
-                     "seconds": c.seconds})
+        rows.append(
+            {
+                "model": c.model,
+                "task": c.task,
+                "seed": c.seed,
+                "has_effect": c.has_effect,
+                **{
+                    k: c.baseline.get(k, np.nan)
+                    for k in ("gap", "gap_ci_low", "gap_ci_high", "icl_gain", "icl_gain_ci_low", "icl_gain_ci_high")
+                },
+                "top_heads": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in v.itertuples()) if len(v) else "",
+                "above_control": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in above.itertuples())
+                if len(v)
+                else "",
+                "top_set_effect": np.nan if t is None else t.effect,
+                "top_set_control": np.nan if t is None else t.control_mean,
+                "top_set_gap_reduction": np.nan if t is None else t.get("gap_reduction", np.nan),
+                "top_set_control_gap_reduction": np.nan if t is None else t.get("control_gap_reduction", np.nan),
+                "top_set_above_control": None if t is None else bool(t.above_control),
+                "seconds": c.seconds,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -88,33 +101,49 @@ def _head_rows(cells: list[CellTables], model: str, share: float) -> list[dict]:
     v = pd.concat(val, ignore_index=True)
     rows = []
     for (l, h), g in v.groupby(["layer", "head"]):
-        per_task = {t: (int(g[(g.task == t)].above_control.sum()), sum(c.task == t for c in mine))
-                    for t in dict.fromkeys(c.task for c in mine)}
+        per_task = {
+            t: (int(g[(g.task == t)].above_control.sum()), sum(c.task == t for c in mine))
+            for t in dict.fromkeys(c.task for c in mine)
+        }
         n_above = int(g.above_control.sum())
-        rows.append({
-            "model": model, "head": f"L{int(l)}H{int(h)}", "layer": int(l), "head_index": int(h),
-            "n_cells": len(mine), "n_top": len(g), "n_above_control": n_above,
-            "share_above_control": n_above / len(mine),
-            "effect_median": float(g.effect.median()), "effect_min": float(g.effect.min()), "effect_max": float(g.effect.max()),
-            "effect_ci_low_min": float(g.effect_ci_low.min()), "control_mean_median": float(g.control_mean.median()),
-            "per_task": "; ".join(f"{t} {a}/{n}" for t, (a, n) in per_task.items()),
-            "verdict": _verdict(per_task, n_above, len(mine), share),
-        })
+        rows.append(
+            {
+                "model": model,
+                "head": f"L{int(l)}H{int(h)}",
+                "layer": int(l),
+                "head_index": int(h),
+                "n_cells": len(mine),
+                "n_top": len(g),
+                "n_above_control": n_above,
+                "share_above_control": n_above / len(mine),
+                "effect_median": float(g.effect.median()),
+                "effect_min": float(g.effect.min()),
+                "effect_max": float(g.effect.max()),
+                "effect_ci_low_min": float(g.effect_ci_low.min()),
+                "control_mean_median": float(g.control_mean.median()),
+                "per_task": "; ".join(f"{t} {a}/{n}" for t, (a, n) in per_task.items()),
+                "verdict": _verdict(per_task, n_above, len(mine), share),
+            }
+        )
     return rows
 
 
 def _maps(cells: list[CellTables]) -> pd.DataFrame:
     def one(c: CellTables) -> pd.DataFrame:  # the exact screening effect where there is one, else the estimate
         col = "effect" if "effect" in c.screen else "effect_est"
-        return c.screen[["layer", "head", col]].rename(columns={col: "effect"}).assign(
-            model=c.model, task=c.task, seed=c.seed, exact=col == "effect")
+        return (
+            c.screen[["layer", "head", col]]
+            .rename(columns={col: "effect"})
+            .assign(model=c.model, task=c.task, seed=c.seed, exact=col == "effect")
+        )
 
     s = [one(c) for c in cells if c.has_effect and len(c.screen)]
     if not s:
         return pd.DataFrame(columns=["model", "task", "layer", "head", "effect", "exact", "n_seeds"])
     df = pd.concat(s, ignore_index=True)
     return df.groupby(["model", "task", "layer", "head"], as_index=False).agg(
-        effect=("effect", "mean"), exact=("exact", "all"), n_seeds=("seed", "nunique"))
+        effect=("effect", "mean"), exact=("exact", "all"), n_seeds=("seed", "nunique")
+    )
 
 
 def _agreement(maps: pd.DataFrame) -> pd.DataFrame:
@@ -135,6 +164,8 @@ def replicate(cells: list[CellTables], share: float = 2 / 3) -> Replication:
     heads = [r for m in dict.fromkeys(c.model for c in cells) for r in _head_rows(cells, m, share)]
     hdf = pd.DataFrame(heads)
     if len(hdf):
-        hdf = hdf.sort_values(["model", "n_above_control", "effect_median"], ascending=[True, False, False]).reset_index(drop=True)
+        hdf = hdf.sort_values(
+            ["model", "n_above_control", "effect_median"], ascending=[True, False, False]
+        ).reset_index(drop=True)
     maps = _maps(cells)
     return Replication(_cell_rows(cells), hdf, _agreement(maps), maps)

@@ -20,8 +20,9 @@ slot over both conditions instead; ``"zero"`` writes zeros.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,10 +30,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechicl.analysis.heads.ablation import gap_reduction_ci
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
-from mechicl.analysis.stats.resampling import mean_ci, ratio_ci
 from mechicl.analysis.engine.slots import SlotStepper
+from mechicl.analysis.heads.ablation import gap_reduction_ci
+from mechicl.analysis.stats.resampling import mean_ci, ratio_ci
 from mechicl.data.prompts import PromptBatch
 
 CONDITIONS = ("correct", "flipped")
@@ -81,14 +82,26 @@ class SlotAblation:
     (on a Gemma-3-270M vader-words cell, 8192 gave a 0.22 GB higher peak and no speed-up: ``docs/findings.md``).
     """
 
-    def __init__(self, model: Any, correct: PromptBatch, flipped: PromptBatch, k_min: int, *, ablation: str = "resample",
-                 n_resample: int = 2, seed: int = 0, step_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        model: Any,
+        correct: PromptBatch,
+        flipped: PromptBatch,
+        k_min: int,
+        *,
+        ablation: str = "resample",
+        n_resample: int = 2,
+        seed: int = 0,
+        step_tokens: int = 2048,
+    ) -> None:
         if ablation not in SLOT_ABLATIONS:
             raise ValueError(f"ablation must be one of {SLOT_ABLATIONS}, got {ablation!r}")
         if not torch.equal(correct.example_ids, flipped.example_ids):
             raise ValueError("the correct and flipped renderings must hold the same contexts")
         self.ablation = ablation
-        self.st = {c: SlotStepper(model, b, k_min, step_tokens=step_tokens) for c, b in zip(CONDITIONS, (correct, flipped))}
+        self.st = {
+            c: SlotStepper(model, b, k_min, step_tokens=step_tokens) for c, b in zip(CONDITIONS, (correct, flipped))
+        }
         self.L, self.H = self.st["correct"].L, self.st["correct"].H
         self.labels = self.st["correct"].true_labels  # [b, S]
         self.base = {c: p_true(s.base_logits, self.labels).numpy() for c, s in self.st.items()}  # [b, S]
@@ -97,7 +110,9 @@ class SlotAblation:
         self.donors = derangements(n, n_resample if ablation == "resample" else 1, seed)
         both = torch.cat([s.z for s in self.st.values()], 0)  # [2b, S, L, H, d]
         self._mean = both.mean(0, keepdim=True).expand_as(self.st["correct"].z)
-        self.acc_last = {c: (self.st[c].base_logits[:, -1].argmax(-1) == self.labels[:, -1]).numpy() for c in CONDITIONS}
+        self.acc_last = {
+            c: (self.st[c].base_logits[:, -1].argmax(-1) == self.labels[:, -1]).numpy() for c in CONDITIONS
+        }
 
     @property
     def n_contexts(self) -> int:
@@ -139,14 +154,26 @@ class SlotAblation:
         eff, lo, hi = ratio_ci(sc.closed, self.gap, n_boot=n_boot, seed=seed)
         dc, dc_lo, dc_hi = mean_ci(sc.d_correct, n_boot=n_boot, seed=seed)
         df, df_lo, df_hi = mean_ci(sc.d_flipped, n_boot=n_boot, seed=seed)
-        gr, gr_lo, gr_hi = gap_reduction_ci(self.acc_last["correct"], self.acc_last["flipped"], sc.acc_flipped_last,
-                                            n_boot, seed)
-        return pd.DataFrame({
-            "heads": sc.names, "effect": eff, "effect_ci_low": lo, "effect_ci_high": hi,
-            "d_p_correct": dc, "d_p_correct_ci_low": dc_lo, "d_p_correct_ci_high": dc_hi,
-            "d_p_flipped": df, "d_p_flipped_ci_low": df_lo, "d_p_flipped_ci_high": df_hi,
-            "gap_reduction": gr, "gap_reduction_ci_low": gr_lo, "gap_reduction_ci_high": gr_hi,
-        })
+        gr, gr_lo, gr_hi = gap_reduction_ci(
+            self.acc_last["correct"], self.acc_last["flipped"], sc.acc_flipped_last, n_boot, seed
+        )
+        return pd.DataFrame(
+            {
+                "heads": sc.names,
+                "effect": eff,
+                "effect_ci_low": lo,
+                "effect_ci_high": hi,
+                "d_p_correct": dc,
+                "d_p_correct_ci_low": dc_lo,
+                "d_p_correct_ci_high": dc_hi,
+                "d_p_flipped": df,
+                "d_p_flipped_ci_low": df_lo,
+                "d_p_flipped_ci_high": df_hi,
+                "gap_reduction": gr,
+                "gap_reduction_ci_low": gr_lo,
+                "gap_reduction_ci_high": gr_hi,
+            }
+        )
 
     def head_norms(self, model: Any) -> Float[np.ndarray, "layer head"]:
         """Mean norm of each head's output ``z W_O`` over slots and contexts (both conditions): norm matching."""

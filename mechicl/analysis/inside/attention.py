@@ -18,17 +18,18 @@ into exactly one category, so the masses of a query sum to 1:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechicl.analysis.inside.frames import heads_frame
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final, to_host
 from mechicl.analysis.engine.readout import ReadoutRun, readout_activations
+from mechicl.analysis.inside.frames import heads_frame
 from mechicl.data.prompts import TEMPLATE, PromptBatch
 
 CATEGORIES = ("first", "label_same", "label_other", "input_earlier", "input_query", "template")
@@ -39,8 +40,9 @@ def pattern_names(model: Any) -> list[str]:
     return [act_name("pattern", l) for l in range(model.cfg.n_layers)]
 
 
-def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True,
-                     run: ReadoutRun | None = None) -> Float[Tensor, "batch example layer head key"]:
+def readout_patterns(
+    model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True, run: ReadoutRun | None = None
+) -> Float[Tensor, "batch example layer head key"]:
     """Attention rows of every head at every readout slot. Cost: one forward per context, no unembedding (none
     with ``run``, a ``ReadoutRun`` of ``batch`` that kept ``pattern_names``).
 
@@ -57,8 +59,9 @@ def readout_patterns(model: Any, batch: PromptBatch, batch_size: int = 8, progre
     return out
 
 
-def context_patterns(model: Any, batch: PromptBatch, row: int, heads: Sequence[tuple[int, int]],
-                     run: ReadoutRun | None = None) -> Float[Tensor, "head query key"]:
+def context_patterns(
+    model: Any, batch: PromptBatch, row: int, heads: Sequence[tuple[int, int]], run: ReadoutRun | None = None
+) -> Float[Tensor, "head query key"]:
     """Full attention patterns of the given (layer, head)s on context ``row`` (unpadded). One forward, none when
     ``run`` (a ``ReadoutRun`` of ``batch``) kept the patterns of ``row`` at every position."""
     n = int(batch.lengths[row])
@@ -91,8 +94,9 @@ def key_categories(batch: PromptBatch) -> Bool[Tensor, "batch example category k
     return torch.cat([first[:, :, None], rest], dim=2)
 
 
-def label_token_attention(patterns: Float[Tensor, "batch example layer head key"], batch: PromptBatch
-                          ) -> Float[Tensor, "batch example layer head source"]:
+def label_token_attention(
+    patterns: Float[Tensor, "batch example layer head key"], batch: PromptBatch
+) -> Float[Tensor, "batch example layer head source"]:
     """Attention from readout slot ``i`` to the label token of every example ``j`` (zero where ``j >= i``)."""
     idx = batch.label_pos[:, None, None, None, :].expand(*patterns.shape[:4], batch.n_examples)
     att = patterns.gather(-1, idx)
@@ -121,8 +125,9 @@ class LabelAttention:
         return m.groupby(["layer", "head"], as_index=False)["mean"].sum().rename(columns={"mean": "label_attention"})
 
 
-def pm_scores(att_lab: Float[Tensor, "batch example layer head source"], batch: PromptBatch, n_classes: int,
-              by: str = "true") -> Float[Tensor, "batch example layer head"]:
+def pm_scores(
+    att_lab: Float[Tensor, "batch example layer head source"], batch: PromptBatch, n_classes: int, by: str = "true"
+) -> Float[Tensor, "batch example layer head"]:
     """PM_h = sum_j A(q->y_j) 1[same class] - 1/(C-1) sum_j A(q->y_j) 1[other class], per query.
 
     ``by="true"`` compares each demonstration's true class with the query's (Halawi et al.'s
@@ -133,9 +138,15 @@ def pm_scores(att_lab: Float[Tensor, "batch example layer head source"], batch: 
     return (att_lab * same).sum(-1) - (att_lab * (1 - same)).sum(-1) / max(n_classes - 1, 1)
 
 
-def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, k_min: int = 1,
-                    batch_size: int = 8, progress: bool = True,
-                    patterns: Sequence[Tensor] | None = None) -> LabelAttention:
+def label_attention(
+    model: Any,
+    batches: Sequence[PromptBatch],
+    n_classes: int,
+    k_min: int = 1,
+    batch_size: int = 8,
+    progress: bool = True,
+    patterns: Sequence[Tensor] | None = None,
+) -> LabelAttention:
     """Label attention, its class/distance breakdown and PM scores for each batch (one per condition).
 
     Cost: one forward per context per batch (skipped when ``patterns`` from ``readout_patterns`` are given).
@@ -153,8 +164,15 @@ def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, 
         mass = torch.einsum("bilhw,bicw->bilhc", pat, cats)[:, q]  # [b, iq, L, H, C]
         mean = mass.mean((0, 1)).numpy()  # [L, H, C]
         for c, name in enumerate(CATEGORIES):
-            mass_rows.append(heads_frame(mean, condition=batch.condition, category=name, mean=mean[..., c].ravel(),
-                                          n=mass.shape[0] * mass.shape[1]))
+            mass_rows.append(
+                heads_frame(
+                    mean,
+                    condition=batch.condition,
+                    category=name,
+                    mean=mean[..., c].ravel(),
+                    n=mass.shape[0] * mass.shape[1],
+                )
+            )
         att = label_token_attention(pat, batch)  # [b, i, L, H, j]
         k = batch.n_examples
         i_idx, j_idx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
@@ -170,13 +188,25 @@ def label_attention(model: Any, batches: Sequence[PromptBatch], n_classes: int, 
         counts = torch.bincount(inv, minlength=len(uniq)).float()
         for u, key in enumerate(uniq.tolist()):
             m = (sums[u] / counts[u]).reshape(n_layers, n_heads).numpy()
-            dist_rows.append(heads_frame(m, condition=batch.condition, distance=key // 4, same_class=bool(key & 2),
-                                          same_word=bool(key & 1), mean=m.ravel(), n=int(counts[u])))
+            dist_rows.append(
+                heads_frame(
+                    m,
+                    condition=batch.condition,
+                    distance=key // 4,
+                    same_class=bool(key & 2),
+                    same_word=bool(key & 1),
+                    mean=m.ravel(),
+                    n=int(counts[u]),
+                )
+            )
         pm_true = pm_scores(att, batch, n_classes, "true")[:, q].mean((0, 1)).numpy()
         pm_word = pm_scores(att, batch, n_classes, "word")[:, q].mean((0, 1)).numpy()
         pm_rows.append(heads_frame(pm_true, condition=batch.condition, pm=pm_true.ravel(), pm_word=pm_word.ravel()))
-    return LabelAttention(pd.concat(mass_rows, ignore_index=True), pd.concat(dist_rows, ignore_index=True),
-                          pd.concat(pm_rows, ignore_index=True))
+    return LabelAttention(
+        pd.concat(mass_rows, ignore_index=True),
+        pd.concat(dist_rows, ignore_index=True),
+        pd.concat(pm_rows, ignore_index=True),
+    )
 
 
 # ------------------------------------------------------------ induction ---

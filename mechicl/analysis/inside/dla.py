@@ -66,8 +66,9 @@ class DirectLogits:
         return margin(self.contrib, target)
 
 
-def margin(x: Float[Tensor, "... batch example n_labels"], target: Int[Tensor, "batch example"]
-           ) -> Float[Tensor, "... batch example"]:
+def margin(
+    x: Float[Tensor, "... batch example n_labels"], target: Int[Tensor, "batch example"]
+) -> Float[Tensor, "... batch example"]:
     """Logit of ``target`` minus the mean logit of the other labels."""
     n_labels = x.shape[-1]
     idx = target.expand(*x.shape[:-1])[..., None]
@@ -79,8 +80,9 @@ def _has_hook(model: Any, name: str) -> bool:
     return name in model.hook_dict
 
 
-def _attention_components(model: Any, st: dict[str, Tensor], l: int, post_attn: bool, tol: float = 1e-4
-                          ) -> tuple[Float[Tensor, "component batch example d_model"], list[str]]:
+def _attention_components(
+    model: Any, st: dict[str, Tensor], l: int, post_attn: bool, tol: float = 1e-4
+) -> tuple[Float[Tensor, "component batch example d_model"], list[str]]:
     """Layer ``l``'s attention output split into its heads (and ``b_O``), checked against ``hook_attn_out``."""
     attn = model.blocks[l].attn
     z = st[f"blocks.{l}.attn.hook_z"]  # [b, ex, H, d_head]
@@ -119,8 +121,9 @@ def dla_names(model: Any) -> list[str]:
     return [n for n in want if _has_hook(model, n)]
 
 
-def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True,
-                  run: ReadoutRun | None = None) -> DirectLogits:
+def direct_logits(
+    model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True, run: ReadoutRun | None = None
+) -> DirectLogits:
     """Decompose the label logits at every readout slot into per-head / per-MLP direct effects.
 
     Cost: one forward per context (none with ``run``, a ``ReadoutRun`` of ``batch`` that kept ``dla_names``
@@ -139,8 +142,9 @@ def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress:
     names: list[str] = []
     chunks_out, logits_out = [], []
     want = dla_names(model)
-    for sub, acts in readout_activations(model, batch, want, batch_size, progress, desc="dla", stop="ln_final.hook_out",
-                                         run=run):
+    for _sub, acts in readout_activations(
+        model, batch, want, batch_size, progress, desc="dla", stop="ln_final.hook_out", run=run
+    ):
         st = {n: x.cpu().double() for n, x in acts.items()}
         comps, nm = [], []
         for name in ("hook_embed", "hook_pos_embed"):
@@ -174,8 +178,9 @@ def direct_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress:
     return DirectLogits(torch.cat(chunks_out, 1), torch.cat(logits_out), tuple(names), layer, head, batch.condition)
 
 
-def zero_shot_prior(model: Any, zero_shot: PromptBatch, shape: tuple[int, int], batch_size: int = 64,
-                    progress: bool = True) -> Int[Tensor, "batch example"]:
+def zero_shot_prior(
+    model: Any, zero_shot: PromptBatch, shape: tuple[int, int], batch_size: int = 64, progress: bool = True
+) -> Int[Tensor, "batch example"]:
     """The label the model predicts for each input with no demonstrations (its pre-trained prior)."""
     logits = label_logits(model, zero_shot, batch_size, progress)  # [b * ex, 1, n_labels]
     return logits[:, 0].argmax(-1).reshape(shape)
@@ -186,7 +191,9 @@ def _component_frame(dl: DirectLogits) -> pd.DataFrame:
     return pd.DataFrame({"component": dl.names, "layer": dl.layer, "head": dl.head, "kind": kind})
 
 
-def dla_table(dl: DirectLogits, batch: PromptBatch, prior: Int[Tensor, "batch example"], k_min: int = 1) -> pd.DataFrame:
+def dla_table(
+    dl: DirectLogits, batch: PromptBatch, prior: Int[Tensor, "batch example"], k_min: int = 1
+) -> pd.DataFrame:
     """Mean direct effect of each component on (shown label - other) and (prior label - other), k >= k_min.
 
     Adds a ``total`` row (the model's logit difference) per decomposition.
@@ -196,13 +203,28 @@ def dla_table(dl: DirectLogits, batch: PromptBatch, prior: Int[Tensor, "batch ex
         d = dl.margin(target)[:, :, k_min:].mean((1, 2)).numpy()
         tot = margin(dl.logits, target)[:, k_min:].mean().item()
         f = _component_frame(dl).assign(condition=dl.condition, decomposition=decomp, dla=d)
-        frames += [f, pd.DataFrame([{"component": "total", "layer": -1, "head": -1, "kind": "total",
-                                     "condition": dl.condition, "decomposition": decomp, "dla": tot}])]
+        frames += [
+            f,
+            pd.DataFrame(
+                [
+                    {
+                        "component": "total",
+                        "layer": -1,
+                        "head": -1,
+                        "kind": "total",
+                        "condition": dl.condition,
+                        "decomposition": decomp,
+                        "dla": tot,
+                    }
+                ]
+            ),
+        ]
     return pd.concat(frames, ignore_index=True)
 
 
-def balanced_mean(x: Float[Tensor, "component batch example"], cls: Int[Tensor, "batch example"]
-                  ) -> Float[Tensor, "component"]:
+def balanced_mean(
+    x: Float[Tensor, "component batch example"], cls: Int[Tensor, "batch example"]
+) -> Float[Tensor, "component"]:
     """Mean over the classes present in ``cls`` of the per-class mean over queries.
 
     A component that pushes one label by the same amount everywhere averages to 0 this way, whatever
@@ -211,8 +233,14 @@ def balanced_mean(x: Float[Tensor, "component batch example"], cls: Int[Tensor, 
     return torch.stack(means).mean(0)
 
 
-def prior_vs_context(dl_default: DirectLogits, dl_flipped: DirectLogits, default: PromptBatch, flipped: PromptBatch,
-                     prior: Int[Tensor, "batch example"], k_min: int = 1) -> pd.DataFrame:
+def prior_vs_context(
+    dl_default: DirectLogits,
+    dl_flipped: DirectLogits,
+    default: PromptBatch,
+    flipped: PromptBatch,
+    prior: Int[Tensor, "batch example"],
+    k_min: int = 1,
+) -> pd.DataFrame:
     """Per component, how much of its direct effect follows the shown label vs the zero-shot prior.
 
     With D_c(y) the component's direct effect on (logit y - mean other logits) in context c, y_d / y_f

@@ -4,8 +4,9 @@ and flipped contexts; the *critical layer* where the two part (Halawi et al.).""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,9 @@ def lens_names(model: Any) -> list[str]:
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
 
 
-def lens_logits(model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True, run: ReadoutRun | None = None
-                ) -> Float[Tensor, "batch example depth n_labels"]:
+def lens_logits(
+    model: Any, batch: PromptBatch, batch_size: int = 8, progress: bool = True, run: ReadoutRun | None = None
+) -> Float[Tensor, "batch example depth n_labels"]:
     """Label logits read from the residual stream after ``depth`` blocks (0 = embeddings, n_layers = final).
 
     Uses the model's final norm and unembedding; depth n_layers equals the model's own logits.
@@ -64,25 +66,43 @@ def lens_metrics(logits: Float[Tensor, "batch example depth n_labels"], batch: P
     frames = []
     for name, target in [("shown", batch.shown_labels), ("true", batch.true_labels)]:
         t = target[:, :, None].expand(n, k, d)
-        for metric, v in [(f"accuracy_{name}", (logp.argmax(-1) == t).double()),
-                          (f"log_likelihood_{name}", logp.gather(-1, t[..., None])[..., 0])]:
-            frames.append(pd.DataFrame({
-                "condition": batch.condition,
-                "context": np.repeat(np.arange(n), k * d), "k": np.tile(np.repeat(np.arange(k), d), n),
-                "depth": np.tile(np.arange(d), n * k), "metric": metric, "value": v.reshape(-1).numpy(),
-            }))
+        for metric, v in [
+            (f"accuracy_{name}", (logp.argmax(-1) == t).double()),
+            (f"log_likelihood_{name}", logp.gather(-1, t[..., None])[..., 0]),
+        ]:
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "condition": batch.condition,
+                        "context": np.repeat(np.arange(n), k * d),
+                        "k": np.tile(np.repeat(np.arange(k), d), n),
+                        "depth": np.tile(np.arange(d), n * k),
+                        "metric": metric,
+                        "value": v.reshape(-1).numpy(),
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
-def logit_lens(model: Any, batches: Sequence[PromptBatch], k_min: int = 1, min_gap: float = 0.05,
-               batch_size: int = 8, progress: bool = True, runs: Sequence[ReadoutRun] | None = None) -> Lens:
+def logit_lens(
+    model: Any,
+    batches: Sequence[PromptBatch],
+    k_min: int = 1,
+    min_gap: float = 0.05,
+    batch_size: int = 8,
+    progress: bool = True,
+    runs: Sequence[ReadoutRun] | None = None,
+) -> Lens:
     """Logit lens for each batch (give ``default`` and ``flipped`` built from the same example ids).
 
     Cost: one forward per context per batch (none with ``runs``: one ``ReadoutRun`` per batch).
     """
     runs = runs if runs is not None else [None] * len(batches)
-    raw = pd.concat([lens_metrics(lens_logits(model, b, batch_size, progress, r), b) for b, r in zip(batches, runs)],
-                    ignore_index=True)
+    raw = pd.concat(
+        [lens_metrics(lens_logits(model, b, batch_size, progress, r), b) for b, r in zip(batches, runs)],
+        ignore_index=True,
+    )
     per_ctx = raw[raw.k >= k_min].groupby(["condition", "depth", "metric", "context"], sort=False)["value"].mean()
     rows = []
     for (cond, depth, metric), s in per_ctx.groupby(level=[0, 1, 2], sort=False):

@@ -8,8 +8,9 @@ S_pq (label tokens -> query), S_ww (all other pairs), each a mean over its pairs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,9 +19,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.inside.frames import heads_frame
 from mechicl.analysis.engine.hooks import act_name, at_slots, capture, grad_leaf, run_to_final, to_host
 from mechicl.analysis.engine.readout import unembed_labels
+from mechicl.analysis.inside.frames import heads_frame
 from mechicl.data.prompts import PromptBatch
 
 
@@ -32,8 +33,9 @@ def _query_index(batch: PromptBatch, queries: str, k_min: int) -> Int[Tensor, "q
     raise ValueError(f"queries must be 'last' or 'all', got {queries!r}")
 
 
-def saliency_maps(model: Any, batch: PromptBatch, queries: str = "last", k_min: int = 1
-                  ) -> Float[Tensor, "batch layer head query key"]:
+def saliency_maps(
+    model: Any, batch: PromptBatch, queries: str = "last", k_min: int = 1
+) -> Float[Tensor, "batch layer head query key"]:
     """|A_h * dL/dA_h| for every head (one forward + backward over ``batch``; call on small sub-batches).
 
     Summing A * dL/dA over heads *before* the absolute value gives Wang et al.'s per-layer I_l.
@@ -48,14 +50,17 @@ def saliency_maps(model: Any, batch: PromptBatch, queries: str = "last", k_min: 
         at = at_slots(resid, batch.readout_pos[:, qi])  # [b, q, d_model]
         logits = unembed_labels(model, at, batch.label_token_ids)  # [b, q, n_labels]
         target = batch.shown_labels[:, qi].to(logits.device)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
         pats = [store[n] for n in names]
         grads = torch.autograd.grad(loss, pats)
     return torch.stack([to_host(p.float() * g.float()) for p, g in zip(pats, grads)], dim=1)
 
 
-def saliency_pair_masks(batch: PromptBatch, queries: str = "last", k_min: int = 1
-                        ) -> dict[str, Float[Tensor, "batch query_pos key_pos"]]:
+def saliency_pair_masks(
+    batch: PromptBatch, queries: str = "last", k_min: int = 1
+) -> dict[str, Float[Tensor, "batch query_pos key_pos"]]:
     """Masks of Wang et al.'s pair sets over (i <- j): ``wp`` (label token <- earlier token),
     ``pq`` (query slot <- earlier label token), ``ww`` (every other j < i up to the last query)."""
     n, w = batch.tokens.shape
@@ -85,8 +90,14 @@ class Saliency:
     heads: pd.DataFrame = field(repr=False)
 
 
-def attention_saliency(model: Any, batches: Sequence[PromptBatch], queries: str = "last", k_min: int = 1,
-                       batch_size: int = 4, progress: bool = True) -> Saliency:
+def attention_saliency(
+    model: Any,
+    batches: Sequence[PromptBatch],
+    queries: str = "last",
+    k_min: int = 1,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Saliency:
     layer_rows, head_rows = [], []
     for batch in batches:
         per_ctx_layer, per_ctx_head = [], []
@@ -102,11 +113,20 @@ def attention_saliency(model: Any, batches: Sequence[PromptBatch], queries: str 
             per_ctx_head.append((prod.abs() * pq).sum((-1, -2)) / pq.sum((-1, -2)))  # [b, L, H]
         lay = torch.cat(per_ctx_layer).mean(0).numpy()  # [L, 3]
         tot = lay.sum(-1, keepdims=True)
-        layer_rows.append(pd.DataFrame({
-            "condition": batch.condition, "layer": np.arange(lay.shape[0]),
-            "S_wp": lay[:, 0], "S_pq": lay[:, 1], "S_ww": lay[:, 2],
-            "share_wp": lay[:, 0] / tot[:, 0], "share_pq": lay[:, 1] / tot[:, 0], "share_ww": lay[:, 2] / tot[:, 0],
-        }))
+        layer_rows.append(
+            pd.DataFrame(
+                {
+                    "condition": batch.condition,
+                    "layer": np.arange(lay.shape[0]),
+                    "S_wp": lay[:, 0],
+                    "S_pq": lay[:, 1],
+                    "S_ww": lay[:, 2],
+                    "share_wp": lay[:, 0] / tot[:, 0],
+                    "share_pq": lay[:, 1] / tot[:, 0],
+                    "share_ww": lay[:, 2] / tot[:, 0],
+                }
+            )
+        )
         hd = torch.cat(per_ctx_head).mean(0).numpy()
         head_rows.append(heads_frame(hd, condition=batch.condition, saliency=hd.ravel()))
     return Saliency(pd.concat(layer_rows, ignore_index=True), pd.concat(head_rows, ignore_index=True))

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,11 +36,20 @@ from scipy import stats
 from torch import Tensor
 
 from mechicl.analysis.engine.hooks import act_name, capture, grad_leaf, run_to_final, to_host
-from mechicl.analysis.patching.exact import DIRECTIONS, KINDS, cell_table, normalise
 from mechicl.analysis.engine.readout import unembed_labels
+from mechicl.analysis.patching.exact import DIRECTIONS, KINDS, cell_table, normalise
 from mechicl.data.pairs import PatchPair
 
-ATTRIBUTION_KINDS = ("resid", "attn_out", "mlp_out", "head_out", "head_out_label", "head_out_readout", "head_v_label", "head_pattern_label")
+ATTRIBUTION_KINDS = (
+    "resid",
+    "attn_out",
+    "mlp_out",
+    "head_out",
+    "head_out_label",
+    "head_out_readout",
+    "head_v_label",
+    "head_pattern_label",
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,9 @@ class AttributionResult:
         return self.values - (0.0 if self.direction == "denoise" else 1.0)
 
     def table(self) -> pd.DataFrame:
-        return cell_table(self.kind, self.direction, self.axes, attribution_value=self.values,
-                          attribution_effect=self.effect)
+        return cell_table(
+            self.kind, self.direction, self.axes, attribution_value=self.values, attribution_effect=self.effect
+        )
 
 
 @contextlib.contextmanager
@@ -105,7 +116,7 @@ def attribution_patch(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    t0, L, W, b = time.perf_counter(), int(model.cfg.n_layers), int(pair.query_pos.max()) + 1, pair.n_contexts
+    t0, _L, W, b = time.perf_counter(), int(model.cfg.n_layers), int(pair.query_pos.max()) + 1, pair.n_contexts
     sums: dict[str, list[Tensor]] = {}
     pos_sums: dict[str, list[Tensor]] = {}
     d_lds, r_lds = [], []
@@ -125,13 +136,15 @@ def attribution_patch(
     out: dict[str, AttributionResult] = {}
     for kind in kinds:
         per_pos = torch.stack(pos_sums[kind]) * scale if kind in pos_sums else None
-        out[kind] = AttributionResult(kind, direction, KINDS[kind].axes, base + torch.stack(sums[kind]) * scale,
-                                      per_pos, time.perf_counter() - t0)
+        out[kind] = AttributionResult(
+            kind, direction, KINDS[kind].axes, base + torch.stack(sums[kind]) * scale, per_pos, time.perf_counter() - t0
+        )
     return out
 
 
-def _chunk(model: Any, pair: PatchPair, kinds: Sequence[str], direction: str, width: int
-           ) -> tuple[Tensor, Tensor, dict[str, tuple[list[Tensor], list[Tensor]]]]:
+def _chunk(
+    model: Any, pair: PatchPair, kinds: Sequence[str], direction: str, width: int
+) -> tuple[Tensor, Tensor, dict[str, tuple[list[Tensor], list[Tensor]]]]:
     """One chunk of contexts: donor and receiver LD ``[b]`` and, per kind, the per-cell sums of
     ``(a_d - a_r) . d(sum of receiver LD)/da`` (positions padded to ``width``). 2 forwards + 1 backward."""
     L, W = int(model.cfg.n_layers), int(pair.query_pos.max()) + 1
@@ -141,14 +154,20 @@ def _chunk(model: Any, pair: PatchPair, kinds: Sequence[str], direction: str, wi
     donor_store: dict[str, Tensor] = {}
     with torch.no_grad():
         d_resid = run_to_final(model, donor.tokens[:, :W], capture(names, donor_store))
-        d_ld = pair.logit_diff(to_host(unembed_labels(model, d_resid[rows.to(d_resid.device), q.to(d_resid.device)],
-                                                      pair.clean.label_token_ids)))
+        d_ld = pair.logit_diff(
+            to_host(
+                unembed_labels(
+                    model, d_resid[rows.to(d_resid.device), q.to(d_resid.device)], pair.clean.label_token_ids
+                )
+            )
+        )
     acts: dict[str, Tensor] = {}
     hooks = [("blocks.0.hook_resid_pre", grad_leaf), *capture(names, acts, grad=True)]
     with _frozen(model), torch.enable_grad():
         resid = run_to_final(model, recv.tokens[:, :W], hooks)
-        r_ld = pair.logit_diff(unembed_labels(model, resid[rows.to(resid.device), q.to(resid.device)],
-                                              pair.clean.label_token_ids).cpu())  # float32, differentiable
+        r_ld = pair.logit_diff(
+            unembed_labels(model, resid[rows.to(resid.device), q.to(resid.device)], pair.clean.label_token_ids).cpu()
+        )  # float32, differentiable
         order = [n for n in names if n in acts and acts[n].requires_grad]
         grads = dict(zip(order, torch.autograd.grad(r_ld.sum(), [acts[n] for n in order], allow_unused=True)))
     out = {}
@@ -159,14 +178,17 @@ def _chunk(model: Any, pair: PatchPair, kinds: Sequence[str], direction: str, wi
     return d_ld, r_ld.detach(), out
 
 
-def _per_cell(kind: str, deltas: dict[str, tuple[Tensor, Tensor | None]], pair: PatchPair
-              ) -> tuple[list[Tensor], list[Tensor]]:
+def _per_cell(
+    kind: str, deltas: dict[str, tuple[Tensor, Tensor | None]], pair: PatchPair
+) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer: the estimate ``(a_d - a_r) . grad`` summed into the sweep's cells, and (head kinds) per position."""
     b = pair.n_contexts
     rows, q, lab = torch.arange(b), pair.query_pos, pair.clean.label_pos[:, :-1]  # lab: demonstration labels
     per_layer, per_pos = [], []
     for delta, g in deltas.values():
-        prod = delta.float() * (g.float() if g is not None else torch.zeros_like(delta, dtype=torch.float32))  # float32 sums
+        prod = delta.float() * (
+            g.float() if g is not None else torch.zeros_like(delta, dtype=torch.float32)
+        )  # float32 sums
         if KINDS[kind].axes[1] == "pos":  # [b, pos, d_model]
             per_layer.append(to_host(prod.sum(-1).sum(0)))
         elif kind == "head_pattern_label":  # [b, head, dest, src]

@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -57,10 +58,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import FINAL, Head, act_name, capture, head_masks, run_to_final, to_host
-from mechicl.analysis.patching.result import PatchResult, cell_table, normalise  # re-exported: the sweep's values
 from mechicl.analysis.engine.prefix_reuse import NoPrefixReuse, SuffixRunner, shared_prefix
 from mechicl.analysis.engine.readout import ReadoutRun, unembed_labels
 from mechicl.analysis.engine.stepper import ReadoutStepper
+from mechicl.analysis.patching.result import PatchResult, normalise  # re-exported: the sweep's values
 from mechicl.data.pairs import PatchPair
 from mechicl.data.prompts import ROLE_NAMES
 from mechicl.errors import PairError
@@ -93,7 +94,12 @@ KINDS: dict[str, SweepKind] = {
         SweepKind("head_out_label", "z", ("layer", "head"), "head output at the in-context label positions"),
         SweepKind("head_out_readout", "z", ("layer", "head"), "head output at the query readout slot only", True),
         SweepKind("head_v_label", "v", ("layer", "kv_head"), "head values at the in-context label positions"),
-        SweepKind("head_pattern_label", "pattern", ("layer", "head"), "attention paid to the label positions (every destination)"),
+        SweepKind(
+            "head_pattern_label",
+            "pattern",
+            ("layer", "head"),
+            "attention paid to the label positions (every destination)",
+        ),
     )
 }
 
@@ -112,15 +118,19 @@ def _setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int],
     rows = torch.arange(pair.n_contexts)[:, None]
     lab = pair.clean.label_pos[:, :-1]  # in-context (demonstration) label positions
     if kind.axes[1] == "pos":
+
         def s(a: Tensor, d: Tensor, i: int) -> None:
             a[:, i] = d[:, i]
     elif kind.name == "head_out":
+
         def s(a: Tensor, d: Tensor, i: int) -> None:
             a[:, :, i] = d[:, :, i]
     elif kind.name in ("head_out_label", "head_v_label"):  # index tensors meet the activations on their device
+
         def s(a: Tensor, d: Tensor, i: int) -> None:
             a[rows.to(a.device), lab.to(a.device), i] = d[rows.to(a.device), lab.to(a.device), i]
     elif kind.name == "head_pattern_label":
+
         def s(a: Tensor, d: Tensor, i: int) -> None:  # [batch, head, dest, src]: columns of label sources
             a[rows.to(a.device), i, :, lab.to(a.device)] = d[rows.to(a.device), i, :, lab.to(a.device)]
     else:
@@ -140,8 +150,9 @@ class Patcher:
     forward (memory: ``max_rows x pos`` residual streams and MLP activations).
     """
 
-    def __init__(self, model: Any, pair: PatchPair, *, max_rows: int = 64, progress: bool = False,
-                 prefix_reuse: bool = True) -> None:
+    def __init__(
+        self, model: Any, pair: PatchPair, *, max_rows: int = 64, progress: bool = False, prefix_reuse: bool = True
+    ) -> None:
         self.model = model
         self.pair = pair
         self.max_rows = max_rows
@@ -188,13 +199,17 @@ class Patcher:
         n, w = self.pair.n_contexts, self.width
         mine, theirs = self._tokens(which), run.batch.tokens[:n, :w]
         if run.full_rows < n or theirs.shape != mine.shape or not torch.equal(theirs, mine):
-            raise PairError(f"the ReadoutRun's first {n} contexts are not this pair's {which!r} contexts (or it kept "
-                            f"only {run.full_rows} full rows); build the pair from the run's batch")
+            raise PairError(
+                f"the ReadoutRun's first {n} contexts are not this pair's {which!r} contexts (or it kept "
+                f"only {run.full_rows} full rows); build the pair from the run's batch"
+            )
         if FINAL not in run.names():
             raise PairError(f"the ReadoutRun did not keep {FINAL!r}, which the baseline needs")
         self._store[which].update({k: v[:n, :w] for k, v in run.full.items() if not k.endswith(("pattern", "scores"))})
         final = run.chunks[0][1][FINAL][:n, -1]  # [n, d_model] at the query slot
-        self._ld[which] = self.pair.logit_diff(to_host(unembed_labels(self.model, final, self.pair.clean.label_token_ids)))
+        self._ld[which] = self.pair.logit_diff(
+            to_host(unembed_labels(self.model, final, self.pair.clean.label_token_ids))
+        )
 
     def baseline(self, which: str) -> Float[Tensor, "batch"]:
         """Per-context LD of the unpatched run ``which`` (clean or corrupted): from its stepper's own forward when
@@ -248,7 +263,9 @@ class Patcher:
         roles: tuple[str, ...] = ()
         if spec.axes[1] == "pos":
             r = self.pair.clean.roles[:, : self.width]
-            roles = tuple(ROLE_NAMES[int(r[0, p])] if bool((r[:, p] == r[0, p]).all()) else "mixed" for p in range(self.width))
+            roles = tuple(
+                ROLE_NAMES[int(r[0, p])] if bool((r[:, p] == r[0, p]).all()) else "mixed" for p in range(self.width)
+            )
         return PatchResult(
             kind=kind,
             direction=direction,
@@ -297,7 +314,9 @@ class Patcher:
                 if runner is not None:
                     resid = runner.run(tokens, n, [(name, hook)], l, r0)
                 else:
-                    resid = run_to_final(self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None)
+                    resid = run_to_final(
+                        self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None
+                    )
                 ld[l, chunk] = self._label_ld(resid, p0)
                 computed[l, chunk] = True
                 self.forwards += n * (L - l) / L * frac
@@ -317,7 +336,7 @@ class Patcher:
             except NoPrefixReuse as e:
                 self.prefix_reuse = False
                 if not e.expected:
-                    warnings.warn(f"Patcher: prefix reuse off ({e}); head_out re-runs run every position")
+                    warnings.warn(f"Patcher: prefix reuse off ({e}); head_out re-runs run every position", stacklevel=2)
                 return None
             self.forwards += 1 - self._runner.fraction
         r = self._runner
@@ -327,8 +346,11 @@ class Patcher:
             err, tol = float((ld - base).abs().max()), max(1e-4, 2 * torch.finfo(model_dtype(self.model)).eps)
             if not err <= tol * max(1.0, float(base.abs().max())):
                 self.prefix_reuse, self._runner = False, None
-                warnings.warn(f"Patcher: the suffix re-run over the cached prefix differs from the full forward by "
-                              f"{err:.3g}; prefix reuse off, head_out re-runs run every position")
+                warnings.warn(
+                    f"Patcher: the suffix re-run over the cached prefix differs from the full forward by "
+                    f"{err:.3g}; prefix reuse off, head_out re-runs run every position",
+                    stacklevel=2,
+                )
                 return None
             self._checked.add(recv)
         return r
@@ -360,12 +382,14 @@ class Patcher:
             setter = _setter(KINDS["head_out" if where == "all" else "head_out_label"], self.pair)
             hooks = []
             for l in layers:
+
                 def hook(act: Tensor, hook: Any, l: int = l) -> Tensor:
                     a = act.clone()
                     for ll, h in heads:
                         if ll == l:
                             setter(a, d_store[act_name("z", l)], h)
                     return a
+
                 hooks.append((act_name("z", l), hook))
             l0 = layers[0]
             start = (l0, r_store[act_name("resid_pre", l0)]) if l0 > 0 else None
@@ -381,7 +405,9 @@ class Patcher:
         return self._steppers[which]
 
     @torch.no_grad()
-    def _sweep_readout(self, spec: SweepKind, recv: str, donor: str, wanted: Tensor, ld: Tensor, computed: Tensor) -> None:
+    def _sweep_readout(
+        self, spec: SweepKind, recv: str, donor: str, wanted: Tensor, ld: Tensor, computed: Tensor
+    ) -> None:
         L = self.n_layers
         cells = wanted.nonzero().tolist()
         donor_z = self.stepper(donor).z  # [batch, layer, head, d_head] at the query slot

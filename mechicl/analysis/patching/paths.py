@@ -29,8 +29,9 @@ Checked against a brute-force two-run implementation with plain TL hooks in
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,8 +41,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import Head, act_name, capture, run_to_final
-from mechicl.analysis.patching.positions import position_mask, readout_ld, runs_for
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.positions import position_mask, readout_ld, runs_for
 from mechicl.analysis.stats.resampling import ratio_ci
 
 INPUTS = ("q", "k", "v")
@@ -82,23 +83,39 @@ class PathResult:
         """One row per (sender, target) with reachable paths: the effect (a ratio of means over contexts)
         and its context-bootstrap interval (``resampling.ratio_ci``: numerator and gap resampled together)."""
         eff = self.effect.mean(-1).numpy()  # the ratio of means (defined for any non-zero gap)
-        _, lo_all, hi_all = ratio_ci((self.ld - self.receiver_ld).numpy(), self.context_gap.numpy(), n_boot=n_boot,
-                                     level=level, seed=seed)  # NaN where the gap is not positive
+        _, lo_all, hi_all = ratio_ci(
+            (self.ld - self.receiver_ld).numpy(), self.context_gap.numpy(), n_boot=n_boot, level=level, seed=seed
+        )  # NaN where the gap is not positive
         rows = []
         for i, (sl, sh) in enumerate(self.senders):
             for j, (recv, inp) in enumerate(self.targets):
                 if recv is not None and recv[0] <= sl:
                     continue  # no path from a head to one at its own layer or below
                 m, lo, hi = float(eff[i, j]), float(lo_all[i, j]), float(hi_all[i, j])
-                rows.append(dict(direction=self.direction, positions=self.positions, mlps=self.mlps, sender=f"L{sl}H{sh}",
-                                 sender_layer=sl, sender_head=sh, receiver=f"L{recv[0]}H{recv[1]}" if recv else LOGITS,
-                                 receiver_layer=recv[0] if recv else np.nan, receiver_head=recv[1] if recv else np.nan,
-                                 input=inp, effect=m, ci_low=lo, ci_high=hi, n_contexts=self.ld.shape[-1]))
+                rows.append(
+                    dict(
+                        direction=self.direction,
+                        positions=self.positions,
+                        mlps=self.mlps,
+                        sender=f"L{sl}H{sh}",
+                        sender_layer=sl,
+                        sender_head=sh,
+                        receiver=f"L{recv[0]}H{recv[1]}" if recv else LOGITS,
+                        receiver_layer=recv[0] if recv else np.nan,
+                        receiver_head=recv[1] if recv else np.nan,
+                        input=inp,
+                        effect=m,
+                        ci_low=lo,
+                        ci_high=hi,
+                        n_contexts=self.ld.shape[-1],
+                    )
+                )
         return pd.DataFrame(rows)
 
 
-def _sender_runs(patcher: Patcher, layer: int, heads: Sequence[int], positions: str, direction: str,
-                 names: Sequence[str], mlps: str) -> tuple[dict[str, Tensor], Tensor]:
+def _sender_runs(
+    patcher: Patcher, layer: int, heads: Sequence[int], positions: str, direction: str, names: Sequence[str], mlps: str
+) -> tuple[dict[str, Tensor], Tensor]:
     """Step 1 for the senders of one layer: recorded receiver inputs ``names`` and the direct-path LD ``[n, batch]``."""
     recv, donor = runs_for(direction)
     pair, L, b, n = patcher.pair, patcher.n_layers, patcher.pair.n_contexts, len(heads)
@@ -151,9 +168,16 @@ def _receiver_run(patcher: Patcher, receiver: Head, inp: str, recorded: Tensor, 
 
 
 @torch.no_grad()
-def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[Head], positions: str = "label",
-               direction: str = "denoise", inputs: Sequence[str] = INPUTS, mlps: str = "frozen",
-               progress: bool = False) -> PathResult:
+def path_patch(
+    patcher: Patcher,
+    senders: Sequence[Head],
+    receivers: Sequence[Head],
+    positions: str = "label",
+    direction: str = "denoise",
+    inputs: Sequence[str] = INPUTS,
+    mlps: str = "frozen",
+    progress: bool = False,
+) -> PathResult:
     """Sender -> receiver (each of ``inputs``) and sender -> logits path effects (see the module docstring).
 
     Pairs with the receiver at or below the sender's layer have no path; they keep the receiver
@@ -174,7 +198,9 @@ def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[He
     ld = base.expand(len(senders), len(targets), b).clone()
     names = sorted({act_name(i, l) for l, _ in receivers for i in inputs})
     recorded: dict[Head, dict[str, Tensor]] = {}
-    for sl in tqdm(sorted({l for l, _ in senders}), desc="path senders", unit="layer", disable=not progress, leave=False):
+    for sl in tqdm(
+        sorted({l for l, _ in senders}), desc="path senders", unit="layer", disable=not progress, leave=False
+    ):
         group = [s for s in senders if s[0] == sl]
         later = [nm for nm in names if int(nm.split(".")[1]) > sl]
         store, direct = _sender_runs(patcher, sl, [h for _, h in group], positions, direction, later, mlps)
@@ -187,7 +213,9 @@ def path_patch(patcher: Patcher, senders: Sequence[Head], receivers: Sequence[He
             stacked = torch.cat([recorded[senders[i]][act_name(inp, rcv[0])] for i in idx])
             ld[idx, t] = _receiver_run(patcher, rcv, inp, stacked, direction)
     gap = patcher.baseline("clean") - patcher.baseline("corrupted")
-    return PathResult(direction, positions, tuple(senders), tuple(targets), ld, base, gap, mlps, time.perf_counter() - t0)
+    return PathResult(
+        direction, positions, tuple(senders), tuple(targets), ld, base, gap, mlps, time.perf_counter() - t0
+    )
 
 
 def path_matrix(result: PathResult, inp: str) -> pd.DataFrame:

@@ -23,8 +23,9 @@ The metric is ``patching``'s: the answer - foil logit difference at the query sl
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,8 +35,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import Head, act_name, run_to_final, to_host
-from mechicl.analysis.patching.exact import DIRECTIONS, Patcher, PatchResult, cell_table, normalise
 from mechicl.analysis.engine.readout import unembed_labels
+from mechicl.analysis.patching.exact import DIRECTIONS, Patcher, PatchResult, cell_table, normalise
 from mechicl.analysis.stats.resampling import ratio_ci
 from mechicl.data.pairs import PatchPair
 
@@ -102,8 +103,14 @@ class PositionSetResult:
 
     def table(self) -> pd.DataFrame:
         """One row per (layer, set): value, effect, mean LD, and the value's context-bootstrap interval."""
-        df = cell_table("resid_set", self.direction, ("layer", "set_index"), value=self.values, effect=self.effect,
-                        mean_logit_diff=self.logit_diff.mean(-1))
+        df = cell_table(
+            "resid_set",
+            self.direction,
+            ("layer", "set_index"),
+            value=self.values,
+            effect=self.effect,
+            mean_logit_diff=self.logit_diff.mean(-1),
+        )
         df.insert(3, "positions", [self.sets[i] for i in df["set_index"]])
         low, high = value_interval(self)
         df["ci_low"], df["ci_high"] = low.reshape(-1), high.reshape(-1)
@@ -111,8 +118,9 @@ class PositionSetResult:
 
 
 @torch.no_grad()
-def patch_position_sets(patcher: Patcher, direction: str = "denoise", sets: Sequence[str] = POSITION_SETS,
-                        progress: bool = False) -> PositionSetResult:
+def patch_position_sets(
+    patcher: Patcher, direction: str = "denoise", sets: Sequence[str] = POSITION_SETS, progress: bool = False
+) -> PositionSetResult:
     """Patch ``hook_resid_pre`` of each layer at every position of each set at once (one batched forward per layer)."""
     t0 = time.perf_counter()
     recv, donor = runs_for(direction)
@@ -134,10 +142,14 @@ def patch_position_sets(patcher: Patcher, direction: str = "denoise", sets: Sequ
         ld[l] = readout_ld(model, pair, run_to_final(model, tokens, [(names[l], hook)], start=start))
         patcher.forwards += n * (L - l) / L
     clean, corr = patcher.baseline("clean"), patcher.baseline("corrupted")
-    return PositionSetResult(direction, tuple(sets), normalise(ld, clean, corr), ld, clean, corr, time.perf_counter() - t0)
+    return PositionSetResult(
+        direction, tuple(sets), normalise(ld, clean, corr), ld, clean, corr, time.perf_counter() - t0
+    )
 
 
-def value_interval(result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def value_interval(
+    result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Context-bootstrap interval of a patching result's normalised value, per cell (``[n0, n1]`` arrays).
 
     The value is a ratio of means over contexts, ``mean_c(LD_c - base_c) / mean_c(clean_c - corrupted_c)``
@@ -160,8 +172,9 @@ def _kv_group(model: Any) -> int:
     return h // int(getattr(model.cfg, "n_key_value_heads", None) or h)
 
 
-def recomputed_z(pattern: Float[Tensor, "batch head q k"], v: Float[Tensor, "batch k kv_head d_head"],
-                 group: int) -> Float[Tensor, "batch q head d_head"]:
+def recomputed_z(
+    pattern: Float[Tensor, "batch head q k"], v: Float[Tensor, "batch k kv_head d_head"], group: int
+) -> Float[Tensor, "batch q head d_head"]:
     """``z = pattern @ v`` per query head, query head ``h`` reading KV head ``h // group`` (HF/TL's GQA order)."""
     return torch.einsum("bhqk,bkhd->bqhd", pattern, v.repeat_interleave(group, dim=2))
 
@@ -183,7 +196,9 @@ def _part_z(patcher: Patcher, layer: int, part: str, direction: str) -> Float[Te
     return recomputed_z(pat, v, _kv_group(patcher.model))
 
 
-def _run_z_patches(patcher: Patcher, layer: int, recv: str, new_z: Tensor, head_sets: Sequence[Sequence[int]]) -> Tensor:
+def _run_z_patches(
+    patcher: Patcher, layer: int, recv: str, new_z: Tensor, head_sets: Sequence[Sequence[int]]
+) -> Tensor:
     """Per-context LD ``[n_sets, batch]`` with the heads of each set taking ``new_z`` at ``layer`` (one forward)."""
     pair, L, n, b = patcher.pair, patcher.n_layers, len(head_sets), patcher.pair.n_contexts
     z_name = act_name("z", layer)
@@ -195,8 +210,11 @@ def _run_z_patches(patcher: Patcher, layer: int, recv: str, new_z: Tensor, head_
                 a[j, :, :, h] = new_z[:, :, h].to(a.dtype)
         return a.reshape(act.shape)
 
-    start = (layer, patcher.cached(recv, [act_name("resid_pre", layer)])[act_name("resid_pre", layer)].repeat(n, 1, 1)) \
-        if layer > 0 else None
+    start = (
+        (layer, patcher.cached(recv, [act_name("resid_pre", layer)])[act_name("resid_pre", layer)].repeat(n, 1, 1))
+        if layer > 0
+        else None
+    )
     tokens = pair.run(recv).tokens[:, : patcher.width].repeat(n, 1)
     resid = run_to_final(patcher.model, tokens, [(z_name, hook)], start=start)
     patcher.forwards += n * (L - layer) / L
@@ -218,9 +236,16 @@ def patch_head_parts(patcher: Patcher, part: str, direction: str = "denoise", pr
         ld[l] = _run_z_patches(patcher, l, recv, _part_z(patcher, l, part, direction), [[h] for h in range(H)])
     clean, corr = patcher.baseline("clean"), patcher.baseline("corrupted")
     return PatchResult(
-        kind=f"head_{part}_label_z", direction=direction, axes=("layer", "head"), values=normalise(ld, clean, corr),
-        logit_diff=ld, clean_ld=clean, corrupted_ld=corr, forwards=patcher.forwards - f0,
-        seconds=time.perf_counter() - t0, computed=torch.ones(L, H, dtype=torch.bool),
+        kind=f"head_{part}_label_z",
+        direction=direction,
+        axes=("layer", "head"),
+        values=normalise(ld, clean, corr),
+        logit_diff=ld,
+        clean_ld=clean,
+        corrupted_ld=corr,
+        forwards=patcher.forwards - f0,
+        seconds=time.perf_counter() - t0,
+        computed=torch.ones(L, H, dtype=torch.bool),
         description=f"one head's z recomputed with the donor's label {part}s",
     )
 

@@ -14,18 +14,18 @@ from torch import Tensor
 from mechicl.errors import PairError
 
 
-
 def cell_table(kind: str, direction: str, axes: tuple[str, str], **columns: Float[Tensor, "n0 n1"]) -> pd.DataFrame:
     """Tidy rows of a sweep's ``[n0, n1]`` grids: kind, direction, the two axis indices, then each column."""
     n0, n1 = next(iter(columns.values())).shape
-    return pd.DataFrame({
-        "kind": kind,
-        "direction": direction,
-        axes[0]: np.repeat(np.arange(n0), n1),
-        axes[1]: np.tile(np.arange(n1), n0),
-        **{name: v.reshape(-1).numpy() for name, v in columns.items()},
-    })
-
+    return pd.DataFrame(
+        {
+            "kind": kind,
+            "direction": direction,
+            axes[0]: np.repeat(np.arange(n0), n1),
+            axes[1]: np.tile(np.arange(n1), n0),
+            **{name: v.reshape(-1).numpy() for name, v in columns.items()},
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,14 @@ class PatchResult:
 
     def table(self) -> pd.DataFrame:
         """One row per cell: axes, normalised value, effect, mean LD, whether it was computed."""
-        df = cell_table(self.kind, self.direction, self.axes, value=self.values, effect=self.effect,
-                        mean_logit_diff=self.logit_diff.mean(-1))
+        df = cell_table(
+            self.kind,
+            self.direction,
+            self.axes,
+            value=self.values,
+            effect=self.effect,
+            mean_logit_diff=self.logit_diff.mean(-1),
+        )
         if self.pos_roles:
             df["role"] = [self.pos_roles[p] for p in df[self.axes[1]]]
         if self.computed is not None:

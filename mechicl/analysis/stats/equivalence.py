@@ -35,8 +35,15 @@ class Margin:
     margin: float
 
 
-def relative_margin(ref_a: Float[np.ndarray, "n"], ref_b: Float[np.ndarray, "n"], fraction: float, *,
-                    level: float = 0.95, n_boot: int = 4000, seed: int = 0) -> Margin:
+def relative_margin(
+    ref_a: Float[np.ndarray, "n"],
+    ref_b: Float[np.ndarray, "n"],
+    fraction: float,
+    *,
+    level: float = 0.95,
+    n_boot: int = 4000,
+    seed: int = 0,
+) -> Margin:
     """Margin = ``fraction`` x the smaller |end| of the percentile-bootstrap CI of mean(ref_a - ref_b).
 
     If that CI contains 0 the reference effect is not established and the margin is NaN (no equivalence

@@ -142,7 +142,9 @@ def compare_over_k(
     for k in ks:
         sub = wide.xs(k, level="k")
         r = paired_test(sub[a].to_numpy(), sub[b].to_numpy(), alternative=alternative, seed=seed + k)
-        rows.append({"k": k, "mean_diff": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high, "p_value": r.p_value, "n": r.n})
+        rows.append(
+            {"k": k, "mean_diff": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high, "p_value": r.p_value, "n": r.n}
+        )
     out = pd.DataFrame(rows)
     out["p_holm"] = holm(out.p_value.to_numpy())
     out["decision"] = [

@@ -30,8 +30,9 @@ def percentile_interval(boot: np.ndarray, level: float) -> tuple[np.ndarray, np.
     return lo, hi
 
 
-def mean_ci(x: Float[np.ndarray, "... n"], *, n_boot: int = 2000, level: float = 0.95,
-            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mean_ci(
+    x: Float[np.ndarray, "... n"], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean over contexts and its percentile-bootstrap interval (contexts resampled)."""
     x = np.asarray(x, dtype=float)
     idx = _indices(x.shape[-1], n_boot, seed)
@@ -40,8 +41,14 @@ def mean_ci(x: Float[np.ndarray, "... n"], *, n_boot: int = 2000, level: float =
     return x.mean(-1), lo, hi
 
 
-def ratio_ci(num: Float[np.ndarray, "... n"], den: Float[np.ndarray, "n"], *, n_boot: int = 2000, level: float = 0.95,
-             seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ratio_ci(
+    num: Float[np.ndarray, "... n"],
+    den: Float[np.ndarray, "n"],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``mean(num) / mean(den)`` and its percentile-bootstrap interval, numerator and denominator
     resampled together (the same contexts); NaN where the mean denominator is not positive."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
@@ -55,8 +62,9 @@ def ratio_ci(num: Float[np.ndarray, "... n"], den: Float[np.ndarray, "n"], *, n_
     return est, lo, hi
 
 
-def sign_flip_p(d: Float[np.ndarray, "... n"], *, n_perm: int = 4000, alternative: str = "greater",
-                seed: int = 0) -> np.ndarray:
+def sign_flip_p(
+    d: Float[np.ndarray, "... n"], *, n_perm: int = 4000, alternative: str = "greater", seed: int = 0
+) -> np.ndarray:
     """Monte-Carlo sign-flip p-value of ``mean(d) = 0`` (each context's difference symmetric under H0).
 
     The smallest reachable value is ``1 / (n_perm + 1)``: report p at that floor as "<=".

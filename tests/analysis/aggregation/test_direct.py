@@ -30,7 +30,9 @@ def test_projection_equals_dla(arch, tiny, toy):
     for c in range(3):  # each head's hook_z at the query slot (the donors of the total effect)
         _, cache = loaded.model.run_with_cache(b.tokens[c : c + 1, : int(b.lengths[c])])
         for i, (l, h) in enumerate(heads):
-            torch.testing.assert_close(z[c, i], cache[f"blocks.{l}.attn.hook_z"][0, b.readout_pos[c, -1], h], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                z[c, i], cache[f"blocks.{l}.attn.hook_z"][0, b.readout_pos[c, -1], h], atol=1e-5, rtol=1e-4
+            )
     ref_logits = helpers.full_label_logits(loaded, b)[:, -1]
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=1e-4, rtol=1e-4)
 

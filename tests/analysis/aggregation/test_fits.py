@@ -23,7 +23,10 @@ DIST = np.arange(K, 0, -1)  # distance of demonstration j from the query
 W_POS = np.array([0.9, 0.1, -0.3, 0.5, 0.0, 0.2, 0.4, -0.1])  # by distance 1..K
 GENERATORS = {
     "sum": (lambda F: 0.25 + 0.3 * F.sum(-1), {"intercept": 0.25, "slope": 0.3}),
-    "vote": (lambda F: -0.5 + 2.0 * _sigmoid((F.sum(-1) - 5.0) / 0.5), {"intercept": -0.5, "amplitude": 2.0, "mid": 5.0}),
+    "vote": (
+        lambda F: -0.5 + 2.0 * _sigmoid((F.sum(-1) - 5.0) / 0.5),
+        {"intercept": -0.5, "amplitude": 2.0, "mid": 5.0},
+    ),
     "recency": (lambda F: (F * 0.8 * np.exp(-0.5 * (DIST - 1))).sum(-1), {"weight_last": 0.8, "decay": 0.5}),
     "position": (lambda F: (F[..., ::-1] * W_POS).sum(-1), {f"w_{d}": w for d, w in enumerate(W_POS, 1)}),
 }
@@ -44,7 +47,11 @@ def test_fit_recovers_generating_weights(model):
         assert lo - 0.02 <= value <= hi + 0.02, (name, lo, value, hi)  # grid parameters: one grid step of slack
     row = comparison.set_index("model")
     assert row.loc[model, "adequate"]
-    nested = {"sum": {"sum", "recency", "position", "vote"}, "recency": {"recency", "position"},
-              "vote": {"vote"}, "position": {"position"}}[model]
+    nested = {
+        "sum": {"sum", "recency", "position", "vote"},
+        "recency": {"recency", "position"},
+        "vote": {"vote"},
+        "position": {"position"},
+    }[model]
     assert set(row.index[row["adequate"]]) <= nested  # a model that cannot express the truth is worse held out
     assert row.loc[model, "heldout_r2"] > 0.9

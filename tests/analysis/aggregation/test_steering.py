@@ -60,8 +60,10 @@ def test_steering_equals_plain_hooks(arch, tiny, toy):
             assert (st.p_flipped[i, a].double() - ref).abs().max() <= 1e-5
     per_alpha, slopes = steering_tables(st, n_boot=50)
     x = torch.tensor(alphas, dtype=torch.float64)
-    per_ctx = [torch.linalg.lstsq(torch.stack([torch.ones(3), x], 1), st.p_flipped[0, :, c].double()[:, None]).solution[1, 0]
-               for c in range(3)]
+    per_ctx = [
+        torch.linalg.lstsq(torch.stack([torch.ones(3), x], 1), st.p_flipped[0, :, c].double()[:, None]).solution[1, 0]
+        for c in range(3)
+    ]
     assert abs(slopes.loc[0, "slope_p_flipped"] - float(torch.stack(per_ctx).mean())) < 1e-6
     assert len(per_alpha[per_alpha["query_class"] == "all"]) == 2 * len(heads) * len(alphas)
     by = mean_difference(loaded.model, default, flipped, heads, batch_size=2, by_class=True)
@@ -69,6 +71,7 @@ def test_steering_equals_plain_hooks(arch, tiny, toy):
     assert len(set(cls.tolist())) == 2  # both classes present, so both class vectors are defined
     st = steer(loaded.model, default, heads, by, (0.0, 2.0), batch_size=2, progress=False)
     for i, head in enumerate(heads):
-        torch.testing.assert_close(by[i].nan_to_num().mul(torch.bincount(cls, minlength=2)[:, None]).sum(0) / 3, vec[i],
-                                   atol=1e-5, rtol=1e-4)  # the class means average back to the pooled mean
+        torch.testing.assert_close(
+            by[i].nan_to_num().mul(torch.bincount(cls, minlength=2)[:, None]).sum(0) / 3, vec[i], atol=1e-5, rtol=1e-4
+        )  # the class means average back to the pooled mean
         assert (st.p_flipped[i, 1].double() - _reference(loaded, default, head, by[i], 2.0)).abs().max() <= 1e-5

@@ -56,8 +56,15 @@ def _reference(loaded, ev, heads):
 def test_total_effect_equals_plain_hooks(arch, tiny, toy):
     loaded = tiny if arch == "tiny" else helpers.tiny_hf("gemma")
     ids = sample_contexts(toy, 3, 5, seed=3)
-    ev = evidence_batches(toy, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos,
-                          placements=("last", "random"), counts=(1, 3))
+    ev = evidence_batches(
+        toy,
+        loaded.tokenizer,
+        ids,
+        n_ctx=loaded.n_ctx,
+        prepend_bos=loaded.prepend_bos,
+        placements=("last", "random"),
+        counts=(1, 3),
+    )
     heads = [(0, 1), (1, 2), (0, 3)]
     proj = project_heads(loaded.model, ev, heads, batch_size=2, progress=False)
     tot = total_effects(loaded.model, ev, proj, batch_size=2, progress=False)  # two chunks: 2 + 1 contexts
@@ -89,4 +96,3 @@ def test_total_effects_refuses_projections_without_donors(tiny, toy):
     other = evidence_batches(toy, tiny.tokenizer, ids, n_ctx=tiny.n_ctx, prepend_bos=True, placements=("first", "last"))
     with pytest.raises(ValueError, match="same EvidenceBatches"):
         total_effects(tiny.model, other, proj, progress=False)
-

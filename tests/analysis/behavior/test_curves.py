@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mechicl.analysis.behavior.curves import BehaviorConfig, score, summarize
-from mechicl.runs.behavior import run_behavior
-from mechicl.data.prompts import build_prompt_batch
 from mechicl.analysis.engine.hooks import run_to_final
 from mechicl.analysis.engine.readout import label_logits
+from mechicl.data.prompts import build_prompt_batch
+from mechicl.runs.behavior import run_behavior
 from tests import helpers
 
 
@@ -36,7 +36,11 @@ def test_one_forward_equals_prompting_once_per_k(tiny, toy):
     fast = label_logits(tiny.model, b, progress=False)
     for k in range(b.n_examples):
         short = build_prompt_batch(
-            toy, tiny.tokenizer, b.example_ids[:, : k + 1], n_ctx=tiny.n_ctx, prepend_bos=True,
+            toy,
+            tiny.tokenizer,
+            b.example_ids[:, : k + 1],
+            n_ctx=tiny.n_ctx,
+            prepend_bos=True,
             shown_labels=b.shown_labels[:, : k + 1],
         )
         with torch.no_grad():
@@ -133,5 +137,10 @@ def test_multi_token_labels_score_whole_sequences(tiny, toy):
         logp = torch.log_softmax(tiny.model(seq)[0], -1)
         want = logp[p - 1, tok("the")] + logp[p, tok("blue")]
     assert torch.allclose(got[1, 2, 1], want, atol=1e-5)
-    res = run_behavior(tiny, task, BehaviorConfig("tiny", "mt", ("default", "flipped"), k_max=3, n_contexts=3, multi_token=True), progress=False)
+    res = run_behavior(
+        tiny,
+        task,
+        BehaviorConfig("tiny", "mt", ("default", "flipped"), k_max=3, n_contexts=3, multi_token=True),
+        progress=False,
+    )
     assert set(res.summary.condition) == {"default", "flipped"}

@@ -12,12 +12,20 @@ from mechicl.errors import ConfigError
 from mechicl.runs.run import load_config
 
 # `mechicl run` configs: the TOML files in experiments/ that state a hypothesis (findings.toml is another command's grid)
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "experiments").glob("*.toml")
-                 if "hypothesis" in tomllib.loads(p.read_text(encoding="utf-8")))
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[2] / "experiments").glob("*.toml")
+    if "hypothesis" in tomllib.loads(p.read_text(encoding="utf-8"))
+)
 
 
 def test_all_four_questions_have_configs():
-    assert {p.stem for p in CONFIGS} >= {"nh1_random_labels", "nh2_flipped_arbitrary", "nh2_instructions", "nh3_label_switch"}
+    assert {p.stem for p in CONFIGS} >= {
+        "nh1_random_labels",
+        "nh2_flipped_arbitrary",
+        "nh2_instructions",
+        "nh3_label_switch",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -60,7 +68,9 @@ BASE = 'name = "x"\nhypothesis = "NH1"\nstatement = "s"\n[[conditions]]\nlabels 
 
 def test_bad_config_key(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['n_context'\]"):
-        load_config(_write(tmp_path, 'n_context = 3\n' + BASE + '[[tests]]\na = "default/accuracy"\nb = "random/accuracy"\n'))
+        load_config(
+            _write(tmp_path, "n_context = 3\n" + BASE + '[[tests]]\na = "default/accuracy"\nb = "random/accuracy"\n')
+        )
     with pytest.raises(ConfigError, match=r"\[\[tests\]\] #1: unknown key\(s\) \['alpha'\]"):
         load_config(_write(tmp_path, BASE + '[[tests]]\na = "default/accuracy"\nb = "random/accuracy"\nalpha = 0.1\n'))
 
@@ -79,8 +89,9 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "unknown key(s) ['oops']" in capsys.readouterr().err
 
 
-MARGIN_TEST = ('[[tests]]\na = "default/log_likelihood"\nb = "random/log_likelihood"\nalternative = "two-sided"\n'
-               'ks = [1, 2]\n')
+MARGIN_TEST = (
+    '[[tests]]\na = "default/log_likelihood"\nb = "random/log_likelihood"\nalternative = "two-sided"\nks = [1, 2]\n'
+)
 
 
 def test_margin_ref_needs_a_fraction_and_excludes_min_effect(tmp_path):
@@ -92,7 +103,11 @@ def test_margin_ref_needs_a_fraction_and_excludes_min_effect(tmp_path):
     with pytest.raises(ConfigError, match="needs margin_ref"):
         load_config(_write(tmp_path, BASE + MARGIN_TEST + "margin_fraction = 0.15\n"))
     with pytest.raises(ConfigError, match="no metric 'nope'"):
-        load_config(_write(tmp_path, BASE + MARGIN_TEST + 'margin_ref = "default/nope - random/accuracy"\nmargin_fraction = 0.2\n'))
+        load_config(
+            _write(
+                tmp_path, BASE + MARGIN_TEST + 'margin_ref = "default/nope - random/accuracy"\nmargin_fraction = 0.2\n'
+            )
+        )
     cfg = load_config(_write(tmp_path, BASE + MARGIN_TEST + ref + "margin_fraction = 0.15\n"))
     assert cfg.tests[0].ref_sides == ("default/log_likelihood", "random/log_likelihood_true")
 
@@ -104,17 +119,22 @@ def _raw(n: int, diff: float, noise: float, ref: float, seed: int = 0) -> pd.Dat
     for k in (1, 2):
         base, e = rng.normal(-0.5, 0.3, n), rng.normal(0, noise, n)
         e -= e.mean()  # the mean difference is exactly ``diff``
-        vals = {("default", "log_likelihood"): base, ("random", "log_likelihood"): base - diff + e,
-                ("random", "log_likelihood_true"): base - ref + rng.normal(0, 0.1, n)}
-        rows += [pd.DataFrame({"condition": c, "context": np.arange(n), "k": k, "metric": m, "value": v})
-                 for (c, m), v in vals.items()]
+        vals = {
+            ("default", "log_likelihood"): base,
+            ("random", "log_likelihood"): base - diff + e,
+            ("random", "log_likelihood_true"): base - ref + rng.normal(0, 0.1, n),
+        }
+        rows += [
+            pd.DataFrame({"condition": c, "context": np.arange(n), "k": k, "metric": m, "value": v})
+            for (c, m), v in vals.items()
+        ]
     return pd.concat(rows, ignore_index=True)
 
 
 @pytest.mark.parametrize("noise, want", [(0.05, "no effect"), (0.6, "not enough draws to decide")])
 def test_measured_margin_decides_equivalence(tmp_path, noise, want):
-    from mechicl.analysis.stats.equivalence import relative_margin
     from mechicl.analysis.behavior.hypotheses import equivalence_margins, run_tests
+    from mechicl.analysis.stats.equivalence import relative_margin
 
     ref = 'margin_ref = "default/log_likelihood - random/log_likelihood_true"\nmargin_fraction = 0.15\n'
     cfg = load_config(_write(tmp_path, BASE + MARGIN_TEST + ref))
@@ -129,8 +149,21 @@ def test_measured_margin_decides_equivalence(tmp_path, noise, want):
         assert decision.startswith(want)
         if want == "no effect":
             assert decision == f"no effect (within ±{got.margin:g})" and got.p_tost < 0.05
-    assert list(tests.columns) == ["test", "primary", "a", "b", "alternative", "k", "mean_diff", "ci_low", "ci_high",
-                                   "p_value", "n", "p_holm", "decision"]  # tests.csv keeps its documented columns
+    assert list(tests.columns) == [
+        "test",
+        "primary",
+        "a",
+        "b",
+        "alternative",
+        "k",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "n",
+        "p_holm",
+        "decision",
+    ]  # tests.csv keeps its documented columns
 
 
 def test_a_fixed_margin_would_call_a_third_of_the_range_no_effect(tmp_path):
@@ -139,8 +172,13 @@ def test_a_fixed_margin_would_call_a_third_of_the_range_no_effect(tmp_path):
     from mechicl.analysis.behavior.hypotheses import run_tests
 
     fixed = load_config(_write(tmp_path, BASE + MARGIN_TEST + "min_effect = 0.1\n"))
-    rel = load_config(_write(tmp_path, BASE + MARGIN_TEST + 'margin_ref = "default/log_likelihood - '
-                             'random/log_likelihood_true"\nmargin_fraction = 0.15\n'))
+    rel = load_config(
+        _write(
+            tmp_path,
+            BASE + MARGIN_TEST + 'margin_ref = "default/log_likelihood - '
+            'random/log_likelihood_true"\nmargin_fraction = 0.15\n',
+        )
+    )
     raw = _raw(200, 0.03, 0.25, ref=0.3, seed=2)
     assert (run_tests(fixed, raw).decision == "no effect (within ±0.1)").all()
     assert (run_tests(rel, raw).decision == "not enough draws to decide").all()
@@ -150,8 +188,13 @@ def test_verdict_lists_how_each_margin_was_measured(tmp_path):
     from mechicl.analysis.behavior.hypotheses import equivalence_margins, run_tests
     from mechicl.runs.run import verdict_markdown
 
-    cfg = load_config(_write(tmp_path, BASE + MARGIN_TEST + 'margin_ref = "default/log_likelihood - '
-                             'random/log_likelihood_true"\nmargin_fraction = 0.15\n'))
+    cfg = load_config(
+        _write(
+            tmp_path,
+            BASE + MARGIN_TEST + 'margin_ref = "default/log_likelihood - '
+            'random/log_likelihood_true"\nmargin_fraction = 0.15\n',
+        )
+    )
     raw = _raw(100, 0.0, 0.05, ref=0.5)
     text = verdict_markdown(cfg, run_tests(cfg, raw), "m", equivalence_margins(cfg, raw))
     m = equivalence_margins(cfg, raw).iloc[0]
@@ -168,8 +211,12 @@ def test_bayes_learner_config_writes_its_files(tmp_path, capsys):
     assert curves.k.max() == 64 and list(fit.learner) == ["own prior", "rescaled prior"] and (fit.beta >= 0).all()
     assert fit.prior_weight.iloc[0] == 1.0
     raw = pd.read_csv(out / "raw.csv")
-    model = curves[(curves.source == "model") & (curves.metric == "log_likelihood") & (curves.condition == "flipped")
-                   & (curves.learner == "own prior")]
+    model = curves[
+        (curves.source == "model")
+        & (curves.metric == "log_likelihood")
+        & (curves.condition == "flipped")
+        & (curves.learner == "own prior")
+    ]
     want = raw[(raw.condition == "flipped") & (raw.metric == "log_likelihood")].groupby("k").value.mean()
     assert np.allclose(model.set_index("k")["mean"].sort_index(), want.sort_index())
     assert "ideal learner with its own prior" in (out / "verdict.md").read_text()
@@ -181,9 +228,15 @@ def test_primary_tests_share_one_holm_family(tmp_path):
     from mechicl.analysis.behavior.hypotheses import run_tests
     from mechicl.analysis.stats.paired import holm
 
-    two = MARGIN_TEST + "min_effect = 0.1\n" + ('[[tests]]\na = "default/log_likelihood"\nb = "random/log_likelihood_true"\n'
-                                                'ks = [1, 2]\n[[tests]]\na = "default/accuracy"\nb = "random/accuracy"\n'
-                                                'ks = [1, 2]\nprimary = false\n')
+    two = (
+        MARGIN_TEST
+        + "min_effect = 0.1\n"
+        + (
+            '[[tests]]\na = "default/log_likelihood"\nb = "random/log_likelihood_true"\n'
+            'ks = [1, 2]\n[[tests]]\na = "default/accuracy"\nb = "random/accuracy"\n'
+            "ks = [1, 2]\nprimary = false\n"
+        )
+    )
     raw = _raw(50, 0.05, 0.3, ref=0.2, seed=4)
     raw = pd.concat([raw, raw[raw.metric == "log_likelihood"].assign(metric="accuracy")], ignore_index=True)
     out = run_tests(load_config(_write(tmp_path, BASE + two)), raw)

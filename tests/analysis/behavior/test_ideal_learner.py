@@ -8,14 +8,24 @@ import pytest
 import torch
 from scipy.special import expit, log_expit
 
-from mechicl.analysis.behavior.ideal_learner import (LearnerInputs, evidence_sums, fit_beta, fit_weight_and_beta, learner_curves,
-                                            learner_inputs, learner_scores, zero_shot_log_odds)
 from mechicl.analysis.behavior.curves import score
+from mechicl.analysis.behavior.ideal_learner import (
+    LearnerInputs,
+    evidence_sums,
+    fit_beta,
+    fit_weight_and_beta,
+    learner_curves,
+    learner_inputs,
+    learner_scores,
+    zero_shot_log_odds,
+)
 from mechicl.analysis.engine.readout import label_logits
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
 
 
-def _synthetic(beta: float | dict[int, float], n: int = 200, e: int = 9, seed: int = 0, hard: bool = False, w: float = 1.0):
+def _synthetic(
+    beta: float | dict[int, float], n: int = 200, e: int = 9, seed: int = 0, hard: bool = False, w: float = 1.0
+):
     """Contexts whose 'model' is exactly a Bayes learner with known beta: default and flipped conditions."""
     rng = np.random.default_rng(seed)
     z = rng.normal(1.5, 1.0, (n, e))
@@ -45,12 +55,18 @@ def test_fit_recovers_the_generating_evidence_strength():
 
 def test_fit_with_sampled_answers_equals_brute_force_maximum():
     x = _synthetic(0.25, n=400, hard=True, seed=3)
-    z, s, p = x.z[:, 1:].ravel(), evidence_sums(x.signs["default"])[:, 1:].ravel(), np.exp(x.model_ll["default"][:, 1:]).ravel()
+    z, s, p = (
+        x.z[:, 1:].ravel(),
+        evidence_sums(x.signs["default"])[:, 1:].ravel(),
+        np.exp(x.model_ll["default"][:, 1:]).ravel(),
+    )
     grid = np.linspace(0, 2, 20001)  # brute force: evaluate the log-likelihood on a fine grid
     ll = [np.sum(p * log_expit(z + g * s) + (1 - p) * log_expit(-(z + g * s))) for g in grid]
     fitted = fit_beta(z, s, p)
     assert fitted == pytest.approx(grid[int(np.argmax(ll))], abs=2e-4)
-    assert abs(np.sum((p - expit(z + fitted * s)) * s)) < 1e-2 * len(z) ** 0.5  # the score equation holds at the maximum
+    assert (
+        abs(np.sum((p - expit(z + fitted * s)) * s)) < 1e-2 * len(z) ** 0.5
+    )  # the score equation holds at the maximum
     assert 0.15 < fitted < 0.35  # and the sampled answers still point to the generating beta
 
 
@@ -69,8 +85,10 @@ def test_prior_weight_and_beta_recovered_and_equal_to_a_brute_force_grid():
     w, beta = fit_weight_and_beta(z, s, p)
     assert (w, beta) == pytest.approx((0.6, 0.3), abs=1e-4)
     hard = _synthetic(0.2, w=0.7, n=300, hard=True, seed=5)
-    z, s, p = (a.ravel() for a in (hard.z[:, 1:], evidence_sums(hard.signs["default"])[:, 1:],
-                                   np.exp(hard.model_ll["default"][:, 1:])))
+    z, s, p = (
+        a.ravel()
+        for a in (hard.z[:, 1:], evidence_sums(hard.signs["default"])[:, 1:], np.exp(hard.model_ll["default"][:, 1:]))
+    )
     ws, bs = np.meshgrid(np.linspace(0.3, 1.1, 321), np.linspace(0.0, 0.5, 201), indexing="ij")
     eta = ws[..., None] * z + bs[..., None] * s  # brute force: the log-likelihood on a grid
     ll = (p * log_expit(eta) + (1 - p) * log_expit(-eta)).sum(-1)
@@ -106,7 +124,9 @@ def test_curves_of_a_bayes_model_match_the_learner_and_per_class_fits_differ():
 def test_bootstrap_interval_covers_the_point_estimate_and_shrinks_with_contexts():
     small = learner_curves(_synthetic(0.3, n=40, hard=True, seed=1), n_boot=200).curves
     big = learner_curves(_synthetic(0.3, n=400, hard=True, seed=1), n_boot=200).curves
-    pick = lambda c: c[(c.condition == "flipped") & (c.source == "bayes") & (c.metric == "log_likelihood") & (c.k == 8)].iloc[0]
+    pick = lambda c: c[
+        (c.condition == "flipped") & (c.source == "bayes") & (c.metric == "log_likelihood") & (c.k == 8)
+    ].iloc[0]
     s, b = pick(small), pick(big)
     assert s.ci_low <= s["mean"] <= s.ci_high
     assert (b.ci_high - b.ci_low) < 0.6 * (s.ci_high - s.ci_low)

@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
-from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.engine.readout import label_logits
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.prompts import build_prompt_batch
 from tests import helpers
@@ -26,8 +26,9 @@ def brute_force_heads(loaded, pair, readout_only: bool) -> torch.Tensor:
     """Normalised metric ``[layer, head]`` of each head's ``hook_z`` patched clean -> corrupted (at the query slot
     only, or at every position): one ``run_with_hooks`` forward per head, baselines from plain forwards."""
     L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
-    ld, clean_ld, corr_ld = helpers.hooked_head_patch(loaded.model, pair, [(l, h) for l in range(L) for h in range(H)],
-                                                      readout_only)
+    ld, clean_ld, corr_ld = helpers.hooked_head_patch(
+        loaded.model, pair, [(l, h) for l in range(L) for h in range(H)], readout_only
+    )
     return ((ld - corr_ld) / (clean_ld - corr_ld)).view(L, H)
 
 
@@ -44,8 +45,14 @@ def test_readout_at_k64_equals_prompting_once_per_k(toy, which):
     fast = label_logits(loaded.model, b, progress=False)
     assert torch.isfinite(fast).all()
     for k in range(K):
-        short = build_prompt_batch(toy, loaded.tokenizer, b.example_ids[:, : k + 1], n_ctx=n_ctx, prepend_bos=True,
-                                   shown_labels=b.shown_labels[:, : k + 1])
+        short = build_prompt_batch(
+            toy,
+            loaded.tokenizer,
+            b.example_ids[:, : k + 1],
+            n_ctx=n_ctx,
+            prepend_bos=True,
+            shown_labels=b.shown_labels[:, : k + 1],
+        )
         with torch.no_grad():
             for i in range(b.n_contexts):
                 n = int(short.lengths[i])

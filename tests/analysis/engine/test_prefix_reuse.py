@@ -11,8 +11,8 @@ import torch
 import transformer_lens.patching as tlp
 
 from mechicl.analysis.engine.hooks import run_to_final
-from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.engine.prefix_reuse import NoPrefixReuse, SuffixRunner, shared_prefix
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
 from tests import helpers

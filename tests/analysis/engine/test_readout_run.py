@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechicl.analysis.inside import attention, dla, lens
 from mechicl.analysis.engine.hooks import FINAL, act_name
-from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.engine.readout import readout_run
 from mechicl.analysis.engine.surgery import count_block_calls
+from mechicl.analysis.inside import attention, dla, lens
+from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_from_batches
 from mechicl.errors import PairError
 from tests import helpers
@@ -36,8 +36,12 @@ def test_analyses_read_the_run_as_their_own_forward(tiny, shared):
     own, read = dla.direct_logits(m, bd, 3, False), dla.direct_logits(m, bd, 3, False, run=rd)
     assert own.names == read.names and torch.equal(own.contrib, read.contrib) and torch.equal(own.logits, read.logits)
     heads = [(0, 1), (1, 0)]
-    torch.testing.assert_close(attention.context_patterns(m, bd, 1, heads, run=rd),
-                               attention.context_patterns(m, bd, 1, heads), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        attention.context_patterns(m, bd, 1, heads, run=rd),
+        attention.context_patterns(m, bd, 1, heads),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_run_misuse_is_named(tiny, shared):

@@ -25,6 +25,7 @@ def _reference(loaded, b, k_min, heads, source):
                     if ll == l:
                         z[rows, q, h] = 0.0 if source is None else source[:, j - k_min, l, h]
                 return z
+
             return hook
 
         with torch.no_grad():

@@ -114,8 +114,9 @@ def test_path_ig_equals_a_brute_force_loop(tiny, tiny_pair):
     for alpha in [(i + 0.5) / m for i in range(m)]:
         z, r = (acts["corrupted"][i] + alpha * (acts["clean"][i] - acts["corrupted"][i]) for i in (0, 1))
         z, r = z.detach().requires_grad_(True), r.detach().requires_grad_(True)
-        logits = tiny.model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(names[0], lambda x, hook: z),
-                                                                              (names[1], lambda x, hook: r)])
+        logits = tiny.model.run_with_hooks(
+            pair.corrupted.tokens, fwd_hooks=[(names[0], lambda x, hook: z), (names[1], lambda x, hook: r)]
+        )
         g = torch.autograd.grad(metric(logits), [z, r])
         gz.append(g[0])
         gr.append(g[1])

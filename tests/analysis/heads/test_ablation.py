@@ -7,19 +7,21 @@ import pandas as pd
 import pytest
 import torch
 
+from mechicl.analysis.engine.hooks import head_masks, run_to_final
+from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.analysis.heads.ablation import HeadAblator, gap_reduction, summarize_control
 from mechicl.analysis.heads.old_finder import HeadFinderConfig
-from mechicl.analysis.engine.hooks import head_masks, run_to_final
 from mechicl.data.batches import ablation_batches, shuffled_labels
-from mechicl.runs.heads import find_heads_for, write_heads
 from mechicl.data.prompts import sample_contexts
-from mechicl.analysis.engine.readout import unembed_labels
+from mechicl.runs.heads import find_heads_for, write_heads
 from tests import helpers
 
 
 def _ablator(loaded, toy, n=6, k=6, seed=0):
     ids = sample_contexts(toy, n, k, seed=seed)
-    batches = ablation_batches(toy, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=seed)
+    batches = ablation_batches(
+        toy, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=seed
+    )
     return HeadAblator(loaded.model, batches)
 
 
@@ -65,6 +67,7 @@ def test_ablation_equals_hooked_full_forward(tiny, toy, model):
                     if ll == l:
                         z[rows, q, h] = 0.0 if kind == "zero" else abl.mean_z[l, h]
                 return z
+
             return hook
 
         with torch.no_grad():
@@ -93,8 +96,14 @@ def test_gap_table_and_function_vectors(tiny, toy):
     abl = _ablator(tiny, toy, n=8)
     t = abl.gap_table([[(0, 0)], [(0, 0), (1, 2)]], "mean", n_boot=50)
     assert list(t.columns[:3]) == ["heads", "size", "ablation"]
-    assert {"gap_reduction", "gap_reduction_ci_low", "gap_reduction_ci_high", "d_acc_correct", "d_acc_zero_shot",
-            "acc_flipped_ablated"} <= set(t.columns)
+    assert {
+        "gap_reduction",
+        "gap_reduction_ci_low",
+        "gap_reduction_ci_high",
+        "d_acc_correct",
+        "d_acc_zero_shot",
+        "acc_flipped_ablated",
+    } <= set(t.columns)
     # zero-shot: the query alone (k = 0), ablated at its readout slot; no ablation changes nothing
     zs = abl.zero_shot.batch
     assert zs.example_ids.shape[1] == 1 and torch.equal(zs.example_ids[:, 0], abl.batches.correct.example_ids[:, -1])
@@ -107,16 +116,28 @@ def test_gap_table_and_function_vectors(tiny, toy):
 
 
 def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
-    cfg = HeadFinderConfig("tiny", "toy", n_examples=6, n_screen=4, n_eval=8, n_candidates=4, set_sizes=(1, 2),
-                           n_control=10, seed=0)
+    cfg = HeadFinderConfig(
+        "tiny", "toy", n_examples=6, n_screen=4, n_eval=8, n_candidates=4, set_sizes=(1, 2), n_control=10, seed=0
+    )
     res = find_heads_for(tiny, toy, cfg, progress=False)
     assert list(res.heads["rank"]) == [1, 2, 3, 4] and len(res.top_heads) == 4
     assert res.heads.patch_denoise.is_monotonic_decreasing
-    assert {"gap_reduction_zero", "gap_reduction_mean", "d_acc_correct_mean", "d_acc_zero_shot_mean", "fv_cie",
-            "patch_noise", "readout_patch_denoise", "control_ci_high", "control_p"} <= set(res.heads.columns)
+    assert {
+        "gap_reduction_zero",
+        "gap_reduction_mean",
+        "d_acc_correct_mean",
+        "d_acc_zero_shot_mean",
+        "fv_cie",
+        "patch_noise",
+        "readout_patch_denoise",
+        "control_ci_high",
+        "control_p",
+    } <= set(res.heads.columns)
     assert len(res.all_heads) == 8 and res.all_heads.candidate.sum() == 4
     assert list(res.sets["size"]) == [1, 2]
-    assert {"control_mean", "control_ci_low", "control_ci_high", "control_p", "d_acc_zero_shot"} <= set(res.sets.columns)
+    assert {"control_mean", "control_ci_low", "control_ci_high", "control_p", "d_acc_zero_shot"} <= set(
+        res.sets.columns
+    )
     assert len(res.control) == 7 + 10  # size 1: the 7 other heads; size 2: 10 random draws
     # each candidate's control is every other head's single-head gap reduction (all_heads)
     gr = res.all_heads.set_index(["layer", "head"]).gap_reduction
@@ -135,8 +156,29 @@ def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
 def test_cli_heads_on_tiny(tmp_path, capsys):
     from mechicl.cli import main
 
-    rc = main(["heads", "--model", "tiny", "--task", "toy", "--k", "4", "--n-screen", "3", "--n-eval", "6",
-               "--candidates", "3", "--set-sizes", "1,2", "--n-control", "5", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "heads",
+            "--model",
+            "tiny",
+            "--task",
+            "toy",
+            "--k",
+            "4",
+            "--n-screen",
+            "3",
+            "--n-eval",
+            "6",
+            "--candidates",
+            "3",
+            "--set-sizes",
+            "1,2",
+            "--n-control",
+            "5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "sets.csv").exists() and (tmp_path / "summary.md").exists()
     assert "| rank | head |" in capsys.readouterr().out

@@ -22,8 +22,10 @@ from tests import helpers
 def _pair(loaded, task, n=4, n_examples=6, seed=0):
     ids = sample_contexts(task, n, n_examples, seed=seed)
     kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
-    return (build_prompt_batch(task, loaded.tokenizer, ids, "default", **kw),
-            build_prompt_batch(task, loaded.tokenizer, ids, "flipped", **kw))
+    return (
+        build_prompt_batch(task, loaded.tokenizer, ids, "default", **kw),
+        build_prompt_batch(task, loaded.tokenizer, ids, "flipped", **kw),
+    )
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
@@ -37,7 +39,9 @@ def test_resample_ablation_equals_hooked_forwards(tiny, model):
     ref = {}
     for cond, b in (("correct", correct), ("flipped", flipped)):
         base = helpers.slot_resample_reference(loaded, b, 2, head, torch.arange(b.n_contexts))  # donor = itself
-        abl_p = np.mean([helpers.slot_resample_reference(loaded, b, 2, head, d).numpy() for d in derangements(4, 2, 5)], 0)
+        abl_p = np.mean(
+            [helpers.slot_resample_reference(loaded, b, 2, head, d).numpy() for d in derangements(4, 2, 5)], 0
+        )
         ref[cond] = (base.numpy(), abl_p)
     closed = ((ref["correct"][0] - ref["flipped"][0]) - (ref["correct"][1] - ref["flipped"][1])).mean(1)
     assert np.allclose(sc.closed[0], closed, atol=1e-5)
@@ -57,7 +61,10 @@ def test_derangements_have_no_fixed_point_and_are_seeded():
 def test_matched_controls_same_layer_first_then_neighbours_nearest_in_norm():
     norms = np.array([[1.0, 2.0, 3.0], [1.0, 5.0, 2.1], [9.0, 2.2, 4.0]])
     # same layer holds 2 other heads; asking for 2 stays in layer 1, nearest in norm to 2.1 first
-    assert matched_controls((1, 2), norms, set(), "layer", 2) == [(1, 0), (1, 1)]  # |log 1 - log 2.1| < |log 5 - log 2.1|
+    assert matched_controls((1, 2), norms, set(), "layer", 2) == [
+        (1, 0),
+        (1, 1),
+    ]  # |log 1 - log 2.1| < |log 5 - log 2.1|
     got = matched_controls((1, 2), norms, set(), "layer", 4)  # widened to layers 0-2
     assert (1, 2) not in got and len(got) == 4 and all(abs(l - 1) <= 1 for l, _ in got)
     assert got[0] in {(0, 1), (2, 1)}  # norms 2.0 / 2.2: nearest to 2.1
@@ -72,8 +79,9 @@ def test_config_errors_name_the_problem():
         FindingsConfig(control="random")
 
 
-CFG = FindingsConfig(k=10, k_min=4, n_screen=6, n_confirm=6, n_validate=12, n_candidates=4, n_top=2, n_control=3,
-                     n_boot=500, n_perm=500)
+CFG = FindingsConfig(
+    k=10, k_min=4, n_screen=6, n_confirm=6, n_validate=12, n_candidates=4, n_top=2, n_control=3, n_boot=500, n_perm=500
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +89,12 @@ def organism_cell():
     loaded = load_model("organism-strong")
     task = load_task("organism")
     draws = stage_draws(task, CFG.sizes, CFG.k + 1, seed=0)
-    return find_label_heads(loaded.model, held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx,
-                                                           prepend_bos=loaded.prepend_bos), CFG, progress=False), draws
+    return find_label_heads(
+        loaded.model,
+        held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos),
+        CFG,
+        progress=False,
+    ), draws
 
 
 def test_cell_on_the_strong_organism_ranks_validates_and_controls(organism_cell):
@@ -96,10 +108,14 @@ def test_cell_on_the_strong_organism_ranks_validates_and_controls(organism_cell)
     for row in r.validate.itertuples():  # controls exclude the top heads and match the layer when they can
         ctrl = row.controls.split()
         assert len(ctrl) == CFG.n_control and not {f"L{l}H{h}" for l, h in top} & set(ctrl)
-    assert (r.validate.effect_ci_low <= r.validate.effect).all() and (r.validate.effect <= r.validate.effect_ci_high).all()
+    assert (r.validate.effect_ci_low <= r.validate.effect).all() and (
+        r.validate.effect <= r.validate.effect_ci_high
+    ).all()
     assert r.stage_seeds == draws.seeds and not draws.shared_examples()
-    assert list(r.sets.test) == [f"{r.validate.heads[0]} {r.validate.heads[1]} vs {r.validate.heads[0]}",
-                                 "top 2 set vs matched sets"]
+    assert list(r.sets.test) == [
+        f"{r.validate.heads[0]} {r.validate.heads[1]} vs {r.validate.heads[0]}",
+        "top 2 set vs matched sets",
+    ]
     assert (r.sets.above_control == (r.sets.diff_ci_low > 0)).all()
 
 
@@ -109,7 +125,9 @@ def test_stages_that_share_rows_are_refused(tiny):
     bad = type(draws)({**draws.ids, "validate": draws.ids["screen"]}, draws.seeds, draws.pools)
     batches = held_out_batches(task, tiny.tokenizer, bad, n_ctx=tiny.n_ctx, prepend_bos=tiny.prepend_bos)
     with pytest.raises(ValueError, match="share task rows"):
-        find_label_heads(tiny.model, batches, FindingsConfig(k=4, k_min=1, n_screen=6, n_confirm=6, n_validate=12), progress=False)
+        find_label_heads(
+            tiny.model, batches, FindingsConfig(k=4, k_min=1, n_screen=6, n_confirm=6, n_validate=12), progress=False
+        )
 
 
 def test_a_cell_without_a_label_effect_ranks_no_head(tiny):
@@ -117,8 +135,12 @@ def test_a_cell_without_a_label_effect_ranks_no_head(tiny):
     task = helpers.toy_task(2, n=120)
     cfg = FindingsConfig(k=6, k_min=2, n_screen=6, n_confirm=6, n_validate=24, n_boot=500)
     draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=0)
-    r = find_label_heads(tiny.model, held_out_batches(task, tiny.tokenizer, draws, n_ctx=tiny.n_ctx,
-                                                      prepend_bos=tiny.prepend_bos), cfg, progress=False)
+    r = find_label_heads(
+        tiny.model,
+        held_out_batches(task, tiny.tokenizer, draws, n_ctx=tiny.n_ctx, prepend_bos=tiny.prepend_bos),
+        cfg,
+        progress=False,
+    )
     assert r.baseline["gap_ci_low"] <= 0 and r.verdict == NO_EFFECT and not r.has_effect
     assert r.screen.empty and r.validate.empty
 

@@ -27,8 +27,19 @@ from tests.analysis.test_path_patching import brute_force
 FLIPPING = ("organism-strong", "organism-mid", "organism-mid-s1", "organism-mid-s2")  # pruned, flipped-label ICL
 PRUNED = (*FLIPPING, "organism-strong-s1", "organism-strong-s2")  # s1, s2: the strong recipe never flips
 UNPRUNED = "organism-strong-unpruned"
-CFG = FindingsConfig(k=10, k_min=4, n_screen=6, n_confirm=6, n_validate=12, n_candidates=4, n_top=2, n_control=3,
-                     ablation="mean", n_boot=300, n_perm=300)
+CFG = FindingsConfig(
+    k=10,
+    k_min=4,
+    n_screen=6,
+    n_confirm=6,
+    n_validate=12,
+    n_candidates=4,
+    n_top=2,
+    n_control=3,
+    ablation="mean",
+    n_boot=300,
+    n_perm=300,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +102,11 @@ def test_on_the_unpruned_organism_the_finders_top_head_is_a_reader(truths, task)
     assert top in gt.readers and bool(r.validate.above_control[0]), (gt.rule, r.confirm)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: resample ablation (same-condition donors) leaves organism-strong's "
-                   "reader L1H1 at screen effect 0.006 and ranks layer-0 heads first (docs/organism.md)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: resample ablation (same-condition donors) leaves organism-strong's "
+    "reader L1H1 at screen effect 0.006 and ranks layer-0 heads first (docs/organism.md)",
+)
 def test_the_default_resample_finder_ranks_organism_strongs_reader_first(truths, task):
     loaded, _, gt = truths["organism-strong"]
     r = _finder(loaded, task, FindingsConfig(**{**CFG.__dict__, "ablation": "resample"}))
@@ -104,7 +118,9 @@ def test_a_pruned_head_is_never_above_control(truths, task):
     loaded, _, gt = truths["organism-strong-s1"]
     r = _finder(loaded, task, FindingsConfig(**{**CFG.__dict__, "n_top": 4}))
     last = int(loaded.model.cfg.n_layers) - 1  # gt.live: the last layer's heads with W_O != 0
-    dead = [f"L{l}H{h}" for l, h in zip(r.validate.layer, r.validate["head"]) if l == last and (last, int(h)) not in gt.live]
+    dead = [
+        f"L{l}H{h}" for l, h in zip(r.validate.layer, r.validate["head"]) if l == last and (last, int(h)) not in gt.live
+    ]
     assert dead, r.validate  # the check is exercised: a pruned head reached validation
     v = r.validate.set_index("heads").loc[dead]
     assert (v["effect"].abs() < 1e-9).all() and (v["diff_ci_low"] > 0).any()  # the old rule would have passed them

@@ -10,9 +10,23 @@ from mechicl.analysis.heads.old_finder import p_text, verdict
 
 def _heads(rows: list[tuple]) -> pd.DataFrame:
     """Candidates as ``find_heads`` ranks them (by patch_denoise): (layer, head, gap_mean, ci_low, ci_high, control_p)."""
-    return pd.DataFrame([{"rank": i + 1, "layer": l, "head": h, "patch_denoise": 1.0 - 0.1 * i, "gap_reduction_mean": g,
-                          "gap_reduction_zero": g, "gap_reduction_ci_low": lo, "gap_reduction_ci_high": hi,
-                          "control_p": p, "n_other": 7} for i, (l, h, g, lo, hi, p) in enumerate(rows)])
+    return pd.DataFrame(
+        [
+            {
+                "rank": i + 1,
+                "layer": l,
+                "head": h,
+                "patch_denoise": 1.0 - 0.1 * i,
+                "gap_reduction_mean": g,
+                "gap_reduction_zero": g,
+                "gap_reduction_ci_low": lo,
+                "gap_reduction_ci_high": hi,
+                "control_p": p,
+                "n_other": 7,
+            }
+            for i, (l, h, g, lo, hi, p) in enumerate(rows)
+        ]
+    )
 
 
 def test_the_found_head_need_not_be_ranked_first():

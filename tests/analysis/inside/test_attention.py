@@ -33,7 +33,9 @@ def _hand_patterns(loaded, b, row):
     """Every layer's pattern on one unpadded context, from run_with_cache: [layer, head, q, k]."""
     n = int(b.lengths[row])
     with torch.no_grad():
-        _, cache = loaded.model.run_with_cache(b.tokens[row : row + 1, :n], names_filter=lambda s: s.endswith("hook_pattern"))
+        _, cache = loaded.model.run_with_cache(
+            b.tokens[row : row + 1, :n], names_filter=lambda s: s.endswith("hook_pattern")
+        )
     return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(loaded.model.cfg.n_layers)])
 
 
@@ -120,7 +122,9 @@ def test_by_distance_counts_and_means(tiny, task3, batches):
 
 def test_padding_does_not_change_patterns(tiny, task3):
     """Contexts of different lengths in one padded batch give the same rows as unpadded runs."""
-    b = helpers.batch(tiny, task3, n_contexts=4, n_examples=5, seed=3, template=Template("Input: {input}\nLabel: {label}", "\n"))
+    b = helpers.batch(
+        tiny, task3, n_contexts=4, n_examples=5, seed=3, template=Template("Input: {input}\nLabel: {label}", "\n")
+    )
     assert len(set(b.lengths.tolist())) > 1
     pats = A.readout_patterns(tiny.model, b, batch_size=4, progress=False)
     for row in range(b.n_contexts):
@@ -132,7 +136,9 @@ def test_padding_does_not_change_patterns(tiny, task3):
 
 
 def test_induction_score_matches_hand_computation(tiny):
-    tokens, off = repeated_random_tokens(tiny.tokenizer, tiny.model.cfg.d_vocab, tiny.prepend_bos, n_seqs=3, seq_len=12, seed=5)
+    tokens, off = repeated_random_tokens(
+        tiny.tokenizer, tiny.model.cfg.d_vocab, tiny.prepend_bos, n_seqs=3, seq_len=12, seed=5
+    )
     assert off == 1 and torch.equal(tokens[:, 1:13], tokens[:, 13:25])
     assert not set(tokens[:, 1:].flatten().tolist()) & set(tiny.tokenizer.all_special_ids)
     got = A.induction_scores(tiny.model, tokens, off)

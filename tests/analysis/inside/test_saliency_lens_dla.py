@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
+from mechicl.analysis.engine.readout import label_logits
 from mechicl.analysis.inside import dla, lens, saliency
 from mechicl.data.batches import zero_shot_batch
-from mechicl.analysis.engine.readout import label_logits
 from tests import helpers
 
 
@@ -42,8 +42,9 @@ def _reference_saliency(loaded, b, row):
         model.reset_hooks()
         model.zero_grad(set_to_none=True)
     L = model.cfg.n_layers
-    return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] * cache[f"blocks.{l}.attn.hook_pattern_grad"][0]
-                        for l in range(L)])  # [L, H, q, k]
+    return torch.stack(
+        [cache[f"blocks.{l}.attn.hook_pattern"][0] * cache[f"blocks.{l}.attn.hook_pattern_grad"][0] for l in range(L)]
+    )  # [L, H, q, k]
 
 
 def test_saliency_matches_backward_hook_reference(tiny, pair):
@@ -60,9 +61,12 @@ def test_saliency_matches_backward_hook_reference(tiny, pair):
         for i in range(q + 1):
             for j in range(i):
                 (pq if (i == q and j in labels) else wp if i in labels else ww).append((i, j))
-        for name, pairs, acc in (("wp", wp, s_wp), ("pq", pq, s_pq), ("ww", ww, s_ww)):
+        for _name, pairs, acc in (("wp", wp, s_wp), ("pq", pq, s_pq), ("ww", ww, s_ww)):
             acc += np.array([np.mean([float(I[l, i, j]) for i, j in pairs]) for l in range(L)]) / b.n_contexts
-        head += np.array([[np.mean([abs(float(ref[l, h, i, j])) for i, j in pq]) for h in range(H)] for l in range(L)]) / b.n_contexts
+        head += (
+            np.array([[np.mean([abs(float(ref[l, h, i, j])) for i, j in pq]) for h in range(H)] for l in range(L)])
+            / b.n_contexts
+        )
     lay = sal.layers.sort_values("layer")
     np.testing.assert_allclose(lay.S_wp, s_wp, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(lay.S_pq, s_pq, rtol=1e-4, atol=1e-9)
@@ -103,8 +107,15 @@ def test_lens_metrics_and_critical_depth_on_synthetic_logits(pair):
     raw = pd.concat([lens.lens_metrics(lg_d, bd), lens.lens_metrics(lg_f, bf)])
     acc = raw[raw.metric == "accuracy_true"].groupby(["condition", "depth"]).value.mean()
     assert acc[("default", 1)] == 1.0 and acc[("flipped", 1)] == 0.0 and acc[("flipped", 0)] == 1.0
-    gap = pd.DataFrame({"depth": [0, 1, 2], "metric": "accuracy_true", "mean": [0.0, 0.3, 0.5],
-                        "ci_low": [-0.1, 0.1, 0.2], "ci_high": [0.1, 0.5, 0.8]})
+    gap = pd.DataFrame(
+        {
+            "depth": [0, 1, 2],
+            "metric": "accuracy_true",
+            "mean": [0.0, 0.3, 0.5],
+            "ci_low": [-0.1, 0.1, 0.2],
+            "ci_high": [0.1, 0.5, 0.8],
+        }
+    )
     assert lens.critical_depth(gap, 0.05) == 1
     assert lens.critical_depth(gap, 0.4) == 2
     assert lens.critical_depth(gap.assign(ci_low=-1.0), 0.05) is None
@@ -141,7 +152,9 @@ def test_dla_heads_match_transformer_lens_cache(tiny, pair):
         heads = [i for i, h in enumerate(dl.head) if h >= 0]
         torch.testing.assert_close(dl.contrib[heads, row].float(), ref, atol=2e-5, rtol=1e-4)
         mlp = [i for i, nm in enumerate(dl.names) if nm.endswith(".mlp")]
-        ref_mlp = (resid[[labels.index(f"{l}_mlp_out") for l in range(2)], 0][:, pos] * W) @ model.W_U[:, b.label_token_ids].detach()
+        ref_mlp = (resid[[labels.index(f"{l}_mlp_out") for l in range(2)], 0][:, pos] * W) @ model.W_U[
+            :, b.label_token_ids
+        ].detach()
         torch.testing.assert_close(dl.contrib[mlp, row].float(), ref_mlp, atol=2e-5, rtol=1e-4)
 
 
@@ -157,8 +170,9 @@ def test_zero_shot_prior_is_the_k0_prediction(tiny, task3, pair):
 
 def _fake(contrib, cond):
     c = contrib.shape[0]
-    return dla.DirectLogits(contrib.double(), contrib.sum(0).double(), tuple(f"L0H{i}" for i in range(c)),
-                          (0,) * c, tuple(range(c)), cond)
+    return dla.DirectLogits(
+        contrib.double(), contrib.sum(0).double(), tuple(f"L0H{i}" for i in range(c)), (0,) * c, tuple(range(c)), cond
+    )
 
 
 def test_prior_vs_context_separates_followers(tiny):
@@ -170,16 +184,27 @@ def test_prior_vs_context_separates_followers(tiny):
     prior[:, 1:4] = 1  # unbalanced priors
     onehot = lambda y: torch.nn.functional.one_hot(y, 2).double()  # noqa: E731
     const = onehot(torch.zeros_like(prior))  # pushes label 0 everywhere
-    mk = lambda shown: torch.stack([onehot(shown), onehot(prior), 0.5 * onehot(shown) + 2 * onehot(prior), 3 * const,  # noqa: E731
-                                    onehot(shown) + const])
-    tab = dla.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bf.shown_labels), "flipped"), bd, bf, prior, k_min=1)
+    mk = lambda shown: torch.stack(
+        [
+            onehot(shown),
+            onehot(prior),
+            0.5 * onehot(shown) + 2 * onehot(prior),
+            3 * const,  # noqa: E731
+            onehot(shown) + const,
+        ]
+    )
+    tab = dla.prior_vs_context(
+        _fake(mk(bd.shown_labels), "default"), _fake(mk(bf.shown_labels), "flipped"), bd, bf, prior, k_min=1
+    )
     np.testing.assert_allclose(tab.context, [1.0, 0.0, 0.5, 0.0, 1.0], atol=1e-12)
     np.testing.assert_allclose(tab.prior, [0.0, 1.0, 2.0, 0.0, 0.0], atol=1e-12)
     assert tab.dla_prior_default[3] != 0  # the plain mean does see the constant push (unbalanced priors)
     np.testing.assert_allclose(tab.side, tab.context - tab.prior)
     with pytest.raises(ValueError, match="same example ids"):
         other = helpers.batch(tiny, task, "flipped", n_contexts=4, n_examples=5, seed=5)
-        dla.prior_vs_context(_fake(mk(bd.shown_labels), "default"), _fake(mk(bd.shown_labels), "flipped"), bd, other, prior)
+        dla.prior_vs_context(
+            _fake(mk(bd.shown_labels), "default"), _fake(mk(bd.shown_labels), "flipped"), bd, other, prior
+        )
 
 
 # ------------------------------------------------------------ real model ---

@@ -10,16 +10,16 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
+from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.patching.exact import KINDS, Patcher
-from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.data.pairs import make_pair, pair_for, pair_from_batches
-from mechicl.errors import PairError
-from mechicl.runs.folder import RunFolder
-from mechicl.runs.patch import write_patch_results
 from mechicl.data.prompts import INPUT, LABEL, sample_contexts
 from mechicl.data.tasks import load_task
 from mechicl.data.words import VOCAB
+from mechicl.errors import PairError
+from mechicl.runs.folder import RunFolder
+from mechicl.runs.patch import write_patch_results
 from tests import helpers
 
 TL_SWEEPS = {
@@ -120,7 +120,9 @@ def _tl_generic(loaded, pair, kind, direction, patcher):
     m = loaded.model
     with torch.no_grad():
         _, cache = m.run_with_cache(donor.tokens)
-        return tlp.generic_activation_patch(m, recv.tokens, cache, metric, setter, act, index_axis_names=("layer", "head"))
+        return tlp.generic_activation_patch(
+            m, recv.tokens, cache, metric, setter, act, index_axis_names=("layer", "head")
+        )
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -191,7 +193,10 @@ def test_attribution_equals_exact_on_a_linear_model(toy, direction, max_rows):
     est = attribution_patch(lin.model, pair, kinds, direction, max_rows=max_rows)  # 3, 1: several chunks
     for kind in kinds:
         exact = patcher.sweep(kind, direction)
-        assert torch.allclose(est[kind].values, exact.values, atol=1e-4), (kind, (est[kind].values - exact.values).abs().max())
+        assert torch.allclose(est[kind].values, exact.values, atol=1e-4), (
+            kind,
+            (est[kind].values - exact.values).abs().max(),
+        )
     assert est["head_out"].effect.abs().max() > 1e-3  # the test is not vacuous
 
 
@@ -235,14 +240,40 @@ def test_tables_and_files(tiny, toy, tmp_path):
     write_patch_results(RunFolder(tmp_path), res)
     assert (tmp_path / "resid_denoise.png").exists() and (tmp_path / "head_out_noise.csv").exists()
     assert len(pd.read_csv(tmp_path / "patching.csv")) == sum(r.values.numel() for r in res)
-    assert set(KINDS) >= {"resid", "attn_out", "mlp_out", "head_out", "head_out_label", "head_out_readout", "head_v_label", "head_pattern_label"}
+    assert set(KINDS) >= {
+        "resid",
+        "attn_out",
+        "mlp_out",
+        "head_out",
+        "head_out_label",
+        "head_out_readout",
+        "head_v_label",
+        "head_pattern_label",
+    }
 
 
 def test_cli_patch_on_tiny(tmp_path, capsys):
     from mechicl.cli import main
 
-    rc = main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "head_out,resid", "--n-contexts", "2",
-               "--k", "3", "--direction", "both", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "patch",
+            "--model",
+            "tiny",
+            "--task",
+            "toy",
+            "--kinds",
+            "head_out,resid",
+            "--n-contexts",
+            "2",
+            "--k",
+            "3",
+            "--direction",
+            "both",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "head_out_denoise.png").exists() and (tmp_path / "resid_noise.csv").exists()
     assert (tmp_path / "summary.md").exists()
@@ -266,9 +297,12 @@ def test_exact_patching_equals_transformer_lens_real(real):
     idx = pd.DataFrame([(l, p) for l in (0, 9, 17) for p in range(patcher.width)], columns=["layer", "pos"])
     with torch.no_grad():
         _, cache = real.model.run_with_cache(pair.corrupted.tokens)
-        tl = tlp.generic_activation_patch(real.model, pair.clean.tokens, cache, metric, tlp.layer_pos_patch_setter,
-                                          "resid_pre", index_df=idx)
-    assert torch.allclose(res.values[torch.tensor(idx["layer"].to_numpy()), torch.tensor(idx["pos"].to_numpy())], tl, atol=1e-4)
+        tl = tlp.generic_activation_patch(
+            real.model, pair.clean.tokens, cache, metric, tlp.layer_pos_patch_setter, "resid_pre", index_df=idx
+        )
+    assert torch.allclose(
+        res.values[torch.tensor(idx["layer"].to_numpy()), torch.tensor(idx["pos"].to_numpy())], tl, atol=1e-4
+    )
 
 
 @pytest.mark.real_model

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechicl.analysis.patching.positions import position_mask
-from mechicl.analysis.patching.paths import INPUTS, LOGITS, path_matrix, path_patch
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.paths import INPUTS, LOGITS, path_matrix, path_patch
+from mechicl.analysis.patching.positions import position_mask
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
@@ -42,8 +42,11 @@ def brute_force(loaded, pair, sender, receiver, inp, positions, direction, mlps=
             def f(z, hook):
                 out = cache_r[f"blocks.{l}.attn.hook_z"].clone()
                 if l == sl:
-                    out[:, :, sh] = torch.where(where[..., None], cache_d[f"blocks.{l}.attn.hook_z"][:, :, sh], out[:, :, sh])
+                    out[:, :, sh] = torch.where(
+                        where[..., None], cache_d[f"blocks.{l}.attn.hook_z"][:, :, sh], out[:, :, sh]
+                    )
                 return out
+
             return f
 
         hooks = [(f"blocks.{l}.attn.hook_z", z_run1(l)) for l in range(L)]
@@ -63,8 +66,9 @@ def brute_force(loaded, pair, sender, receiver, inp, positions, direction, mlps=
             out[rows, q, rh] = z[rows, q, rh]
             return out
 
-        logits2 = m.run_with_hooks(recv.tokens, fwd_hooks=[(name, lambda x, hook: kept["x"]),
-                                                           (f"blocks.{rl}.attn.hook_z", z_run2)])
+        logits2 = m.run_with_hooks(
+            recv.tokens, fwd_hooks=[(name, lambda x, hook: kept["x"]), (f"blocks.{rl}.attn.hook_z", z_run2)]
+        )
         return float((ld(logits2) - ld(logits_r)) / gap)
 
 
@@ -85,14 +89,23 @@ def _check(loaded, pair, positions, direction, mlps="frozen"):
     return res
 
 
-@pytest.mark.parametrize("positions,direction,mlps", [("label", "denoise", "frozen"), ("all", "noise", "frozen"),
-                                                       ("all", "noise", "recomputed")])
+@pytest.mark.parametrize(
+    "positions,direction,mlps",
+    [("label", "denoise", "frozen"), ("all", "noise", "frozen"), ("all", "noise", "recomputed")],
+)
 def test_equals_brute_force_on_tiny(tiny, toy, positions, direction, mlps):
     _check(tiny, pair_for(tiny, toy, 4, 5, seed=1), positions, direction, mlps)
 
 
-@pytest.mark.parametrize("positions,direction,mlps", [("label", "denoise", "frozen"), ("all", "denoise", "frozen"),
-                                                       ("input", "noise", "frozen"), ("label", "denoise", "recomputed")])
+@pytest.mark.parametrize(
+    "positions,direction,mlps",
+    [
+        ("label", "denoise", "frozen"),
+        ("all", "denoise", "frozen"),
+        ("input", "noise", "frozen"),
+        ("label", "denoise", "recomputed"),
+    ],
+)
 def test_equals_brute_force_on_the_strong_organism(positions, direction, mlps):
     loaded = load_model("organism-strong")
     res = _check(loaded, pair_for(loaded, load_task("organism"), 6, 6, seed=5), positions, direction, mlps)
@@ -117,13 +130,14 @@ def test_gqa_receiver_input_is_one_query_heads(toy):
 
 def test_label_senders_have_no_query_or_direct_path(tiny, toy):
     """From label positions, with everything else frozen, nothing reaches the query slot's own residual."""
-    res = path_patch(Patcher(tiny.model, pair_for(tiny, toy, 4, 5, seed=1)), [(0, 0), (0, 1)], [(1, 0), (1, 2)], "label")
+    res = path_patch(
+        Patcher(tiny.model, pair_for(tiny, toy, 4, 5, seed=1)), [(0, 0), (0, 1)], [(1, 0), (1, 2)], "label"
+    )
     df = res.table()
     assert (df.loc[df["input"].isin(["q", LOGITS]), "effect"].abs() < 1e-6).all()
     assert (df.loc[df["input"].isin(["k", "v"]), "effect"].abs() > 1e-4).any()
     with pytest.raises(ValueError, match="inputs"):
         path_patch(Patcher(tiny.model, pair_for(tiny, toy, 2, 4)), [(0, 0)], [(1, 0)], inputs=("o",))
-
 
 
 def test_equals_transformer_lens_direct_path_into_the_last_layer(toy):
@@ -145,6 +159,8 @@ def test_equals_transformer_lens_direct_path_into_the_last_layer(toy):
     mean = res.effect.mean(-1)
     for i, (sl, sh) in enumerate(res.senders):
         with torch.no_grad():
-            ref = tlp.get_act_patch_direct_path(m, pair.corrupted.tokens, clean, corr, metric, sl, sh, "q", verbose=False)
+            ref = tlp.get_act_patch_direct_path(
+                m, pair.corrupted.tokens, clean, corr, metric, sl, sh, "q", verbose=False
+            )
         assert ref[last].abs().max() > 1e-4  # small on a random model: compare tightly
         torch.testing.assert_close(mean[i, :-1], ref[last].float(), atol=5e-6, rtol=0)

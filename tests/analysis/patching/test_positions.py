@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from mechicl.analysis.patching.positions import (
-    PARTS, POSITION_SETS, patch_head_parts, patch_heads_part, patch_position_sets, position_mask,
-)
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.positions import (
+    PARTS,
+    POSITION_SETS,
+    patch_head_parts,
+    patch_heads_part,
+    patch_position_sets,
+    position_mask,
+)
 from mechicl.data.pairs import pair_for
 from mechicl.data.prompts import INPUT, LABEL
 from mechicl.data.tasks import load_task
@@ -59,7 +64,10 @@ def test_every_position_recovers_the_donor_run(organism, organism_pair, directio
     # any other cell: a brute-force bootstrap loop over contexts (numerator and gap drawn together)
     row = df[(df["positions"] == "label") & (df["layer"] == 1)].iloc[0]
     base = res.corrupted_ld if direction == "denoise" else res.clean_ld
-    num, gap = (res.logit_diff[1, col["label"]] - base).double().numpy(), (res.clean_ld - res.corrupted_ld).double().numpy()
+    num, gap = (
+        (res.logit_diff[1, col["label"]] - base).double().numpy(),
+        (res.clean_ld - res.corrupted_ld).double().numpy(),
+    )
     idx = np.random.default_rng(0).integers(0, len(gap), size=(2000, len(gap)))
     draws = [num[i].mean() / gap[i].mean() for i in idx if gap[i].mean() > 0]
     lo, hi = np.percentile(draws, [2.5, 97.5]) + (0.0 if direction == "denoise" else 1.0)

@@ -25,7 +25,7 @@ def test_tost_equals_two_one_sided_scipy_t_tests():
 def test_tost_agrees_with_the_90_percent_t_interval():
     """Schuirmann: TOST at alpha rejects exactly when the (1 - 2 alpha) t-interval lies inside the margin."""
     rng = np.random.default_rng(1)
-    for s in range(40):
+    for _s in range(40):
         d = rng.normal(rng.uniform(-0.2, 0.2), 0.4, 50)
         lo, hi = sps.t.interval(0.90, len(d) - 1, loc=d.mean(), scale=sps.sem(d))
         assert (tost(d, 0.15)[2] < 0.05) == (-0.15 < lo and hi < 0.15)
@@ -54,8 +54,11 @@ def test_paired_test_matches_scipy_bootstrap_and_permutation_test():
     for shift in (0.0, 0.15, 0.4):
         a = b + shift + rng.normal(0, 0.6, 80)
         r = paired_test(a, b, alternative="two-sided", n_boot=20000, seed=5)
-        ci = sps.bootstrap((a - b,), np.mean, n_resamples=20000, method="percentile", random_state=5).confidence_interval
+        ci = sps.bootstrap(
+            (a - b,), np.mean, n_resamples=20000, method="percentile", random_state=5
+        ).confidence_interval
         assert r.ci_low == pytest.approx(ci.low, abs=0.01) and r.ci_high == pytest.approx(ci.high, abs=0.01)
-        perm = sps.permutation_test((a, b), lambda x, y: np.mean(x - y), permutation_type="samples",
-                                    n_resamples=20000, random_state=6).pvalue
+        perm = sps.permutation_test(
+            (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=20000, random_state=6
+        ).pvalue
         assert r.p_value == pytest.approx(perm, abs=0.01)

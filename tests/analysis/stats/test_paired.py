@@ -45,15 +45,26 @@ def _raw(diff: float, noise: float, n: int, seed: int = 0) -> pd.DataFrame:
     frames = []
     for cond, shift in (("a", diff), ("b", 0.0)):
         v = base + shift + rng.normal(0, noise, (n, 3))
-        frames.append(pd.DataFrame({"condition": cond, "context": np.repeat(np.arange(n), 3),
-                                    "k": np.tile(np.arange(3), n), "metric": "m", "value": v.ravel()}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "condition": cond,
+                    "context": np.repeat(np.arange(n), 3),
+                    "k": np.tile(np.arange(3), n),
+                    "metric": "m",
+                    "value": v.ravel(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
 def test_decisions_over_k():
     out = compare_over_k(_raw(0.5, 0.3, 100), ("a", "m"), ("b", "m"), [0, 1, 2], alternative="greater")
     assert (out.decision == "reject").all() and (out.p_holm >= out.p_value).all()
-    null = compare_over_k(_raw(0.0, 0.05, 400), ("a", "m"), ("b", "m"), [0, 1, 2], alternative="two-sided", min_effect=0.1)
+    null = compare_over_k(
+        _raw(0.0, 0.05, 400), ("a", "m"), ("b", "m"), [0, 1, 2], alternative="two-sided", min_effect=0.1
+    )
     assert (null.decision == "no effect (within ±0.1)").all()
     weak = compare_over_k(_raw(0.0, 3.0, 5), ("a", "m"), ("b", "m"), [0, 1, 2], alternative="two-sided", min_effect=0.1)
     assert (weak.decision == NOT_ENOUGH).all()

@@ -22,8 +22,14 @@ def test_ratio_ci_matches_scipy_paired_bootstrap():
     den = rng.uniform(0.2, 1.0, size=150)
     num = 0.4 * den + rng.normal(0, 0.1, size=150)
     est, lo, hi = ratio_ci(num, den, n_boot=20000, seed=5)
-    ref = sps.bootstrap((num, den), lambda a, b: a.mean() / b.mean(), paired=True, n_resamples=20000,
-                        method="percentile", random_state=6).confidence_interval
+    ref = sps.bootstrap(
+        (num, den),
+        lambda a, b: a.mean() / b.mean(),
+        paired=True,
+        n_resamples=20000,
+        method="percentile",
+        random_state=6,
+    ).confidence_interval
     assert est == pytest.approx(num.mean() / den.mean())
     assert lo == pytest.approx(ref.low, abs=0.01) and hi == pytest.approx(ref.high, abs=0.01)
 
@@ -47,8 +53,9 @@ def test_ratio_without_a_positive_denominator_is_nan():
 def test_sign_flip_p_matches_scipy_permutation_test(alternative):
     d = np.random.default_rng(7).normal(0.25, 1.0, size=30)
     p = sign_flip_p(d, n_perm=40000, alternative=alternative, seed=8)
-    ref = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=40000,
-                               alternative=alternative, random_state=9).pvalue
+    ref = sps.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=40000, alternative=alternative, random_state=9
+    ).pvalue
     assert p == pytest.approx(ref, abs=0.01)
 
 
