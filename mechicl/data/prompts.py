@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -257,6 +258,16 @@ def _assemble(rows: Sequence[_Row], k: int, pad_id: int | None, prepend_bos: boo
     return tokens, mask, roles, spans, lpos
 
 
+def _condition_template(cond: LabelCondition, template: Template, words: Sequence[str]) -> Template:
+    """The template a condition renders with: its instruction prefix (if any) with the label words filled in."""
+    if cond.prefix is None:
+        return template
+    prefix = cond.prefix
+    for i, w in enumerate(words):
+        prefix = prefix.replace(f"{{label_{i}}}", w)
+    return Template(template.example, template.separator, prefix)
+
+
 def build_prompt_batch(
     task: Task,
     tokenizer: Any,
@@ -280,35 +291,16 @@ def build_prompt_batch(
     same seed gives the same labels. Raises LabelTokenError / ContextOverflowError.
     """
     cond = LabelCondition.parse(condition) if isinstance(condition, str) else condition
-    template = template or task.template
     words = cond.label_words(task)
-    if cond.prefix is not None:
-        prefix = cond.prefix
-        for i, w in enumerate(words):
-            prefix = prefix.replace(f"{{label_{i}}}", w)
-        template = Template(template.example, template.separator, prefix)
+    template = _condition_template(cond, template or task.template, words)
     seqs = label_token_sequences(tokenizer, template, words, prepend_bos, multi_token)
     word_ids = [q[0] for q in seqs]
     ex = example_ids.numpy()
     true = np.asarray(task.labels)[ex]
     shown = _draw_shown(task, cond, true, seed) if shown_labels is None else shown_labels.numpy()
 
-    rows = [
-        _tokenize_context(
-            task,
-            tokenizer,
-            template,
-            words,
-            seqs,
-            ex[b],
-            shown[b],
-            b,
-            n_ctx=n_ctx,
-            prepend_bos=prepend_bos,
-            multi_token=multi_token,
-        )
-        for b in range(ex.shape[0])
-    ]
+    context = partial(_tokenize_context, task, tokenizer, template, words, seqs, n_ctx=n_ctx, prepend_bos=prepend_bos)
+    rows = [context(ex[b], shown[b], b, multi_token=multi_token) for b in range(ex.shape[0])]
     tokens, mask, roles, spans, lpos = _assemble(rows, ex.shape[1], tokenizer.pad_token_id, prepend_bos)
     return PromptBatch(
         tokens=tokens,
