@@ -38,6 +38,11 @@ from mechicl.errors import USER_ERRORS, TaskError
 from mechicl.models.registry import DEFAULT_MODEL
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), raised like Ctrl-C while a run folder is staged
+    (``runs.folder.staged``), so the partial folder is removed the same way; ``run_command`` exits 143."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``mechicl: error: ...`` and exit code 2, like every other user error."""
 
@@ -234,7 +239,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
     Exit codes: 0 done; 2 a user mistake or an environment problem (a ``MechiclError``, an ``OSError``
     such as a full disk), one line ``mechicl: error: ...`` (bad flags exit 2 in ``Parser``); 130 Ctrl-C,
-    one line, and no partial run folder (``runs.folder.staged``). Anything else is a bug in mechicl: its
+    143 SIGTERM, one line, and no partial run folder (``runs.folder.staged``). Anything else is a bug in mechicl: its
     traceback, then one line asking for a report, exit 1 (not hidden: the traceback is what a report needs).
     """
     with warnings.catch_warnings():
@@ -248,6 +253,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
                 file=sys.stderr,
             )
             return 2
+        except Terminated:
+            print("mechicl: terminated (SIGTERM); no partial run folder was left", file=sys.stderr)
+            return 143
         except KeyboardInterrupt:
             print(
                 "mechicl: interrupted; no partial run folder was left (an earlier --out folder is unchanged)",

@@ -8,12 +8,21 @@ Atomic run folders: ``with staged(out, ...) as tmp:`` hands out a hidden sibling
 ends without an exception does it write ``manifest.json`` (command, config, versions, every file's
 sha256 and size, wall time) and rename the folder to ``out``. An error or Ctrl-C removes the
 partial folder, so ``out`` is either absent, the previous complete folder, or complete per its
-manifest (``verify_manifest``). ``check_out`` refuses a file, an unwritable place, a system folder
-or an existing non-empty folder (unless ``overwrite``) before any compute.
+manifest (``verify_manifest``). ``check_out`` refuses a file, an unwritable place, a system folder,
+a dangling symlink or an existing non-empty folder (unless ``overwrite``) before any compute; a
+symlink to a folder is followed (the run replaces the folder it points to; the link stays).
+
+Exclusive: ``staged`` holds an exclusive lock (``.<name>.lock`` beside ``out``, ``fcntl.flock``)
+from its start (before compute) to the publish, so a second run on the same ``out`` fails at once
+with ``OutputError``; holding it, it removes the ``.<name>.partial-*`` / ``.<name>.old-*`` folders
+that killed runs left behind. SIGTERM is handled like Ctrl-C (``Terminated``: the partial folder
+is removed; the CLI exits 143 with one line).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from mechicl.errors import OutputError
+from mechicl.runs.args import Terminated
 
 
 def default_out(kind: str, model: str, task: str) -> Path:
@@ -59,7 +69,7 @@ def _missing_ancestor(path: Path) -> Path | None:
 
 def check_out(out: Path | str, overwrite: bool = False) -> Path:
     """``out`` as an absolute path if a run folder can be written there; else ``OutputError`` naming the fix."""
-    out = Path(out).expanduser().absolute()
+    out = _follow_link(Path(out).expanduser().absolute())
     if any(out == Path(d) or Path(d) in out.parents for d in SYSTEM_DIRS):
         raise OutputError(f"--out {out} is under a system folder ({', '.join(SYSTEM_DIRS)}); pick a folder of your own")
     if out.is_file() or (out.exists() and not out.is_dir()):
@@ -72,6 +82,72 @@ def check_out(out: Path | str, overwrite: bool = False) -> Path:
     if not os.access(base, os.W_OK | os.X_OK) or (out.exists() and not os.access(out.parent, os.W_OK | os.X_OK)):
         raise OutputError(f"cannot write to {base} (permission denied); pass an --out folder you can write to")
     return out
+
+
+def _follow_link(out: Path) -> Path:
+    """``out`` itself, or the folder a symlink ``out`` points to; ``OutputError`` for a dangling link or one to a file."""
+    if not out.is_symlink():
+        return out
+    target = out.resolve()
+    if not target.exists():
+        raise OutputError(
+            f"--out {out} is a symlink to {target}, which does not exist; create {target} or pass another --out"
+        )
+    if not target.is_dir():
+        raise OutputError(f"--out {out} is a symlink to the file {target}, not a folder; pass a folder path")
+    return target
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold the lock file ``.<name>.lock`` beside ``out`` (created, then removed at the end), so only one run writes
+    ``out`` at a time; another holder makes it raise ``OutputError`` at once (it does not wait)."""
+    path = out.with_name(f".{out.name}.lock")
+    for _ in range(5):  # the holder removes the file as it leaves: retry when we locked a file just removed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = path.read_text(encoding="utf-8", errors="replace").strip() if path.exists() else "?"
+            raise OutputError(
+                f"another mechicl run (pid {holder or '?'}) is writing {out} right now; wait for it to finish, "
+                f"or pass another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise OutputError(f"could not lock {path}: other runs keep replacing it; retry, or pass another --out")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a waiting opener sees another inode and retries
+        os.close(fd)
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the ``.<name>.partial-*`` and ``.<name>.old-*`` folders beside ``out`` that killed runs left
+    (call it holding ``exclusive(out)``: no live run owns them then). Returns what was removed."""
+    if not out.parent.is_dir():
+        return []
+    stale = [
+        out.parent / n for n in os.listdir(out.parent) if n.startswith((f".{out.name}.partial-", f".{out.name}.old-"))
+    ]
+    for p in stale:
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def versions() -> dict[str, str]:
@@ -123,10 +199,10 @@ def verify_manifest(folder: Path | str) -> list[str]:
 
 @contextmanager
 def _no_interrupt() -> Iterator[None]:
-    """Hold SIGINT back (delivered afterwards) so that the renames that publish a folder are not split."""
+    """Hold SIGINT and SIGTERM back (delivered afterwards) so that the renames that publish a folder are not split."""
     main = sys.platform != "win32" and hasattr(signal, "pthread_sigmask")
     if main:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
@@ -148,16 +224,22 @@ def _remember_ctrl_c() -> Iterator[list[bool]]:
         seen[0] = True
         raise KeyboardInterrupt
 
+    def on_sigterm(signum: int, frame: Any) -> None:  # like Ctrl-C: `kill`, a scheduler's time limit
+        seen[0] = True
+        raise Terminated
+
     def unraisable(u: Any) -> None:
         if not isinstance(u.exc_value, KeyboardInterrupt):
             hook(u)
 
     old, hook = signal.signal(signal.SIGINT, on_sigint), sys.unraisablehook
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
     sys.unraisablehook = unraisable
     try:
         yield seen
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
         sys.unraisablehook = hook
 
 
@@ -167,15 +249,45 @@ def staged(
 ) -> Iterator[Path]:
     """A hidden sibling folder to write a run into; renamed to ``out`` with a manifest only on success.
 
-    On any exception (Ctrl-C included, even one Python swallowed in a finalizer) the partial folder,
-    and any parent folders created for it, are removed and ``out`` is left as it was. Checks ``out``
-    first (``check_out``).
+    On any exception (Ctrl-C or SIGTERM included, even one Python swallowed in a finalizer) the partial
+    folder, and any parent folders created for it, are removed and ``out`` is left as it was. Checks
+    ``out`` first (``check_out``), then holds ``exclusive(out)`` throughout and removes stale partials.
     """
     out = check_out(out, overwrite)
     created = _missing_ancestor(out.parent)
     t0 = time.perf_counter()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create a run folder next to {out}: {e.strerror or e}; pass another --out") from e
+    try:
+        with exclusive(out):
+            remove_stale(out)
+            check_out(out, overwrite)  # again, holding the lock: a run that just finished may have published it
+            with _staged_in(out, command, config, t0) as tmp:
+                yield tmp
+    except BaseException:
+        if created is not None:
+            _remove_empty(out.parent, created)
+        raise
+
+
+def _remove_empty(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty (those a failed run created;
+    a folder another run is writing into is not empty and stays)."""
+    for p in [folder, *folder.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
+
+
+@contextmanager
+def _staged_in(out: Path, command: list[str] | None, config: Any, t0: float) -> Iterator[Path]:
+    """``staged``'s body, holding the lock: the partial folder, removed on any exception, published on success."""
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise OutputError(f"cannot create a run folder next to {out}: {e.strerror or e}; pass another --out") from e
@@ -189,8 +301,6 @@ def staged(
     except BaseException:
         if tmp.exists():  # not published (a Ctrl-C held back until after the rename finds it gone)
             shutil.rmtree(tmp, ignore_errors=True)
-            if created is not None and created.exists():
-                shutil.rmtree(created, ignore_errors=True)
         raise
 
 
