@@ -39,7 +39,7 @@ lint: $(STAMP)
 # The benchmarks, one at a time (each sets torch to one thread; running them side by
 # side would skew every timing), at their default sizes, then one table of their rows
 # (benchmarks/table.py). Takes over an hour on one thread and downloads the embedded
-# models from PyPI on first use. The README's Speed table lists the exact commands
+# models from PyPI on first use. docs/speed.md's table lists the exact commands
 # (smaller sizes) that produced its rows.
 BENCH_ROWS ?= /tmp/mechicl-bench-rows.jsonl
 bench: $(STAMP)

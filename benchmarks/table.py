@@ -1,4 +1,4 @@
-"""Collect the benchmarks' result rows into one markdown table (the README's "Speed" table).
+"""Collect the benchmarks' result rows into one markdown table (docs/speed.md, checked by tests/test_docs.py).
 
     python benchmarks/table.py [benchmarks/results/rows.jsonl ...]
 
