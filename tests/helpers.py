@@ -203,3 +203,20 @@ def hooked_head_patch(model, pair: PatchPair, heads, readout_only: bool) -> tupl
 
             out[i] = ld(model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)]))
     return out, clean_ld, corr_ld
+
+
+def normalised_tolerance(clean_ld: Tensor | float, corrupted_ld: Tensor | float, atol: float = 1e-4) -> float:
+    """The tolerance for values on the patching scale ``(ld - k) / (c - k)`` (0 = corrupted, 1 = clean) that
+    allows an error of ``atol`` logits in the raw logit difference: ``atol / |c - k|``, never below ``atol``.
+    A pair whose clean and corrupted runs are close has a tiny denominator (0.00093 for tiny-llama's toy pair,
+    values up to 23), where float32 reassociation on another CPU moves the normalised value by 4e-4."""
+    den = abs(float(torch.as_tensor(clean_ld).mean() - torch.as_tensor(corrupted_ld).mean()))
+    return atol * max(1.0, 1.0 / den)
+
+
+def assert_patch_close(ours, ref: Tensor, atol: float = 1e-4) -> None:
+    """``ours.values`` (a ``PatchResult``) equals the normalised reference ``ref`` to within ``atol`` logits of raw
+    logit difference: the comparison is conditioned by ``ours``'s own denominator (``normalised_tolerance``)."""
+    tol = normalised_tolerance(ours.clean_ld, ours.corrupted_ld, atol)
+    diff = float((ours.values - ref).abs().max())
+    assert diff <= tol, f"max |ours - ref| = {diff:.3g} on the normalised scale > {tol:.3g} ({atol:g} logits)"

@@ -75,5 +75,5 @@ def test_head_sweeps_at_k64_equal_brute_force(toy, which):
     for res, readout_only in ((readout, True), (every, False)):
         ref = brute_force_heads(loaded, pair, readout_only)
         assert torch.isfinite(res.values).all() and torch.isfinite(res.logit_diff).all()
-        assert torch.allclose(res.values, ref, atol=1e-4), (name, res.kind, (res.values - ref).abs().max())
+        helpers.assert_patch_close(res, ref)  # in logits of raw LD: the normalised scale can be ill-conditioned
         assert ref.abs().max() > 1e-3, (name, res.kind)  # the comparison is not of zeros

@@ -96,7 +96,7 @@ def test_exact_patching_equals_transformer_lens_tiny(tiny, toy, kind, direction)
     ours = patcher.sweep(kind, direction)
     ref = tl_reference(tiny, pair, kind, direction, patcher)
     ref = ref[:, : ours.values.shape[1]]  # TL also sweeps positions after the query slot (no effect there)
-    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+    helpers.assert_patch_close(ours, ref)
 
 
 def _tl_generic(loaded, pair, kind, direction, patcher):
@@ -134,20 +134,21 @@ def test_label_and_readout_kinds_equal_generic_tl_patching(tiny, toy, model, kin
     patcher = Patcher(loaded.model, pair)
     ours = patcher.sweep(kind, direction)
     ref = _tl_generic(loaded, pair, kind, direction, patcher)[:, : ours.values.shape[1]]
-    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+    helpers.assert_patch_close(ours, ref)  # tiny-llama's pair is ill-conditioned: |clean - corrupted| = 0.00093
     if kind == "head_out_readout" and model == "tiny-llama":
         assert patcher.stepper("corrupted").mode == "kv"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_block_skipping_exact_on_hf_architectures(toy, arch):
+# seed 244 on llama: |clean - corrupted| = 4.9e-5 logits, normalised values reach 409, float32 noise 0.2 there
+@pytest.mark.parametrize("arch,seed", [("llama", 0), ("gemma3", 0), ("llama", 244)])
+def test_block_skipping_exact_on_hf_architectures(toy, arch, seed):
     loaded = helpers.tiny_hf(arch)
-    pair = pair_for(loaded, toy, 3, 5)
+    pair = pair_for(loaded, toy, 3, 5, seed=seed)
     patcher = Patcher(loaded.model, pair)
     for kind in ("resid", "head_out"):
         ours = patcher.sweep(kind, "denoise")
         ref = tl_reference(loaded, pair, kind, "denoise", patcher)[:, : ours.values.shape[1]]
-        assert torch.allclose(ours.values, ref, atol=1e-4), (kind, (ours.values - ref).abs().max())
+        helpers.assert_patch_close(ours, ref)  # in logits of raw logit difference, not on the normalised scale
 
 
 def test_patching_every_head_recovers_clean_and_nothing_gives_zero(tiny, toy):
@@ -155,11 +156,12 @@ def test_patching_every_head_recovers_clean_and_nothing_gives_zero(tiny, toy):
     patcher = Patcher(tiny.model, pair)
     L, H = tiny.model.cfg.n_layers, tiny.model.cfg.n_heads
     every = [(l, h) for l in range(L) for h in range(H)]
+    tol = helpers.normalised_tolerance(patcher.baseline("clean"), patcher.baseline("corrupted"), 1e-5)
     for where in ("all", "readout"):
-        assert patcher.patch_heads(every, "denoise", where) == pytest.approx(1.0, abs=1e-5)
-        assert patcher.patch_heads(every, "noise", where) == pytest.approx(0.0, abs=1e-5)
-        assert patcher.patch_heads([], "denoise", where) == pytest.approx(0.0, abs=1e-6)
-        assert patcher.patch_heads([], "noise", where) == pytest.approx(1.0, abs=1e-6)
+        assert patcher.patch_heads(every, "denoise", where) == pytest.approx(1.0, abs=tol)
+        assert patcher.patch_heads(every, "noise", where) == pytest.approx(0.0, abs=tol)
+        assert patcher.patch_heads([], "denoise", where) == pytest.approx(0.0, abs=tol / 10)
+        assert patcher.patch_heads([], "noise", where) == pytest.approx(1.0, abs=tol / 10)
     res = patcher.sweep("resid", "denoise")
     first_diff = int((pair.clean.tokens != pair.corrupted.tokens).any(0).nonzero().min())
     assert torch.equal(res.values[:, :first_diff], torch.zeros(L, first_diff))  # no-op cells: exactly 0
@@ -193,10 +195,7 @@ def test_attribution_equals_exact_on_a_linear_model(toy, direction, max_rows):
     est = attribution_patch(lin.model, pair, kinds, direction, max_rows=max_rows)  # 3, 1: several chunks
     for kind in kinds:
         exact = patcher.sweep(kind, direction)
-        assert torch.allclose(est[kind].values, exact.values, atol=1e-4), (
-            kind,
-            (est[kind].values - exact.values).abs().max(),
-        )
+        helpers.assert_patch_close(exact, est[kind].values)  # |clean - corrupted| = 0.0019 here: raw LD units
     assert est["head_out"].effect.abs().max() > 1e-3  # the test is not vacuous
 
 
@@ -291,7 +290,7 @@ def test_exact_patching_equals_transformer_lens_real(real):
     patcher = Patcher(real.model, pair)
     ours = patcher.sweep("head_out", "denoise")
     ref = tl_reference(real, pair, "head_out", "denoise", patcher)
-    assert torch.allclose(ours.values, ref, atol=1e-4), (ours.values - ref).abs().max()
+    helpers.assert_patch_close(ours, ref)
     res = patcher.sweep("resid", "noise")
     metric = helpers.tl_metric(real, pair)
     idx = pd.DataFrame([(l, p) for l in (0, 9, 17) for p in range(patcher.width)], columns=["layer", "pos"])
@@ -300,9 +299,8 @@ def test_exact_patching_equals_transformer_lens_real(real):
         tl = tlp.generic_activation_patch(
             real.model, pair.clean.tokens, cache, metric, tlp.layer_pos_patch_setter, "resid_pre", index_df=idx
         )
-    assert torch.allclose(
-        res.values[torch.tensor(idx["layer"].to_numpy()), torch.tensor(idx["pos"].to_numpy())], tl, atol=1e-4
-    )
+    at = res.values[torch.tensor(idx["layer"].to_numpy()), torch.tensor(idx["pos"].to_numpy())]
+    assert torch.allclose(at, tl, rtol=0, atol=helpers.normalised_tolerance(res.clean_ld, res.corrupted_ld))
 
 
 @pytest.mark.real_model
@@ -311,7 +309,8 @@ def test_all_heads_recover_clean_and_stepper_is_kv_on_real(real):
     pair = pair_for(real, task, 2, 4)
     patcher = Patcher(real.model, pair)
     every = [(l, h) for l in range(18) for h in range(4)]
-    assert patcher.patch_heads(every, "denoise", "all") == pytest.approx(1.0, abs=1e-4)
-    assert patcher.patch_heads(every, "denoise", "readout") == pytest.approx(1.0, abs=1e-4)
-    assert patcher.patch_heads([], "denoise", "all") == pytest.approx(0.0, abs=1e-6)
+    tol = helpers.normalised_tolerance(patcher.baseline("clean"), patcher.baseline("corrupted"))
+    assert patcher.patch_heads(every, "denoise", "all") == pytest.approx(1.0, abs=tol)
+    assert patcher.patch_heads(every, "denoise", "readout") == pytest.approx(1.0, abs=tol)
+    assert patcher.patch_heads([], "denoise", "all") == pytest.approx(0.0, abs=tol / 100)
     assert patcher.stepper("corrupted").mode == "kv"
