@@ -8,9 +8,9 @@ attending to the cached prefix and to each other. With only the last ``m`` demon
 flipped (``data.pairs.make_pair(last_m=m)``), ``p0`` is near the query and most of a re-run is saved;
 with every label flipped the prefix is the text before the first label (short, still exact).
 
-The KV plumbing is ``analysis.engine.surgery``'s (``cache_shim``, ``fresh_cache``); the cached residual the
-re-runs start from is the caller's. Which models: Hugging Face models bridged by TransformerLens with a
-transformers KV cache. Not TL-native models (no cache: ``NoPrefixReuse``, the caller runs full width).
+A front-end of the re-run engine (``analysis.engine.reruns``: its cache, mask rule and self-check); the cached
+residual the re-runs start from is the caller's. Which models: Hugging Face models bridged by TransformerLens with
+a transformers KV cache. Not TL-native models (no cache: ``NoKVPath(expected=True)``, the caller runs full width).
 Contexts longer than a sliding attention window (Gemma-3-270M: 512 tokens, k = 64 vader-words examples):
 the prefix cache keeps every position in every layer and the re-runs' 4D mask applies the window on the
 sliding layers (a query at ``q`` sees keys ``p`` with ``q - p < window``, HF's rule), as the readout
@@ -26,26 +26,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechicl.analysis.engine.hooks import Hook, run_to_final
-from mechicl.analysis.engine.surgery import (
-    cache_kwargs,
-    cache_shim,
-    fresh_cache,
-    new_kv_cache,
-    sliding_window,
-    windowed_mask,
-)
+from mechicl.analysis.engine.hooks import Hook
+from mechicl.analysis.engine.reruns import ATOL, NoKVPath, check_rerun, prefix_cache, rerun, rerun_mask
 from mechicl.data.pairs import PatchPair
-
-
-class NoPrefixReuse(RuntimeError):
-    """The prefix cannot be reused (no KV cache, no shared prefix): run full width.
-
-    ``expected``: True when that is the model's nature (TL-native, no cache), so no warning is due."""
-
-    def __init__(self, msg: str, expected: bool = False) -> None:
-        super().__init__(msg)
-        self.expected = expected
 
 
 def shared_prefix(pair: PatchPair, width: int) -> int:
@@ -58,12 +41,9 @@ def shared_prefix(pair: PatchPair, width: int) -> int:
 
 def suffix_mask(model: Any, start: int, width: int) -> Tensor | dict[str, Tensor]:
     """The re-runs' ``[1, 1, width - start, width]`` mask: query ``q`` (positions ``start..width-1``) sees key ``p`` when
-    ``p <= q``, and on sliding-window layers only when ``q - p < window``. Per layer type
-    (``{"full_attention": .., "sliding_attention": ..}``, the mapping HF's Gemma-3 takes) when the window matters and
-    the config names layer types; the windowed mask for every layer when it names none."""
-    q, p = torch.arange(start, width)[:, None], torch.arange(width)[None]
-    causal, window = (p <= q)[None, None], sliding_window(model)
-    return causal if not window or width <= window else windowed_mask(model, causal, ((q - p) < window)[None, None])
+    ``p <= q``, and on sliding-window layers only when ``q - p < window`` (``reruns.rerun_mask``)."""
+    q, p = torch.arange(start, width)[None], torch.arange(width)[None]
+    return rerun_mask(model, p[:, None, :] <= q[:, :, None], q, p)
 
 
 class SuffixRunner:
@@ -74,6 +54,7 @@ class SuffixRunner:
     ``n`` copies of a ``[batch, width - start]`` suffix in one forward (row ``copy * batch + context``,
     the layout of ``tokens.repeat(n, 1)``) with TL hooks, optionally from block ``layer`` on (blocks
     below it are skipped, ``surgery.start_at``; give the residual entering it at the suffix positions).
+    Raises ``NoKVPath`` when there is no prefix to reuse or no cache.
 
     Cost: construction ``start / width`` of a forward; ``run``: ``n`` forwards of ``width - start`` tokens
     (plus attention to the ``start`` cached positions). Memory: the prefix cache, ``batch x start x
@@ -84,15 +65,8 @@ class SuffixRunner:
     def __init__(self, model: Any, prefix: Int[Tensor, "batch start"], width: int) -> None:
         self.model, self.start, self.width = model, int(prefix.shape[1]), int(width)
         if not 0 < self.start < self.width:
-            raise NoPrefixReuse(f"no shared prefix to reuse (it has {self.start} of {self.width} positions)")
-        cache = new_kv_cache(model, keep_all=True)
-        if cache is None:
-            raise NoPrefixReuse("the model has no transformers KV cache", expected=True)
-        with torch.no_grad(), cache_shim(model):
-            run_to_final(model, prefix, **cache_kwargs(model, cache))
-        if cache.get_seq_length() != self.start:
-            raise NoPrefixReuse(f"the KV cache holds {cache.get_seq_length()} positions, expected {self.start}")
-        self._cache = cache
+            raise NoKVPath(f"no shared prefix to reuse (it has {self.start} of {self.width} positions)")
+        self._cache, _ = prefix_cache(model, prefix)
         self._mask = suffix_mask(model, self.start, self.width)
         self._pos = torch.arange(self.start, self.width)[None]
 
@@ -118,15 +92,20 @@ class SuffixRunner:
                 f"(positions {self.start}..{self.width - 1})"
             )
         rows = n * suffix.shape[0]
-        with cache_shim(self.model):
-            return run_to_final(
-                self.model,
-                suffix.repeat(n, 1),
-                hooks,
-                start=(layer, resid) if layer > 0 else None,
-                attention_mask={t: m.expand(rows, -1, -1, -1).contiguous() for t, m in self._mask.items()}
-                if isinstance(self._mask, dict)
-                else self._mask.expand(rows, -1, -1, -1).contiguous(),
-                position_ids=self._pos.expand(rows, -1).contiguous(),
-                **cache_kwargs(self.model, fresh_cache(self._cache, n)),
-            )
+        m = self._mask
+        mask = {t: x.expand(rows, -1, -1, -1).contiguous() for t, x in m.items()} if isinstance(m, dict) else None
+        return rerun(
+            self.model,
+            self._cache,
+            suffix.repeat(n, 1),
+            hooks,
+            attention_mask=m.expand(rows, -1, -1, -1).contiguous() if mask is None else mask,
+            position_ids=self._pos.expand(rows, -1).contiguous(),
+            start=(layer, resid) if layer > 0 else None,
+            repeats=n,
+        )
+
+    def check(self, what: str, got: Tensor, want: Tensor, atol: float = ATOL) -> None:
+        """The engine's self-check of a re-run (``got``) against the caller's full forward (``want``): ``NoKVPath``
+        when they differ by more than ``reruns.check_rerun``'s tolerance."""
+        check_rerun(what, got, want, self.model, atol)

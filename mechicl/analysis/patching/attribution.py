@@ -37,7 +37,8 @@ from torch import Tensor
 
 from mechicl.analysis.engine.hooks import act_name, capture, grad_leaf, run_to_final, to_host
 from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.patching.exact import DIRECTIONS, KINDS, cell_table, normalise
+from mechicl.analysis.patching.kinds import DIRECTIONS, KINDS
+from mechicl.analysis.patching.result import cell_table, normalise
 from mechicl.data.pairs import PatchPair
 
 ATTRIBUTION_KINDS = (

@@ -4,7 +4,7 @@ A *pair* is one set of contexts rendered twice: the **clean** run shows the corr
 **corrupted** run shows flipped labels (or only its last ``m`` demonstration labels flipped). Inputs,
 query and every token position are identical; only label tokens differ (``check_pair`` asserts it).
 Pairs are built in ``mechicl.data.pairs``; the partial forwards below (upstream skip,
-stop at the final norm) are ``analysis.engine.hooks.run_to_final`` and ``analysis.engine.stepper.ReadoutStepper``.
+stop at the final norm) are ``analysis.engine.hooks.run_to_final`` and the re-run engine (``analysis.engine.reruns``).
 
 **Metric.** At the query readout slot (``readout_pos[:, -1]``, the position
 that predicts the last example's label) the logit difference
@@ -19,7 +19,7 @@ Two directions, both on that same scale:
   ``denoise``  clean activations patched into the corrupted run (0 = no effect, 1 = fully restored);
   ``noise``    corrupted activations patched into the clean run (1 = no effect, 0 = fully destroyed).
 
-**Sweeps** (``KINDS``): residual stream, attention and MLP outputs by
+**Sweeps** (``patching.kinds.KINDS``, the one list; cells written by ``patching.cells``): residual stream, attention and MLP outputs by
 (layer, position); head outputs (``hook_z``) over all positions, at label
 positions, at the query readout slot; head values and attention patterns at
 label positions. Results are ``PatchResult`` (labelled axes + tidy table).
@@ -47,9 +47,7 @@ the prefix KV cache (``n_layers x 2 x batch x p0 x n_kv_heads x d_head``) and on
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,85 +56,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import FINAL, Head, act_name, capture, head_masks, run_to_final, to_host
-from mechicl.analysis.engine.prefix_reuse import NoPrefixReuse, SuffixRunner, shared_prefix
+from mechicl.analysis.engine.prefix_reuse import SuffixRunner, shared_prefix
 from mechicl.analysis.engine.readout import ReadoutRun, unembed_labels
+from mechicl.analysis.engine.reruns import kv_or_full
 from mechicl.analysis.engine.stepper import ReadoutStepper
-from mechicl.analysis.patching.result import PatchResult, normalise  # re-exported: the sweep's values
+from mechicl.analysis.patching.cells import n_index, readout_ld, setter
+from mechicl.analysis.patching.kinds import KINDS, SweepKind, runs_for
+from mechicl.analysis.patching.result import PatchResult, normalise
 from mechicl.data.pairs import PatchPair
 from mechicl.data.prompts import ROLE_NAMES
 from mechicl.errors import PairError
-from mechicl.models.device import model_dtype
-
-DIRECTIONS = ("denoise", "noise")
-
-
-# ------------------------------------------------------------- sweep kinds ---
-
-
-@dataclass(frozen=True)
-class SweepKind:
-    """One patching granularity: the hook it patches and how one cell is written."""
-
-    name: str
-    act: str  # TL activation kind for ``act_name`` (get_act_name)
-    axes: tuple[str, str]  # ("layer", "pos") / ("layer", "head") / ("layer", "kv_head")
-    description: str
-    readout_only: bool = False
-
-
-KINDS: dict[str, SweepKind] = {
-    k.name: k
-    for k in (
-        SweepKind("resid", "resid_pre", ("layer", "pos"), "residual stream entering each block, by position"),
-        SweepKind("attn_out", "attn_out", ("layer", "pos"), "attention-layer output, by position"),
-        SweepKind("mlp_out", "mlp_out", ("layer", "pos"), "MLP output, by position"),
-        SweepKind("head_out", "z", ("layer", "head"), "head output (hook_z) at every position"),
-        SweepKind("head_out_label", "z", ("layer", "head"), "head output at the in-context label positions"),
-        SweepKind("head_out_readout", "z", ("layer", "head"), "head output at the query readout slot only", True),
-        SweepKind("head_v_label", "v", ("layer", "kv_head"), "head values at the in-context label positions"),
-        SweepKind(
-            "head_pattern_label",
-            "pattern",
-            ("layer", "head"),
-            "attention paid to the label positions (every destination)",
-        ),
-    )
-}
-
-
-def _n_index(model: Any, kind: SweepKind, width: int) -> int:
-    cfg = model.cfg
-    if kind.axes[1] == "pos":
-        return width
-    if kind.axes[1] == "kv_head":
-        return int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
-    return int(cfg.n_heads)
-
-
-def _setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int], None]:
-    """``set(receiver_act, donor_act, index)`` writes one cell in place; acts are ``[batch, ...]``."""
-    rows = torch.arange(pair.n_contexts)[:, None]
-    lab = pair.clean.label_pos[:, :-1]  # in-context (demonstration) label positions
-    if kind.axes[1] == "pos":
-
-        def s(a: Tensor, d: Tensor, i: int) -> None:
-            a[:, i] = d[:, i]
-    elif kind.name == "head_out":
-
-        def s(a: Tensor, d: Tensor, i: int) -> None:
-            a[:, :, i] = d[:, :, i]
-    elif kind.name in ("head_out_label", "head_v_label"):  # index tensors meet the activations on their device
-
-        def s(a: Tensor, d: Tensor, i: int) -> None:
-            a[rows.to(a.device), lab.to(a.device), i] = d[rows.to(a.device), lab.to(a.device), i]
-    elif kind.name == "head_pattern_label":
-
-        def s(a: Tensor, d: Tensor, i: int) -> None:  # [batch, head, dest, src]: columns of label sources
-            a[rows.to(a.device), i, :, lab.to(a.device)] = d[rows.to(a.device), i, :, lab.to(a.device)]
-    else:
-        raise ValueError(f"no full-sequence setter for {kind.name}")
-    return s
-
 
 # ---------------------------------------------------------------- patcher ---
 
@@ -171,15 +100,6 @@ class Patcher:
     def _tokens(self, which: str) -> Tensor:
         return self.pair.run(which).tokens[:, : self.width]
 
-    def _label_ld(self, resid: Tensor, offset: int = 0) -> Tensor:
-        """Per-row LD at the query slot of ``resid`` (rows ``copy * batch + context``; position 0 of ``resid`` is
-        position ``offset`` of the context)."""
-        rows = torch.arange(resid.shape[0])
-        q = self.pair.query_pos.repeat(resid.shape[0] // self.pair.n_contexts) - offset
-        logits = to_host(unembed_labels(self.model, resid[rows, q], self.pair.clean.label_token_ids))
-        n = resid.shape[0] // self.pair.n_contexts
-        return self.pair.logit_diff(logits.view(n, self.pair.n_contexts, -1))
-
     @torch.no_grad()
     def cached(self, which: str, names: Sequence[str]) -> dict[str, Tensor]:
         """Activations ``names`` of run ``which`` (one forward for whatever is not cached yet)."""
@@ -187,7 +107,7 @@ class Patcher:
         missing = [n for n in dict.fromkeys(names) if n not in store]
         if missing or which not in self._ld:
             resid = run_to_final(self.model, self._tokens(which), capture(missing, store))
-            self._ld[which] = self._label_ld(resid)[0]
+            self._ld[which] = readout_ld(self.model, self.pair, resid)[0]
             self.forwards += 1
         return store
 
@@ -235,13 +155,11 @@ class Patcher:
         """
         if kind not in KINDS:
             raise ValueError(f"unknown sweep kind {kind!r}; use one of {', '.join(KINDS)}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        recv, donor = runs_for(direction)
         spec = KINDS[kind]
         t0, f0 = time.perf_counter(), self.forwards
-        recv, donor = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
         b, L = self.pair.n_contexts, self.n_layers
-        n_idx = _n_index(self.model, spec, self.width)
+        n_idx = n_index(self.model, spec, self.width)
         if spec.readout_only:  # the steppers' own forwards give the baselines too
             self.stepper("clean"), self.stepper("corrupted")
         clean_ld, corr_ld = self.baseline("clean"), self.baseline("corrupted")
@@ -289,7 +207,7 @@ class Patcher:
         d_store = self.cached(donor, names)
         pos_kind = spec.axes[1] == "pos"  # receiver activations are needed only to find no-op cells
         r_store = self.cached(recv, (names if pos_kind else []) + [act_name("resid_pre", l) for l in layers if l > 0])
-        setter = _setter(spec, self.pair)
+        put = setter(spec, self.pair)
         per = max(1, self.max_rows // b)
         runner = self.suffix_runner(recv) if spec.name == "head_out" else None
         p0, frac = (runner.start, runner.fraction) if runner is not None else (0, 1.0)
@@ -307,7 +225,7 @@ class Patcher:
                 def hook(act: Tensor, hook: Any, chunk: list[int] = chunk, n: int = n, d_act: Tensor = d_act) -> Tensor:
                     a = act.reshape(n, b, *act.shape[1:]).clone()
                     for j, i in enumerate(chunk):
-                        setter(a[j], d_act, i)
+                        put(a[j], d_act, i)
                     return a.reshape(act.shape)
 
                 r0 = r_store[act_name("resid_pre", l)][:, p0:].repeat(n, 1, 1) if l > 0 else None
@@ -317,7 +235,7 @@ class Patcher:
                     resid = run_to_final(
                         self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None
                     )
-                ld[l, chunk] = self._label_ld(resid, p0)
+                ld[l, chunk] = readout_ld(self.model, self.pair, resid, p0)
                 computed[l, chunk] = True
                 self.forwards += n * (L - l) / L * frac
 
@@ -325,35 +243,26 @@ class Patcher:
     def suffix_runner(self, recv: str) -> SuffixRunner | None:
         """The ``SuffixRunner`` that re-runs run ``recv`` from the first position where the pair differs over the
         shared prefix's KV cache, or None where full-width re-runs are used (``prefix_reuse=False``, no KV cache,
-        or a first re-run that differs from the full forward: warned).
+        or a first re-run that differs from the full forward: warned; the engine's ``reruns.kv_or_full``).
         Built once (``start / width`` of a forward), checked once per run against its baseline (the rest, 1 in all)."""
-        if not self.prefix_reuse:
-            return None
+        if self.prefix_reuse and recv not in self._checked:
+            if not kv_or_full(
+                "Patcher (prefix reuse; head_out re-runs run every position)", "auto", lambda: self._check_runner(recv)
+            ):
+                self.prefix_reuse, self._runner = False, None
+        return self._runner if self.prefix_reuse else None
+
+    def _check_runner(self, recv: str) -> None:
+        """Build the runner (once) and check its re-run of run ``recv`` against that run's baseline (``NoKVPath``)."""
         if self._runner is None:
-            try:
-                p0 = shared_prefix(self.pair, self.width)
-                self._runner = SuffixRunner(self.model, self._tokens("clean")[:, :p0], self.width)
-            except NoPrefixReuse as e:
-                self.prefix_reuse = False
-                if not e.expected:
-                    warnings.warn(f"Patcher: prefix reuse off ({e}); head_out re-runs run every position", stacklevel=2)
-                return None
+            p0 = shared_prefix(self.pair, self.width)
+            self._runner = SuffixRunner(self.model, self._tokens("clean")[:, :p0], self.width)
             self.forwards += 1 - self._runner.fraction
         r = self._runner
-        if recv not in self._checked:
-            ld, base = self._label_ld(r.run(self._tokens(recv)[:, r.start :]), r.start)[0], self.baseline(recv)
-            self.forwards += r.fraction
-            err, tol = float((ld - base).abs().max()), max(1e-4, 2 * torch.finfo(model_dtype(self.model)).eps)
-            if not err <= tol * max(1.0, float(base.abs().max())):
-                self.prefix_reuse, self._runner = False, None
-                warnings.warn(
-                    f"Patcher: the suffix re-run over the cached prefix differs from the full forward by "
-                    f"{err:.3g}; prefix reuse off, head_out re-runs run every position",
-                    stacklevel=2,
-                )
-                return None
-            self._checked.add(recv)
-        return r
+        ld = readout_ld(self.model, self.pair, r.run(self._tokens(recv)[:, r.start :]), r.start)[0]
+        self.forwards += r.fraction
+        r.check("the suffix re-run over the cached prefix", ld, self.baseline(recv), atol=1e-4)
+        self._checked.add(recv)
 
     @torch.no_grad()
     def patch_heads(self, heads: Sequence[Head], direction: str = "denoise", where: str = "all") -> float:
@@ -366,7 +275,7 @@ class Patcher:
         """
         if where not in ("all", "label", "readout"):
             raise ValueError(f"where must be all, label or readout, got {where!r}")
-        recv, donor = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+        recv, donor = runs_for(direction)
         clean_ld, corr_ld = self.baseline("clean"), self.baseline("corrupted")
         heads = sorted(set((int(l), int(h)) for l, h in heads))
         if not heads:
@@ -379,7 +288,7 @@ class Patcher:
             names = [act_name("z", l) for l in layers]
             d_store = self.cached(donor, names)
             r_store = self.cached(recv, [act_name("resid_pre", layers[0])] if layers[0] > 0 else [])
-            setter = _setter(KINDS["head_out" if where == "all" else "head_out_label"], self.pair)
+            put = setter(KINDS["head_out" if where == "all" else "head_out_label"], self.pair)
             hooks = []
             for l in layers:
 
@@ -387,13 +296,13 @@ class Patcher:
                     a = act.clone()
                     for ll, h in heads:
                         if ll == l:
-                            setter(a, d_store[act_name("z", l)], h)
+                            put(a, d_store[act_name("z", l)], h)
                     return a
 
                 hooks.append((act_name("z", l), hook))
             l0 = layers[0]
             start = (l0, r_store[act_name("resid_pre", l0)]) if l0 > 0 else None
-            ld = self._label_ld(run_to_final(self.model, self._tokens(recv), hooks, start=start))[0]
+            ld = readout_ld(self.model, self.pair, run_to_final(self.model, self._tokens(recv), hooks, start=start))[0]
             self.forwards += (self.n_layers - l0) / self.n_layers
         return float(normalise(ld, clean_ld, corr_ld))
 

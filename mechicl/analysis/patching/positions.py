@@ -16,8 +16,8 @@ corrupted = flipped labels; only label tokens differ):
   patching ``hook_v`` would move them all, so the value patch recomputes only that query head's
   ``z`` from its own (receiver) pattern and the donor's values of its KV group.
 
-The metric is ``patching``'s: the answer - foil logit difference at the query slot, normalised
-0 = corrupted, 1 = clean. Caches and baselines come from a ``patching.Patcher``.
+The metric is exact patching's (``patching.cells.readout_ld``): the answer - foil logit difference at the query
+slot, normalised 0 = corrupted, 1 = clean. Caches and baselines come from a ``patching.exact.Patcher``.
 """
 
 from __future__ import annotations
@@ -34,30 +34,16 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.engine.hooks import Head, act_name, run_to_final, to_host
-from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.patching.exact import DIRECTIONS, Patcher, PatchResult, cell_table, normalise
-from mechicl.analysis.stats.resampling import ratio_ci
+from mechicl.analysis.engine.hooks import Head, act_name, run_to_final
+from mechicl.analysis.patching.cells import readout_ld
+from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.kinds import runs_for
+from mechicl.analysis.patching.result import PatchResult, cell_table, normalise
+from mechicl.analysis.stats import ratio_ci
 from mechicl.data.pairs import PatchPair
 
 POSITION_SETS = ("label", "input", "readout", "all")
 PARTS = ("pattern", "value")
-
-
-def runs_for(direction: str) -> tuple[str, str]:
-    """(receiver, donor) run names of a patching direction."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    return ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
-
-
-def readout_ld(model: Any, pair: PatchPair, resid: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "n batch"]:
-    """Per-context LD from final residuals of ``n`` stacked copies of the pair's batch (rows = n x batch)."""
-    b = pair.n_contexts
-    n = resid.shape[0] // b
-    rows = torch.arange(resid.shape[0])
-    logits = to_host(unembed_labels(model, resid[rows, pair.query_pos.repeat(n)], pair.clean.label_token_ids))
-    return pair.logit_diff(logits.view(n, b, -1))
 
 
 def position_mask(pair: PatchPair, which: str, width: int) -> Bool[Tensor, "batch pos"]:

@@ -11,7 +11,8 @@ import torch
 import transformer_lens.patching as tlp
 
 from mechicl.analysis.engine.hooks import run_to_final
-from mechicl.analysis.engine.prefix_reuse import NoPrefixReuse, SuffixRunner, shared_prefix
+from mechicl.analysis.engine.prefix_reuse import SuffixRunner, shared_prefix
+from mechicl.analysis.engine.reruns import NoKVPath
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
@@ -106,7 +107,7 @@ def test_without_a_usable_kv_path_the_sweep_runs_full_width(tiny, toy, monkeypat
         ours = patcher.sweep("head_out")
     assert patcher.suffix_runner("corrupted") is None
     helpers.assert_patch_close(ours, tl_head_out(tiny, pair, "denoise"))
-    with pytest.raises(NoPrefixReuse) as e:
+    with pytest.raises(NoKVPath) as e:
         SuffixRunner(tiny.model, pair.clean.tokens[:, :5], 20)
     assert e.value.expected
 

@@ -72,7 +72,7 @@ def test_runs_do_not_grow_the_prefix_cache():
     masks = head_masks([[(0, 1)], [(1, 2), (0, 3)]], 2, 4)
     before = st.run(masks, st.z[torch.tensor([2, 0, 1])])
     lengths = [layer.keys.shape[-2] for layer in st._cache.layers]
-    assert lengths == [st.P] * len(lengths)  # appended steps are not stored in the prefix cache
+    assert lengths == [st.width] * len(lengths)  # appended steps are not stored in the prefix cache
     assert torch.equal(before, st.run(masks, st.z[torch.tensor([2, 0, 1])]))  # so a second run sees the same prefix
 
 

@@ -1,0 +1,101 @@
+"""The re-run engine's shared pieces: the padding rule (against unpadded HF forwards), the self-check's tolerance
+rule, and the one fallback path that the readout stepper, the slot stepper and prefix reuse all take."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mechicl.analysis.engine import reruns, slots, stepper
+from mechicl.analysis.engine.hooks import head_masks, run_to_final
+from mechicl.analysis.engine.prefix_reuse import SuffixRunner
+from mechicl.analysis.engine.reruns import NoKVPath, check_rerun, kv_or_full, left_pad
+from mechicl.analysis.engine.slots import SlotStepper
+from mechicl.analysis.engine.stepper import ReadoutStepper
+from tests import helpers
+
+
+def test_left_padding_gives_each_row_its_unpadded_forward_in_the_last_column(toy):
+    loaded = helpers.tiny_hf("gemma3", sliding_window=8)  # rows longer than the window: HF applies it per row
+    b = helpers.batch(loaded, toy, "flipped", n_contexts=3, n_examples=5, seed=1)
+    q = b.readout_pos[:, -1]
+    lay = left_pad(b.tokens, q)
+    assert lay.width == int(q.max()) + 1 and torch.equal(lay.offset, lay.width - 1 - q)
+    with torch.no_grad():
+        padded = run_to_final(loaded.model, lay.tokens, attention_mask=lay.mask, position_ids=lay.pos)[:, -1]
+        for r in range(b.n_contexts):
+            alone = run_to_final(loaded.model, b.tokens[r : r + 1, : int(q[r]) + 1])[0, -1]
+            assert torch.allclose(padded[r], alone, atol=1e-5), r
+    assert int(lay.mask.sum()) == int((q + 1).sum())
+
+
+def test_the_self_check_tolerance_scales_with_dtype_and_logit_size():
+    f32 = helpers.tiny_hf("llama").model
+    want = torch.tensor([0.5, -1.0])
+    check_rerun("x", want + 9e-4, want, f32)  # within atol = 1e-3
+    with pytest.raises(NoKVPath, match="x differs from the full forward by 0.002"):
+        check_rerun("x", want + 2e-3, want, f32)
+    check_rerun("x", 100 * want + 0.09, 100 * want, f32)  # relative to max(1, max |want|) = 100
+    bf16 = helpers.tiny_hf("llama").model.to(torch.bfloat16)
+    check_rerun("x", want + 0.015, want, bf16)  # 2 eps(bfloat16) = 0.0156 > atol
+    with pytest.raises(NoKVPath):
+        check_rerun("x", want + 0.02, want, bf16)
+
+
+def test_one_fallback_path():
+    calls = []
+    assert not kv_or_full("X", "full", lambda: calls.append(1)) and not calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model's nature: quiet
+        assert not kv_or_full("X", "auto", lambda: (_ for _ in ()).throw(NoKVPath("no cache", expected=True)))
+    with pytest.warns(UserWarning, match="X: KV path unavailable .*boom.*using full forwards"):
+        assert not kv_or_full("X", "auto", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        kv_or_full("X", "kv", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert kv_or_full("X", "kv", lambda: None)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        kv_or_full("X", "fast", lambda: None)
+
+
+def _blind(model, prefix_ok, q_pos, k_pos):
+    """A broken step mask: appended copies do not see the cached prefix (only themselves)."""
+    return reruns.copies_mask(model, torch.zeros_like(prefix_ok), q_pos, k_pos)
+
+
+def test_a_failed_self_check_falls_back_to_full_forwards_in_both_steppers(toy, monkeypatch):
+    loaded = helpers.tiny_hf("llama")
+    b = helpers.batch(loaded, toy, "flipped", n_contexts=3, n_examples=5, seed=2)
+    masks = head_masks([[(0, 1)], [(1, 2), (0, 3)]], 2, 4)
+    good = {"readout": ReadoutStepper(loaded.model, b), "slots": SlotStepper(loaded.model, b, k_min=2)}
+    assert {s.mode for s in good.values()} == {"kv"}
+    good = {name: st.run(masks) for name, st in good.items()}  # before the masks break
+    monkeypatch.setattr(stepper, "copies_mask", _blind)
+    monkeypatch.setattr(slots, "copies_mask", _blind)
+    for name, make in (
+        ("readout", lambda **kw: ReadoutStepper(loaded.model, b, **kw)),
+        ("slots", lambda **kw: SlotStepper(loaded.model, b, 2, **kw)),
+    ):
+        with pytest.warns(UserWarning, match="differs from the full forward"):
+            st = make()
+        assert st.mode == "full" and (st.n_layers, st.n_heads) == (2, 4)
+        ref = make(mode="full")
+        assert torch.equal(st.run(masks), ref.run(masks))  # the fallback is exactly the full-forward stepper
+        assert torch.allclose(st.run(masks), good[name], atol=1e-4)  # and equals the working KV path
+        with pytest.raises(NoKVPath, match="differs from the full forward"):
+            make(mode="kv")
+
+
+def test_models_without_a_cache_take_the_full_path_quietly(tiny, toy):
+    b = helpers.batch(tiny, toy, n_contexts=2, n_examples=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ReadoutStepper(tiny.model, b).mode == "full" and SlotStepper(tiny.model, b, 1).mode == "full"
+    for build in (
+        lambda: SuffixRunner(tiny.model, b.tokens[:, :3], 8),
+        lambda: ReadoutStepper(tiny.model, b, mode="kv"),
+    ):
+        with pytest.raises(NoKVPath) as e:
+            build()
+        assert e.value.expected
