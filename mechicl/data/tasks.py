@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from mechicl.data.fetch import cache_dir, extract_member, pip_download, verify_sha256
+from mechicl.data.fetch import cache_dir, cached_member, pip_download
 from mechicl.data.organism import organism_task
 from mechicl.data.task import SENTIMENT, Task, Template
 from mechicl.data.taskfiles import TaskWarning, checked_row, read_rows, rows_to_task
@@ -154,11 +154,8 @@ def vader_words(min_abs_rating: float = 1.5, seed: int = 0) -> Task:
 
 def hutto_archive() -> Path:
     """The ICWSM-2014 ratings archive, extracted from the vaderSentiment sdist (cached)."""
-    target = cache_dir() / "data" / "hutto_ICWSM_2014.tar.gz"
-    if not target.exists():
-        sdist = verify_sha256(pip_download(VADER_SDIST[0], sdist=True), VADER_SDIST[1])
-        extract_member(sdist, HUTTO_MEMBER, target)
-    return verify_sha256(target, HUTTO_SHA256)
+    sdist = lambda: pip_download(VADER_SDIST[0], sdist=True, sha256=VADER_SDIST[1])  # noqa: E731
+    return cached_member(cache_dir() / "data" / "hutto_ICWSM_2014.tar.gz", HUTTO_SHA256, sdist, HUTTO_MEMBER)
 
 
 def vader_sentences(name: str, min_abs_rating: float = 1.0, seed: int = 0) -> Task:
@@ -196,11 +193,8 @@ def vader_sentences(name: str, min_abs_rating: float = 1.0, seed: int = 0) -> Ta
 
 def cars_json() -> Path:
     """``cars.json`` (vega_datasets 0.9.0: 406 cars with ``Name`` and ``Origin``), extracted from the wheel (cached)."""
-    target = cache_dir() / "data" / "vega_cars.json"
-    if not target.exists():
-        wheel = verify_sha256(pip_download(VEGA_WHEEL[0]), VEGA_WHEEL[1])
-        extract_member(wheel, CARS_MEMBER, target)
-    return verify_sha256(target, CARS_SHA256)
+    wheel = lambda: pip_download(VEGA_WHEEL[0], sha256=VEGA_WHEEL[1])  # noqa: E731
+    return cached_member(cache_dir() / "data" / "vega_cars.json", CARS_SHA256, wheel, CARS_MEMBER)
 
 
 def vega_cars(seed: int = 0) -> Task:

