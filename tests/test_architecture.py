@@ -21,9 +21,10 @@ ALLOWED = {  # layer -> the mechicl layers its modules may import
     "analysis": {"errors", "data", "models", "analysis"},
     "viz": {"errors", "data", "viz"},
     "runs": {"errors", "data", "models", "analysis", "viz", "runs"},
-    "cli": {"errors", "data", "models", "analysis", "runs"},
+    "cli": {"errors", "data", "models", "analysis", "runs", "cli"},
 }
-LAZY_OK = {"cli"}  # the CLI imports a command's run module when the command runs (start-up time)
+LAZY_OK: set[str] = set()  # layers allowed function-level mechicl imports: none (the CLI loads commands by name)
+LAZY_LOADER = PKG / "cli" / "dispatch.py"  # the one module that imports a command's module lazily (importlib)
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 
 
@@ -80,6 +81,27 @@ def test_modules_and_functions_are_small(path):
                 f"{path.name}:{node.lineno} {node.name} has {n} lines; split it or say why in its docstring "
                 f"('Long because ...')"
             )
+
+
+def _import_module_calls(tree: ast.AST) -> list[int]:
+    """Lines that call ``importlib.import_module`` or ``__import__`` (an import by name, at run time)."""
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+            or (isinstance(node.func, ast.Name) and node.func.id in {"import_module", "__import__"})
+        )
+    ]
+
+
+def test_one_lazy_loader():
+    """Commands are imported by name in ``cli/dispatch.py`` only; no other module imports by name at run time."""
+    loaders = [p for p in _modules() if _import_module_calls(ast.parse(p.read_text()))]
+    assert loaders == [LAZY_LOADER], [str(p.relative_to(PKG)) for p in loaders]
+    assert _layer(LAZY_LOADER) == "cli"
+    assert _import_module_calls(ast.parse("import importlib\nm = importlib.import_module('x')\n")) == [2]
 
 
 def test_the_layer_checker_catches_an_upward_import(tmp_path):

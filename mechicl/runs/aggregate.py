@@ -9,6 +9,7 @@ held out, gives the curves, and is where the steering is measured. CIs: bootstra
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from mechicl.analysis.aggregation.steering import mean_difference, steer, steeri
 from mechicl.analysis.aggregation.total import total_effects
 from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.stats import check_draws
 from mechicl.data.batches import stage_draws
 from mechicl.data.evidence import PLACEMENTS, evidence_batches
-from mechicl.data.names import head_name
+from mechicl.data.names import head_name, parse_heads
 from mechicl.data.pairs import pair_from_batches
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
 from mechicl.viz.plots import line_plot
 
@@ -59,6 +62,7 @@ class AggregationConfig:
             raise ConfigError(f"placements {bad or '(none)'}: use a comma list of {', '.join(PLACEMENTS)}")
         if len(self.alphas) < 2:
             raise ConfigError("--alphas needs at least two values (the slope per unit alpha is fitted across them)")
+        check_draws(self.n_boot, "--n-boot")  # before any compute
 
 
 def choose_heads(model: Any, default: Any, flipped: Any, cfg: AggregationConfig) -> tuple[list[Head], pd.DataFrame]:
@@ -279,3 +283,23 @@ def summary(
         clock.line(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl aggregate`: head projections vs the count and placement of flipped labels; steering check."""
+    cfg = AggregationConfig(
+        args.model,
+        args.task,
+        args.k + 1,
+        args.n_select,
+        args.n_fit,
+        args.n_eval,
+        args.seed,
+        tuple(p.strip() for p in args.placements.split(",") if p.strip()),
+        parse_heads(args.heads) if args.heads else None,
+        args.n_heads,
+        args.alphas,
+        args.n_boot,
+        args.batch_size,
+    )
+    return in_folder(args, "aggregate", lambda m, t, out: run_aggregation(m, t, cfg, out)[1])

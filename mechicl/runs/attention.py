@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from mechicl.analysis.inside import attention as A
@@ -15,10 +15,11 @@ from mechicl.data.batches import repeated_random_tokens
 from mechicl.data.prompts import PromptBatch
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
-from mechicl.runs.inside import InsideConfig, Runs, batches_of, finish, head_map, header
+from mechicl.runs.inside_batches import InsideConfig, Runs, batches_of, finish, header, inside_config
+from mechicl.viz.attention import attention_maps, distance_curve, saliency_plots
 from mechicl.viz.html import attention_heads_html, readout_attention_html
-from mechicl.viz.plots import line_plot
 
 
 @dataclass(frozen=True)
@@ -74,52 +75,11 @@ def compute_attention(
 def plot_attention(folder: RunFolder, r: AttentionResult, top: pd.DataFrame, title: str) -> None:
     """Heatmaps (label attention, PM per condition, induction, saliency) and the top head's distance curve."""
     la = r.label_attention
-    for cond in ("default", "flipped"):
-        head_map(
-            folder,
-            la.label_mass(cond),
-            "label_attention",
-            f"label_attention_{cond}.png",
-            f"attention from readout slots to earlier labels ({cond}) - {title}",
-        )
-        head_map(folder, la.pm[la.pm.condition == cond], "pm", f"pm_{cond}.png", f"PM score ({cond}) - {title}")
-    head_map(folder, r.induction, "induction", "induction.png", f"induction score (repeated random tokens) - {title}")
-    best = top.iloc[0]
-    d = la.by_distance
-    d = d[(d.layer == best.layer) & (d["head"] == best["head"])].copy()
-    d["series"] = d.condition + np.where(d.same_word, ", word = query's class", ", other word")
-    d = d.groupby(["series", "distance"], as_index=False)["mean"].mean()
-    line_plot(
-        d,
-        "distance",
-        "mean",
-        folder / "label_attention_distance.png",
-        hue="series",
-        title=f"{best['name']}: attention per earlier label token - {title}",
-        ylabel="attention to one label token",
-        xlabel="distance (examples back)",
-    )
+    masses = {cond: la.label_mass(cond) for cond in ("default", "flipped")}
+    attention_maps(folder.path, masses, la.pm, r.induction, title)
+    distance_curve(folder.path, la.by_distance, top.iloc[0], title)
     if r.saliency is not None:
-        sl = r.saliency.layers.melt(
-            id_vars=["condition", "layer"], value_vars=["S_wp", "S_pq", "S_ww"], var_name="flow"
-        )
-        sl["series"] = sl.flow + " (" + sl.condition + ")"
-        line_plot(
-            sl,
-            "layer",
-            "value",
-            folder / "saliency_layers.png",
-            hue="series",
-            title=f"attention saliency per layer - {title}",
-            ylabel="mean |sum_h A dL/dA| over pairs",
-        )
-        head_map(
-            folder,
-            r.saliency.heads[r.saliency.heads.condition == "default"],
-            "saliency",
-            "saliency_heads_default.png",
-            f"saliency onto label tokens (default) - {title}",
-        )
+        saliency_plots(folder.path, r.saliency.layers, r.saliency.heads, title)
 
 
 def _pages(folder: RunFolder, loaded: LoadedModel, r: AttentionResult, top: pd.DataFrame, n_heads: int) -> None:
@@ -213,3 +173,11 @@ def report_attention(
             md_table(s[s.condition == "default"][["layer", "S_wp", "S_pq", "S_ww", "share_wp", "share_pq"]], 5),
         ]
     return finish(folder, cfg, lines, clock)
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl attention`: label attention, PM and induction scores, saliency on default vs flipped contexts."""
+    cfg = inside_config(args)
+    return in_folder(
+        args, "attention", lambda m, t, out: report_attention(m, t, cfg, out, saliency=not args.no_saliency)
+    )

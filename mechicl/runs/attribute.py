@@ -12,6 +12,7 @@ Builds one correct-label (clean) vs flipped-label (corrupted) pair, then:
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import PatchPair, pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
 from mechicl.viz.html import attribution_html
 from mechicl.viz.plots import head_grid, heatmap, line_plot
@@ -312,3 +314,24 @@ def run_attribute(loaded: LoadedModel, task: Task, cfg: AttributeConfig, out: Pa
     folder.text("summary.md", text)
     folder.json("config.json", cfg)
     return folder, text
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl attribute`: AttAttr and path IG beside exact and first-order patching, correct- vs flipped-label
+    contexts."""
+    cfg = AttributeConfig(
+        args.model,
+        args.task,
+        args.n_contexts,
+        args.k + 1,
+        args.steps,
+        args.completeness_steps,
+        args.metric,
+        args.baseline,
+        args.last_m,
+        args.batch_size,
+        args.top,
+        args.view_heads,
+        args.seed,
+    )
+    return in_folder(args, "attribute", lambda m, t, out: run_attribute(m, t, cfg, out)[1])

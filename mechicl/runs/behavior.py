@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 
 from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult, score_batches, summarize, value_at
-from mechicl.data.conditions import LabelCondition
+from mechicl.data.conditions import LabelCondition, parse_conditions
 from mechicl.data.prompts import PromptBatch, build_prompt_batch, sample_contexts
 from mechicl.data.task import Task, check_tokenization
-from mechicl.errors import PromptError
+from mechicl.errors import ConfigError, PromptError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior_optimal_reader import bayes_lines, bayes_reference
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import RunFolder, md_table
 from mechicl.viz.optimal_reader import accuracy_with_bayes
 from mechicl.viz.plots import line_plot
@@ -184,3 +186,27 @@ def write_behavior(result: BehaviorResult, out: Path) -> RunFolder:
     folder.text("summary.md", text)
     folder.json("config.json", result.config)
     return folder
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl behavior | demo`: accuracy, log-likelihood and entropy against k per label condition."""
+    conditions = tuple(c.name for c in parse_conditions(args.conditions))  # validate before loading
+    if not conditions:
+        raise ConfigError("--conditions is empty; give a comma list such as default,random,flipped")
+    cfg = BehaviorConfig(
+        args.model,
+        args.task,
+        conditions,
+        args.k,
+        args.n_contexts,
+        args.seed,
+        args.batch_size,
+        args.multi_token,
+        args.label_names,
+    )
+
+    def run(loaded: LoadedModel, task: Task, out: Path) -> str:
+        print(f"[mechicl] task {task.name}: {task.description}", flush=True)
+        return (write_behavior(run_behavior(loaded, task, cfg), out).path / "summary.md").read_text()
+
+    return in_folder(args, "behavior", run)

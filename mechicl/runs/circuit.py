@@ -10,6 +10,7 @@ heads use every head instead (the organisms).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from mechicl.analysis.patching.positions import (
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
 from mechicl.viz.circuit import circuit_figure
 from mechicl.viz.plots import heatmap
@@ -209,3 +211,21 @@ def summary(
         clock.line(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl circuit`: label-position patching and sender -> receiver path patching, held-out contexts."""
+    cfg = CircuitConfig(
+        args.model,
+        args.task,
+        args.k + 1,
+        args.n_select,
+        args.n_eval,
+        args.seed,
+        args.seed_eval,
+        args.senders,
+        args.receivers,
+        tuple(p.strip() for p in args.positions.split(",")),
+        args.threshold,
+    )
+    return in_folder(args, "circuit", lambda m, t, out: run_circuit(m, t, cfg, out)[1])

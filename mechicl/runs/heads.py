@@ -13,7 +13,7 @@ from mechicl.data.prompts import sample_contexts
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.folder import RunFolder, md_table
-from mechicl.runs.inside import head_map
+from mechicl.viz.plots import head_map
 
 NAN = float("nan")
 

@@ -1,5 +1,5 @@
-"""Each command's flags (the shared ones come from ``runs.args``); ``cli.build_parser`` names the commands
-and wires each to its ``cmd_<name>``. Imports nothing heavy: ``mechicl --help`` answers without torch.
+"""Each command's flags (the shared ones come from ``runs.args``); ``mechicl.cli.parser`` names the commands
+and ``mechicl.cli.dispatch`` runs each. Imports nothing heavy: ``mechicl --help`` answers without torch.
 
 Defaults of ``--k`` differ by command because their costs do (the help of each says which); its meaning
 does not: k observed demonstrations + 1 query per context.
@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mechicl.analysis.patching.kinds import KINDS
 from mechicl.runs.args import (
     add_batch_size,
     add_k,
     add_model_task,
     add_multi_token,
     add_run_args,
+    fraction,
     int_at_least,
     int_list,
     set_sizes,
@@ -27,9 +29,7 @@ CONDITIONS_HELP = (
     "default>flipped@8) or a>b@alt (alternate every example)"
 )
 
-ORGANISM_DEFAULTS = {"p_arbitrary": 0.3, "label_noise": 0.1, "steps": 3500, "keep_heads": 1, "prune_steps": 1000}
-"""The shipped recipe (``data.organism.LanguageConfig.from_prior_strength``, ``models.organism.OrganismConfig``);
-``tests/runs/test_cli_flags.py`` checks that they agree."""
+MULTI_TOKEN = {"demo", "behavior", "run"}  # commands that score labels as whole token sequences (--multi-token)
 
 
 def behavior_args(p: argparse.ArgumentParser, conditions: str = "default,random,flipped") -> None:
@@ -75,6 +75,20 @@ def inside_args(p: argparse.ArgumentParser, n_contexts: int = 32) -> None:
     add_run_args(p)
 
 
+def attention_args(p: argparse.ArgumentParser) -> None:
+    """``attention``: the shared inside flags and whether to run the saliency backward passes."""
+    inside_args(p)
+    p.add_argument("--no-saliency", action="store_true", help="skip the attention-saliency backward passes")
+
+
+def lens_args(p: argparse.ArgumentParser) -> None:
+    """``lens``: the shared inside flags and the gap that marks the critical layer."""
+    inside_args(p)
+    p.add_argument(
+        "--min-gap", type=fraction, default=0.05, help="accuracy gap that marks the critical layer (default 0.05)"
+    )
+
+
 def pair_args(p: argparse.ArgumentParser, batch_size: int, top: int, top_help: str) -> None:
     """The flags of commands that compare correct- with flipped-label renderings of the same contexts (a pair)."""
     p.add_argument("--n-contexts", type=int_at_least(1), default=4, help="contexts (default 4)")
@@ -94,8 +108,7 @@ def patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kinds",
         default="resid,head_out",
-        help="comma list of resid, attn_out, mlp_out, head_out, head_out_label, head_out_readout, "
-        "head_v_label, head_pattern_label (default resid,head_out)",
+        help=f"comma list of {', '.join(KINDS)} (default resid,head_out)",
     )
     p.add_argument(
         "--direction",
@@ -250,50 +263,6 @@ def report_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p)
 
 
-class DefaultsFormatter(argparse.HelpFormatter):
-    """Help that ends every option's text with its default, unless the text already gives one or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.option_strings and "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
-
-
-def organism_train_args(p: argparse.ArgumentParser) -> None:
-    """``organism train``: the recipe's flags, with the shipped recipe's values as defaults (shown in --help)."""
-    d = ORGANISM_DEFAULTS
-    p.add_argument(
-        "--prior-strength",
-        type=float,
-        required=True,
-        default=argparse.SUPPRESS,
-        help="P(default label map | sentiment labels), in [0, 1]; shipped: 0.97 strong, 0.6 weak",
-    )
-    p.add_argument(
-        "--p-arbitrary", type=float, default=d["p_arbitrary"], help="share of sequences with arbitrary letter labels"
-    )
-    p.add_argument(
-        "--label-noise", type=float, default=d["label_noise"], help="chance that a shown label is the other class's"
-    )
-    p.add_argument("--steps", type=int_at_least(1), default=d["steps"], help="optimizer steps of the first stage")
-    p.add_argument(
-        "--keep-heads",
-        type=int_at_least(0),
-        default=d["keep_heads"],
-        help="pruning stage: last-layer heads kept (0 = no pruning stage)",
-    )
-    p.add_argument("--prune-steps", type=int_at_least(0), default=d["prune_steps"], help="steps after pruning")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="training seed")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="checkpoint path (.safetensors; default runs/organism-s<strength>-seed<seed>.safetensors); "
-        "a model card .md is written beside it",
-    )
-
-
 def name_list(text: str) -> tuple[str, ...]:
     """``--models`` / ``--tasks``: one or more comma-separated names."""
     names = tuple(x.strip() for x in text.split(",") if x.strip())
@@ -304,6 +273,13 @@ def name_list(text: str) -> tuple[str, ...]:
 
 def findings_args(p: argparse.ArgumentParser) -> None:
     """``findings``: the head finder over models x tasks x seeds (a grid; every flag overrides the config's value)."""
+    _grid_args(p)
+    _finder_args(p)
+    _executor_args(p)
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    """``findings``: the grid (config, models, tasks, seeds) and the readout slots measured."""
     p.add_argument(
         "--config",
         type=Path,
@@ -330,6 +306,10 @@ def findings_args(p: argparse.ArgumentParser) -> None:
     )
     add_k(p, None, note="; readout slots k_min..k are measured")
     p.add_argument("--k-min", type=int_at_least(0), default=None, help="first readout slot measured (default 8)")
+
+
+def _finder_args(p: argparse.ArgumentParser) -> None:
+    """``findings``: the finder's stages (draw sizes, candidates, ablation, controls, screen)."""
     for flag, default, what in [
         ("n-screen", 8, "screening"),
         ("n-confirm", 24, "confirmation"),
@@ -358,6 +338,10 @@ def findings_args(p: argparse.ArgumentParser) -> None:
         "--n-control", type=int_at_least(1), default=None, help="matched control heads per validated head (default 5)"
     )
     p.add_argument("--screen", choices=["exact", "attribution"], default=None, help="screen ranking (default exact)")
+
+
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    """``findings``: where the cells run (workers, Dask, Slurm) and where the grid folder is."""
     p.add_argument(
         "--workers",
         type=int_at_least(1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from mechicl.analysis.patching.exact import Patcher, PatchResult
+from mechicl.analysis.patching.kinds import KINDS
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
+from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import RunFolder, md_table
 from mechicl.viz.plots import heatmap
 
@@ -118,3 +122,25 @@ def run_patch(loaded: LoadedModel, task: Task, cfg: PatchRunConfig, out: Path) -
     folder.text("summary.md", text)
     folder.json("config.json", cfg)
     return folder, text
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl patch`: exact activation-patching sweeps, correct- vs flipped-label contexts."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ConfigError(f"unknown sweep kind(s) {bad}; --kinds takes a comma list of {', '.join(KINDS)}")
+    directions = ("denoise", "noise") if args.direction == "both" else (args.direction,)
+    cfg = PatchRunConfig(
+        args.model,
+        args.task,
+        tuple(kinds),
+        directions,
+        args.n_contexts,
+        args.k + 1,
+        args.last_m,
+        args.batch_size,
+        args.top,
+        args.seed,
+    )
+    return in_folder(args, "patch", lambda m, t, out: run_patch(m, t, cfg, out)[1])

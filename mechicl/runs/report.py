@@ -34,9 +34,11 @@ from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.behavior_optimal_reader import bayes_reference
+from mechicl.runs.dla import compute_dla
 from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.heads import find_heads_for
-from mechicl.runs.inside import Runs, compute_dla, compute_lens, shared_runs
+from mechicl.runs.inside_batches import Runs, shared_runs
+from mechicl.runs.lens import compute_lens
 from mechicl.runs.report_circuit import check_external
 from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
 from mechicl.runs.run import load_config, verdict_markdown

@@ -18,7 +18,7 @@ from mechicl.analysis.patching.exact import PatchResult
 from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
 from mechicl.runs.attention import AttentionResult
-from mechicl.runs.inside import InsideConfig
+from mechicl.runs.inside_batches import InsideConfig
 
 
 def arbitrary_words(n_classes: int) -> str:

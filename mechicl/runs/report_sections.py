@@ -22,7 +22,7 @@ from mechicl.runs.attribute import plot_label_vs_input, top_label_heads
 from mechicl.runs.behavior import plot_metric
 from mechicl.runs.behavior_optimal_reader import bayes_reference
 from mechicl.runs.folder import RunFolder
-from mechicl.runs.inside import plot_lens
+from mechicl.runs.lens import plot_lens
 from mechicl.runs.patch import write_patch_results
 from mechicl.runs.report_circuit import circuit_section
 from mechicl.runs.report_data import NHTest, ReportConfig, ReportData

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior import plot_metric, run_behavior, summary_markdown
+from mechicl.runs.command import in_folder
 from mechicl.runs.folder import RunFolder, md_table
 from mechicl.runs.run_ideal_learner import fit_learner, learner_markdown, write_learner
 
@@ -158,3 +160,31 @@ def write_experiment(result: ExperimentResult, out: Path, config_text: str | Non
     if config_text is not None:
         folder.text("config.toml", config_text)
     return folder
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl run <config.toml>`: an NH experiment; every flag given overrides the config's value."""
+    cfg = load_config(
+        args.config,
+        model=args.model,
+        task=args.task,
+        n_contexts=args.n_contexts,
+        seed=args.seed,
+        label_names=list(args.label_names) if args.label_names else None,
+        k_max=args.k,
+        batch_size=args.batch_size,
+        multi_token=True if args.multi_token else None,
+    )
+
+    def run(loaded: LoadedModel, task: Task, out: Path) -> str:
+        print(
+            f"[mechicl] {cfg.name}: {cfg.hypothesis} on {loaded.name} / {cfg.task}, {len(cfg.conditions)} conditions",
+            flush=True,
+        )
+        result = run_experiment(cfg, loaded, task=task)
+        write_experiment(result, out, Path(args.config).read_text(encoding="utf-8"))
+        return result.verdict
+
+    return in_folder(
+        args, cfg.name, run, config=cfg, model=cfg.model, task_spec=cfg.task, seed=cfg.seed, label_names=cfg.label_names
+    )

@@ -52,6 +52,21 @@ def heatmap(
         im = ax.imshow(v, aspect="auto", cmap="RdBu_r", vmin=center - lim, vmax=center + lim)
     else:
         im = ax.imshow(v, aspect="auto", cmap="viridis")
+    _ticks(ax, n_rows, n_cols, xticklabels)
+    _mark_columns(ax, n_rows, mark_cols, mark_label, xticklabels is None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if n_rows * n_cols <= 120:
+        _annotate(ax, v, center is not None)
+    fig.colorbar(im, ax=ax, label=label or "", shrink=0.8)
+    ax.set_title(wrap_title(title, 0.8 * w, 8), fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _ticks(ax: plt.Axes, n_rows: int, n_cols: int, xticklabels: Sequence[str] | None) -> None:
+    """Integer layer ticks (at most 24), and column ticks: the given labels (up to 80) or integers (at most 40)."""
     step = max(1, n_rows // 24)
     ax.set_yticks(range(0, n_rows, step), [str(r) for r in range(0, n_rows, step)], fontsize=7 if n_rows > 12 else 9)
     if xticklabels is not None and len(xticklabels) <= 80:
@@ -59,7 +74,11 @@ def heatmap(
     else:
         step = max(1, n_cols // 40)
         ax.set_xticks(range(0, n_cols, step), [str(c) for c in range(0, n_cols, step)], fontsize=7)
-    for i, c in enumerate(mark_cols):
+
+
+def _mark_columns(ax: plt.Axes, n_rows: int, cols: Sequence[int], label: str, integer_ticks: bool) -> None:
+    """Outline columns ``cols`` (dashed), named ``label`` in a legend below the axes."""
+    for i, c in enumerate(cols):
         ax.add_patch(
             plt.Rectangle(
                 (c - 0.5, -0.5),
@@ -69,37 +88,30 @@ def heatmap(
                 edgecolor="black",
                 lw=1.8,
                 ls="--",
-                label=mark_label if i == 0 else None,
+                label=label if i == 0 else None,
             )
         )
-    if len(mark_cols) and mark_label:
-        ax.legend(
-            loc="upper left", bbox_to_anchor=(0, -0.12 if xticklabels is None else -0.3), fontsize=7, frameon=False
+    if len(cols) and label:
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12 if integer_ticks else -0.3), fontsize=7, frameon=False)
+
+
+def _annotate(ax: plt.Axes, v: np.ndarray, diverging: bool) -> None:
+    """Each cell's value, black on diverging maps, else white on the darker half of a sequential map."""
+    mean = np.nanmean(v)
+    for (i, j), x in np.ndenumerate(v):
+        ax.text(
+            j, i, f"{x:.2f}", ha="center", va="center", fontsize=6, color="black" if diverging or x > mean else "white"
         )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if n_rows * n_cols <= 120:
-        mean = np.nanmean(v)
-        for (i, j), x in np.ndenumerate(v):
-            ax.text(
-                j,
-                i,
-                f"{x:.2f}",
-                ha="center",
-                va="center",
-                fontsize=6,
-                color="black" if center is not None or x > mean else "white",
-            )
-    fig.colorbar(im, ax=ax, label=label or "", shrink=0.8)
-    ax.set_title(wrap_title(title, 0.8 * w, 8), fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def head_grid(df: pd.DataFrame, value: str) -> np.ndarray:
     """``df[value]`` (columns layer, head) as a ``[layer, head]`` array (mean over duplicate rows)."""
     return df.pivot_table(index="layer", columns="head", values=value, aggfunc="mean").sort_index().to_numpy()
+
+
+def head_map(folder: Path, df: pd.DataFrame, value: str, name: str, title: str, label: str | None = None) -> Path:
+    """``folder / name``: the heatmap of ``df[value]`` per layer (rows) and head (columns)."""
+    return heatmap(head_grid(df, value), folder / name, title, label=label or value)
 
 
 def line_plot(

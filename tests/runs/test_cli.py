@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from mechicl.cli import main
+from mechicl.cli import build_parser, main
+from mechicl.cli.dispatch import COMMANDS
 
 
 def test_behavior_writes_every_output(tmp_path, capsys):
@@ -233,3 +240,47 @@ def test_device_and_dtype_flags_load_the_model_that_way_and_are_recorded(tmp_pat
     assert "cpu, bfloat16" in capsys.readouterr().out
     assert main(["behavior", "--model", "tiny", "--task", "toy", "--device", "tpu", "--out", str(tmp_path / "x")]) == 2
     assert "tpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models"], ["tasks"], ["patch", "--help"]])
+def test_listing_and_help_load_no_torch(argv):
+    """`mechicl --help`, `models` and `tasks` answer in a fresh interpreter without importing torch or TL."""
+    code = (
+        "import sys\nfrom mechicl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformer_lens', 'transformers'})\n"
+        "print('HEAVY', heavy, file=sys.stderr)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in r.stderr and r.stdout.strip(), r.stderr[-2000:]
+
+
+def test_every_command_has_one_entry_that_exists():
+    """The dispatch table names every command of the parser once, and each entry's module defines its function
+    (read from the source, so that the check imports nothing heavy)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    names = {n for n in sub.choices if n != "organism"} | {f"organism {n}" for n in _subcommands(sub, "organism")}
+    assert names == set(COMMANDS)
+    for name, target in COMMANDS.items():
+        module, function = target.split(":")
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
+        assert function in {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}, (name, target)
+        if module.startswith("mechicl.runs."):
+            assert module.split(".")[-1] in name or name == "demo", (name, target)  # runs/<command>.py
+
+
+def _subcommands(sub: argparse._SubParsersAction, name: str) -> list[str]:
+    inner = next(a for a in sub.choices[name]._actions if isinstance(a, argparse._SubParsersAction))
+    return list(inner.choices)
+
+
+def test_a_command_runs_the_function_its_entry_names(monkeypatch, tmp_path):
+    """`main` resolves the command by name and hands it the parsed flags (an interrupt in it exits 130)."""
+    seen = []
+
+    def fake(args):
+        seen.append((args.command, args.k, args.min_gap))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mechicl.runs.lens.command", fake)
+    assert main(["lens", "--model", "tiny", "--task", "toy", "--k", "5", "--out", str(tmp_path / "x")]) == 130
+    assert seen == [("lens", 5, 0.05)] and not (tmp_path / "x").exists()

@@ -158,10 +158,22 @@ def test_every_command_has_a_description_and_organism_train_shows_defaults():
 def test_organism_train_defaults_are_the_shipped_recipe():
     from mechicl.data.organism import LanguageConfig
     from mechicl.models.organism import OrganismConfig
-    from mechicl.runs.parsers import ORGANISM_DEFAULTS
+    from mechicl.runs.organism_parser import ORGANISM_DEFAULTS
 
     args = build_parser().parse_args(["organism", "train", "--prior-strength", "0.97"])
     lang, cfg = LanguageConfig.from_prior_strength(0.97), OrganismConfig()
     assert args.p_arbitrary == ORGANISM_DEFAULTS["p_arbitrary"] == lang.p_arbitrary
     assert args.label_noise == ORGANISM_DEFAULTS["label_noise"] == lang.label_noise
     assert (args.steps, args.keep_heads, args.prune_steps) == (cfg.steps, cfg.keep_heads, cfg.prune_steps)
+
+
+def test_patch_kinds_are_the_registry():
+    """`mechicl patch --kinds` lists the sweep kinds of ``analysis.patching.kinds`` (the one list) and rejects others
+    before anything loads."""
+    from mechicl.analysis.patching.kinds import KINDS
+    from mechicl.cli import main
+
+    kinds = _flag(COMMANDS["patch"], "--kinds")
+    listed = re.search(r"comma list of (.*) \(default", kinds.help).group(1).split(", ")
+    assert listed == list(KINDS) and len(KINDS) >= 8
+    assert main(["patch", "--model", "tiny", "--task", "toy", "--kinds", "head_out,resid_post"]) == 2
