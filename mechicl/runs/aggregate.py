@@ -204,19 +204,8 @@ def _cell(e: float, lo: float, hi: float) -> str:
     return f"{e:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def summary(
-    name: str,
-    cfg: AggregationConfig,
-    heads: list[Head],
-    cur: pd.DataFrame,
-    params: pd.DataFrame,
-    comparison: pd.DataFrame,
-    per_alpha: pd.DataFrame,
-    slopes: pd.DataFrame,
-    clock: Clock,
-) -> str:
-    """The run's ``summary.md``."""
-    k = cfg.n_examples - 1
+def _fit_tables(params: pd.DataFrame, comparison: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fitted parameters (one column per model parameter) and the held-out model comparison, as cells."""
     p = params.assign(cell=[_cell(*r) for r in params[["estimate", "ci_low", "ci_high"]].to_numpy()])
     keep = {"sum": ["slope"], "vote": ["amplitude", "mid", "width"], "recency": ["weight_last", "decay"]}
     wide = p[[prm in keep.get(m, []) for m, prm in zip(p["model"], p["param"])]]
@@ -225,11 +214,19 @@ def summary(
     comp = comparison.assign(
         excess=[_cell(*r) for r in comparison[["excess_mse", "excess_ci_low", "excess_ci_high"]].to_numpy()]
     )
-    comp = comp[["head", "measure", "model", "n_params", "heldout_r2", "excess", "verdict"]]
+    return wide, comp[["head", "measure", "model", "n_params", "heldout_r2", "excess", "verdict"]]
+
+
+def _last_curves(cur: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The held-out curves of placement ``last`` at counts 0, k // 2 and k, one column per count."""
     last = cur[(cur["placement"] == "last") & cur["count"].isin([0, k // 2, k])]
     last = last.assign(cell=[_cell(*r) for r in last[["mean", "ci_low", "ci_high"]].to_numpy()])
     last = last.pivot(index=["series", "measure", "query_class"], columns="count", values="cell")
-    last = last.rename(columns=lambda c: f"m = {c}").reset_index()
+    return last.rename(columns=lambda c: f"m = {c}").reset_index()
+
+
+def _steering_tables(per_alpha: pd.DataFrame, slopes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """P(flipped) per steering multiplier (one column per alpha) and the slopes against alpha, as cells."""
     sl = slopes.assign(
         p=[
             _cell(*r)
@@ -243,7 +240,25 @@ def summary(
     pa = per_alpha[per_alpha["metric"] == "p_flipped"]
     pa = pa.assign(cell=[_cell(*r) for r in pa[["mean", "ci_low", "ci_high"]].to_numpy()])
     pa = pa.pivot(index=["head", "vector", "query_class"], columns="alpha", values="cell")
-    pa = pa.rename(columns=lambda a: f"alpha = {a:g}")
+    return pa.rename(columns=lambda a: f"alpha = {a:g}"), sl
+
+
+def summary(
+    name: str,
+    cfg: AggregationConfig,
+    heads: list[Head],
+    cur: pd.DataFrame,
+    params: pd.DataFrame,
+    comparison: pd.DataFrame,
+    per_alpha: pd.DataFrame,
+    slopes: pd.DataFrame,
+    clock: Clock,
+) -> str:
+    """The run's ``summary.md``."""
+    k = cfg.n_examples - 1
+    wide, comp = _fit_tables(params, comparison)
+    last = _last_curves(cur, k)
+    pa, sl = _steering_tables(per_alpha, slopes)
     lines = [
         f"# Evidence aggregation: {name} on {cfg.task}",
         "",

@@ -53,6 +53,30 @@ def _sig(x: float) -> str:
     return f"{x:+.3f}"
 
 
+def _verdict_line(cfg: ExperimentConfig, prim: pd.DataFrame) -> str:
+    """The bold verdict from the primary tests: rejected (where, largest effect), not enough data, or not rejected."""
+    rejected = prim[prim.decision == "reject"]
+    if not rejected.empty:
+        best = rejected.loc[rejected.mean_diff.abs().idxmax()]
+        where = "; ".join(
+            f"{g.a.iloc[0]} vs {g.b.iloc[0]} at k = {', '.join(str(k) for k in g.k)}"
+            for _, g in rejected.groupby("test", sort=True)
+        )
+        return (
+            f"**Verdict: {cfg.hypothesis} is rejected** by {where}. Largest effect: {best.a} − {best.b} = "
+            f"{_sig(best.mean_diff)} [95% CI {_sig(best.ci_low)}, {_sig(best.ci_high)}] at k = {best.k} "
+            f"(Holm p = {best.p_holm:.4f}, n = {best.n})."
+        )
+    if (prim.decision == NOT_ENOUGH).any():
+        return (
+            f"**Verdict: {NOT_ENOUGH}.** No primary test rejects {cfg.hypothesis}, and some CIs are wider "
+            f"than their equivalence margin: run more context draws (n_contexts)."
+        )
+    return (
+        f"**Verdict: {cfg.hypothesis} is not rejected**; every primary difference lies within its equivalence margin."
+    )
+
+
 def verdict_markdown(
     cfg: ExperimentConfig, tests: pd.DataFrame, model: str, margins: pd.DataFrame | None = None
 ) -> str:
@@ -60,8 +84,6 @@ def verdict_markdown(
 
     ``margins`` (``equivalence_margins``): how each measured equivalence margin was sized, listed under the table.
     """
-    prim = tests[tests.primary]
-    rejected = prim[prim.decision == "reject"]
     lines = [
         f"# {cfg.hypothesis}: {cfg.statement}",
         "",
@@ -69,28 +91,8 @@ def verdict_markdown(
         f"draws shared by all conditions, alpha = {cfg.alpha} (Holm-corrected over every k of all primary tests "
         f"together, and over the k of each supporting test).",
         "",
+        _verdict_line(cfg, tests[tests.primary]),
     ]
-    if not rejected.empty:
-        best = rejected.loc[rejected.mean_diff.abs().idxmax()]
-        where = "; ".join(
-            f"{g.a.iloc[0]} vs {g.b.iloc[0]} at k = {', '.join(str(k) for k in g.k)}"
-            for _, g in rejected.groupby("test", sort=True)
-        )
-        lines.append(
-            f"**Verdict: {cfg.hypothesis} is rejected** by {where}. Largest effect: {best.a} − {best.b} = "
-            f"{_sig(best.mean_diff)} [95% CI {_sig(best.ci_low)}, {_sig(best.ci_high)}] at k = {best.k} "
-            f"(Holm p = {best.p_holm:.4f}, n = {best.n})."
-        )
-    elif (prim.decision == NOT_ENOUGH).any():
-        lines.append(
-            f"**Verdict: {NOT_ENOUGH}.** No primary test rejects {cfg.hypothesis}, and some CIs are wider "
-            f"than their equivalence margin: run more context draws (n_contexts)."
-        )
-    else:
-        lines.append(
-            f"**Verdict: {cfg.hypothesis} is not rejected**; every primary difference lies within its "
-            f"equivalence margin."
-        )
     rows = [
         {
             "test": f"{t.a} vs {t.b}{'' if t.primary else ' (supporting)'}",
