@@ -44,9 +44,10 @@ from mechicl.data.fetch import (
 from mechicl.data.tasks import hub_offline
 from mechicl.errors import ConfigError, MechiclError, ModelUnavailable, UnknownModel
 from mechicl.models.base import LoadedModel
+from mechicl.models.constructed import load_constructed
 from mechicl.models.device import dtype_name, input_device, model_dtype, place_bridge, resolve_device, resolve_dtype
 from mechicl.models.organism import load_organism
-from mechicl.models.registry import EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGGUF, known_models
+from mechicl.models.registry import CONSTRUCTED, EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGGUF, known_models
 from mechicl.models.tiny import load_tiny
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
@@ -128,7 +129,7 @@ def safetensors_problem(path: Path) -> str | None:
 def check_model_name(name: str) -> None:
     """Cheap checks before anything loads: a path-like name must exist and be a readable model file or a
     Hugging Face directory; otherwise a registered name or a Hub id ``org/name``. Raises the user error."""
-    if name in EMBEDDED or name in TINY_MODELS or name in ORGANISMS:
+    if name in EMBEDDED or name in TINY_MODELS or name in ORGANISMS or name in CONSTRUCTED:
         return
     path = Path(name).expanduser()
     if path.is_dir():
@@ -176,7 +177,7 @@ def load_model(
     if device_map is not None:
         if str(device).lower() not in ("cpu", "auto"):
             raise ConfigError(f"device={device!r} and device_map={device_map!r} both place the model: pass one of them")
-        if name in TINY_MODELS or name in ORGANISMS or Path(name).suffix == ".safetensors":
+        if name in TINY_MODELS or name in ORGANISMS or name in CONSTRUCTED or Path(name).suffix == ".safetensors":
             raise ConfigError(
                 f"device_map needs a Hugging Face model; {name!r} is a TL-native bridge: use device= instead"
             )
@@ -205,6 +206,8 @@ def _load(name: str, seed: int, dtype: torch.dtype, device_map: DeviceMap) -> Lo
         return _load_embedded(EMBEDDED[name], dtype, device_map)
     if name in TINY_MODELS:
         return load_tiny(seed=seed)
+    if name in CONSTRUCTED:
+        return load_constructed(name)
     check_model_name(name)
     path = Path(name).expanduser()
     if name in ORGANISMS:

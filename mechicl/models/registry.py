@@ -52,5 +52,21 @@ ORGANISMS = {  # name -> checkpoint stem in models/checkpoints (docs/organism.md
 }
 
 
+@dataclass(frozen=True)
+class ConstructedSpec:
+    """A hand-set organism (``models.constructed``): weights written down, never trained."""
+
+    prior: float  # the prior carrier's log-odds for the default label at k = 0
+    readers: int  # label-reading heads that split the reading (each carries 1 / readers of it)
+    description: str
+
+
+CONSTRUCTED = {  # name -> recipe of a constructed organism (docs/organism.md, "Constructed organisms")
+    "constructed": ConstructedSpec(2.0, 1, "hand-set: one label reader L1H2, prior log-odds 2"),
+    "constructed-strong-prior": ConstructedSpec(5.0, 1, "hand-set: one label reader L1H2, prior log-odds 5"),
+    "constructed-two-readers": ConstructedSpec(2.0, 2, "hand-set: readers L1H1 + L1H2 each carry half, prior 2"),
+}
+
+
 def known_models() -> list[str]:
-    return [*EMBEDDED, *TINY_MODELS, *ORGANISMS]
+    return [*EMBEDDED, *TINY_MODELS, *ORGANISMS, *CONSTRUCTED]
