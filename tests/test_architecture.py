@@ -156,3 +156,47 @@ def test_hooks_build_tensors_on_the_activations_device(path):
 def test_the_device_checker_catches_a_bare_arange_in_a_hook():
     src = "def hook(act, hook):\n    r = torch.arange(3)\n    ok = torch.arange(3, device=act.device)\n    return act\n"
     assert _hook_body_constructors(ast.parse(src)) == [2]
+
+
+RESAMPLERS = {"integers", "randint", "multinomial"}  # draws with replacement; "choice" too unless replace=False
+STATS_CORE = PKG / "analysis" / "stats"
+
+
+def _resample_draws(tree: ast.AST) -> list[int]:
+    """Lines that draw resamples (``.integers(``, ``.randint(``, ``.multinomial(``, ``.choice(`` without
+    ``replace=False``). Draws of distinct items (``permutation``, ``choice(..., replace=False)``) are allowed."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name = node.func.attr
+            no_replace = any(
+                k.arg == "replace" and isinstance(k.value, ast.Constant) and k.value.value is False
+                for k in node.keywords
+            )
+            if name in RESAMPLERS or (name == "choice" and not no_replace):
+                lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _modules() if _layer(p) in ("analysis", "runs", "viz") and STATS_CORE not in p.parents],
+    ids=lambda p: str(p.relative_to(PKG)),
+)
+def test_only_the_statistics_core_draws_resamples(path):
+    lines = _resample_draws(ast.parse(path.read_text()))
+    assert not lines, (
+        f"{path.name}: lines {lines} draw resamples; call mechicl.analysis.stats (bootstrap_indices, "
+        "bootstrap_counts, mean_ci, ratio_ci, sign_flip_p, ...) instead"
+    )
+
+
+def test_the_resample_checker_catches_a_bootstrap_loop():
+    src = (
+        "rows = rng.integers(0, n, size=n)\n"
+        "signs = rng.choice([-1.0, 1.0], size=(99, n))\n"
+        "heads = rng.choice(len(pool), size=3, replace=False)\n"
+        "donor = rng.permutation(n)\n"
+        "idx = np.random.randint(0, n, 5)\n"
+    )
+    assert _resample_draws(ast.parse(src)) == [1, 2, 5]

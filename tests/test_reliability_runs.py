@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mechicl.analysis.behavior.curves import summarize
-from mechicl.analysis.stats.paired import NOT_ENOUGH, PairedResult, decide, wilson_interval
+from mechicl.analysis.stats import NOT_ENOUGH, PairedResult, decide, wilson_interval
 from mechicl.cli import main
 from mechicl.data.tasks import load_task
 from mechicl.errors import TaskError

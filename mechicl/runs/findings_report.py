@@ -9,7 +9,7 @@ import pandas as pd
 
 from mechicl.analysis.heads.finder import FindingsResult
 from mechicl.analysis.heads.replication import Replication
-from mechicl.analysis.stats.resampling import fmt_p
+from mechicl.analysis.stats import fmt_p
 from mechicl.data.names import parse_heads
 from mechicl.runs.folder import RunFolder, md_table
 from mechicl.viz.findings import effect_panels

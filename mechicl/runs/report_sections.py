@@ -13,8 +13,7 @@ from mechicl.analysis.behavior.curves import value_at
 from mechicl.analysis.inside.attention import context_patterns
 from mechicl.analysis.inside.frames import top_heads
 from mechicl.analysis.patching.exact import PatchResult
-from mechicl.analysis.stats.paired import paired_test
-from mechicl.analysis.stats.resampling import fmt_p
+from mechicl.analysis.stats import fmt_p, paired_test
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention

@@ -12,7 +12,7 @@ import pandas as pd
 from mechicl.analysis.behavior.curves import BehaviorResult
 from mechicl.analysis.behavior.hypotheses import ExperimentConfig, equivalence_margins, parse_config, run_tests
 from mechicl.analysis.behavior.ideal_learner import LearnerResult
-from mechicl.analysis.stats.paired import NOT_ENOUGH
+from mechicl.analysis.stats import NOT_ENOUGH
 from mechicl.data.task import Task
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError

@@ -222,7 +222,7 @@ def test_without_attribution_section_3_says_how_to_get_it():
 
 
 def test_p_values_at_their_monte_carlo_floor_read_at_most():
-    from mechicl.analysis.stats.paired import holm
+    from mechicl.analysis.stats import holm
     from mechicl.runs.report_sections import holm_p_texts, mc_p
 
     p = np.array([0.2, 1 / 4001, 0.01])  # Holm: 0.2, 3/4001, 0.02

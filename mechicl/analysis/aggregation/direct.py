@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mechicl.analysis.engine.hooks import FINAL, Head, act_name
 from mechicl.analysis.engine.readout import readout_activations, unembed_labels
 from mechicl.analysis.inside.dla import norm_affine
-from mechicl.analysis.stats.resampling import mean_ci
+from mechicl.analysis.stats import mean_ci
 from mechicl.data.evidence import EvidenceBatches
 from mechicl.data.prompts import PromptBatch
 

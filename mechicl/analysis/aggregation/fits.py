@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Bool, Float
 
-from mechicl.analysis.stats.resampling import mean_ci, percentile_interval
+from mechicl.analysis.stats import bootstrap_counts, mean_ci, percentile_interval
 
 MODELS = ("sum", "vote", "recency", "position")
 
@@ -147,8 +147,7 @@ def fit_model(
     X, grid, names = features(model, Fg, grids)
     w = np.ones((1, n))
     if n_boot:
-        draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-        w = np.concatenate([w, np.stack([np.bincount(d, minlength=n) for d in draws]).astype(float)])
+        w = np.concatenate([w, bootstrap_counts(n, n_boot, seed)])
     best, beta = _solve(X, ysum, mult, cg, np.bincount(ctx, yo * yo, minlength=n), w)
     vals = {nm: beta[:, i] for i, nm in enumerate(names)}
     for key in grid[0]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import Head, act_name, on_device, run_to_final
 from mechicl.analysis.engine.readout import readout_activations, unembed_labels
-from mechicl.analysis.stats.resampling import mean_ci
+from mechicl.analysis.stats import mean_ci
 from mechicl.data.prompts import PromptBatch
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.readout import label_logits, label_sequence_logprobs
-from mechicl.analysis.stats.paired import t_half_width, wilson_interval
+from mechicl.analysis.stats import t_half_width, wilson_interval
 from mechicl.data.conditions import LabelCondition
 from mechicl.data.prompts import PromptBatch
 from mechicl.errors import ConfigError

@@ -15,8 +15,16 @@ from typing import Any
 import pandas as pd
 
 from mechicl.analysis.behavior.curves import METRICS, BehaviorConfig
-from mechicl.analysis.stats.equivalence import relative_margin, tost
-from mechicl.analysis.stats.paired import NOT_ENOUGH, PairedResult, compare_over_k, decide, holm
+from mechicl.analysis.stats import (
+    NOT_ENOUGH,
+    PairedResult,
+    check_margin,
+    compare_over_k,
+    decide,
+    holm,
+    relative_margin,
+    tost,
+)
 from mechicl.data.conditions import LabelCondition
 from mechicl.errors import ConfigError, MechiclError
 from mechicl.models.registry import DEFAULT_MODEL
@@ -222,8 +230,11 @@ def _parse_tests(items: object, where: str) -> list[PairedTestSpec]:
         _check_types(t, _TEST_TYPES, at)
         if t.get("alternative", "greater") not in ALTERNATIVES:
             raise ConfigError(f"{at}: alternative must be one of {', '.join(ALTERNATIVES)}, got {t['alternative']!r}")
-        if t.get("min_effect", 0.1) <= 0:
-            raise ConfigError(f"{at}: min_effect must be > 0, got {t['min_effect']}")
+        if "min_effect" in t:
+            try:
+                check_margin(t["min_effect"], "min_effect")
+            except ConfigError as e:
+                raise ConfigError(f"{at}: {e}") from None
         _check_margin(t, at)
         if "ks" in t:
             ks = t["ks"]

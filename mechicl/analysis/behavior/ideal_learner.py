@@ -40,6 +40,7 @@ from scipy.special import expit, log_expit
 from torch import Tensor
 
 from mechicl.analysis.engine.readout import label_logits
+from mechicl.analysis.stats import bootstrap_indices, percentile_interval
 from mechicl.data.prompts import PromptBatch
 
 BETA_MAX = 20.0  # nats per demonstration; far above anything a model shows (the fit reports hitting it)
@@ -235,7 +236,7 @@ def learner_curves(
     rescaled: bool = False,
 ) -> LearnerResult:
     """Fit beta (and w if ``rescaled``) on the default contexts, predict every condition, and bootstrap
-    contexts (refitting each time).
+    contexts (refitting each time; ``n_boot = 0``: no intervals, NaN).
 
     Cost: ``n_boot + 1`` fits (each a bounded search over ``contexts x k`` values) per class.
     """
@@ -243,52 +244,58 @@ def learner_curves(
     all_rows = np.arange(n)
     betas = _betas(x, all_rows, per_class, rescaled)
     point = _means(x, betas, all_rows)
-    rng = np.random.default_rng(seed)
     boot_betas, boot = [], {key: [] for key in point}
-    for _ in range(n_boot):
-        rows = rng.integers(0, n, size=n)
+    for rows in bootstrap_indices(n, n_boot, seed) if n_boot else ():
         b = _betas(x, rows, per_class, rescaled)
         boot_betas.append(b)
         for key, v in _means(x, b, rows).items():
             boot[key].append(v)
-    lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+    return LearnerResult(_fit_table(betas, boot_betas, level), _curve_table(point, boot, level, n), n_boot, rescaled)
 
-    def ci(c: int, i: int, q: float) -> float:
-        return float(np.quantile([b[c][i] for b in boot_betas], q)) if n_boot else np.nan
 
-    fit = pd.DataFrame(
+def _fit_table(betas: Params, boot_betas: list[Params], level: float) -> pd.DataFrame:
+    """One row per class: the fitted prior weight and beta with percentile intervals over the refits."""
+
+    def ci(c: int, i: int) -> tuple[float, float]:
+        if not boot_betas:
+            return np.nan, np.nan
+        lo, hi = percentile_interval(np.array([b[c][i] for b in boot_betas]), level)
+        return float(lo), float(hi)
+
+    return pd.DataFrame(
         [
             {
                 "query_class": "all" if c == -1 else c,
                 "prior_weight": w,
-                "prior_weight_ci_low": ci(c, 0, lo_q),
-                "prior_weight_ci_high": ci(c, 0, hi_q),
+                "prior_weight_ci_low": ci(c, 0)[0],
+                "prior_weight_ci_high": ci(c, 0)[1],
                 "beta": v,
-                "ci_low": ci(c, 1, lo_q),
-                "ci_high": ci(c, 1, hi_q),
+                "ci_low": ci(c, 1)[0],
+                "ci_high": ci(c, 1)[1],
                 "at_bound": bool(v < 1e-6 or v > BETA_MAX - 1e-3),
             }
             for c, (w, v) in betas.items()
         ]
     )
-    rows_out = []
+
+
+def _curve_table(point: dict, boot: dict, level: float, n: int) -> pd.DataFrame:
+    """Tidy curves: one row per (condition, metric, source, k) with percentile intervals over the refits."""
+    rows = []
     for (cond, metric, source), mean in point.items():
-        qs = (
-            np.quantile(np.stack(boot[(cond, metric, source)]), [lo_q, hi_q], axis=0)
-            if n_boot
-            else np.full((2, len(mean)), np.nan)
-        )
-        rows_out += [
+        draws = boot[(cond, metric, source)]
+        lo, hi = percentile_interval(np.stack(draws, -1), level) if draws else np.full((2, len(mean)), np.nan)
+        rows += [
             {
                 "condition": cond,
                 "k": k,
                 "metric": metric,
                 "source": source,
                 "mean": float(mean[k]),
-                "ci_low": float(qs[0, k]),
-                "ci_high": float(qs[1, k]),
+                "ci_low": float(lo[k]),
+                "ci_high": float(hi[k]),
                 "n": n,
             }
             for k in range(len(mean))
         ]
-    return LearnerResult(fit, pd.DataFrame(rows_out), n_boot, rescaled)
+    return pd.DataFrame(rows)

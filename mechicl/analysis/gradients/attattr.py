@@ -164,38 +164,52 @@ def attattr(
     with torch.no_grad():
         run_to_final(model, tokens, capture(names, store))
     a = alpha_rows(steps)
-    b = batch.n_contexts
-    out = []
-    for l in tqdm(layers, desc="attattr", unit="layer", disable=not progress, leave=False):
-        t0 = time.perf_counter()
-        A = store[act_name("pattern", l)].float()
-        A0 = torch.zeros_like(A) if baseline == "zero" else uniform_pattern(A.shape).to(A.device)
-        resid = store.get(act_name("resid_pre", l))
-        fs, gs = [], []
-        for sl in chunks(len(a), max_rows // b):
-            f, g = _scaled_run(model, tokens, A, A0, resid, l, a[sl], batch, answer, foil, metric)
-            fs.append(f)
-            gs.append(g)
-        f, g = torch.cat(fs), torch.cat(gs)  # [m + 2, b], [m + 2, b, H, W, W]
-        attr = to_host((A - A0) * g[:steps].mean(0))
-        A = to_host(A)
-        cost = len(a) * (L - l) / L
-        out.append(
-            AttAttrResult(
-                l,
-                steps,
-                metric,
-                baseline,
-                attr,
-                A,
-                f[-1],
-                f[-2],
-                cost + 1 / len(layers),
-                cost,
-                time.perf_counter() - t0,
-            )
-        )
-    return out
+    return [
+        _layer_attattr(model, tokens, store, l, a, batch, (answer, foil), metric, baseline, max_rows, len(layers))
+        for l in tqdm(layers, desc="attattr", unit="layer", disable=not progress, leave=False)
+    ]
+
+
+def _layer_attattr(
+    model: Any,
+    tokens: Tensor,
+    store: dict[str, Tensor],
+    l: int,
+    a: Tensor,
+    batch: PromptBatch,
+    targets: tuple[Tensor, Tensor],
+    metric: str,
+    baseline: str,
+    max_rows: int,
+    n_layers_asked: int,
+) -> AttAttrResult:
+    """One layer's path integral: its pattern scaled from the baseline along ``a`` (chunks of ``max_rows``)."""
+    t0 = time.perf_counter()
+    steps, L, b = len(a) - 2, int(model.cfg.n_layers), batch.n_contexts
+    A = store[act_name("pattern", l)].float()
+    A0 = torch.zeros_like(A) if baseline == "zero" else uniform_pattern(A.shape).to(A.device)
+    resid = store.get(act_name("resid_pre", l))
+    fs, gs = [], []
+    for sl in chunks(len(a), max_rows // b):
+        f, g = _scaled_run(model, tokens, A, A0, resid, l, a[sl], batch, *targets, metric)
+        fs.append(f)
+        gs.append(g)
+    f, g = torch.cat(fs), torch.cat(gs)  # [m + 2, b], [m + 2, b, H, W, W]
+    attr = to_host((A - A0) * g[:steps].mean(0))
+    cost = len(a) * (L - l) / L
+    return AttAttrResult(
+        l,
+        steps,
+        metric,
+        baseline,
+        attr,
+        to_host(A),
+        f[-1],
+        f[-2],
+        cost + 1 / n_layers_asked,
+        cost,
+        time.perf_counter() - t0,
+    )
 
 
 def key_group_index(batch: PromptBatch, width: int) -> Int[Tensor, "batch key"]:

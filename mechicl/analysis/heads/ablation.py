@@ -48,8 +48,7 @@ from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.stepper import ReadoutStepper
-from mechicl.analysis.stats.paired import t_interval
-from mechicl.analysis.stats.resampling import percentile_interval
+from mechicl.analysis.stats import bootstrap_indices, percentile_interval, t_interval
 from mechicl.data.batches import AblationBatches
 
 ABLATIONS = ("zero", "mean")
@@ -79,7 +78,7 @@ def gap_reduction_ci(
     if n_boot <= 0:
         nan = np.full(fa.shape[0], np.nan)
         return est, nan, nan
-    idx = np.random.default_rng(seed).integers(0, len(ac), size=(n_boot, len(ac)))
+    idx = bootstrap_indices(len(ac), n_boot, seed)
     boot = gap_reduction(ac[idx].mean(-1)[None], af[idx].mean(-1)[None], fa[:, idx].mean(-1))  # [n, n_boot]
     lo, hi = percentile_interval(boot, level)
     return est, lo, hi

@@ -34,7 +34,7 @@ import pandas as pd
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.slot_ablation import SLOT_ABLATIONS, SlotAblation, derangements, p_true
-from mechicl.analysis.stats.resampling import mean_ci, ratio_ci, sign_flip_p
+from mechicl.analysis.stats import mean_ci, ratio_ci, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
 from mechicl.models.device import release_host_memory

@@ -33,7 +33,7 @@ import pandas as pd
 from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.patching.paths import path_patch
-from mechicl.analysis.stats.paired import t_interval
+from mechicl.analysis.stats import t_interval
 from mechicl.models.organism import live_heads
 
 

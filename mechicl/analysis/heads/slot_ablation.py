@@ -33,7 +33,7 @@ from torch import Tensor
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.slots import SlotStepper
 from mechicl.analysis.heads.ablation import gap_reduction_ci
-from mechicl.analysis.stats.resampling import mean_ci, ratio_ci
+from mechicl.analysis.stats import mean_ci, ratio_ci
 from mechicl.data.prompts import PromptBatch
 
 CONDITIONS = ("correct", "flipped")

@@ -158,47 +158,10 @@ def label_attention(
     mass_rows, dist_rows, pm_rows = [], [], []
     for bi, batch in enumerate(batches):
         pat = patterns[bi] if patterns is not None else readout_patterns(model, batch, batch_size, progress)
-        n_layers, n_heads = pat.shape[2:4]
         q = slice(k_min, None)  # queries with at least k_min earlier labels
-        cats = key_categories(batch).float()
-        mass = torch.einsum("bilhw,bicw->bilhc", pat, cats)[:, q]  # [b, iq, L, H, C]
-        mean = mass.mean((0, 1)).numpy()  # [L, H, C]
-        for c, name in enumerate(CATEGORIES):
-            mass_rows.append(
-                heads_frame(
-                    mean,
-                    condition=batch.condition,
-                    category=name,
-                    mean=mean[..., c].ravel(),
-                    n=mass.shape[0] * mass.shape[1],
-                )
-            )
+        mass_rows += _category_mass(pat, batch, q)
         att = label_token_attention(pat, batch)  # [b, i, L, H, j]
-        k = batch.n_examples
-        i_idx, j_idx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
-        keep = (j_idx < i_idx) & (i_idx >= k_min)  # [i, j]
-        dist = (i_idx - j_idx)[keep]  # [pairs]
-        same_cls = (batch.true_labels[:, :, None] == batch.true_labels[:, None, :])[:, keep]  # [b, pairs]
-        same_word = (batch.true_labels[:, :, None] == batch.shown_labels[:, None, :])[:, keep]
-        vals = att.permute(0, 2, 3, 1, 4)[..., keep]  # [b, L, H, pairs]
-        keys = (dist[None].expand_as(same_cls) * 4 + same_cls.long() * 2 + same_word.long()).reshape(-1)
-        flat = vals.permute(0, 3, 1, 2).reshape(-1, n_layers * n_heads)  # [b*pairs, L*H]
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        sums = torch.zeros(len(uniq), n_layers * n_heads).index_add_(0, inv, flat)
-        counts = torch.bincount(inv, minlength=len(uniq)).float()
-        for u, key in enumerate(uniq.tolist()):
-            m = (sums[u] / counts[u]).reshape(n_layers, n_heads).numpy()
-            dist_rows.append(
-                heads_frame(
-                    m,
-                    condition=batch.condition,
-                    distance=key // 4,
-                    same_class=bool(key & 2),
-                    same_word=bool(key & 1),
-                    mean=m.ravel(),
-                    n=int(counts[u]),
-                )
-            )
+        dist_rows += _by_distance(att, batch, k_min)
         pm_true = pm_scores(att, batch, n_classes, "true")[:, q].mean((0, 1)).numpy()
         pm_word = pm_scores(att, batch, n_classes, "word")[:, q].mean((0, 1)).numpy()
         pm_rows.append(heads_frame(pm_true, condition=batch.condition, pm=pm_true.ravel(), pm_word=pm_word.ravel()))
@@ -210,6 +173,51 @@ def label_attention(
 
 
 # ------------------------------------------------------------ induction ---
+
+
+def _category_mass(pat: Tensor, batch: PromptBatch, q: slice) -> list[pd.DataFrame]:
+    """Per head, the mean attention mass of the queries ``q`` on each key category (one frame per category)."""
+    cats = key_categories(batch).float()
+    mass = torch.einsum("bilhw,bicw->bilhc", pat, cats)[:, q]  # [b, iq, L, H, C]
+    mean = mass.mean((0, 1)).numpy()  # [L, H, C]
+    return [
+        heads_frame(
+            mean, condition=batch.condition, category=name, mean=mean[..., c].ravel(), n=mass.shape[0] * mass.shape[1]
+        )
+        for c, name in enumerate(CATEGORIES)
+    ]
+
+
+def _by_distance(att: Tensor, batch: PromptBatch, k_min: int) -> list[pd.DataFrame]:
+    """Per head, the mean attention from query i to label j < i by distance i - j, same class, same word."""
+    n_layers, n_heads = att.shape[2:4]
+    k = batch.n_examples
+    i_idx, j_idx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    keep = (j_idx < i_idx) & (i_idx >= k_min)  # [i, j]
+    dist = (i_idx - j_idx)[keep]  # [pairs]
+    same_cls = (batch.true_labels[:, :, None] == batch.true_labels[:, None, :])[:, keep]  # [b, pairs]
+    same_word = (batch.true_labels[:, :, None] == batch.shown_labels[:, None, :])[:, keep]
+    vals = att.permute(0, 2, 3, 1, 4)[..., keep]  # [b, L, H, pairs]
+    keys = (dist[None].expand_as(same_cls) * 4 + same_cls.long() * 2 + same_word.long()).reshape(-1)
+    flat = vals.permute(0, 3, 1, 2).reshape(-1, n_layers * n_heads)  # [b*pairs, L*H]
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    sums = torch.zeros(len(uniq), n_layers * n_heads).index_add_(0, inv, flat)
+    counts = torch.bincount(inv, minlength=len(uniq)).float()
+    rows = []
+    for u, key in enumerate(uniq.tolist()):
+        m = (sums[u] / counts[u]).reshape(n_layers, n_heads).numpy()
+        rows.append(
+            heads_frame(
+                m,
+                condition=batch.condition,
+                distance=key // 4,
+                same_class=bool(key & 2),
+                same_word=bool(key & 1),
+                mean=m.ravel(),
+                n=int(counts[u]),
+            )
+        )
+    return rows
 
 
 def induction_scores(model: Any, tokens: Int[Tensor, "batch pos"], offset: int) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mechicl.analysis.engine.hooks import to_host
 from mechicl.analysis.engine.readout import ReadoutRun, readout_activations, unembed_labels
-from mechicl.analysis.stats.paired import t_interval
+from mechicl.analysis.stats import t_interval
 from mechicl.data.prompts import PromptBatch
 
 

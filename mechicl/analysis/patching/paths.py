@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from mechicl.analysis.engine.hooks import Head, act_name, capture, run_to_final
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.patching.positions import position_mask, readout_ld, runs_for
-from mechicl.analysis.stats.resampling import ratio_ci
+from mechicl.analysis.stats import ratio_ci
 
 INPUTS = ("q", "k", "v")
 MLPS = ("frozen", "recomputed")

@@ -7,21 +7,35 @@ same k, the whole range a label-order effect could move). To keep the margin fro
 noise in the reference, it is the fraction times the reference's *lower* 95% bootstrap bound: with 97.5%
 confidence the margin is at most that fraction of the true reference effect.
 
-A difference is then "equivalent to 0" when its CI lies inside +-margin (``stats.decide``) ; ``tost``
-gives the matching t-based p-value (Schuirmann's two one-sided tests), reported beside it.
+A difference is then "equivalent to 0" when its CI lies inside +-margin (``decisions.decide``); ``tost``
+gives the matching t-based p-value (Schuirmann's two one-sided tests), reported beside it. A margin must be
+finite and positive (``check_margin``): +-inf would call anything "no effect".
 Cost: one paired bootstrap (``n_boot x n``) per reference and k.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from jaxtyping import Float
 from scipy import stats as sps
 
-from mechicl.analysis.stats.paired import paired_test
+from mechicl.analysis.stats.tests import paired_test
+from mechicl.errors import ConfigError
+
+
+def check_margin(margin: float, name: str = "margin") -> float:
+    """``margin`` if it is a finite number > 0, else a ConfigError naming the fix."""
+    value = float(margin) if isinstance(margin, numbers.Real) and not isinstance(margin, bool) else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"{name} = {margin!r}: an equivalence margin must be a finite number > 0 (an infinite margin calls "
+            f"any difference 'no effect'); give the smallest difference that matters, e.g. {name} = 0.1"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -60,12 +74,13 @@ def tost(d: Float[np.ndarray, "n"], margin: float) -> tuple[float, float, float]
     """Two one-sided paired t-tests of mean(d) against -margin (H1: greater) and +margin (H1: less).
 
     Returns (p_lower, p_upper, p = max of the two); equivalence at level alpha when p < alpha.
+    ``margin`` must be finite and > 0 (``check_margin``; a NaN margin, one that could not be sized, is the
+    caller's to skip).
     """
     d = np.asarray(d, dtype=float)
     if d.ndim != 1 or len(d) < 2:
         raise ValueError(f"need at least two paired differences, got shape {d.shape}")
-    if not margin > 0:
-        return math.nan, math.nan, math.nan
+    margin = check_margin(margin)
     n, m, se = len(d), float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
     if se == 0:
         inside = -margin < m < margin

@@ -14,7 +14,7 @@ from mechicl.runs.run import load_config
 # `mechicl run` configs: the TOML files in experiments/ that state a hypothesis (findings.toml is another command's grid)
 CONFIGS = sorted(
     p
-    for p in (Path(__file__).resolve().parents[2] / "experiments").glob("*.toml")
+    for p in (Path(__file__).resolve().parents[3] / "experiments").glob("*.toml")
     if "hypothesis" in tomllib.loads(p.read_text(encoding="utf-8"))
 )
 
@@ -49,7 +49,7 @@ def test_instruction_prefix_reaches_the_prompt(tiny):
     from mechicl.data.prompts import build_prompt_batch, sample_contexts
     from mechicl.data.tasks import load_task
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "experiments" / "nh2_instructions.toml")
+    cfg = load_config(Path(__file__).resolve().parents[3] / "experiments" / "nh2_instructions.toml")
     cond = next(c for c in cfg.conditions if c.name == "flipped+instruct")
     task = load_task("toy")
     b = build_prompt_batch(task, tiny.tokenizer, sample_contexts(task, 2, 3), cond, n_ctx=512, prepend_bos=True)
@@ -92,6 +92,17 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 MARGIN_TEST = (
     '[[tests]]\na = "default/log_likelihood"\nb = "random/log_likelihood"\nalternative = "two-sided"\nks = [1, 2]\n'
 )
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-0.1"])
+def test_min_effect_must_be_finite_and_positive(tmp_path, value, capsys):
+    """Issue 30: min_effect = inf gave the verdict "no effect (within ±inf)"; now the config is refused before
+    any model is loaded."""
+    path = _write(tmp_path, BASE + MARGIN_TEST + f"min_effect = {value}\n")
+    with pytest.raises(ConfigError, match=r"\[\[tests\]\] #1: min_effect = .*must be a finite number > 0"):
+        load_config(path)
+    assert main(["run", str(path), "--model", "no-such-model"]) == 2  # refused before the model is looked up
+    assert "min_effect" in capsys.readouterr().err
 
 
 def test_margin_ref_needs_a_fraction_and_excludes_min_effect(tmp_path):
@@ -203,7 +214,7 @@ def test_verdict_lists_how_each_margin_was_measured(tmp_path):
 
 
 def test_bayes_learner_config_writes_its_files(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[2] / "experiments" / "nh2_bayes_learner.toml"
+    path = Path(__file__).resolve().parents[3] / "experiments" / "nh2_bayes_learner.toml"
     out = tmp_path / "bayes"
     assert main(["run", str(path), "--model", "tiny", "--task", "toy", "--n-contexts", "6", "--out", str(out)]) == 0
     curves, fit = pd.read_csv(out / "bayes_learner.csv"), pd.read_csv(out / "bayes_fit.csv")
@@ -226,7 +237,7 @@ def test_bayes_learner_config_writes_its_files(tmp_path, capsys):
 
 def test_primary_tests_share_one_holm_family(tmp_path):
     from mechicl.analysis.behavior.hypotheses import run_tests
-    from mechicl.analysis.stats.paired import holm
+    from mechicl.analysis.stats import holm
 
     two = (
         MARGIN_TEST

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from mechicl.analysis.stats.equivalence import relative_margin, tost
-from mechicl.analysis.stats.paired import paired_test
+from mechicl.analysis.stats import paired_test, relative_margin, tost
+from mechicl.errors import ConfigError
 
 
 def test_tost_equals_two_one_sided_scipy_t_tests():
@@ -29,7 +29,14 @@ def test_tost_agrees_with_the_90_percent_t_interval():
         d = rng.normal(rng.uniform(-0.2, 0.2), 0.4, 50)
         lo, hi = sps.t.interval(0.90, len(d) - 1, loc=d.mean(), scale=sps.sem(d))
         assert (tost(d, 0.15)[2] < 0.05) == (-0.15 < lo and hi < 0.15)
-    assert all(math.isnan(v) for v in tost(d, math.nan))
+
+
+@pytest.mark.parametrize("margin", [math.nan, math.inf, 0.0, -0.2, "0.1", True])
+def test_tost_refuses_a_margin_that_is_not_finite_and_positive(margin):
+    """An infinite margin would call any difference equivalent; NaN (a margin that could not be sized) is the
+    caller's to skip (hypotheses.equivalence_margins does), not to pass."""
+    with pytest.raises(ConfigError, match="finite number > 0"):
+        tost(np.random.default_rng(0).normal(size=20), margin)
 
 
 def test_relative_margin_is_the_fraction_of_the_bootstrap_bound_nearest_zero():
