@@ -30,7 +30,7 @@ HEADS = [
     "--k",
     "4",
     "--n-screen",
-    "3",
+    "4",
     "--n-eval",
     "6",
     "--candidates",
@@ -102,6 +102,18 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
         _config(top='plot_metrics = ["accuracy", "nope"]'),
         RUN,
         r"plot_metrics \['nope'\] are not in the results",
+    ),
+    # ---- issue 30: task files whose classes are not what they look like
+    "csv-one-mistyped-label": (  # was: a 3-class task balanced to 1 row per class ("kept 3 of 41 rows"), exit 0
+        {"d.csv": ("text,label\n" + GOOD + "w7 w9,good\n").encode()},
+        _set(B, "--task", "d.csv"),
+        r"d\.csv: the label 'good' is on only 1 row\(s\) \(line 42\) beside 'negative': 20, 'positive': 20.*"
+        r"Fix the label on that line, or pass --label-names good,negative,positive if 'good' is a real class",
+    ),
+    "int-labels-label-name-without-rows": (  # was: class 2 scored and "flipped" onto, with no rows
+        {"d.csv": ("text,label\n" + GOOD.replace(",negative", ",0").replace(",positive", ",1")).encode()},
+        _set(_set(B, "--task", "d.csv"), "--label-names", "negative,positive,neutral"),
+        r"no row has the label 'neutral' \(class 2\).*Pass only the classes present \(--label-names negative,positive\)",
     ),
     # ---- CLI arguments
     "n-contexts-0": ({}, _set(B, "--n-contexts", "0"), r"argument --n-contexts: must be an integer >= 2, got 0"),
@@ -206,7 +218,7 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
     "model-random-safetensors": (
         {"m.safetensors": os.urandom(4096)},
         _set(B, "--model", "m.safetensors"),
-        r"m\.safetensors is not a safetensors file",
+        r"m\.safetensors is not a complete safetensors file \(no valid header: 4096 bytes\)",
     ),
     "model-hub-offline": (
         {},

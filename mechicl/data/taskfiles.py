@@ -51,7 +51,39 @@ def rows_to_task(name: str, rows: list[Row], label_names: tuple[str, ...] | None
         labels = [names.index(v) for v in raw]
     if len(set(labels)) < 2:
         raise TaskError(f"{name}: every row has the label {names[labels[0]]!r}; a task needs at least two classes")
+    _check_classes(name, rows, labels, names, inferred=label_names is None)
     return Task(name, tuple(text for _, text, _ in rows), tuple(labels), names, Template(), f"file {name}")
+
+
+RARE_ROWS = 5  # an inferred class with at most this many rows and under a tenth of the largest class: a typo?
+
+
+def _check_classes(name: str, rows: list[Row], labels: list[int], names: tuple[str, ...], inferred: bool) -> None:
+    """Every class has rows (a label word no row uses would be a class the model is scored on, and that "flipped"
+    rotates labels onto, with no examples). With classes inferred from the file, a class of at most ``RARE_ROWS``
+    rows beside one ten times larger is taken for a mistyped label: it would turn a 2-class task into a 3-class
+    one balanced down to its few rows. ``label_names`` keeps such a class on purpose."""
+    counts = [labels.count(c) for c in range(len(names))]
+    present = [w for w, n in zip(names, counts) if n]
+    empty = [f"{w!r} (class {c})" for c, (w, n) in enumerate(zip(names, counts)) if not n]
+    if empty:
+        raise TaskError(
+            f"{name}: no row has the label {', '.join(empty)}; label_names gives {len(names)} classes {names} but "
+            f"the file uses {len(present)}. Pass only the classes present (--label-names {','.join(present)}) or add "
+            f"rows of the missing class"
+        )
+    largest = max(counts)
+    rare = [c for c, n in enumerate(counts) if n <= RARE_ROWS and n * 10 <= largest]
+    if inferred and rare:
+        c = rare[0]
+        lines = [line for (line, _, _), y in zip(rows, labels) if y == c]
+        where = ", ".join(map(str, lines[:5])) + (" ..." if len(lines) > 5 else "")
+        others = ", ".join(f"{w!r}: {n}" for w, n in zip(names, counts) if w != names[c])
+        raise TaskError(
+            f"{name}: the label {names[c]!r} is on only {counts[c]} row(s) (line {where}) beside {others}: a "
+            f"mistyped label would make a {len(names)}-class task balanced down to {min(counts)} row(s) per class. "
+            f"Fix the label on that line, or pass --label-names {','.join(names)} if {names[c]!r} is a real class"
+        )
 
 
 def _warn_duplicates(name: str, rows: list[Row]) -> None:

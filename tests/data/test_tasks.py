@@ -164,14 +164,45 @@ def test_balance_false_keeps_every_row_without_warning(tmp_path):
     assert len(t) == 14 and t.class_counts() == [10, 4]
 
 
-def test_balanced_jsonl_and_label_names_without_rows(tmp_path):
-    """A declared class no row uses does not shrink the others to zero; balanced files stay silent."""
+def test_a_label_name_without_rows_is_an_error(tmp_path):
+    """A declared class no row uses would be scored, and "flipped" would rotate labels onto it (issue 30)."""
     rows = [{"text": f"w{i}", "label": i % 2} for i in range(6)] + [{"text": "w9", "label": 0}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(TaskError, match=r"no row has the label 'maybe' \(class 2\).*--label-names no,yes\)"):
+        load_task(str(tmp_path / "d.jsonl"), label_names=("no", "yes", "maybe"))
     with pytest.warns(TaskWarning, match="kept 6 of 7 rows"):
-        t = load_task(str(tmp_path / "d.jsonl"), label_names=("no", "yes", "maybe"))
-    assert t.class_counts() == [3, 3, 0]
+        assert load_task(str(tmp_path / "d.jsonl"), label_names=("no", "yes")).class_counts() == [3, 3]
+    (tmp_path / "t.csv").write_text("text,label\nw1,x\nw2,y\n")
+    with pytest.raises(TaskError, match=r"no row has the label 'z' \(class 2\)"):
+        load_task(str(tmp_path / "t.csv"), label_names=("x", "y", "z"))
     (tmp_path / "e.csv").write_text("text,label\nw1,x\nw2,y\nw3,z\n")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_task(str(tmp_path / "e.csv"))) == 3
+
+
+def test_one_mistyped_label_is_an_error_naming_its_line(tmp_path):
+    body = [f"w{i},{'neg' if i % 2 else 'pos'}" for i in range(40)]
+    (tmp_path / "d.csv").write_text("\n".join(["text,label", *body[:10], "w50,good", *body[10:]]) + "\n")
+    with pytest.raises(
+        TaskError, match=r"the label 'good' is on only 1 row\(s\) \(line 12\) beside 'neg': 20, 'pos': 20"
+    ):
+        load_task(str(tmp_path / "d.csv"))  # the header is line 1, then 10 rows
+    with pytest.raises(TaskError, match=r"3-class task balanced down to 1 row\(s\) per class\. Fix the label"):
+        load_task(str(tmp_path / "d.csv"), balance=False)  # wrong with or without balancing: 3 classes
+    with pytest.warns(TaskWarning, match="balanced to 1 rows"):  # kept on purpose: the classes are named
+        assert load_task(str(tmp_path / "d.csv"), label_names=("good", "neg", "pos")).n_classes == 3
+    small = "".join(f"w{i},{'abc'[i % 3]}\n" for i in range(6)) + "w9,a\n"  # 3/2/2 rows: small, not a typo
+    (tmp_path / "s.csv").write_text("text,label\n" + small)
+    with pytest.warns(TaskWarning):
+        assert load_task(str(tmp_path / "s.csv")).class_counts() == [2, 2, 2]
+    few = "".join(f"w{i},{'neg' if i % 2 else 'pos'}\n" for i in range(80)) + "w90,neu\nw91,neu\nw92,neu\nw93,neu\n"
+    (tmp_path / "f.csv").write_text("text,label\n" + few)  # 4 of 'neu' beside 40: rare, all four lines named
+    with pytest.raises(TaskError, match=r"'neu' is on only 4 row\(s\) \(line 82, 83, 84, 85\)"):
+        load_task(str(tmp_path / "f.csv"))
+    (tmp_path / "g.csv").write_text("text,label\n" + few.replace("w93,neu", "w93,pos"))  # 3 beside 40
+    with pytest.raises(TaskError, match=r"'neu' is on only 3 row\(s\)"):
+        load_task(str(tmp_path / "g.csv"))
+    (tmp_path / "h.csv").write_text("text,label\n" + few[: few.index("w58,")] + "w90,neu\nw91,neu\nw92,neu\n")
+    with pytest.warns(TaskWarning, match="balanced to 3 rows"):  # 3 beside 29 each: not ten times fewer, kept
+        load_task(str(tmp_path / "h.csv"))
