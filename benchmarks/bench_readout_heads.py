@@ -49,7 +49,7 @@ def stepper_sweep(model, pair) -> torch.Tensor:
     """The same sweep with two ``ReadoutStepper``s only: 2 prefix forwards + one re-run of the query token per head."""
     from mechicl.analysis.engine.hooks import head_masks
     from mechicl.analysis.engine.stepper import ReadoutStepper
-    from mechicl.analysis.patching.exact import normalise
+    from mechicl.analysis.patching.result import normalise
 
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     donor, recv = ReadoutStepper(model, pair.clean), ReadoutStepper(model, pair.corrupted)

@@ -23,7 +23,7 @@ import torch
 
 from mechicl.analysis.engine import slots as SL
 from mechicl.analysis.engine import stepper as ST
-from mechicl.analysis.heads.old_finder import finder as AF
+from mechicl.analysis.heads import finder as AF
 from mechicl.models.loading import load_model
 from mechicl.runs import findings as F
 
