@@ -31,7 +31,7 @@ from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
-from mechicl.viz.plots import line_plot
+from mechicl.viz.aggregation import evidence_curves
 
 
 @dataclass(frozen=True)
@@ -143,61 +143,10 @@ def run_aggregation(loaded: Any, task: Task, cfg: AggregationConfig, out: Path) 
     folder.csv("steering.csv", per_alpha)
     folder.csv("steering_slopes.csv", slopes)
     clock.lap("steering")
-    _plots(folder, loaded.name, cur, per_alpha, cfg)
+    evidence_curves(cur, per_alpha, folder.path, loaded.name, cfg.n_eval)
     text = summary(loaded.name, cfg, heads, cur, params, comparison, per_alpha, slopes, clock)
     folder.text("summary.md", text)
     return folder, text
-
-
-def _plots(folder: RunFolder, name: str, cur: pd.DataFrame, per_alpha: pd.DataFrame, cfg: AggregationConfig) -> None:
-    n = cfg.n_eval
-    model_what = {
-        "p_flipped": "P(flipped label)",
-        "acc_flipped": "flipped label on top",
-        "ld_flipped": "change of logit(flipped) - logit(true)",
-    }
-    every = cur[cur["query_class"] == "all"]
-    for (series, measure), d in every.groupby(["series", "measure"], sort=False):
-        what = model_what.get(series, f"{series} {'projection' if measure == 'direct' else 'total effect'} change")
-        line_plot(
-            d,
-            "count",
-            "mean",
-            folder / f"curve_{series}{'_total' if measure == 'total' else ''}.png",
-            hue="placement",
-            band=("ci_low", "ci_high"),
-            xlabel="flipped demonstration labels",
-            ylabel=what,
-            title=f"{name}: {what} at the query readout slot vs flipped labels ({n} held-out contexts, 95% CI)",
-        )
-    for series, d in every[every["measure"].isin(["direct", "total"])].groupby("series", sort=False):
-        d = d.assign(line=d["measure"] + " " + d["placement"])
-        line_plot(
-            d,
-            "count",
-            "mean",
-            folder / f"direct_vs_total_{series}.png",
-            hue="line",
-            band=("ci_low", "ci_high"),
-            xlabel="flipped demonstration labels",
-            ylabel="change of logit(flipped) - logit(true)",
-            title=f"{name}: {series}'s direct projection and total effect (patched into m = 0, MLPs and later "
-            f"heads recomputed) vs flipped labels ({n} held-out contexts, 95% CI)",
-        )
-    d = per_alpha[(per_alpha["metric"] == "p_flipped") & (per_alpha["query_class"] == "all")]
-    d = d.assign(line=d["head"] + " " + d["vector"])
-    line_plot(
-        d,
-        "alpha",
-        "mean",
-        folder / "steering.png",
-        hue="line",
-        band=("ci_low", "ci_high"),
-        xlabel="alpha",
-        ylabel="P(flipped label)",
-        title=f"{name}: default-label contexts steered by alpha x the head's mean "
-        f"flipped - default output ({n} held-out contexts, 95% CI)",
-    )
 
 
 def _cell(e: float, lo: float, hi: float) -> str:

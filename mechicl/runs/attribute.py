@@ -30,8 +30,8 @@ from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
+from mechicl.viz.attribution import attribution_maps, label_vs_input
 from mechicl.viz.html import attribution_html
-from mechicl.viz.plots import head_grid, heatmap, line_plot
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,7 @@ def attattr_groups(pair: PatchPair, aa: dict[str, list[AttAttrResult]]) -> pd.Da
 
 def plot_label_vs_input(folder: RunFolder, groups: pd.DataFrame, title: str) -> Path:
     """``attribution_label_vs_input.png``: per layer, AttAttr mass on label vs input tokens, both conditions."""
-    return line_plot(
-        layer_masses(groups),
-        "layer",
-        "attribution",
-        folder / "attribution_label_vs_input.png",
-        hue="series",
-        title=f"AttAttr mass at the readout slot, label vs input tokens - {title}",
-        ylabel="sum over heads of Attr (logit diff)",
-    )
+    return label_vs_input(layer_masses(groups), folder.path, title)
 
 
 def _plots_and_view(
@@ -185,20 +177,7 @@ def _plots_and_view(
 ) -> list[str]:
     """Per-layer label-vs-input plot, head heatmaps, the HTML view; returns the viewed head names."""
     plot_label_vs_input(folder, r.groups, title)
-    for cond in ("correct", "flipped"):
-        lab = r.groups[(r.groups.condition == cond) & (r.groups.group == "label")]
-        heatmap(
-            head_grid(lab, "attribution"),
-            folder / f"attattr_label_{cond}.png",
-            f"AttAttr on label tokens at the readout slot ({cond} labels) - {title}",
-            label="attribution",
-        )
-    heatmap(
-        head_grid(r.heads, "ig"),
-        folder / "path_ig_heads.png",
-        f"path IG per head (m={cfg.steps}), flipped -> correct, normalised metric - {title}",
-        label="IG",
-    )
+    attribution_maps(r.groups, r.heads, cfg.steps, folder.path, title)
     lab = r.groups[(r.groups.condition == "flipped") & (r.groups.group == "label")]
     top = lab.reindex(lab.attribution.abs().sort_values(ascending=False).index).head(cfg.view_heads)
     sel = [(int(l), int(h)) for l, h in zip(top.layer, top["head"])]

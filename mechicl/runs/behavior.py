@@ -18,18 +18,8 @@ from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior_optimal_reader import bayes_lines, bayes_reference
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import RunFolder, md_table
+from mechicl.viz.behavior import LABELS, plot_metric
 from mechicl.viz.optimal_reader import accuracy_with_bayes
-from mechicl.viz.plots import line_plot
-
-LABELS = {
-    "accuracy": "accuracy (vs. shown label)",
-    "log_likelihood": "log-likelihood of shown label",
-    "entropy": "entropy over label set (nats)",
-    "accuracy_true": "accuracy (vs. true label)",
-    "log_likelihood_true": "log-likelihood of true label",
-    "accuracy_initial": "accuracy (vs. initial label map)",
-    "log_likelihood_initial": "log-likelihood under initial label map",
-}
 
 
 def behavior_batches(loaded: LoadedModel, task: Task, cfg: BehaviorConfig) -> list[PromptBatch]:
@@ -62,23 +52,6 @@ def run_behavior(loaded: LoadedModel, task: Task, cfg: BehaviorConfig, progress:
     raw = score_batches(loaded.model, batches, cfg.batch_size, progress)
     return BehaviorResult(
         cfg, raw, summarize(raw, loaded.name, task.name), time.perf_counter() - t0, tuple(task.class_counts())
-    )
-
-
-def plot_metric(summary: pd.DataFrame, metric: str, path: Path, title: str = "", vline: int | None = None) -> Path:
-    """One line per condition with its 95% CI band, metric against k (``vline``: a label-map switch)."""
-    return line_plot(
-        summary[summary.metric == metric],
-        "k",
-        "mean",
-        path,
-        hue="condition",
-        title=title,
-        ylabel=LABELS.get(metric, metric),
-        band=("ci_low", "ci_high"),
-        xlabel="number of in-context examples observed (k)",
-        vline=vline,
-        vline_label=None if vline is None else f"switch at k = {vline}",
     )
 
 

@@ -32,8 +32,7 @@ from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder, md_table
-from mechicl.viz.circuit import circuit_figure
-from mechicl.viz.plots import heatmap
+from mechicl.viz.paths import path_figures, resid_set_maps
 
 
 @dataclass(frozen=True)
@@ -108,16 +107,7 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
     ev = Patcher(loaded.model, pair_for(loaded, task, cfg.n_eval, cfg.n_examples, seed=cfg.seed_eval))
     sets = pd.concat([patch_position_sets(ev, d).table() for d in ("denoise", "noise")])
     folder.csv("resid_sets.csv", sets)
-    for d, df in sets.groupby("direction"):
-        grid = df.pivot(index="layer", columns="positions", values="value")
-        heatmap(
-            grid.to_numpy(),
-            folder / f"resid_sets_{d}.png",
-            f"{loaded.name}: residual patched at all positions of a set ({d}; 1 = clean, 0 = corrupted)",
-            xlabel="positions",
-            xticklabels=list(grid.columns),
-            center=None,
-        )
+    resid_set_maps(sets, folder.path, loaded.name)
     parts = pd.concat([_with_ci(patch_head_parts(ev, p, "denoise")) for p in PARTS])
     folder.csv("head_parts.csv", parts)
     clock.lap("label patching")
@@ -139,28 +129,23 @@ def _draw_paths(
     receivers: list[Head],
     cfg: CircuitConfig,
 ) -> None:
+    """Per path-patching result: its sender x receiver maps per input and its circuit figure (edges above
+    ``cfg.threshold`` whose interval excludes 0)."""
+    nodes = [f"L{l}H{h}" for l, h in sorted(set(senders) | set(receivers))]
     for r in results:
-        for inp in (*INPUTS, LOGITS):
-            mat = path_matrix(r, inp)
-            if mat.size:
-                heatmap(
-                    mat.to_numpy(),
-                    folder / f"paths_{r.positions}_{r.mlps}_{inp}.png",
-                    f"{name}: path effect sender ({r.positions} positions, MLPs {r.mlps}) -> {inp}",
-                    xlabel="receiver",
-                    ylabel="sender",
-                    xticklabels=list(mat.columns),
-                    label="normalised effect",
-                )
+        mats = {inp: path_matrix(r, inp) for inp in (*INPUTS, LOGITS)}
         edges = significant_edges(r.table(), cfg.threshold)
-        nodes = [f"L{l}H{h}" for l, h in sorted(set(senders) | set(receivers))]
-        stem = f"circuit_{r.positions}_{r.mlps}"
-        circuit_figure(
+        path_figures(
+            mats,
             edges,
             nodes,
-            [folder / f"{stem}.png", folder / f"{stem}.svg"],
-            f"{name}: path effects from sender heads' outputs at {r.positions} positions (MLPs {r.mlps}), |effect| >= "
-            f"{cfg.threshold} with a 95% context-bootstrap interval over {cfg.n_eval} held-out contexts excluding 0",
+            folder.path,
+            f"{r.positions}_{r.mlps}",
+            name,
+            r.positions,
+            r.mlps,
+            cfg.threshold,
+            cfg.n_eval,
         )
 
 

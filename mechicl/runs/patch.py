@@ -17,7 +17,7 @@ from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import RunFolder, md_table
-from mechicl.viz.plots import heatmap
+from mechicl.viz.patching import effect_map
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,9 @@ def write_patch_results(
         t = r.table()
         tables.append(t)
         folder.csv(f"{stem}.csv", t)
-        pos = r.axes[1] == "pos"
         ticks = [f"{p}:{role[:3]}" for p, role in enumerate(r.pos_roles)] if r.pos_roles else None
-        heatmap(
-            r.effect.detach().float().numpy(),
-            folder / f"{stem}.png",
-            f"{title}: {r.kind} ({r.description}), {r.direction}; {EFFECT_MEANING[r.direction]}",
-            xlabel=r.axes[1],
-            ylabel=r.axes[0],
-            xticklabels=ticks,
-            center=0.0,
-            label="effect",
-            mark_cols=sorted(set(query_pos)) if pos else (),
-            mark_label="query readout slot",
-        )
+        title_ = f"{title}: {r.kind} ({r.description}), {r.direction}; {EFFECT_MEANING[r.direction]}"
+        effect_map(r.effect.detach().float().numpy(), folder / f"{stem}.png", title_, r.axes, ticks, query_pos)
     if tables:
         folder.csv("patching.csv", pd.concat(tables, ignore_index=True))
 

@@ -17,10 +17,11 @@ from mechicl.data.task import Task
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
-from mechicl.runs.behavior import plot_metric, run_behavior, summary_markdown
+from mechicl.runs.behavior import run_behavior, summary_markdown
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import RunFolder, md_table
 from mechicl.runs.run_ideal_learner import fit_learner, learner_markdown, write_learner
+from mechicl.viz.behavior import plot_metric
 
 
 def load_config(path: Path | str, **overrides: object) -> ExperimentConfig:

@@ -22,7 +22,7 @@ from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior import behavior_batches
 from mechicl.runs.folder import RunFolder, md_table
-from mechicl.viz.plots import line_plot
+from mechicl.viz.ideal_learner import learner_plots
 
 
 def _learnable(c: LabelCondition) -> bool:
@@ -141,25 +141,4 @@ def write_learner(folder: RunFolder, results: tuple[LearnerResult, ...], title: 
     curves = pd.concat([r.curves.assign(learner=_name(r)) for r in results], ignore_index=True)
     folder.csv("bayes_learner.csv", curves)
     folder.csv("bayes_fit.csv", pd.concat([r.fit.assign(learner=_name(r)) for r in results], ignore_index=True))
-    c = curves[(curves.source == "bayes") | ((curves.source == "model") & (curves.learner == "own prior"))].copy()
-    c["line"] = (
-        c.condition
-        + ": "
-        + c.source.map({"model": "model", "bayes": "ideal learner, "})
-        + c.learner.where(c.source == "bayes", "")
-    )
-    for metric, label in (
-        ("log_likelihood", "log-likelihood of shown label"),
-        ("accuracy", "accuracy (vs. shown label)"),
-    ):
-        line_plot(
-            c[c.metric == metric],
-            "k",
-            "mean",
-            folder / f"bayes_{metric}.png",
-            hue="line",
-            title=title,
-            ylabel=label,
-            band=("ci_low", "ci_high"),
-            xlabel="number of in-context examples observed (k)",
-        )
+    learner_plots(curves, folder.path, title)

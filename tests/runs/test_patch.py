@@ -26,7 +26,8 @@ def _result(kind: str, direction: str, axes: tuple[str, str], roles: tuple[str, 
 
 def test_heatmaps_show_effect_and_mark_the_query(tmp_path, monkeypatch):
     drawn = {}
-    monkeypatch.setattr(patch, "heatmap", lambda v, path, title, **kw: drawn.__setitem__(path.name, (v, title, kw)))
+    draw = lambda v, path, title, **kw: drawn.__setitem__(path.name, (v, title, kw))  # noqa: E731
+    monkeypatch.setattr("mechicl.viz.patching.heatmap", draw)  # the one drawing call, under runs.patch
     results = [
         _result("head_out", "noise", ("layer", "head")),
         _result("resid", "denoise", ("layer", "pos"), ("bos",) * 3),
