@@ -46,7 +46,7 @@ from mechicl.models.organism import (
 )
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.folder import md_table
-from mechicl.viz.plots import line_plot
+from mechicl.viz.organism import organism_vs_bayes
 
 
 @dataclass(frozen=True)
@@ -328,27 +328,7 @@ def bayes_section(lang: LanguageConfig, acc: pd.DataFrame, card: Path) -> str:
     """The card's Bayes section (markdown) and its plot ``<card stem>.bayes.png`` beside the card."""
     t = bayes_table(lang, acc)
     plot = Path(card).with_suffix(".bayes.png")
-    series = pd.concat(
-        [
-            t.assign(series=t["condition"] + " organism", value=t["organism"], lo=t["ci_low"], hi=t["ci_high"]),
-            t.assign(
-                series=t["condition"] + " Bayes",
-                value=t["bayes_accuracy"],
-                lo=t["bayes_accuracy"],
-                hi=t["bayes_accuracy"],
-            ),
-        ]
-    )
-    line_plot(
-        series,
-        "k",
-        "value",
-        plot,
-        hue="series",
-        band=("lo", "hi"),
-        ylabel="accuracy against the shown labels",
-        title=f"{Path(card).stem}: organism (95% CI) vs the Bayes-optimal reader of its language",
-    )
+    organism_vs_bayes(t, plot, Path(card).stem)
     rows = t[["condition", "k", "organism", "ci_low", "ci_high", "bayes_accuracy", "bayes_p", "gap"]]
     return f"""
 {BAYES_HEADER}
