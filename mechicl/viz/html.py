@@ -45,10 +45,25 @@ def token_names(batch: PromptBatch, row: int, tokenizer: Any) -> list[str]:
     return names
 
 
+def inline_view(view: Any) -> str:
+    """``view.local_src`` (circuitsvis: the bundled script, then ``CircuitsVis.render("<id>", Component, {props})``)
+    with every ``<``, ``>`` and ``&`` of the props JSON written ``\\u003c`` / ``\\u003e`` / ``\\u0026``: the same strings
+    to JavaScript, but a token such as ``</script>`` or ``<!--`` can no longer end the script or open a comment.
+    The props start after the div's random id (which no token can predict) and end at the last ``</script>``."""
+    src = view.local_src
+    uid = src[src.index('id="') + 4 : src.index('"', src.index('id="') + 4)]
+    start = src.index(f'"{uid}",', src.index("CircuitsVis.render("))
+    end = src.rindex("</script>")
+    props = src[start:end]
+    for ch, code in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
+        props = props.replace(ch, code)
+    return src[:start] + props + src[end:]
+
+
 def save_html(views: Sequence[Any], path: Path, title: str, notes: Sequence[str] = ()) -> Path:
-    """Write circuitsvis views as one self-contained page (``local_src``: no external script)."""
+    """Write circuitsvis views as one self-contained page (``inline_view``: no external script, user text escaped)."""
     body = "".join(f"<p>{html.escape(n)}</p>\n" for n in notes)
-    parts = "\n".join(v.local_src for v in views)
+    parts = "\n".join(inline_view(v) for v in views)
     path.write_text(
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
         f'<body style="font-family: sans-serif">\n<h2>{html.escape(title)}</h2>\n{body}{parts}\n</body></html>\n',

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechicl.data.prompts import PromptBatch
-from mechicl.viz.html import LEGEND, token_names
+from mechicl.viz.html import LEGEND, inline_view, token_names
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
@@ -119,4 +119,4 @@ def attention_view(
     view = cv.attention.attention_heads(
         attention=patterns[:, :n, :n].float().numpy(), tokens=names, attention_head_names=list(head_names)
     )
-    return f"<p>{html.escape(LEGEND)}</p>\n{view.local_src}"
+    return f"<p>{html.escape(LEGEND)}</p>\n{inline_view(view)}"
