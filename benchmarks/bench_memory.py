@@ -9,9 +9,10 @@ Each command runs as its own subprocess (``.venv/bin/mechicl <command> --model M
 reports its RSS after the load and its peak during it. ``peak - load RSS`` is what the command
 adds on top of the weights. Run files go to a temporary folder that is deleted afterwards.
 Pick commands with ``--commands`` to keep one locked run short (on gemma3-270m here: patch 11 min,
-heads 4.5 min). ``heads-stages`` runs the head finder (``mechicl heads``' defaults) in one child
-with the peak RSS of each stage (attribution, exact sweeps, ablator construction, ablations,
-controls, function vectors), to say what dominates ``heads``' peak.
+heads 4.5 min with the old finder, before issue 26). ``heads-stages`` runs the held-out head finder
+(``mechicl heads``' defaults: one findings cell) in one child with the peak RSS of each stage (the
+ablations' steppers, the screen's first-order estimate, the exact ablations, the zero-shot check), to say
+what dominates ``heads``' peak.
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, 'benchmarks')
 from _common import reset_peak, rss_mb
-import mechicl.analysis.heads.old_finder as heads
-from mechicl.analysis.heads.ablation import HeadAblator
-from mechicl.analysis.patching.exact import Patcher
+import mechicl.analysis.heads.finder as finder
+from mechicl.analysis.heads.ablation import HeadAblation
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
-from mechicl.runs.heads import find_heads_for
+from mechicl.runs.heads import find_heads_for, preset_config
 
 peaks, depth = {}, [0]
 
@@ -64,15 +64,13 @@ def wrap(owner, attr, stage):
                 peaks[stage] = max(peaks.get(stage, 0.0), rss_mb('VmHWM'))
     setattr(owner, attr, w)
 
-wrap(heads, 'attribution_patch', 'screen: attribution patching (2 fwd + 1 bwd, n_screen contexts)')
-wrap(Patcher, 'sweep', 'screen + confirm: exact patching sweeps (n_screen contexts)')
-wrap(HeadAblator, '__init__', 'validate: HeadAblator steppers (prefix runs of n_eval contexts)')
-wrap(HeadAblator, 'gap_table', 'validate: ablations (gap tables)')
-wrap(HeadAblator, 'random_control', 'validate: random-set controls')
-wrap(HeadAblator, 'function_vector_effects', 'validate: function-vector effects')
+wrap(HeadAblation, '__init__', 'HeadAblation steppers (prefix runs of a stage, both renderings)')
+wrap(HeadAblation, 'attribution', 'screen: first-order estimate (1 backward per rendering)')
+wrap(HeadAblation, 'scores', 'screen + confirm + validate: exact ablations')
+wrap(finder, '_zero_shot_effect', 'validate: zero-shot check')
 loaded = load_model(sys.argv[1])
 print('STAGE', 'model loaded (RSS now)', rss_mb())
-find_heads_for(loaded, load_task('vader-words'), heads.HeadFinderConfig(), progress=False)
+find_heads_for(loaded, load_task('vader-words'), preset_config(), progress=False)
 for k, v in peaks.items():
     print('STAGE', k, v)
 """
@@ -133,7 +131,9 @@ def main() -> None:
                             ours_times=[wall],
                             ours_peak_mb=float(mb),
                         )
-                cmd = "find_heads_for(HeadFinderConfig()) in one process (= mechicl heads defaults): the largest stage peak"
+                cmd = (
+                    "find_heads_for(preset_config()) in one process (= mechicl heads defaults): the largest stage peak"
+                )
             elif name in ("patch", "heads", "report"):
                 argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
                 wall, peak, _ = run_child(argv)

@@ -18,7 +18,7 @@ TINY = {
     "01_quickstart": 'MODEL = "tiny"\nTASK = "toy"',
     "02_attention_to_labels": 'MODEL = "tiny"\nTASK = "toy"\nN_CONTEXTS, N_EXAMPLES, K_MIN = 3, 5, 2',
     "03_patching_correct_vs_flipped": 'MODEL = "tiny"\nTASK = "toy"\nN_CONTEXTS, N_EXAMPLES = 3, 5',
-    "04_head_findings": 'MODEL = "tiny"\nTASK = "toy"\nN_EXAMPLES, N_SCREEN, N_EVAL, CANDIDATES, N_CONTROL = 5, 4, 8, 4, 20\n'
+    "04_head_findings": 'MODEL = "tiny"\nTASK = "toy"\nN_EXAMPLES, N_SCREEN, N_EVAL, CANDIDATES, N_CONTROL = 5, 4, 8, 4, 2\n'
     "GRID = dict(k=8, k_min=4, n_screen=4, n_confirm=8, n_validate=8, n_candidates=4, n_boot=200, n_perm=200)",
     "05_model_organism": 'MODEL = "organism-strong"\nSTEPS, PRUNE_STEPS, N_CONTEXTS = 20, 10, 16',  # organisms are fast
 }

@@ -58,7 +58,7 @@ COMMANDS: list[tuple[str, str, Flags]] = [  # name, one-line help, flags (None: 
     ("patch", "exact activation patching, correct- vs flipped-label contexts; heatmaps and tables", P.patch_args),
     (
         "heads",
-        "find label-aggregation heads: attribution screen, exact patching, ablation vs random heads",
+        "find label-aggregation heads: one findings cell (screen, confirm, validate vs matched controls)",
         P.heads_args,
     ),
     ("attribute", "attention attribution that adds up: AttAttr and path IG vs exact patching", P.attribute_args),

@@ -1,4 +1,4 @@
-"""Derived renderings of the same contexts: zero-shot queries, shuffled labels, ablation sets, random tokens.
+"""Derived renderings of the same contexts: zero-shot queries, held-out stage draws, random tokens.
 
 Each builder returns PromptBatches (or plain token tensors) that an analysis receives ready-made;
 no analysis builds a batch itself. Cost: tokenization only.
@@ -27,52 +27,6 @@ def zero_shot_batch(
     cond = "default" if words == tuple(task.label_names) else f"arbitrary:{'/'.join(words)}"
     ids = batch.example_ids.reshape(-1, 1)
     return build_prompt_batch(task, tokenizer, ids, cond, n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
-
-
-def shuffled_labels(batch: PromptBatch, seed: int) -> Int[Tensor, "batch example"]:
-    """Each context's demonstration labels permuted among themselves (seeded); the query keeps its label."""
-    rng = np.random.default_rng(seed)
-    shown = batch.true_labels.clone().numpy()
-    for r in range(shown.shape[0]):
-        shown[r, :-1] = rng.permutation(shown[r, :-1])
-    return torch.as_tensor(shown)
-
-
-@dataclass(frozen=True)
-class AblationBatches:
-    """The renderings head ablation compares, all of the same contexts (the last example is the query).
-
-    ``correct``: true labels; ``flipped``: every label flipped; ``zero_shot``: each query alone (k = 0);
-    ``shuffled``: the demonstration labels permuted within each context (function-vector effects).
-    Memory: four PromptBatches.
-    """
-
-    correct: PromptBatch
-    flipped: PromptBatch
-    zero_shot: PromptBatch
-    shuffled: PromptBatch
-
-
-def ablation_batches(
-    task: Task,
-    tokenizer: Any,
-    example_ids: Int[Tensor, "batch example"],
-    *,
-    n_ctx: int,
-    prepend_bos: bool,
-    seed: int = 0,
-) -> AblationBatches:
-    """The four renderings of ``example_ids`` that ``analysis.heads.ablation.HeadAblator`` reads."""
-    kw: dict[str, Any] = dict(n_ctx=n_ctx, prepend_bos=prepend_bos)
-    correct = build_prompt_batch(task, tokenizer, example_ids, "default", seed=seed, **kw)
-    return AblationBatches(
-        correct=correct,
-        flipped=build_prompt_batch(task, tokenizer, example_ids, "flipped", seed=seed, **kw),
-        zero_shot=build_prompt_batch(task, tokenizer, example_ids[:, -1:], "default", seed=seed, **kw),
-        shuffled=build_prompt_batch(
-            task, tokenizer, example_ids, "random", shown_labels=shuffled_labels(correct, seed), **kw
-        ),
-    )
 
 
 STAGES = ("screen", "confirm", "validate")

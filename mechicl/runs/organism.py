@@ -29,11 +29,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from mechicl.analysis.behavior.curves import BehaviorConfig
-from mechicl.analysis.heads.ablation import HeadAblator
-from mechicl.data.batches import ablation_batches
+from mechicl.analysis.heads.ablation import HeadAblation, gap_reduction
 from mechicl.data.optimal_reader import bayes_curve
 from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
-from mechicl.data.prompts import sample_contexts
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from mechicl.models.base import LoadedModel
 from mechicl.models.device import input_device
 from mechicl.models.organism import (
@@ -137,21 +136,23 @@ def _fit(
 
 @torch.no_grad()
 def last_layer_gap_reductions(model: Any, cfg: OrganismConfig, n_contexts: int = 64) -> np.ndarray:
-    """Gap reduction of mean-ablating each last-layer head at the readout slot (k = 16), per head.
+    """Gap reduction of ablating each last-layer head at the query readout slot (k = 16) with its mean output
+    over correct-label contexts (``HeadAblation`` mode ``mean_correct``), per head.
 
     Contexts are drawn with seed ``10_000 + cfg.seed``, apart from those the tests and cards use.
-    Cost: three forwards of ``n_contexts`` contexts and ``n_heads`` ablated re-runs.
+    Cost: two forwards of ``n_contexts`` contexts and ``2 x n_heads`` ablated one-token re-runs.
     """
     task = organism_task()
     ids = sample_contexts(task, n_contexts, 17, seed=10_000 + cfg.seed)
     was_training = model.training
     model.eval()
-    batches = ablation_batches(task, organism_tokenizer(), ids, n_ctx=cfg.n_ctx, prepend_bos=True, seed=cfg.seed)
-    abl = HeadAblator(model, batches)
+    kw = dict(n_ctx=cfg.n_ctx, prepend_bos=True, seed=cfg.seed)
+    correct, flipped = (build_prompt_batch(task, organism_tokenizer(), ids, c, **kw) for c in ("default", "flipped"))
+    abl = HeadAblation(model, correct, flipped, k_min=16, mode="mean_correct")
     last = cfg.n_layers - 1
-    table = abl.gap_table([[(last, h)] for h in range(cfg.n_heads)], "mean", n_boot=0, with_correct=False)
+    sc = abl.scores([[(last, h)] for h in range(cfg.n_heads)])
     model.train(was_training)
-    return table.gap_reduction.to_numpy()
+    return gap_reduction(abl.acc_last["correct"].mean(), abl.acc_last["flipped"].mean(), sc.acc_flipped_last.mean(-1))
 
 
 def train(cfg: OrganismConfig, progress: bool = True, log_every: int = 50) -> TrainResult:

@@ -2,8 +2,8 @@
 
 Stages (each timed, its forwards counted): behaviour curves and the NH tests on them; attention (label
 attention, PM, induction, saliency); logit lens; DLA / prior vs context; exact and attribution patching;
-the head finder with its ablation control. Each reuses the compute step of its own command
-(``runs.behavior``, ``runs.attention``, ``runs.inside``, ``runs.patch``, ``runs.heads``); the sections and
+the held-out head finder (one `mechicl heads` cell: screen, confirm, validate against matched controls).
+Each reuses the compute step of its own command (``runs.behavior``, ``runs.attention``, ``runs.inside``, ``runs.patch``, ``runs.heads``); the sections and
 their captions are built in ``runs.report_sections`` and assembled by ``viz.report_html``.
 """
 
@@ -36,7 +36,7 @@ from mechicl.runs.behavior import run_behavior
 from mechicl.runs.behavior_optimal_reader import bayes_reference
 from mechicl.runs.dla import compute_dla
 from mechicl.runs.folder import Clock, RunFolder
-from mechicl.runs.heads import find_heads_for
+from mechicl.runs.heads import TABLES, find_heads_for
 from mechicl.runs.inside_batches import Runs, shared_runs
 from mechicl.runs.lens import compute_lens
 from mechicl.runs.report_circuit import check_external
@@ -160,7 +160,9 @@ def compute_report(
         dla, pvc, _ = compute_dla(loaded, task, ic, Clock(), progress, runs=runs)
     with stages.stage("patching", f"{cfg.n_patch} contexts x {cfg.n_examples} examples (correct vs flipped)"):
         patch = patch_stage(loaded, task, cfg, progress, runs)
-    with stages.stage("head finder", f"{cfg.n_screen} screening + {cfg.n_eval} held-out contexts"):
+    with stages.stage(
+        "head finder", f"{cfg.n_screen} screen + {cfg.n_confirm} confirm + {cfg.n_eval} validate contexts"
+    ):
         heads = find_heads_for(loaded, task, cfg.heads(), progress)
     groups = None
     if cfg.attribution:
@@ -188,8 +190,9 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
     folder.csv("attribution_vs_exact.csv", d.patch.attribution)
     if d.attattr is not None:
         folder.csv("attattr_groups.csv", d.attattr)
-    for name in ("heads", "all_heads", "sets", "control"):
-        folder.csv(f"{name}.csv", getattr(d.heads, name))
+    for name in TABLES:  # the head finder's cell, as `mechicl heads` writes it (none without an in-context effect)
+        if len(getattr(d.heads, name)):
+            folder.csv(f"{name}.csv", getattr(d.heads, name))
 
 
 def rerun_command(args: argparse.Namespace, size: str) -> str:

@@ -13,11 +13,12 @@ import pandas as pd
 from mechicl.analysis.behavior.curves import BehaviorResult
 from mechicl.analysis.behavior.hypotheses import ExperimentConfig
 from mechicl.analysis.engine.readout import ReadoutRun
-from mechicl.analysis.heads.old_finder import HeadFinderConfig, HeadFinderResult
+from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult
 from mechicl.analysis.patching.exact import PatchResult
 from mechicl.data.pairs import PatchPair
 from mechicl.errors import ConfigError
 from mechicl.runs.attention import AttentionResult
+from mechicl.runs.heads import preset_config
 from mechicl.runs.inside_batches import InsideConfig
 
 
@@ -37,7 +38,8 @@ class ReportConfig:
     Cost: behaviour ``4 * n_behavior`` forwards of ``k_max + 1``-example contexts; attention, lens and DLA
     about 6 forwards (+ 2 backwards for saliency, + one 0-shot forward per query) of ``n_inside`` contexts;
     patching ``n_patch`` contexts, one forward per (cell, kind) swept plus 2 forwards + 1 backward for
-    attribution; the head finder as ``HeadFinderConfig`` (``n_screen``, ``n_eval``, ``n_control``).
+    attribution; the head finder as one `mechicl heads` cell (``FindingsConfig``: ``n_screen``, ``n_confirm``,
+    ``n_eval`` validation contexts, ``n_candidates``, ``n_top``, ``n_control`` matched controls per head).
     """
 
     model: str
@@ -51,9 +53,11 @@ class ReportConfig:
     k_min: int = 4  # readout slots with k >= k_min are averaged in attention, lens, DLA
     n_patch: int = 4  # contexts for the patching sweeps
     n_screen: int = 8  # head finder: screening contexts
-    n_eval: int = 32  # head finder: held-out ablation contexts
-    n_candidates: int = 6
-    n_control: int = 50
+    n_confirm: int = 16  # head finder: confirmation contexts
+    n_eval: int = 32  # head finder: validation contexts
+    n_candidates: int = 6  # screened heads confirmed
+    n_top: int = 3  # confirmed heads validated against matched controls
+    n_control: int = 5  # matched control heads per validated head
     resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
     batch_size: int = 8
     top: int = 6
@@ -82,9 +86,11 @@ class ReportConfig:
                 k_min=2,
                 n_patch=3,
                 n_screen=4,
+                n_confirm=4,
                 n_eval=8,
                 n_candidates=4,
-                n_control=20,
+                n_top=2,
+                n_control=3,
                 attribution=True,
                 attribution_steps=4,
             ),
@@ -95,9 +101,9 @@ class ReportConfig:
                 n_inside=64,
                 n_patch=16,
                 n_screen=16,
-                n_eval=160,
+                n_confirm=32,
+                n_eval=64,
                 n_candidates=12,
-                n_control=200,
                 resid_examples=0,
                 attribution=True,
             ),
@@ -111,19 +117,18 @@ class ReportConfig:
             self.model, self.task, self.n_inside, self.n_examples, self.k_min, self.seed, self.batch_size, self.top
         )
 
-    def heads(self) -> HeadFinderConfig:
-        sizes = tuple(s for s in (1, 2, 4) if s <= self.n_candidates)
-        return HeadFinderConfig(
-            self.model,
-            self.task,
-            self.n_examples,
-            self.n_screen,
-            self.n_eval,
-            self.n_candidates,
-            sizes,
-            self.n_control,
-            "mean",
-            self.seed,
+    def heads(self) -> FindingsConfig:
+        """The head finder's cell: `mechicl heads` with these sizes (its other settings at their defaults)."""
+        return preset_config(
+            k=self.n_examples - 1,
+            k_min=self.k_min,
+            n_screen=self.n_screen,
+            n_confirm=self.n_confirm,
+            n_validate=self.n_eval,
+            n_candidates=self.n_candidates,
+            n_top=self.n_top,
+            n_control=self.n_control,
+            seed=self.seed,
         )
 
 
@@ -160,7 +165,7 @@ class ReportData:
     dla: pd.DataFrame
     prior_vs_context: pd.DataFrame
     patch: PatchStage
-    heads: HeadFinderResult
+    heads: FindingsResult  # one `mechicl heads` cell (runs.heads.find_heads_for)
     n_classes: int
     attattr: pd.DataFrame | None = None  # runs.attribute.attattr_groups on the patching pair (``--attribution``)
     runs: tuple[ReadoutRun, ReadoutRun] | None = None  # the shared default/flipped runs (attention view of context 0)

@@ -3,77 +3,29 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import inspect
 import platform
 
-import numpy as np
 import pandas as pd
 
-from mechicl.analysis.behavior.curves import value_at
 from mechicl.analysis.inside.attention import context_patterns
 from mechicl.analysis.inside.frames import top_heads
 from mechicl.analysis.patching.exact import PatchResult
-from mechicl.analysis.stats import fmt_p, paired_test
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.attention import plot_attention
 from mechicl.runs.attribute import plot_label_vs_input, top_label_heads
-from mechicl.runs.behavior import plot_metric
-from mechicl.runs.behavior_optimal_reader import bayes_reference
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.lens import plot_lens
 from mechicl.runs.patch import write_patch_results
+from mechicl.runs.report_behavior import behavior_section, ci
 from mechicl.runs.report_circuit import circuit_section
-from mechicl.runs.report_data import NHTest, ReportConfig, ReportData
-from mechicl.viz.optimal_reader import accuracy_with_bayes
+from mechicl.runs.report_data import ReportConfig, ReportData
+from mechicl.runs.report_validation import validation_section
 from mechicl.viz.plots import heatmap
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
-from mechicl.viz.report_plots import histogram, scatter
+from mechicl.viz.report_plots import scatter
 
-N_SIGN_FLIPS = inspect.signature(paired_test).parameters["n_boot"].default  # the NH tests' sign flips (run_tests)
 PACKAGES = ("mechicl", "torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "pandas", "scipy")
-
-
-def ci(row: pd.Series, col: str = "mean") -> str:
-    """``0.58 [0.51, 0.65]`` from a row with mean (or ``col``), ci_low and ci_high."""
-    return f"{row[col]:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]"
-
-
-def mc_p(p: float, n_draws: int) -> str:
-    """A Monte-Carlo p-value ``(1 + hits) / (1 + n_draws)`` as text; at its floor ``1 / (1 + n_draws)`` "≤ floor"."""
-    return fmt_p(p, int(n_draws)).replace("<= ", "≤ ")
-
-
-def holm_p_texts(p: np.ndarray, p_holm: np.ndarray, n_perm: int) -> list[str]:
-    """Holm-adjusted Monte-Carlo p-values as text: "≤ x" where the adjusted value comes from a raw p at its floor
-    ``1 / (n_perm + 1)`` (Holm's step-down running maximum is traced back to the raw p that set it)."""
-    floor = 1 / (n_perm + 1)
-    at_floor = np.asarray(p) <= floor * (1 + 1e-9)
-    bound, out = np.zeros(len(p), dtype=bool), [""] * len(p)
-    running, run_bound = -1.0, False
-    for rank, i in enumerate(np.argsort(p, kind="stable")):
-        cand = min(1.0, (len(p) - rank) * float(p[i]))
-        if cand > running:
-            running, run_bound = cand, bool(at_floor[i]) and cand < 1.0
-        bound[i] = run_bound
-    for i, (ph, b) in enumerate(zip(p_holm, bound)):
-        out[i] = f"≤ {ph:.2g}" if b else f"{ph:.3g}"
-    return out
-
-
-def nh_verdict(n: NHTest) -> str:
-    """The NH config's verdict on the report's draws, with its Holm p written "≤" at the Monte-Carlo floor."""
-    t = n.tests.assign(holm_p=holm_p_texts(n.tests.p_value.to_numpy(), n.tests.p_holm.to_numpy(), N_SIGN_FLIPS))
-    rej = t[t.decision == "reject"]
-    if rej.empty:
-        return f"Verdict: {n.config.hypothesis} is not rejected on these draws ({', '.join(sorted(set(t.decision)))})."
-    best = rej.loc[rej.mean_diff.abs().idxmax()]
-    return (
-        f"Verdict: {n.config.hypothesis} is rejected at k = {', '.join(str(k) for k in rej.k)}. Largest effect: "
-        f"{best.a} − {best.b} = {best.mean_diff:+.3f} [95% CI {best.ci_low:+.3f}, {best.ci_high:+.3f}] at k = "
-        f"{best.k} (Holm p {'= ' if not best.holm_p.startswith('≤') else ''}{best.holm_p}, n = {best.n}; "
-        f"sign-flip p-values from {N_SIGN_FLIPS} flips)."
-    )
 
 
 def intro(loaded: LoadedModel, task: Task, cfg: ReportConfig) -> list[str]:
@@ -83,84 +35,6 @@ def intro(loaded: LoadedModel, task: Task, cfg: ReportConfig) -> list[str]:
         "Reading guide: behaviour first (does the model follow in-context labels?), then where in depth "
         "the flipped labels change the prediction, which heads attend to the labels, which carry them causally, "
         "whether ablating them matters more than ablating random heads, and which heads side with the prior.",
-    ]
-
-
-# ------------------------------------------------------------- 1. behaviour
-
-
-def behavior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
-    s, K = d.behavior.summary, d.config.k_max
-    n_classes = d.n_classes
-    conds = list(dict.fromkeys(s.condition))
-    arb = next(c for c in conds if c.startswith("arbitrary"))
-    acc = plot_metric(s, "accuracy", folder / "behavior_accuracy.png", f"{title}: accuracy vs the shown label")
-    true_default = s[(s.condition == "default") & (s.metric == "accuracy")].assign(
-        metric="accuracy_true"
-    )  # shown = true
-    tru = plot_metric(
-        pd.concat([true_default, s[s.metric == "accuracy_true"]]),
-        "accuracy_true",
-        folder / "behavior_accuracy_true.png",
-        f"{title}: accuracy vs the true label",
-    )
-    at = {c: value_at(s, c, "accuracy", K) for c in conds}
-    cap = (
-        f"Accuracy against the label the prompt shows, with 95% CIs over {d.config.n_behavior} shared context draws. "
-        f"At k = {K}: default {ci(at['default'])}, flipped {ci(at['flipped'])}, random {ci(at['random'])}, "
-        f"{arb} {ci(at[arb])}; default starts at {value_at(s, 'default', 'accuracy', 0)['mean']:.2f} at k = 0. "
-        f"Look for the flipped curve: above chance ({1 / n_classes:.2f}) means the model "
-        "follows the flipped labels against its prior; "
-        f"the distance to default ({at['default']['mean'] - at['flipped']['mean']:.2f} here) is the prior's pull."
-    )
-    rt = value_at(s, "random", "accuracy_true", K)
-    ft = value_at(s, "flipped", "accuracy_true", K)
-    cap2 = (
-        f"Accuracy against the true label. With random labels it is {ci(rt)} at k = {K} (default {ci(at['default'])}); "
-        f"with flipped labels {ci(ft)}: the lower it falls, the more the shown labels override the input's meaning."
-    )
-    blocks: list = [Figure(acc, cap), Figure(tru, cap2), *bayes_blocks(folder, d, title)]
-    for n in d.nh:
-        verdict = nh_verdict(n)
-        t = n.tests.assign(
-            **{"Holm p": holm_p_texts(n.tests.p_value.to_numpy(), n.tests.p_holm.to_numpy(), N_SIGN_FLIPS)}
-        )
-        t = t[["k", "a", "b", "mean_diff", "ci_low", "ci_high", "Holm p", "decision"]]
-        blocks.append(
-            Table(
-                t,
-                f"{n.config.hypothesis}: {n.config.statement} Primary tests of "
-                f"experiments/{n.config.name}.toml on this run's {n.config.n_contexts} contexts (k <= "
-                f"{n.config.k_max}). {verdict}",
-            )
-        )
-    blocks.append(
-        Note("NH3 (label switch) needs switching conditions; run `mechicl run experiments/nh3_label_switch.toml`.")
-    )
-    return Section("Behaviour", tuple(blocks))
-
-
-def bayes_blocks(folder: RunFolder, d: ReportData, title: str) -> list:
-    """An organism on its own task: its accuracy beside the exact Bayes-optimal reader (``bayes.csv``)."""
-    b = bayes_reference(d.behavior)
-    if b is None:
-        return []
-    path = accuracy_with_bayes(b, folder / "behavior_bayes.png", f"{title}: dashed = Bayes-optimal reader")
-    K = int(b.k.max())
-    at = b[b.k == K].set_index("condition")
-    worst = b.loc[b["distance"].abs().idxmax()]
-    parts = "; ".join(
-        f"{c} {r.organism:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] vs {r.bayes_accuracy:.2f}" for c, r in at.iterrows()
-    )
-    return [
-        Figure(
-            path,
-            f"The organism's language fixes the prior over label maps and the label noise, so the ideal "
-            f"reader's accuracy is known exactly (dashed; `data.optimal_reader`). At k = {K}, organism vs Bayes: "
-            f"{parts}. The largest distance is {worst['distance']:+.2f} ({worst.condition}, k = "
-            f"{int(worst.k)}): where the measured curve sits below the dashed one, the organism reads its "
-            "context worse than ideal inference would (`bayes.csv`).",
-        )
     ]
 
 
@@ -363,91 +237,6 @@ def resid_figure(folder: RunFolder, r: PatchResult, t: pd.DataFrame, window: tup
         f"{int((t.effect.abs() > 0.5).sum())} of {len(t)} cells restore more than half. Look for high "
         "cells that move from label positions to the readout slot with depth: that is where the label "
         "information travels.",
-    )
-
-
-# ------------------------------------------------------------- 5. validation
-
-
-def validation_section(folder: RunFolder, d: ReportData, title: str) -> Section:
-    h = d.heads
-    if h.heads.empty:
-        return Section("Validation", (Note("The head finder confirmed no candidate heads on this run."),))
-    top = h.heads.iloc[0]
-    name = f"L{int(top.layer)}H{int(top['head'])}"
-    ctrl1 = h.control[h.control["size"] == 1]
-    gap = h.baseline.get("gap", np.nan)
-    if not gap > 0:
-        return Section(
-            "Validation",
-            (
-                Note(
-                    f"No validation: without ablation the correct-vs-flipped accuracy gap is {gap:.2f} on the "
-                    f"{h.config.n_eval} held-out contexts, so there is no gap for an ablation to reduce (heads.csv, sets.csv "
-                    "hold the patching screen)."
-                ),
-            ),
-        )
-    path = histogram(
-        ctrl1.gap_reduction.to_numpy(),
-        folder / "ablation_control.png",
-        [(name, float(top.gap_reduction_mean))],
-        (float(top.gap_reduction_ci_low), float(top.gap_reduction_ci_high)),
-        f"{title}: gap reduction when ablating {name} vs every other head alone",
-        "gap reduction (correct - flipped accuracy gap closed)",
-    )
-    cap = (
-        f"Mean-ablating {name} at the query readout slot on {h.config.n_eval} held-out contexts reduces the "
-        f"correct-vs-flipped accuracy gap by {top.gap_reduction_mean:+.2f} [{top.gap_reduction_ci_low:+.2f}, "
-        f"{top.gap_reduction_ci_high:+.2f}]. The grey histogram is every other head ablated alone ({len(ctrl1)} heads): "
-        f"its 97.5th percentile is {top.control_ci_high:+.2f}, and its control p (1 + heads that reach {name}'s "
-        f"value, over 1 + {int(top.n_other)}) is {mc_p(top.control_p, top.n_other)}. Costs: correct-label accuracy "
-        f"changes by {top.d_acc_correct_mean:+.2f}, zero-shot accuracy by {top.d_acc_zero_shot_mean:+.2f}. "
-        f"Without ablation: accuracy {h.baseline.get('acc_correct', np.nan):.2f} correct, "
-        f"{h.baseline.get('acc_flipped', np.nan):.2f} flipped."
-    )
-    cols = [
-        "layer",
-        "head",
-        "patch_denoise",
-        "readout_patch_denoise",
-        "gap_reduction_mean",
-        "gap_reduction_ci_low",
-        "gap_reduction_ci_high",
-        "control_ci_high",
-        "control_p",
-        "d_acc_correct_mean",
-        "d_acc_zero_shot_mean",
-    ]
-    cand = h.heads.assign(control_p=[mc_p(p, n) for p, n in zip(h.heads.control_p, h.heads.n_other)])
-    sets = h.sets.assign(control_p=[mc_p(p, n) for p, n in zip(h.sets.control_p, h.sets.n_draws)])
-    sets = sets[
-        [
-            "heads",
-            "gap_reduction",
-            "control_mean",
-            "control_ci_low",
-            "control_ci_high",
-            "control_p",
-            "n_draws",
-            "d_acc_correct",
-            "d_acc_zero_shot",
-        ]
-    ]
-    return Section(
-        "Validation",
-        (
-            Figure(path, cap),
-            Table(
-                cand[[c for c in cols if c in cand.columns]],
-                "Confirmed candidate heads, ranked by exact denoising effect (heads.csv).",
-            ),
-            Table(
-                sets,
-                f"Top-n head sets against {h.config.n_control} random same-size sets "
-                "(size 1: every other head) (sets.csv).",
-            ),
-        ),
     )
 
 

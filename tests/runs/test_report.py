@@ -72,11 +72,10 @@ def test_captions_quote_the_runs_csvs(report):
     assert f"L{int(att.layer)}H{int(att['head'])} puts {att.label_attention:.2f} of its readout attention" in text
     a = pd.read_csv(out / "attribution_vs_exact.csv")
     assert f"Spearman {stats.spearmanr(a.attribution, a.exact).statistic:.2f}" in text
-    h = pd.read_csv(out / "heads.csv").iloc[0]
-    assert (
-        f"Mean-ablating L{int(h.layer)}H{int(h['head'])} at the query readout slot on {Q.n_eval} held-out contexts "
-        f"reduces the correct-vs-flipped accuracy gap by {h.gap_reduction_mean:+.2f}"
-    ) in text
+    v = pd.read_csv(out / "validate.csv").iloc[0]  # the head finder's cell (`mechicl heads`)
+    assert f"Ablating {v.heads} closes {v.effect:+.2f} [{v.effect_ci_low:+.2f}, {v.effect_ci_high:+.2f}]" in text
+    assert f"close {v.control_mean:+.2f} on average" in text and f"({v.controls}: same layer" in text
+    assert f"readout slots k = {Q.k_min}..{Q.n_examples - 1}" in text and f"{Q.n_eval} (validate)" in text
     st = pd.read_csv(out / "stages.csv")
     assert f"{int(st.forwards.sum())} over {int(st.rows.sum())} context rows" in html
     f = st.set_index("stage").forwards  # one shared run per condition feeds attention, lens, DLA, patching caches
@@ -126,12 +125,18 @@ def test_numbers_equal_the_separate_commands(report, tmp_path):
                 *ORG[:4],
                 "--k",
                 str(Q.n_examples - 1),
+                "--k-min",
+                str(Q.k_min),
                 "--n-screen",
                 str(Q.n_screen),
+                "--n-confirm",
+                str(Q.n_confirm),
                 "--n-eval",
                 str(Q.n_eval),
                 "--candidates",
                 str(Q.n_candidates),
+                "--n-top",
+                str(Q.n_top),
                 "--n-control",
                 str(Q.n_control),
                 "--out",
@@ -140,7 +145,8 @@ def test_numbers_equal_the_separate_commands(report, tmp_path):
         )
         == 0
     )
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "h" / "heads.csv"), pd.read_csv(out / "heads.csv"))
+    for name in ("screen", "confirm", "validate", "sets", "controls"):  # the report's cell is `mechicl heads`'
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "h" / f"{name}.csv"), pd.read_csv(out / f"{name}.csv"))
     # the patching caches come from the shared runs; the sweep equals `mechicl patch` on the same contexts
     assert (
         main(
@@ -221,13 +227,12 @@ def test_without_attribution_section_3_says_how_to_get_it():
     )
 
 
-def test_p_values_at_their_monte_carlo_floor_read_at_most():
+def test_holm_p_values_at_their_monte_carlo_floor_read_at_most():
     from mechicl.analysis.stats import holm
-    from mechicl.runs.report_sections import holm_p_texts, mc_p
+    from mechicl.runs.report_behavior import holm_p_texts
 
     p = np.array([0.2, 1 / 4001, 0.01])  # Holm: 0.2, 3/4001, 0.02
     assert holm_p_texts(p, holm(p), 4000) == ["0.2", "≤ 0.00075", "0.02"]
-    assert mc_p(1 / 51, 50) == "≤ 0.02" and mc_p(26 / 51, 50) == "0.51"
 
 
 def test_arbitrary_label_words_default_to_one_letter_per_class():

@@ -1,43 +1,39 @@
-"""Head ablation at the readout slot, the random-head-set control, function-vector effects, and the head finder.
+"""Head ablation: a mode (how a head's output is replaced) at a set of readout slots, on correct- and
+flipped-label renderings of the same contexts. The one ablation of the package: the finder, the report
+and the organisms' pruning all call ``HeadAblation``.
 
-**Ablation.** A head is ablated by replacing its output (``hook_z``) at the query
-readout slot of every context: *zero* ablation writes 0, *mean* ablation writes its
-mean output at that slot over the clean (correct-label) contexts. Only the query
-slot changes, so ``ReadoutStepper`` re-runs one token per context per ablation.
+**Slots.** Every readout slot with ``k >= k_min`` (``k_min = k``: the query slot alone), re-run by one
+``SlotStepper`` per rendering; a head's output (``hook_z``) is replaced at those slots only.
 
-**Gap reduction** (Halawi et al., 2024, "Overthinking the truth"). With accuracy
-measured against the *true* label at the query slot::
+**Modes** (``MODES``, an open set: a mode is a function of the ablation and the condition that returns
+the replacement of ``z`` at every slot, one tensor per draw, ``None`` = zeros):
+
+- ``resample``: the head's output at the same slot of another context of the same condition (a seeded
+  derangement of the contexts), averaged over ``n_resample`` derangements: it removes what the head says
+  about *this* context without transplanting another condition's answer;
+- ``mean``: its mean output at that slot over both renderings' contexts;
+- ``mean_correct``: its mean output at that slot over the correct-label contexts (Todd et al.'s clean
+  mean; the organisms' pruning stage uses it);
+- ``zero``: zeros.
+
+**Effect.** P(true label) (softmax over the label words) at every slot. Per context ``c`` (means over
+its slots ``s``)::
+
+    gap_c    = mean_s [P_correct - P_flipped]                              (the in-context label effect)
+    closed_c = mean_s [(P_correct - P_flipped) - (P_correct^abl - P_flipped^abl)]
+
+and a head set's **effect** is ``mean_c closed_c / mean_c gap_c``: the share of the correct-vs-flipped
+difference that ablating the set removes (0: none, 1: all), with a context bootstrap CI
+(``analysis.stats.ratio_ci``). Halawi et al.'s **gap reduction** (accuracy against the true
+label at the last slot; flipped contexts ablated) is the secondary, comparable number::
 
     gap_reduction = 1 - (acc_correct - acc_flipped_ablated) / (acc_correct - acc_flipped)
-
-0 = the ablation leaves flipped-label contexts as they were, 1 = it closes the gap
-to correct-label contexts entirely (the model stops following the flipped labels).
-``d_acc_correct`` is what the same ablation does to correct-label contexts, and
-``d_acc_zero_shot`` what it does to the zero-shot prediction (the query alone, k = 0,
-ablated at its readout slot with the same replacement): a head that carries in-context
-label information, not the prior, leaves it near 0.
-
-**Random control.** Every head set is compared with many random sets of the same
-size drawn (seeded) from the other heads (exact when there are few such sets: for a single head,
-every other head once); reported are the control mean, the 2.5-97.5%
-range of the draws (``control_ci_low/high``) and the one-sided empirical p-value of
-the set against the draws.
-
-**Causal indirect effect** (Todd et al., 2024, function vectors). Each head's mean
-output at the query slot over correct-label contexts is patched into contexts whose
-demonstration labels are shuffled; the effect is the rise in P(true label)
-(probabilities over the label set), with a t-interval over contexts.
-
-**Head finder** (``find_heads``): attribution patching screens every head, exact
-patching confirms the top candidates, ablation on held-out contexts validates them
-against the random control (``analysis.heads.old_finder``).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,11 +43,29 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
-from mechicl.analysis.engine.stepper import ReadoutStepper
-from mechicl.analysis.stats import bootstrap_indices, percentile_interval, t_interval
-from mechicl.data.batches import AblationBatches
+from mechicl.analysis.engine.slots import SlotStepper
+from mechicl.analysis.stats import bootstrap_indices, mean_ci, percentile_interval, ratio_ci
+from mechicl.data.prompts import PromptBatch
 
-ABLATIONS = ("zero", "mean")
+CONDITIONS = ("correct", "flipped")
+
+
+def p_true(logits: Float[Tensor, "... labels"], labels: Tensor) -> Float[Tensor, "..."]:
+    """P(true label) with probabilities over the label words (float64)."""
+    return torch.softmax(logits.double(), -1).gather(-1, labels.expand(*logits.shape[:-1])[..., None])[..., 0]
+
+
+def derangements(n: int, n_draws: int, seed: int) -> list[Tensor]:
+    """``n_draws`` seeded permutations of ``range(n)`` with no fixed point (donor ``perm[c] != c``)."""
+    if n < 2:
+        raise ValueError("resample ablation needs at least 2 contexts (a donor other than the context itself)")
+    rng = np.random.default_rng([seed, 31])
+    out = []
+    while len(out) < n_draws:
+        p = rng.permutation(n)
+        if (p != np.arange(n)).all():
+            out.append(torch.as_tensor(p))
+    return out
 
 
 def gap_reduction(acc_correct: Any, acc_flipped: Any, acc_flipped_ablated: Any) -> Any:
@@ -84,153 +98,149 @@ def gap_reduction_ci(
     return est, lo, hi
 
 
-# ---------------------------------------------------------------- ablator ---
+# ------------------------------------------------------------------ modes ---
+
+Mode = Callable[["HeadAblation", str], list[Tensor | None]]
+"""A mode: (the ablation, the condition) -> the replacement of ``z [b, S, L, H, d]`` per draw (None = zeros)."""
 
 
-class HeadAblator:
-    """Ablations and function-vector effects on one set of held-out contexts.
+def _resample(abl: HeadAblation, cond: str) -> list[Tensor | None]:
+    return [abl.z[cond][d] for d in abl.donors]
 
-    Holds a ``ReadoutStepper`` for each rendering of ``AblationBatches`` (correct and flipped
-    labels, each query alone at k = 0, and, on first use, shuffled labels). Cost: one forward per rendering on construction; each ablated head set then costs one one-token step per context
-    (KV path) or one forward (fallback). Memory: the steppers' prefix caches.
+
+def _mean(abl: HeadAblation, cond: str) -> list[Tensor | None]:
+    both = torch.cat([abl.z[c] for c in CONDITIONS], 0)  # [2b, S, L, H, d]
+    return [both.mean(0, keepdim=True).expand_as(abl.z[cond])]
+
+
+def _mean_correct(abl: HeadAblation, cond: str) -> list[Tensor | None]:
+    return [abl.z["correct"].mean(0, keepdim=True).expand_as(abl.z[cond])]
+
+
+def _zero(abl: HeadAblation, cond: str) -> list[Tensor | None]:
+    return [None]
+
+
+MODES: dict[str, Mode] = {"resample": _resample, "mean": _mean, "mean_correct": _mean_correct, "zero": _zero}
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """Per-context results of ablating head sets (means over slots, and over resample draws).
+
+    ``closed [n, b]``, ``d_correct``/``d_flipped [n, b]`` (ΔP(true)), ``acc_flipped_last [n, b]``
+    (accuracy at the last slot of flipped contexts, ablated).
     """
 
-    def __init__(self, model: Any, batches: AblationBatches, *, max_rows: int = 256) -> None:
-        self.model, self.batches, self.max_rows = model, batches, max_rows
-        self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-        self.correct = ReadoutStepper(model, batches.correct, max_rows=max_rows)
-        self.flipped = ReadoutStepper(model, batches.flipped, max_rows=max_rows)
-        self.zero_shot = ReadoutStepper(model, batches.zero_shot, max_rows=max_rows)
-        self._shuffled: ReadoutStepper | None = None
-        self.target = self.correct.batch.true_labels[:, -1]  # true label of each query
-        self.mean_z = self.correct.z.mean(0)  # [layer, head, d_head]: mean output at the query slot, clean distribution
-        self.base = {
-            c: {k: v[0] for k, v in self._score(getattr(self, c).base_logits[None]).items()}
-            for c in ("correct", "flipped", "zero_shot")
+    names: list[str]
+    closed: np.ndarray
+    d_correct: np.ndarray
+    d_flipped: np.ndarray
+    acc_flipped_last: np.ndarray
+
+
+class HeadAblation:
+    """Head-set ablation in one ``mode`` at every slot ``k >= k_min`` of one draw of contexts, both conditions.
+
+    Cost: 2 forwards (one per condition) on construction; each head set then costs
+    ``2 x draws x S`` one-token steps per context (``SlotStepper``; draws = ``n_resample`` for resample,
+    else 1). Memory: two steppers (the KV caches of both renderings), plus one step's activations:
+    ``step_tokens`` appended tokens per step (on a Gemma-3-270M vader-words cell, 8192 gave a 0.22 GB
+    higher peak and no speed-up: ``docs/findings.md``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        correct: PromptBatch,
+        flipped: PromptBatch,
+        k_min: int,
+        *,
+        mode: str = "resample",
+        n_resample: int = 2,
+        seed: int = 0,
+        step_tokens: int = 2048,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"ablation mode must be one of {tuple(MODES)}, got {mode!r}")
+        if not torch.equal(correct.example_ids, flipped.example_ids):
+            raise ValueError("the correct and flipped renderings must hold the same contexts")
+        self.mode = mode
+        self.st = {
+            c: SlotStepper(model, b, k_min, step_tokens=step_tokens) for c, b in zip(CONDITIONS, (correct, flipped))
+        }
+        self.z = {c: s.z for c, s in self.st.items()}  # [b, S, L, H, d] each: head outputs at the slots
+        self.L, self.H = self.st["correct"].n_layers, self.st["correct"].n_heads
+        self.labels = self.st["correct"].true_labels  # [b, S]
+        self.base = {c: p_true(s.base_logits, self.labels).numpy() for c, s in self.st.items()}  # [b, S]
+        self.gap = (self.base["correct"] - self.base["flipped"]).mean(1)  # [b]
+        self.donors = derangements(self.n_contexts, n_resample if mode == "resample" else 1, seed)
+        self.acc_last = {
+            c: (self.st[c].base_logits[:, -1].argmax(-1) == self.labels[:, -1]).numpy() for c in CONDITIONS
         }
 
     @property
     def n_contexts(self) -> int:
-        return int(self.target.shape[0])
+        return int(self.labels.shape[0])
 
-    @property
-    def shuffled(self) -> ReadoutStepper:
-        """The shuffled-label rendering's stepper (built on first use: only function vectors need it)."""
-        if self._shuffled is None:
-            self._shuffled = ReadoutStepper(self.model, self.batches.shuffled, max_rows=self.max_rows)
-        return self._shuffled
+    def sources(self, cond: str) -> list[Tensor | None]:
+        """The replacement at every slot, one per draw (``MODES[self.mode]``)."""
+        return MODES[self.mode](self, cond)
 
-    def _score(self, logits: Float[Tensor, "n batch n_labels"]) -> dict[str, np.ndarray]:
-        """Per-context correctness and P(true label) against the query's true label."""
-        p = torch.softmax(logits.double(), -1)
-        tgt = self.target.expand(logits.shape[0], -1)
-        return {
-            "correct": (logits.argmax(-1) == tgt).numpy(),
-            "p_true": p.gather(-1, tgt[..., None])[..., 0].numpy(),
-        }
-
-    def _source(self, ablation: str) -> Tensor | None:
-        if ablation not in ABLATIONS:
-            raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-        return None if ablation == "zero" else self.mean_z
-
-    def ablate(
-        self,
-        sets: Sequence[Sequence[Head]],
-        ablation: str = "mean",
-        conditions: Sequence[str] = ("correct", "flipped"),
-        progress: bool = False,
-    ) -> dict[str, dict[str, np.ndarray]]:
-        """Per-context scores ``[n_sets, batch]`` under each head set's ablation, per condition."""
+    def scores(self, sets: Sequence[Sequence[Head]], progress: bool = False) -> SetScores:
+        """Ablate each set at every slot (both conditions, every draw); per-context results."""
         masks = head_masks(sets, self.L, self.H)
-        src = self._source(ablation)
-        return {c: self._score(getattr(self, c).run(masks, src, progress=progress)) for c in conditions}
+        p, acc = {}, None
+        for c in CONDITIONS:
+            runs = [self.st[c].run(masks, src, progress=progress) for src in self.sources(c)]  # [n, b, S, labels] each
+            p[c] = np.mean([p_true(r, self.labels).numpy() for r in runs], 0)  # [n, b, S]
+            if c == "flipped":
+                acc = np.mean([(r[:, :, -1].argmax(-1) == self.labels[:, -1]).numpy() for r in runs], 0)  # [n, b]
+        base_diff = self.base["correct"] - self.base["flipped"]
+        return SetScores(
+            names=[fmt_heads(s) for s in sets],
+            closed=(base_diff[None] - (p["correct"] - p["flipped"])).mean(-1),
+            d_correct=(p["correct"] - self.base["correct"][None]).mean(-1),
+            d_flipped=(p["flipped"] - self.base["flipped"][None]).mean(-1),
+            acc_flipped_last=acc,
+        )
 
-    def gap_table(
-        self,
-        sets: Sequence[Sequence[Head]],
-        ablation: str = "mean",
-        n_boot: int = 1000,
-        seed: int = 0,
-        with_correct: bool = True,
-    ) -> pd.DataFrame:
-        """Gap reduction (accuracy and P(true)) with a bootstrap CI over contexts; Δ correct-label and zero-shot accuracy."""
-        conds = ("correct", "flipped", "zero_shot") if with_correct else ("flipped",)
-        res = self.ablate(sets, ablation, conds)
-        bc, bf = self.base["correct"], self.base["flipped"]
-        acc_c, _acc_f = bc["correct"].mean(), bf["correct"].mean()
-        p_c, p_f = bc["p_true"].mean(), bf["p_true"].mean()
-        fa = res["flipped"]["correct"]  # [n, batch]
-        gr, lo, hi = gap_reduction_ci(bc["correct"], bf["correct"], fa, n_boot, seed)
-        gr_p = gap_reduction(p_c, p_f, res["flipped"]["p_true"].mean(1))
-        df = pd.DataFrame(
+    def attribution(self) -> Float[np.ndarray, "batch layer head"]:
+        """First-order estimate of ``closed_c`` for every single head (one backward per condition, first draw)."""
+        est = {c: self.st[c].attribution(self.sources(c)[0], p_true).numpy() for c in CONDITIONS}  # [b, S, L, H]
+        return -(est["correct"] - est["flipped"]).mean(1)
+
+    def table(self, sc: SetScores, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+        """Effect (share of the gap closed) with CI, ΔP(true) per condition, Halawi gap reduction; one row per set."""
+        eff, lo, hi = ratio_ci(sc.closed, self.gap, n_boot=n_boot, seed=seed)
+        dc, dc_lo, dc_hi = mean_ci(sc.d_correct, n_boot=n_boot, seed=seed)
+        df, df_lo, df_hi = mean_ci(sc.d_flipped, n_boot=n_boot, seed=seed)
+        gr, gr_lo, gr_hi = gap_reduction_ci(
+            self.acc_last["correct"], self.acc_last["flipped"], sc.acc_flipped_last, n_boot, seed
+        )
+        return pd.DataFrame(
             {
-                "heads": [fmt_heads(s) for s in sets],
-                "size": [len(s) for s in sets],
-                "ablation": ablation,
+                "heads": sc.names,
+                "effect": eff,
+                "effect_ci_low": lo,
+                "effect_ci_high": hi,
+                "d_p_correct": dc,
+                "d_p_correct_ci_low": dc_lo,
+                "d_p_correct_ci_high": dc_hi,
+                "d_p_flipped": df,
+                "d_p_flipped_ci_low": df_lo,
+                "d_p_flipped_ci_high": df_hi,
                 "gap_reduction": gr,
-                "gap_reduction_ci_low": lo,
-                "gap_reduction_ci_high": hi,
-                "gap_reduction_ptrue": gr_p,
-                "acc_flipped_ablated": fa.mean(1),
+                "gap_reduction_ci_low": gr_lo,
+                "gap_reduction_ci_high": gr_hi,
             }
         )
-        if with_correct:
-            df["d_acc_correct"] = res["correct"]["correct"].mean(1) - acc_c
-            df["d_acc_zero_shot"] = res["zero_shot"]["correct"].mean(1) - self.base["zero_shot"]["correct"].mean()
-        return df
 
-    def random_control(
-        self, size: int, n_draws: int, seed: int = 0, exclude: Sequence[Head] = (), ablation: str = "mean"
-    ) -> pd.DataFrame:
-        """Gap reduction of ``n_draws`` random head sets of ``size`` heads (none from ``exclude``); seeded.
-
-        When the pool has no more than ``n_draws`` sets of that size (always for ``size == 1``:
-        every other head once), the control is exact instead: each possible set once.
-        """
-        pool = [(l, h) for l in range(self.L) for h in range(self.H) if (l, h) not in set(exclude)]
-        if size > len(pool):
-            raise ValueError(f"cannot draw {size} heads from a pool of {len(pool)}")
-        if size == 1 or math.comb(len(pool), size) <= n_draws:
-            sets = [list(c) for c in itertools.combinations(pool, size)]
-        else:
-            rng = np.random.default_rng([seed, size])
-            sets = [sorted(pool[i] for i in rng.choice(len(pool), size=size, replace=False)) for _ in range(n_draws)]
-        n_draws = len(sets)
-        df = self.gap_table(sets, ablation, n_boot=0, with_correct=False)
-        df.insert(0, "draw", np.arange(n_draws))
-        return df.drop(columns=["gap_reduction_ci_low", "gap_reduction_ci_high"])
-
-    def function_vector_effects(self, progress: bool = False) -> pd.DataFrame:
-        """Todd et al.'s causal indirect effect of every head (mean clean output -> shuffled-label contexts)."""
-        st = self.shuffled
-        heads = [(l, h) for l in range(self.L) for h in range(self.H)]
-        tgt = self.target
-        base = torch.softmax(st.base_logits.double(), -1).gather(-1, tgt[:, None])[:, 0].numpy()
-        logits = st.run(head_masks([[x] for x in heads], self.L, self.H), self.mean_z, progress=progress)
-        p = torch.softmax(logits.double(), -1).gather(-1, tgt.expand(len(heads), -1)[..., None])[..., 0].numpy()
-        rows = []
-        for i, (l, h) in enumerate(heads):
-            m, lo, hi = t_interval(p[i] - base)
-            rows.append({"layer": l, "head": h, "fv_cie": m, "fv_cie_ci_low": lo, "fv_cie_ci_high": hi})
-        return pd.DataFrame(rows)
-
-
-def summarize_control(value: float, draws: np.ndarray) -> dict[str, float]:
-    """Control mean, 2.5-97.5% range of the draws, and the one-sided empirical p-value of ``value``."""
-    d = draws[~np.isnan(draws)]
-    if d.size == 0:
-        return {
-            "control_mean": np.nan,
-            "control_ci_low": np.nan,
-            "control_ci_high": np.nan,
-            "control_p": np.nan,
-            "n_draws": 0,
-        }
-    return {
-        "control_mean": float(d.mean()),
-        "control_ci_low": float(np.percentile(d, 2.5)),
-        "control_ci_high": float(np.percentile(d, 97.5)),
-        "control_p": float((1 + (d >= value).sum()) / (1 + d.size)),
-        "n_draws": int(d.size),
-    }
+    def head_norms(self, model: Any) -> Float[np.ndarray, "layer head"]:
+        """Mean norm of each head's output ``z W_O`` over slots and contexts (both conditions): norm matching."""
+        z = torch.cat([self.z[c] for c in CONDITIONS], 0)  # [2b, S, L, H, d]
+        out = np.zeros((self.L, self.H))
+        for l in range(self.L):
+            W_O = model.blocks[l].attn.W_O.detach().to(z.dtype)  # [H, d, d_model]
+            out[l] = torch.einsum("bshd,hdm->bshm", z[:, :, l], W_O).norm(dim=-1).mean((0, 1)).numpy()
+        return out

@@ -18,7 +18,7 @@
    the CI of (its effect - the mean effect of its controls), paired over contexts, lies above 0
    and the CI of its own effect lies above 0.
 
-Effects are shares of the correct-vs-flipped gap closed by ablation (``analysis.heads.slot_ablation``).
+Effects are shares of the correct-vs-flipped gap closed by ablation (``analysis.heads.ablation``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pandas as pd
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.stepper import ReadoutStepper
-from mechicl.analysis.heads.slot_ablation import SLOT_ABLATIONS, SlotAblation, derangements, p_true
+from mechicl.analysis.heads.ablation import MODES, HeadAblation, derangements, p_true
 from mechicl.analysis.stats import mean_ci, ratio_ci, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
@@ -67,8 +67,8 @@ class FindingsConfig:
             raise ConfigError(f"need 0 <= k_min <= k, got k_min={self.k_min}, k={self.k}")
         if min(self.n_screen, self.n_confirm, self.n_validate) < 4:
             raise ConfigError("each stage needs at least 4 contexts (resampling and intervals)")
-        if self.ablation not in SLOT_ABLATIONS:
-            raise ConfigError(f"ablation must be one of {SLOT_ABLATIONS}, got {self.ablation!r}")
+        if self.ablation not in MODES:
+            raise ConfigError(f"ablation must be one of {tuple(MODES)}, got {self.ablation!r}")
         if self.screen not in ("exact", "attribution"):
             raise ConfigError(f"screen must be 'exact' or 'attribution', got {self.screen!r}")
         if self.control not in ("layer", "norm"):
@@ -122,7 +122,7 @@ def matched_controls(head: Head, norms: np.ndarray, exclude: set[Head], how: str
     return [pool[i] for i in np.argsort(dist, kind="stable")[:n]]
 
 
-def _baseline(abl: SlotAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig) -> dict[str, float]:
+def _baseline(abl: HeadAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig) -> dict[str, float]:
     """The cell-level checks on the validation draws."""
     gap, g_lo, g_hi = mean_ci(abl.gap, n_boot=cfg.n_boot, seed=cfg.seed)
     p0 = p_true(zero_shot.base_logits, zero_shot.batch.true_labels[:, -1]).numpy()
@@ -144,7 +144,7 @@ def _baseline(abl: SlotAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig)
     }
 
 
-def _screen(abl: SlotAblation, cfg: FindingsConfig, progress: bool) -> pd.DataFrame:
+def _screen(abl: HeadAblation, cfg: FindingsConfig, progress: bool) -> pd.DataFrame:
     """Every head alone on the screening draws: the first-order estimate (``effect_est``) and, with
     ``screen="exact"``, the exact effect of one resample draw (``effect``); ranked by ``cfg.screen``'s.
 
@@ -175,7 +175,7 @@ def _screen(abl: SlotAblation, cfg: FindingsConfig, progress: bool) -> pd.DataFr
     return df.sort_values("screen_rank").reset_index(drop=True)
 
 
-def _confirm(abl: SlotAblation, candidates: list[Head], cfg: FindingsConfig, progress: bool) -> pd.DataFrame:
+def _confirm(abl: HeadAblation, candidates: list[Head], cfg: FindingsConfig, progress: bool) -> pd.DataFrame:
     """Exact effects of the candidates on the confirmation draws, ranked."""
     t = abl.table(abl.scores([[x] for x in candidates], progress=progress), cfg.n_boot, cfg.seed)
     t.insert(0, "layer", [l for l, _ in candidates])
@@ -185,7 +185,7 @@ def _confirm(abl: SlotAblation, candidates: list[Head], cfg: FindingsConfig, pro
     return t
 
 
-def _paired(abl: SlotAblation, d: np.ndarray, cfg: FindingsConfig) -> dict[str, float]:
+def _paired(abl: HeadAblation, d: np.ndarray, cfg: FindingsConfig) -> dict[str, float]:
     """A per-context difference of closed gaps as a share of the gap: estimate, CI, sign-flip p."""
     est, lo, hi = ratio_ci(d, abl.gap, n_boot=cfg.n_boot, seed=cfg.seed)
     p = sign_flip_p(d, n_perm=cfg.n_perm, seed=cfg.seed)
@@ -214,7 +214,7 @@ def _zero_shot_effect(zs: ReadoutStepper, heads: list[Head], cfg: FindingsConfig
 
 
 def _validate(
-    model: Any, abl: SlotAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig, progress: bool
+    model: Any, abl: HeadAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig, progress: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Top heads against matched controls, the set tests and the zero-shot check (validation draws)."""
     norms = abl.head_norms(model)
@@ -256,7 +256,7 @@ def _validate(
 
 
 def _set_tests(
-    abl: SlotAblation,
+    abl: HeadAblation,
     tab: pd.DataFrame,
     closed: Callable[[list[Head]], np.ndarray],
     top: list[Head],
@@ -320,8 +320,8 @@ def find_label_heads(
         raise ValueError("held-out stages share task rows: build them with data.batches.stage_draws")
     say = (lambda s: print(f"[mechicl] {s}", flush=True)) if progress else (lambda s: None)
     timings, t = {}, time.perf_counter()
-    kw = dict(k_min=cfg.k_min, ablation=cfg.ablation, n_resample=cfg.n_resample, seed=cfg.seed)
-    val = SlotAblation(model, *batches.stages["validate"], **kw)
+    kw = dict(k_min=cfg.k_min, mode=cfg.ablation, n_resample=cfg.n_resample, seed=cfg.seed)
+    val = HeadAblation(model, *batches.stages["validate"], **kw)
     zs = ReadoutStepper(model, batches.zero_shot)
     base = _baseline(val, zs, cfg)
     timings["baseline"] = time.perf_counter() - t
@@ -333,14 +333,14 @@ def find_label_heads(
         )
         return FindingsResult(cfg, NO_EFFECT, base, empty, empty, empty, empty, empty, batches.draws.seeds, timings)
     t = time.perf_counter()
-    screen = _screen(SlotAblation(model, *batches.stages["screen"], **{**kw, "n_resample": 1}), cfg, progress)
+    screen = _screen(HeadAblation(model, *batches.stages["screen"], **{**kw, "n_resample": 1}), cfg, progress)
     release_host_memory()  # the screening steppers' caches: back to the OS before the next stage's
     timings["screen"] = time.perf_counter() - t
     t = time.perf_counter()
     cands = list(
         zip(screen.layer.head(cfg.n_candidates).astype(int), screen["head"].head(cfg.n_candidates).astype(int))
     )
-    confirm = _confirm(SlotAblation(model, *batches.stages["confirm"], **kw), cands, cfg, progress)
+    confirm = _confirm(HeadAblation(model, *batches.stages["confirm"], **kw), cands, cfg, progress)
     release_host_memory()
     timings["confirm"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,28 +1,131 @@
-"""Head ablation at the readout slot, gap reduction, the seeded random control, FV effects and the head finder."""
+"""The one head ablation: every mode at any tail of readout slots equals plain hooked forwards (one per slot);
+the mode set is open; gap reduction's formula."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from mechicl.analysis.engine.hooks import head_masks, run_to_final
+from mechicl.analysis.engine.hooks import run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.heads.ablation import HeadAblator, gap_reduction, summarize_control
-from mechicl.analysis.heads.old_finder import HeadFinderConfig
-from mechicl.data.batches import ablation_batches, shuffled_labels
-from mechicl.data.prompts import sample_contexts
-from mechicl.runs.heads import find_heads_for, write_heads
+from mechicl.analysis.heads.ablation import MODES, HeadAblation, derangements, gap_reduction
+from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from tests import helpers
 
 
-def _ablator(loaded, toy, n=6, k=6, seed=0):
-    ids = sample_contexts(toy, n, k, seed=seed)
-    batches = ablation_batches(
-        toy, loaded.tokenizer, ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos, seed=seed
-    )
-    return HeadAblator(loaded.model, batches)
+def _pair(loaded, task, n=4, n_examples=6, seed=0):
+    ids = sample_contexts(task, n, n_examples, seed=seed)
+    kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+    return tuple(build_prompt_batch(task, loaded.tokenizer, ids, c, **kw) for c in ("default", "flipped"))
+
+
+def _slot_z(loaded, b, head):
+    """``head``'s output at every readout slot of every context, from one plain forward: ``[b, ex, d]``."""
+    store = {}
+    name = f"blocks.{head[0]}.attn.hook_z"
+    with torch.no_grad():
+        run_to_final(loaded.model, b.tokens, [(name, lambda z, hook: store.__setitem__("z", z.clone()))])
+    rows = torch.arange(b.n_contexts)[:, None]
+    return store["z"][rows, b.readout_pos, head[1]]
+
+
+def _replaced_p_true(loaded, b, k_min, head, source):
+    """P(true) at every slot ``k >= k_min`` with ``head``'s output at that slot only replaced by ``source[:, k]``
+    (``None``: zeros): one plain hooked forward per slot, no KV cache. ``[b, S]``, and whether the last slot's
+    prediction is the true label ``[b]``."""
+    l, h = head
+    rows, out = torch.arange(b.n_contexts), []
+    for j in range(k_min, b.n_examples):
+        q = b.readout_pos[:, j]
+
+        def patch(z, hook, q=q, j=j):
+            z = z.clone()
+            z[rows, q, h] = 0.0 if source is None else source[:, j]
+            return z
+
+        with torch.no_grad():
+            resid = run_to_final(loaded.model, b.tokens, [(f"blocks.{l}.attn.hook_z", patch)])
+            logits = unembed_labels(loaded.model, resid[rows, q], b.label_token_ids)
+        out.append(torch.softmax(logits.double(), -1).gather(-1, b.true_labels[:, j, None])[:, 0])
+    return torch.stack(out, 1).numpy(), (logits.argmax(-1) == b.true_labels[:, -1]).numpy()
+
+
+def _reference_sources(loaded, correct, flipped, head, mode):
+    """Each mode's replacement, built from plain forwards (not from the ablation under test)."""
+    zc, zf = _slot_z(loaded, correct, head), _slot_z(loaded, flipped, head)
+    if mode == "zero":
+        return None, None
+    if mode == "mean":
+        m = torch.cat([zc, zf]).mean(0, keepdim=True).expand_as(zc)
+        return m, m
+    if mode == "mean_correct":
+        m = zc.mean(0, keepdim=True).expand_as(zc)
+        return m, m
+    return zf, zc  # "swap": the other rendering's output for the same context (the test's own mode)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("mode", ["mean", "mean_correct", "zero", "swap"])
+@pytest.mark.parametrize("k_min", [2, 5])  # slots 2..5, or the query slot alone
+def test_every_mode_at_any_slots_equals_hooked_forwards(tiny, model, mode, k_min, monkeypatch):
+    """ΔP(true) per context and condition, and the gap closed, equal one hooked forward per slot. "swap" is a mode
+    added here, as a later issue will add one: the other condition's output at the same slot of the same context."""
+    monkeypatch.setitem(MODES, "swap", lambda abl, c: [abl.z["flipped" if c == "correct" else "correct"]])
+    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
+    correct, flipped = _pair(loaded, helpers.toy_task(3))
+    head = (1, 2)
+    abl = HeadAblation(loaded.model, correct, flipped, k_min=k_min, mode=mode)
+    sc = abl.scores([[head]])
+    src_c, src_f = _reference_sources(loaded, correct, flipped, head, mode)
+    none = torch.arange(4)  # donor = the context itself: no change
+    base_c, base_f = (helpers.slot_resample_reference(loaded, b, k_min, head, none).numpy() for b in (correct, flipped))
+    pc, _ = _replaced_p_true(loaded, correct, k_min, head, src_c)
+    pf, acc_f = _replaced_p_true(loaded, flipped, k_min, head, src_f)
+    np.testing.assert_allclose(sc.d_correct[0], (pc - base_c).mean(1), atol=1e-5)
+    np.testing.assert_allclose(sc.d_flipped[0], (pf - base_f).mean(1), atol=1e-5)
+    np.testing.assert_allclose(sc.closed[0], ((base_c - base_f) - (pc - pf)).mean(1), atol=1e-5)
+    np.testing.assert_array_equal(sc.acc_flipped_last[0], acc_f)
+    assert np.abs(sc.d_flipped).max() > 1e-4  # not vacuous
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+def test_resample_ablation_equals_hooked_forwards(tiny, model):
+    """closed / ΔP(true) per context equal a reference built from one hooked forward per slot and donor."""
+    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
+    correct, flipped = _pair(loaded, helpers.toy_task(3))
+    abl = HeadAblation(loaded.model, correct, flipped, k_min=2, n_resample=2, seed=5)
+    head = (1, 2)
+    sc = abl.scores([[head]])
+    ref = {}
+    for cond, b in (("correct", correct), ("flipped", flipped)):
+        base = helpers.slot_resample_reference(loaded, b, 2, head, torch.arange(b.n_contexts))  # donor = itself
+        abl_p = np.mean(
+            [helpers.slot_resample_reference(loaded, b, 2, head, d).numpy() for d in derangements(4, 2, 5)], 0
+        )
+        ref[cond] = (base.numpy(), abl_p)
+    closed = ((ref["correct"][0] - ref["flipped"][0]) - (ref["correct"][1] - ref["flipped"][1])).mean(1)
+    assert np.allclose(sc.closed[0], closed, atol=1e-5)
+    assert np.allclose(sc.d_flipped[0], (ref["flipped"][1] - ref["flipped"][0]).mean(1), atol=1e-5)
+    assert np.allclose(abl.gap, (ref["correct"][0] - ref["flipped"][0]).mean(1), atol=1e-5)
+    assert np.abs(sc.closed).max() > 1e-4  # not vacuous
+
+
+def test_an_unknown_mode_or_mismatched_renderings_are_refused(tiny):
+    correct, flipped = _pair(tiny, helpers.toy_task(3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        HeadAblation(tiny.model, correct, flipped, k_min=2, mode="interchange")
+    other, _ = _pair(tiny, helpers.toy_task(3), seed=1)
+    with pytest.raises(ValueError, match="same contexts"):
+        HeadAblation(tiny.model, other, flipped, k_min=2)
+
+
+def test_derangements_have_no_fixed_point_and_are_seeded():
+    a, b = derangements(5, 3, seed=1), derangements(5, 3, seed=1)
+    assert all((p != torch.arange(5)).all() for p in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="at least 2 contexts"):
+        derangements(1, 1, 0)
 
 
 def test_gap_reduction_formula():
@@ -32,153 +135,3 @@ def test_gap_reduction_formula():
     assert gap_reduction(0.9, 0.5, 0.3) == pytest.approx(-0.5)
     assert np.isnan(gap_reduction(0.5, 0.5, 0.9)) and np.isnan(gap_reduction(0.4, 0.5, 0.9))
     np.testing.assert_allclose(gap_reduction(1.0, 0.0, np.array([0.0, 0.25, 1.0])), [0.0, 0.25, 1.0])
-
-
-def test_summarize_control():
-    s = summarize_control(0.5, np.array([0.0, 0.1, 0.2, 0.6, np.nan]))
-    assert s["n_draws"] == 4 and s["control_mean"] == pytest.approx(0.225)
-    assert s["control_p"] == pytest.approx((1 + 1) / 5)
-    assert s["control_ci_low"] <= s["control_mean"] <= s["control_ci_high"]
-
-
-def test_shuffled_labels_permute_demonstrations_only(tiny, toy):
-    b = helpers.batch(tiny, toy, "default", n_contexts=5, n_examples=8)
-    s = shuffled_labels(b, seed=3)
-    assert torch.equal(s[:, -1], b.true_labels[:, -1])
-    assert torch.equal(s[:, :-1].sort(-1).values, b.true_labels[:, :-1].sort(-1).values)
-    assert torch.equal(s, shuffled_labels(b, seed=3)) and not torch.equal(s, shuffled_labels(b, seed=4))
-
-
-@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
-def test_ablation_equals_hooked_full_forward(tiny, toy, model):
-    """Readout-slot ablation via the stepper equals a plain hooked forward that ablates at the query slot."""
-    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
-    abl = _ablator(loaded, toy)
-    heads = [(0, 1), (1, 3)]
-    for kind in ("zero", "mean"):
-        logits = abl.flipped.run(head_masks([heads], 2, 4), None if kind == "zero" else abl.mean_z)[0]
-        b = abl.flipped.batch
-        rows, q = torch.arange(b.n_contexts), b.readout_pos[:, -1]
-
-        def make(l):
-            def hook(z, hook):
-                z = z.clone()
-                for ll, h in heads:
-                    if ll == l:
-                        z[rows, q, h] = 0.0 if kind == "zero" else abl.mean_z[l, h]
-                return z
-
-            return hook
-
-        with torch.no_grad():
-            resid = run_to_final(loaded.model, b.tokens, [(f"blocks.{l}.attn.hook_z", make(l)) for l in (0, 1)])
-            ref = unembed_labels(loaded.model, resid[rows, q], b.label_token_ids)
-        assert torch.allclose(logits, ref, atol=1e-4)
-    assert abl.flipped.mode == ("kv" if model == "tiny-llama" else "full")
-
-
-def test_random_control_is_reproducible_given_a_seed(tiny, toy):
-    abl = _ablator(tiny, toy)
-    a = abl.random_control(2, 12, seed=5, exclude=[(1, 0)])
-    b = abl.random_control(2, 12, seed=5, exclude=[(1, 0)])
-    c = abl.random_control(2, 12, seed=6, exclude=[(1, 0)])
-    pd.testing.assert_frame_equal(a, b)
-    assert list(a.heads) != list(c.heads)
-    assert not a.heads.str.contains("L1H0").any()
-    assert (a["size"] == 2).all() and len(a) == 12
-    one = abl.random_control(1, 3, exclude=[(1, 0)])  # size 1: every other head once, exactly
-    assert sorted(one.heads) == sorted(f"L{l}H{h}" for l in range(2) for h in range(4) if (l, h) != (1, 0))
-    few = abl.random_control(3, 100, exclude=[(1, 0)])  # C(7, 3) = 35 <= 100 sets: each once
-    assert len(few) == 35 and few.heads.nunique() == 35
-
-
-def test_gap_table_and_function_vectors(tiny, toy):
-    abl = _ablator(tiny, toy, n=8)
-    t = abl.gap_table([[(0, 0)], [(0, 0), (1, 2)]], "mean", n_boot=50)
-    assert list(t.columns[:3]) == ["heads", "size", "ablation"]
-    assert {
-        "gap_reduction",
-        "gap_reduction_ci_low",
-        "gap_reduction_ci_high",
-        "d_acc_correct",
-        "d_acc_zero_shot",
-        "acc_flipped_ablated",
-    } <= set(t.columns)
-    # zero-shot: the query alone (k = 0), ablated at its readout slot; no ablation changes nothing
-    zs = abl.zero_shot.batch
-    assert zs.example_ids.shape[1] == 1 and torch.equal(zs.example_ids[:, 0], abl.batches.correct.example_ids[:, -1])
-    assert abl.gap_table([[]], "mean", n_boot=0).d_acc_zero_shot.iloc[0] == 0
-    empty = abl.ablate([[]], "zero")
-    np.testing.assert_array_equal(empty["flipped"]["correct"][0], abl.base["flipped"]["correct"])
-    fv = abl.function_vector_effects()
-    assert len(fv) == 8 and np.isfinite(fv.fv_cie).all()
-    assert (fv.fv_cie_ci_low <= fv.fv_cie + 1e-12).all()
-
-
-def test_find_heads_end_to_end_on_tiny(tiny, toy, tmp_path):
-    cfg = HeadFinderConfig(
-        "tiny", "toy", n_examples=6, n_screen=4, n_eval=8, n_candidates=4, set_sizes=(1, 2), n_control=10, seed=0
-    )
-    res = find_heads_for(tiny, toy, cfg, progress=False)
-    assert list(res.heads["rank"]) == [1, 2, 3, 4] and len(res.top_heads) == 4
-    assert res.heads.patch_denoise.is_monotonic_decreasing
-    assert {
-        "gap_reduction_zero",
-        "gap_reduction_mean",
-        "d_acc_correct_mean",
-        "d_acc_zero_shot_mean",
-        "fv_cie",
-        "patch_noise",
-        "readout_patch_denoise",
-        "control_ci_high",
-        "control_p",
-    } <= set(res.heads.columns)
-    assert len(res.all_heads) == 8 and res.all_heads.candidate.sum() == 4
-    assert list(res.sets["size"]) == [1, 2]
-    assert {"control_mean", "control_ci_low", "control_ci_high", "control_p", "d_acc_zero_shot"} <= set(
-        res.sets.columns
-    )
-    assert len(res.control) == 7 + 10  # size 1: the 7 other heads; size 2: 10 random draws
-    # each candidate's control is every other head's single-head gap reduction (all_heads)
-    gr = res.all_heads.set_index(["layer", "head"]).gap_reduction
-    for r in res.heads.itertuples():
-        assert np.isclose(gr[(r.layer, r.head)], r.gap_reduction_mean, equal_nan=True)
-        others = gr.drop((r.layer, r.head)).dropna().to_numpy()
-        if len(others) and np.isfinite(r.gap_reduction_mean):
-            assert np.isclose(r.control_p, (1 + (others >= r.gap_reduction_mean).sum()) / (1 + len(others)))
-    write_heads(res, tmp_path)
-    assert (tmp_path / "heads.csv").exists() and (tmp_path / "attribution.png").exists()
-    assert "Label-aggregation heads" in (tmp_path / "summary.md").read_text()
-    again = find_heads_for(tiny, toy, cfg, progress=False)
-    pd.testing.assert_frame_equal(res.control, again.control)
-
-
-def test_cli_heads_on_tiny(tmp_path, capsys):
-    from mechicl.cli import main
-
-    rc = main(
-        [
-            "heads",
-            "--model",
-            "tiny",
-            "--task",
-            "toy",
-            "--k",
-            "4",
-            "--n-screen",
-            "3",
-            "--n-eval",
-            "6",
-            "--candidates",
-            "3",
-            "--set-sizes",
-            "1,2",
-            "--n-control",
-            "5",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    assert rc == 0
-    assert (tmp_path / "sets.csv").exists() and (tmp_path / "summary.md").exists()
-    assert "| rank | head |" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
-from tests.analysis.test_path_patching import brute_force
+from tests.analysis.patching.test_paths import brute_force
 
 FLIPPING = ("organism-strong", "organism-mid", "organism-mid-s1", "organism-mid-s2")  # pruned, flipped-label ICL
 PRUNED = (*FLIPPING, "organism-strong-s1", "organism-strong-s2")  # s1, s2: the strong recipe never flips
