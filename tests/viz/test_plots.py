@@ -45,3 +45,18 @@ def test_line_plot_has_integer_ticks_for_integer_x(tmp_path, figures):
     plots.line_plot(df, "layer", "value", tmp_path / "l.png", title="two layers")
     ticks = [t for t in figures[0].axes[0].get_xticks() if -0.5 <= t <= 1.5]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_heatmap_annotates_small_grids_only(tmp_path, figures):
+    """Cells carry their value (2 decimals): black on a diverging map; on a sequential map white at or below the
+    mean, black above; grids over 120 cells carry none."""
+    v = np.array([[0.1, 0.9, 0.4], [0.25, 0.7, 0.05]])
+    plots.heatmap(v, tmp_path / "seq.png", center=None)
+    plots.heatmap(v - 0.5, tmp_path / "div.png")  # changes sign: centred on 0 (diverging)
+    plots.heatmap(np.ones((11, 11)), tmp_path / "big.png")
+    seq, div, big = (f.axes[0] for f in figures)
+    mean = v.mean()
+    expected = [(f"{x:.2f}", "black" if x > mean else "white") for x in v.reshape(-1)]  # row-major, as drawn
+    assert [(t.get_text(), t.get_color()) for t in seq.texts] == expected
+    assert [(t.get_text(), t.get_color()) for t in div.texts] == [(f"{x - 0.5:.2f}", "black") for x in v.reshape(-1)]
+    assert len(big.texts) == 0
