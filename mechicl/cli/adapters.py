@@ -78,7 +78,7 @@ def findings(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         slurm = dict(kv.split("=", 1) for kv in args.slurm.split(",")) if args.slurm else None
         executor, n = make_executor(args.workers, args.scheduler, slurm, args.out / "submitit")
-        run_grid(spec, args.out, executor=executor, n_workers=n)
+        run_grid(spec, args.out, executor=executor, n_workers=n, rerun_damaged=args.rerun_damaged)
     print((args.out / "summary" / "summary.md").read_text(encoding="utf-8"))
     print(f"[mechicl] wrote {args.out}/summary (cells in {args.out}/cells)")
     return 0

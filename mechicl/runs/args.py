@@ -111,6 +111,16 @@ def int_list(lo: int, example: str) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
+def key_values(text: str) -> str:
+    """``--slurm``: comma-separated ``key=value`` pairs with non-empty keys and values; returned unchanged."""
+    pairs = [kv.split("=", 1) for kv in text.split(",")]
+    if not all(len(kv) == 2 and kv[0].strip() and kv[1].strip() for kv in pairs):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated key=value pairs, e.g. slurm_partition=gpu,timeout_min=60; got {text!r}"
+        )
+    return text
+
+
 set_sizes = int_list(1, "1,2,4")  # --set-sizes, --completeness-steps
 
 

@@ -2,26 +2,30 @@
 
 Layout of ``out``::
 
-    cells/<model>__<task>__seed<s>/   one finished cell (published atomically with manifest.json)
+    cells/<model>__<task>__seed<s>__<key>/   one finished cell (published atomically with manifest.json)
         cell.json  screen.csv  confirm.csv  validate.csv  sets.csv  controls.csv  summary.md
     summary/                          regenerated from every finished cell on each run
         cells.csv  heads.csv  task_agreement.csv  effect_maps.csv  effects_<model>.png  summary.md
 
-A cell whose folder exists is skipped, so a killed grid resumes where it stopped (a crash loses
-one cell). Cells run serially in this process by default (each model loaded once), or through any
+A cell is keyed by its inputs' contents and its configuration (``findings_grid.cell_key``: a model or task
+file's sha256), so an edited CSV or another ``k`` is a new cell. A finished cell is skipped once its files match
+its manifest (an edited or damaged one stops the grid before any compute, or is re-run with
+``rerun_damaged``), so a killed grid resumes where it stopped (a crash loses one cell). Everything that needs
+no model is checked before the first cell (``findings_grid.check_grid``), and one run holds a grid at a time. Cells run serially in this process by default (each model loaded once), or through any
 ``concurrent.futures.Executor`` (``run_grid(executor=...)``): each worker loads its model once and
 runs all its cells.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
+import shutil
 import tomllib
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +36,43 @@ from tqdm.auto import tqdm
 from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult, find_label_heads
 from mechicl.analysis.heads.replication import CellTables, Replication, replicate
 from mechicl.data.batches import held_out_batches, stage_draws
+from mechicl.data.task import check_tokenization
 from mechicl.data.tasks import load_task
-from mechicl.errors import ConfigError
+from mechicl.errors import ConfigError, MechiclError
 from mechicl.models.device import release_host_memory
 from mechicl.models.loading import load_model
+from mechicl.runs.findings_grid import (
+    RERUN_HINT,
+    cell_key,
+    check_grid,
+    check_toml,
+    damaged_cells,
+    damaged_message,
+    grid_lock,
+    known_config_keys,
+    safe_part,
+)
 from mechicl.runs.findings_report import findings_markdown, write_summary
-from mechicl.runs.folder import RunFolder, staged
+from mechicl.runs.folder import RunFolder, check_out, staged
 
 TABLES = ("screen", "confirm", "validate", "sets", "controls")
 
 
 @dataclass(frozen=True)
 class Cell:
+    """One model x task x seed; ``key`` (``findings_grid.cell_key``, set by ``GridSpec.cells``) hashes its inputs'
+    contents and configuration."""
+
     model: str
     task: str
     seed: int
+    key: str = ""
 
     @property
     def slug(self) -> str:
-        p = Path(self.task)
-        task = (
-            self.task
-            if p.suffix not in (".csv", ".jsonl")
-            else f"{p.stem}-{hashlib.sha1(self.task.encode()).hexdigest()[:6]}"
-        )
-        return f"{self.model}__{task.replace('/', '_').replace(':', '_')}__seed{self.seed}"
+        """The cell's folder name under ``out/cells``: path-safe parts (never a separator or a leading dot), the key."""
+        key = f"__{self.key}" if self.key else ""
+        return f"{safe_part(self.model)}__{safe_part(self.task)}__seed{self.seed}{key}"
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,9 @@ class GridSpec:
     task_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task overrides, e.g. a smaller k
 
     def cells(self) -> list[Cell]:
-        return [Cell(m, t, s) for m in self.models for t in self.tasks for s in self.seeds]
+        """Every cell, keyed (hashes the model and task files: remembered per file within the process)."""
+        cells = [Cell(m, t, s) for m in self.models for t in self.tasks for s in self.seeds]
+        return [replace(c, key=cell_key(c.model, c.task, self.cell_config(c))) for c in cells]
 
     def cell_config(self, cell: Cell) -> FindingsConfig:
         """The cell's configuration: the grid's, the task's overrides, the cell's seed."""
@@ -84,9 +102,10 @@ def load_grid(path: Path | str | None, **overrides: Any) -> GridSpec:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8")) if path is not None else {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read grid config {path}: {e}") from e
-    known = {f.name for f in fields(FindingsConfig)} - {"seed"}
+    known = known_config_keys()
     cfg = raw.pop("config", {})
     per_task = raw.pop("task_config", {})
+    check_toml({**raw, "config": cfg, "task_config": per_task}, path)  # types first: the checks below need tables
     bad = (
         (set(cfg) - known)
         | (set(raw) - {"models", "tasks", "seeds"})
@@ -108,17 +127,15 @@ def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: 
     """Run one cell (``cfg`` is its own: ``GridSpec.cell_config``) and publish ``out/cells/<slug>`` atomically.
     Cost: ``find_label_heads``."""
     task = load_task(cell.task, seed=cell.seed)
-    draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cell.seed)
-    batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
-    result = find_label_heads(loaded.model, batches, cfg, progress=progress)
-    dest = out / "cells" / cell.slug
-    with staged(
-        dest, command=["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)], config=cfg
-    ) as tmp:
+    command = ["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)]
+    with staged(out / "cells" / cell.slug, command=command, config=cfg) as tmp:  # locked from here: one writer
+        draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cell.seed)
+        batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+        result = find_label_heads(loaded.model, batches, cfg, progress=progress)
         write_cell(result, cell, RunFolder(tmp))
     del result, batches
     release_host_memory()  # the next cell starts from the model's footprint, not this cell's high-water mark
-    return dest
+    return out / "cells" / cell.slug
 
 
 def write_cell(result: FindingsResult, cell: Cell, folder: RunFolder) -> None:
@@ -142,8 +159,16 @@ def write_cell(result: FindingsResult, cell: Cell, folder: RunFolder) -> None:
 def run_cells(model: str, cells: list[Cell], spec: GridSpec, out: Path, progress: bool = False) -> list[str]:
     """A worker: load ``model`` once (one torch thread) and run ``cells``; returns the finished slugs."""
     torch.set_num_threads(1)
-    loaded = load_model(model)
+    loaded = _load_for(model, cells)
     return [run_cell(loaded, c, spec.cell_config(c), out, progress=progress).name for c in cells]
+
+
+def _load_for(model: str, cells: list[Cell]) -> Any:
+    """Load ``model`` and check that its tokenizer reads every task of ``cells``, before the first of them runs."""
+    loaded = load_model(model)
+    for task in dict.fromkeys(c.task for c in cells):
+        check_tokenization(load_task(task, seed=cells[0].seed), loaded.tokenizer)
+    return loaded
 
 
 def finished(out: Path) -> set[str]:
@@ -159,57 +184,60 @@ def run_grid(
     n_workers: int = 1,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    rerun_damaged: bool = False,
 ) -> Replication:
     """Run every unfinished cell of ``spec`` (serially, or on ``executor``), then summarise all finished ones.
 
-    ``executor``: anything with ``submit(fn, *args)`` returning an object with ``result()`` (a
-    ``concurrent.futures`` executor, ``distributed.Client.get_executor()``, a ``submitit`` executor);
-    each model's cells are split into ``n_workers`` jobs, and each job loads its model once.
+    Before the first cell: ``check_grid`` (``--out``, models, tasks, draws), the grid's lock, and every finished
+    cell against its manifest (``ConfigError`` for an edited or damaged one, unless ``rerun_damaged``: then it is
+    removed and re-run). ``executor``: anything with ``submit(fn, *args)`` returning an object with ``result()``
+    (a ``concurrent.futures`` executor, ``distributed.Client.get_executor()``, a ``submitit`` executor); each
+    model's cells are split into ``n_workers`` jobs, and each job loads its model once.
     """
-    out = Path(out)
-    _check_finished(spec, out)
-    todo = [c for c in spec.cells() if c.slug not in finished(out)]
+    out = check_grid(spec, out)
+    with grid_lock(out):
+        todo = _plan(spec, out, rerun_damaged, say)
+        by_model: dict[str, list[Cell]] = {}
+        for c in todo:
+            by_model.setdefault(c.model, []).append(c)
+        bar = tqdm(total=len(todo), desc="findings cells", unit="cell", disable=not progress)
+        if executor is None:
+            for model, cells in by_model.items():
+                loaded = _load_for(model, cells)
+                for c in cells:
+                    bar.set_postfix_str(c.slug)
+                    run_cell(loaded, c, spec.cell_config(c), out, progress=False)
+                    bar.update()
+        else:
+            jobs = [
+                (executor.submit(run_cells, m, cells[i::n_workers], spec, out), len(cells[i::n_workers]))
+                for m, cells in by_model.items()
+                for i in range(min(n_workers, len(cells)))
+            ]
+            for job, n in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
+                job.result()
+                bar.update(n)
+        bar.close()
+        return _summarise(out, spec)
+
+
+def _plan(spec: GridSpec, out: Path, rerun_damaged: bool, say: Callable[[str], None]) -> list[Cell]:
+    """The cells to run: every cell of ``spec`` not finished, or damaged when ``rerun_damaged`` (its folder removed)."""
+    cells = spec.cells()
+    bad = damaged_cells(out, [c.slug for c in cells])
+    if bad and not rerun_damaged:
+        raise ConfigError(damaged_message(out, bad))
+    for slug in bad:
+        shutil.rmtree(out / "cells" / slug)
+    done = finished(out)
+    todo = [c for c in cells if c.slug not in done]
+    other = len(done - {c.slug for c in cells})
     say(
-        f"[mechicl] findings grid: {len(spec.cells())} cells, {len(spec.cells()) - len(todo)} already finished, "
-        f"{len(todo)} to run -> {out}"
+        f"[mechicl] findings grid: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
+        f"{len(todo)} to run{f' ({len(bad)} damaged, re-run)' if bad else ''} -> {out}"
+        + (f"; {other} finished cell(s) of other inputs or settings stay in cells/, not summarised" if other else "")
     )
-    by_model: dict[str, list[Cell]] = {}
-    for c in todo:
-        by_model.setdefault(c.model, []).append(c)
-    bar = tqdm(total=len(todo), desc="findings cells", unit="cell", disable=not progress)
-    if executor is None:
-        for model, cells in by_model.items():
-            loaded = load_model(model)
-            for c in cells:
-                bar.set_postfix_str(c.slug)
-                run_cell(loaded, c, spec.cell_config(c), out, progress=False)
-                bar.update()
-    else:
-        jobs = [
-            (executor.submit(run_cells, m, cells[i::n_workers], spec, out), len(cells[i::n_workers]))
-            for m, cells in by_model.items()
-            for i in range(min(n_workers, len(cells)))
-        ]
-        for job, n in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
-            job.result()
-            bar.update(n)
-    bar.close()
-    return summarise(out, spec)
-
-
-def _check_finished(spec: GridSpec, out: Path) -> None:
-    """Refuse to reuse a finished cell that ran with another configuration (a resumed grid must be one grid)."""
-    for c in spec.cells():
-        want = {k: v for k, v in asdict(spec.cell_config(c)).items() if k != "seed"}
-        meta = out / "cells" / c.slug / "cell.json"
-        if c.slug in finished(out) and meta.is_file():
-            had = {k: v for k, v in json.loads(meta.read_text(encoding="utf-8"))["config"].items() if k != "seed"}
-            if had != want:
-                diff = {k: (had.get(k), v) for k, v in want.items() if had.get(k) != v}
-                raise ConfigError(
-                    f"{out}/cells/{c.slug} was run with another configuration ({diff}, as (had, asked)); "
-                    f"pass another --out, or delete that cell to rerun it"
-                )
+    return todo
 
 
 def make_executor(
@@ -243,31 +271,71 @@ def make_executor(
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")), workers
 
 
+READ_COLUMNS = {"screen": {"layer", "head"}, "validate": {"layer", "head", "effect", "above_control"}, "sets": {"test"}}
+
+
 def read_cell(folder: Path) -> CellTables:
-    """A finished cell's tables (``cell.json`` and CSVs) as ``CellTables``."""
-    meta = json.loads((folder / "cell.json").read_text(encoding="utf-8"))
+    """A finished cell's tables (``cell.json`` and CSVs) as ``CellTables``; ``ConfigError`` naming a damaged file."""
+    try:
+        meta = json.loads((folder / "cell.json").read_text(encoding="utf-8"))
 
-    def table(name: str) -> pd.DataFrame:
-        p = folder / f"{name}.csv"
-        return pd.read_csv(p) if p.is_file() and p.stat().st_size > 1 else pd.DataFrame()
+        def table(name: str) -> pd.DataFrame:
+            p = folder / f"{name}.csv"
+            if not (p.is_file() and p.stat().st_size > 1):
+                return pd.DataFrame()  # an empty table (written as one newline)
+            df = pd.read_csv(p)
+            if not READ_COLUMNS[name] <= set(df.columns):  # e.g. a truncated header
+                raise ValueError(f"{name}.csv lacks the columns {sorted(READ_COLUMNS[name] - set(df.columns))}")
+            return df
 
-    return CellTables(
-        meta["model"],
-        meta["task"],
-        int(meta["seed"]),
-        bool(meta["has_effect"]),
-        meta["baseline"],
-        table("screen"),
-        table("validate"),
-        table("sets"),
-        float(sum(meta["timings"].values())),
-    )
+        return CellTables(
+            meta["model"],
+            meta["task"],
+            int(meta["seed"]),
+            bool(meta["has_effect"]),
+            meta["baseline"],
+            table("screen"),
+            table("validate"),
+            table("sets"),
+            float(sum(meta["timings"].values())),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pd.errors.ParserError) as e:
+        raise ConfigError(
+            f"cannot read the finished cell {folder}: {type(e).__name__}: {e}; the cell is damaged: {RERUN_HINT}"
+        ) from e
 
 
-def summarise(out: Path, spec: GridSpec | None = None) -> Replication:
-    """Replication over every finished cell under ``out`` (those of ``spec`` only, when given); writes ``out/summary``."""
-    names = finished(out) if spec is None else finished(out) & {c.slug for c in spec.cells()}
-    cells = [read_cell(out / "cells" / n) for n in sorted(names)]
+def summarise(out: Path | str, spec: GridSpec | None = None) -> Replication:
+    """Replication over every finished cell under ``out`` (those of ``spec`` only, when given); writes ``out/summary``.
+    Holds the grid's lock; a damaged cell raises ``ConfigError`` and removes the old ``summary/``."""
+    out = check_out(out, overwrite=True)
+    with grid_lock(out):
+        return _summarise(out, spec)
+
+
+def _summarise(out: Path, spec: GridSpec | None) -> Replication:
+    names = finished(out)
+    if spec is not None:
+        want = {c.slug for c in spec.cells()}
+        if not names & want:
+            raise ConfigError(
+                f"none of the grid's {len(want)} cells is finished in {out} (it holds {len(names)} finished "
+                f"cell(s){': ' + ', '.join(sorted(names)[:4]) if names else ''}); pass the --config, models, tasks, "
+                f"seeds and settings the grid ran with, or run the grid without --summarise-only"
+            )
+        if want - names:
+            warnings.warn(f"summarising {len(names & want)} of the grid's {len(want)} cells", stacklevel=2)
+        names &= want
+    try:
+        bad = damaged_cells(out, sorted(names))
+        if bad:
+            raise ConfigError(damaged_message(out, bad))
+        cells = [read_cell(out / "cells" / n) for n in sorted(names)]
+    except MechiclError as e:  # the old summary no longer describes these cells: do not leave it as if current
+        if (out / "summary").exists():
+            shutil.rmtree(out / "summary")
+            raise ConfigError(f"{e} (the old {out}/summary was removed: it no longer matched the cells)") from e
+        raise
     rep = replicate(cells)
     with staged(
         out / "summary",

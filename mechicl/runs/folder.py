@@ -47,10 +47,14 @@ from mechicl.errors import OutputError
 from mechicl.runs.args import Terminated
 
 
+def safe_name(s: str) -> str:
+    """``s`` as one plain file-name part: characters other than letters, digits, ``-_.`` become ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+
 def default_out(kind: str, model: str, task: str) -> Path:
     """``runs/<time>-<kind>-<model>-<task>`` with unsafe characters replaced."""
-    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in s)  # noqa: E731
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{safe(model)}-{safe(task)}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{safe_name(model)}-{safe_name(task)}"
 
 
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
@@ -99,9 +103,10 @@ def _follow_link(out: Path) -> Path:
 
 
 @contextmanager
-def exclusive(out: Path) -> Iterator[None]:
+def exclusive(out: Path, busy: str = "") -> Iterator[None]:
     """Hold the lock file ``.<name>.lock`` beside ``out`` (created, then removed at the end), so only one run writes
-    ``out`` at a time; another holder makes it raise ``OutputError`` at once (it does not wait)."""
+    ``out`` at a time; another holder makes it raise ``OutputError`` at once (it does not wait), with ``busy``
+    (``{pid}`` = the holder's) as the message if given."""
     path = out.with_name(f".{out.name}.lock")
     for _ in range(5):  # the holder removes the file as it leaves: retry when we locked a file just removed
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -111,11 +116,12 @@ def exclusive(out: Path) -> Iterator[None]:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = path.read_text(encoding="utf-8", errors="replace").strip() if path.exists() else "?"
-            raise OutputError(
-                f"another mechicl run (pid {holder or '?'}) is writing {out} right now; wait for it to finish, "
-                f"or pass another --out"
-            ) from None
+            holder = (path.read_text(encoding="utf-8", errors="replace").strip() if path.exists() else "") or "?"
+            busy = (
+                busy
+                or "another mechicl run (pid {pid}) is writing {out} right now; wait for it to finish, or pass another --out"
+            )
+            raise OutputError(busy.replace("{pid}", holder).replace("{out}", str(out))) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -20,6 +20,7 @@ from mechicl.runs.args import (
     fraction,
     int_at_least,
     int_list,
+    key_values,
     set_sizes,
 )
 
@@ -355,11 +356,17 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--slurm",
+        type=key_values,
         default=None,
         help="submitit/Slurm parameters as key=value,... e.g. slurm_partition=gpu,timeout_min=60",
     )
     p.add_argument(
         "--summarise-only", action="store_true", help="run no cell; rebuild out/summary from the finished cells"
+    )
+    p.add_argument(
+        "--rerun-damaged",
+        action="store_true",
+        help="re-run finished cells whose files no longer match their manifest.json (default: stop and name them)",
     )
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads in the serial run (default 1)")
     p.add_argument(

@@ -12,6 +12,7 @@ import pandas as pd
 
 from mechicl.errors import ConfigError
 from mechicl.runs.circuit import significant_edges
+from mechicl.runs.folder import safe_name
 from mechicl.viz.report_html import Figure, Note, Section, Table
 
 
@@ -79,7 +80,7 @@ def findings_blocks(folder: Path, model: str) -> list:
             "validated on held-out contexts (docs/findings.md).",
         )
     ]
-    png = folder / "summary" / f"effects_{model}.png"
+    png = folder / "summary" / f"effects_{safe_name(model)}.png"
     if png.is_file():
         blocks.append(
             Figure(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -90,10 +91,14 @@ def test_grid_config_from_toml_with_overrides_and_clear_errors(tmp_path):
         F.load_grid(p)
 
 
-def test_cell_slugs_are_unique_and_path_safe():
-    a = F.Cell("m", "/data/a/reviews.csv", 0).slug
-    b = F.Cell("m", "/data/b/reviews.csv", 0).slug
-    assert a != b and "/" not in a and F.Cell("m", "vader-words", 2).slug == "m__vader-words__seed2"
+def test_cell_slugs_are_path_safe_and_keyed():
+    assert F.Cell("m", "vader-words", 2, "abc").slug == "m__vader-words__seed2__abc"
+    for model in ("/path/to/x.safetensors", "org/name", "../../up", ".hidden"):
+        slug = F.Cell(model, "/data/a/reviews.csv", 0, "k").slug
+        assert "/" not in slug and not slug.startswith(".")  # one plain folder name, directly under cells/
+        assert (Path("/g/cells") / slug).resolve().parent == Path("/g/cells")
+    keys = {c.key for c in SPEC.cells()}
+    assert len(keys) == 2 and all(len(k) == 12 for k in keys)  # seeds 0 and 1: two keys
 
 
 def test_cli_runs_a_grid_resumes_and_summarises(tmp_path, capsys):
@@ -131,31 +136,21 @@ def test_cli_runs_a_grid_resumes_and_summarises(tmp_path, capsys):
     assert "# Findings grid" in out and "## Head-level findings" in out and "Halawi" in out
     assert main(argv) == 0
     assert "1 already finished, 0 to run" in capsys.readouterr().out
-    cfg = json.loads((tmp_path / "grid" / "cells" / "organism-strong__organism__seed0" / "cell.json").read_text())[
-        "config"
-    ]
+    (cell,) = (tmp_path / "grid" / "cells").glob("organism-strong__organism__seed0__*")
+    cfg = json.loads((cell / "cell.json").read_text())["config"]
     assert (cfg["k"], cfg["k_min"], cfg["n_top"], cfg["seed"]) == (8, 4, 2, 0)
-    assert (
-        main(
-            [
-                "findings",
-                "--summarise-only",
-                "--models",
-                "organism-strong",
-                "--tasks",
-                "organism",
-                "--seeds",
-                "0",
-                "--out",
-                str(tmp_path / "grid"),
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--summarise-only"]) == 0  # the same grid: its cells are found by their keys
+    capsys.readouterr()
+    assert main([*argv[:-2], "--n-top", "1", "--out", str(tmp_path / "grid"), "--summarise-only"]) == 2
+    assert "none of the grid's 1 cells is finished" in capsys.readouterr().err  # another configuration
 
 
-def test_a_finished_cell_run_with_another_config_is_not_silently_reused(tmp_path):
+def test_a_finished_cell_run_with_another_config_is_not_reused(tmp_path):
     F.run_grid(F.GridSpec(SPEC.models, SPEC.tasks, (0,), CFG), tmp_path, **QUIET)
     other = F.GridSpec(SPEC.models, SPEC.tasks, (0,), FindingsConfig(**{**CFG.__dict__, "n_top": 1}))
-    with pytest.raises(ConfigError, match="another configuration"):
-        F.run_grid(other, tmp_path, **QUIET)
+    said = []
+    rep = F.run_grid(other, tmp_path, progress=False, say=said.append)
+    assert "0 already finished, 1 to run" in said[0] and "1 finished cell(s) of other inputs" in said[0]
+    assert len(F.finished(tmp_path)) == 2 and len(rep.cells) == 1  # the summary holds the asked config's cell only
+    (cell,) = [tmp_path / "cells" / c.slug for c in other.cells()]
+    assert json.loads((cell / "cell.json").read_text())["config"]["n_top"] == 1
