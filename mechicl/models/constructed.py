@@ -21,7 +21,8 @@ norm is the identity up to that factor; no matrix reads CONST or SINK):
   24    PREV_POL   L0H0 (previous-token head)       POL of the previous token: at a label, its input's class
   25    Q_POL      L0H1 (query/class head)          POL of the token itself: at the readout slot, the query's class
   26-29 ANS        L0H2 (prior), the reader(s)      answer logits of negative, positive, a, b (W_U reads them)
-  30-63 unused (0)
+  30-33 MOVED      L0H3 (label mover)               LAB again, written by a head (route "head" only)
+  34-63 unused (0)
 
 Heads (W_Q/W_K/W_V: [d_model, d_head] per head, W_O: [d_head, d_model]; scores are q.k / sqrt(d_head)):
 
@@ -30,10 +31,12 @@ Heads (W_Q/W_K/W_V: [d_model, d_head] per head, W_O: [d_head, d_model]; scores a
   L0H1  query/class head: attends to itself (same code, no shift); OV POL -> Q_POL. No label information.
   L0H2  prior carrier: attends to itself; OV POL -> ANS: +prior/2 on positive, -prior/2 on negative, so the
         default label's log-odds at k = 0 is ``prior`` (the knob).
-  L0H3  inert: all weights zero (uniform attention, zero output).
+  L0H3  label mover (route "head", the default): attends to itself; OV copies LAB -> MOVED, so the label identity
+        reaches the reader through a layer-0 head (as in the trained organisms, and as path patching from earlier
+        heads can see). Route "direct" (``constructed-direct``): all weights zero (inert) and the reader reads LAB.
   L1    reader(s) (L1H2; L1H1 + L1H2 with two readers): score = 20 IS_LABEL + 26 IS_BOS + 6 Q_POL(i) PREV_POL(j):
         a label whose input has the query's class scores 26, like <bos>; another class's label 14, inputs <= 6.
-        With n matching labels the reader puts n/(n+1) on them (BOS takes the rest) and its OV copies LAB -> ANS
+        With n matching labels the reader puts n/(n+1) on them (BOS takes the rest) and its OV copies MOVED (LAB if direct) -> ANS
         with gain 8 / readers: evidence that saturates with n. With no matching label it writes ~0.
   L1H0  decoy: the reader's QK (it attends to the same labels) with zero OV: inert. Other layer-1 heads: zero.
 
@@ -72,6 +75,8 @@ LAB = (6, 7, 8, 9)  # residual dims of the label words, in LABEL_WORDS order
 POS = tuple(range(10, 24))  # (cos, sin) pairs of the binary position code
 PREV_POL, Q_POL = 24, 25
 ANS = (26, 27, 28, 29)  # answer logits, in LABEL_WORDS order
+MOVED = (30, 31, 32, 33)  # the label mover's copy of LAB
+ROUTES = ("head", "direct")
 LABEL_WORDS = (*SENTIMENT, *ARBITRARY_WORDS)  # negative, positive, a, b
 N_FREQ = len(POS) // 2  # periods 2, 4, ..., 128 = N_CTX
 
@@ -92,10 +97,12 @@ class Planted:
 
     Heads are spelled ``L<layer>H<head>`` (``data.names``). ``class_heads`` carry an input's class but no label
     information (L0H0 at the label positions, L0H1 at the readout slot); ``prior_carriers`` write the default
-    map's answer from the query's own words; ``inert_heads`` write exactly nothing (zero OV).
+    map's answer from the query's own words; ``label_movers`` carry label identity at the label positions only
+    (upstream of the readers, nothing at the readout slot); ``inert_heads`` write exactly nothing (zero OV).
     """
 
     label_heads: tuple[str, ...]
+    label_movers: tuple[str, ...]
     class_heads: tuple[str, ...]
     prior_carriers: tuple[str, ...]
     inert_heads: tuple[str, ...]
@@ -115,10 +122,11 @@ def planted(name: str) -> Planted:
 
 
 def planted_for(spec: ConstructedSpec) -> Planted:
-    readers = _readers(spec.readers)
-    inert = [(0, 3)] + [(1, h) for h in range(N_HEADS) if h not in readers]
+    readers, routed = _readers(spec.readers), _route(spec.route) == "head"
+    inert = ([] if routed else [(0, 3)]) + [(1, h) for h in range(N_HEADS) if h not in readers]
     return Planted(
         label_heads=tuple(head_name(1, h) for h in readers),
+        label_movers=(head_name(0, 3),) if routed else (),
         class_heads=(head_name(0, 0), head_name(0, 1)),
         prior_carriers=(head_name(0, 2),),
         inert_heads=tuple(head_name(l, h) for l, h in inert),
@@ -131,6 +139,12 @@ def _readers(n: int) -> tuple[int, ...]:
     if n not in READER_HEADS:
         raise ConfigError(f"a constructed organism has 1 or 2 reader heads, got readers={n}")
     return READER_HEADS[n]
+
+
+def _route(route: str) -> str:
+    if route not in ROUTES:
+        raise ConfigError(f"route must be one of {ROUTES} (how label identity reaches the reader), got {route!r}")
+    return route
 
 
 def _zero_sum(v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -192,12 +206,15 @@ class _Weights:
         return cls(z(D_MODEL, D_HEAD), z(D_MODEL, D_HEAD), z(D_MODEL, D_HEAD), z(D_HEAD, D_MODEL), z(D_HEAD))
 
 
-def layer0(prior: float) -> _Weights:
-    """L0H0 previous-token class head, L0H1 query/class head, L0H2 prior carrier, L0H3 inert."""
+def layer0(prior: float, route: str = "head") -> _Weights:
+    """L0H0 previous-token class head, L0H1 query/class head, L0H2 prior carrier, L0H3 label mover (or inert)."""
     w = _Weights.zeros()
     w.W_Q[0], w.W_K[0] = _position_qk(shift=1)
-    for h in (1, 2):
+    for h in (1, 2, 3) if _route(route) == "head" else (1, 2):
         w.W_Q[h], w.W_K[h] = _position_qk(shift=0)
+    if route == "head":
+        for i in range(len(LABEL_WORDS)):
+            w.W_V[3, LAB[i], i], w.W_O[3, i, MOVED[i]] = 1.0, 1.0
     for h in (0, 1, 2):
         w.W_V[h, POL, 0] = 1.0  # value: the attended token's polarity
     w.W_O[0, 0, PREV_POL] = 1.0
@@ -207,7 +224,7 @@ def layer0(prior: float) -> _Weights:
     return w
 
 
-def layer1(readers: tuple[int, ...]) -> _Weights:
+def layer1(readers: tuple[int, ...], route: str = "head") -> _Weights:
     """The label reader(s) and the decoy (reader's QK, zero OV); every other layer-1 head is zero."""
     w = _Weights.zeros()
     root = math.sqrt(D_HEAD)
@@ -219,7 +236,7 @@ def layer1(readers: tuple[int, ...]) -> _Weights:
         w.W_K[h, PREV_POL, 1] = 1.0  # ... against each label's input class
     for h in readers:
         for i in range(len(LABEL_WORDS)):
-            w.W_V[h, LAB[i], i] = 1.0
+            w.W_V[h, (MOVED if _route(route) == "head" else LAB)[i], i] = 1.0
             w.W_O[h, i, ANS[i]] = READ_GAIN / len(readers)
     w.W_O = _zero_sum(w.W_O)
     return w
@@ -244,8 +261,8 @@ def constructed_state(spec: ConstructedSpec, model_state: dict[str, Tensor]) -> 
         if k.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
             state[k] = torch.full((D_MODEL,), s0)
     state["embed.weight"], state["pos_embed.weight"] = embedding(), positions()
-    state.update(_attn_state("blocks.0", layer0(spec.prior)))
-    state.update(_attn_state("blocks.1", layer1(_readers(spec.readers))))
+    state.update(_attn_state("blocks.0", layer0(spec.prior, spec.route)))
+    state.update(_attn_state("blocks.1", layer1(_readers(spec.readers), spec.route)))
     w_u = torch.zeros(len(VOCAB), D_MODEL)
     b_u = torch.full((len(VOCAB),), NOT_A_LABEL)
     for i, word in enumerate(LABEL_WORDS):
@@ -255,15 +272,18 @@ def constructed_state(spec: ConstructedSpec, model_state: dict[str, Tensor]) -> 
     return state
 
 
-def build_constructed(prior: float = 2.0, readers: int = 1) -> LoadedModel:
-    """A constructed organism with prior log-odds ``prior`` at k = 0 and ``readers`` (1 or 2) label-reading heads.
+def build_constructed(prior: float = 2.0, readers: int = 1, route: str = "head") -> LoadedModel:
+    """A constructed organism with prior log-odds ``prior`` at k = 0 and ``readers`` (1 or 2) label-reading heads;
+    ``route`` "head" (label identity moved by L0H3) or "direct" (read from the embedding).
 
     Cost: building the bridge (~0.1 s); no training. The same arguments give the same weights.
     """
     if not math.isfinite(float(prior)):
         raise ConfigError(f"the prior log-odds must be finite, got {prior}")
-    spec = ConstructedSpec(float(prior), int(readers), f"hand-set, prior log-odds {prior:g}, {readers} reader(s)")
-    return _build(spec, f"constructed(prior={prior:g}, readers={readers})")
+    spec = ConstructedSpec(
+        float(prior), int(readers), f"hand-set, prior log-odds {prior:g}, {readers} reader(s)", route
+    )
+    return _build(spec, f"constructed(prior={prior:g}, readers={readers}, route={route})")
 
 
 def load_constructed(name: str) -> LoadedModel:
@@ -273,6 +293,7 @@ def load_constructed(name: str) -> LoadedModel:
 
 def _build(spec: ConstructedSpec, name: str) -> LoadedModel:
     _readers(spec.readers)
+    _route(spec.route)
     cfg = OrganismConfig(n_layers=2, d_model=D_MODEL, n_heads=N_HEADS, n_ctx=N_CTX, positional="standard")
     model = build_model(cfg)
     model.load_state_dict(constructed_state(spec, model.state_dict()), strict=True)

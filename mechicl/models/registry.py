@@ -59,12 +59,14 @@ class ConstructedSpec:
     prior: float  # the prior carrier's log-odds for the default label at k = 0
     readers: int  # label-reading heads that split the reading (each carries 1 / readers of it)
     description: str
+    route: str = "head"  # how label identity reaches the reader: via layer-0 head L0H3 ("head") or the embedding
 
 
 CONSTRUCTED = {  # name -> recipe of a constructed organism (docs/organism.md, "Constructed organisms")
     "constructed": ConstructedSpec(2.0, 1, "hand-set: one label reader L1H2, prior log-odds 2"),
     "constructed-strong-prior": ConstructedSpec(5.0, 1, "hand-set: one label reader L1H2, prior log-odds 5"),
     "constructed-two-readers": ConstructedSpec(2.0, 2, "hand-set: readers L1H1 + L1H2 each carry half, prior 2"),
+    "constructed-direct": ConstructedSpec(2.0, 1, "hand-set: as constructed, labels read from the embedding", "direct"),
 }
 
 

@@ -86,16 +86,19 @@ def test_registered_names_load_and_plant_every_head(models):
     for name, loaded in models.items():
         check_model_name(name)
         p = planted(name)
-        roles = [*p.label_heads, *p.class_heads, *p.prior_carriers, *p.inert_heads]
+        roles = [*p.label_heads, *p.label_movers, *p.class_heads, *p.prior_carriers, *p.inert_heads]
         assert sorted(roles) == sorted(f"L{l}H{h}" for l in range(2) for h in range(4))  # each head one role
         assert live_heads(loaded.model, 1) == [h for _, h in _heads(p.label_heads)]  # the weights agree
         for l, h in _heads(p.inert_heads):
             assert not out_weight(loaded.model, l)[:, 16 * h : 16 * (h + 1)].any()
     assert planted("constructed-two-readers").label_heads == ("L1H1", "L1H2")
+    assert planted("constructed").label_movers == ("L0H3",) and "L0H3" in planted("constructed-direct").inert_heads
     with pytest.raises(ConfigError, match="not a constructed organism"):
         planted("organism-strong")
     with pytest.raises(ConfigError, match="1 or 2 reader heads"):
         build_constructed(readers=3)
+    with pytest.raises(ConfigError, match="route must be one of"):
+        build_constructed(route="mlp")
 
 
 def test_same_recipe_same_weights():
@@ -218,3 +221,35 @@ def test_interchanging_the_reader_output_carries_the_label_map(models, batches):
     got = slot_logodds(loaded, flipped, [(name, patch)])  # log-odds of the flipped (shown) label
     n = matching(flipped)
     assert torch.allclose(-got, READ_GAIN * n / (n + 1) + 2.0, atol=2e-3)
+
+
+def test_the_label_mover_routes_label_identity_only_through_label_positions(models, batches):
+    """Routed (default) and direct models give the same log-odds; zeroing the mover L0H3 everywhere leaves only the
+    prior, zeroing it at the readout slots changes ~nothing (a feature word is no label)."""
+    batch, routed = batches["flipped"], models["constructed"]
+    clean = slot_logodds(routed, batch)
+    assert (clean - slot_logodds(models["constructed-direct"], batch)).abs().max() <= 1e-3  # LayerNorm scales differ
+    assert torch.allclose(slot_logodds(routed, batch, [zero_z(0, [3])]), expected_logodds(batch, 2.0, 0.0), atol=2e-3)
+    # ~nothing at the readout slots: its self-attention leaks < 3e-7 onto other positions
+    assert (slot_logodds(routed, batch, [zero_z(0, [3], batch.readout_pos)]) - clean).abs().max() <= 1e-5
+
+
+def test_path_from_the_label_mover_into_the_reader_carries_the_map(models, batches):
+    """Brute-force path patch L0H3 -> L1H2 (its only reader: MOVED is read by nothing else): L0H3's z from the
+    default-label run, put into the flipped run, gives the default run's log-odds of the true label; on the direct
+    model, where L0H3 is inert, the same patch moves nothing."""
+    flipped, default = batches["flipped"], batches["default"]
+    name = "blocks.0.attn.hook_z"
+    for model_name, gain in (("constructed", READ_GAIN), ("constructed-direct", -READ_GAIN)):
+        loaded = models[model_name]
+        with torch.no_grad():
+            donor = loaded.model.run_with_cache(default.tokens, names_filter=lambda n: n == name)[1][name]
+
+        def patch(z, hook, donor=donor):
+            z = z.clone()
+            z[:, :, 3] = donor.to(z.device)[:, :, 3]
+            return z
+
+        true_logodds = -slot_logodds(loaded, flipped, [(name, patch)])
+        n = matching(flipped)
+        assert torch.allclose(true_logodds, gain * n / (n + 1) + 2.0, atol=2e-3)
