@@ -14,7 +14,11 @@ the replacement of ``z`` at every slot, one tensor per draw, ``None`` = zeros):
 - ``mean``: its mean output at that slot over both renderings' contexts;
 - ``mean_correct``: its mean output at that slot over the correct-label contexts (Todd et al.'s clean
   mean; the organisms' pruning stage uses it);
-- ``zero``: zeros.
+- ``zero``: zeros;
+- ``mean_condition``: its mean output at that slot over the same condition's contexts (condition-matched
+  mean: a flipped context gets the flipped contexts' mean, so nothing of the other condition is written in);
+- ``interchange``: its output at that slot of the *same* context rendered in the other condition (correct-label
+  contexts get the flipped rendering's output and vice versa): the head's whole label-condition signal swapped.
 
 **Effect.** P(true label) (softmax over the label words) at every slot. Per context ``c`` (means over
 its slots ``s``)::
@@ -121,7 +125,22 @@ def _zero(abl: HeadAblation, cond: str) -> list[Tensor | None]:
     return [None]
 
 
-MODES: dict[str, Mode] = {"resample": _resample, "mean": _mean, "mean_correct": _mean_correct, "zero": _zero}
+def _mean_condition(abl: HeadAblation, cond: str) -> list[Tensor | None]:
+    return [abl.z[cond].mean(0, keepdim=True).expand_as(abl.z[cond])]
+
+
+def _interchange(abl: HeadAblation, cond: str) -> list[Tensor | None]:
+    return [abl.z[CONDITIONS[1 - CONDITIONS.index(cond)]]]  # the other rendering of the same contexts
+
+
+MODES: dict[str, Mode] = {
+    "resample": _resample,
+    "mean": _mean,
+    "mean_correct": _mean_correct,
+    "zero": _zero,
+    "mean_condition": _mean_condition,
+    "interchange": _interchange,
+}
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def test_resample_ablation_equals_hooked_forwards(tiny, model):
 def test_an_unknown_mode_or_mismatched_renderings_are_refused(tiny):
     correct, flipped = _pair(tiny, helpers.toy_task(3))
     with pytest.raises(ValueError, match="mode must be one of"):
-        HeadAblation(tiny.model, correct, flipped, k_min=2, mode="interchange")
+        HeadAblation(tiny.model, correct, flipped, k_min=2, mode="no-such-mode")
     other, _ = _pair(tiny, helpers.toy_task(3), seed=1)
     with pytest.raises(ValueError, match="same contexts"):
         HeadAblation(tiny.model, other, flipped, k_min=2)
@@ -135,3 +135,40 @@ def test_gap_reduction_formula():
     assert gap_reduction(0.9, 0.5, 0.3) == pytest.approx(-0.5)
     assert np.isnan(gap_reduction(0.5, 0.5, 0.9)) and np.isnan(gap_reduction(0.4, 0.5, 0.9))
     np.testing.assert_allclose(gap_reduction(1.0, 0.0, np.array([0.0, 0.25, 1.0])), [0.0, 0.25, 1.0])
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("mode", ["interchange", "mean_condition"])
+@pytest.mark.parametrize("k_min", [2, 5])
+def test_interchange_and_condition_mean_equal_two_plain_forwards(tiny, model, mode, k_min):
+    """``interchange``: the head's ``hook_z`` captured in a plain forward of the *other* rendering and patched in at
+    each slot; ``mean_condition``: the same rendering's mean over contexts. Both against one hooked forward per slot."""
+    loaded = tiny if model == "tiny" else helpers.tiny_hf("llama")
+    correct, flipped = _pair(loaded, helpers.toy_task(3))
+    head = (1, 2)
+    sc = HeadAblation(loaded.model, correct, flipped, k_min=k_min, mode=mode).scores([[head]])
+    zc, zf = _slot_z(loaded, correct, head), _slot_z(loaded, flipped, head)  # [b, ex, d], plain forwards
+    if mode == "interchange":
+        src_c, src_f = zf, zc
+    else:
+        src_c, src_f = (z.mean(0, keepdim=True).expand_as(z) for z in (zc, zf))
+    same = torch.arange(4)  # donor = the context itself: the unablated run
+    base_c, base_f = (helpers.slot_resample_reference(loaded, b, k_min, head, same).numpy() for b in (correct, flipped))
+    pc, _ = _replaced_p_true(loaded, correct, k_min, head, src_c)
+    pf, acc_f = _replaced_p_true(loaded, flipped, k_min, head, src_f)
+    np.testing.assert_allclose(sc.d_correct[0], (pc - base_c).mean(1), atol=1e-5)
+    np.testing.assert_allclose(sc.d_flipped[0], (pf - base_f).mean(1), atol=1e-5)
+    np.testing.assert_allclose(sc.closed[0], ((base_c - base_f) - (pc - pf)).mean(1), atol=1e-5)
+    np.testing.assert_array_equal(sc.acc_flipped_last[0], acc_f)
+    assert np.abs(sc.d_flipped).max() > 1e-4 and np.abs(sc.d_correct).max() > 1e-4  # not vacuous
+
+
+def test_the_new_modes_differ_from_the_existing_ones(tiny):
+    """``mean_condition`` is not ``mean`` / ``mean_correct`` on flipped contexts, and ``interchange`` is not a mean."""
+    correct, flipped = _pair(tiny, helpers.toy_task(3))
+    abl = {m: HeadAblation(tiny.model, correct, flipped, k_min=2, mode=m) for m in MODES if m != "resample"}
+    flip = {m: a.sources("flipped")[0] for m, a in abl.items()}
+    assert torch.equal(abl["mean_condition"].sources("correct")[0], abl["mean_correct"].sources("correct")[0])
+    for other in ("mean", "mean_correct", "interchange"):
+        assert not torch.allclose(flip["mean_condition"], flip[other])
+    assert torch.equal(flip["interchange"], abl["interchange"].z["correct"])
