@@ -33,8 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mechicl.data.names import head_name, parse_heads
 from mechicl.data.task import Template
-from mechicl.errors import USER_ERRORS, TaskError
+from mechicl.errors import USER_ERRORS, MechiclError, TaskError
 from mechicl.models.registry import DEFAULT_MODEL
 
 
@@ -117,6 +118,21 @@ def key_values(text: str) -> str:
     if not all(len(kv) == 2 and kv[0].strip() and kv[1].strip() for kv in pairs):
         raise argparse.ArgumentTypeError(
             f"must be comma-separated key=value pairs, e.g. slurm_partition=gpu,timeout_min=60; got {text!r}"
+        )
+    return text
+
+
+def head_list(text: str) -> str:
+    """``--heads``: heads spelled ``L1H1,L0H2`` (``data.names.parse_heads``), at least one, none twice; returned as given."""
+    try:
+        heads = parse_heads(text)
+    except MechiclError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    twice = sorted({head_name(*h) for h in heads if heads.count(h) > 1})
+    if not heads or twice:
+        raise argparse.ArgumentTypeError(
+            f"must name each head once, e.g. L1H1,L0H2; got {text!r}"
+            + (f" ({', '.join(twice)} twice)" if twice else "")
         )
     return text
 

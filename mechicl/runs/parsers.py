@@ -8,6 +8,7 @@ does not: k observed demonstrations + 1 query per context.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from mechicl.analysis.patching.kinds import KINDS
@@ -18,6 +19,7 @@ from mechicl.runs.args import (
     add_multi_token,
     add_run_args,
     fraction,
+    head_list,
     int_at_least,
     int_list,
     key_values,
@@ -199,13 +201,15 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers, e.g. 0,0.5,1,2,4; got {text!r}") from None
     if not vals:
         raise argparse.ArgumentTypeError(f"must be one or more comma-separated numbers; got {text!r}")
+    if not all(math.isfinite(v) for v in vals):  # nan/inf steering gives NaN tables
+        raise argparse.ArgumentTypeError(f"must be finite numbers (no nan or inf), e.g. 0,0.5,1,2,4; got {text!r}")
     return vals
 
 
 def aggregate_args(p: argparse.ArgumentParser) -> None:
     """``aggregate``: head projections against the count and placement of flipped labels; steering."""
     add_model_task(p)
-    add_k(p, 16)
+    add_k(p, 16, lo=2)  # k = 1 has no placement of flipped labels to compare (it failed after compute)
     for flag, default, low, what in (
         ("--n-select", 16, 2, "contexts that choose the heads and the steering vectors"),
         ("--n-fit", 64, 2, "contexts the models are fitted on"),
@@ -215,7 +219,10 @@ def aggregate_args(p: argparse.ArgumentParser) -> None:
     ):
         p.add_argument(flag, type=int_at_least(low), default=default, help=f"{what} (default {default})")
     p.add_argument(
-        "--heads", default=None, help="heads to measure, e.g. L1H1,L0H2 (default: chosen on the select draw)"
+        "--heads",
+        type=head_list,
+        default=None,
+        help="heads to measure, e.g. L1H1,L0H2 (default: chosen on the select draw)",
     )
     p.add_argument(
         "--placements",
