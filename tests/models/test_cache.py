@@ -53,19 +53,11 @@ def test_embedded_gguf_is_rebuilt_from_a_damaged_wheel_and_leaves_no_part_files(
 
 
 def _tiny_llama() -> LlamaForCausalLM:
+    """A 1-layer random Llama over the tiny vocabulary (LlamaConfig's own BOS id 1 matches the tokenizer's)."""
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            bos_token_id=1,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
+        cfg = LlamaConfig(vocab_size=len(VOCAB), num_hidden_layers=1, pad_token_id=0, **sizes)
         return LlamaForCausalLM(cfg).eval()
 
 
