@@ -24,15 +24,22 @@ from mechicl.runs.run_ideal_learner import fit_learner, learner_markdown, write_
 from mechicl.viz.behavior import plot_metric
 
 
-def load_config(path: Path | str, **overrides: object) -> ExperimentConfig:
-    """Read and validate a TOML experiment config; ``overrides`` replace top-level keys."""
+def read_config_text(path: Path | str) -> str:
+    """The TOML experiment config's text (``ConfigError`` if it is missing or not UTF-8)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment config {path} does not exist (see experiments/*.toml)")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text; save the TOML config as UTF-8") from e
+
+
+def load_config(path: Path | str, text: str | None = None, **overrides: object) -> ExperimentConfig:
+    """Read and validate a TOML experiment config (``text``: its contents, already read); ``overrides`` replace
+    top-level keys."""
+    try:
+        raw = tomllib.loads(read_config_text(path) if text is None else text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
     return parse_config(raw, str(path), **overrides)
@@ -167,8 +174,10 @@ def write_experiment(result: ExperimentResult, out: Path, config_text: str | Non
 
 def command(args: argparse.Namespace) -> int:
     """`mechicl run <config.toml>`: an NH experiment; every flag given overrides the config's value."""
+    text = read_config_text(args.config)  # read once, now: the run folder keeps the config as it ran, not as edited
     cfg = load_config(
         args.config,
+        text,
         model=args.model,
         task=args.task,
         n_contexts=args.n_contexts,
@@ -185,7 +194,7 @@ def command(args: argparse.Namespace) -> int:
             flush=True,
         )
         result = run_experiment(cfg, loaded, task=task)
-        write_experiment(result, out, Path(args.config).read_text(encoding="utf-8"))
+        write_experiment(result, out, text)
         return result.verdict
 
     return in_folder(
