@@ -27,5 +27,5 @@ for spec in "tiny toy" "organism-strong organism"; do
 done
 $M findings --models organism-strong --tasks organism --seeds 0 --k 8 --k-min 4 --n-screen 4 --n-confirm 4 --n-validate 8 \
   --n-candidates 4 --n-top 2 --n-control 2 --threads 1 --out "$OUT/findings" > /dev/null
-$M run experiments/nh3_label_switch.toml --model organism-strong --n-contexts 8 --threads 1 --out "$OUT/run_nh3" > /dev/null
+$M run experiments/nh3_label_switch.toml --model organism-strong --task organism --n-contexts 8 --threads 1 --out "$OUT/run_nh3" > /dev/null
 echo "wrote $(find "$OUT" -name '*.csv' | wc -l) CSVs to $OUT"
