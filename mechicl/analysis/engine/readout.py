@@ -201,7 +201,7 @@ def label_sequence_logprobs(
                 toks[r, p : p + len(seqs[c])] = torch.tensor(seqs[c])
                 mask[r, : p + len(seqs[c])] = 1
             resid = run_to_final(model, toks, attention_mask=mask)
-            for r, (_j, c, p) in enumerate(chunk):
+            for r, (j, c, p) in enumerate(chunk):
                 q = torch.tensor(seqs[c])
                 logp = to_host(torch.log_softmax(unembed_labels(model, resid[r, p - 1 : p - 1 + len(q)], None), -1))
                 out[i, j, c] = logp[torch.arange(len(q)), q].sum()
