@@ -9,7 +9,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from mechicl.models.registry import DEFAULT_MODEL, EMBEDDED, known_models
+from mechicl.models.registry import CONSTRUCTED, DEFAULT_MODEL, EMBEDDED, known_models
 
 
 def models(args: argparse.Namespace) -> int:
@@ -19,6 +19,8 @@ def models(args: argparse.Namespace) -> int:
         if name.startswith("organism-"):
             variant = "".join(f", {x}" for x in name.split("-")[2:])  # s1, s2, unpruned
             desc = f"trained model organism ({name.split('-')[1]} prior{variant}), see docs/organism.md"
+        if name in CONSTRUCTED:
+            desc = f"{CONSTRUCTED[name].description}, see docs/organism.md"
         print(f"{name:24s} {desc}{'  (default)' if name == DEFAULT_MODEL else ''}")
     print("Also: a .gguf file, a local Hugging Face model directory, or a Hub id org/name (needs internet).")
     return 0
