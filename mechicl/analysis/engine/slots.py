@@ -18,20 +18,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechicl.analysis.engine import reruns
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.engine.reruns import (
-    ATOL,
-    check_rerun,
-    copies_mask,
-    dims,
-    kv_or_full,
-    left_pad,
-    lowest_layer,
-    prefix_cache,
-    rerun,
-    z_hooks,
-)
 from mechicl.data.prompts import PromptBatch
 
 
@@ -63,7 +52,7 @@ class SlotStepper:
         max_rows: int = 64,
         score_bytes: int = 2**26,
         mode: str = "auto",
-        atol: float = ATOL,
+        atol: float = reruns.ATOL,
     ) -> None:
         if not 0 <= k_min < batch.n_examples:
             raise ValueError(
@@ -73,11 +62,11 @@ class SlotStepper:
         self.step_tokens, self.max_rows, self.score_bytes = step_tokens, max_rows, score_bytes
         self.pos = batch.readout_pos[:, k_min:]  # [b, S] readout positions of the slots
         self.label_ids = batch.label_token_ids
-        self.n_layers, self.n_heads = dims(model)
-        self.layout = left_pad(batch.tokens, batch.readout_pos[:, -1])
+        self.n_layers, self.n_heads = reruns.dims(model)
+        self.layout = reruns.left_pad(batch.tokens, batch.readout_pos[:, -1])
         self._cols = self.pos + self.layout.offset[:, None]  # [b, S] slot columns in the left-padded layout
         self._cache = None
-        self.mode = "kv" if kv_or_full("SlotStepper", mode, lambda: self._init_kv(atol)) else "full"
+        self.mode = "kv" if reruns.kv_or_full("SlotStepper", mode, lambda: self._init_kv(atol)) else "full"
         if self.mode == "full":
             self._cache = None
             self._init_full()
@@ -104,14 +93,16 @@ class SlotStepper:
         res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
         hooks = capture(self._z_names() + res_names, store, at=self._cols)
         # every position kept: appended steps must not evict the prefix
-        self._cache, resid = prefix_cache(self.model, lay.tokens, hooks, attention_mask=lay.mask, position_ids=lay.pos)
+        self._cache, resid = reruns.prefix_cache(
+            self.model, lay.tokens, hooks, attention_mask=lay.mask, position_ids=lay.pos
+        )
         self.z = torch.stack([store[n] for n in self._z_names()], 2)  # [b, S, L, H, d]
         self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}  # [b, S, d]
         rows = torch.arange(lay.tokens.shape[0])[:, None]
         self.base_logits = unembed_labels(self.model, resid[rows, self._cols], self.label_ids)  # [b, S, labels]
         self.mode = "kv"
         check = self.run(torch.zeros(2, self.n_layers, self.n_heads, dtype=torch.bool))
-        check_rerun("the slots' KV re-run", check, self.base_logits[None], self.model, atol)
+        reruns.check_rerun("the slots' KV re-run", check, self.base_logits[None], self.model, atol)
 
     @torch.no_grad()
     def _init_full(self) -> None:
@@ -186,12 +177,12 @@ class SlotStepper:
         prefix before its column and itself (``reruns.copies_mask``; the window on sliding layers)."""
         lay = self.layout
         prefix_ok = (torch.arange(self.width)[None, None] < cols[:, :, None]) & lay.mask[:, None].bool()
-        return copies_mask(self.model, prefix_ok, lay.pos.gather(1, cols), lay.pos)
+        return reruns.copies_mask(self.model, prefix_ok, lay.pos.gather(1, cols), lay.pos)
 
     def _step(self, cols: Int[Tensor, "batch rows"], hooks: list, start: tuple[int, Tensor] | None = None) -> Tensor:
         """Appended copies re-running the slots at ``cols`` over the cache (one token each)."""
         lay = self.layout
-        return rerun(
+        return reruns.rerun(
             self.model,
             self._cache,
             lay.tokens.gather(1, cols),
@@ -204,9 +195,9 @@ class SlotStepper:
     def _run_kv(self, masks: Tensor, source: Tensor | None) -> Tensor:
         n, S, b = masks.shape[0], self.n_slots, self.batch.n_contexts
         cols = self._cols.repeat(1, n)  # [b, n*S]: copy (i, s) re-runs slot s
-        l0 = lowest_layer(masks)  # blocks below the lowest intervened layer are unchanged
+        l0 = reruns.lowest_layer(masks)  # blocks below the lowest intervened layer are unchanged
         start = (l0, self._resid_pre[l0].repeat(1, n, 1)) if l0 > 0 else None
-        resid = self._step(cols, z_hooks(masks, source, S, b), start)
+        resid = self._step(cols, reruns.z_hooks(masks, source, S, b), start)
         return unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
 
     def _run_full(self, masks: Tensor, source: Tensor | None) -> Tensor:
@@ -220,7 +211,7 @@ class SlotStepper:
             rows_pos = pos[:, None, :].expand(m, n, S).reshape(-1)
             src = source if source is None or source.dim() == 3 else source[rows]
             tokens = self.batch.tokens[rows, : self.width].repeat_interleave(n * S, 0)
-            resid = run_to_final(self.model, tokens, z_hooks(masks, src, S, m, rows_pos))
+            resid = run_to_final(self.model, tokens, reruns.z_hooks(masks, src, S, m, rows_pos))
             logits = unembed_labels(self.model, resid[torch.arange(len(rows_pos)), rows_pos], self.label_ids)
             out.append(logits.view(m, n, S, -1))
         return torch.cat(out, 0).transpose(0, 1)

@@ -14,20 +14,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechicl.analysis.engine import reruns
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final, to_host
 from mechicl.analysis.engine.readout import unembed_labels
-from mechicl.analysis.engine.reruns import (
-    ATOL,
-    check_rerun,
-    copies_mask,
-    dims,
-    kv_or_full,
-    left_pad,
-    lowest_layer,
-    prefix_cache,
-    rerun,
-    z_hooks,
-)
 from mechicl.analysis.engine.surgery import sliding_window
 from mechicl.data.prompts import PromptBatch
 from mechicl.models.device import input_device
@@ -65,17 +54,17 @@ class ReadoutStepper:
         max_rows: int = 256,
         step_tokens: int = 4096,
         mode: str = "auto",
-        atol: float = ATOL,
+        atol: float = reruns.ATOL,
     ) -> None:
         self.model, self.batch = model, batch
         self.max_rows, self.step_tokens = max_rows, step_tokens
-        self.n_layers, self.n_heads = dims(model)
+        self.n_layers, self.n_heads = reruns.dims(model)
         self.q = batch.readout_pos[:, -1]
         self.label_ids = batch.label_token_ids
-        self.layout = left_pad(batch.tokens, self.q)
+        self.layout = reruns.left_pad(batch.tokens, self.q)
         self.window = sliding_window(model)
         self._kv_cache = None
-        self.mode = "kv" if kv_or_full("ReadoutStepper", mode, lambda: self._init_kv(atol)) else "full"
+        self.mode = "kv" if reruns.kv_or_full("ReadoutStepper", mode, lambda: self._init_kv(atol)) else "full"
         if self.mode == "full":
             self._kv_cache = None
             self._init_full()
@@ -105,7 +94,7 @@ class ReadoutStepper:
         store: dict[str, Tensor] = {}
         lay = self.layout
         hooks = capture(self._z_names(), store, at=torch.full((b, 1), width - 1))
-        cache, resid = prefix_cache(
+        cache, resid = reruns.prefix_cache(
             self.model, lay.tokens, hooks, keep_all=self.keep_all, attention_mask=lay.mask, position_ids=lay.pos
         )
         cache.crop(-1)  # drop the query token: steps re-run it
@@ -115,7 +104,7 @@ class ReadoutStepper:
         self.base_logits = to_host(unembed_labels(self.model, resid[:, -1], self.label_ids))
         self.mode = "kv"
         check = self.run(torch.zeros(3, self.n_layers, self.n_heads, dtype=torch.bool), None)
-        check_rerun("the one-token KV re-run", check, self.base_logits, self.model, atol)
+        reruns.check_rerun("the one-token KV re-run", check, self.base_logits, self.model, atol)
 
     @torch.no_grad()
     def _init_full(self) -> None:
@@ -161,12 +150,12 @@ class ReadoutStepper:
         n, b, lay = masks.shape[0], self.n_contexts, self.layout
         pm = self.width - 1  # cached prefix length
         q_pos = self.q[:, None].expand(b, n).contiguous()
-        mask = copies_mask(self.model, lay.mask[:, None, :pm].bool().expand(b, n, pm), q_pos, lay.pos[:, :pm])
-        resid = rerun(
+        mask = reruns.copies_mask(self.model, lay.mask[:, None, :pm].bool().expand(b, n, pm), q_pos, lay.pos[:, :pm])
+        resid = reruns.rerun(
             self.model,
             self._kv_cache,
             lay.tokens[:, -1:].expand(b, n).contiguous(),
-            z_hooks(masks, source, 1, b),
+            reruns.z_hooks(masks, source, 1, b),
             attention_mask=mask,
             position_ids=q_pos,
         )
@@ -176,11 +165,11 @@ class ReadoutStepper:
     def _run_full(self, masks: Tensor, source: Tensor | None) -> Tensor:
         """``n`` full forwards per context from the lowest intervened layer (the cached residual below it)."""
         n, b, L = masks.shape[0], self.n_contexts, self.n_layers
-        l0 = lowest_layer(masks)
+        l0 = reruns.lowest_layer(masks)
         rows_pos = self.q.repeat_interleave(n)
         start = (l0, self._resid_pre[l0].repeat_interleave(n, 0)) if l0 > 0 else None
         tokens = self.batch.tokens[:, : self.width].repeat_interleave(n, 0)
-        resid = run_to_final(self.model, tokens, z_hooks(masks, source, 1, b, rows_pos), start=start)
+        resid = run_to_final(self.model, tokens, reruns.z_hooks(masks, source, 1, b, rows_pos), start=start)
         self.last_cost += n * (L - l0) / L
         logits = to_host(unembed_labels(self.model, resid[torch.arange(b * n), rows_pos], self.label_ids))
         return logits.reshape(b, n, -1).transpose(0, 1)

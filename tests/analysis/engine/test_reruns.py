@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from mechicl.analysis.engine import reruns, slots, stepper
+from mechicl.analysis.engine import reruns
 from mechicl.analysis.engine.hooks import head_masks, run_to_final
 from mechicl.analysis.engine.prefix_reuse import SuffixRunner
 from mechicl.analysis.engine.reruns import NoKVPath, check_rerun, kv_or_full, left_pad
@@ -32,13 +32,13 @@ def test_left_padding_gives_each_row_its_unpadded_forward_in_the_last_column(toy
 
 
 def test_the_self_check_tolerance_scales_with_dtype_and_logit_size():
-    f32 = helpers.tiny_hf("llama").model
+    f32 = torch.nn.Linear(2, 2)  # the rule reads only the model's parameter dtype
     want = torch.tensor([0.5, -1.0])
     check_rerun("x", want + 9e-4, want, f32)  # within atol = 1e-3
     with pytest.raises(NoKVPath, match="x differs from the full forward by 0.002"):
         check_rerun("x", want + 2e-3, want, f32)
     check_rerun("x", 100 * want + 0.09, 100 * want, f32)  # relative to max(1, max |want|) = 100
-    bf16 = helpers.tiny_hf("llama").model.to(torch.bfloat16)
+    bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
     check_rerun("x", want + 0.015, want, bf16)  # 2 eps(bfloat16) = 0.0156 > atol
     with pytest.raises(NoKVPath):
         check_rerun("x", want + 0.02, want, bf16)
@@ -59,9 +59,12 @@ def test_one_fallback_path():
         kv_or_full("X", "fast", lambda: None)
 
 
+_COPIES_MASK = reruns.copies_mask
+
+
 def _blind(model, prefix_ok, q_pos, k_pos):
     """A broken step mask: appended copies do not see the cached prefix (only themselves)."""
-    return reruns.copies_mask(model, torch.zeros_like(prefix_ok), q_pos, k_pos)
+    return _COPIES_MASK(model, torch.zeros_like(prefix_ok), q_pos, k_pos)
 
 
 def test_a_failed_self_check_falls_back_to_full_forwards_in_both_steppers(toy, monkeypatch):
@@ -71,8 +74,7 @@ def test_a_failed_self_check_falls_back_to_full_forwards_in_both_steppers(toy, m
     good = {"readout": ReadoutStepper(loaded.model, b), "slots": SlotStepper(loaded.model, b, k_min=2)}
     assert {s.mode for s in good.values()} == {"kv"}
     good = {name: st.run(masks) for name, st in good.items()}  # before the masks break
-    monkeypatch.setattr(stepper, "copies_mask", _blind)
-    monkeypatch.setattr(slots, "copies_mask", _blind)
+    monkeypatch.setattr(reruns, "copies_mask", _blind)  # both steppers build their step masks with it
     for name, make in (
         ("readout", lambda **kw: ReadoutStepper(loaded.model, b, **kw)),
         ("slots", lambda **kw: SlotStepper(loaded.model, b, 2, **kw)),

@@ -10,6 +10,8 @@ from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.analysis.engine.slots import SlotStepper
 from tests import helpers
 
+SEED = 0
+
 
 def _reference(loaded, b, k_min, heads, source):
     """Logits at each slot when ``heads`` are replaced at that slot only (one forward per slot)."""
@@ -89,7 +91,8 @@ def test_attribution_is_the_first_order_effect_of_each_slot_replacement(tiny, mo
     b = helpers.batch(loaded, helpers.toy_task(), "default", n_contexts=3, n_examples=6, seed=1)
     st = SlotStepper(loaded.model, b, k_min=2)
     eps = 1e-3
-    source = st.z + eps * torch.randn_like(st.z)
+    noise = torch.randn(st.z.shape, generator=torch.Generator().manual_seed(SEED)).to(st.z.dtype)
+    source = st.z + eps * noise  # seeded: the global generator's state depends on which tests ran before
     p_true = lambda lg, y: torch.softmax(lg.double(), -1).gather(-1, y[..., None])[..., 0]  # noqa: E731
     est = st.attribution(source, p_true)  # [b, S, L, H]
     heads = [(l, h) for l in range(2) for h in range(4)]
