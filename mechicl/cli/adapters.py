@@ -5,47 +5,43 @@ only when one of these commands runs: it loads torch."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechicl.analysis.heads.old_finder import HeadFinderConfig
 from mechicl.data.organism import LanguageConfig
 from mechicl.errors import ConfigError
 from mechicl.models.organism import OrganismConfig
 from mechicl.runs.command import in_folder
 from mechicl.runs.findings import load_grid, make_executor, run_grid, summarise
-from mechicl.runs.heads import find_heads_for, heads_markdown, write_heads
+from mechicl.runs.findings_report import findings_markdown
+from mechicl.runs.heads import find_heads_for, preset_config, write_heads
 from mechicl.runs.organism import train_and_save
-from mechicl.runs.preflight import check_head_sets
 from mechicl.runs.report import ReportConfig, rerun_command, run_report
 
 
 def heads(args: argparse.Namespace) -> int:
-    """`mechicl heads`: find label-aggregation heads and validate them by ablation against random head sets."""
-    check_head_sets(args)
-    cfg = HeadFinderConfig(
-        args.model,
-        args.task,
-        args.k + 1,
-        args.n_screen,
-        args.n_eval,
-        args.candidates,
-        args.set_sizes,
-        args.n_control,
-        args.ablation,
-        args.seed,
-        args.batch_size,
+    """`mechicl heads`: one cell of the held-out head finder (screen -> confirm -> validate against matched controls)."""
+    cfg = preset_config(
+        k=args.k,
+        k_min=args.k // 2 if args.k_min is None else args.k_min,
+        n_screen=args.n_screen,
+        n_confirm=args.n_confirm,
+        n_validate=args.n_eval,
+        n_candidates=args.candidates,
+        n_top=args.n_top,
+        ablation=args.ablation,
+        n_control=args.n_control,
+        seed=args.seed,
     )
 
     def run(loaded: Any, task: Any, out: Path) -> str:
-        result = find_heads_for(loaded, task, dataclasses.replace(cfg, n_candidates=check_head_sets(args, loaded)))
-        write_heads(result, out)
-        return heads_markdown(result)
+        result = find_heads_for(loaded, task, cfg)
+        write_heads(result, out, loaded.name, task.name)
+        return findings_markdown(result, loaded.name, task.name)
 
-    return in_folder(args, "heads", run)
+    return in_folder(args, "heads", run, config=cfg)
 
 
 FINDINGS_KEYS = (  # the finder's flags that override the grid config's [config] values

@@ -33,9 +33,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult, find_label_heads
+from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult
 from mechicl.analysis.heads.replication import CellTables, Replication, replicate
-from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.task import check_tokenization
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError, MechiclError
@@ -52,10 +51,10 @@ from mechicl.runs.findings_grid import (
     known_config_keys,
     safe_part,
 )
-from mechicl.runs.findings_report import findings_markdown, write_summary
+from mechicl.runs.findings_report import write_summary
 from mechicl.runs.folder import RunFolder, check_out, staged
-
-TABLES = ("screen", "confirm", "validate", "sets", "controls")
+from mechicl.runs.heads import TABLES as TABLES  # the cell's CSVs (tests read them from here)
+from mechicl.runs.heads import find_heads_for, write_cell_tables
 
 
 @dataclass(frozen=True)
@@ -129,11 +128,9 @@ def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: 
     task = load_task(cell.task, seed=cell.seed)
     command = ["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)]
     with staged(out / "cells" / cell.slug, command=command, config=cfg) as tmp:  # locked from here: one writer
-        draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cell.seed)
-        batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
-        result = find_label_heads(loaded.model, batches, cfg, progress=progress)
+        result = find_heads_for(loaded, task, cfg, progress=progress)
         write_cell(result, cell, RunFolder(tmp))
-    del result, batches
+    del result
     release_host_memory()  # the next cell starts from the model's footprint, not this cell's high-water mark
     return out / "cells" / cell.slug
 
@@ -151,9 +148,7 @@ def write_cell(result: FindingsResult, cell: Cell, folder: RunFolder) -> None:
             "config": asdict(result.config),
         },
     )
-    for name in TABLES:
-        folder.csv(f"{name}.csv", getattr(result, name))
-    folder.text("summary.md", findings_markdown(result, cell.model, cell.task))
+    write_cell_tables(result, folder, cell.model, cell.task)
 
 
 def run_cells(model: str, cells: list[Cell], spec: GridSpec, out: Path, progress: bool = False) -> list[str]:

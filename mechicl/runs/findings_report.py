@@ -9,7 +9,7 @@ import pandas as pd
 
 from mechicl.analysis.heads.finder import FindingsResult
 from mechicl.analysis.heads.replication import Replication
-from mechicl.analysis.stats.resampling import fmt_p
+from mechicl.analysis.stats import fmt_p
 from mechicl.data.names import parse_heads
 from mechicl.runs.folder import RunFolder, md_table, safe_name
 from mechicl.viz.findings import effect_panels
@@ -45,58 +45,52 @@ def findings_markdown(r: FindingsResult, model: str, task: str) -> str:
     ]
     if not r.has_effect:
         return "\n".join(lines) + "\n"
-    v = r.validate
-    lines += [
-        "## Validated heads (held-out contexts) against matched controls",
-        "",
-        md_table(
-            pd.DataFrame(
-                {
-                    "rank": v["rank"],
-                    "head": v.heads,
-                    "effect [95% CI]": [_ci(*x) for x in zip(v.effect, v.effect_ci_low, v.effect_ci_high)],
-                    "controls (mean; min..max)": [
-                        f"{a} ({m:+.3f}; {lo:+.2f}..{hi:+.2f})"
-                        for a, m, lo, hi in zip(v.controls, v.control_mean, v.control_min, v.control_max)
-                    ],
-                    "head - controls [95% CI]": [_ci(*x) for x in zip(v["diff"], v.diff_ci_low, v.diff_ci_high)],
-                    "p": [fmt_p(p, c.n_perm) for p in v.p],
-                    "above control": v.above_control,
-                    "ΔP(true) flipped": [
-                        _ci(*x) for x in zip(v.d_p_flipped, v.d_p_flipped_ci_low, v.d_p_flipped_ci_high)
-                    ],
-                    "ΔP(true) zero-shot": [
-                        _ci(*x) for x in zip(v.d_p_zero_shot, v.d_p_zero_shot_ci_low, v.d_p_zero_shot_ci_high)
-                    ],
-                    "gap reduction (acc., last slot)": [
-                        _ci(*x, d=2) for x in zip(v.gap_reduction, v.gap_reduction_ci_low, v.gap_reduction_ci_high)
-                    ],
-                }
-            )
-        ),
-        "",
-    ]
+    lines += ["## Validated heads (held-out contexts) against matched controls", "", md_table(_validated(r)), ""]
     if len(r.sets):
-        s = r.sets
-        lines += [
-            "## Set tests",
-            "",
-            md_table(
-                pd.DataFrame(
-                    {
-                        "test": s.test,
-                        "effect [95% CI]": [_ci(*x) for x in zip(s.effect, s.effect_ci_low, s.effect_ci_high)],
-                        "controls' mean": s.control_mean.map(lambda x: f"{x:+.3f}"),
-                        "difference [95% CI]": [_ci(*x) for x in zip(s["diff"], s.diff_ci_low, s.diff_ci_high)],
-                        "p": [fmt_p(p, c.n_perm) for p in s.p],
-                        "above control": s.above_control,
-                    }
-                )
-            ),
-            "",
-        ]
+        lines += ["## Set tests", "", md_table(_set_tests(r)), ""]
     lines += ["Stage timings (s): " + ", ".join(f"{k} {t:.0f}" for k, t in r.timings.items()), ""]
     return "\n".join(lines)
+
+
+def _validated(r: FindingsResult) -> pd.DataFrame:
+    """The validated heads against their matched controls, as the cell's summary shows them."""
+    v, n_perm = r.validate, r.config.n_perm
+    return pd.DataFrame(
+        {
+            "rank": v["rank"],
+            "head": v.heads,
+            "effect [95% CI]": [_ci(*x) for x in zip(v.effect, v.effect_ci_low, v.effect_ci_high)],
+            "controls (mean; min..max)": [
+                f"{a} ({m:+.3f}; {lo:+.2f}..{hi:+.2f})"
+                for a, m, lo, hi in zip(v.controls, v.control_mean, v.control_min, v.control_max)
+            ],
+            "head - controls [95% CI]": [_ci(*x) for x in zip(v["diff"], v.diff_ci_low, v.diff_ci_high)],
+            "p": [fmt_p(p, n_perm) for p in v.p],
+            "above control": v.above_control,
+            "ΔP(true) flipped": [_ci(*x) for x in zip(v.d_p_flipped, v.d_p_flipped_ci_low, v.d_p_flipped_ci_high)],
+            "ΔP(true) zero-shot": [
+                _ci(*x) for x in zip(v.d_p_zero_shot, v.d_p_zero_shot_ci_low, v.d_p_zero_shot_ci_high)
+            ],
+            "gap reduction (acc., last slot)": [
+                _ci(*x, d=2) for x in zip(v.gap_reduction, v.gap_reduction_ci_low, v.gap_reduction_ci_high)
+            ],
+        }
+    )
+
+
+def _set_tests(r: FindingsResult) -> pd.DataFrame:
+    """The set tests (top pair, top set) against their controls."""
+    s = r.sets
+    return pd.DataFrame(
+        {
+            "test": s.test,
+            "effect [95% CI]": [_ci(*x) for x in zip(s.effect, s.effect_ci_low, s.effect_ci_high)],
+            "controls' mean": s.control_mean.map(lambda x: f"{x:+.3f}"),
+            "difference [95% CI]": [_ci(*x) for x in zip(s["diff"], s.diff_ci_low, s.diff_ci_high)],
+            "p": [fmt_p(p, r.config.n_perm) for p in s.p],
+            "above control": s.above_control,
+        }
+    )
 
 
 def head_table(rep: Replication) -> pd.DataFrame:

@@ -124,23 +124,31 @@ def patch_args(p: argparse.ArgumentParser) -> None:
 
 
 def heads_args(p: argparse.ArgumentParser) -> None:
+    """One `mechicl findings` cell (defaults = the grid's): screen -> confirm -> validate on disjoint draws."""
     add_model_task(p)
-    add_k(p, 16)
+    add_k(p, 16, note="; readout slots k_min..k are measured")
+    p.add_argument("--k-min", type=int_at_least(0), default=None, help="first readout slot measured (default k // 2)")
+    for flag, default, what in [
+        ("n-screen", 8, "screening"),
+        ("n-confirm", 24, "confirmation"),
+        ("n-eval", 32, "validation"),
+    ]:
+        p.add_argument(
+            f"--{flag}", type=int_at_least(4), default=default, help=f"contexts of the {what} draw (default {default})"
+        )
+    p.add_argument("--candidates", type=int_at_least(1), default=8, help="screened heads confirmed exactly (default 8)")
     p.add_argument(
-        "--n-screen", type=int_at_least(1), default=16, help="contexts for attribution and exact patching (default 16)"
-    )
-    p.add_argument("--n-eval", type=int_at_least(2), default=64, help="held-out contexts for ablation (default 64)")
-    p.add_argument(
-        "--candidates", type=int_at_least(1), default=12, help="heads confirmed with exact patching (default 12)"
+        "--n-top", type=int_at_least(1), default=3, help="confirmed heads validated against controls (default 3)"
     )
     p.add_argument(
-        "--set-sizes", type=set_sizes, default=(1, 2, 4), help="sizes of the top-n head sets ablated (default 1,2,4)"
+        "--n-control", type=int_at_least(1), default=5, help="matched control heads per validated head (default 5)"
     )
-    p.add_argument("--n-control", type=int_at_least(1), default=200, help="random head sets per size (default 200)")
     p.add_argument(
-        "--ablation", choices=["mean", "zero"], default="mean", help="ablation for sets and control (default mean)"
+        "--ablation",
+        choices=["resample", "mean", "mean_correct", "zero"],
+        default="mean",  # = runs.heads.ABLATION, chosen on organism-strong (docs/findings.md)
+        help="head ablation at the readout slots (default mean)",
     )
-    add_batch_size(p, 256)
     add_run_args(p)
 
 
