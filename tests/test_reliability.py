@@ -35,8 +35,6 @@ HEADS = [
     "6",
     "--candidates",
     "3",
-    "--set-sizes",
-    "1,2",
     "--n-control",
     "5",
     "--out",
@@ -124,18 +122,9 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
     "batch-size--1": ({}, _set(B, "--batch-size", "-1"), r"argument --batch-size: must be an integer >= 1, got -1"),
     "seed--1": ({}, _set(B, "--seed", "-1"), r"argument --seed: must be an integer >= 0, got -1"),
     "threads--1": ({}, _set(B, "--threads", "-1"), r"argument --threads: must be an integer >= 1, got -1"),
-    "set-sizes-a,b": ({}, _set(HEADS, "--set-sizes", "a,b"), r"argument --set-sizes: must be comma-separated integers"),
-    "set-sizes-0": (
-        {},
-        _set(HEADS, "--set-sizes", "0"),
-        r"argument --set-sizes: must be comma-separated integers >= 1",
-    ),
-    "set-sizes-over-candidates": (
-        {},
-        _set(HEADS, "--set-sizes", "1,4"),
-        r"--set-sizes 4 is larger than --candidates 3",
-    ),
-    "set-sizes-over-heads": ({}, _set(_set(HEADS, "--candidates", "9"), "--set-sizes", "9"), r"tiny has only 8 heads"),
+    "k-min-over-k": ({}, _set(HEADS, "--k-min", "9"), r"need 0 <= k_min <= k, got k_min=9, k=4"),
+    "n-confirm-3": ({}, _set(HEADS, "--n-confirm", "3"), r"argument --n-confirm: must be an integer >= 4, got 3"),
+    "ablation-unknown": ({}, _set(HEADS, "--ablation", "nosuch"), r"argument --ablation: invalid choice: 'nosuch'"),
     "n-control-0": ({}, _set(HEADS, "--n-control", "0"), r"argument --n-control: must be an integer >= 1, got 0"),
     "top--1": ({}, ["attention", *INSIDE, "--top", "-1"], r"argument --top: must be an integer >= 1, got -1"),
     "min-gap--1": (
@@ -154,7 +143,7 @@ ROWS: dict[str, tuple[dict[str, bytes], list[str], str]] = {
         _set(HEADS, "--candidates", "0"),
         r"argument --candidates: must be an integer >= 1, got 0",
     ),
-    "heads-n-eval-1": ({}, _set(HEADS, "--n-eval", "1"), r"argument --n-eval: must be an integer >= 2, got 1"),
+    "heads-n-eval-1": ({}, _set(HEADS, "--n-eval", "1"), r"argument --n-eval: must be an integer >= 4, got 1"),
     # ---- files
     "csv-not-utf8": (
         {"d.csv": b"text,label\nw1 w2,caf\xe9\n"},

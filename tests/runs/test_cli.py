@@ -106,47 +106,22 @@ def test_template_and_label_names_reach_the_prompts_and_config(tmp_path, capsys)
     assert "task toy has 2 classes" in capsys.readouterr().err
 
 
-def test_heads_prints_a_verdict_and_one_column_scheme(tmp_path, capsys):
+def test_heads_is_one_findings_cell_and_records_what_ran(tmp_path, capsys):
+    """`mechicl heads` runs one held-out findings cell: it prints the cell's verdict, writes the cell's tables and
+    records the preset it ran (k_min defaults to k // 2, mean ablation). Tiny has no in-context label effect, so the
+    verdict is the finder's first check, and the tables are written (empty) all the same."""
     out = tmp_path / "heads"
-    assert (
-        main(
-            [
-                "heads",
-                "--model",
-                "tiny",
-                "--task",
-                "toy",
-                "--k",
-                "3",
-                "--n-screen",
-                "2",
-                "--n-eval",
-                "4",
-                "--candidates",
-                "12",
-                "--set-sizes",
-                "1",
-                "--n-control",
-                "3",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    printed, err = capsys.readouterr()
-    assert "--candidates 12: tiny has 8 heads; confirming all 8" in err  # more than the model has: all of them
-    verdict = [line for line in printed.splitlines() if line.startswith("Verdict: ")]
-    assert len(verdict) == 1 and ("is the only head" in verdict[0] or "no head passes" in verdict[0])
-    assert "Rule: a head is found when" in printed
-    heads = pd.read_csv(out / "heads.csv")
-    cols = set(heads.columns)
-    assert len(heads) == 8
-    assert {"gap_reduction_mean", "gap_reduction_zero", "n_other"} <= cols
-    assert not cols & {"gap_reduction", "d_acc_correct", "d_acc_zero_shot"}  # no unsuffixed copies
+    argv = ["heads", "--model", "tiny", "--task", "toy", "--k", "4", "--n-screen", "4", "--n-confirm", "4"]
+    assert main([*argv, "--n-eval", "6", "--candidates", "12", "--n-control", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    verdict = [line for line in printed.splitlines() if line.startswith("**Verdict:**")]
+    assert verdict == ["**Verdict:** no in-context effect to attribute."]
+    assert {"screen.csv", "confirm.csv", "validate.csv", "sets.csv", "controls.csv", "summary.md"} <= {
+        p.name for p in out.iterdir()
+    }
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == "tiny" and cfg["task"] == "toy" and cfg["n_examples"] == 4 and cfg["max_rows"] == 256
-    assert cfg["n_candidates"] == 8  # what ran
+    assert (cfg["k"], cfg["k_min"], cfg["n_validate"], cfg["ablation"], cfg["n_control"]) == (4, 2, 6, "mean", 3)
+    assert cfg["ran"]["model"] == "tiny" and cfg["ran"]["task"] == "toy"
 
 
 def test_file_task_with_integer_labels(tmp_path):

@@ -14,7 +14,10 @@ from mechicl.runs.args import BATCH_MEANING, CURVE_MEANING, K_MEANING
 
 CURVE = {"demo", "behavior", "run"}  # --k is the largest k of a curve there
 NO_K = {"report"}  # sizes come from --quick / --full presets
-NO_BATCH = {"circuit"}  # CircuitConfig has no batch knob (its sweeps run every context at once)
+NO_BATCH = {
+    "circuit",
+    "heads",
+}  # no batch knob: CircuitConfig runs every context at once; heads (a findings cell) re-runs one token per slot
 SAME_EVERYWHERE = {  # flag -> (dest, default)
     "--label-names": ("label_names", None),
     "--template": ("template", None),
