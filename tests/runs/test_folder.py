@@ -9,10 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import pandas as pd
 import pytest
 
 from mechicl.errors import OutputError
-from mechicl.runs.folder import MANIFEST, check_out, staged, verify_manifest
+from mechicl.runs.folder import MANIFEST, check_out, md_table, staged, verify_manifest
 
 
 def test_a_second_run_on_the_same_out_fails_at_once_and_the_first_publishes(tmp_path):
@@ -90,3 +91,16 @@ def test_sigterm_removes_the_partial_folder_and_exits_143_with_one_line(tmp_path
     assert proc.returncode == 143
     assert err.strip().splitlines() == ["mechicl: terminated (SIGTERM); no partial run folder was left"]
     assert list(tmp_path.iterdir()) == []  # no partial folder, no lock file
+
+
+def test_markdown_tables_escape_user_text():
+    """A task row or label word cannot break a summary table or open an HTML tag in a viewer that renders inline
+    HTML (issue 30): '|' is escaped, a newline becomes a space, '<' before a tag name is '&lt;'."""
+    evil = "</script><script>alert(1)</script> a|b\nc <!-- x"
+    table = md_table(pd.DataFrame({"text": [evil, "p <= 0.01"], "n": [1.0, 2.0]}))
+    rows = table.splitlines()
+    assert len(rows) == 4  # header, rule, two rows: the newline did not start a row
+    assert all(r.count(" | ") - r.count("\\| ") == 1 for r in rows[2:])  # two columns in every row
+    assert "<script" not in table and "</" not in table and "<!--" not in table
+    assert "&lt;/script>&lt;script>alert(1)&lt;/script> a\\|b c &lt;!-- x" in rows[2]
+    assert "p <= 0.01" in rows[3]  # comparisons stay readable
