@@ -2,7 +2,7 @@
 | report | findings | organism train | models | tasks``.
 
 ``parser`` builds the flags (shared ones: ``runs.args``; each command's: ``runs.parsers``); ``dispatch`` maps each
-command to the function that runs it (``runs.<command>:command``, or an adapter in ``cli.adapters``) and imports
+command to the function that runs it (``runs.<command>:command``; ``runs.organism:train_command``) and imports
 it only then, so that ``--help`` answers without loading torch. The layers: cli -> runs -> analysis -> data/models.
 """
 

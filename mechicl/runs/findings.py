@@ -18,6 +18,7 @@ runs all its cells.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import shutil
@@ -340,3 +341,39 @@ def _summarise(out: Path, spec: GridSpec | None) -> Replication:
     ) as tmp:
         write_summary(rep, RunFolder(tmp), spec)
     return rep
+
+
+FINDINGS_KEYS = (  # the finder's flags that override the grid config's [config] values
+    "k",
+    "k_min",
+    "n_screen",
+    "n_confirm",
+    "n_validate",
+    "n_candidates",
+    "n_top",
+    "ablation",
+    "n_resample",
+    "control",
+    "n_control",
+    "screen",
+)
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl findings`: the head finder over a grid of models x tasks x seeds; resumable; replication summary."""
+    over = {k: getattr(args, k) for k in FINDINGS_KEYS} | {
+        "models": args.models,
+        "tasks": args.tasks,
+        "seeds": args.seeds,
+    }
+    spec = load_grid(args.config, **over)
+    if args.summarise_only:
+        summarise(args.out, spec)
+    else:
+        torch.set_num_threads(args.threads)
+        slurm = dict(kv.split("=", 1) for kv in args.slurm.split(",")) if args.slurm else None
+        executor, n = make_executor(args.workers, args.scheduler, slurm, args.out / "submitit")
+        run_grid(spec, args.out, executor=executor, n_workers=n, rerun_damaged=args.rerun_damaged)
+    print((args.out / "summary" / "summary.md").read_text(encoding="utf-8"))
+    print(f"[mechicl] wrote {args.out}/summary (cells in {args.out}/cells)")
+    return 0

@@ -6,6 +6,7 @@ the report's Validation section reads the same result (``runs.report``).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult, find_l
 from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
+from mechicl.runs.command import in_folder
 from mechicl.runs.findings_report import findings_markdown
 from mechicl.runs.folder import RunFolder
 from mechicl.viz.plots import head_map
@@ -56,3 +58,26 @@ def write_heads(result: FindingsResult, out: Path | RunFolder, model: str, task:
             head_map(folder, s, "effect", "screen_effect.png", f"{title}: share of the gap closed ({what})")
         head_map(folder, s, "effect_est", "screen_effect_est.png", f"{title}: first-order estimate ({what})")
     return folder
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl heads`: one cell of the held-out head finder (screen -> confirm -> validate against matched controls)."""
+    cfg = preset_config(
+        k=args.k,
+        k_min=args.k // 2 if args.k_min is None else args.k_min,
+        n_screen=args.n_screen,
+        n_confirm=args.n_confirm,
+        n_validate=args.n_eval,
+        n_candidates=args.candidates,
+        n_top=args.n_top,
+        ablation=args.ablation,
+        n_control=args.n_control,
+        seed=args.seed,
+    )
+
+    def run(loaded: Any, task: Any, out: Path) -> str:
+        result = find_heads_for(loaded, task, cfg)
+        write_heads(result, out, loaded.name, task.name)
+        return findings_markdown(result, loaded.name, task.name)
+
+    return in_folder(args, "heads", run, config=cfg)

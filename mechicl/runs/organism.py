@@ -14,6 +14,7 @@ a known ground truth: one label-reading head. Architecture and checkpoint I/O: `
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 import warnings
@@ -33,6 +34,7 @@ from mechicl.analysis.heads.ablation import HeadAblation, gap_reduction
 from mechicl.data.optimal_reader import bayes_curve
 from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
+from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.models.device import input_device
 from mechicl.models.organism import (
@@ -359,3 +361,19 @@ def refresh_bayes_section(checkpoint: Path, n_contexts: int = 128) -> Path:
         text = head.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
     card.write_text(text.rstrip("\n") + "\n" + bayes_section(cfg.language, measure_curves(loaded, n_contexts), card))
     return card
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """`mechicl organism train`: train an organism and write its checkpoint and model card."""
+    try:
+        lang = LanguageConfig.from_prior_strength(args.prior_strength, args.p_arbitrary, args.label_noise)
+        cfg = OrganismConfig(
+            language=lang, seed=args.seed, steps=args.steps, keep_heads=args.keep_heads, prune_steps=args.prune_steps
+        )
+    except ValueError as e:
+        raise ConfigError(f"bad organism recipe: {e}") from e
+    out = args.out or Path("runs") / f"organism-s{args.prior_strength:g}-seed{args.seed}.safetensors"
+    card = train_and_save(cfg, out, name=out.stem)
+    print(card.read_text())
+    print(f"[mechicl] wrote {out} and {card}")
+    return 0

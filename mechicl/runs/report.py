@@ -34,6 +34,7 @@ from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
 from mechicl.runs.behavior import run_behavior
 from mechicl.runs.behavior_optimal_reader import bayes_reference
+from mechicl.runs.command import in_folder
 from mechicl.runs.dla import compute_dla
 from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.heads import TABLES, find_heads_for
@@ -232,3 +233,27 @@ def run_report(
     folder.json("config.json", cfg)
     render_report(f"mechicl report: {title}", S.intro(loaded, task, cfg), sections, folder / "report.html")
     return folder
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
+    size = "quick" if args.quick else "full" if args.full else "default"
+    extra = {"attribution": True} if args.attribution else {}
+    cfg = ReportConfig.sized(
+        size,
+        model=args.model,
+        task=args.task,
+        seed=args.seed,
+        arbitrary=args.arbitrary,
+        batch_size=args.batch_size,
+        findings=args.findings,
+        circuit=args.circuit,
+        **extra,
+    )
+    command = rerun_command(args, size)
+
+    def run(loaded: Any, task: Any, out: Path) -> str:
+        run_report(loaded, task, cfg, out, command)
+        return "[mechicl] report: report.html in the run folder below"
+
+    return in_folder(args, "report", run)
