@@ -36,7 +36,7 @@ from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
 from mechicl.models.loading import load_model
-from mechicl.runs.folder import md_table
+from mechicl.runs.markdown import md_table
 
 warnings.filterwarnings("ignore")
 TASKS = {"organism-strong": "organism", "organism-weak": "organism"}

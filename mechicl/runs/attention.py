@@ -16,8 +16,9 @@ from mechicl.data.prompts import PromptBatch
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import Clock, RunFolder, md_table
+from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.inside_batches import InsideConfig, Runs, batches_of, finish, header, inside_config
+from mechicl.runs.markdown import md_table
 from mechicl.viz.attention import attention_maps, distance_curve, saliency_plots
 from mechicl.viz.html import attention_heads_html, readout_attention_html
 

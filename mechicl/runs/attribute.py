@@ -29,7 +29,8 @@ from mechicl.data.pairs import PatchPair, pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import Clock, RunFolder, md_table
+from mechicl.runs.folder import Clock, RunFolder
+from mechicl.runs.markdown import md_table
 from mechicl.viz.attribution import attribution_maps, label_vs_input
 from mechicl.viz.html import attribution_html
 

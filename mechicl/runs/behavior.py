@@ -17,7 +17,8 @@ from mechicl.errors import ConfigError, PromptError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior_optimal_reader import bayes_lines, bayes_reference
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import RunFolder, md_table
+from mechicl.runs.folder import RunFolder
+from mechicl.runs.markdown import md_table
 from mechicl.viz.behavior import LABELS, plot_metric
 from mechicl.viz.optimal_reader import accuracy_with_bayes
 

@@ -31,7 +31,8 @@ from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import Clock, RunFolder, md_table
+from mechicl.runs.folder import Clock, RunFolder
+from mechicl.runs.markdown import md_table
 from mechicl.viz.paths import path_figures, resid_set_maps
 
 

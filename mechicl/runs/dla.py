@@ -14,7 +14,7 @@ from mechicl.data.batches import zero_shot_batch
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import Clock, RunFolder, md_table
+from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.inside_batches import (
     InsideConfig,
     Runs,
@@ -24,6 +24,7 @@ from mechicl.runs.inside_batches import (
     header,
     inside_config,
 )
+from mechicl.runs.markdown import md_table
 from mechicl.viz.dla import dla_maps
 
 

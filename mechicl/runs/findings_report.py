@@ -11,7 +11,8 @@ from mechicl.analysis.heads.finder import FindingsResult
 from mechicl.analysis.heads.replication import Replication
 from mechicl.analysis.stats import fmt_p
 from mechicl.data.names import parse_heads
-from mechicl.runs.folder import RunFolder, md_table, safe_name
+from mechicl.runs.folder import RunFolder, safe_name
+from mechicl.runs.markdown import md_table
 from mechicl.viz.findings import effect_panels
 
 RULE = (

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import sys
@@ -41,7 +40,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mechicl.errors import OutputError
@@ -362,27 +360,6 @@ class RunFolder:
 
     def names(self) -> str:
         return ", ".join(dict.fromkeys(p.name for p in self.files))
-
-
-_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
-
-
-def md_cell(value: Any) -> str:
-    """One markdown table cell from text that may come from a user (task rows, label words, token strings): a
-    ``|`` cannot end the cell, a newline cannot end the row, and a ``<`` that would open an HTML tag (``<script``,
-    ``</``, ``<!--``) is written ``&lt;``, so a viewer that renders inline HTML shows it as text. Comparisons such as
-    ``p <= 0.01`` are left as they are."""
-    text = str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-    return _TAG_START.sub("&lt;", text)
-
-
-def md_table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A markdown table (floats rounded to ``digits``; other cells escaped by ``md_cell``)."""
-    cols = [md_cell(c) for c in df.columns]
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else md_cell(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 class Clock:

@@ -11,8 +11,9 @@ from mechicl.analysis.inside.lens import Lens, logit_lens
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import Clock, RunFolder, md_table
+from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.inside_batches import InsideConfig, Runs, batches_of, finish, header, inside_config
+from mechicl.runs.markdown import md_table
 from mechicl.viz.lens import lens_curves
 
 

@@ -46,7 +46,7 @@ from mechicl.models.organism import (
     weights_sha256,
 )
 from mechicl.runs.behavior import run_behavior
-from mechicl.runs.folder import md_table
+from mechicl.runs.markdown import md_table
 from mechicl.viz.organism import organism_vs_bayes
 
 

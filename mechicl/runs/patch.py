@@ -16,7 +16,8 @@ from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import RunFolder, md_table
+from mechicl.runs.folder import RunFolder
+from mechicl.runs.markdown import md_table
 from mechicl.viz.patching import effect_map
 
 

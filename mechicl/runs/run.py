@@ -19,7 +19,8 @@ from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior import run_behavior, summary_markdown
 from mechicl.runs.command import in_folder
-from mechicl.runs.folder import RunFolder, md_table
+from mechicl.runs.folder import RunFolder
+from mechicl.runs.markdown import md_table
 from mechicl.runs.run_ideal_learner import fit_learner, learner_markdown, write_learner
 from mechicl.viz.behavior import plot_metric
 

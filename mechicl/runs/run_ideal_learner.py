@@ -21,7 +21,8 @@ from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
 from mechicl.runs.behavior import behavior_batches
-from mechicl.runs.folder import RunFolder, md_table
+from mechicl.runs.folder import RunFolder
+from mechicl.runs.markdown import md_table
 from mechicl.viz.ideal_learner import learner_plots
 
 

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from mechicl.errors import OutputError
-from mechicl.runs.folder import MANIFEST, check_out, md_table, staged, verify_manifest
+from mechicl.runs.folder import MANIFEST, check_out, staged, verify_manifest
+from mechicl.runs.markdown import md_table
 
 
 def test_a_second_run_on_the_same_out_fails_at_once_and_the_first_publishes(tmp_path):

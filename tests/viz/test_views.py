@@ -10,7 +10,7 @@ import torch
 
 from mechicl.analysis.inside.attention import context_patterns
 from mechicl.cli import main
-from mechicl.runs.folder import md_table
+from mechicl.runs.markdown import md_table
 from mechicl.viz import html, plots
 from tests import helpers
 
