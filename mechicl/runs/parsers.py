@@ -11,6 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
+from mechicl.analysis.heads.modes import ABLATION_MODES, FINDINGS_DEFAULT, HEADS_DEFAULT
 from mechicl.analysis.patching.kinds import KINDS
 from mechicl.runs.args import (
     add_batch_size,
@@ -145,9 +146,9 @@ def heads_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ablation",
-        choices=["resample", "mean", "mean_correct", "zero"],
-        default="mean",  # = runs.heads.ABLATION, chosen on organism-strong (docs/findings.md)
-        help="head ablation at the readout slots (default mean)",
+        choices=ABLATION_MODES,
+        default=HEADS_DEFAULT,  # chosen by the ground-truth benchmark (docs/results/finder_ground_truth.md)
+        help=f"head ablation at the readout slots (default {HEADS_DEFAULT})",
     )
     add_run_args(p)
 
@@ -341,7 +342,7 @@ def _finder_args(p: argparse.ArgumentParser) -> None:
         "--n-top", type=int_at_least(1), default=None, help="confirmed heads validated against controls (default 3)"
     )
     p.add_argument(
-        "--ablation", choices=["resample", "mean", "zero"], default=None, help="slot ablation (default resample)"
+        "--ablation", choices=ABLATION_MODES, default=None, help=f"slot ablation (default {FINDINGS_DEFAULT})"
     )
     p.add_argument(
         "--n-resample",

@@ -34,6 +34,7 @@ import pandas as pd
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import MODES, HeadAblation, derangements, p_true
+from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
 from mechicl.analysis.stats import mean_ci, ratio_ci, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
@@ -54,7 +55,7 @@ class FindingsConfig:
     n_candidates: int = 8
     screen: str = "exact"  # "exact": every head ablated (one resample draw); "attribution": first-order only
     n_top: int = 3
-    ablation: str = "resample"
+    ablation: str = FINDINGS_DEFAULT  # `mechicl findings` (analysis.heads.modes); `mechicl heads` uses HEADS_DEFAULT
     n_resample: int = 2
     control: str = "layer"  # "layer": same layer (widened), nearest in output norm; "norm": nearest in norm
     n_control: int = 5

@@ -172,3 +172,11 @@ def test_the_new_modes_differ_from_the_existing_ones(tiny):
     for other in ("mean", "mean_correct", "interchange"):
         assert not torch.allclose(flip["mean_condition"], flip[other])
     assert torch.equal(flip["interchange"], abl["interchange"].z["correct"])
+
+
+def test_the_light_mode_registry_names_every_mode():
+    """The CLI's --ablation choices (analysis.heads.modes, no torch) are exactly the modes HeadAblation runs."""
+    from mechicl.analysis.heads.ablation import MODES
+    from mechicl.analysis.heads.modes import ABLATION_MODES, FINDINGS_DEFAULT, HEADS_DEFAULT
+
+    assert ABLATION_MODES == tuple(MODES) and {FINDINGS_DEFAULT, HEADS_DEFAULT} <= set(MODES)
