@@ -221,6 +221,7 @@ def run_report(
     if cfg.arbitrary is None:
         cfg = dataclasses.replace(cfg, arbitrary=arbitrary_words(task.n_classes))
     check_external(cfg.findings, cfg.circuit, loaded.name)
+    cfg = cfg.fit_heads(int(loaded.model.cfg.n_layers) * int(loaded.model.cfg.n_heads))
     folder = RunFolder(out)
     stages = Stages(loaded.model, progress)
     data = compute_report(loaded, task, cfg, stages, progress)

@@ -4,6 +4,7 @@ that ``runs.report_sections`` (which draws them) imports them without a cycle.""
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,21 @@ class ReportConfig:
         return InsideConfig(
             self.model, self.task, self.n_inside, self.n_examples, self.k_min, self.seed, self.batch_size, self.top
         )
+
+    def fit_heads(self, n_heads_total: int) -> ReportConfig:
+        """The finder's sizes on a model with ``n_heads_total`` heads: ``n_top + n_control`` may not exceed them
+        (each validated head needs matched controls among the others); smaller models validate fewer heads
+        against fewer controls, said on stdout, instead of failing after the report's earlier stages."""
+        if self.n_top + self.n_control <= n_heads_total:
+            return self
+        n_top = max(1, min(self.n_top, n_heads_total // 2))
+        fitted = dataclasses.replace(self, n_top=n_top, n_control=max(1, min(self.n_control, n_heads_total - n_top)))
+        print(
+            f"[mechicl] the model has {n_heads_total} heads: the head finder validates {fitted.n_top} against "
+            f"{fitted.n_control} matched controls each (asked: {self.n_top}, {self.n_control})",
+            flush=True,
+        )
+        return fitted
 
     def heads(self) -> FindingsConfig:
         """The head finder's cell: `mechicl heads` with these sizes (its other settings at their defaults)."""

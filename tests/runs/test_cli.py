@@ -108,7 +108,7 @@ def test_template_and_label_names_reach_the_prompts_and_config(tmp_path, capsys)
 
 def test_heads_is_one_findings_cell_and_records_what_ran(tmp_path, capsys):
     """`mechicl heads` runs one held-out findings cell: it prints the cell's verdict, writes the cell's tables and
-    records the preset it ran (k_min defaults to k // 2, mean ablation). Tiny has no in-context label effect, so the
+    records the preset it ran (k_min defaults to k // 2, interchange ablation). Tiny has no in-context label effect, so the
     verdict is the finder's first check, and the tables are written (empty) all the same."""
     out = tmp_path / "heads"
     argv = ["heads", "--model", "tiny", "--task", "toy", "--k", "4", "--n-screen", "4", "--n-confirm", "4"]
@@ -120,7 +120,7 @@ def test_heads_is_one_findings_cell_and_records_what_ran(tmp_path, capsys):
         p.name for p in out.iterdir()
     }
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["k"], cfg["k_min"], cfg["n_validate"], cfg["ablation"], cfg["n_control"]) == (4, 2, 6, "mean", 3)
+    assert (cfg["k"], cfg["k_min"], cfg["n_validate"], cfg["ablation"], cfg["n_control"]) == (4, 2, 6, "interchange", 3)
     assert cfg["ran"]["model"] == "tiny" and cfg["ran"]["task"] == "toy"
 
 

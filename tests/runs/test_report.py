@@ -239,3 +239,17 @@ def test_arbitrary_label_words_default_to_one_letter_per_class():
     assert arbitrary_words(2) == "A/B" and arbitrary_words(3) == "A/B/C"  # vega-cars: USA / Europe / Japan
     with pytest.raises(Exception, match="--arbitrary"):
         arbitrary_words(1)
+
+
+def test_report_sizes_the_head_finder_to_a_small_model(capsys):
+    """A model with fewer heads than n_top + n_control gets a smaller validation, said on stdout (issue 30)."""
+    from mechicl.runs.report_data import ReportConfig
+
+    cfg = ReportConfig.sized("quick", model="m", task="t")
+    assert cfg.fit_heads(cfg.n_top + cfg.n_control) is cfg  # enough heads: unchanged
+    small = cfg.fit_heads(4)
+    assert small.n_top + small.n_control <= 4 and small.n_top >= 1 and small.n_control >= 1
+    assert "the model has 4 heads" in capsys.readouterr().out
+    from mechicl.analysis.heads.finder import check_head_pool
+
+    check_head_pool(small.heads(), 2, 2)  # the fitted sizes pass the finder's own check

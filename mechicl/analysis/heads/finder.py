@@ -35,7 +35,7 @@ from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import MODES, HeadAblation, derangements, p_true
 from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
-from mechicl.analysis.stats import mean_ci, ratio_ci, sign_flip_p
+from mechicl.analysis.stats import check_draws, mean_ci, ratio_ci, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
 from mechicl.models.device import release_host_memory
@@ -64,6 +64,8 @@ class FindingsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_draws(self.n_boot)  # degenerate draw counts fail here, before any compute (issue 30)
+        check_draws(self.n_perm, "n_perm")
         if not 0 <= self.k_min <= self.k:
             raise ConfigError(f"need 0 <= k_min <= k, got k_min={self.k_min}, k={self.k}")
         if min(self.n_screen, self.n_confirm, self.n_validate) < 4:
@@ -306,6 +308,18 @@ def _set_tests(
     return out
 
 
+def check_head_pool(cfg: FindingsConfig, n_layers: int, n_heads: int) -> None:
+    """Before any compute: each of the ``n_top`` validated heads needs ``n_control`` matched controls among the
+    model's other heads that are not validated themselves, so ``n_top + n_control`` may not exceed its heads."""
+    total = n_layers * n_heads
+    if cfg.n_top + cfg.n_control > total:
+        raise ConfigError(
+            f"the model has {total} heads ({n_layers} layers x {n_heads}): too few to validate {cfg.n_top} heads "
+            f"against {cfg.n_control} matched controls each; lower n_top / n_control (--n-top, --n-control) so that "
+            f"n_top + n_control <= {total}"
+        )
+
+
 def find_label_heads(
     model: Any, batches: HeldOutBatches, cfg: FindingsConfig | None = None, progress: bool = True
 ) -> FindingsResult:
@@ -317,6 +331,7 @@ def find_label_heads(
     KV caches of one stage's contexts.
     """
     cfg = cfg or FindingsConfig()
+    check_head_pool(cfg, int(model.cfg.n_layers), int(model.cfg.n_heads))
     if batches.draws.shared_examples():
         raise ValueError("held-out stages share task rows: build them with data.batches.stage_draws")
     say = (lambda s: print(f"[mechicl] {s}", flush=True)) if progress else (lambda s: None)

@@ -124,3 +124,26 @@ def test_screen_ranks_heads_when_the_screening_gap_is_not_positive(screen):
     assert list(zip(df.layer, df["head"])) == [(1, 1), (0, 2), (0, 0), (1, 2), (1, 0), (0, 1)]  # by mean closed
     assert list(df.screen_rank) == list(range(1, 7)) and df.effect_est.isna().all()
     assert screen == "attribution" or df.effect.isna().all()
+
+
+def test_a_model_with_too_few_heads_is_refused_before_compute():
+    """n_top validated heads each need n_control matched controls among the other, unvalidated heads (issue 30:
+    `report --quick` on a 2-heads-per-layer model failed after all its compute)."""
+    from mechicl.analysis.heads.finder import FindingsConfig, check_head_pool
+    from mechicl.errors import ConfigError
+
+    cfg = FindingsConfig(n_top=3, n_control=5)
+    check_head_pool(cfg, 2, 4)  # 8 heads: 3 + 5 fits exactly
+    with pytest.raises(ConfigError, match=r"the model has 4 heads \(2 layers x 2\).*n_top \+ n_control <= 4"):
+        check_head_pool(cfg, 2, 2)
+
+
+@pytest.mark.parametrize("field", ["n_boot", "n_perm"])
+def test_degenerate_draw_counts_fail_when_the_cell_is_configured(field):
+    """n_boot = 1 or n_perm = 0 is refused when the config is made, not when compute reaches the statistics."""
+    from mechicl.analysis.heads.finder import FindingsConfig
+    from mechicl.errors import ConfigError
+
+    for bad in (0, 1, 19):
+        with pytest.raises(ConfigError, match=f"{field} = {bad}"):
+            FindingsConfig(**{field: bad})
