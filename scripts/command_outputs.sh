@@ -20,7 +20,7 @@ for spec in "tiny toy" "organism-strong organism"; do
   $M patch --model $m --task $t --kinds resid,attn_out,mlp_out,head_out,head_out_label,head_out_readout,head_v_label,head_pattern_label \
     --n-contexts 4 --k 5 --threads 1 --out "$OUT/$m/patch" > /dev/null
   $M patch --model $m --task $t --kinds head_out --last-m 2 --n-contexts 4 --k 5 --threads 1 --out "$OUT/$m/patch_lastm" > /dev/null
-  $M heads --model $m --task $t --k 8 --n-screen 8 --n-eval 16 --n-control 20 --threads 1 --out "$OUT/$m/heads" > /dev/null
+  $M heads --model $m --task $t --k 8 --n-screen 8 --n-eval 16 --n-control 5 --threads 1 --out "$OUT/$m/heads" > /dev/null
   $M attribute --model $m --task $t --n-contexts 4 --k 5 --steps 8 --threads 1 --out "$OUT/$m/attribute" > /dev/null
   $M circuit --model $m --task $t --k 5 --n-select 4 --n-eval 8 --threads 1 --out "$OUT/$m/circuit" > /dev/null
   $M aggregate --model $m --task $t --k 5 --n-select 4 --n-fit 8 --n-eval 8 --n-boot 50 --threads 1 --out "$OUT/$m/aggregate" > /dev/null

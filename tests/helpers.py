@@ -220,3 +220,10 @@ def assert_patch_close(ours, ref: Tensor, atol: float = 1e-4) -> None:
     tol = normalised_tolerance(ours.clean_ld, ours.corrupted_ld, atol)
     diff = float((ours.values - ref).abs().max())
     assert diff <= tol, f"max |ours - ref| = {diff:.3g} on the normalised scale > {tol:.3g} ({atol:g} logits)"
+
+
+# The smallest findings grid that has a finding: one organism-strong cell (seconds); tests append --out and more.
+SMALL_GRID = (
+    "findings --models organism-strong --tasks organism --seeds 0 --k 8 --k-min 4 --n-screen 4 --n-confirm 4 "
+    "--n-validate 8 --n-candidates 3 --n-top 2 --n-control 2 --n-resample 1"
+).split()

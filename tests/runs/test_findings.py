@@ -12,6 +12,7 @@ from mechicl.analysis.heads.finder import FindingsConfig
 from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs import findings as F
+from tests.helpers import SMALL_GRID
 
 CFG = FindingsConfig(
     k=8,
@@ -103,31 +104,7 @@ def test_cell_slugs_are_path_safe_and_keyed():
 
 def test_cli_runs_a_grid_resumes_and_summarises(tmp_path, capsys):
     argv = [
-        "findings",
-        "--models",
-        "organism-strong",
-        "--tasks",
-        "organism",
-        "--seeds",
-        "0",
-        "--k",
-        "8",
-        "--k-min",
-        "4",
-        "--n-screen",
-        "4",
-        "--n-confirm",
-        "4",
-        "--n-validate",
-        "8",
-        "--n-candidates",
-        "3",
-        "--n-top",
-        "2",
-        "--n-control",
-        "2",
-        "--n-resample",
-        "1",
+        *SMALL_GRID,
         "--out",
         str(tmp_path / "grid"),
     ]

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from mechicl.cli import build_parser, main
+from tests.helpers import SMALL_GRID
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "outputs.md"
 ROOT = DOC.parents[1]
@@ -146,31 +147,7 @@ def test_findings_files_and_columns_are_documented(tmp_path, capsys):
     assert (
         main(
             [
-                "findings",
-                "--models",
-                "organism-strong",
-                "--tasks",
-                "organism",
-                "--seeds",
-                "0",
-                "--k",
-                "8",
-                "--k-min",
-                "4",
-                "--n-screen",
-                "4",
-                "--n-confirm",
-                "4",
-                "--n-validate",
-                "8",
-                "--n-candidates",
-                "3",
-                "--n-top",
-                "2",
-                "--n-control",
-                "2",
-                "--n-resample",
-                "1",
+                *SMALL_GRID,
                 "--out",
                 str(out),
             ]

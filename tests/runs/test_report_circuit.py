@@ -12,6 +12,7 @@ from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs.report_circuit import check_external, circuit_section
 from mechicl.viz.report_html import Figure, Note, Table
+from tests.helpers import SMALL_GRID
 
 ORG = ["--model", "organism-strong", "--task", "organism"]
 
@@ -22,31 +23,7 @@ def folders(tmp_path_factory):
     assert (
         main(
             [
-                "findings",
-                "--models",
-                "organism-strong",
-                "--tasks",
-                "organism",
-                "--seeds",
-                "0",
-                "--k",
-                "8",
-                "--k-min",
-                "4",
-                "--n-screen",
-                "4",
-                "--n-confirm",
-                "4",
-                "--n-validate",
-                "8",
-                "--n-candidates",
-                "3",
-                "--n-top",
-                "2",
-                "--n-control",
-                "2",
-                "--n-resample",
-                "1",
+                *SMALL_GRID,
                 "--threads",
                 "1",
                 "--out",
