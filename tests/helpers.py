@@ -90,21 +90,25 @@ def tl_metric(loaded: LoadedModel, pair: PatchPair) -> Callable[[Tensor], Tensor
     return metric
 
 
+# The tiny Hugging Face models' shared config (2 layers, GQA 4 query / 2 key-value heads, the tiny vocabulary).
+TINY_HF_CONFIG = dict(
+    vocab_size=len(VOCAB),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+
 @lru_cache(maxsize=4)
 def tiny_hf(arch: str = "llama", sliding_window: int = 512) -> LoadedModel:
     """A random 2-layer Hugging Face model (Llama or Gemma-3 layout, GQA) bridged with the tiny tokenizer."""
-    common = dict(
-        vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    common = dict(TINY_HF_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if arch == "llama":

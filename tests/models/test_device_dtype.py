@@ -21,12 +21,13 @@ from mechicl.analysis.inside.dla import direct_logits
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.pairs import pair_for
 from mechicl.data.tasks import load_task
-from mechicl.data.words import VOCAB, tiny_tokenizer
+from mechicl.data.words import tiny_tokenizer
 from mechicl.errors import ConfigError
 from mechicl.models import device as dev
 from mechicl.models.device import release_host_memory
 from mechicl.models.loading import load_model
 from tests import helpers
+from tests.helpers import TINY_HF_CONFIG
 
 TOL = {
     "bfloat16": (0.1, 5e-3, 0.06),
@@ -135,18 +136,7 @@ def test_half_precision_agrees_with_float32(organism_f32, dtype):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A random 2-layer Llama (GQA, rotary) saved with the tiny tokenizer, as load_model reads a local HF model."""
-    cfg = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    cfg = LlamaConfig(**TINY_HF_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hf = LlamaForCausalLM(cfg)
