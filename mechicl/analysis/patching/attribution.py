@@ -41,17 +41,6 @@ from mechicl.analysis.patching.kinds import DIRECTIONS, KINDS
 from mechicl.analysis.patching.result import cell_table, normalise
 from mechicl.data.pairs import PatchPair
 
-ATTRIBUTION_KINDS = (
-    "resid",
-    "attn_out",
-    "mlp_out",
-    "head_out",
-    "head_out_label",
-    "head_out_readout",
-    "head_v_label",
-    "head_pattern_label",
-)
-
 
 @dataclass(frozen=True)
 class AttributionResult:
@@ -111,8 +100,8 @@ def attribution_patch(
     normaliser at the end. Memory: one chunk's autograd graph (``max_rows x pos`` activations of every layer).
     """
     for k in kinds:
-        if k not in ATTRIBUTION_KINDS:
-            raise ValueError(f"unknown kind {k!r}; use one of {', '.join(ATTRIBUTION_KINDS)}")
+        if k not in KINDS:  # every sweep kind has a first-order estimate
+            raise ValueError(f"unknown kind {k!r}; use one of {', '.join(KINDS)}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if max_rows < 1:
