@@ -87,16 +87,27 @@ class SlotStepper:
     def _z_names(self) -> list[str]:
         return [act_name("z", l) for l in range(self.n_layers)]
 
+    def _post_names(self) -> list[str]:
+        """The post-attention norm's scale per layer (Gemma-3's ``post_attention_layernorm``), if the model has one."""
+        names = [f"blocks.{l}.ln1_post.hook_scale" for l in range(self.n_layers)]
+        return names if all(n in self.model.hook_dict for n in names) else []
+
+    def _keep_post_scale(self, store: dict[str, Tensor]) -> None:
+        """``post_scale [b, S, L]``: the post-attention norm's divisor at every slot (None without such a norm)."""
+        names = self._post_names()
+        self.post_scale = torch.stack([store[n].reshape(*store[n].shape[:2]) for n in names], 2) if names else None
+
     @torch.no_grad()
     def _init_kv(self, atol: float) -> None:
         lay, store = self.layout, {}
         res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
-        hooks = capture(self._z_names() + res_names, store, at=self._cols)
+        hooks = capture(self._z_names() + self._post_names() + res_names, store, at=self._cols)
         # every position kept: appended steps must not evict the prefix
         self._cache, resid = reruns.prefix_cache(
             self.model, lay.tokens, hooks, attention_mask=lay.mask, position_ids=lay.pos
         )
         self.z = torch.stack([store[n] for n in self._z_names()], 2)  # [b, S, L, H, d]
+        self._keep_post_scale(store)
         self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}  # [b, S, d]
         rows = torch.arange(lay.tokens.shape[0])[:, None]
         self.base_logits = unembed_labels(self.model, resid[rows, self._cols], self.label_ids)  # [b, S, labels]
@@ -108,9 +119,12 @@ class SlotStepper:
     def _init_full(self) -> None:
         store: dict[str, Tensor] = {}
         resid = run_to_final(
-            self.model, self.batch.tokens[:, : self.width], capture(self._z_names(), store, at=self.pos)
+            self.model,
+            self.batch.tokens[:, : self.width],
+            capture(self._z_names() + self._post_names(), store, at=self.pos),
         )
         self.z = torch.stack([store[n] for n in self._z_names()], 2)
+        self._keep_post_scale(store)
         rows = torch.arange(self.batch.n_contexts)[:, None]
         self.base_logits = unembed_labels(self.model, resid[rows, self.pos], self.label_ids)
 

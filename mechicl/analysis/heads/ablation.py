@@ -36,6 +36,7 @@ label at the last slot; flipped contexts ablated) is the secondary, comparable n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.slots import SlotStepper
+from mechicl.analysis.inside.dla import norm_affine
 from mechicl.analysis.stats import bootstrap_indices, mean_ci, percentile_interval, ratio_ci
 from mechicl.data.prompts import PromptBatch
 
@@ -184,7 +186,7 @@ class HeadAblation:
             raise ValueError(f"ablation mode must be one of {tuple(MODES)}, got {mode!r}")
         if not torch.equal(correct.example_ids, flipped.example_ids):
             raise ValueError("the correct and flipped renderings must hold the same contexts")
-        self.mode = mode
+        self.mode, self.n_resample, self.seed = mode, n_resample, seed
         self.st = {
             c: SlotStepper(model, b, k_min, step_tokens=step_tokens) for c, b in zip(CONDITIONS, (correct, flipped))
         }
@@ -201,6 +203,16 @@ class HeadAblation:
     @property
     def n_contexts(self) -> int:
         return int(self.labels.shape[0])
+
+    def with_mode(self, mode: str) -> HeadAblation:
+        """The same contexts, steppers and caches under another ``mode`` (no forward; donors re-drawn from
+        the seed): how one draw is scored under several interventions (``analysis.heads.roles``)."""
+        if mode not in MODES:
+            raise ValueError(f"ablation mode must be one of {tuple(MODES)}, got {mode!r}")
+        other = copy.copy(self)
+        other.mode = mode
+        other.donors = derangements(self.n_contexts, self.n_resample if mode == "resample" else 1, self.seed)
+        return other
 
     def sources(self, cond: str) -> list[Tensor | None]:
         """The replacement at every slot, one per draw (``MODES[self.mode]``)."""
@@ -256,10 +268,21 @@ class HeadAblation:
         )
 
     def head_norms(self, model: Any) -> Float[np.ndarray, "layer head"]:
-        """Mean norm of each head's output ``z W_O`` over slots and contexts (both conditions): norm matching."""
+        """Mean norm of each head's output over slots and contexts (both conditions): what controls are matched on.
+
+        The output as the residual stream receives it: ``z W_O``, and on models with a post-attention norm
+        (Gemma-3) that norm applied with its scale frozen from the run (``out * gain / scale``), so norms compare
+        across layers whose norms rescale the heads differently (issue 27)."""
         z = torch.cat([self.z[c] for c in CONDITIONS], 0)  # [2b, S, L, H, d]
+        post = [self.st[c].post_scale for c in CONDITIONS]
+        scale = torch.cat(post, 0).to(z.dtype) if post[0] is not None else None  # [2b, S, L]
         out = np.zeros((self.L, self.H))
         for l in range(self.L):
             W_O = model.blocks[l].attn.W_O.detach().to(z.dtype)  # [H, d, d_model]
-            out[l] = torch.einsum("bshd,hdm->bshm", z[:, :, l], W_O).norm(dim=-1).mean((0, 1)).numpy()
+            o = torch.einsum("bshd,hdm->bshm", z[:, :, l], W_O)
+            if scale is not None:
+                gain, _, centers = norm_affine(model.blocks[l].ln1_post)
+                o = o - o.mean(-1, keepdim=True) if centers else o
+                o = o / scale[:, :, l, None, None] * gain.to(o.dtype)
+            out[l] = o.norm(dim=-1).mean((0, 1)).numpy()
         return out

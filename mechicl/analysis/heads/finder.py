@@ -13,10 +13,14 @@
 3. **Confirm** (confirmation draws): exact resample ablation of each candidate; ranked by effect.
 4. **Validate** (validation draws): the top ``n_top`` heads' effects with CIs, each against
    ``n_control`` matched control heads (same layer, widened to neighbouring layers until there are
-   enough, nearest in output norm; or nearest in output norm anywhere), the set tests, the top set
-   against matched sets, and the zero-shot check. Decision rule: a head is **above control** when
-   the CI of (its effect - the mean effect of its controls), paired over contexts, lies above 0
-   and the CI of its own effect lies above 0.
+   enough, nearest in output norm after the model's post-attention norm; or nearest in that norm
+   anywhere; ``controls_other_layer`` counts those from another layer), the set tests and the top set
+   against matched sets. Decision rule: a head is **above control** when the CI of (its effect - the
+   mean effect of its controls), paired over contexts, lies above 0 and the CI of its own effect lies
+   above 0.
+5. **Roles** (validation draws): each top head's and the top set's effect under interchange, under
+   condition-matched ablation in correct and flipped contexts, and at zero shot, each with a CI, and
+   the role they imply (label, label+prior, prior, class, generic: ``analysis.heads.roles``).
 
 Effects are shares of the correct-vs-flipped gap closed by ablation (``analysis.heads.ablation``).
 """
@@ -31,10 +35,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
+from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.engine.stepper import ReadoutStepper
-from mechicl.analysis.heads.ablation import MODES, HeadAblation, derangements, p_true
+from mechicl.analysis.heads.ablation import MODES, HeadAblation, p_true
 from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
+from mechicl.analysis.heads.roles import assign_roles, label_specific_effects
 from mechicl.analysis.stats import check_draws, mean_ci, ratio_ci, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
@@ -195,31 +200,17 @@ def _paired(abl: HeadAblation, d: np.ndarray, cfg: FindingsConfig) -> dict[str, 
     return {"diff": float(est), "diff_ci_low": float(lo), "diff_ci_high": float(hi), "p": float(p)}
 
 
-def _zero_shot_effect(zs: ReadoutStepper, heads: list[Head], cfg: FindingsConfig) -> pd.DataFrame:
-    """ΔP(true) at k = 0 when each head is resample-ablated with other queries' zero-shot outputs."""
-    L, H = zs.n_layers, zs.n_heads
-    y = zs.batch.true_labels[:, -1]
-    base = p_true(zs.base_logits, y).numpy()
-    runs = [
-        zs.run(head_masks([[x] for x in heads], L, H), zs.z[d])
-        for d in derangements(zs.n_contexts, cfg.n_resample, cfg.seed)
-    ]
-    d = np.mean([p_true(r, y).numpy() for r in runs], 0) - base[None]  # [n, b]
-    m, lo, hi = mean_ci(d, n_boot=cfg.n_boot, seed=cfg.seed)
-    return pd.DataFrame(
-        {
-            "heads": [fmt_heads([x]) for x in heads],
-            "d_p_zero_shot": m,
-            "d_p_zero_shot_ci_low": lo,
-            "d_p_zero_shot_ci_high": hi,
-        }
-    )
-
-
 def _validate(
-    model: Any, abl: HeadAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig, progress: bool
+    model: Any,
+    abl: HeadAblation,
+    zs: ReadoutStepper,
+    top: list[Head],
+    cfg: FindingsConfig,
+    gap_ci_low: float,
+    progress: bool,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Top heads against matched controls, the set tests and the zero-shot check (validation draws)."""
+    """Top heads against matched controls, the set tests, and each head's and the top set's label-specific effects
+    and role (validation draws)."""
     norms = abl.head_norms(model)
     ctrl = {x: matched_controls(x, norms, set(top), cfg.control, cfg.n_control) for x in top}
     singles = list(dict.fromkeys(top + [c for x in top for c in ctrl[x]]))
@@ -244,6 +235,7 @@ def _validate(
             **tab.loc[fmt_heads([x])].to_dict(),
             "norm": norms[x],
             "controls": fmt_heads(ctrl[x]),
+            "controls_other_layer": sum(c[0] != x[0] for c in ctrl[x]),
             "control_norm": float(np.mean([norms[c] for c in ctrl[x]])),
             "control_mean": float(c_eff.mean()),
             "control_min": float(c_eff.min()),
@@ -253,9 +245,20 @@ def _validate(
         }
         r["above_control"] = bool(r["diff_ci_low"] > 0 and r["effect_ci_low"] > 0)
         rows.append(r)
-    val = pd.DataFrame(rows).merge(_zero_shot_effect(zs, top, cfg), on="heads")
+    roles = _roles(abl, zs, top, cfg, gap_ci_low)
+    val = pd.DataFrame(rows).merge(roles, on="heads")
     controls = tab.loc[[fmt_heads([c]) for c in singles if c not in top]].reset_index()
-    return val, _set_tests(abl, tab, closed, top, ctrl, cfg), controls
+    sets_tab = _set_tests(abl, tab, closed, top, ctrl, cfg)
+    if len(sets_tab):
+        sets_tab = sets_tab.merge(roles, on="heads", how="left")
+    return val, sets_tab, controls
+
+
+def _roles(abl: HeadAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig, gap_low: float) -> pd.DataFrame:
+    """The four label-specific effects and the role of each top head and of the top set (``analysis.heads.roles``)."""
+    sets = [[x] for x in top] + ([sorted(top)] if len(top) >= 2 else [])
+    eff = label_specific_effects(abl, zs, sets, n_boot=cfg.n_boot, seed=cfg.seed)
+    return assign_roles(eff, gap_low)
 
 
 def _set_tests(
@@ -361,11 +364,12 @@ def find_label_heads(
     timings["confirm"] = time.perf_counter() - t
     t = time.perf_counter()
     top = list(zip(confirm.layer.head(cfg.n_top).astype(int), confirm["head"].head(cfg.n_top).astype(int)))
-    validate, sets, controls = _validate(model, val, zs, top, cfg, progress)
+    validate, sets, controls = _validate(model, val, zs, top, cfg, base["gap_ci_low"], progress)
     timings["validate"] = time.perf_counter() - t
     n_above = int(validate.above_control.sum())
+    above = validate[validate.above_control]
     verdict = f"{n_above} of the top {len(top)} heads above matched controls: " + (
-        ", ".join(validate.heads[validate.above_control]) if n_above else "none"
+        ", ".join(f"{h} ({r})" for h, r in zip(above.heads, above.role)) if n_above else "none"
     )
     say(f"{verdict} ({sum(timings.values()):.0f} s)")
     return FindingsResult(cfg, verdict, base, screen, confirm, validate, sets, controls, batches.draws.seeds, timings)
