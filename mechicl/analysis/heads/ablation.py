@@ -50,7 +50,7 @@ from torch import Tensor
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.slots import SlotStepper
 from mechicl.analysis.inside.dla import norm_affine
-from mechicl.analysis.stats import bootstrap_indices, mean_ci, percentile_interval, ratio_ci
+from mechicl.analysis.stats import bootstrap_indices, mean_ci, percentile_interval, ratio_ci, widen_for_shared_rows
 from mechicl.data.prompts import PromptBatch
 
 CONDITIONS = ("correct", "flipped")
@@ -89,9 +89,11 @@ def gap_reduction_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    items: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gap reduction of ``n`` ablations with a paired bootstrap over contexts (the same resampled
-    contexts in all three accuracies); bootstrap draws without a gap are dropped. ``[n]`` each."""
+    contexts in all three accuracies); bootstrap draws without a gap are dropped. ``[n]`` each. With ``items``
+    (each context's task rows) the interval is widened by the shared-row design effect."""
     ac, af = np.asarray(acc_correct, dtype=float), np.asarray(acc_flipped, dtype=float)
     fa = np.asarray(acc_flipped_ablated, dtype=float)
     est = gap_reduction(ac.mean(), af.mean(), fa.mean(-1))
@@ -101,6 +103,7 @@ def gap_reduction_ci(
     idx = bootstrap_indices(len(ac), n_boot, seed)
     boot = gap_reduction(ac[idx].mean(-1)[None], af[idx].mean(-1)[None], fa[:, idx].mean(-1))  # [n, n_boot]
     lo, hi = percentile_interval(boot, level)
+    lo, hi = widen_for_shared_rows(est, lo, hi, items)
     return est, lo, hi
 
 
@@ -193,6 +196,7 @@ class HeadAblation:
         self.z = {c: s.z for c, s in self.st.items()}  # [b, S, L, H, d] each: head outputs at the slots
         self.L, self.H = self.st["correct"].n_layers, self.st["correct"].n_heads
         self.labels = self.st["correct"].true_labels  # [b, S]
+        self.items = correct.example_ids.numpy()  # [b, n_examples]: task rows, for the shared-row design effect
         self.base = {c: p_true(s.base_logits, self.labels).numpy() for c, s in self.st.items()}  # [b, S]
         self.gap = (self.base["correct"] - self.base["flipped"]).mean(1)  # [b]
         self.donors = derangements(self.n_contexts, n_resample if mode == "resample" else 1, seed)
@@ -242,12 +246,14 @@ class HeadAblation:
         return -(est["correct"] - est["flipped"]).mean(1)
 
     def table(self, sc: SetScores, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-        """Effect (share of the gap closed) with CI, ΔP(true) per condition, Halawi gap reduction; one row per set."""
-        eff, lo, hi = ratio_ci(sc.closed, self.gap, n_boot=n_boot, seed=seed)
-        dc, dc_lo, dc_hi = mean_ci(sc.d_correct, n_boot=n_boot, seed=seed)
-        df, df_lo, df_hi = mean_ci(sc.d_flipped, n_boot=n_boot, seed=seed)
+        """Effect (share of the gap closed) with CI, ΔP(true) per condition, Halawi gap reduction; one row per set.
+        Intervals: context bootstrap widened by the shared-row design effect of the contexts' task rows."""
+        kw = dict(n_boot=n_boot, seed=seed, items=self.items)  # contexts share task rows: widened intervals
+        eff, lo, hi = ratio_ci(sc.closed, self.gap, **kw)
+        dc, dc_lo, dc_hi = mean_ci(sc.d_correct, **kw)
+        df, df_lo, df_hi = mean_ci(sc.d_flipped, **kw)
         gr, gr_lo, gr_hi = gap_reduction_ci(
-            self.acc_last["correct"], self.acc_last["flipped"], sc.acc_flipped_last, n_boot, seed
+            self.acc_last["correct"], self.acc_last["flipped"], sc.acc_flipped_last, n_boot, seed, items=self.items
         )
         return pd.DataFrame(
             {

@@ -40,7 +40,7 @@ from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import MODES, HeadAblation, p_true
 from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
 from mechicl.analysis.heads.roles import assign_roles, label_specific_effects
-from mechicl.analysis.stats import check_draws, mean_ci, ratio_ci, sign_flip_p
+from mechicl.analysis.stats import check_draws, mean_ci, ratio_ci, shared_row_design_effect, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
 from mechicl.errors import ConfigError
 from mechicl.models.device import release_host_memory
@@ -60,7 +60,7 @@ class FindingsConfig:
     n_candidates: int = 8
     screen: str = "exact"  # "exact": every head ablated (one resample draw); "attribution": first-order only
     n_top: int = 3
-    ablation: str = FINDINGS_DEFAULT  # `mechicl findings` (analysis.heads.modes); `mechicl heads` uses HEADS_DEFAULT
+    ablation: str = FINDINGS_DEFAULT  # interchange (analysis.heads.modes): chosen by the ground-truth benchmark
     n_resample: int = 2
     control: str = "layer"  # "layer": same layer (widened), nearest in output norm; "norm": nearest in norm
     n_control: int = 5
@@ -132,9 +132,9 @@ def matched_controls(head: Head, norms: np.ndarray, exclude: set[Head], how: str
 
 def _baseline(abl: HeadAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig) -> dict[str, float]:
     """The cell-level checks on the validation draws."""
-    gap, g_lo, g_hi = mean_ci(abl.gap, n_boot=cfg.n_boot, seed=cfg.seed)
+    gap, g_lo, g_hi = mean_ci(abl.gap, n_boot=cfg.n_boot, seed=cfg.seed, items=abl.items)
     p0 = p_true(zero_shot.base_logits, zero_shot.batch.true_labels[:, -1]).numpy()
-    gain, i_lo, i_hi = mean_ci(abl.base["correct"][:, -1] - p0, n_boot=cfg.n_boot, seed=cfg.seed)
+    gain, i_lo, i_hi = mean_ci(abl.base["correct"][:, -1] - p0, n_boot=cfg.n_boot, seed=cfg.seed, items=abl.items)
     return {
         "gap": float(gap),
         "gap_ci_low": float(g_lo),
@@ -149,6 +149,7 @@ def _baseline(abl: HeadAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig)
         "acc_flipped_last": float(abl.acc_last["flipped"].mean()),
         "n_contexts": abl.n_contexts,
         "n_slots": int(abl.labels.shape[1]),
+        "design_effect": shared_row_design_effect(abl.items),
     }
 
 
@@ -195,7 +196,7 @@ def _confirm(abl: HeadAblation, candidates: list[Head], cfg: FindingsConfig, pro
 
 def _paired(abl: HeadAblation, d: np.ndarray, cfg: FindingsConfig) -> dict[str, float]:
     """A per-context difference of closed gaps as a share of the gap: estimate, CI, sign-flip p."""
-    est, lo, hi = ratio_ci(d, abl.gap, n_boot=cfg.n_boot, seed=cfg.seed)
+    est, lo, hi = ratio_ci(d, abl.gap, n_boot=cfg.n_boot, seed=cfg.seed, items=abl.items)
     p = sign_flip_p(d, n_perm=cfg.n_perm, seed=cfg.seed)
     return {"diff": float(est), "diff_ci_low": float(lo), "diff_ci_high": float(hi), "p": float(p)}
 
@@ -276,7 +277,7 @@ def _set_tests(
     inc = lambda x: closed([t1, x]) - closed([t1])  # noqa: E731 - per-context increment over top1 alone
     rows = []
     d = inc(t2) - np.mean([inc(c) for c in ctrl[t2]], 0)
-    r_inc = ratio_ci(inc(t2), abl.gap, n_boot=cfg.n_boot, seed=cfg.seed)
+    r_inc = ratio_ci(inc(t2), abl.gap, n_boot=cfg.n_boot, seed=cfg.seed, items=abl.items)
     rows.append(
         {
             "test": f"{fmt_heads([t1, t2])} vs {fmt_heads([t1])}",

@@ -2,8 +2,8 @@
 
 Callers write ``from mechicl.analysis.stats import mean_ci, sign_flip_p, ...``. One module per idea:
 
-- ``bootstrap``: context and cluster bootstraps (``bootstrap_indices``, ``bootstrap_counts``,
-  ``cluster_counts``, ``bootstrap_means``, ``mean_ci``, ``ratio_ci``) and the draw-count check;
+- ``bootstrap``: context and cluster bootstraps, the shared-row design effect (``bootstrap_indices``,
+  ``bootstrap_counts``, ``cluster_counts``, ``shared_row_design_effect``, ``bootstrap_means``, ``mean_ci``, ``ratio_ci``) and the draw-count check;
 - ``intervals``: Student-t, Wilson and percentile intervals;
 - ``tests``: the sign-flip permutation test, the paired test, Holm;
 - ``equivalence``: equivalence margins and TOST;
@@ -22,6 +22,8 @@ from mechicl.analysis.stats.bootstrap import (
     cluster_counts,
     mean_ci,
     ratio_ci,
+    shared_row_design_effect,
+    widen_for_shared_rows,
 )
 from mechicl.analysis.stats.decisions import NOT_ENOUGH, compare_over_k, decide
 from mechicl.analysis.stats.equivalence import Margin, check_margin, relative_margin, tost
@@ -51,9 +53,11 @@ __all__ = [
     "percentile_interval",
     "ratio_ci",
     "relative_margin",
+    "shared_row_design_effect",
     "sign_flip_p",
     "t_half_width",
     "t_interval",
     "tost",
+    "widen_for_shared_rows",
     "wilson_interval",
 ]
