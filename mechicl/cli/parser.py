@@ -36,7 +36,7 @@ DESCRIPTIONS = {
     "recency or per-position weights (held out), and a steering check with its mean flipped - default output.",
     "report": "Every analysis on one model and task as one offline report.html.",
     "findings": "The head finder over a grid of models x tasks x seeds: screen, confirm and validate on disjoint "
-    "context draws, resample ablation at every readout slot, layer/norm-matched controls, CIs over contexts; "
+    "context draws, interchange ablation at every readout slot, layer/norm-matched controls, CIs over contexts; "
     "finished cells are skipped (resumable); a replication summary with a verdict per head.",
     "models": "List the model names mechicl knows.",
     "tasks": "List the task names mechicl knows.",

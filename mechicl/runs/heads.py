@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult, find_label_heads
-from mechicl.analysis.heads.modes import HEADS_DEFAULT
+from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
 from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -21,7 +21,7 @@ from mechicl.runs.folder import RunFolder
 from mechicl.viz.plots import head_map
 
 TABLES = ("screen", "confirm", "validate", "sets", "controls")
-ABLATION = HEADS_DEFAULT  # interchange: the finder mode that passed the ground-truth benchmark (docs/findings.md)
+ABLATION = FINDINGS_DEFAULT  # interchange: the finder mode that passed the ground-truth benchmark (docs/findings.md)
 
 
 def preset_config(**sizes: Any) -> FindingsConfig:

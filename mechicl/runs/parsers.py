@@ -11,7 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
-from mechicl.analysis.heads.modes import ABLATION_MODES, FINDINGS_DEFAULT, HEADS_DEFAULT
+from mechicl.analysis.heads.modes import ABLATION_MODES, FINDINGS_DEFAULT
 from mechicl.analysis.patching.kinds import KINDS
 from mechicl.runs.args import (
     add_batch_size,
@@ -147,8 +147,8 @@ def heads_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ablation",
         choices=ABLATION_MODES,
-        default=HEADS_DEFAULT,  # chosen by the ground-truth benchmark (docs/results/finder_ground_truth.md)
-        help=f"head ablation at the readout slots (default {HEADS_DEFAULT})",
+        default=FINDINGS_DEFAULT,  # chosen by the ground-truth benchmark (docs/results/finder_ground_truth.md)
+        help=f"head ablation at the readout slots (default {FINDINGS_DEFAULT})",
     )
     add_run_args(p)
 

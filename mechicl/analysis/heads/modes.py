@@ -14,5 +14,4 @@ Which mode finds planted heads is measured, not assumed: ``docs/results/finder_g
 """
 
 ABLATION_MODES = ("resample", "mean", "mean_correct", "zero", "mean_condition", "interchange")
-FINDINGS_DEFAULT = "resample"  # `mechicl findings`' default: the committed grid ran with it (docs/findings.md)
-HEADS_DEFAULT = "interchange"  # `mechicl heads` and the report: the ground-truth benchmark's best finder mode
+FINDINGS_DEFAULT = "interchange"  # every finder (findings, heads, report): the ground-truth benchmark's best mode
