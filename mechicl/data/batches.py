@@ -6,6 +6,7 @@ no analysis builds a batch itself. Cost: tokenization only.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,17 +56,23 @@ class StageDraws:
         return shared
 
 
-def stage_draws(task: Task, sizes: dict[str, int], n_examples: int, seed: int = 0) -> StageDraws:
+def stage_draws(
+    task: Task, sizes: dict[str, int], n_examples: int, seed: int = 0, exclude: Collection[int] = ()
+) -> StageDraws:
     """Draw ``sizes[stage]`` contexts of ``n_examples`` rows per stage from disjoint, class-stratified pools.
 
-    Raises ``PromptError`` when a pool (``len(task) / len(sizes)`` rows) is smaller than a context.
+    ``exclude``: task rows no pool may hold (e.g. every row earlier seeds' draws used: ``used_rows``), so a
+    confirmation runs on rows never seen before. Raises ``PromptError`` when a pool (``len(task) / len(sizes)``
+    rows, less the excluded ones) is smaller than a context.
     """
     stages = list(sizes)
     rng = np.random.default_rng([seed, 7919])
     labels = np.asarray(task.labels)
+    keep = np.ones(len(labels), dtype=bool)
+    keep[np.asarray(sorted(set(exclude)), dtype=int)] = False
     pools: dict[str, list[int]] = {s: [] for s in stages}
     for c in range(len(task.label_names)):  # deal each class's rows round-robin: pools stay balanced
-        rows = rng.permutation(np.flatnonzero(labels == c))
+        rows = rng.permutation(np.flatnonzero((labels == c) & keep))
         for i, s in enumerate(stages):
             pools[s] += rows[i :: len(stages)].tolist()
     ids, seeds = {}, {}
@@ -74,7 +81,8 @@ def stage_draws(task: Task, sizes: dict[str, int], n_examples: int, seed: int = 
         if n_examples > len(pool):
             raise PromptError(
                 f"stage {s!r} draws from {len(pool)} of the task's {len(task)} rows (disjoint pools for {len(stages)} "
-                f"stages), fewer than the {n_examples} examples a context needs: lower --k or use a larger task"
+                f"stages, {len(labels) - int(keep.sum())} rows excluded), fewer than the {n_examples} examples a "
+                "context needs: lower --k, exclude fewer seeds' rows or use a larger task"
             )
         seeds[s] = seed * 1000 + i
         r = np.random.default_rng(seeds[s])
@@ -84,6 +92,11 @@ def stage_draws(task: Task, sizes: dict[str, int], n_examples: int, seed: int = 
     draws = StageDraws(ids, seeds, {s: tuple(int(x) for x in pools[s]) for s in stages})
     assert not draws.shared_examples(), "held-out stages share task rows"
     return draws
+
+
+def used_rows(task: Task, sizes: dict[str, int], n_examples: int, seeds: Collection[int]) -> set[int]:
+    """Every task row that ``stage_draws`` with these sizes puts into a context for any of ``seeds``."""
+    return {int(r) for s in seeds for ids in stage_draws(task, sizes, n_examples, s).ids.values() for r in ids.ravel()}
 
 
 @dataclass(frozen=True)

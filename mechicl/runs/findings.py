@@ -294,6 +294,7 @@ def read_cell(folder: Path) -> CellTables:
             table("validate"),
             table("sets"),
             float(sum(meta["timings"].values())),
+            bool(meta.get("config", {}).get("heads")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, pd.errors.ParserError) as e:
         raise ConfigError(
@@ -356,6 +357,8 @@ FINDINGS_KEYS = (  # the finder's flags that override the grid config's [config]
     "control",
     "n_control",
     "screen",
+    "heads",
+    "fresh_after",
 )
 
 

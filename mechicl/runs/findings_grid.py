@@ -119,9 +119,14 @@ def safe_part(name: str) -> str:
     return safe[:40]
 
 
+LATER_FIELDS = ("heads", "fresh_after")  # FindingsConfig fields added after cells were sealed: keyed only when set
+
+
 def cell_key(model: str, task: str, config: FindingsConfig) -> str:
-    """12 hex digits of the sha256 of the model's and task's contents (``input_id``) and the cell's configuration."""
-    ident = {"model": input_id(model, "model"), "task": input_id(task, "task"), "config": asdict(config)}
+    """12 hex digits of the sha256 of the model's and task's contents (``input_id``) and the cell's configuration
+    (``LATER_FIELDS`` enter only when set, so a cell sealed before they existed keeps its key)."""
+    cfg = {k: v for k, v in asdict(config).items() if not (k in LATER_FIELDS and v == "")}
+    ident = {"model": input_id(model, "model"), "task": input_id(task, "task"), "config": cfg}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 

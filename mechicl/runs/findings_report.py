@@ -18,9 +18,12 @@ from mechicl.viz.findings import effect_panels
 RULE = (
     "A head is **above control** in a cell when the 95% CI of (its effect - the mean effect of its matched "
     "control heads), paired over the validation contexts, lies above 0 and the CI of its own effect lies above 0. "
-    "It **replicates** when it is among a "
-    "cell's validated top heads and above control in at least 2/3 of the model's cells that have an in-context "
-    "effect; **task-specific** when that holds within one task's seeds only; otherwise **not robust**."
+    "A cell **votes** when its correct-vs-flipped gap in P(true) has a CI above 0 and is at least 0.05. "
+    "A head **replicates** when it is above control in at least 2/3 of the model's voting cells (in a discovery "
+    "grid a cell that did not select it counts against it; a pre-registered grid tests every named head in every "
+    "cell); **task-specific** when that holds within one task's seeds only; otherwise **not robust**. Its **role** "
+    "(label, label+prior, prior, class, generic) is the most frequent over the cells that tested it "
+    '(docs/findings.md, "Roles").'
 )
 
 
@@ -36,7 +39,9 @@ def findings_markdown(r: FindingsResult, model: str, task: str) -> str:
         "",
         f"Contexts of k = {c.k} demonstrations + 1 query; readout slots k = {c.k_min}..{c.k}. Disjoint draws: "
         f"screen {c.n_screen}, confirm {c.n_confirm}, validate {c.n_validate} contexts (seeds {r.stage_seeds}). "
-        f"{c.ablation} ablation ({c.n_resample} draws), {c.control}-matched controls ({c.n_control} per head).",
+        f"{c.ablation} ablation, {c.control}-matched controls ({c.n_control} per head); intervals widened by the "
+        f"shared-row design effect ({b.get('design_effect', float('nan')):.2f})."
+        + (f" Pre-registered heads: {c.heads}." if c.heads else ""),
         "",
         f"Gap in P(true), correct - flipped labels: {_ci(b['gap'], b['gap_ci_low'], b['gap_ci_high'])}; "
         f"default labels vs k = 0 at the last slot: {_ci(b['icl_gain'], b['icl_gain_ci_low'], b['icl_gain_ci_high'])}.",
@@ -68,7 +73,16 @@ def _validated(r: FindingsResult) -> pd.DataFrame:
             "head - controls [95% CI]": [_ci(*x) for x in zip(v["diff"], v.diff_ci_low, v.diff_ci_high)],
             "p": [fmt_p(p, n_perm) for p in v.p],
             "above control": v.above_control,
-            "ΔP(true) flipped": [_ci(*x) for x in zip(v.d_p_flipped, v.d_p_flipped_ci_low, v.d_p_flipped_ci_high)],
+            "role": v.role,
+            "interchange (share of gap)": [
+                _ci(*x, d=2) for x in zip(v.interchange, v.interchange_ci_low, v.interchange_ci_high)
+            ],
+            "ΔP(true) ablated, correct": [
+                _ci(*x) for x in zip(v.ablated_correct, v.ablated_correct_ci_low, v.ablated_correct_ci_high)
+            ],
+            "ΔP(true) ablated, flipped": [
+                _ci(*x) for x in zip(v.ablated_flipped, v.ablated_flipped_ci_low, v.ablated_flipped_ci_high)
+            ],
             "ΔP(true) zero-shot": [
                 _ci(*x) for x in zip(v.d_p_zero_shot, v.d_p_zero_shot_ci_low, v.d_p_zero_shot_ci_high)
             ],
@@ -90,6 +104,7 @@ def _set_tests(r: FindingsResult) -> pd.DataFrame:
             "difference [95% CI]": [_ci(*x) for x in zip(s["diff"], s.diff_ci_low, s.diff_ci_high)],
             "p": [fmt_p(p, r.config.n_perm) for p in s.p],
             "above control": s.above_control,
+            "role": s.get("role", pd.Series([""] * len(s))).fillna(""),
         }
     )
 
@@ -104,7 +119,9 @@ def head_table(rep: Replication) -> pd.DataFrame:
             "model": h.model,
             "head": h["head"],
             "verdict": h.verdict,
-            "above control / cells": [f"{a}/{n}" for a, n in zip(h.n_above_control, h.n_cells)],
+            "role (cells)": [f"{r} ({rs})" if r else "" for r, rs in zip(h.role, h.roles)],
+            "above control / voting cells": [f"{a}/{n}" for a, n in zip(h.n_above_control, h.n_cells)],
+            "tested": h.n_tested,
             "per task (above/cells)": h.per_task,
             "effect median [min, max]": [
                 f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi in zip(h.effect_median, h.effect_min, h.effect_max)

@@ -12,7 +12,7 @@ from typing import Any
 
 from mechicl.analysis.heads.finder import FindingsConfig, FindingsResult, find_label_heads
 from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
-from mechicl.data.batches import held_out_batches, stage_draws
+from mechicl.data.batches import held_out_batches, stage_draws, used_rows
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
 from mechicl.runs.command import in_folder
@@ -33,7 +33,8 @@ def find_heads_for(loaded: LoadedModel, task: Task, cfg: FindingsConfig, progres
     """Draw the three disjoint stages of ``task`` (seed ``cfg.seed``), render them and run the finder.
 
     Cost: ``find_label_heads`` (see its docstring and ``docs/findings.md``)."""
-    draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cfg.seed)
+    exclude = used_rows(task, cfg.discovery_sizes, cfg.k + 1, cfg.excluded_seeds)  # fresh rows, if asked
+    draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cfg.seed, exclude=exclude)
     batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     return find_label_heads(loaded.model, batches, cfg, progress=progress)
 

@@ -355,6 +355,16 @@ def _finder_args(p: argparse.ArgumentParser) -> None:
         "--n-control", type=int_at_least(1), default=None, help="matched control heads per validated head (default 5)"
     )
     p.add_argument("--screen", choices=["exact", "attribution"], default=None, help="screen ranking (default exact)")
+    p.add_argument(
+        "--heads",
+        default=None,
+        help="pre-registered heads, e.g. L10H3,L11H2: validated as given in every cell, no screening or confirmation",
+    )
+    p.add_argument(
+        "--fresh-after",
+        default=None,
+        help="seeds, e.g. 0,1,2: no context uses a task row that those seeds' grid cells drew (rows never used before)",
+    )
 
 
 def _executor_args(p: argparse.ArgumentParser) -> None:

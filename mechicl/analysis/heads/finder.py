@@ -42,6 +42,7 @@ from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
 from mechicl.analysis.heads.roles import assign_roles, label_specific_effects
 from mechicl.analysis.stats import check_draws, mean_ci, ratio_ci, shared_row_design_effect, sign_flip_p
 from mechicl.data.batches import HeldOutBatches
+from mechicl.data.names import parse_heads
 from mechicl.errors import ConfigError
 from mechicl.models.device import release_host_memory
 
@@ -67,6 +68,8 @@ class FindingsConfig:
     n_boot: int = 2000
     n_perm: int = 4000
     seed: int = 0
+    heads: str = ""  # pre-registered heads ("L10H3 L11H2"): validated as given, no screening or confirmation
+    fresh_after: str = ""  # seeds ("0 1 2") whose rows (three-stage draws, these sizes) no pool may hold
 
     def __post_init__(self) -> None:
         check_draws(self.n_boot)  # degenerate draw counts fail here, before any compute (issue 30)
@@ -83,10 +86,33 @@ class FindingsConfig:
             raise ConfigError(f"control must be 'layer' or 'norm', got {self.control!r}")
         if self.n_top < 1 or self.n_candidates < self.n_top or self.n_control < 1:
             raise ConfigError("need 1 <= n_top <= n_candidates and n_control >= 1")
+        if self.preregistered and len(set(self.preregistered)) != len(self.preregistered):
+            raise ConfigError(f"heads lists a head twice ({self.heads!r}); list each once")
+        self.excluded_seeds  # noqa: B018 - parsed here so a bad value fails before any compute
+
+    @property
+    def preregistered(self) -> tuple[Head, ...]:
+        """The pre-registered heads (``heads`` parsed), in the order given; () = discover them."""
+        return parse_heads(self.heads)
+
+    @property
+    def excluded_seeds(self) -> tuple[int, ...]:
+        try:
+            seeds = tuple(int(x) for x in self.fresh_after.replace(",", " ").split())
+        except ValueError:
+            raise ConfigError(f"fresh_after must list seeds, e.g. '0 1 2'; got {self.fresh_after!r}") from None
+        if any(x < 0 for x in seeds):
+            raise ConfigError(f"fresh_after must list seeds >= 0, got {self.fresh_after!r}")
+        return seeds
+
+    @property
+    def discovery_sizes(self) -> dict[str, int]:
+        return {"screen": self.n_screen, "confirm": self.n_confirm, "validate": self.n_validate}
 
     @property
     def sizes(self) -> dict[str, int]:
-        return {"screen": self.n_screen, "confirm": self.n_confirm, "validate": self.n_validate}
+        """The stages drawn: all three, or the validation draw alone for pre-registered heads."""
+        return {"validate": self.n_validate} if self.preregistered else self.discovery_sizes
 
 
 @dataclass(frozen=True)
@@ -316,9 +342,10 @@ def check_head_pool(cfg: FindingsConfig, n_layers: int, n_heads: int) -> None:
     """Before any compute: each of the ``n_top`` validated heads needs ``n_control`` matched controls among the
     model's other heads that are not validated themselves, so ``n_top + n_control`` may not exceed its heads."""
     total = n_layers * n_heads
-    if cfg.n_top + cfg.n_control > total:
+    n_top = len(cfg.preregistered) or cfg.n_top
+    if n_top + cfg.n_control > total:
         raise ConfigError(
-            f"the model has {total} heads ({n_layers} layers x {n_heads}): too few to validate {cfg.n_top} heads "
+            f"the model has {total} heads ({n_layers} layers x {n_heads}): too few to validate {n_top} heads "
             f"against {cfg.n_control} matched controls each; lower n_top / n_control (--n-top, --n-control) so that "
             f"n_top + n_control <= {total}"
         )
@@ -335,7 +362,13 @@ def find_label_heads(
     KV caches of one stage's contexts.
     """
     cfg = cfg or FindingsConfig()
-    check_head_pool(cfg, int(model.cfg.n_layers), int(model.cfg.n_heads))
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    check_head_pool(cfg, L, H)
+    bad = [fmt_heads([x]) for x in cfg.preregistered if not (0 <= x[0] < L and 0 <= x[1] < H)]
+    if bad:
+        raise ConfigError(f"pre-registered heads {bad} are not in this model ({L} layers x {H} heads)")
+    if set(batches.stages) != set(cfg.sizes):
+        raise ValueError(f"the batches hold stages {sorted(batches.stages)}, the config needs {sorted(cfg.sizes)}")
     if batches.draws.shared_examples():
         raise ValueError("held-out stages share task rows: build them with data.batches.stage_draws")
     say = (lambda s: print(f"[mechicl] {s}", flush=True)) if progress else (lambda s: None)
@@ -352,6 +385,8 @@ def find_label_heads(
             f"ICL gain {base['icl_gain']:+.3f} [{base['icl_gain_ci_low']:+.3f}, {base['icl_gain_ci_high']:+.3f}]"
         )
         return FindingsResult(cfg, NO_EFFECT, base, empty, empty, empty, empty, empty, batches.draws.seeds, timings)
+    if cfg.preregistered:
+        return _validate_preregistered(model, val, zs, base, cfg, batches, timings, say, progress)
     t = time.perf_counter()
     screen = _screen(HeadAblation(model, *batches.stages["screen"], **{**kw, "n_resample": 1}), cfg, progress)
     release_host_memory()  # the screening steppers' caches: back to the OS before the next stage's
@@ -367,10 +402,34 @@ def find_label_heads(
     top = list(zip(confirm.layer.head(cfg.n_top).astype(int), confirm["head"].head(cfg.n_top).astype(int)))
     validate, sets, controls = _validate(model, val, zs, top, cfg, base["gap_ci_low"], progress)
     timings["validate"] = time.perf_counter() - t
-    n_above = int(validate.above_control.sum())
-    above = validate[validate.above_control]
-    verdict = f"{n_above} of the top {len(top)} heads above matched controls: " + (
-        ", ".join(f"{h} ({r})" for h, r in zip(above.heads, above.role)) if n_above else "none"
-    )
+    verdict = _verdict_text(validate, f"the top {len(top)} heads")
     say(f"{verdict} ({sum(timings.values()):.0f} s)")
     return FindingsResult(cfg, verdict, base, screen, confirm, validate, sets, controls, batches.draws.seeds, timings)
+
+
+def _verdict_text(validate: pd.DataFrame, which: str) -> str:
+    above = validate[validate.above_control]
+    names = ", ".join(f"{h} ({r})" for h, r in zip(above.heads, above.role))
+    return f"{len(above)} of {which} above matched controls: {names or 'none'}"
+
+
+def _validate_preregistered(
+    model: Any,
+    val: HeadAblation,
+    zs: ReadoutStepper,
+    base: dict,
+    cfg: FindingsConfig,
+    batches: HeldOutBatches,
+    timings: dict[str, float],
+    say: Callable[[str], None],
+    progress: bool,
+) -> FindingsResult:
+    """Pre-registered heads: validated as given on the validation draw (no screening or confirmation)."""
+    t = time.perf_counter()
+    top = list(cfg.preregistered)
+    validate, sets, controls = _validate(model, val, zs, top, cfg, base["gap_ci_low"], progress)
+    timings["validate"] = time.perf_counter() - t
+    verdict = _verdict_text(validate, f"the {len(top)} pre-registered heads")
+    say(f"{verdict} ({sum(timings.values()):.0f} s)")
+    empty = pd.DataFrame()
+    return FindingsResult(cfg, verdict, base, empty, empty, validate, sets, controls, batches.draws.seeds, timings)

@@ -1,13 +1,20 @@
 """Replication across cells (model x task x seed) of the findings grid: which heads hold up where.
 
-Per model, over the cells that have an in-context effect to attribute (``findings.NO_EFFECT``
-cells are counted but never vote):
+**Voting cells.** Per model, a cell votes when it has an in-context effect to attribute (its gap CI above 0)
+*and* its gap in P(true) is at least ``min_gap`` (``MIN_GAP``, 0.05): a cell whose labels barely move the model
+cannot say much about any head, so its absences are not counted against one.
 
-* **replicates**: the head is among a cell's validated top heads *and* above its matched controls
-  (``above_control``) in at least ``share`` (2/3) of the model's cells;
-* **task-specific: <task>**: it does so in at least ``share`` of one task's cells (and at least 2),
-  but not across the grid;
+**Verdicts** (``verdict``), over the voting cells:
+
+* **replicates**: above its matched controls (``above_control``) in at least ``share`` (2/3) of the voting cells;
+* **task-specific: <task>**: in at least ``share`` of one task's voting cells (and at least 2), not across the grid;
 * **not robust**: above control somewhere, but neither of the above.
+
+In a *discovery* grid a head is tested only where the finder selected it, so a cell that did not select it counts
+as a failure there (``n_tested`` says how many cells tested it). In a *pre-registered* grid (``FindingsConfig.heads``)
+every named head is tested in every cell, so the verdict reads the same counts without that selection. Effect
+medians (``effect_median``) are over the voting cells where the head was tested; ``roles`` counts the roles it got
+there (``analysis.heads.roles``) and ``role`` is the most frequent.
 
 Task agreement: the Spearman correlation, between two tasks, of every head's screening effect
 (exact, or first-order with ``screen="attribution"``; mean over seeds). Inputs are the per-cell tables ``runs.findings`` writes.
@@ -23,6 +30,7 @@ import pandas as pd
 from scipy import stats as sps
 
 REPLICATES, NOT_ROBUST = "replicates", "not robust"
+MIN_GAP = 0.05  # the smallest correct-vs-flipped gap in P(true) with which a cell votes
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,11 @@ class CellTables:
         default_factory=pd.DataFrame, repr=False
     )  # test, effect, control_mean, gap_reduction, ...
     seconds: float = float("nan")
+    preregistered: bool = False  # the cell validated named heads (no screening)
+
+    def votes(self, min_gap: float = MIN_GAP) -> bool:
+        """Whether the cell votes: an in-context effect (gap CI above 0) of at least ``min_gap``."""
+        return bool(self.has_effect and self.baseline.get("gap", float("nan")) >= min_gap)
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ class Replication:
     effect_maps: pd.DataFrame
 
 
-def _cell_rows(cells: list[CellTables]) -> pd.DataFrame:
+def _cell_rows(cells: list[CellTables], min_gap: float) -> pd.DataFrame:
     rows = []
     for c in cells:
         v = c.validate
@@ -67,6 +80,8 @@ def _cell_rows(cells: list[CellTables]) -> pd.DataFrame:
                 "task": c.task,
                 "seed": c.seed,
                 "has_effect": c.has_effect,
+                "votes": c.votes(min_gap),
+                "preregistered": c.preregistered,
                 **{
                     k: c.baseline.get(k, np.nan)
                     for k in ("gap", "gap_ci_low", "gap_ci_high", "icl_gain", "icl_gain_ci_low", "icl_gain_ci_high")
@@ -86,15 +101,24 @@ def _cell_rows(cells: list[CellTables]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _verdict(per_task: dict[str, tuple[int, int]], n_above: int, n_cells: int, share: float) -> str:
+def verdict(per_task: dict[str, tuple[int, int]], n_above: int, n_cells: int, share: float = 2 / 3) -> str:
+    """The replication verdict from counts: ``per_task[task] = (cells above control, voting cells)``."""
     if n_cells and n_above >= share * n_cells:
         return REPLICATES
     specific = [t for t, (a, n) in per_task.items() if n >= 2 and a >= share * n]
     return f"task-specific: {', '.join(specific)}" if specific else NOT_ROBUST
 
 
-def _head_rows(cells: list[CellTables], model: str, share: float) -> list[dict]:
-    mine = [c for c in cells if c.model == model and c.has_effect]
+def _roles(g: pd.DataFrame) -> tuple[str, str]:
+    """(counts text, most frequent role) of a head's tested cells; ("", "") for cells written before roles."""
+    if "role" not in g or g.role.isna().all():
+        return "", ""
+    counts = g.role.value_counts()
+    return "; ".join(f"{r} {n}" for r, n in counts.items()), str(counts.index[0])
+
+
+def _head_rows(cells: list[CellTables], model: str, share: float, min_gap: float) -> list[dict]:
+    mine = [c for c in cells if c.model == model and c.votes(min_gap)]
     val = [c.validate.assign(task=c.task, seed=c.seed) for c in mine if len(c.validate)]
     if not val:
         return []
@@ -106,14 +130,16 @@ def _head_rows(cells: list[CellTables], model: str, share: float) -> list[dict]:
             for t in dict.fromkeys(c.task for c in mine)
         }
         n_above = int(g.above_control.sum())
+        roles, role = _roles(g)
         rows.append(
             {
                 "model": model,
                 "head": f"L{int(l)}H{int(h)}",
                 "layer": int(l),
                 "head_index": int(h),
+                "design": "pre-registered" if all(c.preregistered for c in mine) else "discovery",
                 "n_cells": len(mine),
-                "n_top": len(g),
+                "n_tested": len(g),
                 "n_above_control": n_above,
                 "share_above_control": n_above / len(mine),
                 "effect_median": float(g.effect.median()),
@@ -121,8 +147,10 @@ def _head_rows(cells: list[CellTables], model: str, share: float) -> list[dict]:
                 "effect_max": float(g.effect.max()),
                 "effect_ci_low_min": float(g.effect_ci_low.min()),
                 "control_mean_median": float(g.control_mean.median()),
+                "role": role,
+                "roles": roles,
                 "per_task": "; ".join(f"{t} {a}/{n}" for t, (a, n) in per_task.items()),
-                "verdict": _verdict(per_task, n_above, len(mine), share),
+                "verdict": verdict(per_task, n_above, len(mine), share),
             }
         )
     return rows
@@ -137,7 +165,7 @@ def _maps(cells: list[CellTables]) -> pd.DataFrame:
             .assign(model=c.model, task=c.task, seed=c.seed, exact=col == "effect")
         )
 
-    s = [one(c) for c in cells if c.has_effect and len(c.screen)]
+    s = [one(c) for c in cells if c.has_effect and len(c.screen) and "layer" in c.screen]
     if not s:
         return pd.DataFrame(columns=["model", "task", "layer", "head", "effect", "exact", "n_seeds"])
     df = pd.concat(s, ignore_index=True)
@@ -157,15 +185,15 @@ def _agreement(maps: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "task_a", "task_b", "spearman", "n_heads"])
 
 
-def replicate(cells: list[CellTables], share: float = 2 / 3) -> Replication:
+def replicate(cells: list[CellTables], share: float = 2 / 3, min_gap: float = MIN_GAP) -> Replication:
     """The grid's replication tables from its finished cells (see the module docstring). Cost: negligible."""
     if not cells:
         raise ValueError("no finished cells to summarise")
-    heads = [r for m in dict.fromkeys(c.model for c in cells) for r in _head_rows(cells, m, share)]
+    heads = [r for m in dict.fromkeys(c.model for c in cells) for r in _head_rows(cells, m, share, min_gap)]
     hdf = pd.DataFrame(heads)
     if len(hdf):
         hdf = hdf.sort_values(
             ["model", "n_above_control", "effect_median"], ascending=[True, False, False]
         ).reset_index(drop=True)
     maps = _maps(cells)
-    return Replication(_cell_rows(cells), hdf, _agreement(maps), maps)
+    return Replication(_cell_rows(cells, min_gap), hdf, _agreement(maps), maps)

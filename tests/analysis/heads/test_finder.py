@@ -147,3 +147,44 @@ def test_degenerate_draw_counts_fail_when_the_cell_is_configured(field):
     for bad in (0, 1, 19):
         with pytest.raises(ConfigError, match=f"{field} = {bad}"):
             FindingsConfig(**{field: bad})
+
+
+def test_preregistered_heads_are_validated_as_given_on_rows_never_used_before():
+    """Pre-registration (issue 27): the named heads are validated without screening or confirmation, on a
+    validation draw whose rows no earlier seed's three-stage draws used."""
+    from mechicl.data.batches import used_rows
+
+    loaded, task = load_model("organism-strong"), load_task("organism")
+    cfg = replace(CFG, heads="L0H0,L1H1", fresh_after="0 1", seed=5)
+    assert cfg.sizes == {"validate": CFG.n_validate} and cfg.preregistered == ((0, 0), (1, 1))
+    old = used_rows(task, cfg.discovery_sizes, cfg.k + 1, (0, 1))
+    draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cfg.seed, exclude=old)
+    assert old and not old & {int(r) for r in draws.ids["validate"].ravel()}
+    kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+    r = find_label_heads(loaded.model, held_out_batches(task, loaded.tokenizer, draws, **kw), cfg, progress=False)
+    assert list(r.validate.heads) == ["L0H0", "L1H1"] and r.screen.empty and r.confirm.empty
+    assert "pre-registered" in r.verdict and set(r.validate.role) <= {
+        "label",
+        "label+prior",
+        "prior",
+        "class",
+        "generic",
+        "unresolved",
+    }
+    with pytest.raises(ConfigError, match="not in this model"):
+        find_label_heads(
+            loaded.model, held_out_batches(task, loaded.tokenizer, draws, **kw), replace(cfg, heads="L7H0")
+        )
+    with pytest.raises(ConfigError, match="fresh_after"):
+        replace(CFG, fresh_after="zero")
+    with pytest.raises(ConfigError, match="twice"):
+        replace(CFG, heads="L1H1 L1H1")
+
+
+def test_the_validated_heads_carry_their_roles(organism_cell):
+    r, _ = organism_cell
+    for col in ("interchange", "ablated_correct", "ablated_flipped", "d_p_zero_shot", "role", "role_reason"):
+        assert col in r.validate and r.validate[col].notna().all()
+    top_set = r.sets[r.sets.test.str.startswith("top ")]
+    assert top_set.role.notna().all() and (r.validate.controls_other_layer >= 0).all()
+    assert r.baseline["design_effect"] >= 1.0
