@@ -17,7 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mechicl.models.machine import machine_line
+
 _LIBC: Any = None
+MACHINE = machine_line()  # measured once per benchmark process: every row and printout names the machine's speed
+print(f"[bench] machine: {MACHINE}", flush=True)
 
 
 def _trim() -> None:
@@ -67,5 +71,6 @@ def add_row(path: Path | None, **row: Any) -> None:
     if path is None:
         return
     row.setdefault("command", command_line())
+    row.setdefault("machine", MACHINE)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -92,6 +92,9 @@ def main() -> None:
     print()
     for i, c in enumerate(commands, 1):
         print(f"{i}. `flock /tmp/mechicl-cpu.lock {c}`")
+    machines = sorted({r.get("machine", "machine not recorded (rows from before issue 31)") for r in rows})
+    print()
+    print("Machines: " + "; ".join(machines) + ". Compare timings only between rows of one machine.")
 
 
 if __name__ == "__main__":

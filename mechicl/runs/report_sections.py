@@ -12,6 +12,7 @@ from mechicl.analysis.inside.frames import top_heads
 from mechicl.analysis.patching.exact import PatchResult
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
+from mechicl.models.machine import machine_line
 from mechicl.runs.attention import plot_attention
 from mechicl.runs.attribute import plot_label_vs_input, top_label_heads
 from mechicl.runs.folder import RunFolder
@@ -298,6 +299,7 @@ def facts_section(loaded: LoadedModel, cfg: ReportConfig, stages: pd.DataFrame, 
             ("seed", str(cfg.seed)),
             ("forwards (all stages)", f"{int(stages.forwards.sum())} over {int(stages.rows.sum())} context rows"),
             ("wall time (all stages, model load excluded)", f"{stages.seconds.sum():.0f} s"),
+            ("machine", machine_line()),
             ("package versions", versions()),
             ("re-run", command),
         ],
