@@ -17,6 +17,7 @@ COMMANDS = {  # command name -> "module:function"; the function takes the parsed
     "attention": "mechicl.runs.attention:command",
     "lens": "mechicl.runs.lens:command",
     "dla": "mechicl.runs.dla:command",
+    "prior": "mechicl.runs.prior:command",
     "organism train": "mechicl.runs.organism:train_command",
     "patch": "mechicl.runs.patch:command",
     "heads": "mechicl.runs.heads:command",

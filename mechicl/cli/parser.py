@@ -23,6 +23,9 @@ DESCRIPTIONS = {
     "lens": "Logit lens per depth under default vs flipped contexts, and the critical layer where they part.",
     "dla": "Direct logit attribution per head and MLP, and how much of each head's direct effect follows the "
     "context's labels vs the zero-shot prior.",
+    "prior": "How in-context labels compete with the zero-shot prior: per bin of a query's zero-shot log-odds and "
+    "per k, P(true) with correct and flipped labels, how often the prior wins, and the label information each "
+    "given head set carries there (interchange), with CIs.",
     "patch": "Exact activation patching between correct- and flipped-label renderings of the same contexts: "
     "heatmaps and tables of the normalised logit difference.",
     "heads": "Find label-aggregation heads: one `mechicl findings` cell (screen, confirm, then validate on disjoint "
@@ -54,6 +57,11 @@ COMMANDS: list[tuple[str, str, Flags]] = [  # name, one-line help, flags (None: 
     ),
     ("lens", "logit lens per layer under default vs flipped contexts; the critical layer", P.lens_args),
     ("dla", "direct logit attribution per head / MLP and the prior-vs-context table", P.inside_args),
+    (
+        "prior",
+        "labels vs the zero-shot prior per query: behaviour and head label information by prior bin",
+        P.prior_args,
+    ),
     ("organism", "model organisms: small transformers with a known pre-training prior", None),
     ("patch", "exact activation patching, correct- vs flipped-label contexts; heatmaps and tables", P.patch_args),
     (

@@ -153,7 +153,8 @@ class SetScores:
     """Per-context results of ablating head sets (means over slots, and over resample draws).
 
     ``closed [n, b]``, ``d_correct``/``d_flipped [n, b]`` (ΔP(true)), ``acc_flipped_last [n, b]``
-    (accuracy at the last slot of flipped contexts, ablated).
+    (accuracy at the last slot of flipped contexts, ablated); ``p_correct``/``p_flipped [n, b, S]``: the ablated
+    P(true) at every slot (``analysis.heads.prior`` bins slots by their query's prior).
     """
 
     names: list[str]
@@ -161,6 +162,8 @@ class SetScores:
     d_correct: np.ndarray
     d_flipped: np.ndarray
     acc_flipped_last: np.ndarray
+    p_correct: np.ndarray | None = None  # [n, b, S]: P(true) at every slot, ablated (per-slot analyses)
+    p_flipped: np.ndarray | None = None
 
 
 class HeadAblation:
@@ -238,6 +241,8 @@ class HeadAblation:
             d_correct=(p["correct"] - self.base["correct"][None]).mean(-1),
             d_flipped=(p["flipped"] - self.base["flipped"][None]).mean(-1),
             acc_flipped_last=acc,
+            p_correct=p["correct"],
+            p_flipped=p["flipped"],
         )
 
     def attribution(self) -> Float[np.ndarray, "batch layer head"]:

@@ -37,82 +37,15 @@ import pandas as pd
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.engine.stepper import ReadoutStepper
-from mechicl.analysis.heads.ablation import MODES, HeadAblation, p_true
-from mechicl.analysis.heads.modes import FINDINGS_DEFAULT
-from mechicl.analysis.heads.roles import assign_roles, label_specific_effects
-from mechicl.analysis.stats import check_draws, mean_ci, ratio_ci, shared_row_design_effect, sign_flip_p
+from mechicl.analysis.heads.ablation import HeadAblation, p_true
+from mechicl.analysis.heads.config import FindingsConfig, check_head_pool
+from mechicl.analysis.heads.validation import validate_top
+from mechicl.analysis.stats import mean_ci, shared_row_design_effect
 from mechicl.data.batches import HeldOutBatches
-from mechicl.data.names import parse_heads
 from mechicl.errors import ConfigError
 from mechicl.models.device import release_host_memory
 
 NO_EFFECT = "no in-context effect to attribute"
-
-
-@dataclass(frozen=True)
-class FindingsConfig:
-    """One cell of the findings grid. Cost on Gemma-3-270M: see ``docs/findings.md`` (measured)."""
-
-    k: int = 16  # demonstrations before the last query: contexts hold k + 1 examples
-    k_min: int = 8  # the first readout slot measured (slots k_min..k)
-    n_screen: int = 8
-    n_confirm: int = 24
-    n_validate: int = 32
-    n_candidates: int = 8
-    screen: str = "exact"  # "exact": every head ablated (one resample draw); "attribution": first-order only
-    n_top: int = 3
-    ablation: str = FINDINGS_DEFAULT  # interchange (analysis.heads.modes): chosen by the ground-truth benchmark
-    n_resample: int = 2
-    control: str = "layer"  # "layer": same layer (widened), nearest in output norm; "norm": nearest in norm
-    n_control: int = 5
-    n_boot: int = 2000
-    n_perm: int = 4000
-    seed: int = 0
-    heads: str = ""  # pre-registered heads ("L10H3 L11H2"): validated as given, no screening or confirmation
-    fresh_after: str = ""  # seeds ("0 1 2") whose rows (three-stage draws, these sizes) no pool may hold
-
-    def __post_init__(self) -> None:
-        check_draws(self.n_boot)  # degenerate draw counts fail here, before any compute (issue 30)
-        check_draws(self.n_perm, "n_perm")
-        if not 0 <= self.k_min <= self.k:
-            raise ConfigError(f"need 0 <= k_min <= k, got k_min={self.k_min}, k={self.k}")
-        if min(self.n_screen, self.n_confirm, self.n_validate) < 4:
-            raise ConfigError("each stage needs at least 4 contexts (resampling and intervals)")
-        if self.ablation not in MODES:
-            raise ConfigError(f"ablation must be one of {tuple(MODES)}, got {self.ablation!r}")
-        if self.screen not in ("exact", "attribution"):
-            raise ConfigError(f"screen must be 'exact' or 'attribution', got {self.screen!r}")
-        if self.control not in ("layer", "norm"):
-            raise ConfigError(f"control must be 'layer' or 'norm', got {self.control!r}")
-        if self.n_top < 1 or self.n_candidates < self.n_top or self.n_control < 1:
-            raise ConfigError("need 1 <= n_top <= n_candidates and n_control >= 1")
-        if self.preregistered and len(set(self.preregistered)) != len(self.preregistered):
-            raise ConfigError(f"heads lists a head twice ({self.heads!r}); list each once")
-        self.excluded_seeds  # noqa: B018 - parsed here so a bad value fails before any compute
-
-    @property
-    def preregistered(self) -> tuple[Head, ...]:
-        """The pre-registered heads (``heads`` parsed), in the order given; () = discover them."""
-        return parse_heads(self.heads)
-
-    @property
-    def excluded_seeds(self) -> tuple[int, ...]:
-        try:
-            seeds = tuple(int(x) for x in self.fresh_after.replace(",", " ").split())
-        except ValueError:
-            raise ConfigError(f"fresh_after must list seeds, e.g. '0 1 2'; got {self.fresh_after!r}") from None
-        if any(x < 0 for x in seeds):
-            raise ConfigError(f"fresh_after must list seeds >= 0, got {self.fresh_after!r}")
-        return seeds
-
-    @property
-    def discovery_sizes(self) -> dict[str, int]:
-        return {"screen": self.n_screen, "confirm": self.n_confirm, "validate": self.n_validate}
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        """The stages drawn: all three, or the validation draw alone for pre-registered heads."""
-        return {"validate": self.n_validate} if self.preregistered else self.discovery_sizes
 
 
 @dataclass(frozen=True)
@@ -138,22 +71,6 @@ class FindingsResult:
     @property
     def has_effect(self) -> bool:
         return self.verdict != NO_EFFECT
-
-
-def matched_controls(head: Head, norms: np.ndarray, exclude: set[Head], how: str, n: int) -> list[Head]:
-    """``n`` control heads for ``head``: same layer, widened one layer at a time until ``n`` heads
-    are available, the nearest in output norm among them (``how="layer"``); or the ``n`` nearest in
-    log output norm anywhere (``"norm"``)."""
-    L, H = norms.shape
-    pool = [(l, h) for l in range(L) for h in range(H) if (l, h) != head and (l, h) not in exclude]
-    if how == "layer":
-        for w in range(L):
-            near = [x for x in pool if abs(x[0] - head[0]) <= w]
-            if len(near) >= n or len(near) == len(pool):
-                pool = near
-                break
-    dist = [abs(np.log(norms[x] + 1e-12) - np.log(norms[head] + 1e-12)) for x in pool]
-    return [pool[i] for i in np.argsort(dist, kind="stable")[:n]]
 
 
 def _baseline(abl: HeadAblation, zero_shot: ReadoutStepper, cfg: FindingsConfig) -> dict[str, float]:
@@ -220,137 +137,6 @@ def _confirm(abl: HeadAblation, candidates: list[Head], cfg: FindingsConfig, pro
     return t
 
 
-def _paired(abl: HeadAblation, d: np.ndarray, cfg: FindingsConfig) -> dict[str, float]:
-    """A per-context difference of closed gaps as a share of the gap: estimate, CI, sign-flip p."""
-    est, lo, hi = ratio_ci(d, abl.gap, n_boot=cfg.n_boot, seed=cfg.seed, items=abl.items)
-    p = sign_flip_p(d, n_perm=cfg.n_perm, seed=cfg.seed)
-    return {"diff": float(est), "diff_ci_low": float(lo), "diff_ci_high": float(hi), "p": float(p)}
-
-
-def _validate(
-    model: Any,
-    abl: HeadAblation,
-    zs: ReadoutStepper,
-    top: list[Head],
-    cfg: FindingsConfig,
-    gap_ci_low: float,
-    progress: bool,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Top heads against matched controls, the set tests, and each head's and the top set's label-specific effects
-    and role (validation draws)."""
-    norms = abl.head_norms(model)
-    ctrl = {x: matched_controls(x, norms, set(top), cfg.control, cfg.n_control) for x in top}
-    singles = list(dict.fromkeys(top + [c for x in top for c in ctrl[x]]))
-    sets: list[list[Head]] = [[x] for x in singles]
-    if len(top) >= 2:  # {top1 + x} for x = top2 and top2's controls; the top set and matched sets
-        sets += [sorted([top[0], x]) for x in [top[1], *ctrl[top[1]]]]
-        sets += [sorted(top)] + [sorted(ctrl[x][i] for x in top) for i in range(cfg.n_control)]
-    sets = list({fmt_heads(sorted(x)): sorted(x) for x in sets}.values())  # e.g. {top1, top2} is also the top set
-    sc = abl.scores(sets, progress=progress)
-    row = {name: i for i, name in enumerate(sc.names)}
-    closed = lambda hs: sc.closed[row[fmt_heads(sorted(hs))]]  # noqa: E731
-    tab = abl.table(sc, cfg.n_boot, cfg.seed).set_index("heads")
-    rows = []
-    for rank, x in enumerate(top, 1):
-        c_eff = tab.loc[[fmt_heads([c]) for c in ctrl[x]], "effect"].to_numpy()
-        d = closed([x]) - np.mean([closed([c]) for c in ctrl[x]], 0)
-        r = {
-            "rank": rank,
-            "layer": x[0],
-            "head": x[1],
-            "heads": fmt_heads([x]),
-            **tab.loc[fmt_heads([x])].to_dict(),
-            "norm": norms[x],
-            "controls": fmt_heads(ctrl[x]),
-            "controls_other_layer": sum(c[0] != x[0] for c in ctrl[x]),
-            "control_norm": float(np.mean([norms[c] for c in ctrl[x]])),
-            "control_mean": float(c_eff.mean()),
-            "control_min": float(c_eff.min()),
-            "control_max": float(c_eff.max()),
-            "control_rank_p": float((1 + (c_eff >= tab.loc[fmt_heads([x]), "effect"]).sum()) / (1 + len(c_eff))),
-            **_paired(abl, d, cfg),
-        }
-        r["above_control"] = bool(r["diff_ci_low"] > 0 and r["effect_ci_low"] > 0)
-        rows.append(r)
-    roles = _roles(abl, zs, top, cfg, gap_ci_low)
-    val = pd.DataFrame(rows).merge(roles, on="heads")
-    controls = tab.loc[[fmt_heads([c]) for c in singles if c not in top]].reset_index()
-    sets_tab = _set_tests(abl, tab, closed, top, ctrl, cfg)
-    if len(sets_tab):
-        sets_tab = sets_tab.merge(roles, on="heads", how="left")
-    return val, sets_tab, controls
-
-
-def _roles(abl: HeadAblation, zs: ReadoutStepper, top: list[Head], cfg: FindingsConfig, gap_low: float) -> pd.DataFrame:
-    """The four label-specific effects and the role of each top head and of the top set (``analysis.heads.roles``)."""
-    sets = [[x] for x in top] + ([sorted(top)] if len(top) >= 2 else [])
-    eff = label_specific_effects(abl, zs, sets, n_boot=cfg.n_boot, seed=cfg.seed)
-    return assign_roles(eff, gap_low)
-
-
-def _set_tests(
-    abl: HeadAblation,
-    tab: pd.DataFrame,
-    closed: Callable[[list[Head]], np.ndarray],
-    top: list[Head],
-    ctrl: dict[Head, list[Head]],
-    cfg: FindingsConfig,
-) -> pd.DataFrame:
-    """{top1 + top2} vs {top1} against {top1 + control of top2} vs {top1}; the top set against matched sets."""
-    if len(top) < 2:
-        return pd.DataFrame()
-    t1, t2 = top[0], top[1]
-    inc = lambda x: closed([t1, x]) - closed([t1])  # noqa: E731 - per-context increment over top1 alone
-    rows = []
-    d = inc(t2) - np.mean([inc(c) for c in ctrl[t2]], 0)
-    r_inc = ratio_ci(inc(t2), abl.gap, n_boot=cfg.n_boot, seed=cfg.seed, items=abl.items)
-    rows.append(
-        {
-            "test": f"{fmt_heads([t1, t2])} vs {fmt_heads([t1])}",
-            "heads": fmt_heads(sorted([t1, t2])),
-            "effect": float(r_inc[0]),
-            "effect_ci_low": float(r_inc[1]),
-            "effect_ci_high": float(r_inc[2]),
-            "controls": "; ".join(fmt_heads(sorted([t1, c])) for c in ctrl[t2]),
-            "control_mean": float(np.mean([inc(c).mean() for c in ctrl[t2]]) / abl.gap.mean()),
-            **_paired(abl, d, cfg),
-        }
-    )
-    matched = [sorted(ctrl[x][i] for x in top) for i in range(cfg.n_control)]
-    d = closed(sorted(top)) - np.mean([closed(m) for m in matched], 0)
-    t = tab.loc[fmt_heads(sorted(top))]
-    rows.append(
-        {
-            "test": f"top {len(top)} set vs matched sets",
-            "heads": fmt_heads(sorted(top)),
-            "effect": float(t.effect),
-            "effect_ci_low": float(t.effect_ci_low),
-            "effect_ci_high": float(t.effect_ci_high),
-            "gap_reduction": float(t.gap_reduction),
-            "controls": "; ".join(fmt_heads(m) for m in matched),
-            "control_mean": float(tab.loc[[fmt_heads(m) for m in matched], "effect"].mean()),
-            "control_gap_reduction": float(tab.loc[[fmt_heads(m) for m in matched], "gap_reduction"].mean()),
-            **_paired(abl, d, cfg),
-        }
-    )
-    out = pd.DataFrame(rows)
-    out["above_control"] = (out["diff_ci_low"] > 0) & (out["effect_ci_low"] > 0)
-    return out
-
-
-def check_head_pool(cfg: FindingsConfig, n_layers: int, n_heads: int) -> None:
-    """Before any compute: each of the ``n_top`` validated heads needs ``n_control`` matched controls among the
-    model's other heads that are not validated themselves, so ``n_top + n_control`` may not exceed its heads."""
-    total = n_layers * n_heads
-    n_top = len(cfg.preregistered) or cfg.n_top
-    if n_top + cfg.n_control > total:
-        raise ConfigError(
-            f"the model has {total} heads ({n_layers} layers x {n_heads}): too few to validate {n_top} heads "
-            f"against {cfg.n_control} matched controls each; lower n_top / n_control (--n-top, --n-control) so that "
-            f"n_top + n_control <= {total}"
-        )
-
-
 def find_label_heads(
     model: Any, batches: HeldOutBatches, cfg: FindingsConfig | None = None, progress: bool = True
 ) -> FindingsResult:
@@ -400,7 +186,7 @@ def find_label_heads(
     timings["confirm"] = time.perf_counter() - t
     t = time.perf_counter()
     top = list(zip(confirm.layer.head(cfg.n_top).astype(int), confirm["head"].head(cfg.n_top).astype(int)))
-    validate, sets, controls = _validate(model, val, zs, top, cfg, base["gap_ci_low"], progress)
+    validate, sets, controls = validate_top(model, val, zs, top, cfg, base["gap_ci_low"], progress)
     timings["validate"] = time.perf_counter() - t
     verdict = _verdict_text(validate, f"the top {len(top)} heads")
     say(f"{verdict} ({sum(timings.values()):.0f} s)")
@@ -427,7 +213,7 @@ def _validate_preregistered(
     """Pre-registered heads: validated as given on the validation draw (no screening or confirmation)."""
     t = time.perf_counter()
     top = list(cfg.preregistered)
-    validate, sets, controls = _validate(model, val, zs, top, cfg, base["gap_ci_low"], progress)
+    validate, sets, controls = validate_top(model, val, zs, top, cfg, base["gap_ci_low"], progress)
     timings["validate"] = time.perf_counter() - t
     verdict = _verdict_text(validate, f"the {len(top)} pre-registered heads")
     say(f"{verdict} ({sum(timings.values()):.0f} s)")

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mechicl.analysis.heads.finder import NO_EFFECT, FindingsConfig, _screen, find_label_heads, matched_controls
+from mechicl.analysis.heads.finder import NO_EFFECT, FindingsConfig, _screen, find_label_heads
+from mechicl.analysis.heads.validation import matched_controls
 from mechicl.data.batches import held_out_batches, stage_draws
 from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError

@@ -1,0 +1,34 @@
+"""`mechicl prior` on an organism: the table, the figures and the summary; bad head names name the fix."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mechicl.cli import main
+from mechicl.errors import ConfigError
+from mechicl.runs.prior import head_sets, k_bands
+
+ORG = ["--model", "organism-strong", "--task", "organism", "--threads", "1", "--k", "8", "--k-min", "1"]
+
+
+def test_prior_writes_a_table_per_bin_and_k_and_the_figures(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prior", *ORG, "--n-contexts", "16", "--heads", "L1H1;L0H0,L0H2", "--out", str(out)]) == 0
+    tab = pd.read_csv(out / "prior.csv")
+    assert set(tab.heads) == {"L1H1", "L0H0 L0H2"}
+    assert set(zip(tab.k_lo, tab.k_hi)) <= set(k_bands(1, 8))
+    for heads, g in tab.groupby("heads"):  # every slot k = 1..8 of every context is in exactly one bin
+        assert g.n_slots.sum() == 16 * 8, heads
+    assert (out / "prior_sides.png").is_file() and (out / "prior_heads_L1H1.png").is_file()
+    assert "zero-shot log-odds" in (out / "summary.md").read_text()
+
+
+def test_head_sets_parse_and_bad_names_name_the_fix(capsys):
+    assert head_sets("L1H1; L0H0,L0H2", 2, 4) == [[(1, 1)], [(0, 0), (0, 2)]]
+    with pytest.raises(ConfigError, match="not in this model"):
+        head_sets("L5H0", 2, 4)
+    with pytest.raises(ConfigError, match="names no head"):
+        head_sets(" ; ", 2, 4)
+    assert main(["prior", *ORG]) != 0  # --heads is required: an error naming the flag, no traceback
+    assert "--heads is required" in capsys.readouterr().err
