@@ -6,7 +6,7 @@ no analysis builds a batch itself. Cost: tokenization only.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +94,24 @@ def stage_draws(
     return draws
 
 
-def used_rows(task: Task, sizes: dict[str, int], n_examples: int, seeds: Collection[int]) -> set[int]:
-    """Every task row that ``stage_draws`` with these sizes puts into a context for any of ``seeds``."""
-    return {int(r) for s in seeds for ids in stage_draws(task, sizes, n_examples, s).ids.values() for r in ids.ravel()}
+def used_rows(
+    task: Task,
+    sizes: dict[str, int],
+    n_examples: int,
+    seeds: Collection[int],
+    load: Callable[[int], Task] | None = None,
+) -> set[int]:
+    """Rows of ``task`` whose text any of ``seeds``' ``stage_draws`` (these sizes) put into a context.
+
+    ``load(seed)``: the task as that seed's cell loaded it. Built-in tasks are class-balanced per seed, so the same
+    row number is a different text under another seed: rows are matched by text, never by number (a text that
+    occurs twice is excluded wherever it occurs: conservative)."""
+    texts: set[str] = set()
+    for s in seeds:
+        t = load(s) if load is not None else task
+        for ids in stage_draws(t, sizes, n_examples, s).ids.values():
+            texts.update(t.texts[int(i)] for i in ids.ravel())
+    return {i for i, x in enumerate(task.texts) if x in texts}
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def run_cell(loaded: Any, cell: Cell, cfg: FindingsConfig, out: Path, progress: 
     task = load_task(cell.task, seed=cell.seed)
     command = ["mechicl", "findings", "cell", cell.model, cell.task, str(cell.seed)]
     with staged(out / "cells" / cell.slug, command=command, config=cfg) as tmp:  # locked from here: one writer
-        result = find_heads_for(loaded, task, cfg, progress=progress)
+        result = find_heads_for(loaded, task, cfg, progress=progress, load=lambda s: load_task(cell.task, seed=s))
         write_cell(result, cell, RunFolder(tmp))
     del result
     release_host_memory()  # the next cell starts from the model's footprint, not this cell's high-water mark

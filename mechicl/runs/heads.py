@@ -7,6 +7,7 @@ the report's Validation section reads the same result (``runs.report``).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,20 @@ def preset_config(**sizes: Any) -> FindingsConfig:
     return FindingsConfig(**{"ablation": ABLATION, **sizes})
 
 
-def find_heads_for(loaded: LoadedModel, task: Task, cfg: FindingsConfig, progress: bool = True) -> FindingsResult:
+def find_heads_for(
+    loaded: LoadedModel,
+    task: Task,
+    cfg: FindingsConfig,
+    progress: bool = True,
+    load: Callable[[int], Task] | None = None,
+) -> FindingsResult:
     """Draw the three disjoint stages of ``task`` (seed ``cfg.seed``), render them and run the finder.
 
-    Cost: ``find_label_heads`` (see its docstring and ``docs/findings.md``)."""
-    exclude = used_rows(task, cfg.discovery_sizes, cfg.k + 1, cfg.excluded_seeds)  # fresh rows, if asked
+    ``load(seed)``: the task as another seed's cell loads it (for ``cfg.fresh_after``: built-in tasks are balanced
+    per seed, so earlier seeds' rows are found by text). Cost: ``find_label_heads`` (see ``docs/findings.md``)."""
+    if cfg.excluded_seeds and load is None:
+        raise ValueError("fresh_after needs load(seed): the task as each excluded seed's cell loaded it")
+    exclude = used_rows(task, cfg.discovery_sizes, cfg.k + 1, cfg.excluded_seeds, load)  # fresh rows, if asked
     draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cfg.seed, exclude=exclude)
     batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     return find_label_heads(loaded.model, batches, cfg, progress=progress)

@@ -158,7 +158,7 @@ def test_preregistered_heads_are_validated_as_given_on_rows_never_used_before():
     loaded, task = load_model("organism-strong"), load_task("organism")
     cfg = replace(CFG, heads="L0H0,L1H1", fresh_after="0 1", seed=5)
     assert cfg.sizes == {"validate": CFG.n_validate} and cfg.preregistered == ((0, 0), (1, 1))
-    old = used_rows(task, cfg.discovery_sizes, cfg.k + 1, (0, 1))
+    old = used_rows(task, cfg.discovery_sizes, cfg.k + 1, (0, 1), load=lambda s: task)
     draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cfg.seed, exclude=old)
     assert old and not old & {int(r) for r in draws.ids["validate"].ravel()}
     kw = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
