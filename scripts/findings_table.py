@@ -5,7 +5,7 @@
 
 Every number comes from ``docs/results/grid/cells/*/`` (each cell's cell.json and CSVs, as `mechicl findings`
 sealed them: effects, CIs, controls, roles; no task text) through the same replication code the grid's summary
-uses (``analysis.heads.replication.replicate``). ``tests/test_findings_table.py`` runs ``--check``.
+uses (``runs.report_headline.committed_replication``, the report's headline reads the same). ``tests/test_findings_table.py`` runs ``--check``.
 """
 
 from __future__ import annotations
@@ -16,21 +16,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechicl.analysis.heads.replication import Replication, replicate
-from mechicl.runs.findings import read_cell
+from mechicl.analysis.heads.replication import Replication
 from mechicl.runs.findings_report import head_table
 from mechicl.runs.markdown import md_table
+from mechicl.runs.report_headline import committed_replication
 
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = ROOT / "docs" / "results" / "grid" / "cells"
+GRID = ROOT / "docs" / "results" / "grid"
 START, END = "<!-- findings-table: scripts/findings_table.py -->", "<!-- /findings-table -->"
 
 
-def replication(cells: Path = CELLS) -> Replication:
-    folders = sorted(p for p in cells.iterdir() if (p / "cell.json").is_file())
-    if not folders:
-        raise SystemExit(f"no committed cells under {cells}")
-    return replicate([read_cell(p) for p in folders])
+def replication() -> Replication:
+    rep = committed_replication(GRID)
+    if rep is None:
+        raise SystemExit(f"no committed cells under {GRID / 'cells'}")
+    return rep
 
 
 def voting_line(rep: Replication) -> str:

@@ -42,6 +42,7 @@ from mechicl.runs.inside_batches import Runs, shared_runs
 from mechicl.runs.lens import compute_lens
 from mechicl.runs.report_circuit import check_external
 from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
+from mechicl.runs.report_headline import committed_replication, headline_section
 from mechicl.runs.run import load_config, verdict_markdown
 from mechicl.viz.report_html import render_report
 
@@ -228,7 +229,8 @@ def run_report(
     write_tables(folder, data)
     title = f"{loaded.name} on {task.name}"
     with stages.stage("figures + views", "context 0 for the attention view"):
-        sections = S.build_sections(folder, loaded, data, title)
+        rep = committed_replication(Path(cfg.findings)) if cfg.findings else committed_replication()
+        sections = [headline_section(data, rep), *S.build_sections(folder, loaded, data, title)]
     sections.append(S.facts_section(loaded, cfg, stages.table(), command))
     folder.csv("stages.csv", stages.table())
     folder.json("config.json", cfg)

@@ -18,6 +18,7 @@ from tests.browser import CHROMIUM, check_page
 from tests.viz.test_views import EXTERNAL, _no_external_script
 
 SECTIONS = [
+    "Headline",
     "Behaviour",
     "Where the flip happens",
     "Who looks at labels",
@@ -47,13 +48,14 @@ def test_report_is_one_offline_page_with_every_section(report):
     _no_external_script(html)
     assert not re.search(r"""\b(src|href)\s*=\s*["']?\s*https?:""", html, re.I)
     heads = re.findall(r"<h2[^>]*>(\d+)\. ([^<]+)</h2>", html)
-    assert [t for _, t in heads] == SECTIONS and [int(i) for i, _ in heads] == list(range(1, 9))
+    assert [t for _, t in heads] == SECTIONS and [int(i) for i, _ in heads] == list(range(1, 10))
     imgs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
     assert len(imgs) >= 12 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert html.count("CircuitsVis.render(") == 1 and "[Q]" in html and "[L]" in html
     assert "Raw attention vs attribution on label tokens" in html  # --quick runs AttAttr for section 3
     assert "mechicl findings --models organism-strong" in html and "mechicl circuit --model organism-strong" in html
     assert "mechicl report --model organism-strong --task organism --seed 0 --arbitrary a/b --quick" in html
+    assert "The committed grid has no cell of organism-strong" in html  # the headline says where replication is
 
 
 def test_captions_quote_the_runs_csvs(report):
@@ -73,6 +75,8 @@ def test_captions_quote_the_runs_csvs(report):
     a = pd.read_csv(out / "attribution_vs_exact.csv")
     assert f"Spearman {stats.spearmanr(a.attribution, a.exact).statistic:.2f}" in text
     v = pd.read_csv(out / "validate.csv").iloc[0]  # the head finder's cell (`mechicl heads`)
+    head_row = f"<td>{v.heads}</td><td>{v.role}</td><td>{v.interchange:+.2f} [{v.interchange_ci_low:+.2f}, "
+    assert head_row in re.sub(r">\s+<", "><", html)  # the headline reads the same cell
     assert f"Ablating {v.heads} closes {v.effect:+.2f} [{v.effect_ci_low:+.2f}, {v.effect_ci_high:+.2f}]" in text
     assert f"close {v.control_mean:+.2f} on average" in text and f"({v.controls}: same layer" in text
     assert f"readout slots k = {Q.k_min}..{Q.n_examples - 1}" in text and f"{Q.n_eval} (validate)" in text

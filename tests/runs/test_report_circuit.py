@@ -110,6 +110,6 @@ def test_report_shows_them_and_its_rerun_command_keeps_them(folders, tmp_path):
         == 0
     )
     html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
-    sec7 = html[html.rindex("7. Circuit and findings") : html.rindex("8. Run facts")]  # past the table of contents
+    sec7 = html[html.rindex("8. Circuit and findings") : html.rindex("9. Run facts")]  # past the table of contents
     assert "Findings grid (" in sec7 and "Path patching (" in sec7 and len(re.findall(r"<img", sec7)) >= 2
     assert f"--findings {grid} --circuit {circ}" in html
