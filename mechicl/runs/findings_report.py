@@ -19,7 +19,7 @@ RULE = (
     "A head is **above control** in a cell when the 95% CI of (its effect - the mean effect of its matched "
     "control heads), paired over the validation contexts, lies above 0 and the CI of its own effect lies above 0. "
     "A cell **votes** when its correct-vs-flipped gap in P(true) has a CI above 0 and is at least 0.05. "
-    "A head **replicates** when it is above control in at least 2/3 of the model's voting cells (in a discovery "
+    "With at least 3 voting cells, a head **replicates** when it is above control in at least 2/3 of them (in a discovery "
     "grid a cell that did not select it counts against it; a pre-registered grid tests every named head in every "
     "cell); **task-specific** when that holds within one task's seeds only; otherwise **not robust**. Its **role** "
     "(label, label+prior, prior, class, generic) is the most frequent over the cells that tested it "

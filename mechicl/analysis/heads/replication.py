@@ -6,6 +6,7 @@ cannot say much about any head, so its absences are not counted against one.
 
 **Verdicts** (``verdict``), over the voting cells:
 
+* **too few voting cells**: the model has fewer than ``MIN_CELLS`` (3) voting cells;
 * **replicates**: above its matched controls (``above_control``) in at least ``share`` (2/3) of the voting cells;
 * **task-specific: <task>**: in at least ``share`` of one task's voting cells (and at least 2), not across the grid;
 * **not robust**: above control somewhere, but neither of the above.
@@ -29,7 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-REPLICATES, NOT_ROBUST = "replicates", "not robust"
+REPLICATES, NOT_ROBUST, TOO_FEW = "replicates", "not robust", "too few voting cells"
+MIN_CELLS = 3  # fewer voting cells than this cannot show replication (2 of 2 is one coincidence away)
 MIN_GAP = 0.05  # the smallest correct-vs-flipped gap in P(true) with which a cell votes
 
 
@@ -103,7 +105,9 @@ def _cell_rows(cells: list[CellTables], min_gap: float) -> pd.DataFrame:
 
 def verdict(per_task: dict[str, tuple[int, int]], n_above: int, n_cells: int, share: float = 2 / 3) -> str:
     """The replication verdict from counts: ``per_task[task] = (cells above control, voting cells)``."""
-    if n_cells and n_above >= share * n_cells:
+    if n_cells < MIN_CELLS:
+        return TOO_FEW
+    if n_above >= share * n_cells:
         return REPLICATES
     specific = [t for t, (a, n) in per_task.items() if n >= 2 and a >= share * n]
     return f"task-specific: {', '.join(specific)}" if specific else NOT_ROBUST

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mechicl.analysis.heads.replication import MIN_GAP, NOT_ROBUST, REPLICATES, CellTables, replicate, verdict
+from mechicl.analysis.heads.replication import MIN_GAP, NOT_ROBUST, REPLICATES, TOO_FEW, CellTables, replicate, verdict
 
 
 def _cell(task, seed, gap, heads, model="m", has_effect=True, preregistered=False):
@@ -44,7 +44,9 @@ def _cell(task, seed, gap, heads, model="m", has_effect=True, preregistered=Fals
         ({"a": (2, 2), "b": (2, 2), "c": (0, 4)}, 4, 8, "task-specific: a, b"),
         ({"a": (1, 1), "b": (0, 5)}, 1, 6, NOT_ROBUST),  # one cell of a task is not a task-specific finding
         ({"a": (1, 3), "b": (1, 3)}, 2, 6, NOT_ROBUST),
-        ({}, 0, 0, NOT_ROBUST),
+        ({}, 0, 0, TOO_FEW),
+        ({"a": (1, 1), "b": (1, 1)}, 2, 2, TOO_FEW),  # 2 of 2 is too little to call replication
+        ({"a": (2, 2), "b": (1, 1)}, 3, 3, REPLICATES),
     ],
 )
 def test_verdict_rules(per_task, n_above, n_cells, want):
@@ -55,16 +57,17 @@ def test_only_cells_with_a_large_enough_gap_vote():
     cells = [
         _cell("a", 0, 0.20, {"L1H1": (1.0, True, "label")}),
         _cell("a", 1, 0.20, {"L1H1": (0.8, True, "label")}),
+        _cell("c", 0, 0.20, {"L1H1": (0.9, True, "label")}),
         _cell("b", 0, MIN_GAP / 2, {"L0H1": (0.5, False, "class")}),  # too small a gap: does not vote
         _cell("b", 1, 0.30, {"L1H1": (0.2, False, "label+prior")}, has_effect=False),  # no effect: does not vote
     ]
     rep = replicate(cells)
-    assert list(rep.cells.votes) == [True, True, False, False]
+    assert list(rep.cells.votes) == [True, True, True, False, False]
     h = rep.heads.set_index("head")
     assert list(h.index) == ["L1H1"]  # L0H1 was validated only in a cell that does not vote
-    assert h.loc["L1H1", "n_cells"] == 2 and h.loc["L1H1", "n_above_control"] == 2
+    assert h.loc["L1H1", "n_cells"] == 3 and h.loc["L1H1", "n_above_control"] == 3
     assert h.loc["L1H1", "verdict"] == REPLICATES and h.loc["L1H1", "effect_median"] == pytest.approx(0.9)
-    assert replicate(cells, min_gap=0.0).heads.set_index("head").loc["L1H1", "n_cells"] == 3
+    assert replicate(cells, min_gap=0.0).heads.set_index("head").loc["L1H1", "n_cells"] == 4
 
 
 def test_discovery_counts_unselected_cells_against_a_head_and_medians_use_tested_cells_only():
