@@ -43,6 +43,7 @@ RUNS = {
     "attention": ["attention", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
     "lens": ["lens", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
     "dla": ["dla", *TINY, "--n-contexts", "2", "--k", "3", "--k-min", "1"],
+    "prior": ["prior", *TINY, "--n-contexts", "4", "--k", "3", "--k-min", "1", "--heads", "L1H1;L0H0,L1H0"],
     "patch": ["patch", *TINY, "--kinds", "resid,head_out,head_v_label", "--n-contexts", "2", "--k", "3"],
     "heads": [  # an organism: tiny has no in-context effect, so its cell's tables would be empty
         "heads",

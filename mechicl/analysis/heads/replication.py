@@ -15,7 +15,7 @@ In a *discovery* grid a head is tested only where the finder selected it, so a c
 as a failure there (``n_tested`` says how many cells tested it). In a *pre-registered* grid (``FindingsConfig.heads``)
 every named head is tested in every cell, so the verdict reads the same counts without that selection. Effect
 medians (``effect_median``) are over the voting cells where the head was tested; ``roles`` counts the roles it got
-there (``analysis.heads.roles``) and ``role`` is the most frequent.
+there (``analysis.heads.roles``) and ``role`` is the most frequent (tied roles joined by " / ").
 
 Task agreement: the Spearman correlation, between two tasks, of every head's screening effect
 (exact, or first-order with ``screen="attribution"``; mean over seeds). Inputs are the per-cell tables ``runs.findings`` writes.
@@ -118,7 +118,8 @@ def _roles(g: pd.DataFrame) -> tuple[str, str]:
     if "role" not in g or g.role.isna().all():
         return "", ""
     counts = g.role.value_counts()
-    return "; ".join(f"{r} {n}" for r, n in counts.items()), str(counts.index[0])
+    top = [str(r) for r, n in counts.items() if n == counts.iloc[0]]  # a tie names every tied role
+    return "; ".join(f"{r} {n}" for r, n in counts.items()), " / ".join(sorted(top))
 
 
 def _head_rows(cells: list[CellTables], model: str, share: float, min_gap: float) -> list[dict]:

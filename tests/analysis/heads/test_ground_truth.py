@@ -107,7 +107,8 @@ def test_on_the_unpruned_organism_the_finders_top_head_is_a_reader(truths, task)
     reason="measured: resample ablation (same-condition donors) leaves organism-strong's "
     "reader L1H1 at screen effect 0.006 and ranks layer-0 heads first (docs/organism.md)",
 )
-def test_the_default_resample_finder_ranks_organism_strongs_reader_first(truths, task):
+def test_the_resample_finder_ranks_organism_strongs_reader_first(truths, task):
+    """Resample ablation, the default before the ground-truth benchmark chose interchange: its miss stays visible."""
     loaded, _, gt = truths["organism-strong"]
     r = _finder(loaded, task, FindingsConfig(**{**CFG.__dict__, "ablation": "resample"}))
     assert (int(r.confirm.layer[0]), int(r.confirm["head"][0])) == gt.readers[0]

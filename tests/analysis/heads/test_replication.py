@@ -83,6 +83,9 @@ def test_discovery_counts_unselected_cells_against_a_head_and_medians_use_tested
     assert h.loc["L1H1", "effect_median"] == pytest.approx(0.6)  # over the three tested cells, not four
     assert h.loc["L1H1", "role"] == "label" and h.loc["L1H1", "roles"] == "label 2; label+prior 1"
     assert h.loc["L1H1", "design"] == "discovery"
+    tied = [_cell("a", s, 0.2, {"L1H1": (1.0, True, r)}) for s, r in enumerate(["label+prior", "label", "label"])]
+    tied.append(_cell("b", 0, 0.2, {"L1H1": (1.0, True, "label+prior")}))
+    assert replicate(tied).heads.set_index("head").loc["L1H1", "role"] == "label / label+prior"  # a tie is shown
 
 
 def test_preregistered_cells_test_every_head_everywhere():
