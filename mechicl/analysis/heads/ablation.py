@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.slots import SlotStepper
-from mechicl.analysis.inside.dla import norm_affine
+from mechicl.analysis.inside.dla import frozen_norm, norm_affine
 from mechicl.analysis.stats import bootstrap_indices, mean_ci, percentile_interval, ratio_ci, widen_for_shared_rows
 from mechicl.data.prompts import PromptBatch
 
@@ -293,7 +293,6 @@ class HeadAblation:
             o = torch.einsum("bshd,hdm->bshm", z[:, :, l], W_O)
             if scale is not None:
                 gain, _, centers = norm_affine(model.blocks[l].ln1_post)
-                o = o - o.mean(-1, keepdim=True) if centers else o
-                o = o / scale[:, :, l, None, None] * gain.to(o.dtype)
+                o = frozen_norm(o, scale[:, :, l, None, None], gain.to(o.dtype), centers)
             out[l] = o.norm(dim=-1).mean((0, 1)).numpy()
         return out

@@ -28,7 +28,6 @@ Effects are shares of the correct-vs-flipped gap closed by ablation (``analysis.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,8 +170,25 @@ def find_label_heads(
             f"ICL gain {base['icl_gain']:+.3f} [{base['icl_gain_ci_low']:+.3f}, {base['icl_gain_ci_high']:+.3f}]"
         )
         return FindingsResult(cfg, NO_EFFECT, base, empty, empty, empty, empty, empty, batches.draws.seeds, timings)
-    if cfg.preregistered:
-        return _validate_preregistered(model, val, zs, base, cfg, batches, timings, say, progress)
+    if cfg.preregistered:  # validated as given: no screening or confirmation
+        screen, confirm, top = empty, empty, list(cfg.preregistered)
+        which = f"the {len(top)} pre-registered heads"
+    else:
+        screen, confirm = _discover(model, batches, cfg, kw, timings, progress)
+        top = list(zip(confirm.layer.head(cfg.n_top).astype(int), confirm["head"].head(cfg.n_top).astype(int)))
+        which = f"the top {len(top)} heads"
+    t = time.perf_counter()
+    validate, sets, controls = validate_top(model, val, zs, top, cfg, base["gap_ci_low"], progress)
+    timings["validate"] = time.perf_counter() - t
+    verdict = _verdict_text(validate, which)
+    say(f"{verdict} ({sum(timings.values()):.0f} s)")
+    return FindingsResult(cfg, verdict, base, screen, confirm, validate, sets, controls, batches.draws.seeds, timings)
+
+
+def _discover(
+    model: Any, batches: HeldOutBatches, cfg: FindingsConfig, kw: dict, timings: dict[str, float], progress: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Screen every head on the screening draw, then confirm the best ``n_candidates`` on the confirmation draw."""
     t = time.perf_counter()
     screen = _screen(HeadAblation(model, *batches.stages["screen"], **{**kw, "n_resample": 1}), cfg, progress)
     release_host_memory()  # the screening steppers' caches: back to the OS before the next stage's
@@ -184,38 +200,10 @@ def find_label_heads(
     confirm = _confirm(HeadAblation(model, *batches.stages["confirm"], **kw), cands, cfg, progress)
     release_host_memory()
     timings["confirm"] = time.perf_counter() - t
-    t = time.perf_counter()
-    top = list(zip(confirm.layer.head(cfg.n_top).astype(int), confirm["head"].head(cfg.n_top).astype(int)))
-    validate, sets, controls = validate_top(model, val, zs, top, cfg, base["gap_ci_low"], progress)
-    timings["validate"] = time.perf_counter() - t
-    verdict = _verdict_text(validate, f"the top {len(top)} heads")
-    say(f"{verdict} ({sum(timings.values()):.0f} s)")
-    return FindingsResult(cfg, verdict, base, screen, confirm, validate, sets, controls, batches.draws.seeds, timings)
+    return screen, confirm
 
 
 def _verdict_text(validate: pd.DataFrame, which: str) -> str:
     above = validate[validate.above_control]
     names = ", ".join(f"{h} ({r})" for h, r in zip(above.heads, above.role))
     return f"{len(above)} of {which} above matched controls: {names or 'none'}"
-
-
-def _validate_preregistered(
-    model: Any,
-    val: HeadAblation,
-    zs: ReadoutStepper,
-    base: dict,
-    cfg: FindingsConfig,
-    batches: HeldOutBatches,
-    timings: dict[str, float],
-    say: Callable[[str], None],
-    progress: bool,
-) -> FindingsResult:
-    """Pre-registered heads: validated as given on the validation draw (no screening or confirmation)."""
-    t = time.perf_counter()
-    top = list(cfg.preregistered)
-    validate, sets, controls = validate_top(model, val, zs, top, cfg, base["gap_ci_low"], progress)
-    timings["validate"] = time.perf_counter() - t
-    verdict = _verdict_text(validate, f"the {len(top)} pre-registered heads")
-    say(f"{verdict} ({sum(timings.values()):.0f} s)")
-    empty = pd.DataFrame()
-    return FindingsResult(cfg, verdict, base, empty, empty, validate, sets, controls, batches.draws.seeds, timings)

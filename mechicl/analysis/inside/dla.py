@@ -37,7 +37,7 @@ def norm_affine(norm: Any) -> tuple[Tensor, Tensor | None, bool]:
     return gain, (bias.detach().cpu().double() if centers and bias is not None else None), centers
 
 
-def _frozen_norm(x: Tensor, scale: Tensor, gain: Tensor, centers: bool) -> Tensor:
+def frozen_norm(x: Tensor, scale: Tensor, gain: Tensor, centers: bool) -> Tensor:
     """A norm with its scale frozen from the run: linear in x, so it distributes over components."""
     if centers:
         x = x - x.mean(-1, keepdim=True)
@@ -92,7 +92,7 @@ def _attention_components(
     out = torch.cat(parts)
     if post_attn:  # Gemma: attn_out = RMSNorm(sum of heads + b_O); scale frozen from the run
         g, _, c = norm_affine(model.blocks[l].ln1_post)
-        out = _frozen_norm(out, st[f"blocks.{l}.ln1_post.hook_scale"], g, c)
+        out = frozen_norm(out, st[f"blocks.{l}.ln1_post.hook_scale"], g, c)
     ref = st[f"blocks.{l}.hook_attn_out"]
     err = (out.sum(0) - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
     if err > tol:
@@ -160,7 +160,7 @@ def direct_logits(
         err = (stack.sum(0) - resid).abs().max() / resid.abs().max()
         if err > tol:
             raise RuntimeError(f"components do not sum to the final residual (rel. error {err:.2e})")
-        normed = _frozen_norm(stack, st["ln_final.hook_scale"], g_f, c_f)  # like apply_ln_to_stack, plus the gain
+        normed = frozen_norm(stack, st["ln_final.hook_scale"], g_f, c_f)  # like apply_ln_to_stack, plus the gain
         contrib = normed @ W_U  # [C, b, ex, n_labels]
         bias = torch.zeros_like(contrib[0])
         if b_f is not None:
