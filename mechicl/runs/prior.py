@@ -4,7 +4,7 @@ Every readout slot k >= --k-min of ``--n-contexts`` contexts is a query with its
 zero-shot log-odds for its true class); slots are binned by it and by k, and per bin the run reports behaviour
 (P(true) with correct and flipped labels; how often flipped labels fail to move the answer off the true class)
 and, for each ``--heads`` set, the label information the heads carry there (interchange at the slot). Method and
-conventions: ``analysis.heads.prior`` and ``docs/prior.md``.
+conventions: ``analysis.prior.moderation`` and ``docs/prior.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import HeadAblation
-from mechicl.analysis.heads.prior import BINS, moderation, prior_strength
+from mechicl.analysis.prior.moderation import BINS, moderation, prior_strength
 from mechicl.data.batches import zero_shot_batch
 from mechicl.data.names import parse_heads
 from mechicl.data.task import Task
@@ -43,7 +43,7 @@ def head_sets(text: str, n_layers: int, n_heads: int) -> list[list[tuple[int, in
 def compute_prior(
     loaded: LoadedModel, task: Task, cfg: InsideConfig, sets: list[list[tuple[int, int]]], bins=BINS, n_boot=2000
 ) -> pd.DataFrame:
-    """The moderation table (``analysis.heads.prior.moderation``) on ``cfg``'s contexts, one row per set x bin x k.
+    """The moderation table (``analysis.prior.moderation.moderation``) on ``cfg``'s contexts, one row per set x bin x k.
 
     Cost: one zero-shot forward per example (short prompts), two forwards per context, and per set ``2 x S``
     one-token steps per context (S = slots from k_min)."""

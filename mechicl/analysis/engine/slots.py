@@ -10,7 +10,7 @@ the whole context: the re-run copy of slot ``s`` sees the cached positions befor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl.analysis.engine import reruns
+from mechicl.analysis.engine import reruns, surgery
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.data.prompts import PromptBatch
@@ -147,6 +147,96 @@ class SlotStepper:
             for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
         ]
         return torch.cat(out, 0) if out else torch.zeros(0, self.batch.n_contexts, S, len(self.label_ids))
+
+    @torch.no_grad()
+    def run_mixed(
+        self, donor: SlotStepper, from_donor: Bool[Tensor, "n batch slot width"], keep_z: Sequence[int] = ()
+    ) -> tuple[Float[Tensor, "n batch slot n_labels"], dict[int, Float[Tensor, "n batch slot head d_head"]]]:
+        """Label logits at every slot when its re-run attends to ``donor``'s keys and values at the positions
+        ``from_donor[i, :, s]`` (left-padded columns) and to this run's everywhere else: intervention ``i`` is the
+        information that reaches slot ``s`` from those positions, through every layer's attention, with nothing
+        else changed (route patching, ``analysis.prior.routes``). ``donor``: the same contexts rendered otherwise
+        (same token layout). Also returns the slot's head outputs (``hook_z``) of the layers ``keep_z``.
+
+        Cost (kv): ``n x S`` one-token steps per context over both caches joined (memory: both caches again).
+        Full mode (no KV cache): ``n x S`` forwards per context up to the slot, every layer's keys and values
+        before the slot overwritten from both renderings' cached ``hook_k`` / ``hook_v`` (cached once per stepper:
+        ``2 x n_layers x batch x width x n_kv_heads x d_head`` floats each)."""
+        if not (torch.equal(self.layout.mask, donor.layout.mask) and torch.equal(self._cols, donor._cols)):
+            raise ValueError("the donor must render the same contexts with the same token layout")
+        if from_donor.shape[1:] != (self.batch.n_contexts, self.n_slots, self.width):
+            raise ValueError(f"from_donor must be [n, {self.batch.n_contexts}, {self.n_slots}, {self.width}]")
+        run = self._mixed_kv if self.mode == "kv" and donor.mode == "kv" else self._mixed_full
+        return run(donor, from_donor, list(keep_z))
+
+    def _mixed_kv(self, donor: SlotStepper, from_donor: Tensor, keep_z: list[int]) -> tuple[Tensor, dict]:
+        lay, W = self.layout, self.width
+        n, b, S = from_donor.shape[:3]
+        cols = self._cols.repeat(1, n)  # [b, n*S]: copy (i, s) re-runs slot s
+        before = (torch.arange(W)[None, None] < cols[:, :, None]) & lay.mask[:, None].bool()  # [b, n*S, W]
+        fd = from_donor.transpose(0, 1).reshape(b, n * S, W)
+        ok = torch.cat([before & ~fd, before & fd], -1)  # this run's columns, then the donor's
+        q_pos = lay.pos.gather(1, cols)
+        mask = reruns.copies_mask(self.model, ok, q_pos, torch.cat([lay.pos, lay.pos], 1))
+        store: dict[str, Tensor] = {}
+        cache = surgery.joined_cache(self._cache, donor._cache)
+        hooks = capture([act_name("z", l) for l in keep_z], store)
+        resid = reruns.rerun(
+            self.model, cache, lay.tokens.gather(1, cols), hooks, attention_mask=mask, position_ids=q_pos
+        )
+        logits = unembed_labels(self.model, resid, self.label_ids).view(b, n, S, -1).transpose(0, 1)
+        z = {l: store[act_name("z", l)] for l in keep_z}  # [b, n*S, head, d]
+        return logits, {l: x.reshape(b, n, S, *x.shape[2:]).transpose(0, 1) for l, x in z.items()}
+
+    def _kv_at_all(self) -> dict[str, Tensor]:
+        """Every layer's ``hook_k`` / ``hook_v`` of this run (full mode's route patching), computed once."""
+        if getattr(self, "_kv_store", None) is None:
+            names = [act_name(x, l) for l in range(self.n_layers) for x in ("k", "v")]
+            self._kv_store: dict[str, Tensor] = {}
+            run_to_final(self.model, self.batch.tokens[:, : self.width], capture(names, self._kv_store))
+        return self._kv_store
+
+    def _mixed_full(self, donor: SlotStepper, from_donor: Tensor, keep_z: list[int]) -> tuple[Tensor, dict]:
+        """Forwards of rows (context, intervention, slot) in token positions, at most ``max_rows`` rows each; every
+        layer's keys and values before a row's slot set from the two runs' caches, the slot's own computed."""
+        n, b, S = from_donor.shape[:3]
+        W, off = self.width, self.layout.offset
+        idx = torch.arange(W)[None] + off[:, None]  # [b, W]: the column of each token position
+        fd = from_donor.gather(3, idx.clamp(max=W - 1)[None, :, None].expand(n, b, S, W)) & (idx < W)[None, :, None]
+        fd = fd.transpose(0, 1).reshape(b, n * S, W)  # [b, n*S, pos]
+        pos = self.pos.repeat(1, n)  # [b, n*S]: row (i, s) reads slot s
+        kv = (self._kv_at_all(), donor._kv_at_all())
+        cb = max(1, self.max_rows // (n * S))  # contexts per forward
+        logits, zs = [], []
+        for c0 in range(0, b, cb):
+            c = slice(c0, min(b, c0 + cb))
+            lg, z = self._mixed_rows(c, fd[c], pos[c], kv, keep_z)
+            logits.append(lg)
+            zs.append(z)
+        out = torch.cat(logits, 0).view(b, n, S, -1).transpose(0, 1)
+        return out, {
+            l: torch.cat([z[l] for z in zs], 0).view(b, n, S, *zs[0][l].shape[2:]).transpose(0, 1) for l in keep_z
+        }
+
+    def _mixed_rows(self, c: slice, fd: Tensor, pos: Tensor, kv: tuple[dict, dict], keep_z: list[int]) -> tuple:
+        m, rows = fd.shape[:2]
+        before = torch.arange(self.width)[None, None] < pos[:, :, None]  # [m, rows, W]
+        store: dict[str, Tensor] = {}
+
+        def mix(name: str) -> Any:
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                mine, theirs = kv[0][name][c][:, None], kv[1][name][c][:, None]  # [m, 1, W, kv_heads, d]
+                want = torch.where(fd[..., None, None], theirs, mine)
+                x = x.reshape(m, rows, *x.shape[1:])
+                return torch.where(before[..., None, None], want, x).reshape(-1, *x.shape[2:])
+
+            return hook
+
+        hooks = [(nm, mix(nm)) for nm in kv[0]] + capture([act_name("z", l) for l in keep_z], store)
+        resid = run_to_final(self.model, self.batch.tokens[c, : self.width].repeat_interleave(rows, 0), hooks)
+        r, flat = torch.arange(m * rows), pos.reshape(-1)
+        z = {l: store[act_name("z", l)][r, flat].view(m, rows, *store[act_name("z", l)].shape[2:]) for l in keep_z}
+        return unembed_labels(self.model, resid[r, flat], self.label_ids).view(m, rows, -1), z
 
     def _kv_chunk(self, n: int) -> int:
         """Interventions per step: at most ``step_tokens`` appended tokens, and attention scores

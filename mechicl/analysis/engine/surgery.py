@@ -196,3 +196,21 @@ def _transient(layer: Any, tile: int = 1) -> Any:
 
     layer.update = update
     return layer
+
+
+def joined_cache(first: Any, second: Any) -> Any:
+    """One KV cache holding ``first``'s positions then ``second``'s, per layer (``[batch, kv_heads, 2 x pos, d]``):
+    two renderings of the same contexts side by side, so that an appended token's 4D mask can pick, position by
+    position, which rendering's keys and values it attends to (``SlotStepper.run_mixed``). Keys are cached after
+    the rotary embedding, so a copied position keeps its own position id. Memory: the two caches again."""
+    if len(first.layers) != len(second.layers):
+        raise ValueError(f"caches of {len(first.layers)} and {len(second.layers)} layers cannot be joined")
+    new = copy.copy(first)
+    new.layers = []
+    for a, b in zip(first.layers, second.layers):
+        if a.keys.shape != b.keys.shape:
+            raise ValueError(f"caches of shapes {tuple(a.keys.shape)} and {tuple(b.keys.shape)} cannot be joined")
+        layer = copy.copy(a)
+        layer.keys, layer.values = torch.cat([a.keys, b.keys], -2), torch.cat([a.values, b.values], -2)
+        new.layers.append(layer)
+    return new

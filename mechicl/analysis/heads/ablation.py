@@ -154,7 +154,7 @@ class SetScores:
 
     ``closed [n, b]``, ``d_correct``/``d_flipped [n, b]`` (ΔP(true)), ``acc_flipped_last [n, b]``
     (accuracy at the last slot of flipped contexts, ablated); ``p_correct``/``p_flipped [n, b, S]``: the ablated
-    P(true) at every slot (``analysis.heads.prior`` bins slots by their query's prior).
+    P(true) at every slot (``analysis.prior.moderation`` bins slots by their query's prior).
     """
 
     names: list[str]

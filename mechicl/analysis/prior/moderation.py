@@ -48,7 +48,7 @@ def prior_strength(zs: ReadoutStepper) -> Float[np.ndarray, "query"]:
     return (true - other.max(-1).values).numpy()
 
 
-def _bin_labels(edges: Sequence[float]) -> list[str]:
+def bin_labels(edges: Sequence[float]) -> list[str]:
     fmt = lambda x: "-inf" if x == -np.inf else ("inf" if x == np.inf else f"{x:+g}")  # noqa: E731
     return [f"[{fmt(a)}, {fmt(b)})" for a, b in zip(edges[:-1], edges[1:])]
 
@@ -77,7 +77,7 @@ def moderation(
     ks = np.arange(k0, k0 + S)
     groups = list(k_groups) if k_groups is not None else [(int(k), int(k)) for k in ks]
     which = np.digitize(prior, np.asarray(bins)[1:-1])  # [b, S] bin index
-    names = _bin_labels(bins)
+    names = bin_labels(bins)
     base = {c: abl.base[c] for c in CONDITIONS}  # [b, S]
     pred_true_f = (abl.st["flipped"].base_logits.argmax(-1) == abl.labels).numpy()  # [b, S]
     rows = []

@@ -9,7 +9,7 @@ import torch
 
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import HeadAblation
-from mechicl.analysis.heads.prior import moderation, prior_strength
+from mechicl.analysis.prior.moderation import moderation, prior_strength
 from mechicl.data.batches import zero_shot_batch
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
 from tests import helpers
