@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechicl.viz.plots import line_plot
+from mechicl.viz.plots import line_plot, plt, wrap_title
 
 
 def prior_figures(tab: pd.DataFrame, folder: Path, title: str) -> list[Path]:
@@ -45,3 +45,40 @@ def prior_figures(tab: pd.DataFrame, folder: Path, title: str) -> list[Path]:
             )
         )
     return out
+
+
+ROUTE_COLOURS = {"labels": "tab:red", "query": "tab:blue", "rest": "tab:grey", "interaction": "tab:purple"}
+
+
+def competition_figure(routes: pd.DataFrame, sides: pd.DataFrame, path: Path, title: str) -> Path:
+    """Who wins, at which k, for which queries: one column per prior bin. Top: each route's share of the
+    flipped-vs-correct logit difference at the readout slot (label positions, the query's own input, the rest,
+    and what only arrives when they combine), with 95% CIs. Bottom: the share of flipped-label queries still
+    answered with the true class (above 0.5 the prior wins), with 95% CIs."""
+    bins = [b for b in routes.prior_bin.drop_duplicates()]
+    fig, axes = plt.subplots(2, len(bins), figsize=(2.6 * len(bins) + 1, 5.2), dpi=120, sharex=True, squeeze=False)
+    for j, b in enumerate(bins):
+        top, bottom = axes[0, j], axes[1, j]
+        for route, colour in ROUTE_COLOURS.items():
+            d = routes[(routes.prior_bin == b) & (routes.route == route)].sort_values("k_lo")
+            if len(d):
+                top.plot(d.k_lo, d.share, marker="o", ms=3, color=colour, label=route)
+                top.fill_between(d.k_lo, d.ci_low, d.ci_high, color=colour, alpha=0.15, lw=0)
+        top.axhline(0, color="black", lw=0.6)
+        top.set_title(f"zero-shot log-odds {b}", fontsize=8)
+        s = sides[sides.prior_bin == b].drop_duplicates(["k_lo", "prior_bin"]).sort_values("k_lo")
+        bottom.plot(s.k_lo, s.sides_with_prior, marker="o", ms=3, color="black")
+        bottom.fill_between(s.k_lo, s.sides_with_prior_ci_low, s.sides_with_prior_ci_high, color="black", alpha=0.15)
+        bottom.axhline(0.5, color="grey", ls="--", lw=1)
+        bottom.set_ylim(0, 1)
+        bottom.set_xlabel("k (band start)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("share of the logit gap")
+    axes[1, 0].set_ylabel("flipped: still the true class\n(> 0.5: the prior wins)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(wrap_title(title, 2.6 * len(bins) + 1, 9), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

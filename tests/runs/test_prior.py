@@ -21,6 +21,23 @@ def test_prior_writes_a_table_per_bin_and_k_and_the_figures(tmp_path, capsys):
     for heads, g in tab.groupby("heads"):  # every slot k = 1..8 of every context is in exactly one bin
         assert g.n_slots.sum() == 16 * 8, heads
     assert (out / "prior_sides.png").is_file() and (out / "prior_heads_L1H1.png").is_file()
+    assert (out / "prior_competition.png").is_file()
+    routes = pd.read_csv(out / "routes.csv")
+    assert set(routes.route) == {
+        "labels",
+        "query",
+        "rest",
+        "all",
+        "interaction",
+        "labels via L1H1",
+        "labels via L0H0 L0H2",
+    }
+    pooled = routes[(routes.prior_bin == "all") & (routes.route == "all")]
+    assert ((pooled.share - 1).abs() < 1e-3).all()  # the 'all' route is the flipped run itself
+    labels = routes[routes.route == "labels"]
+    assert labels[labels.prior_bin == "all"].n_slots.sum() == 16 * 8  # every slot k = 1..8 of every context
+    assert labels[labels.prior_bin != "all"].n_slots.sum() <= 16 * 8  # at most once over the prior bins
+    assert "Routes into the readout slot" in (out / "summary.md").read_text()
     assert "zero-shot log-odds" in (out / "summary.md").read_text()
 
 
