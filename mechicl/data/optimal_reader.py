@@ -149,3 +149,16 @@ def bayes_curve(cfg: LanguageConfig, conditions: tuple[str, ...], ks: tuple[int,
         for pt, acc in [bayes_point(cfg, c, k)]
     ]
     return pd.DataFrame(rows)
+
+
+def evidence_flip_scale(cfg: LanguageConfig, k: int) -> float:
+    """The factor ``a`` on the weight of ``k`` flipped labels at which the Bayes-optimal reader starts to side with
+    them: after ``k`` flipped (sentiment) labels only the default and flipped maps remain, with posterior log-odds
+    ``log(p_flip / p_default) + a k log((1 - eps) / eps)``, zero at ``a = log(p_default / p_flip) / (k log((1 - eps)
+    / eps))``. ``a < 1``: the real reader (``a = 1``) already follows the labels at this ``k``. The reference beside
+    a dose-response curve (``analysis.prior.dose``), whose dose scales a head set's label signal instead."""
+    p_d, p_f, _ = cfg.map_probs
+    eps = cfg.label_noise
+    if k < 1 or not 0 < eps < 0.5 or p_f <= 0:
+        raise ValueError(f"needs k >= 1, 0 < label_noise < 0.5 and p_flip > 0; got k={k}, eps={eps}, p_flip={p_f}")
+    return float(math.log(p_d / p_f) / (k * math.log((1 - eps) / eps)))
