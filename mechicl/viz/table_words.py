@@ -4,7 +4,7 @@ Each raw column has a header in words with its unit (``COLUMNS``). An estimate w
 "0.84 [0.14, 1.35]", signed ("+0.84 [+0.14, +1.35]") where the quantity is an effect or a difference; the CI
 columns are ``X_ci_low`` / ``X_ci_high`` of the estimate ``X``, or bare ``ci_low`` / ``ci_high`` right after
 the estimate they belong to. Booleans read yes / no, a missing number n/a, and a Monte-Carlo p-value at its
-floor (written "<= 0.0045" by ``analysis.stats.text.p_text``) "≤ 0.0045". A cell "0.84 [0.14, 1.35]" (merged
+floor (written "<= 0.0045" by ``analysis.stats.text.p_text``) "≤ 0.0045", on one line. A cell "0.84 [0.14, 1.35]" (merged
 here or written so by its section) keeps its spaces unbreakable, so a narrow column does not split it. A column
 already written in words (anything but a lower-case identifier) is kept as it is; a raw column missing from
 ``COLUMNS`` is an error, so a new table cannot show a reader a field name. Cost: none.
@@ -106,7 +106,7 @@ def number(v: Any, digits: int, signed: bool = False) -> str:
         return "n/a" if not np.isfinite(v) else f"{v:{'+' if signed else ''}.{digits}f}"
     if v is None or v is pd.NA:
         return "n/a"
-    return re.sub(r"^<= ", "≤ ", str(v))
+    return re.sub(r"^<= ", "≤" + NBSP, str(v))
 
 
 def ci_text(m: float, lo: float, hi: float, digits: int = 2, signed: bool = False) -> str:

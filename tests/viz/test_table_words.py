@@ -44,7 +44,7 @@ def test_suffixed_and_bare_cis_merge_into_their_estimate():
     ]
     row = [t.replace(NBSP, " ") for t in w.iloc[0]]
     assert row == ["L11H2", "+0.84 [+0.14, +1.35]", "≤ 0.00025", "yes", "+0.123 [-0.010, +0.200]", "n/a"]
-    assert NBSP in w.iloc[0, 1]  # a CI cell does not break across lines
+    assert NBSP in w.iloc[0, 1] and NBSP in w.iloc[0, 2]  # a CI cell or bound does not break across lines
 
 
 def test_units_and_digits_come_from_the_column():
