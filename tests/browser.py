@@ -4,7 +4,9 @@ One browser, driven over the DevTools protocol on ``--remote-debugging-pipe`` (f
 ending in NUL): the page is loaded from ``file://``; every request the page makes (``Network.requestWillBeSent``),
 every console error, uncaught exception and error log entry (``Runtime.consoleAPICalled``,
 ``Runtime.exceptionThrown``, ``Log.entryAdded``) is kept; the child counts of the circuitsvis mount nodes are read
-once they are non-zero or the wait runs out; and a screenshot of the viewport is taken. Cost: about 2-4 s a page.
+once they are non-zero or the wait runs out; the page's own layout is measured (``LAYOUT``: horizontal overflow,
+figure widths; at a 1280-px-wide viewport by default); and a screenshot of the viewport is taken. Cost: about
+2-4 s a page.
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ FLAGS = (
 )
 MOUNTS = "Array.from(document.querySelectorAll('div[id^=\"circuits-vis-\"]')).map(e => e.childElementCount)"
 LOCAL = ("file:", "data:")  # schemes a self-contained page may load from
+# The page's own layout once it has loaded: how wide the document is against the viewport; every element whose
+# right edge passes the content column's (the <main> element's content box, else <body>'s) unless a box between
+# it and the column scrolls or clips it (a table in its own scroll box is fine); and each figure image's rendered
+# width as a share of its <section>'s content width.
+LAYOUT = """(() => {
+  const col = document.querySelector('main') || document.body;
+  const inner = e => { const s = getComputedStyle(e), r = e.getBoundingClientRect();
+    return [r.left + parseFloat(s.paddingLeft), r.right - parseFloat(s.paddingRight)]; };
+  const edge = inner(col)[1];
+  const boxed = e => { for (let p = e.parentElement; p && p !== col; p = p.parentElement) {
+    if (['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(p).overflowX)) return true; } return false; };
+  const over = [];
+  for (const e of col.querySelectorAll('*')) {
+    const r = e.getBoundingClientRect();
+    if (r.width > 0 && r.right > edge + 1 && !boxed(e))
+      over.push(`${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''}${e.className && e.className.baseVal === undefined
+        ? '.' + e.className : ''} ends at ${Math.round(r.right)} px (column ${Math.round(edge)} px)`);
+  }
+  const figures = Array.from(col.querySelectorAll('figure img')).map(img => {
+    const [l, r] = inner(img.closest('section') || col);
+    return [img.alt, img.getBoundingClientRect().width / (r - l)];
+  });
+  return {scroll_width: document.documentElement.scrollWidth, viewport: window.innerWidth,
+          overflowing: over, figures: figures};
+})()"""
 
 
 @dataclass
@@ -51,6 +78,19 @@ class PageCheck:
     errors: list[str] = field(default_factory=list)
     mounts: list[int] = field(default_factory=list)
     screenshot: Any = None
+    layout: dict = field(default_factory=dict)  # what ``LAYOUT`` measured
+
+    def layout_problems(self, fill: float = 0.9) -> list[str]:
+        """Where the page is wider than the viewport, an element passes the content column's edge outside a
+        scroll box, or a figure is narrower than ``fill`` of its section's content width (empty: none)."""
+        lay = self.layout
+        out = [f"page {lay['scroll_width']} px wide in a {lay['viewport']} px viewport"] * (
+            lay["scroll_width"] > lay["viewport"]
+        )
+        out += [f"overflows: {e}" for e in lay["overflowing"]]
+        return out + [
+            f"figure {name} fills {share:.0%} of its section" for name, share in lay["figures"] if share < fill
+        ]
 
     @property
     def external(self) -> list[str]:
@@ -137,7 +177,7 @@ def _record(events: list[dict], out: PageCheck) -> None:
 
 
 def check_page(
-    path: Path, width: int = 1100, height: int = 1300, mount_wait: float = 10.0, timeout: float = 60.0
+    path: Path, width: int = 1280, height: int = 1300, mount_wait: float = 10.0, timeout: float = 60.0
 ) -> PageCheck:
     """Load ``path`` in a fresh headless Chromium profile and return what it requested, logged and drew."""
     if CHROMIUM is None:
@@ -174,6 +214,7 @@ def check_page(
                 if all(out.mounts) or time.monotonic() > end:
                     break
                 time.sleep(0.2)
+            out.layout = cdp.send("Runtime.evaluate", s, expression=LAYOUT, returnByValue=True)["result"]["value"]
             png = base64.b64decode(cdp.send("Page.captureScreenshot", s, format="png")["data"])
             out.screenshot = image.imread(io.BytesIO(png), format="png")
             _record(cdp.events, out)

@@ -16,13 +16,29 @@ from mechicl.runs.folder import RunFolder
 from mechicl.runs.report_data import NHTest, ReportData
 from mechicl.viz.optimal_reader import accuracy_with_bayes
 from mechicl.viz.report_html import Figure, Note, Section, Table
+from mechicl.viz.table_words import ci_text
 
 N_SIGN_FLIPS = inspect.signature(paired_test).parameters["n_boot"].default  # the NH tests' sign flips (run_tests)
+SCORES = {  # the behaviour metrics an NH test compares, in words with their units
+    "accuracy": "accuracy vs shown label",
+    "accuracy_true": "accuracy vs true label",
+    "log_likelihood": "log P(shown label), nats",
+    "log_likelihood_true": "log P(true label), nats",
+    "accuracy_initial": "accuracy vs the initial map's label",
+    "log_likelihood_initial": "log P(the initial map's label), nats",
+    "entropy": "label entropy, nats",
+}
+
+
+def score_words(spec: str) -> str:
+    """An NH test's side, ``condition/metric``, in words: "random/accuracy_true" -> "random: accuracy vs true label"."""
+    cond, _, metric = spec.partition("/")
+    return f"{cond}: {SCORES[metric]}" if metric else cond
 
 
 def ci(row: pd.Series, col: str = "mean") -> str:
     """``0.58 [0.51, 0.65]`` from a row with mean (or ``col``), ci_low and ci_high."""
-    return f"{row[col]:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]"
+    return ci_text(row[col], row.ci_low, row.ci_high)
 
 
 def holm_p_texts(p: np.ndarray, p_holm: np.ndarray, n_perm: int) -> list[str]:
@@ -93,7 +109,9 @@ def behavior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
         t = n.tests.assign(
             **{"Holm p": holm_p_texts(n.tests.p_value.to_numpy(), n.tests.p_holm.to_numpy(), N_SIGN_FLIPS)}
         )
-        t = t[["k", "a", "b", "mean_diff", "ci_low", "ci_high", "Holm p", "decision"]]
+        t = t[["k", "a", "b", "mean_diff", "ci_low", "ci_high", "Holm p", "decision"]].assign(
+            a=t.a.map(score_words), b=t.b.map(score_words)
+        )
         blocks.append(
             Table(
                 t,

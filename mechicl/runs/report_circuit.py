@@ -52,18 +52,10 @@ def findings_blocks(folder: Path, model: str) -> list:
             )
         ]
     rep = heads.sort_values(["n_above_control", "effect_median"], ascending=False).head(8)
-    table = pd.DataFrame(
-        {
-            "head": rep["head"],
-            "verdict": rep.verdict,
-            "above control / cells": [f"{a}/{n}" for a, n in zip(rep.n_above_control, rep.n_cells)],
-            "per task": rep.per_task,
-            "effect median": rep.effect_median,
-            "effect min": rep.effect_min,
-            "effect max": rep.effect_max,
-            "controls (median)": rep.control_mean_median,
-        }
-    )
+    table = rep[
+        ["head", "verdict", "per_task", "effect_median", "effect_min", "effect_max", "control_mean_median"]
+    ].copy()
+    table.insert(2, "above control / cells", [f"{a}/{n}" for a, n in zip(rep.n_above_control, rep.n_cells)])
     n_eff = int(cells.has_effect.sum())
     repl = list(heads[heads.verdict == "replicates"]["head"])
     blocks: list = [
@@ -101,9 +93,9 @@ def circuit_blocks(folder: Path) -> list:
     top = sig.reindex(sig.effect.abs().sort_values(ascending=False).index).head(10)
     blocks: list = [
         Table(
-            top[["sender", "receiver", "input", "positions", "mlps", "effect", "ci_low", "ci_high"]].reset_index(
-                drop=True
-            ),
+            top[["sender", "receiver", "input", "positions", "mlps", "effect", "ci_low", "ci_high"]]
+            .rename(columns={"effect": "path_effect"})
+            .reset_index(drop=True),
             f"Path patching ({folder}): of {len(paths)} sender -> receiver paths, {len(sig)} have "
             f"|effect| >= {threshold} with a 95% interval over {n} held-out contexts excluding 0"
             + (

@@ -17,6 +17,7 @@ from mechicl.analysis.heads.replication import Replication, replicate
 from mechicl.runs.findings import read_cell
 from mechicl.runs.report_data import ReportData
 from mechicl.viz.report_html import Note, Section, Table
+from mechicl.viz.table_words import ci_text
 
 GRID_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "grid"
 
@@ -36,7 +37,7 @@ def committed_replication(folder: Path = GRID_RESULTS) -> Replication | None:
 
 
 def _ci(m: float, lo: float, hi: float, d: int = 2) -> str:
-    return f"{m:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
+    return ci_text(m, lo, hi, d, signed=True)
 
 
 def _grid_rows(rep: Replication | None, model: str) -> tuple[dict[str, str], str]:
@@ -93,4 +94,4 @@ def headline_section(d: ReportData, rep: Replication | None) -> Section:
         if labels
         else f"No validated head on {model} / {d.config.task} is a pure label head (see the roles)."
     )
-    return Section("Headline", (Note(HOW_TO_READ), Table(table, f"{lead} {r.verdict}. {grid_note}")))
+    return Section("Headline", (Table(table, f"{lead} {r.verdict}. {grid_note}"),))

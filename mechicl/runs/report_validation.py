@@ -10,6 +10,7 @@ from mechicl.runs.folder import RunFolder
 from mechicl.runs.report_data import ReportData
 from mechicl.viz.plots import head_map
 from mechicl.viz.report_html import Figure, Note, Section, Table
+from mechicl.viz.table_words import ci_text
 
 VALIDATE_COLUMNS = [
     "rank",
@@ -31,7 +32,7 @@ VALIDATE_COLUMNS = [
 
 
 def _ci(m: float, lo: float, hi: float) -> str:
-    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    return ci_text(m, lo, hi, signed=True)
 
 
 def _setup(r: FindingsResult) -> str:

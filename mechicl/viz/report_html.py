@@ -18,12 +18,17 @@ from torch import Tensor
 
 from mechicl.data.prompts import PromptBatch
 from mechicl.viz.html import LEGEND, inline_view, token_names
+from mechicl.viz.table_words import words
 
-STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+STYLE = """body{font-family:sans-serif;margin:0;color:#222}
+main{box-sizing:border-box;max-width:1040px;margin:2em auto;padding:0 20px;overflow-wrap:anywhere}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-figure{margin:1.2em 0}figure img{max-width:100%;border:1px solid #eee}
+.how{font-style:italic;color:#444}
+figure{margin:1.2em 0}figure img{display:block;box-sizing:border-box;width:100%;max-width:100%;height:auto;border:1px solid #eee}
 figcaption,.caption{font-size:.92em;color:#333;margin-top:.4em;line-height:1.4}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+.table{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0;overflow-wrap:normal}
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top}
 th{background:#f4f4f4}.note{background:#fff8e0;border-left:4px solid #e0b000;padding:.5em 1em}
 nav a{margin-right:1em}"""
 
@@ -40,7 +45,7 @@ class Figure:
 class Table:
     df: pd.DataFrame
     caption: str
-    digits: int = 3
+    digits: int = 2
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,11 @@ Block = Figure | Table | View | Note
 
 @dataclass(frozen=True)
 class Section:
+    """A numbered section; ``how_to_read`` is the one line under its title that says how to read it."""
+
     title: str
     blocks: tuple[Block, ...]
+    how_to_read: str = ""
 
     @property
     def anchor(self) -> str:
@@ -76,9 +84,9 @@ def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def table_html(df: pd.DataFrame, digits: int = 3) -> str:
-    fmt = lambda v: f"{v:.{digits}f}"  # noqa: E731
-    return df.to_html(index=False, float_format=fmt, border=0, escape=True)
+def table_html(df: pd.DataFrame, digits: int = 2) -> str:
+    """``df`` in words (``table_words.words``: headers with units, CIs merged into their estimate) as HTML."""
+    return words(df, digits).to_html(index=False, border=0, escape=True)
 
 
 def _block(b: Block) -> str:
@@ -100,11 +108,13 @@ def render_report(title: str, intro: Sequence[str], sections: Sequence[Section],
     nav = " ".join(f'<a href="#{s.anchor}">{i}. {html.escape(s.title)}</a>' for i, s in enumerate(sections, 1))
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in intro), f"<nav>{nav}</nav>"]
     for i, s in enumerate(sections, 1):
-        body.append(f'<h2 id="{s.anchor}">{i}. {html.escape(s.title)}</h2>')
-        body += [_block(b) for b in s.blocks]
+        how = [f'<p class="how">{html.escape(s.how_to_read)}</p>'] if s.how_to_read else []
+        blocks = [f'<h2 id="{s.anchor}">{i}. {html.escape(s.title)}</h2>', *how, *(_block(b) for b in s.blocks)]
+        body.append("<section>\n" + "\n".join(blocks) + "\n</section>")
     path.write_text(
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n",
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>\n'
+        "<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n",
         encoding="utf-8",
     )
     return path

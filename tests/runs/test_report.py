@@ -3,6 +3,7 @@ numbers are the run's own CSVs, and the same numbers as the separate commands on
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from scipy import stats
 from mechicl.cli import main
 from mechicl.runs.report_data import ReportConfig, arbitrary_words
 from mechicl.viz.report_html import Figure, Note, Section, Table, render_report
+from mechicl.viz.table_words import NBSP
 from tests.browser import CHROMIUM, check_page
 from tests.viz.test_views import EXTERNAL, _no_external_script
 
@@ -76,7 +78,7 @@ def test_captions_quote_the_runs_csvs(report):
     assert f"Spearman {stats.spearmanr(a.attribution, a.exact).statistic:.2f}" in text
     v = pd.read_csv(out / "validate.csv").iloc[0]  # the head finder's cell (`mechicl heads`)
     head_row = f"<td>{v.heads}</td><td>{v.role}</td><td>{v.interchange:+.2f} [{v.interchange_ci_low:+.2f}, "
-    assert head_row in re.sub(r">\s+<", "><", html)  # the headline reads the same cell
+    assert head_row in re.sub(r">\s+<", "><", html).replace(NBSP, " ")  # the headline reads the same cell
     assert f"Ablating {v.heads} closes {v.effect:+.2f} [{v.effect_ci_low:+.2f}, {v.effect_ci_high:+.2f}]" in text
     assert f"close {v.control_mean:+.2f} on average" in text and f"({v.controls}: same layer" in text
     assert f"readout slots k = {Q.k_min}..{Q.n_examples - 1}" in text and f"{Q.n_eval} (validate)" in text
@@ -93,6 +95,32 @@ def test_captions_quote_the_runs_csvs(report):
     assert f"flipped {fl.organism:.2f} [{fl.ci_low:.2f}, {fl.ci_high:.2f}] vs {fl.bayes_accuracy:.2f}" in text
     nh = pd.read_csv(out / "nh_tests.csv")
     assert set(nh.hypothesis) == {"NH1", "NH2"} and "Verdict: NH2 is rejected" in text  # the organism keeps its prior
+
+
+def test_tables_and_sections_speak_in_words(report):
+    """Every header is words (no field name), CIs share a cell with their estimate, and each section's first line
+    under its title says how to read it."""
+    html = re.sub(r"<script.*?</script>", "", report[1], flags=re.S)
+    headers = [re.sub(r"\s+", " ", h).strip() for h in re.findall(r"<th(?:\s[^>]*)?>(.*?)</th>", html, re.S)]
+    assert len(headers) > 30 and not [h for h in headers if "_" in h or not h]
+    assert not re.search(r"<th[^>]*>\s*ci_(low|high)", html) and "[95% CI]</th>" in html
+    cells = re.findall(r"<td>([^<]*)</td>", html)
+    assert any(re.fullmatch(rf"[+-]\d\.\d\d{NBSP}\[[+-]\d\.\d\d,{NBSP}[+-]\d\.\d\d\]", c) for c in cells)
+    assert not [c for c in cells if c in ("True", "False")]
+    guides = re.findall(r'</h2>\n<p class="how">How to read: [^<]+</p>', html)
+    assert len(guides) == len(SECTIONS)
+
+
+def test_every_section_title_has_a_guide_and_nh_scores_have_words():
+    from mechicl.analysis.behavior.curves import METRICS
+    from mechicl.runs.report_behavior import SCORES, score_words
+    from mechicl.runs.report_guides import GUIDES, with_guides
+
+    assert set(SECTIONS) <= set(GUIDES)
+    with pytest.raises(ValueError, match="without a how-to-read line"):
+        with_guides([Section("Untitled", ())])
+    assert {m + s for m in METRICS for s in ("", "_true", "_initial") if m != "entropy"} | {"entropy"} == set(SCORES)
+    assert score_words("random/accuracy_true") == "random: accuracy vs true label"
 
 
 def test_numbers_equal_the_separate_commands(report, tmp_path):
@@ -180,11 +208,14 @@ def test_render_report_escapes_and_inlines(tmp_path):
     png = tmp_path / "x.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
     sec = Section(
-        "A & B", (Figure(png, "cap <1>"), Table(pd.DataFrame({"v": [0.12345]}), "t"), Note("n", pointer=True))
+        "A & B",
+        (Figure(png, "cap <1>"), Table(pd.DataFrame({"value": [0.12345]}), "t"), Note("n", pointer=True)),
+        how_to_read="How to read: <this>.",
     )
     html = render_report("T", ["intro"], [sec], tmp_path / "r.html").read_text()
     assert 'href="#s-a---b"' in html and 'id="s-a---b"' in html and "cap &lt;1&gt;" in html
-    assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html and "0.123" in html and 'class="note"' in html
+    assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html and "0.12" in html and 'class="note"' in html
+    assert '</h2>\n<p class="how">How to read: &lt;this&gt;.</p>' in html
     assert not EXTERNAL.search(html)
 
 
@@ -206,6 +237,8 @@ def test_report_renders_in_headless_chromium(report):
     assert page.mounts and all(page.mounts), f"a circuitsvis view did not mount (children per view: {page.mounts})"
     assert page.errors == [], f"console errors: {page.errors}"
     assert page.requests and page.external == [], f"requests that leave file://: {page.external}"
+    assert page.layout["viewport"] == 1280 and len(page.layout["figures"]) >= 12
+    assert page.layout_problems() == [], "layout at a 1280-px viewport:\n" + "\n".join(page.layout_problems())
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package (.ci/run installs it)")
@@ -219,6 +252,35 @@ def test_browser_check_catches_a_broken_page(tmp_path):
     page = check_page(bad, mount_wait=0.5)
     assert page.blank and page.mounts == [0] and page.external == ["http://127.0.0.1:9/x.png"]
     assert any("boom" in e for e in page.errors) and any("127.0.0.1:9" in e for e in page.errors)
+
+
+PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package (.ci/run installs it)")
+def test_layout_check_catches_an_overflowing_page(tmp_path):
+    """A page built to overflow: a fixed-width block wider than the viewport and a figure at a fifth of its section."""
+    bad = tmp_path / "wide.html"
+    bad.write_text(
+        '<!DOCTYPE html><html><body><main style="max-width:900px;margin:auto"><section><h2>1. A</h2>'
+        f'<figure><img alt="small" style="width:180px" src="data:image/png;base64,{PNG_1PX}"></figure>'
+        '<div id="wide" style="width:1800px">wide</div></section></main></body></html>'
+    )
+    problems = check_page(bad, mount_wait=0).layout_problems()
+    assert any(re.fullmatch(r"page \d+ px wide in a 1280 px viewport", p) for p in problems)
+    assert any("div#wide ends at" in p for p in problems) and any("figure small fills 20%" in p for p in problems)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless check needs Debian's chromium package (.ci/run installs it)")
+def test_report_page_keeps_wide_tables_and_long_words_in_the_column(tmp_path):
+    """The report's own CSS: a 1-pixel PNG still fills the column, a 30-column table scrolls inside its box, and
+    an unbroken 400-character word wraps instead of widening the page."""
+    png = tmp_path / "p.png"
+    png.write_bytes(base64.b64decode(PNG_1PX))
+    wide = pd.DataFrame({f"column {i} in words": [123456.789 * i] for i in range(30)})
+    sec = Section("Wide", (Figure(png, "x" * 400), Table(wide, "y" * 400), Note("z" * 400)), how_to_read="How.")
+    page = check_page(render_report("T", ["intro"], [sec], tmp_path / "r.html"), mount_wait=0)
+    assert page.layout["figures"] and page.layout_problems() == [], page.layout_problems()
 
 
 def test_without_attribution_section_3_says_how_to_get_it():

@@ -12,6 +12,7 @@ from mechicl.cli import main
 from mechicl.errors import ConfigError
 from mechicl.runs.report_circuit import check_external, circuit_section
 from mechicl.viz.report_html import Figure, Note, Table
+from mechicl.viz.table_words import words
 from tests.helpers import SMALL_GRID
 
 ORG = ["--model", "organism-strong", "--task", "organism"]
@@ -61,6 +62,8 @@ def test_section_quotes_the_folders_csvs(folders):
     sec = circuit_section(str(grid), str(circ), "organism-strong", "organism")
     tables = [b for b in sec.blocks if isinstance(b, Table)]
     assert len(tables) == 2 and any(isinstance(b, Figure) and b.path.name.startswith("circuit_") for b in sec.blocks)
+    headers = [h for t in tables for h in words(t.df).columns]  # what the report shows: words, CIs merged
+    assert "path effect (share of the full effect) [95% CI]" in headers and not [h for h in headers if "_" in h]
     cells = pd.read_csv(grid / "summary" / "cells.csv")
     assert f"{len(cells)} cells of organism-strong" in tables[0].caption
     assert f"{int(cells.has_effect.sum())} with an in-context effect" in tables[0].caption
