@@ -30,6 +30,21 @@ def zero_shot_batch(
     return build_prompt_batch(task, tokenizer, ids, cond, n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
 
 
+def query_batch(
+    task: Task,
+    tokenizer: Any,
+    rows: Collection[int],
+    *,
+    n_ctx: int,
+    prepend_bos: bool,
+    template: Template | None = None,
+) -> PromptBatch:
+    """Each distinct task row in ``rows`` alone (k = 0, the default label words), in sorted order: one query per
+    row, so queries from contexts that shared rows are not counted twice."""
+    ids = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long).reshape(-1, 1)
+    return build_prompt_batch(task, tokenizer, ids, "default", n_ctx=n_ctx, prepend_bos=prepend_bos, template=template)
+
+
 STAGES = ("screen", "confirm", "validate")
 
 

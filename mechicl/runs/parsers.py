@@ -87,6 +87,12 @@ def prior_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="head sets, ';' between sets and ',' within one, e.g. 'L11H2;L15H0,L15H2' (required; see `mechicl heads`)",
     )
+    p.add_argument(
+        "--prior-heads",
+        default="",
+        help="prior heads, ';'-separated: 'find' (selected on two draws of task rows, validated on the third) and/or "
+        "head names validated as given, e.g. 'find;L11H3;L13H3' (default: none)",
+    )
 
 
 def attention_args(p: argparse.ArgumentParser) -> None:

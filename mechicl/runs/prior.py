@@ -10,24 +10,30 @@ conventions: ``analysis.prior.moderation`` and ``docs/prior.md``.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from mechicl.analysis.engine.hooks import Head
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import HeadAblation
 from mechicl.analysis.prior.moderation import BINS, moderation, prior_strength
 from mechicl.analysis.prior.routes import route_patch, route_table
 from mechicl.data.batches import zero_shot_batch
 from mechicl.data.names import parse_heads
+from mechicl.data.optimal_reader import evidence_flip_scale
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
 from mechicl.models.base import LoadedModel
+from mechicl.models.organism import organism_config
 from mechicl.runs.command import in_folder
 from mechicl.runs.folder import Clock, RunFolder
-from mechicl.runs.inside_batches import InsideConfig, default_and_flipped, finish, header, inside_config
+from mechicl.runs.inside_batches import InsideConfig, finish, header, inside_config
 from mechicl.runs.markdown import md_table
-from mechicl.viz.prior import competition_figure, prior_figures
+from mechicl.runs.prior_heads import dose_tables, prior_draws, prior_heads_tables
+from mechicl.runs.prior_summary import HOW_TO_READ, prior_lines, routes_summary, slots_summary
+from mechicl.viz.prior import competition_figure, dose_figure, prior_figures
 
 
 def head_sets(text: str, n_layers: int, n_heads: int) -> list[list[tuple[int, int]]]:
@@ -41,27 +47,64 @@ def head_sets(text: str, n_layers: int, n_heads: int) -> list[list[tuple[int, in
     return sets
 
 
-def compute_prior(
-    loaded: LoadedModel, task: Task, cfg: InsideConfig, sets: list[list[tuple[int, int]]], bins=BINS, n_boot=2000
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The moderation table (``analysis.prior.moderation.moderation``, one row per set x bin x k band) and the route
-    table (``analysis.prior.routes``, one row per route x bin x k band, the label route also through each set).
+@dataclass
+class PriorTables:
+    """Everything `mechicl prior` measures (``analysis.prior``), each a tidy table with CIs."""
 
-    Cost: one zero-shot forward per example (short prompts), two forwards per context, per set ``2 x S`` one-token
-    steps per context for the moderation and ``S`` for the routes, and 4 route runs of ``S`` steps (S = slots from
-    k_min)."""
-    bd, bf = default_and_flipped(loaded, task, cfg)
+    moderation: pd.DataFrame  # head set x prior bin x k band
+    routes: pd.DataFrame  # route x prior bin (or "all") x k band
+    dose: pd.DataFrame  # head set x k band x dose
+    prior_select: pd.DataFrame  # the prior-head finder's confirmation table (empty for named heads)
+    prior_heads: pd.DataFrame  # validated prior-head candidates (empty without --prior-heads)
+
+
+def compute_prior(
+    loaded: LoadedModel, task: Task, cfg: InsideConfig, sets: list[list[Head]], prior: str = "", n_boot: int = 2000
+) -> PriorTables:
+    """All of `mechicl prior` on the validate draw (``runs.prior_heads.prior_draws``); ``prior``: "" (no prior heads),
+    or ``;``-separated groups: "find" (the finder selects on the screen/confirm draws) and/or head names (validated
+    as given, beside the finder's).
+
+    Cost: the zero-shot queries (one short forward each), two forwards per context, per label set ``2 x S`` one-token
+    steps per context (moderation) + ``S`` (routes) + ``6 S`` (dose), 4 route runs of ``S`` steps, and with prior
+    heads the finder's zero-shot re-runs, their roles and ``6 S`` steps each for the dose (S = slots from k_min)."""
+    d = prior_draws(loaded, task, cfg.n_contexts, cfg.n_examples, cfg.seed)
+    bd, bf = d.correct, d.flipped
     zs = zero_shot_batch(task, loaded.tokenizer, bd, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
-    prior = prior_strength(ReadoutStepper(loaded.model, zs)).reshape(bd.example_ids.shape)[:, cfg.k_min :]
+    strength = prior_strength(ReadoutStepper(loaded.model, zs)).reshape(bd.example_ids.shape)[:, cfg.k_min :]
     abl = HeadAblation(loaded.model, bd, bf, cfg.k_min, mode="interchange", seed=cfg.seed)
     bands = k_bands(cfg.k_min, cfg.n_examples - 1)
-    mod = moderation(abl, sets, prior, bins=bins, k_groups=bands, n_boot=n_boot, seed=cfg.seed)
+    kw = dict(bins=BINS, k_groups=bands, n_boot=n_boot, seed=cfg.seed)
+    mod = moderation(abl, sets, strength, **kw)
     res = route_patch(abl.st["correct"], abl.st["flipped"], through=sets)
     if res.check() > 1e-3:
         raise RuntimeError(f"route patching's 'all' route differs from the flipped run by {res.check():.3g}")
-    kw = dict(bins=bins, k_groups=bands, n_boot=n_boot, seed=cfg.seed)
-    routes = pd.concat([route_table(res, None, **kw), route_table(res, prior, **kw)], ignore_index=True)
-    return mod, routes
+    routes = pd.concat([route_table(res, None, **kw), route_table(res, strength, **kw)], ignore_index=True)
+    L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
+    groups = [g.strip() for g in prior.split(";") if g.strip()]
+    find = "find" in groups
+    named = (
+        [x for s in head_sets(";".join(g for g in groups if g != "find"), L, H) for x in s]
+        if len(groups) > find
+        else []
+    )
+    select, val = (
+        prior_heads_tables(loaded, d, abl, find, named, cfg.seed, n_boot)
+        if groups
+        else (pd.DataFrame(), pd.DataFrame())
+    )
+    found = [parse_heads(h)[0] for h in (val.heads[val.prior_head] if "prior_head" in val else [])]
+    prior_sets = [[x] for x in dict.fromkeys(found + named)]  # named heads get their dose whatever their verdict
+    dose = dose_tables(abl, sets, prior_sets, bands, cfg.seed, n_boot)
+    return PriorTables(mod, routes, _with_bayes(dose, loaded.name), select, val)
+
+
+def _with_bayes(dose: pd.DataFrame, model: str) -> pd.DataFrame:
+    """On an organism, the Bayes-optimal reader's evidence flip factor at each band's first k beside the curves."""
+    org = organism_config(model)
+    if org is None or not len(dose):
+        return dose
+    return dose.assign(bayes_flip=[evidence_flip_scale(org.language, int(k)) for k in dose.k_lo])
 
 
 def k_bands(k_min: int, k_max: int) -> list[tuple[int, int]]:
@@ -74,63 +117,25 @@ def k_bands(k_min: int, k_max: int) -> list[tuple[int, int]]:
     return out if k_min >= 1 else [(0, 0), *out]
 
 
-def _summary_table(tab: pd.DataFrame) -> pd.DataFrame:
-    ci = lambda r, c: f"{r[c]:+.3f} [{r[c + '_ci_low']:+.2f}, {r[c + '_ci_high']:+.2f}]"  # noqa: E731
-    return pd.DataFrame(
-        {
-            "heads": tab.heads,
-            "k": [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(tab.k_lo, tab.k_hi)],
-            "zero-shot log-odds": tab.prior_bin,
-            "queries (contexts)": [f"{a} ({b})" for a, b in zip(tab.n_slots, tab.n_contexts)],
-            "P(true) correct / flipped": [f"{a:.2f} / {b:.2f}" for a, b in zip(tab.p_correct, tab.p_flipped)],
-            "flipped: still answers the true class": [ci(r, "sides_with_prior") for _, r in tab.iterrows()],
-            "heads' label information (ΔP flipped - ΔP correct)": [ci(r, "closed") for _, r in tab.iterrows()],
-        }
-    )
-
-
-def _routes_table(routes: pd.DataFrame) -> pd.DataFrame:
-    """One row per k band and prior bin, one column per route: share of the logit gap with its CI."""
-    t = routes.assign(
-        k=[f"{a}" if a == b else f"{a}-{b}" for a, b in zip(routes.k_lo, routes.k_hi)],
-        cell=[f"{s:+.2f} [{lo:+.2f}, {hi:+.2f}]" for s, lo, hi in zip(routes.share, routes.ci_low, routes.ci_high)],
-    )
-    wide = t.pivot_table(index=["k", "k_lo", "prior_bin"], columns="route", values="cell", aggfunc="first", sort=False)
-    gaps = t.drop_duplicates(["k", "prior_bin"]).set_index(["k", "k_lo", "prior_bin"])[["gap", "n_slots"]]
-    wide = wide.join(gaps).reset_index()  # pooled k bands first, then each prior bin's
-    cols = [c for c in ("labels", "query", "rest", "interaction") if c in wide] + [
-        c for c in wide if str(c).startswith("labels via")
-    ]
-    out = wide[["prior_bin", "k", "n_slots", "gap", *cols]].rename(
-        columns={"prior_bin": "zero-shot log-odds", "n_slots": "queries", "gap": "logit gap (correct - flipped)"}
-    )
-    return out.assign(**{"logit gap (correct - flipped)": out["logit gap (correct - flipped)"].map("{:+.2f}".format)})
-
-
-def report_prior(loaded: LoadedModel, task: Task, cfg: InsideConfig, heads: str, out: Path) -> str:
+def report_prior(loaded: LoadedModel, task: Task, cfg: InsideConfig, heads: str, prior: str, out: Path) -> str:
     clock, folder = Clock(), RunFolder(out)
     sets = head_sets(heads, int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads))
-    tab, routes = compute_prior(loaded, task, cfg, sets)
+    t = compute_prior(loaded, task, cfg, sets, prior)
     clock.lap("prior")
-    folder.csv("prior.csv", tab)
-    folder.csv("routes.csv", routes)
+    for name in ("moderation", "routes", "dose", "prior_select", "prior_heads"):
+        if len(getattr(t, name)):
+            folder.csv("prior.csv" if name == "moderation" else f"{name}.csv", getattr(t, name))
     title = f"{loaded.name} / {cfg.task}"
-    prior_figures(tab, folder.path, title)
-    competition_figure(routes[routes.prior_bin != "all"], tab, folder.path / "prior_competition.png", title)
-    lines = header(
-        "Prior vs in-context labels",
-        loaded,
-        cfg,
-        "Prior strength = the model's zero-shot log-odds for the query's true class (k = 0). Per bin of prior "
-        "strength and k: P(true) with correct and with flipped labels, the share of flipped-label queries still "
-        "answered with the true class (the prior wins), and each head set's label information: ΔP(true) when its "
-        "output at the slot is swapped with the other condition's (flipped minus correct; 0 = it carries none). "
-        "Routes: the logit difference (true - flipped label) lost when the readout slot reads the flipped "
-        "rendering's keys and values at the label tokens, at the query's own input tokens or at the rest, as a "
-        "share of the whole gap. 95% CIs: cluster bootstrap over contexts.",
+    prior_figures(t.moderation, folder.path, title)
+    competition_figure(
+        t.routes[t.routes.prior_bin != "all"], t.moderation, folder.path / "prior_competition.png", title
     )
-    lines += ["## Per prior bin and k", "", md_table(_summary_table(tab)), ""]
-    lines += ["## Routes into the readout slot (share of the logit gap)", "", md_table(_routes_table(routes)), ""]
+    if len(t.dose):
+        dose_figure(t.dose, folder.path / "prior_dose.png", title)
+    lines = header("Prior vs in-context labels", loaded, cfg, HOW_TO_READ)
+    lines += ["## Per prior bin and k", "", md_table(slots_summary(t.moderation)), ""]
+    lines += ["## Routes into the readout slot (share of the logit gap)", "", md_table(routes_summary(t.routes)), ""]
+    lines += prior_lines(t)
     return finish(folder, cfg, lines, clock)
 
 
@@ -139,4 +144,4 @@ def command(args: argparse.Namespace) -> int:
     cfg = inside_config(args)
     if not args.heads:
         raise ConfigError("--heads is required, e.g. --heads 'L11H2;L15H0' (the validated heads of `mechicl heads`)")
-    return in_folder(args, "prior", lambda m, t, out: report_prior(m, t, cfg, args.heads, out))
+    return in_folder(args, "prior", lambda m, t, out: report_prior(m, t, cfg, args.heads, args.prior_heads, out))

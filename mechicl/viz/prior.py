@@ -82,3 +82,33 @@ def competition_figure(routes: pd.DataFrame, sides: pd.DataFrame, path: Path, ti
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def dose_figure(dose: pd.DataFrame, path: Path, title: str) -> Path:
+    """One panel per scaled head set, at its largest k band: the share of flipped-label queries that side with the
+    shown labels against the scale (measured, with 95% CIs; predicted from scales 0 and 1, dashed), the measured
+    flip point, and on organisms the Bayes-optimal reader's evidence flip factor."""
+    last = dose[dose.k_lo == dose.k_lo.max()]
+    groups = list(last.groupby(["heads", "kind"], sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.0 * len(groups) + 0.6, 3.4), dpi=120, squeeze=False)
+    for ax, ((heads, kind), g) in zip(axes[0], groups):
+        ax.plot(g.scale, g.sides_with_labels, marker="o", ms=3, color="tab:red", label="measured")
+        ax.fill_between(g.scale, g.sides_with_labels_ci_low, g.sides_with_labels_ci_high, color="tab:red", alpha=0.15)
+        ax.plot(g.scale, g.predicted_sides, ls="--", color="black", lw=1, label="predicted (from x0, x1)")
+        ax.axhline(0.5, color="grey", lw=0.6)
+        fp = g.flip_measured.iloc[0]
+        if pd.notna(fp):
+            ax.axvline(fp, color="tab:red", ls=":", lw=1, label=f"flip x{fp:.2f}")
+        if "bayes_flip" in g and pd.notna(g.bayes_flip.iloc[0]):
+            ax.axvline(g.bayes_flip.iloc[0], color="tab:green", ls="-.", lw=1, label="Bayes reader's flip")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"scale of its {'label signal' if kind == 'label' else 'output'}")
+        ax.set_title(f"{heads} (k {g.k_lo.iloc[0]}-{g.k_hi.iloc[0]})", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("flipped: side with the shown labels")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(wrap_title(f"Dose-response - {title}", 3.0 * len(groups) + 0.6, 9), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -38,6 +38,24 @@ def test_prior_writes_a_table_per_bin_and_k_and_the_figures(tmp_path, capsys):
     assert labels[labels.prior_bin == "all"].n_slots.sum() == 16 * 8  # every slot k = 1..8 of every context
     assert labels[labels.prior_bin != "all"].n_slots.sum() <= 16 * 8  # at most once over the prior bins
     assert "Routes into the readout slot" in (out / "summary.md").read_text()
+    dose = pd.read_csv(out / "dose.csv")  # both label sets, every band, the six default scales
+    assert set(dose.heads) == {"L1H1", "L0H0 L0H2"} and set(dose.kind) == {"label"}
+    assert dose.groupby(["heads", "k_lo"]).scale.apply(list).map(len).eq(6).all()
+    assert "bayes_flip" in dose and (out / "prior_dose.png").is_file()
+
+
+def test_prior_heads_are_found_and_validated_on_a_constructed_organism(tmp_path):
+    """Ground truth from the recipe: constructed's prior carrier is L0H2; the finder selects it on two draws,
+    validates it on the third, and the dose scales its output."""
+    out = tmp_path / "c"
+    args = ["prior", "--model", "constructed", "--task", "organism", "--threads", "1", "--k", "6", "--k-min", "1"]
+    assert main([*args, "--n-contexts", "16", "--heads", "L1H2", "--prior-heads", "find;L0H1", "--out", str(out)]) == 0
+    val = pd.read_csv(out / "prior_heads.csv")
+    assert set(val.heads[val.prior_head]) == {"L0H2"}
+    assert val.set_index("heads").selected_by.to_dict() == {"L0H2": "finder", "L0H1": "named"}
+    dose = pd.read_csv(out / "dose.csv")  # the named head gets its dose whatever its verdict
+    assert set(zip(dose.heads, dose.kind)) == {("L1H2", "label"), ("L0H2", "output"), ("L0H1", "output")}
+    assert "Prior heads (validated on the third draw)" in (out / "summary.md").read_text()
     assert "zero-shot log-odds" in (out / "summary.md").read_text()
 
 

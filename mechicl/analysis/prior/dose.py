@@ -7,7 +7,9 @@ readout slot is replaced by
 - ``kind="label"`` (label heads): ``z_correct + a (z_flipped - z_correct)``, the set's *label signal* scaled:
   ``a = 0`` is the correct rendering's output (interchange), ``a = 1`` the run itself, ``a = 3`` the flipped
   labels' pull three times over;
-- ``kind="output"`` (prior heads): ``a z_flipped``, the whole output scaled (``a = 0``: zero-ablated).
+- ``kind="output"`` (prior heads): ``m + a (z_flipped - m)``, ``m`` the set's mean output at that slot over the
+  flipped contexts: what the set says about *this* query scaled (``a = 0``: mean-ablated, condition-matched; a
+  zero output would also remove what the head writes for every query, far off the model's distribution).
 
 Per slot: ``LD(a) = logit(true) - logit(foil)`` (foil = the word the flipped rendering shows for the query) and
 whether the prediction (argmax over the label words) is the foil: the model **sides with the labels**.
@@ -85,7 +87,7 @@ def dose_response(
     zc, zf = correct.z, flipped.z
     lds, sides = [], []
     for a in scales:
-        src = zc + a * (zf - zc) if kind == "label" else a * zf
+        src = zc + a * (zf - zc) if kind == "label" else zf.mean(0, keepdim=True) + a * (zf - zf.mean(0, keepdim=True))
         ld, side = _ld_and_side(flipped.run(mask, src)[0], true, foil)
         lds.append(ld)
         sides.append(side)
@@ -125,9 +127,11 @@ def dose_table(
         for name, x in (("measured", res.sides_with_labels), ("predicted", pred_side)):
             boot = bootstrap_means(per_ctx(x), **kw)  # [dose, n_boot], the same draws for every dose
             est = flip_point(res.scales, per_ctx(x).mean(-1))
-            lo_, hi_ = percentile_interval(np.nan_to_num(flip_point(res.scales, boot), nan=np.inf), 0.95)
-            if np.isfinite([est, lo_, hi_]).all():
+            never = 1e9  # a draw whose curve never crosses: beyond every dose (an interval end there is inf)
+            lo_, hi_ = percentile_interval(np.nan_to_num(flip_point(res.scales, boot), nan=never), 0.95)
+            if max(lo_, hi_) < never and np.isfinite(est):
                 lo_, hi_ = widen_for_shared_rows(est, lo_, hi_, res.items)
+            lo_, hi_ = (np.inf if x >= never else x for x in (lo_, hi_))
             flips[name] = (float(est), float(lo_), float(hi_))
         for i, a in enumerate(res.scales):
             row = {"heads": res.heads, "kind": res.kind, "k_lo": lo, "k_hi": hi, "scale": float(a)}

@@ -35,7 +35,8 @@ def test_doses_equal_hooked_forwards(setup, kind):
     true, foil = sc.true_labels, f.shown_labels[:, 2:]
     rows, cols = torch.arange(3)[:, None], torch.arange(3)[None]
     for i, a in enumerate((0.0, 1.0, 2.5)):
-        src = sc.z + a * (sf.z - sc.z) if kind == "label" else a * sf.z
+        m = sf.z.mean(0, keepdim=True)
+        src = sc.z + a * (sf.z - sc.z) if kind == "label" else m + a * (sf.z - m)
         ref = _reference(loaded, f, 2, HEADS, src).double()  # [b, S, labels]
         ld = ref[rows, cols, true] - ref[rows, cols, foil]
         np.testing.assert_allclose(res.ld[i], ld.numpy(), atol=1e-4)
