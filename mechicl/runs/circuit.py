@@ -27,6 +27,7 @@ from mechicl.analysis.patching.positions import (
     patch_position_sets,
     value_interval,
 )
+from mechicl.data.names import parse_heads
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
@@ -54,6 +55,8 @@ class CircuitConfig:
     positions: tuple[str, ...] = ("label", "all")
     threshold: float = 0.05
     all_heads_below: int = 16
+    sender_heads: tuple[Head, ...] = ()  # pre-registered (e.g. from a findings grid): no selection draw is used
+    receiver_heads: tuple[Head, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.positions or any(p not in POSITION_SETS for p in self.positions):
@@ -61,6 +64,8 @@ class CircuitConfig:
                 f"sender positions must be a list of {', '.join(POSITION_SETS)}, got {self.positions} "
                 f"(--positions takes a comma list)"
             )
+        if bool(self.sender_heads) != bool(self.receiver_heads):
+            raise ConfigError("name both --sender-heads and --receiver-heads (pre-registered paths), or neither")
         if self.seed_eval == self.seed_select:
             raise ConfigError(
                 "the held-out seed must differ from the selection seed (--seed-eval vs --seed): heads are "
@@ -101,10 +106,13 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
     """Select on one draw, measure on another, write tables, heatmaps, the circuit figure and ``summary.md``."""
     clock, folder = Clock(), RunFolder(out)
     folder.json("config.json", cfg)
-    sel = Patcher(loaded.model, pair_for(loaded, task, cfg.n_select, cfg.n_examples, seed=cfg.seed_select))
-    senders, receivers, selection = select_heads(sel, cfg)
-    folder.csv("selection.csv", selection)
-    clock.lap("selection")
+    if cfg.sender_heads:  # pre-registered: measured as given, nothing selected here
+        senders, receivers = list(cfg.sender_heads), list(cfg.receiver_heads)
+    else:
+        sel = Patcher(loaded.model, pair_for(loaded, task, cfg.n_select, cfg.n_examples, seed=cfg.seed_select))
+        senders, receivers, selection = select_heads(sel, cfg)
+        folder.csv("selection.csv", selection)
+        clock.lap("selection")
     ev = Patcher(loaded.model, pair_for(loaded, task, cfg.n_eval, cfg.n_examples, seed=cfg.seed_eval))
     sets = pd.concat([patch_position_sets(ev, d).table() for d in ("denoise", "noise")])
     folder.csv("resid_sets.csv", sets)
@@ -172,8 +180,13 @@ def summary(
     lines = [
         f"# Circuit: {name} on {cfg.task}",
         "",
-        f"Heads chosen on {cfg.n_select} contexts (seed {cfg.seed_select}); every number below is measured on "
-        f"{cfg.n_eval} other contexts (seed {cfg.seed_eval}), {cfg.n_examples} examples each (k = {cfg.n_examples - 1}). "
+        (
+            "Heads pre-registered (--sender-heads / --receiver-heads, chosen elsewhere); every number below is "
+            "measured on "
+            if cfg.sender_heads
+            else f"Heads chosen on {cfg.n_select} contexts (seed {cfg.seed_select}); every number below is measured on "
+        )
+        + f"{cfg.n_eval} other contexts (seed {cfg.seed_eval}), {cfg.n_examples} examples each (k = {cfg.n_examples - 1}). "
         f"Clean = correct labels, corrupted = all demonstration labels flipped; metric = answer - foil logit "
         f"difference at the query slot, normalised 0 = corrupted, 1 = clean (mean LD clean "
         f"{float(ev.baseline('clean').mean()):.3f}, corrupted {float(ev.baseline('corrupted').mean()):.3f}).",
@@ -213,5 +226,7 @@ def command(args: argparse.Namespace) -> int:
         args.receivers,
         tuple(p.strip() for p in args.positions.split(",")),
         args.threshold,
+        sender_heads=tuple(parse_heads(args.sender_heads)) if args.sender_heads else (),
+        receiver_heads=tuple(parse_heads(args.receiver_heads)) if args.receiver_heads else (),
     )
     return in_folder(args, "circuit", lambda m, t, out: run_circuit(m, t, cfg, out)[1])

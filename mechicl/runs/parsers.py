@@ -215,6 +215,12 @@ def circuit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold", type=float, default=0.05, help="smallest |path effect| drawn as an edge (default 0.05)"
     )
+    for flag, what in (("--sender-heads", "senders"), ("--receiver-heads", "receivers")):
+        p.add_argument(
+            flag,
+            default=None,
+            help=f"pre-registered {what}, e.g. 'L10H3' (with the other flag; no selection draw is used)",
+        )
     add_run_args(p)  # --seed (of the selection contexts), --threads, --out, --overwrite, --label-names, --template
 
 

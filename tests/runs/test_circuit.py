@@ -73,3 +73,28 @@ def test_cli_refuses_selection_on_the_evaluation_draw(tmp_path, capsys):
         == 2
     )
     assert "--positions" in capsys.readouterr().err
+
+
+def test_pre_registered_paths_skip_selection(tmp_path, capsys):
+    out = tmp_path / "c"
+    base = [
+        "circuit",
+        "--model",
+        "organism-strong",
+        "--task",
+        "organism",
+        "--k",
+        "5",
+        "--n-eval",
+        "6",
+        "--threads",
+        "1",
+    ]
+    args = [*base, "--positions", "readout,label", "--sender-heads", "L0H2", "--receiver-heads", "L1H1", "--out"]
+    assert main([*args, str(out)]) == 0
+    paths = pd.read_csv(out / "paths.csv")
+    assert set(paths.sender) == {"L0H2"} and set(paths.receiver.dropna()) == {"L1H1", "logits"}
+    assert set(paths.positions) == {"readout", "label"} and not (out / "selection.csv").exists()
+    assert "pre-registered" in (out / "summary.md").read_text()
+    assert main([*base, "--sender-heads", "L0H2", "--out", str(tmp_path / "d")]) != 0
+    assert "--receiver-heads" in capsys.readouterr().err
