@@ -1,4 +1,5 @@
-"""``SuffixRunner``: re-run only the positions from the first one where two runs differ, over a cached prefix.
+"""``SuffixRunner``: re-run only the positions a patch can change (from the first one where two runs differ, or
+from a patched position), over the cached keys and values of those before.
 
 The two runs of a patching pair have the same tokens up to the first differing label ``p0``, so
 (causal attention) the same activations, keys and values there at every layer. A patch that copies

@@ -6,7 +6,8 @@ use it, each a thin module over the functions here:
 
 * ``stepper.ReadoutStepper``: the query readout slot, one appended token per intervention;
 * ``slots.SlotStepper``: every readout slot ``k >= k_min``, one appended token per (intervention, slot);
-* ``prefix_reuse.SuffixRunner``: every position after the first one where two runs differ.
+* ``prefix_reuse.SuffixRunner``: every position from the first one where two runs differ, or from a patched
+  position of one run (over that run's own cache).
 
 What they share, written once here:
 

@@ -31,17 +31,23 @@ upstream blocks of a patch at layer ``l`` are skipped for real (``surgery.start_
 unembedding is 54% of a 300-token forward in `benchmarks/bench_forward.py`), with tokens after the query slot dropped (causality); all cells
 of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
 (layer, position) cells where donor and receiver are bit-identical (before the first differing
-label) are not run; ``head_out`` re-runs only the positions from the first differing token ``p0`` on,
-over the shared prefix's keys and values (``prefix_reuse.SuffixRunner``; HF models, a sliding window applied in
-the re-runs' masks, first re-run checked against the full forward, else full width with a warning);
-readout-slot interventions re-run one token (``ReadoutStepper``, self-checked likewise).
+label) are not run; re-runs run only the positions a patch can change, over the cached keys and values of
+the others (``prefix_reuse.SuffixRunner``; HF models, a sliding window applied in the re-runs' masks, first
+re-run checked against the full forward, else full width with a warning): ``head_out`` the positions from the
+first differing token ``p0`` on, over the prefix both runs share; a (layer, position) cell at ``p`` the positions
+``p ..`` query slot, over the receiver's own cache of positions ``< p`` (cells of a layer share a call from their
+earliest position, ``prefix_reuse.suffix_groups``); readout-slot interventions re-run one token
+(``ReadoutStepper``, self-checked likewise).
 
-Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver forwards
-(``PatchResult.forwards``; ``head_out`` with a reused prefix: times ``(width - p0) / width``, plus one
-prefix forward shared by both directions and one check per receiver, 1 forward together) plus one
-cached forward per run, against ``n_cells`` full forwards with full-vocabulary logits for TransformerLens.
-Memory: the cached activations (``n_layers x batch x pos x d_model`` floats for the residual stream),
-the prefix KV cache (``n_layers x 2 x batch x p0 x n_kv_heads x d_head``) and one forward of ``max_rows`` rows.
+Cost of one layer-sweep: ``sum_cells (n_layers - l) / n_layers * (width - s) / width`` receiver forwards
+(``PatchResult.forwards``), ``s`` the position a cell's call re-runs from: 0 without a KV cache; ``p0`` for
+``head_out`` (plus one prefix forward shared by both directions and one check per receiver, 1 forward together);
+the call's earliest cell position for sweeps by position (plus, per receiver, its cache, ``(width - 1) / width``
+of a forward, and one check, ``(width - p0) / width``); plus one cached forward per run, against ``n_cells`` full
+forwards with full-vocabulary logits for TransformerLens. Memory: the cached activations (``n_layers x batch x
+pos x d_model`` floats for the residual stream), the KV caches (``n_layers x 2 x batch x n_kv_heads x d_head``
+floats per position: ``p0`` positions shared, ``width - 1`` per receiver swept by position) and one forward of
+``max_rows`` rows.
 """
 
 from __future__ import annotations
