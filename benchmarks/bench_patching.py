@@ -1,7 +1,7 @@
 """P1: exact all-heads output patching against TransformerLens 4.3, side by side in one process, at several sizes.
 
     python benchmarks/bench_patching.py [--model gemma3-270m] [--contexts 4] [--examples 8,32] [--repeats 3]
-        [--last-m M] [--no-extras] [--rows FILE]
+        [--last-m M] [--no-extras] [--resid] [--rows FILE]
 
 For each number of examples per context: an all-heads output patching sweep (``hook_z`` at
 every position), correct -> flipped labels (denoising; every demonstration label flipped, or with
@@ -29,6 +29,14 @@ differing label are the same in every patched run, so where mechicl reuses their
 re-run of the remaining positions over the cached prefix (``SuffixRunner.run``, no hooks), timed the
 same way; the full-width bound is printed below the row. With ``--last-m`` most of the prompt is such a prefix.
 
+``--resid``: instead, the residual-stream sweep of ``mechicl report`` at its defaults (gemma3-270m, vader-words,
+``ReportConfig``: 4 contexts x 9 examples, cells at every layer and every position of the last 2 examples,
+denoising; a fresh Patcher each repeat, both cached runs included), before (``prefix_reuse=False``: every cell
+re-runs the full width from its layer) and after (every cell re-runs positions ``p ..`` query slot over the
+receiver's KV cache, ``prefix_reuse.suffix_groups`` choosing the calls), repeats interleaved, medians and the
+median per-repeat ratio, the max difference between the two, and once each the two extreme groupings (one call per
+cell; the fewest calls).
+
 Then (unless ``--no-extras``), on the last size: attribution patching (2 forwards + 1
 backward) in forward-equivalents with its Spearman / top-10 overlap against the exact sweep;
 the readout-slot head sweep; and a check of the bridge's ``start_at_layer`` against mechicl's
@@ -51,7 +59,7 @@ from functools import partialmethod
 from pathlib import Path
 
 import torch
-from _common import add_row, median, rss_mb, timed
+from _common import MACHINE, add_row, median, rss_mb, timed
 
 warnings.filterwarnings("ignore")
 
@@ -168,6 +176,68 @@ def measure_size(loaded, task, args, n_ex: int, rss_model: float):
     return pair, res
 
 
+def resid_sweep(loaded, task, args, rss_model: float) -> None:
+    """``--resid``: the report's residual sweep, full width (before) against suffix re-runs (after), one process."""
+    import mechicl.analysis.patching.exact as exact
+    from mechicl.analysis.engine.prefix_reuse import suffix_groups
+    from mechicl.analysis.patching.exact import Patcher
+    from mechicl.data.pairs import pair_for
+    from mechicl.runs.report_data import ReportConfig
+
+    cfg = ReportConfig(model=loaded.name)
+    pair = pair_for(loaded, task, cfg.n_patch, cfg.n_examples, seed=cfg.seed)
+    c, n = pair.clean, cfg.resid_examples
+    lo, hi = int(c.input_spans[:, -n, 0].min()), int(c.readout_pos[:, -1].max()) + 1
+    cells = [(l, p) for l in range(int(loaded.model.cfg.n_layers)) for p in range(lo, hi)]
+
+    def sweep(reuse: bool):
+        return lambda: Patcher(loaded.model, pair, prefix_reuse=reuse).sweep("resid", "denoise", cells)
+
+    sweep(True)()  # warm-up
+    t_b, t_a, m_b, m_a = [], [], [], []
+    for _ in range(args.repeats):
+        dt, mb, before = timed(sweep(False))
+        t_b.append(dt), m_b.append(mb)
+        dt, mb, after = timed(sweep(True))
+        t_a.append(dt), m_a.append(mb)
+    diff = float((after.values - before.values).abs().max())
+    per = median([b / a for b, a in zip(t_b, t_a)])
+    print(
+        f"resid sweep, {loaded.name} {task.name}, report defaults: {cfg.n_patch} contexts x {cfg.n_examples} examples "
+        f"(width {int(pair.query_pos.max()) + 1}), positions {lo}..{hi - 1} x {len(cells) // (hi - lo)} layers, "
+        f"1 thread, median of {args.repeats} interleaved repeats; machine: {MACHINE}"
+    )
+    print("| variant | s (median) | fwd-equiv | peak MB |\n|---|---|---|---|")
+    print(f"| before: full width from the patched layer | {median(t_b):.2f} | {before.forwards:.1f} | {max(m_b):.0f} |")
+    print(f"| after: positions p.. over the KV cache | {median(t_a):.2f} | {after.forwards:.1f} | {max(m_a):.0f} |")
+    for name, cost in (("one call per cell", 0.0), ("fewest calls", 1e9)):
+        orig = exact.suffix_groups
+        exact.suffix_groups = lambda *a, cost=cost, **k: suffix_groups(*a, call_cost=cost)
+        try:
+            dt, mb, res = timed(sweep(True))
+        finally:
+            exact.suffix_groups = orig
+        print(f"| after, {name} (once) | {dt:.2f} | {res.forwards:.1f} | {mb:.0f} |")
+    print(
+        f"ratio before / after: **{median(t_b) / median(t_a):.2f}x** (median per-repeat {per:.2f}x); "
+        f"max |after - before| {diff:.1e} (normalised)"
+    )
+    add_row(
+        args.rows,
+        bench="resid-suffix",
+        model=loaded.name,
+        size=f"{cfg.n_patch} ctx x {cfg.n_examples} ex, positions {lo}..{hi - 1}",
+        ours="Patcher.sweep('resid'), suffix re-runs",
+        reference="Patcher(prefix_reuse=False).sweep('resid'), full width",
+        ours_times=t_a,
+        ref_times=t_b,
+        max_diff=diff,
+        ours_peak_mb=max(m_a),
+        ref_peak_mb=max(m_b),
+        model_rss_mb=rss_model,
+    )
+
+
 def extras(loaded, pair, res_ours, repeats: int) -> None:
     """Attribution patching, the readout-slot sweep and start_at_layer, on one pair."""
     from mechicl.analysis.engine.hooks import run_to_final
@@ -228,6 +298,7 @@ def main() -> None:
     ap.add_argument(
         "--no-extras", action="store_true", help="skip attribution patching, the readout sweep and start_at_layer"
     )
+    ap.add_argument("--resid", action="store_true", help="only the report's residual sweep, before / after")
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -242,6 +313,10 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded, task = load_model(args.model), load_task(args.task)
     rss_model = rss_mb()
+    if args.resid:
+        resid_sweep(loaded, task, args, rss_model)
+        print(f"\ntotal benchmark wall time {time.perf_counter() - t0:.0f} s")
+        return
     L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
     print(
         f"P1 all-heads output patching, {loaded.name} ({L} layers x {H} heads), task {task.name}, 1 thread, "

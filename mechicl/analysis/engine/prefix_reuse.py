@@ -1,4 +1,5 @@
-"""``SuffixRunner``: re-run only the positions from the first one where two runs differ, over a cached prefix.
+"""``SuffixRunner``: re-run only the positions a patch can change (from the first one where two runs differ, or
+from a patched position), over the cached keys and values of those before.
 
 The two runs of a patching pair have the same tokens up to the first differing label ``p0``, so
 (causal attention) the same activations, keys and values there at every layer. A patch that copies
@@ -7,6 +8,12 @@ so every patched re-run shares the prefix's keys and values: only positions ``p0
 attending to the cached prefix and to each other. With only the last ``m`` demonstration labels
 flipped (``data.pairs.make_pair(last_m=m)``), ``p0`` is near the query and most of a re-run is saved;
 with every label flipped the prefix is the text before the first label (short, still exact).
+
+The same runner serves a patch at one position ``p`` of a single run: built over that run's own positions
+``0 .. width-2``, ``run(start=p)`` re-runs positions ``p .. width-1`` over the first ``p`` cached positions
+(the run's own, unpatched: nothing before ``p`` changes), so the residual / attention / MLP sweeps by
+(layer, position) re-run ``width - p`` positions per cell instead of ``width``. ``suffix_groups`` chooses which
+cells share one call (a call runs from its earliest cell's position).
 
 A front-end of the re-run engine (``analysis.engine.reruns``: its cache, mask rule and self-check); the cached
 residual the re-runs start from is the caller's. Which models: Hugging Face models bridged by TransformerLens with
@@ -51,13 +58,14 @@ class SuffixRunner:
 
     ``prefix``: ``[batch, start]`` tokens, the same in every run that will be re-run (e.g. both runs of a
     pair). Construction runs them once with a KV cache (every layer, all positions kept). ``run`` runs
-    ``n`` copies of a ``[batch, width - start]`` suffix in one forward (row ``copy * batch + context``,
+    ``n`` copies of a ``[batch, width - s]`` suffix in one forward (row ``copy * batch + context``,
     the layout of ``tokens.repeat(n, 1)``) with TL hooks, optionally from block ``layer`` on (blocks
     below it are skipped, ``surgery.start_at``; give the residual entering it at the suffix positions).
-    Raises ``NoKVPath`` when there is no prefix to reuse or no cache.
+    ``s`` is ``start`` by default, or any ``0 < s <= start`` (``run(start=s)``: over the first ``s`` cached
+    positions only, views of the cache). Raises ``NoKVPath`` when there is no prefix to reuse or no cache.
 
-    Cost: construction ``start / width`` of a forward; ``run``: ``n`` forwards of ``width - start`` tokens
-    (plus attention to the ``start`` cached positions). Memory: the prefix cache, ``batch x start x
+    Cost: construction ``start / width`` of a forward; ``run``: ``n`` forwards of ``width - s`` tokens
+    (plus attention to the ``s`` cached positions). Memory: the prefix cache, ``batch x start x
     n_layers x 2 x n_kv_heads x d_head`` floats, plus, while one layer attends, that layer's prefix tiled
     ``n`` times.
     """
@@ -68,7 +76,6 @@ class SuffixRunner:
             raise NoKVPath(f"no shared prefix to reuse (it has {self.start} of {self.width} positions)")
         self._cache, _ = prefix_cache(model, prefix)
         self._mask = suffix_mask(model, self.start, self.width)
-        self._pos = torch.arange(self.start, self.width)[None]
 
     @property
     def fraction(self) -> float:
@@ -83,16 +90,19 @@ class SuffixRunner:
         hooks: Sequence[Hook] = (),
         layer: int = 0,
         resid: Float[Tensor, "rows suffix d_model"] | None = None,
+        start: int | None = None,
     ) -> Float[Tensor, "rows suffix d_model"]:
-        """The residual entering the final norm at the suffix positions of ``n`` copies of ``suffix``
-        (``rows = n x batch``; hooks see ``[rows, width - start, ...]`` activations)."""
-        if suffix.shape[1] != self.width - self.start:
+        """The residual entering the final norm at the suffix positions ``s .. width-1`` (``s = start``, by default
+        the runner's) of ``n`` copies of ``suffix`` (``rows = n x batch``; hooks see ``[rows, width - s, ...]``)."""
+        s = self.start if start is None else int(start)
+        if not 0 < s <= self.start:
+            raise ValueError(f"start must be in 1..{self.start} (the cached positions), got {s}")
+        if suffix.shape[1] != self.width - s:
             raise ValueError(
-                f"suffix has {suffix.shape[1]} positions, expected {self.width - self.start} "
-                f"(positions {self.start}..{self.width - 1})"
+                f"suffix has {suffix.shape[1]} positions, expected {self.width - s} (positions {s}..{self.width - 1})"
             )
         rows = n * suffix.shape[0]
-        m = self._mask
+        m = self._mask if s == self.start else suffix_mask(self.model, s, self.width)
         mask = {t: x.expand(rows, -1, -1, -1).contiguous() for t, x in m.items()} if isinstance(m, dict) else None
         return rerun(
             self.model,
@@ -100,12 +110,38 @@ class SuffixRunner:
             suffix.repeat(n, 1),
             hooks,
             attention_mask=m.expand(rows, -1, -1, -1).contiguous() if mask is None else mask,
-            position_ids=self._pos.expand(rows, -1).contiguous(),
+            position_ids=torch.arange(s, self.width)[None].expand(rows, -1).contiguous(),
             start=(layer, resid) if layer > 0 else None,
             repeats=n,
+            keep=s if s < self.start else None,
         )
 
     def check(self, what: str, got: Tensor, want: Tensor, atol: float = ATOL) -> None:
         """The engine's self-check of a re-run (``got``) against the caller's full forward (``want``): ``NoKVPath``
         when they differ by more than ``reruns.check_rerun``'s tolerance."""
         check_rerun(what, got, want, self.model, atol)
+
+
+CALL_COST = 32.0  # one re-run call's fixed cost in row-tokens. Gemma-3-270M, one thread, 2-core AMD EPYC (83 GFLOPS):
+# a forward of 4 rows took 81 / 111 / 230 ms at 1 / 4 / 16 tokens, i.e. ~70 ms per call and ~2.5 ms per row-token
+
+
+def suffix_groups(
+    positions: Sequence[int], width: int, rows: int, per: int, call_cost: float = CALL_COST
+) -> list[list[int]]:
+    """Which patch positions share one suffix re-run: consecutive runs of the sorted ``positions``, at most ``per``
+    each, a call running every cell from its group's first position ``s`` (``rows`` rows of ``width - s`` tokens
+    per cell). Chosen to minimise ``sum(call_cost + len(group) x rows x (width - s))`` (dynamic programming over the
+    cut points; ``call_cost`` in row-tokens). Cost: ``len(positions) x per`` steps, no forwards."""
+    p = sorted(int(x) for x in positions)
+    best, cut = [0.0] + [float("inf")] * len(p), [0] * (len(p) + 1)
+    for i in range(1, len(p) + 1):
+        for j in range(max(0, i - per), i):
+            c = best[j] + call_cost + (i - j) * rows * (width - p[j])
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    groups, i = [], len(p)
+    while i > 0:
+        groups.append(p[cut[i] : i])
+        i = cut[i]
+    return groups[::-1]

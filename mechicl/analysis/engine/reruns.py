@@ -6,7 +6,8 @@ use it, each a thin module over the functions here:
 
 * ``stepper.ReadoutStepper``: the query readout slot, one appended token per intervention;
 * ``slots.SlotStepper``: every readout slot ``k >= k_min``, one appended token per (intervention, slot);
-* ``prefix_reuse.SuffixRunner``: every position after the first one where two runs differ.
+* ``prefix_reuse.SuffixRunner``: every position from the first one where two runs differ, or from a patched
+  position of one run (over that run's own cache).
 
 What they share, written once here:
 
@@ -134,9 +135,11 @@ def rerun(
     position_ids: Int[Tensor, "rows new"],
     start: tuple[int, Tensor] | None = None,
     repeats: int = 1,
+    keep: int | None = None,
 ) -> Tensor:
     """The residual entering the final norm at ``tokens`` appended to ``cache`` (``repeats`` copies of its batch,
-    row ``copy * batch + context``), optionally from block ``start[0]`` on. The cache is not changed.
+    row ``copy * batch + context``; only its first ``keep`` positions when given), optionally from block
+    ``start[0]`` on. The cache is not changed.
     Cost: ``rows x new`` tokens through the blocks run, each attending to the cached positions."""
     with cache_shim(model):
         return run_to_final(
@@ -146,7 +149,7 @@ def rerun(
             attention_mask=attention_mask,
             start=start,
             position_ids=position_ids,
-            **cache_kwargs(model, fresh_cache(cache, repeats)),
+            **cache_kwargs(model, fresh_cache(cache, repeats, keep)),
         )
 
 

@@ -166,9 +166,10 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     return {name: cache, "use_cache": True}
 
 
-def fresh_cache(cache: Any, repeats: int = 1) -> Any:
+def fresh_cache(cache: Any, repeats: int = 1, keep: int | None = None) -> Any:
     """A copy of a prefix KV cache for one forward of appended tokens, optionally for ``repeats`` copies
-    of the batch laid out as ``tokens.repeat(repeats, 1)`` (row ``copy * batch + context``).
+    of the batch laid out as ``tokens.repeat(repeats, 1)`` (row ``copy * batch + context``), and optionally
+    of its first ``keep`` positions only (views, no copy: the appended tokens continue from position ``keep``).
 
     Its updates touch neither the original nor the copy: each layer's update runs on a throwaway
     copy of the layer, so ``prefix + appended`` keys and values live only while that layer attends.
@@ -179,8 +180,16 @@ def fresh_cache(cache: Any, repeats: int = 1) -> Any:
     steppers' and ``prefix_reuse``'s use).
     """
     new = copy.copy(cache)
-    new.layers = [_transient(copy.copy(layer), repeats) for layer in cache.layers]
+    new.layers = [_transient(_cropped(layer, keep), repeats) for layer in cache.layers]
     return new
+
+
+def _cropped(layer: Any, keep: int | None) -> Any:
+    """A shallow copy of a cache layer, holding views of its first ``keep`` positions (all when None)."""
+    twin = copy.copy(layer)
+    if keep is not None and twin.get_seq_length() > keep:
+        twin.keys, twin.values = twin.keys[..., :keep, :], twin.values[..., :keep, :]
+    return twin
 
 
 def _transient(layer: Any, tile: int = 1) -> Any:

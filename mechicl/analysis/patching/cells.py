@@ -53,13 +53,25 @@ def setter(kind: SweepKind, pair: PatchPair) -> Callable[[Tensor, Tensor, int], 
 
 
 def readout_ld(
-    model: Any, pair: PatchPair, resid: Float[Tensor, "rows pos d_model"], offset: int = 0
+    model: Any,
+    pair: PatchPair,
+    resid: Float[Tensor, "rows pos d_model"],
+    offset: int = 0,
+    before: Float[Tensor, "batch"] | None = None,
 ) -> Float[Tensor, "n batch"]:
     """Per-context LD at the query slot from final residuals of ``n`` stacked copies of the pair's batch
-    (rows ``copy * batch + context``; position 0 of ``resid`` is position ``offset`` of the context)."""
+    (rows ``copy * batch + context``; position 0 of ``resid`` is position ``offset`` of the context).
+    A context whose query slot lies before ``offset`` (a re-run from a later position cannot change it) gets
+    ``before[context]``, the receiver's own LD; it is an error to leave ``before`` out then."""
     b = pair.n_contexts
     n = resid.shape[0] // b
     rows = torch.arange(resid.shape[0])
     q = pair.query_pos.repeat(n) - offset
-    logits = to_host(unembed_labels(model, resid[rows, q], pair.clean.label_token_ids))
-    return pair.logit_diff(logits.view(n, b, -1))
+    logits = to_host(unembed_labels(model, resid[rows, q.clamp(min=0)], pair.clean.label_token_ids))
+    ld = pair.logit_diff(logits.view(n, b, -1))
+    early = pair.query_pos < offset
+    if early.any():
+        if before is None:
+            raise ValueError(f"contexts {early.nonzero()[:, 0].tolist()} end before position {offset}")
+        ld[:, early] = before[early]
+    return ld

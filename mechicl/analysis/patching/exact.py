@@ -31,17 +31,23 @@ upstream blocks of a patch at layer ``l`` are skipped for real (``surgery.start_
 unembedding is 54% of a 300-token forward in `benchmarks/bench_forward.py`), with tokens after the query slot dropped (causality); all cells
 of one layer run in one batched forward; only the hooks a sweep needs are cached, once per run;
 (layer, position) cells where donor and receiver are bit-identical (before the first differing
-label) are not run; ``head_out`` re-runs only the positions from the first differing token ``p0`` on,
-over the shared prefix's keys and values (``prefix_reuse.SuffixRunner``; HF models, a sliding window applied in
-the re-runs' masks, first re-run checked against the full forward, else full width with a warning);
-readout-slot interventions re-run one token (``ReadoutStepper``, self-checked likewise).
+label) are not run; re-runs run only the positions a patch can change, over the cached keys and values of
+the others (``prefix_reuse.SuffixRunner``; HF models, a sliding window applied in the re-runs' masks, first
+re-run checked against the full forward, else full width with a warning): ``head_out`` the positions from the
+first differing token ``p0`` on, over the prefix both runs share; a (layer, position) cell at ``p`` the positions
+``p ..`` query slot, over the receiver's own cache of positions ``< p`` (cells of a layer share a call from their
+earliest position, ``prefix_reuse.suffix_groups``); readout-slot interventions re-run one token
+(``ReadoutStepper``, self-checked likewise).
 
-Cost of one layer-sweep: ``sum_l n_cells(l) * (n_layers - l) / n_layers`` receiver forwards
-(``PatchResult.forwards``; ``head_out`` with a reused prefix: times ``(width - p0) / width``, plus one
-prefix forward shared by both directions and one check per receiver, 1 forward together) plus one
-cached forward per run, against ``n_cells`` full forwards with full-vocabulary logits for TransformerLens.
-Memory: the cached activations (``n_layers x batch x pos x d_model`` floats for the residual stream),
-the prefix KV cache (``n_layers x 2 x batch x p0 x n_kv_heads x d_head``) and one forward of ``max_rows`` rows.
+Cost of one layer-sweep: ``sum_cells (n_layers - l) / n_layers * (width - s) / width`` receiver forwards
+(``PatchResult.forwards``), ``s`` the position a cell's call re-runs from: 0 without a KV cache; ``p0`` for
+``head_out`` (plus one prefix forward shared by both directions and one check per receiver, 1 forward together);
+the call's earliest cell position for sweeps by position (plus, per receiver, its cache, ``(width - 1) / width``
+of a forward, and one check, ``(width - p0) / width``); plus one cached forward per run, against ``n_cells`` full
+forwards with full-vocabulary logits for TransformerLens. Memory: the cached activations (``n_layers x batch x
+pos x d_model`` floats for the residual stream), the KV caches (``n_layers x 2 x batch x n_kv_heads x d_head``
+floats per position: ``p0`` positions shared, ``width - 1`` per receiver swept by position) and one forward of
+``max_rows`` rows.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl.analysis.engine.hooks import FINAL, Head, act_name, capture, head_masks, run_to_final, to_host
-from mechicl.analysis.engine.prefix_reuse import SuffixRunner, shared_prefix
+from mechicl.analysis.engine.prefix_reuse import SuffixRunner, shared_prefix, suffix_groups
 from mechicl.analysis.engine.readout import ReadoutRun, unembed_labels
 from mechicl.analysis.engine.reruns import kv_or_full
 from mechicl.analysis.engine.stepper import ReadoutStepper
@@ -86,9 +92,8 @@ class Patcher:
         self.pair = pair
         self.max_rows = max_rows
         self.progress = progress
-        self.prefix_reuse = prefix_reuse  # head_out sweeps re-run only the positions after the shared prefix
-        self._runner: SuffixRunner | None = None
-        self._checked: set[str] = set()
+        self.prefix_reuse = prefix_reuse  # sweeps re-run only the positions a patch can change (SuffixRunner)
+        self._runners: dict[tuple[str, bool], SuffixRunner] = {}  # (receiver, whole run) -> its checked runner
         self.n_layers = int(self.model.cfg.n_layers)
         self.width = int(pair.query_pos.max()) + 1  # positions after the query slot cannot matter
         self._store: dict[str, dict[str, Tensor]] = {"clean": {}, "corrupted": {}}
@@ -207,62 +212,87 @@ class Patcher:
         d_store = self.cached(donor, names)
         pos_kind = spec.axes[1] == "pos"  # receiver activations are needed only to find no-op cells
         r_store = self.cached(recv, (names if pos_kind else []) + [act_name("resid_pre", l) for l in layers if l > 0])
-        put = setter(spec, self.pair)
         per = max(1, self.max_rows // b)
-        runner = self.suffix_runner(recv) if spec.name == "head_out" else None
-        p0, frac = (runner.start, runner.fraction) if runner is not None else (0, 1.0)
-        tokens = self._tokens(recv)[:, p0:]  # a patch before p0 copies what is there already: not re-run
+        runner = self.suffix_runner(recv, whole=pos_kind) if pos_kind or spec.name == "head_out" else None
         for l in tqdm(layers, desc=f"patch {spec.name}", unit="layer", disable=not self.progress, leave=False):
             name = act_name(spec.act, l)
-            d_act = d_store[name][:, p0:]
             idx = [int(i) for i in wanted[l].nonzero()[:, 0]]
             if pos_kind:  # a position where donor == receiver is a no-op patch
-                idx = [i for i in idx if not torch.equal(d_act[:, i], r_store[name][:, i])]
-            for c0 in range(0, len(idx), per):
-                chunk = idx[c0 : c0 + per]
-                n = len(chunk)
-
-                def hook(act: Tensor, hook: Any, chunk: list[int] = chunk, n: int = n, d_act: Tensor = d_act) -> Tensor:
-                    a = act.reshape(n, b, *act.shape[1:]).clone()
-                    for j, i in enumerate(chunk):
-                        put(a[j], d_act, i)
-                    return a.reshape(act.shape)
-
-                r0 = r_store[act_name("resid_pre", l)][:, p0:].repeat(n, 1, 1) if l > 0 else None
-                if runner is not None:
-                    resid = runner.run(tokens, n, [(name, hook)], l, r0)
-                else:
-                    resid = run_to_final(
-                        self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None
-                    )
-                ld[l, chunk] = readout_ld(self.model, self.pair, resid, p0)
+                idx = [i for i in idx if not torch.equal(d_store[name][:, i], r_store[name][:, i])]
+            if pos_kind and runner is not None:  # a call re-runs from its first cell's position (position 0: full)
+                groups = [(g[0], g) for g in suffix_groups(idx, self.width, b, per)]
+            else:  # head kinds: every cell re-runs from the shared prefix's end (0 without a runner)
+                s = runner.start if runner is not None else 0
+                groups = [(s, idx[c0 : c0 + per]) for c0 in range(0, len(idx), per)]
+            for s, chunk in groups:
+                ld[l, chunk] = self._patch_cells(spec, recv, l, s, chunk, d_store[name], r_store, runner)
                 computed[l, chunk] = True
-                self.forwards += n * (L - l) / L * frac
+
+    def _patch_cells(
+        self,
+        spec: SweepKind,
+        recv: str,
+        l: int,
+        s: int,
+        chunk: list[int],
+        donor_act: Tensor,
+        r_store: dict[str, Tensor],
+        runner: SuffixRunner | None,
+    ) -> Float[Tensor, "n batch"]:
+        """LD of the receiver with each cell of ``chunk`` (layer ``l``) patched, one copy of the batch per cell, in
+        one forward of positions ``s .. width-1`` from block ``l`` (over the runner's first ``s`` cached positions;
+        full width when ``s == 0``). Cost: ``len(chunk) x (L - l) / L x (width - s) / width`` forwards."""
+        b, L, n = self.pair.n_contexts, self.n_layers, len(chunk)
+        put, shift = setter(spec, self.pair), s if spec.axes[1] == "pos" else 0
+        d_act, tokens = donor_act[:, s:], self._tokens(recv)[:, s:]
+
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            a = act.reshape(n, b, *act.shape[1:]).clone()
+            for j, i in enumerate(chunk):
+                put(a[j], d_act, i - shift)
+            return a.reshape(act.shape)
+
+        name = act_name(spec.act, l)
+        r0 = r_store[act_name("resid_pre", l)][:, s:].repeat(n, 1, 1) if l > 0 else None
+        if s > 0 and runner is not None:
+            resid = runner.run(tokens, n, [(name, hook)], l, r0, start=s)
+        else:
+            resid = run_to_final(self.model, tokens.repeat(n, 1), [(name, hook)], start=(l, r0) if l > 0 else None)
+        self.forwards += n * (L - l) / L * (self.width - s) / self.width
+        return readout_ld(self.model, self.pair, resid, s, before=self.baseline(recv))
 
     @torch.no_grad()
-    def suffix_runner(self, recv: str) -> SuffixRunner | None:
-        """The ``SuffixRunner`` that re-runs run ``recv`` from the first position where the pair differs over the
-        shared prefix's KV cache, or None where full-width re-runs are used (``prefix_reuse=False``, no KV cache,
-        or a first re-run that differs from the full forward: warned; the engine's ``reruns.kv_or_full``).
-        Built once (``start / width`` of a forward), checked once per run against its baseline (the rest, 1 in all)."""
-        if self.prefix_reuse and recv not in self._checked:
+    def suffix_runner(self, recv: str, whole: bool = False) -> SuffixRunner | None:
+        """The ``SuffixRunner`` the sweeps of run ``recv`` re-run suffixes with, or None where full-width re-runs are
+        used (``prefix_reuse=False``, no KV cache, or a first re-run that differs from the full forward: warned; the
+        engine's ``reruns.kv_or_full``). ``whole=False``: over the prefix shared by both runs (head kinds, built once
+        for both directions, ``p0 / width`` of a forward); ``whole=True``: over ``recv``'s own positions
+        ``0 .. width-2`` (sweeps by position, ``(width - 1) / width`` of a forward per run). Each is checked once per
+        run against its baseline (a re-run from ``p0``, ``(width - p0) / width`` of a forward)."""
+        key = (recv, whole)
+        if self.prefix_reuse and key not in self._runners:
             if not kv_or_full(
-                "Patcher (prefix reuse; head_out re-runs run every position)", "auto", lambda: self._check_runner(recv)
+                "Patcher (prefix reuse; sweeps re-run every position)", "auto", lambda: self._check_runner(recv, whole)
             ):
-                self.prefix_reuse, self._runner = False, None
-        return self._runner if self.prefix_reuse else None
+                self.prefix_reuse = False
+                self._runners.clear()
+        return self._runners.get(key) if self.prefix_reuse else None
 
-    def _check_runner(self, recv: str) -> None:
-        """Build the runner (once) and check its re-run of run ``recv`` against that run's baseline (``NoKVPath``)."""
-        if self._runner is None:
-            p0 = shared_prefix(self.pair, self.width)
-            self._runner = SuffixRunner(self.model, self._tokens("clean")[:, :p0], self.width)
-            self.forwards += 1 - self._runner.fraction
-        r = self._runner
-        ld = readout_ld(self.model, self.pair, r.run(self._tokens(recv)[:, r.start :]), r.start)[0]
-        self.forwards += r.fraction
+    def _check_runner(self, recv: str, whole: bool) -> None:
+        """Build the runner and check its re-run of run ``recv`` from ``p0`` against that run's baseline (``NoKVPath``)."""
+        p0 = shared_prefix(self.pair, self.width)
+        shared = None if whole else next((r for (_, w), r in self._runners.items() if not w), None)
+        if shared is not None:  # the shared prefix's runner, built for the other direction
+            r = shared
+        else:
+            prefix = self._tokens(recv)[:, : self.width - 1] if whole else self._tokens("clean")[:, :p0]
+            r = SuffixRunner(self.model, prefix, self.width)
+            self.forwards += r.start / self.width
+        s = max(1, min(p0, r.start))
+        ld = readout_ld(self.model, self.pair, r.run(self._tokens(recv)[:, s:], start=s), s, self.baseline(recv))[0]
+        self.forwards += (self.width - s) / self.width
         r.check("the suffix re-run over the cached prefix", ld, self.baseline(recv), atol=1e-4)
-        self._checked.add(recv)
+        self._runners[(recv, whole)] = r
 
     @torch.no_grad()
     def patch_heads(self, heads: Sequence[Head], direction: str = "denoise", where: str = "all") -> float:

@@ -34,7 +34,8 @@ class PatchResult:
 
     ``values[layer, idx]`` is the normalised metric of the patched run (0 = corrupted,
     1 = clean); ``logit_diff[layer, idx, batch]`` the raw per-context LD.
-    ``forwards`` counts receiver-forward equivalents spent (cached runs included).
+    ``forwards`` counts receiver-forward equivalents spent (cached runs included; a re-run of part of the
+    blocks or positions counts that fraction: ``(L - l) / L x (width - s) / width`` per cell).
     """
 
     kind: str
