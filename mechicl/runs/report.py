@@ -25,8 +25,10 @@ from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult
 from mechicl.analysis.behavior.hypotheses import run_tests
 from mechicl.analysis.engine.hooks import act_name
 from mechicl.analysis.engine.surgery import count_block_calls
+from mechicl.analysis.heads.finder import FindingsResult
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.data.names import parse_heads
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -39,12 +41,13 @@ from mechicl.runs.command import in_folder
 from mechicl.runs.dla import compute_dla
 from mechicl.runs.folder import Clock, RunFolder
 from mechicl.runs.heads import TABLES, find_heads_for
-from mechicl.runs.inside_batches import Runs, shared_runs
+from mechicl.runs.inside_batches import InsideConfig, Runs, shared_runs
 from mechicl.runs.lens import compute_lens
+from mechicl.runs.prior import PriorTables, compute_prior
 from mechicl.runs.report_circuit import check_external
 from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
 from mechicl.runs.report_guides import with_guides
-from mechicl.runs.report_headline import committed_replication, headline_section
+from mechicl.runs.report_headline import committed_replication, headline_section, with_competition
 from mechicl.runs.run import load_config, verdict_markdown
 from mechicl.viz.report_html import render_report
 
@@ -169,12 +172,25 @@ def compute_report(
         "head finder", f"{cfg.n_screen} screen + {cfg.n_confirm} confirm + {cfg.n_eval} validate contexts"
     ):
         heads = find_heads_for(loaded, task, cfg.heads(), progress)
+    prior = None
+    if heads.has_effect:
+        with stages.stage("prior vs context", f"{cfg.n_prior} contexts x {cfg.n_examples} examples + prior-head draws"):
+            prior = prior_stage(loaded, task, cfg, heads)
     groups = None
     if cfg.attribution:
         with stages.stage("AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}"):
             ac = AttributeConfig(cfg.model, cfg.task, steps=cfg.attribution_steps, seed=cfg.seed)
             groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac))
-    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs)
+    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs, prior)
+
+
+def prior_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, heads: FindingsResult) -> PriorTables:
+    """`mechicl prior` on the finder's validated heads (each alone; the top heads if none is above its controls),
+    with the prior-head finder, at every slot k >= 1 of ``n_prior`` contexts (``runs.prior.compute_prior``)."""
+    v = heads.validate
+    names = list(v.heads[v.above_control]) or list(v.heads)
+    ic = InsideConfig(cfg.model, cfg.task, cfg.n_prior, cfg.n_examples, 1, cfg.seed, cfg.batch_size, cfg.top)
+    return compute_prior(loaded, task, ic, [[parse_heads(h)[0]] for h in names], prior="find")
 
 
 def write_tables(folder: RunFolder, d: ReportData) -> None:
@@ -192,6 +208,11 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
     folder.csv("lens_gap.csv", d.lens.gap)
     folder.csv("dla.csv", d.dla)
     folder.csv("prior_vs_context.csv", d.prior_vs_context)
+    if d.prior is not None:
+        for name in ("routes", "dose", "prior_select", "prior_heads"):
+            if len(getattr(d.prior, name)):
+                folder.csv(f"prior_{name}.csv", getattr(d.prior, name))
+        folder.csv("prior_moderation.csv", d.prior.moderation)
     folder.csv("attribution_vs_exact.csv", d.patch.attribution)
     if d.attattr is not None:
         folder.csv("attattr_groups.csv", d.attattr)
@@ -233,7 +254,8 @@ def run_report(
     title = f"{loaded.name} on {task.name}"
     with stages.stage("figures + views", "context 0 for the attention view"), plt.rc_context(FIGURE_DPI):
         rep = committed_replication(Path(cfg.findings)) if cfg.findings else committed_replication()
-        sections = [headline_section(data, rep), *S.build_sections(folder, loaded, data, title)]
+        body = S.build_sections(folder, loaded, data, title)
+        sections = [with_competition(headline_section(data, rep), body), *body]
     sections = with_guides([*sections, S.facts_section(loaded, cfg, stages.table(), command)])
     folder.csv("stages.csv", stages.table())
     folder.json("config.json", cfg)

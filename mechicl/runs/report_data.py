@@ -58,6 +58,7 @@ class ReportConfig:
     n_eval: int = 32  # head finder: validation contexts
     n_candidates: int = 6  # screened heads confirmed
     n_top: int = 3  # confirmed heads validated against matched controls
+    n_prior: int = 16  # prior vs context: contexts of the validate draw (routes, dose, prior heads; k_min 1)
     n_control: int = 5  # matched control heads per validated head
     resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
     batch_size: int = 8
@@ -185,3 +186,4 @@ class ReportData:
     n_classes: int
     attattr: pd.DataFrame | None = None  # runs.attribute.attattr_groups on the patching pair (``--attribution``)
     runs: tuple[ReadoutRun, ReadoutRun] | None = None  # the shared default/flipped runs (attention view of context 0)
+    prior: Any = None  # runs.prior.PriorTables on the validated heads (None without a validated head)

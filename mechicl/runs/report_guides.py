@@ -38,9 +38,10 @@ GUIDES = {
         "heads; a head counts when its effect and head − controls both have 95% CIs above 0."
     ),
     "Prior vs context": (
-        "How to read: each point is a head's direct effect on the label logits (logit difference), split into the "
-        "part that follows the label shown in context (context) and the part that stays with the model's "
-        "zero-shot label (prior); positive = pushes towards that label."
+        "How to read: shares of the correct-vs-flipped logit difference at the readout slot by the positions it "
+        "arrives from (1 = all of it), per bin of the query's zero-shot log-odds for its true class; the share of "
+        "flipped-label queries still answered with the true class (above 0.5 the prior wins); and where scaling a "
+        "head's label signal makes half of them follow the labels. 95% CIs over contexts."
     ),
     "Circuit and findings": (
         "How to read: the grid's verdict per head across tasks and seeds, and path effects (share of the full "

@@ -9,6 +9,8 @@ those tables; nothing is recomputed here."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +18,7 @@ import pandas as pd
 from mechicl.analysis.heads.replication import Replication, replicate
 from mechicl.runs.findings import read_cell
 from mechicl.runs.report_data import ReportData
-from mechicl.viz.report_html import Note, Section, Table
+from mechicl.viz.report_html import Figure, Note, Section, Table
 from mechicl.viz.table_words import ci_text
 
 GRID_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "grid"
@@ -95,3 +97,16 @@ def headline_section(d: ReportData, rep: Replication | None) -> Section:
         else f"No validated head on {model} / {d.config.task} is a pure label head (see the roles)."
     )
     return Section("Headline", (Table(table, f"{lead} {r.verdict}. {grid_note}"),))
+
+
+def with_competition(headline: Section, body: Sequence[Section]) -> Section:
+    """The headline with the "Prior vs context" section's competition figure (who wins, per prior bin and k), the
+    same PNG, so the top of the page says how the named heads meet the prior (unchanged where there is none)."""
+    prior = [s for s in body if s.title == "Prior vs context"]
+    figs = [b for s in prior for b in s.blocks if isinstance(b, Figure)][:1]
+    if not figs:
+        return headline
+    f = figs[0]
+    return dataclasses.replace(
+        headline, blocks=(*headline.blocks, Figure(f.path, f"{f.caption} (Section 'Prior vs context'.)"))
+    )

@@ -21,6 +21,7 @@ from mechicl.runs.patch import write_patch_results
 from mechicl.runs.report_behavior import behavior_section, ci
 from mechicl.runs.report_circuit import circuit_section
 from mechicl.runs.report_data import ReportConfig, ReportData
+from mechicl.runs.report_prior import prior_section
 from mechicl.runs.report_validation import validation_section
 from mechicl.viz.plots import heatmap
 from mechicl.viz.report_html import Figure, Note, Section, Table, View, attention_view
@@ -242,28 +243,6 @@ def resid_figure(folder: RunFolder, r: PatchResult, t: pd.DataFrame, window: tup
 
 
 # ------------------------------------------------------------- 6. prior vs context
-
-
-def prior_section(folder: RunFolder, d: ReportData, title: str) -> Section:
-    ph = d.prior_vs_context[d.prior_vs_context.kind == "head"].rename(columns={"component": "name"})
-    path = scatter(
-        ph,
-        "prior",
-        "context",
-        folder / "prior_vs_context.png",
-        label="name",
-        title=f"{title}: each head's direct effect, prior part vs context part",
-        xlabel="prior (direct effect that follows the zero-shot label)",
-        ylabel="context (direct effect that flips with the shown label)",
-    )
-    c, p = ph.loc[ph.side.idxmax()], ph.loc[ph.side.idxmin()]
-    cap = (
-        f"Per-head decomposition of the direct logit effect into a part that follows the labels shown in context "
-        f"and a part that stays with the model's zero-shot prediction. Most on the context side: {c['name']} "
-        f"(context {c.context:+.2f}, prior {c.prior:+.2f}); most on the prior side: {p['name']} (context "
-        f"{p.context:+.2f}, prior {p.prior:+.2f}). Heads up and left fight the prior on the context's behalf."
-    )
-    return Section("Prior vs context", (Figure(path, cap),))
 
 
 def build_sections(folder: RunFolder, loaded: LoadedModel, d: ReportData, title: str) -> list[Section]:
