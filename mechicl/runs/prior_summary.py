@@ -108,8 +108,18 @@ def prior_lines(t) -> list[str]:
     lines = []
     if len(t.prior_heads) and "role" in t.prior_heads:
         lines += ["## Prior heads (validated on the third draw)", "", md_table(prior_heads_summary(t.prior_heads)), ""]
-    elif len(t.prior_select) or len(t.prior_heads):
-        lines += ["## Prior heads", "", "No candidate was confirmed, or the draw has no in-context gap.", ""]
+    elif len(t.prior_heads):  # candidates, but no in-context gap on the validate draw: no roles, no verdicts
+        names = ", ".join(t.prior_heads.heads)
+        lines += [
+            "## Prior heads",
+            "",
+            f"Candidates {names}: the validate draw's correct-vs-flipped gap in P(true) has a 95% CI reaching 0, "
+            "so their roles, and with them the prior-head verdict, are undefined (prior_select.csv has the "
+            "confirmation draw's support).",
+            "",
+        ]
+    elif len(t.prior_select):
+        lines += ["## Prior heads", "", "No screened candidate had a support CI above 0 on the confirmation draw.", ""]
     if len(t.dose):
         lines += ["## Dose-response (flipped contexts)", "", md_table(dose_summary(t.dose)), ""]
     return lines
