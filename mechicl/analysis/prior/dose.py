@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.slots import SlotStepper
+from mechicl.analysis.prior.moderation import logit_diff
 from mechicl.analysis.stats import bootstrap_means, mean_ci, percentile_interval, widen_for_shared_rows
 
 SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -62,9 +63,7 @@ class DoseResult:
 
 
 def _ld_and_side(logits: torch.Tensor, true: torch.Tensor, foil: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    lg = logits.double()
-    at = lambda y: lg.gather(-1, y.expand(lg.shape[:-1])[..., None])[..., 0]  # noqa: E731
-    return (at(true) - at(foil)).numpy(), (lg.argmax(-1) == foil).double().numpy()
+    return logit_diff(logits, true, foil), (logits.argmax(-1) == foil).double().numpy()
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
+from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads
 from mechicl.analysis.engine.stepper import ReadoutStepper
@@ -37,15 +38,25 @@ from mechicl.analysis.stats import mean_ci
 BINS = (-np.inf, -1.0, 0.0, 1.0, 2.0, np.inf)  # log-odds edges: against the truth, weak, moderate, strong prior
 
 
+def logit_diff(logits: Float[Tensor, "... labels"], a: Tensor, b: Tensor) -> Float[np.ndarray, "..."]:
+    """``logit[a] - logit[b]`` over the label words (float64), ``a`` and ``b`` class indices broadcast against
+    ``logits``' leading axes: the one margin ``analysis.prior`` reads (routes, dose)."""
+    lg = logits.double()
+    at = lambda y: lg.gather(-1, y.expand(lg.shape[:-1])[..., None])[..., 0]  # noqa: E731
+    return (at(a) - at(b)).numpy()
+
+
+def log_odds(logits: Float[Tensor, "... labels"], cls: Tensor) -> Float[np.ndarray, "..."]:
+    """Log-odds of class ``cls`` against the most likely other class over the label words (float64): the logit
+    margin, as softmax's normaliser cancels."""
+    lg = logits.double()
+    c = cls.expand(lg.shape[:-1])[..., None]
+    return (lg.gather(-1, c)[..., 0] - lg.scatter(-1, c, -np.inf).max(-1).values).numpy()
+
+
 def prior_strength(zs: ReadoutStepper) -> Float[np.ndarray, "query"]:
     """Zero-shot log-odds of each query's true class against the most likely other class (label words only)."""
-    logp = zs.base_logits.double().log_softmax(-1)  # [q, labels]: the stepper reads the query slot only
-    y = zs.batch.true_labels[:, -1]
-    rows = np.arange(len(y))
-    true = logp[rows, y]
-    other = logp.clone()
-    other[rows, y] = -np.inf
-    return (true - other.max(-1).values).numpy()
+    return log_odds(zs.base_logits, zs.batch.true_labels[:, -1])  # the stepper reads the query slot only
 
 
 def bin_labels(edges: Sequence[float]) -> list[str]:

@@ -35,15 +35,8 @@ from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.heads.ablation import HeadAblation, derangements
 from mechicl.analysis.heads.roles import assign_roles, label_specific_effects
 from mechicl.analysis.heads.validation import matched_controls
+from mechicl.analysis.prior.moderation import log_odds
 from mechicl.analysis.stats import mean_ci, sign_flip_p
-
-
-def _answer_log_odds(logits: Float[torch.Tensor, "... q labels"], answer: torch.Tensor) -> np.ndarray:
-    lg = logits.double().log_softmax(-1)
-    a = answer.expand(lg.shape[:-1])
-    top = lg.gather(-1, a[..., None])[..., 0]
-    other = lg.scatter(-1, a[..., None], -np.inf).max(-1).values
-    return (top - other).numpy()
 
 
 @torch.no_grad()
@@ -54,9 +47,9 @@ def zero_shot_support(
 
     Cost: ``n_resample`` one-token re-runs of every query per set (``ReadoutStepper.run``)."""
     answer = zs.base_logits.argmax(-1)  # [q]
-    base = _answer_log_odds(zs.base_logits, answer)
+    base = log_odds(zs.base_logits, answer)
     masks = head_masks(sets, zs.n_layers, zs.n_heads)
-    runs = [_answer_log_odds(zs.run(masks, zs.z[d]), answer) for d in derangements(zs.n_contexts, n_resample, seed)]
+    runs = [log_odds(zs.run(masks, zs.z[d]), answer) for d in derangements(zs.n_contexts, n_resample, seed)]
     return base[None] - np.mean(runs, 0)
 
 

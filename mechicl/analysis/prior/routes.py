@@ -41,7 +41,7 @@ from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Head, fmt_heads, head_masks
 from mechicl.analysis.engine.slots import SlotStepper
-from mechicl.analysis.prior.moderation import BINS, bin_labels
+from mechicl.analysis.prior.moderation import BINS, bin_labels, logit_diff
 from mechicl.analysis.stats import ratio_ci
 
 ROUTES = ("labels", "query", "rest", "all")
@@ -99,12 +99,6 @@ class RouteResult:
         return float(err / max(1.0, np.abs(self.ld_correct).max(), np.abs(self.ld_flipped).max()))
 
 
-def _ld(logits: Tensor, true: Tensor, foil: Tensor) -> np.ndarray:
-    lg = logits.double()  # [..., b, S, labels]
-    at = lambda y: lg.gather(-1, y.expand(lg.shape[:-1])[..., None])[..., 0]  # noqa: E731
-    return (at(true) - at(foil)).numpy()
-
-
 @torch.no_grad()
 def route_patch(
     correct: SlotStepper, flipped: SlotStepper, *, through: Sequence[Sequence[Head]] = (), direction: str = "noise"
@@ -122,7 +116,7 @@ def route_patch(
     layers = sorted({l for s in through for l, _ in s})
     for r in ROUTES:
         logits, z = recv.run_mixed(donor, route_sources(recv, r)[None], keep_z=layers if r == "labels" else ())
-        lds.append(_ld(logits[0], true, foil))
+        lds.append(logit_diff(logits[0], true, foil))
         if r == "labels":
             src = recv.z.clone()  # [b, S, L, H, d]: the label route's head outputs at the slots
             for l in layers:
@@ -130,13 +124,13 @@ def route_patch(
     if through:
         logits = recv.run(head_masks(through, recv.n_layers, recv.n_heads), src)  # [n, b, S, labels]
         names += [f"labels via {fmt_heads(s)}" for s in through]
-        lds += list(_ld(logits, true, foil))
+        lds += list(logit_diff(logits, true, foil))
     return RouteResult(
         direction=direction,
         names=tuple(names),
         ld=np.stack(lds),
-        ld_correct=_ld(correct.base_logits, true, foil),
-        ld_flipped=_ld(flipped.base_logits, true, foil),
+        ld_correct=logit_diff(correct.base_logits, true, foil),
+        ld_flipped=logit_diff(flipped.base_logits, true, foil),
         k=np.arange(correct.k_min, correct.k_min + correct.n_slots),
         items=correct.batch.example_ids.numpy(),
     )
