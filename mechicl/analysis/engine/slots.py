@@ -66,6 +66,7 @@ class SlotStepper:
         self.layout = reruns.left_pad(batch.tokens, batch.readout_pos[:, -1])
         self._cols = self.pos + self.layout.offset[:, None]  # [b, S] slot columns in the left-padded layout
         self._cache = None
+        self._kv_store: dict[str, Tensor] | None = None  # every layer's hook_k / hook_v: full mode's route patching
         self.mode = "kv" if reruns.kv_or_full("SlotStepper", mode, lambda: self._init_kv(atol)) else "full"
         if self.mode == "full":
             self._cache = None
@@ -170,6 +171,13 @@ class SlotStepper:
         return run(donor, from_donor, list(keep_z))
 
     def _mixed_kv(self, donor: SlotStepper, from_donor: Tensor, keep_z: list[int]) -> tuple[Tensor, dict]:
+        """Chunks of interventions (``_kv_chunk`` over both caches' keys), the caches joined once."""
+        cache, n = surgery.joined_cache(self._cache, donor._cache), from_donor.shape[0]
+        per = self._kv_chunk(n, keys=2 * self.width)
+        parts = [self._mixed_step(cache, from_donor[c : c + per], keep_z) for c in range(0, n, per)]
+        return torch.cat([p[0] for p in parts]), {l: torch.cat([p[1][l] for p in parts]) for l in keep_z}
+
+    def _mixed_step(self, cache: Any, from_donor: Tensor, keep_z: list[int]) -> tuple[Tensor, dict]:
         lay, W = self.layout, self.width
         n, b, S = from_donor.shape[:3]
         cols = self._cols.repeat(1, n)  # [b, n*S]: copy (i, s) re-runs slot s
@@ -179,7 +187,6 @@ class SlotStepper:
         q_pos = lay.pos.gather(1, cols)
         mask = reruns.copies_mask(self.model, ok, q_pos, torch.cat([lay.pos, lay.pos], 1))
         store: dict[str, Tensor] = {}
-        cache = surgery.joined_cache(self._cache, donor._cache)
         hooks = capture([act_name("z", l) for l in keep_z], store)
         resid = reruns.rerun(
             self.model, cache, lay.tokens.gather(1, cols), hooks, attention_mask=mask, position_ids=q_pos
@@ -190,9 +197,9 @@ class SlotStepper:
 
     def _kv_at_all(self) -> dict[str, Tensor]:
         """Every layer's ``hook_k`` / ``hook_v`` of this run (full mode's route patching), computed once."""
-        if getattr(self, "_kv_store", None) is None:
+        if self._kv_store is None:
             names = [act_name(x, l) for l in range(self.n_layers) for x in ("k", "v")]
-            self._kv_store: dict[str, Tensor] = {}
+            self._kv_store = {}
             run_to_final(self.model, self.batch.tokens[:, : self.width], capture(names, self._kv_store))
         return self._kv_store
 
@@ -238,12 +245,12 @@ class SlotStepper:
         z = {l: store[act_name("z", l)][r, flat].view(m, rows, *store[act_name("z", l)].shape[2:]) for l in keep_z}
         return unembed_labels(self.model, resid[r, flat], self.label_ids).view(m, rows, -1), z
 
-    def _kv_chunk(self, n: int) -> int:
+    def _kv_chunk(self, n: int, keys: int | None = None) -> int:
         """Interventions per step: at most ``step_tokens`` appended tokens, and attention scores
-        (``batch x heads x n*S x (width + n*S)`` floats) under ``score_bytes``."""
-        b, S = self.batch.n_contexts, self.n_slots
+        (``batch x heads x n*S x (keys + n*S)`` floats, ``keys`` cached: ``width`` by default) under ``score_bytes``."""
+        b, S, keys = self.batch.n_contexts, self.n_slots, self.width if keys is None else keys
         per = max(1, min(n, self.step_tokens // max(1, b * S)))
-        while per > 1 and 4 * b * self.n_heads * per * S * (self.width + per * S) > self.score_bytes:
+        while per > 1 and 4 * b * self.n_heads * per * S * (keys + per * S) > self.score_bytes:
             per = (per + 1) // 2
         return per
 

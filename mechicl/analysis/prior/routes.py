@@ -105,23 +105,22 @@ def route_patch(
 ) -> RouteResult:
     """Route-patch every slot of ``correct`` / ``flipped`` (two renderings of the same contexts) in ``direction``.
 
-    Cost: 4 route runs (``SlotStepper.run_mixed``) plus one re-run of every head set, each ``S`` one-token steps per
-    context (KV path; full forwards otherwise); memory: the joined cache (both renderings' caches again), one step."""
+    Cost: one ``SlotStepper.run_mixed`` of the 4 routes (``4 S`` one-token steps per context, in chunks) plus one
+    re-run of every head set (``S`` steps each; KV path, full forwards otherwise); memory: the joined cache (both
+    renderings' caches again) and one chunk."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     recv, donor = (correct, flipped) if direction == "noise" else (flipped, correct)
     true = correct.true_labels
     foil = flipped.batch.shown_labels[:, correct.k_min :]
-    names, lds = list(ROUTES), []
     layers = sorted({l for s in through for l, _ in s})
-    for r in ROUTES:
-        logits, z = recv.run_mixed(donor, route_sources(recv, r)[None], keep_z=layers if r == "labels" else ())
-        lds.append(logit_diff(logits[0], true, foil))
-        if r == "labels":
-            src = recv.z.clone()  # [b, S, L, H, d]: the label route's head outputs at the slots
-            for l in layers:
-                src[:, :, l] = z[l][0].to(src.dtype)
+    sources = torch.stack([route_sources(recv, r) for r in ROUTES])  # [route, b, S, W]: every route in one re-run
+    logits, z = recv.run_mixed(donor, sources, keep_z=layers)
+    names, lds = list(ROUTES), list(logit_diff(logits, true, foil))
     if through:
+        src = recv.z.clone()  # [b, S, L, H, d]: the label route's head outputs at the slots
+        for l in layers:
+            src[:, :, l] = z[l][ROUTES.index("labels")].to(src.dtype)
         logits = recv.run(head_masks(through, recv.n_layers, recv.n_heads), src)  # [n, b, S, labels]
         names += [f"labels via {fmt_heads(s)}" for s in through]
         lds += list(logit_diff(logits, true, foil))

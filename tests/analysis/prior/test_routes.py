@@ -144,3 +144,16 @@ def test_route_table_shares_are_ratios_of_means(setup):
     binned = route_table(res, prior, k_groups=[(K_MIN, 4)], n_boot=200)
     assert set(binned.prior_bin) == {"[-1, +0)", "[+1, +2)"}
     assert binned.groupby("route").n_slots.sum().eq(res.gap.size).all()  # every slot in exactly one bin
+
+
+def test_chunked_route_runs_equal_one_run(setup):
+    """One intervention per step (a score budget of 1 byte) gives the same routes as the default chunks."""
+    loaded, correct, flipped, st = setup
+    one = {
+        c: SlotStepper(loaded.model, b, K_MIN, score_bytes=1) for c, b in (("correct", correct), ("flipped", flipped))
+    }
+    if st["correct"].mode == "kv":
+        assert one["correct"]._kv_chunk(4, keys=2 * one["correct"].width) == 1
+    a = route_patch(st["correct"], st["flipped"], through=[[(1, 2)]])
+    b = route_patch(one["correct"], one["flipped"], through=[[(1, 2)]])
+    np.testing.assert_allclose(a.ld, b.ld, atol=1e-5)
