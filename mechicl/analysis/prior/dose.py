@@ -75,8 +75,8 @@ def dose_response(
     scales: Sequence[float] = SCALES,
     kind: str = "label",
 ) -> DoseResult:
-    """Scale ``heads``' output at every slot of ``flipped`` by each dose. Cost: one re-run per dose, ``S`` one-token
-    steps per context (``SlotStepper.run``)."""
+    """Scale ``heads``' output at every slot of ``flipped`` by each dose. Cost: one re-run per dose other than 1 (the
+    flipped run's own logits), ``S`` one-token steps per context (``SlotStepper.run``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if 0.0 not in scales or 1.0 not in scales:
@@ -85,9 +85,11 @@ def dose_response(
     mask = head_masks([heads], flipped.n_layers, flipped.n_heads)
     zc, zf = correct.z, flipped.z
     lds, sides = [], []
+    m = zf.mean(0, keepdim=True)  # the condition mean a prior set's output is scaled about
     for a in scales:
-        src = zc + a * (zf - zc) if kind == "label" else zf.mean(0, keepdim=True) + a * (zf - zf.mean(0, keepdim=True))
-        ld, side = _ld_and_side(flipped.run(mask, src)[0], true, foil)
+        src = zc + a * (zf - zc) if kind == "label" else m + a * (zf - m)
+        logits = flipped.base_logits if a == 1.0 else flipped.run(mask, src)[0]  # x1 is the flipped run itself
+        ld, side = _ld_and_side(logits, true, foil)
         lds.append(ld)
         sides.append(side)
     k = np.arange(flipped.k_min, flipped.k_min + flipped.n_slots)
