@@ -10,6 +10,7 @@ conventions: ``analysis.prior.moderation`` and ``docs/prior.md``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def head_sets(text: str, n_layers: int, n_heads: int) -> list[list[tuple[int, in
     return sets
 
 
+def prior_spec(text: str, n_layers: int, n_heads: int) -> tuple[bool, list[Head]]:
+    """``--prior-heads``: ``;``-separated groups, "find" (the finder selects) and/or head names -> (find, named)."""
+    groups = [g.strip() for g in text.split(";") if g.strip()]
+    names = ";".join(g for g in groups if g != "find")
+    return "find" in groups, ([x for s in head_sets(names, n_layers, n_heads) for x in s] if names else [])
+
+
 @dataclass
 class PriorTables:
     """Everything `mechicl prior` measures (``analysis.prior``), each a tidy table with CIs."""
@@ -59,11 +67,17 @@ class PriorTables:
 
 
 def compute_prior(
-    loaded: LoadedModel, task: Task, cfg: InsideConfig, sets: list[list[Head]], prior: str = "", n_boot: int = 2000
+    loaded: LoadedModel,
+    task: Task,
+    cfg: InsideConfig,
+    sets: list[list[Head]],
+    find: bool = False,
+    named: Sequence[Head] = (),
+    n_boot: int = 2000,
 ) -> PriorTables:
-    """All of `mechicl prior` on the validate draw (``runs.prior_heads.prior_draws``); ``prior``: "" (no prior heads),
-    or ``;``-separated groups: "find" (the finder selects on the screen/confirm draws) and/or head names (validated
-    as given, beside the finder's).
+    """All of `mechicl prior` on the validate draw (``runs.prior_heads.prior_draws``); prior heads (``prior_spec``):
+    ``find`` (the finder selects on the screen/confirm draws) and/or ``named`` (validated as given, beside the
+    finder's); neither: none.
 
     Cost: the zero-shot queries (one short forward each), two forwards per context, per label set ``2 x S`` one-token
     steps per context (moderation) + ``S`` (routes) + ``6 S`` (dose), 4 route runs of ``S`` steps, and with prior
@@ -80,17 +94,10 @@ def compute_prior(
     if res.check() > 1e-3:
         raise RuntimeError(f"route patching's 'all' route differs from the flipped run by {res.check():.3g}")
     routes = pd.concat([route_table(res, None, **kw), route_table(res, strength, **kw)], ignore_index=True)
-    L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
-    groups = [g.strip() for g in prior.split(";") if g.strip()]
-    find = "find" in groups
-    named = (
-        [x for s in head_sets(";".join(g for g in groups if g != "find"), L, H) for x in s]
-        if len(groups) > find
-        else []
-    )
+    named = list(named)
     select, val = (
         prior_heads_tables(loaded, d, abl, find, named, cfg.seed, n_boot)
-        if groups
+        if find or named
         else (pd.DataFrame(), pd.DataFrame())
     )
     found = [parse_heads(h)[0] for h in (val.heads[val.prior_head] if "prior_head" in val else [])]
@@ -119,8 +126,9 @@ def k_bands(k_min: int, k_max: int) -> list[tuple[int, int]]:
 
 def report_prior(loaded: LoadedModel, task: Task, cfg: InsideConfig, heads: str, prior: str, out: Path) -> str:
     clock, folder = Clock(), RunFolder(out)
-    sets = head_sets(heads, int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads))
-    t = compute_prior(loaded, task, cfg, sets, prior)
+    L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
+    sets, (find, named) = head_sets(heads, L, H), prior_spec(prior, L, H)  # bad names fail before any compute
+    t = compute_prior(loaded, task, cfg, sets, find, named)
     clock.lap("prior")
     for name in ("moderation", "routes", "dose", "prior_select", "prior_heads"):
         if len(getattr(t, name)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from mechicl.runs.markdown import md_table
+from mechicl.viz.table_words import ci_text
 
 HOW_TO_READ = (
     "Prior strength = the model's zero-shot log-odds for the query's true class (k = 0). Per bin of prior "
@@ -20,14 +21,13 @@ HOW_TO_READ = (
 )
 
 
-def _ci(v: float, lo: float, hi: float, fmt: str = "+.2f") -> str:
-    """``+0.84 [+0.14, +1.35]``; an interval end at infinity (a flip point some draws never reach) is ``never``."""
-    end = lambda x: "never" if x == float("inf") else f"{x:{fmt}}"  # noqa: E731
-    return f"{v:{fmt}} [{end(lo)}, {end(hi)}]"
+def _ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
+    """``+0.84 [+0.14, +1.35]``: the report's one CI formatter (``viz.table_words.ci_text``), signed."""
+    return ci_text(v, lo, hi, digits, signed=True)
 
 
 def slots_summary(tab: pd.DataFrame) -> pd.DataFrame:
-    ci = lambda r, c: f"{r[c]:+.3f} [{r[c + '_ci_low']:+.2f}, {r[c + '_ci_high']:+.2f}]"  # noqa: E731
+    ci = lambda r, c: _ci(r[c], r[c + "_ci_low"], r[c + "_ci_high"], 3 if c == "closed" else 2)  # noqa: E731
     return pd.DataFrame(
         {
             "heads": tab.heads,
@@ -45,7 +45,7 @@ def routes_summary(routes: pd.DataFrame) -> pd.DataFrame:
     """One row per k band and prior bin, one column per route: share of the logit gap with its CI."""
     t = routes.assign(
         k=[f"{a}" if a == b else f"{a}-{b}" for a, b in zip(routes.k_lo, routes.k_hi)],
-        cell=[f"{s:+.2f} [{lo:+.2f}, {hi:+.2f}]" for s, lo, hi in zip(routes.share, routes.ci_low, routes.ci_high)],
+        cell=[_ci(s, lo, hi) for s, lo, hi in zip(routes.share, routes.ci_low, routes.ci_high)],
     )
     wide = t.pivot_table(index=["k", "k_lo", "prior_bin"], columns="route", values="cell", aggfunc="first", sort=False)
     gaps = t.drop_duplicates(["k", "prior_bin"]).set_index(["k", "k_lo", "prior_bin"])[["gap", "n_slots"]]
@@ -74,7 +74,7 @@ def prior_heads_summary(val: pd.DataFrame) -> pd.DataFrame:
                 _ci(r.interchange, r.interchange_ci_low, r.interchange_ci_high) for r in val.itertuples()
             ],
             "zero-shot ΔP(true), resample-ablated": [
-                _ci(r.d_p_zero_shot, r.d_p_zero_shot_ci_low, r.d_p_zero_shot_ci_high, "+.3f") for r in val.itertuples()
+                _ci(r.d_p_zero_shot, r.d_p_zero_shot_ci_low, r.d_p_zero_shot_ci_high, 3) for r in val.itertuples()
             ],
             "role": val.role,
             "prior head": ["yes" if x else "no" for x in val.prior_head],
@@ -88,7 +88,12 @@ def dose_summary(dose: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (heads, kind, lo, hi), g in dose.groupby(["heads", "kind", "k_lo", "k_hi"], sort=False):
         first, last = g.iloc[0], g.iloc[-1]
-        fp = lambda c: "never" if pd.isna(first[c]) else _ci(first[c], first[c + "_ci_low"], first[c + "_ci_high"])  # noqa: E731
+        # a flip point that never comes is NaN, an interval end some draws never reach +inf: both read "never"
+        fp = lambda c: (
+            "never"
+            if pd.isna(first[c])
+            else _ci(first[c], first[c + "_ci_low"], first[c + "_ci_high"]).replace("n/a", "never")
+        )  # noqa: E731
         row = {
             "heads (scaled)": f"{heads} ({'label signal' if kind == 'label' else 'output'})",
             "k": f"{lo}" if lo == hi else f"{lo}-{hi}",

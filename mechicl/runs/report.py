@@ -190,7 +190,7 @@ def prior_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, heads: Findi
     v = heads.validate
     names = list(v.heads[v.above_control]) or list(v.heads)
     ic = InsideConfig(cfg.model, cfg.task, cfg.n_prior, cfg.n_examples, 1, cfg.seed, cfg.batch_size, cfg.top)
-    return compute_prior(loaded, task, ic, [[parse_heads(h)[0]] for h in names], prior="find")
+    return compute_prior(loaded, task, ic, [[parse_heads(h)[0]] for h in names], find=True)
 
 
 def write_tables(folder: RunFolder, d: ReportData) -> None:

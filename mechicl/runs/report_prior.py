@@ -11,6 +11,7 @@ from mechicl.runs.prior_summary import prior_heads_summary
 from mechicl.runs.report_data import ReportData
 from mechicl.viz.prior import competition_figure, dose_figure
 from mechicl.viz.report_html import Figure, Note, Section, Table
+from mechicl.viz.table_words import ci_text
 
 ROUTE_WORDS = {
     "labels": "label tokens",
@@ -21,7 +22,7 @@ ROUTE_WORDS = {
 
 
 def _cell(r: pd.Series) -> str:
-    return f"{r.share:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+    return ci_text(r.share, r.ci_low, r.ci_high, signed=True)
 
 
 def routes_words(routes: pd.DataFrame) -> pd.DataFrame:

@@ -7,7 +7,7 @@ import pytest
 
 from mechicl.cli import main
 from mechicl.errors import ConfigError
-from mechicl.runs.prior import head_sets, k_bands
+from mechicl.runs.prior import head_sets, k_bands, prior_spec
 
 ORG = ["--model", "organism-strong", "--task", "organism", "--threads", "1", "--k", "8", "--k-min", "1"]
 
@@ -67,3 +67,6 @@ def test_head_sets_parse_and_bad_names_name_the_fix(capsys):
         head_sets(" ; ", 2, 4)
     assert main(["prior", *ORG]) != 0  # --heads is required: an error naming the flag, no traceback
     assert "--heads is required" in capsys.readouterr().err
+    assert prior_spec("find; L0H1", 2, 4) == (True, [(0, 1)]) and prior_spec("", 2, 4) == (False, [])
+    assert main(["prior", *ORG, "--heads", "L1H1", "--prior-heads", "find;L9H0"]) != 0  # before any compute
+    assert "not in this model" in capsys.readouterr().err
