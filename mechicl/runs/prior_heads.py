@@ -71,10 +71,8 @@ def prior_heads_tables(
     if not gap_low > 0:  # no in-context effect on this draw: roles (and so prior heads) are undefined
         return selected, pd.DataFrame({"heads": [head_name(*x) for x in heads], "note": "no in-context gap"})
     val = validate_prior_heads(loaded.model, q["validate"], abl, heads, gap_low, n_boot=n_boot, seed=seed)
-    by = {
-        head_name(*x): ("finder" if x in top else "") + (" + named" if x in top and x in named else "") for x in heads
-    }
-    return selected, val.assign(selected_by=[by[h] or "named" for h in val.heads])
+    by = {head_name(*x): " + ".join(w for w, group in (("finder", top), ("named", named)) if x in group) for x in heads}
+    return selected, val.assign(selected_by=[by[h] for h in val.heads])
 
 
 def dose_tables(
