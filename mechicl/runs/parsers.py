@@ -282,9 +282,10 @@ def report_args(p: argparse.ArgumentParser) -> None:
         "(default: one capital letter per class, A/B for two classes)",
     )
     p.add_argument(
-        "--attribution",
-        action="store_true",
-        help="add attention attribution (AttAttr) to 'Who looks at labels' (on with --quick and --full; slower)",
+        "--no-attribution",
+        dest="attribution",
+        action="store_false",
+        help="leave attention attribution (AttAttr) out of 'Who looks at labels' (saves its stage's time)",
     )
     p.add_argument(
         "--findings",

@@ -10,7 +10,7 @@ conventions: ``analysis.prior.moderation`` and ``docs/prior.md``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +74,17 @@ def compute_prior(
     find: bool = False,
     named: Sequence[Head] = (),
     n_boot: int = 2000,
+    exclude: Collection[int] = (),
 ) -> PriorTables:
     """All of `mechicl prior` on the validate draw (``runs.prior_heads.prior_draws``); prior heads (``prior_spec``):
     ``find`` (the finder selects on the screen/confirm draws) and/or ``named`` (validated as given, beside the
-    finder's); neither: none.
+    finder's); neither: none. ``exclude``: task rows no draw may hold (the report passes the rows its head finder
+    selected and validated on, so the heads it names are measured here on rows that never chose them).
 
     Cost: the zero-shot queries (one short forward each), two forwards per context, per label set ``2 x S`` one-token
     steps per context (moderation) + ``S`` (routes) + ``6 S`` (dose), 4 route runs of ``S`` steps, and with prior
     heads the finder's zero-shot re-runs, their roles and ``6 S`` steps each for the dose (S = slots from k_min)."""
-    d = prior_draws(loaded, task, cfg.n_contexts, cfg.n_examples, cfg.seed)
+    d = prior_draws(loaded, task, cfg.n_contexts, cfg.n_examples, cfg.seed, exclude)
     bd, bf = d.correct, d.flipped
     zs = zero_shot_batch(task, loaded.tokenizer, bd, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     strength = prior_strength(ReadoutStepper(loaded.model, zs)).reshape(bd.example_ids.shape)[:, cfg.k_min :]

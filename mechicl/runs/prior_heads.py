@@ -7,6 +7,7 @@ prior heads' validation) is on the **validate** draw's contexts. Methods: ``anal
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,11 @@ class PriorDraws:
     queries: dict[str, PromptBatch]  # stage -> its rows alone
 
 
-def prior_draws(loaded: LoadedModel, task: Task, n_contexts: int, n_examples: int, seed: int) -> PriorDraws:
-    """Cost: tokenisation only."""
-    draws = stage_draws(task, {**SELECT_SIZES, "validate": n_contexts}, n_examples, seed=seed)
+def prior_draws(
+    loaded: LoadedModel, task: Task, n_contexts: int, n_examples: int, seed: int, exclude: Collection[int] = ()
+) -> PriorDraws:
+    """``exclude``: task rows no draw may hold (e.g. the rows a head finder selected on). Cost: tokenisation only."""
+    draws = stage_draws(task, {**SELECT_SIZES, "validate": n_contexts}, n_examples, seed=seed, exclude=exclude)
     kw: dict[str, Any] = dict(n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     ids = draws.ids["validate"]
     correct, flipped = (

@@ -25,9 +25,9 @@ from mechicl.analysis.behavior.curves import BehaviorConfig, BehaviorResult
 from mechicl.analysis.behavior.hypotheses import run_tests
 from mechicl.analysis.engine.hooks import act_name
 from mechicl.analysis.engine.surgery import count_block_calls
-from mechicl.analysis.heads.finder import FindingsResult
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.data.batches import used_rows
 from mechicl.data.names import parse_heads
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
@@ -44,8 +44,9 @@ from mechicl.runs.heads import TABLES, find_heads_for
 from mechicl.runs.inside_batches import InsideConfig, Runs, shared_runs
 from mechicl.runs.lens import compute_lens
 from mechicl.runs.prior import PriorTables, compute_prior
-from mechicl.runs.report_circuit import check_external
-from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words
+from mechicl.runs.report_agreement import with_agreement
+from mechicl.runs.report_circuit import check_external, circuit_stage
+from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words, headline_heads
 from mechicl.runs.report_guides import with_guides
 from mechicl.runs.report_headline import committed_replication, headline_section, with_competition
 from mechicl.runs.run import load_config, verdict_markdown
@@ -172,25 +173,29 @@ def compute_report(
         "head finder", f"{cfg.n_screen} screen + {cfg.n_confirm} confirm + {cfg.n_eval} validate contexts"
     ):
         heads = find_heads_for(loaded, task, cfg.heads(), progress)
-    prior = None
-    if heads.has_effect:
+    prior = circuit = None
+    named = headline_heads(heads)
+    if named:
+        fc = cfg.heads()
+        used = used_rows(task, fc.sizes, fc.k + 1, (cfg.seed,))  # the finder's rows: what follows is held out
         with stages.stage("prior vs context", f"{cfg.n_prior} contexts x {cfg.n_examples} examples + prior-head draws"):
-            prior = prior_stage(loaded, task, cfg, heads)
+            prior = prior_stage(loaded, task, cfg, named, used)
+        with stages.stage("circuit", f"{cfg.n_circuit} fresh contexts, paths among {', '.join(named)}"):
+            circuit = circuit_stage(loaded, task, cfg, named, used)
     groups = None
     if cfg.attribution:
         with stages.stage("AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}"):
             ac = AttributeConfig(cfg.model, cfg.task, steps=cfg.attribution_steps, seed=cfg.seed)
             groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac))
-    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs, prior)
+    return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs, prior, circuit)
 
 
-def prior_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, heads: FindingsResult) -> PriorTables:
-    """`mechicl prior` on the finder's validated heads (each alone; the top heads if none is above its controls),
-    with the prior-head finder, at every slot k >= 1 of ``n_prior`` contexts (``runs.prior.compute_prior``)."""
-    v = heads.validate
-    names = list(v.heads[v.above_control]) or list(v.heads)
+def prior_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, names: list[str], used: set[int]) -> PriorTables:
+    """`mechicl prior` on the headline heads (``report_data.headline_heads``), each alone, with the prior-head
+    finder, at every slot k >= 1 of ``n_prior`` contexts (``runs.prior.compute_prior``) drawn from task rows outside
+    ``used`` (the finder's)."""
     ic = InsideConfig(cfg.model, cfg.task, cfg.n_prior, cfg.n_examples, 1, cfg.seed, cfg.batch_size, cfg.top)
-    return compute_prior(loaded, task, ic, [[parse_heads(h)[0]] for h in names], find=True)
+    return compute_prior(loaded, task, ic, [[parse_heads(h)[0]] for h in names], find=True, exclude=used)
 
 
 def write_tables(folder: RunFolder, d: ReportData) -> None:
@@ -213,6 +218,8 @@ def write_tables(folder: RunFolder, d: ReportData) -> None:
             if len(getattr(d.prior, name)):
                 folder.csv(f"prior_{name}.csv", getattr(d.prior, name))
         folder.csv("prior_moderation.csv", d.prior.moderation)
+    if d.circuit is not None:
+        folder.csv("circuit_paths.csv", d.circuit.paths)
     folder.csv("attribution_vs_exact.csv", d.patch.attribution)
     if d.attattr is not None:
         folder.csv("attattr_groups.csv", d.attattr)
@@ -227,7 +234,7 @@ def rerun_command(args: argparse.Namespace, size: str) -> str:
         f"mechicl report --model {args.model} --task {args.task} --seed {args.seed}"
         + (f" --arbitrary {args.arbitrary}" if args.arbitrary else "")
         + {"quick": " --quick", "full": " --full", "default": ""}[size]
-        + (" --attribution" if args.attribution else "")
+        + ("" if args.attribution else " --no-attribution")
         + (f" --label-names {','.join(args.label_names)}" if args.label_names else "")
         + (f" --template {args.template!r}" if args.template else "")
         + (" --no-balance" if args.no_balance else "")
@@ -254,8 +261,8 @@ def run_report(
     title = f"{loaded.name} on {task.name}"
     with stages.stage("figures + views", "context 0 for the attention view"), plt.rc_context(FIGURE_DPI):
         rep = committed_replication(Path(cfg.findings)) if cfg.findings else committed_replication()
-        body = S.build_sections(folder, loaded, data, title)
-        sections = [with_competition(headline_section(data, rep), body), *body]
+        body = S.build_sections(folder, loaded, data, title, rep)
+        sections = [with_competition(headline_section(data, rep), body), *with_agreement(body, data)]
     sections = with_guides([*sections, S.facts_section(loaded, cfg, stages.table(), command)])
     folder.csv("stages.csv", stages.table())
     folder.json("config.json", cfg)
@@ -266,7 +273,7 @@ def run_report(
 def command(args: argparse.Namespace) -> int:
     """`mechicl report`: every analysis on one model and task as one self-contained report.html."""
     size = "quick" if args.quick else "full" if args.full else "default"
-    extra = {"attribution": True} if args.attribution else {}
+    extra = {} if args.attribution else {"attribution": False}
     cfg = ReportConfig.sized(
         size,
         model=args.model,

@@ -1,19 +1,75 @@
-"""Section 7 of `mechicl report`, "Circuit and findings": read from run folders that `mechicl findings` and
-`mechicl circuit` wrote (``--findings DIR``, ``--circuit DIR``). Those commands cost minutes to hours (a grid
-of cells, path patching), so the report includes their results instead of re-running them; without the
-flags the section names the commands that fill it. Every number shown is read from the folder's CSVs."""
+"""Section "Circuit and findings" of `mechicl report`, and the report's own circuit stage.
+
+**By default** the section holds (a) a small held-out path-patching run among the headline heads
+(``circuit_stage``: every headline head as sender, at label positions and at all positions, into each later
+headline head's q, k and v and straight into the logits; on ``n_circuit`` fresh contexts drawn from task rows that
+none of the finder's draws used, so the heads are measured on contexts that never selected them), and (b) their
+replication verdicts read from the committed per-cell grid results (``docs/results/grid/cells``).
+
+**With ``--findings DIR`` / ``--circuit DIR``** it reads folders that `mechicl findings` and `mechicl circuit`
+wrote instead (those commands cost minutes to hours: a grid of cells, selection and path patching over every
+head). Every number shown is computed by this run or read from those folders' CSVs."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from mechicl.analysis.engine.hooks import Head
+from mechicl.analysis.heads.replication import Replication
+from mechicl.analysis.patching.exact import Patcher
+from mechicl.analysis.patching.paths import INPUTS, LOGITS, PathResult, path_matrix, path_patch
+from mechicl.data.batches import stage_draws
+from mechicl.data.names import parse_heads
+from mechicl.data.pairs import make_pair
+from mechicl.data.task import Task
 from mechicl.errors import ConfigError
+from mechicl.models.base import LoadedModel
 from mechicl.runs.circuit import significant_edges
-from mechicl.runs.folder import safe_name
+from mechicl.runs.folder import RunFolder, safe_name
+from mechicl.runs.report_data import ReportConfig, ReportData, headline_heads
+from mechicl.viz.paths import path_figures
 from mechicl.viz.report_html import Figure, Note, Section, Table
+from mechicl.viz.table_words import ci_text
+
+REPORT_POSITIONS = ("label", "all")  # sender positions of the report's path patching (MLPs frozen)
+THRESHOLD = 0.05  # an edge of the circuit figure: |path effect| at least this, its 95% CI excluding 0
+
+
+@dataclass(frozen=True)
+class CircuitStage:
+    """The report's held-out path patching among the headline heads (one ``PathResult`` per sender position set)."""
+
+    heads: tuple[Head, ...]
+    results: tuple[PathResult, ...]
+    paths: pd.DataFrame  # PathResult.table() of each, concatenated: effect, ci_low, ci_high per path
+    n_contexts: int
+    excluded_rows: int  # task rows left out because a finder draw used them
+    example_ids: torch.Tensor  # [context, example] task rows of the contexts measured
+
+    @property
+    def names(self) -> list[str]:
+        return [f"L{l}H{h}" for l, h in self.heads]
+
+
+def circuit_stage(
+    loaded: LoadedModel, task: Task, cfg: ReportConfig, heads: list[str], excluded: set[int]
+) -> CircuitStage:
+    """Path patching (``analysis.patching.paths``, denoising, MLPs frozen) among ``heads`` on ``cfg.n_circuit``
+    fresh contexts drawn outside ``excluded`` (every task row the finder's three draws used). Cost, per sender position set: one partial forward per sender layer, one per (receiver, input),
+    on ``n_circuit`` contexts, plus the pair's two cached runs; a few seconds for three heads on gemma3-270m."""
+    hs = tuple(sorted(parse_heads(h)[0] for h in heads))
+    ids = stage_draws(task, {"circuit": cfg.n_circuit}, cfg.n_examples, seed=cfg.seed, exclude=excluded).ids
+    pair = make_pair(task, loaded.tokenizer, ids["circuit"], n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+    patcher = Patcher(loaded.model, pair)
+    receivers = [h for h in hs if h[0] > hs[0][0]]
+    results = tuple(path_patch(patcher, hs, receivers, p, "denoise", mlps="frozen") for p in REPORT_POSITIONS)
+    paths = pd.concat([r.table() for r in results], ignore_index=True)
+    return CircuitStage(hs, results, paths, cfg.n_circuit, len(excluded), ids["circuit"])
 
 
 def check_external(findings: str | None, circuit: str | None, model: str) -> None:
@@ -117,29 +173,127 @@ def circuit_blocks(folder: Path) -> list:
     return blocks
 
 
-def circuit_section(findings: str | None, circuit: str | None, model: str, task: str) -> Section:
-    """Section 7 from the given folders, or a note naming the commands that fill it."""
-    blocks: list = []
-    if findings is not None:
-        blocks += findings_blocks(Path(findings), model)
-    else:
-        blocks.append(
+def replication_blocks(rep: Replication | None, model: str, named: list[str]) -> list:
+    """The headline heads' (and every replicating head's) verdicts from the committed grid cells."""
+    if rep is None or not (rep.cells.model == model).any():
+        return [
             Note(
-                f"Findings: run `mechicl findings --models {model} --out runs/findings` (the replication "
-                "grid over tasks and seeds; minutes per cell), then re-run this report with "
-                "`--findings runs/findings` to show its head verdicts here.",
+                f"The committed grid has no cell of {model}: run `mechicl findings --models {model} --out "
+                "runs/findings` (the replication grid over tasks and seeds), then re-run this report with "
+                "`--findings runs/findings`.",
                 pointer=True,
             )
+        ]
+    h = rep.heads[rep.heads.model == model]
+    h = h[h["head"].isin(named) | (h.verdict == "replicates")].sort_values(
+        ["n_above_control", "effect_median"], ascending=False
+    )
+    cells = rep.cells[rep.cells.model == model]
+    table = pd.DataFrame(
+        {
+            "head": h["head"],
+            "headline head here": h["head"].isin(named).map({True: "yes", False: "no"}),
+            "verdict": h.verdict,
+            "above controls / voting cells": [f"{a}/{n}" for a, n in zip(h.n_above_control, h.n_cells)],
+            "role there": h.role.fillna("n/a"),
+            "median effect there (share of the gap)": h.effect_median.map(lambda x: f"{x:+.2f}"),
+            "per task": h.per_task,
+        }
+    )
+    missing = [n for n in named if n not in set(h["head"])]
+    return [
+        Table(
+            table.reset_index(drop=True),
+            f"Replication, read from the committed per-cell results (docs/results/grid/cells: {len(cells)} cells of "
+            f"{model} over {', '.join(dict.fromkeys(cells.task))}, {int(cells.votes.sum())} voting; `--findings DIR` "
+            "reads a fresh grid instead). A head replicates when it is above its matched controls in at least 2/3 of "
+            "the voting cells."
+            + (
+                f" Headline heads never validated in a voting grid cell: {', '.join(missing)} (this run's finder "
+                "named them; the grid did not)."
+                if missing
+                else " Every headline head was validated in the grid too."
+            ),
         )
-    if circuit is not None:
-        blocks += circuit_blocks(Path(circuit))
+    ]
+
+
+def own_circuit_blocks(folder: RunFolder, c: CircuitStage, model: str) -> list:
+    """The report's own held-out path patching: paths between headline heads with CIs, and the circuit figure."""
+    p = c.paths
+    shown = p[p.input.isin([*INPUTS, LOGITS])].copy()
+    shown = shown.reindex(shown.effect.abs().sort_values(ascending=False).index)
+    sig = significant_edges(p, THRESHOLD)
+    between = sig[sig.receiver != LOGITS]
+    best = between.iloc[between.effect.abs().argmax()] if len(between) else None
+    for r in c.results:
+        mats = {inp: path_matrix(r, inp) for inp in (*INPUTS, LOGITS)}
+        edges = significant_edges(r.table(), THRESHOLD)
+        path_figures(
+            mats,
+            edges,
+            c.names,
+            folder.path,
+            f"{r.positions}_{r.mlps}",
+            model,
+            r.positions,
+            r.mlps,
+            THRESHOLD,
+            c.n_contexts,
+        )
+    lead = (
+        f"the largest path between headline heads is {best.sender} -> {best.receiver} ({best.input}, sender at "
+        f"{best.positions} positions) {ci_text(best.effect, best.ci_low, best.ci_high, signed=True)}"
+        if best is not None
+        else "no path between headline heads reaches |effect| >= "
+        f"{THRESHOLD} with a CI excluding 0: at this size the evidence shows no path between them"
+    )
+    direct = sig[(sig.receiver == LOGITS) & (sig.positions == "all")]
+    blocks: list = [
+        Table(
+            shown[["sender", "positions", "receiver", "input", "effect", "ci_low", "ci_high"]]
+            .rename(columns={"positions": "sender positions", "input": "receiver input", "effect": "path effect"})
+            .head(12)
+            .reset_index(drop=True),
+            f"Held-out path patching among the headline heads ({', '.join(c.names)}) on {c.n_contexts} fresh contexts "
+            f"(task rows none of the finder's draws used; {c.excluded_rows} rows left out), correct -> flipped, MLPs "
+            f"frozen: {lead}. Direct paths to the logits (sender at all positions) with a CI excluding 0: "
+            + (
+                "; ".join(
+                    f"{r.sender} {ci_text(r.effect, r.ci_low, r.ci_high, signed=True)}" for r in direct.itertuples()
+                )
+                or "none"
+            )
+            + ". A path effect is the share of the full correct-vs-flipped logit difference that the sender's "
+            "correct-label output restores through that route alone (`mechicl circuit` selects over every head).",
+        )
+    ]
+    for png in sorted(folder.path.glob("circuit_*.png")):
+        blocks.append(
+            Figure(
+                png,
+                f"Circuit ({png.stem}): headline heads as nodes; edges are paths with |effect| >= "
+                f"{THRESHOLD} and a 95% CI over the {c.n_contexts} held-out contexts excluding 0.",
+            )
+        )
+    return blocks
+
+
+def circuit_section(folder: RunFolder, d: ReportData, rep: Replication | None, model: str) -> Section:
+    """The section: replication (a given grid, else the committed cells) and paths (a given `mechicl circuit`
+    folder, else the report's own held-out run among the headline heads)."""
+    cfg, named = d.config, headline_heads(d.heads)
+    blocks: list = findings_blocks(Path(cfg.findings), model) if cfg.findings else replication_blocks(rep, model, named)
+    if cfg.circuit is not None:
+        blocks += circuit_blocks(Path(cfg.circuit))
+    elif d.circuit is not None:
+        blocks += own_circuit_blocks(folder, d.circuit, model)
     else:
         blocks.append(
             Note(
-                f"Circuit: run `mechicl circuit --model {model} --task {task} --out runs/circuit` "
-                "(label-position and sender -> receiver path patching) and `mechicl aggregate` (evidence "
-                "aggregation), then re-run this report with `--circuit runs/circuit` to show the circuit "
-                "figure and path effects here.",
+                "No path patching: the finder validated no head on this model and task (section Validation), so "
+                f"there are no headline heads to connect. `mechicl circuit --model {model} --task {cfg.task}` selects "
+                "senders and receivers over every head.",
                 pointer=True,
             )
         )

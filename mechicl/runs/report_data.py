@@ -63,8 +63,9 @@ class ReportConfig:
     resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
     batch_size: int = 8
     top: int = 6
-    attribution: bool = False  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
+    attribution: bool = True  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
     attribution_steps: int = 20  # its Riemann steps; cost about 2 (m + 2) (L + 1) / 2 forward + backward pairs
+    n_circuit: int = 8  # held-out path patching among the headline heads: contexts of task rows no finder draw used
     findings: str | None = None  # a `mechicl findings` grid folder read into section 7 (no forwards)
     circuit: str | None = None  # a `mechicl circuit` run folder read into section 7 (no forwards)
 
@@ -93,8 +94,8 @@ class ReportConfig:
                 n_candidates=4,
                 n_top=2,
                 n_control=3,
-                attribution=True,
                 attribution_steps=4,
+                n_circuit=4,
             ),
             "full": dict(
                 k_max=16,
@@ -107,7 +108,7 @@ class ReportConfig:
                 n_eval=64,
                 n_candidates=12,
                 resid_examples=0,
-                attribution=True,
+                n_circuit=32,
             ),
         }
         if size not in presets:
@@ -187,3 +188,13 @@ class ReportData:
     attattr: pd.DataFrame | None = None  # runs.attribute.attattr_groups on the patching pair (``--attribution``)
     runs: tuple[ReadoutRun, ReadoutRun] | None = None  # the shared default/flipped runs (attention view of context 0)
     prior: Any = None  # runs.prior.PriorTables on the validated heads (None without a validated head)
+    circuit: Any = None  # runs.report_circuit.CircuitStage among the headline heads (None without a validated head)
+
+
+def headline_heads(heads: FindingsResult) -> list[str]:
+    """The heads every section is read against: the finder's validated heads above their matched controls, or its
+    validated (top) heads when none is (empty when the cell had no in-context effect to attribute)."""
+    v = heads.validate
+    if not heads.has_effect or not len(v):
+        return []
+    return list(v.heads[v.above_control]) or list(v.heads)

@@ -44,9 +44,10 @@ GUIDES = {
         "head's label signal makes half of them follow the labels. 95% CIs over contexts."
     ),
     "Circuit and findings": (
-        "How to read: the grid's verdict per head across tasks and seeds, and path effects (share of the full "
-        "effect, 95% CI) from sender heads to receiver heads; without --findings / --circuit it names the commands "
-        "that fill it."
+        "How to read: first each head's verdict across the grid's tasks and seeds (replicates = above its matched "
+        "controls in at least 2/3 of the voting cells); then path effects between the headline heads: the share "
+        "(1 = all) of the correct-vs-flipped logit difference that a sender head's output restores through one "
+        "receiver's query, key or value input alone, with 95% CIs over held-out contexts."
     ),
     "Run facts": (
         "How to read: what ran, on what, and at what cost: a forward is one call of the model's last block; "

@@ -62,14 +62,25 @@ def _route_caption(routes: pd.DataFrame, heads: list[str]) -> str:
 
 def _dose_caption(dose: pd.DataFrame) -> str:
     last = dose[(dose.kind == "label") & (dose.k_lo == dose.k_lo.max())].drop_duplicates("heads")
+    top = float(dose.scale.max())
+
+    def at(x: float) -> str:  # a flip point or an interval end: 'never' past the largest dose
+        return f"never within x{top:g}" if pd.isna(x) or x == float("inf") else f"x{x:.2f}"
+
     parts = []
     for r in last.itertuples():
-        m = "never" if pd.isna(r.flip_measured) else f"x{r.flip_measured:.2f}"
-        p = "never" if pd.isna(r.flip_predicted) else f"x{r.flip_predicted:.2f}"
+        m = f"{at(r.flip_measured)} [{at(r.flip_measured_ci_low)}, {at(r.flip_measured_ci_high)}]"
+        p = f"{at(r.flip_predicted)} [{at(r.flip_predicted_ci_low)}, {at(r.flip_predicted_ci_high)}]"
         parts.append(f"{r.heads}: half the flipped queries follow the labels at {m} (predicted from x0 and x1: {p})")
+    n = int(last.n_queries.iloc[0]) if "n_queries" in last.columns else None
     return (
-        "Each validated head's label signal scaled in the flipped contexts (x0 = its correct-label output, x1 = as "
-        "run); measured with 95% CIs, the linear prediction dashed. " + "; ".join(parts) + "."
+        "Each headline head's label signal scaled in the flipped contexts (x0 = its correct-label output, x1 = as "
+        "run); measured with 95% CIs, the linear prediction dashed. Flip points with 95% bootstrap CIs over contexts "
+        f"(k {int(last.k_lo.iloc[0])}-{int(last.k_hi.iloc[0])}"
+        + (f", {n} queries" if n else "")
+        + "): "
+        + "; ".join(parts)
+        + ". A wide interval means few queries sit near the flip."
     )
 
 

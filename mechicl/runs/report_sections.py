@@ -7,6 +7,7 @@ import platform
 
 import pandas as pd
 
+from mechicl.analysis.heads.replication import Replication
 from mechicl.analysis.inside.attention import context_patterns
 from mechicl.analysis.inside.frames import top_heads
 from mechicl.analysis.patching.exact import PatchResult
@@ -160,11 +161,11 @@ def attattr_blocks(folder: RunFolder, d: ReportData, title: str) -> list:
 
 
 def integrated_gradients_pointer(model: str, task: str) -> str:
-    """Section 3's pointer when the report ran without ``--attribution``."""
+    """Section 3's pointer when the report ran with ``--no-attribution``."""
     return (
-        f"Attention attribution (AttAttr, integrated gradients over attention) is off in this run: add "
-        f"`--attribution` (it costs many forwards per layer), or run `mechicl attribute --model {model} --task {task}` "
-        "for AttAttr and path IG beside exact and first-order patching."
+        f"Attention attribution (AttAttr, integrated gradients over attention) was left out of this run "
+        f"(`--no-attribution`): drop that flag, or run `mechicl attribute --model {model} --task {task}` for AttAttr "
+        "and path IG beside exact and first-order patching."
     )
 
 
@@ -245,7 +246,9 @@ def resid_figure(folder: RunFolder, r: PatchResult, t: pd.DataFrame, window: tup
 # ------------------------------------------------------------- 6. prior vs context
 
 
-def build_sections(folder: RunFolder, loaded: LoadedModel, d: ReportData, title: str) -> list[Section]:
+def build_sections(
+    folder: RunFolder, loaded: LoadedModel, d: ReportData, title: str, rep: Replication | None
+) -> list[Section]:
     return [
         behavior_section(folder, d, title),
         lens_section(folder, d, title),
@@ -253,7 +256,7 @@ def build_sections(folder: RunFolder, loaded: LoadedModel, d: ReportData, title:
         patching_section(folder, d, title),
         validation_section(folder, d, title),
         prior_section(folder, d, title),
-        circuit_section(d.config.findings, d.config.circuit, loaded.name, d.config.task),
+        circuit_section(folder, d, rep, loaded.name),
     ]
 
 

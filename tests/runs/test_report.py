@@ -54,10 +54,30 @@ def test_report_is_one_offline_page_with_every_section(report):
     imgs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
     assert len(imgs) >= 12 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert html.count("CircuitsVis.render(") == 1 and "[Q]" in html and "[L]" in html
-    assert "Raw attention vs attribution on label tokens" in html  # --quick runs AttAttr for section 3
-    assert "mechicl findings --models organism-strong" in html and "mechicl circuit --model organism-strong" in html
+    assert "Raw attention vs attribution on label tokens" in html  # AttAttr is on by default
+    assert "Held-out path patching among the headline heads" in html  # section 8 is filled without flags
+    assert "mechicl findings --models organism-strong" in html  # no committed grid cell: it names the command
     assert "mechicl report --model organism-strong --task organism --seed 0 --arbitrary a/b --quick" in html
     assert "The committed grid has no cell of organism-strong" in html  # the headline says where replication is
+
+
+def test_every_mechanism_section_is_read_against_the_headline(report):
+    """Attention, patching, validation, prior and circuit each open with a line naming the headline heads (the
+    validated heads above their controls) and quoting their values from that section's own CSVs."""
+    out, html = report
+    v = pd.read_csv(out / "validate.csv")
+    named = list(v.heads[v.above_control])
+    lines = re.findall(r"Against the headline \(([^)]*)\): (.*?)</p>", html, re.S)
+    assert len(lines) == 5 and all(n.split(", ") == named for n, _ in lines)
+    att = pd.read_csv(out / "attention_heads.csv")
+    att["name"] = [f"L{l}H{h}" for l, h in zip(att.layer, att["head"])]
+    for h in named:
+        share = float(att.set_index("name").label_attention[h])
+        assert f"{h} {share:.2f} (rank" in lines[0][1]
+    patched = pd.read_csv(out / "head_out_denoise.csv")
+    patched["name"] = [f"L{l}H{h}" for l, h in zip(patched.layer, patched["head"])]
+    for h in named:
+        assert f"{h} {float(patched.set_index('name').effect[h]):+.2f} (rank" in lines[1][1]
 
 
 def test_captions_quote_the_runs_csvs(report):
@@ -287,10 +307,8 @@ def test_without_attribution_section_3_says_how_to_get_it():
     from mechicl.runs.report_sections import integrated_gradients_pointer
 
     text = integrated_gradients_pointer("organism-strong", "organism")
-    assert "`--attribution`" in text and "`mechicl attribute --model organism-strong --task organism`" in text
-    assert (
-        not ReportConfig.sized("default", model="m").attribution and ReportConfig.sized("quick", model="m").attribution
-    )
+    assert "`--no-attribution`" in text and "`mechicl attribute --model organism-strong --task organism`" in text
+    assert all(ReportConfig.sized(s, model="m").attribution for s in ("default", "quick", "full"))
 
 
 def test_holm_p_values_at_their_monte_carlo_floor_read_at_most():

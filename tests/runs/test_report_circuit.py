@@ -1,5 +1,7 @@
-"""Section 7 of `mechicl report` read from real `mechicl findings` and `mechicl circuit` folders (organism-strong),
-every quoted number matching their CSVs; folders that cannot fill it are refused before any forward."""
+"""Section "Circuit and findings" of `mechicl report`: read from real `mechicl findings` and `mechicl circuit` folders
+(organism-strong), every quoted number matching their CSVs; folders that cannot fill it are refused before any
+forward. Without them: the report's own held-out path patching among the headline heads, on contexts whose rows no
+finder draw used, and replication read from the committed grid cells."""
 
 from __future__ import annotations
 
@@ -9,8 +11,19 @@ import pandas as pd
 import pytest
 
 from mechicl.cli import main
+from mechicl.data.batches import used_rows
+from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError
-from mechicl.runs.report_circuit import check_external, circuit_section
+from mechicl.models.loading import load_model
+from mechicl.runs.report_circuit import (
+    check_external,
+    circuit_blocks,
+    circuit_stage,
+    findings_blocks,
+    replication_blocks,
+)
+from mechicl.runs.report_data import ReportConfig
+from mechicl.runs.report_headline import committed_replication
 from mechicl.viz.report_html import Figure, Note, Table
 from mechicl.viz.table_words import words
 from tests.helpers import SMALL_GRID
@@ -59,9 +72,9 @@ def folders(tmp_path_factory):
 
 def test_section_quotes_the_folders_csvs(folders):
     grid, circ = folders
-    sec = circuit_section(str(grid), str(circ), "organism-strong", "organism")
-    tables = [b for b in sec.blocks if isinstance(b, Table)]
-    assert len(tables) == 2 and any(isinstance(b, Figure) and b.path.name.startswith("circuit_") for b in sec.blocks)
+    blocks = findings_blocks(grid, "organism-strong") + circuit_blocks(circ)
+    tables = [b for b in blocks if isinstance(b, Table)]
+    assert len(tables) == 2 and any(isinstance(b, Figure) and b.path.name.startswith("circuit_") for b in blocks)
     headers = [h for t in tables for h in words(t.df).columns]  # what the report shows: words, CIs merged
     assert "path effect (share of the full effect) [95% CI]" in headers and not [h for h in headers if "_" in h]
     cells = pd.read_csv(grid / "summary" / "cells.csv")
@@ -75,11 +88,40 @@ def test_section_quotes_the_folders_csvs(folders):
         assert f"{best.sender} -> {best.receiver} ({best.input}) {best.effect:+.2f}" in tables[1].caption
 
 
-def test_without_folders_the_section_names_the_commands():
-    sec = circuit_section(None, None, "organism-strong", "organism")
-    text = " ".join(b.text for b in sec.blocks if isinstance(b, Note))
-    assert "mechicl findings --models organism-strong" in text and "--findings" in text
-    assert "mechicl circuit --model organism-strong --task organism" in text and "--circuit" in text
+def test_without_a_grid_cell_replication_names_the_command():
+    (note,) = replication_blocks(committed_replication(), "organism-strong", ["L0H2"])
+    assert isinstance(note, Note) and "mechicl findings --models organism-strong" in note.text
+
+
+def test_replication_reads_the_committed_cells_and_names_headline_heads_the_grid_never_validated():
+    rep = committed_replication()
+    (table,) = replication_blocks(rep, "gemma3-270m", ["L11H2", "L10H0"])
+    h = rep.heads[rep.heads.model == "gemma3-270m"].set_index("head")
+    shown = table.df.set_index("head")
+    assert set(h.index[h.verdict == "replicates"]) | {"L10H0"} >= set(shown.index) >= {"L11H2"}
+    assert shown.loc["L11H2", "above controls / voting cells"] == f"{h.n_above_control['L11H2']}/{h.n_cells['L11H2']}"
+    assert shown.loc["L11H2", "headline head here"] == "yes" and shown.loc["L15H0", "headline head here"] == "no"
+    assert "L10H0" not in h.index and "never validated in a voting grid cell: L10H0" in table.caption
+
+
+def test_report_circuit_stage_measures_fresh_rows_and_matches_the_circuit_command(tmp_path):
+    """The stage's contexts hold no row of the finder's draws, and its path effects equal `mechicl circuit` run
+    pre-registered on the same heads with the same contexts (its own Patcher and tables)."""
+    from mechicl.analysis.patching.exact import Patcher
+    from mechicl.analysis.patching.paths import path_patch
+    from mechicl.data.pairs import make_pair
+
+    loaded, task = load_model("organism-strong"), load_task("organism")
+    cfg = ReportConfig.sized("quick", model="organism-strong", task="organism")
+    fc = cfg.heads()
+    used = used_rows(task, fc.sizes, fc.k + 1, (cfg.seed,))
+    c = circuit_stage(loaded, task, cfg, ["L1H1", "L0H2"], used)
+    assert not set(c.example_ids.reshape(-1).tolist()) & used and c.n_contexts == cfg.n_circuit
+    assert c.heads == ((0, 2), (1, 1)) and set(c.paths.positions) == {"label", "all"}
+    pair = make_pair(task, loaded.tokenizer, c.example_ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
+    ref = path_patch(Patcher(loaded.model, pair), [(0, 2), (1, 1)], [(1, 1)], "all").table()
+    mine = c.paths[c.paths.positions == "all"].reset_index(drop=True)
+    assert list(mine.receiver) == list(ref.receiver) and abs(mine.effect - ref.effect).max() < 1e-5
 
 
 def test_folders_that_cannot_fill_it_are_refused(folders, tmp_path, capsys):
