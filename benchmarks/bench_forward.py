@@ -10,6 +10,7 @@ import statistics
 import time
 
 import torch
+from _common import MACHINE  # noqa: F401 - importing it prints the machine line (CPU, one-thread matmul GFLOPS)
 
 from mechicl.analysis.engine.hooks import run_to_final
 from mechicl.data.prompts import build_prompt_batch, sample_contexts

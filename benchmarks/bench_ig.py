@@ -26,6 +26,7 @@ import warnings
 
 import pandas as pd
 import torch
+from _common import MACHINE  # noqa: F401 - importing it prints the machine line (CPU, one-thread matmul GFLOPS)
 
 from mechicl.analysis.engine.hooks import run_to_final
 from mechicl.analysis.gradients.attattr import attattr

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from _common import MACHINE  # noqa: F401 - importing it prints the machine line (CPU, one-thread matmul GFLOPS)
 
 from mechicl.analysis.engine import slots as SL
 from mechicl.analysis.engine import stepper as ST

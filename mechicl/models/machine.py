@@ -8,6 +8,7 @@ thread setting is restored) and returns the median rate, ``2 n^3 / seconds / 1e9
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -46,3 +47,8 @@ def cpu_name() -> str:
 def machine_line() -> str:
     """``"<cpu>, <x> GFLOPS (one-thread fp32 matmul)"``: what every timing is printed beside."""
     return f"{cpu_name()}, {matmul_gflops():.0f} GFLOPS (one-thread fp32 matmul)"
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (``ru_maxrss``; Linux reports KiB). It never falls."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,11 @@ class AttributeResult:
     costs: pd.DataFrame
 
 
-def attattr_both(loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig) -> dict[str, list[AttAttrResult]]:
-    """AttAttr of every layer on the pair's correct-label and flipped-label renderings (``cfg.steps``, ``cfg.baseline``)."""
+def attattr_both(
+    loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig, layers: Sequence[int] | None = None
+) -> dict[str, list[AttAttrResult]]:
+    """AttAttr of ``layers`` (default every layer) on the pair's correct-label and flipped-label renderings
+    (``cfg.steps``, ``cfg.baseline``). Cost: about ``2 (m + 2)`` forward + backward pairs per layer and rendering."""
     out = {}
     for cond, b in (("correct", pair.clean), ("flipped", pair.corrupted)):
         answer, foil = default_targets(b)
@@ -88,6 +92,7 @@ def attattr_both(loaded: LoadedModel, pair: PatchPair, cfg: AttributeConfig) -> 
             steps=cfg.steps,
             metric=cfg.metric,
             baseline=cfg.baseline,
+            layers=layers,
             max_rows=cfg.max_rows,
             progress=True,
         )

@@ -32,6 +32,7 @@ from mechicl.data.names import parse_heads
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
+from mechicl.models.machine import peak_rss_gb
 from mechicl.runs import report_sections as S
 from mechicl.runs.attention import compute_attention
 from mechicl.runs.attribute import AttributeConfig, attattr_both, attattr_groups
@@ -48,25 +49,26 @@ from mechicl.runs.report_agreement import with_agreement
 from mechicl.runs.report_circuit import check_external, circuit_stage
 from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words, headline_heads
 from mechicl.runs.report_guides import with_guides
-from mechicl.runs.report_headline import committed_replication, headline_section, with_competition
+from mechicl.runs.report_headline import committed_replication, headline_section, headline_table, with_competition
 from mechicl.runs.run import load_config, verdict_markdown
 from mechicl.viz.report_html import render_report
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 NH_CONFIGS = ("nh1_random_labels.toml", "nh2_flipped_arbitrary.toml")
-PATCH_KINDS = ("head_out", "head_out_label", "head_out_readout", "resid")
 FIGURE_DPI = {"savefig.dpi": 180}  # the report's PNGs fill a 1000-px column: drawn at 5.6 in, 120 dpi would be upscaled
 
 
 def patch_cache_names(model: Any) -> list[str]:
-    """What the exact sweeps of ``PATCH_KINDS`` cache of each run: every layer's head outputs and residual."""
+    """What the exact sweeps (``ReportConfig.patch_kinds``) cache of each run: every layer's head outputs and
+    residual."""
     return [act_name(k, l) for k in ("z", "resid_pre") for l in range(model.cfg.n_layers)]
 
 
 @dataclass
 class Stages:
     """Wall seconds and forward passes per stage. A forward = one call of the model's last block (a partial
-    re-run that starts mid-model or only runs the query token counts as one); ``rows`` = contexts in those calls."""
+    re-run that starts mid-model or only runs the query token counts as one); ``rows`` = contexts in those calls;
+    ``peak_rss_gb`` = the process's peak resident memory so far (it only grows: the stage where it jumps set it)."""
 
     model: Any
     progress: bool = True
@@ -78,9 +80,22 @@ class Stages:
         with count_block_calls(self.model) as n:
             yield
         s = time.perf_counter() - t0
-        self.rows.append({"stage": name, "contexts": contexts, "seconds": s, "forwards": n["calls"], "rows": n["rows"]})
+        rss = peak_rss_gb()
+        self.rows.append(
+            {
+                "stage": name,
+                "contexts": contexts,
+                "seconds": s,
+                "forwards": n["calls"],
+                "rows": n["rows"],
+                "peak_rss_gb": rss,
+            }
+        )
         if self.progress:
-            print(f"[report] {name}: {s:.1f} s, {n['calls']} forwards ({contexts})", flush=True)
+            print(
+                f"[report] {name}: {s:.1f} s, {n['calls']} forwards ({contexts}); peak RSS so far {rss:.2f} GB",
+                flush=True,
+            )
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -129,9 +144,9 @@ def patch_stage(
     lo = 0 if n == 0 else int(c.input_spans[:, -n, 0].min())
     hi = int(c.tokens.shape[1]) if n == 0 else int(c.readout_pos[:, -1].max()) + 1
     cells = [(l, p) for l in range(loaded.model.cfg.n_layers) for p in range(lo, hi)]
-    results = tuple(patcher.sweep(k, "denoise", cells if k == "resid" else None) for k in PATCH_KINDS)
+    results = tuple(patcher.sweep(k, "denoise", cells if k == "resid" else None) for k in cfg.patch_kinds)
     est = attribution_patch(loaded.model, pair, ("head_out",), "denoise")["head_out"]
-    exact = results[0]
+    exact = results[cfg.patch_kinds.index("head_out")]
     table = exact.table()[["layer", "head", "value"]].rename(columns={"value": "exact"})
     table["attribution"] = est.values.reshape(-1).numpy()
     table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
@@ -184,10 +199,22 @@ def compute_report(
             circuit = circuit_stage(loaded, task, cfg, named, used)
     groups = None
     if cfg.attribution:
-        with stages.stage("AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}"):
+        layers = attattr_layers(named, att.heads, cfg.top)
+        with stages.stage(
+            "AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}, layers {layers}"
+        ):
             ac = AttributeConfig(cfg.model, cfg.task, steps=cfg.attribution_steps, seed=cfg.seed)
-            groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac))
+            groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac, layers))
     return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs, prior, circuit)
+
+
+def attattr_layers(named: list[str], attention: pd.DataFrame, top: int) -> list[int]:
+    """The layers AttAttr runs on in the report: the headline heads' (each layer costs about 2 (m + 2) forward +
+    backward pairs per rendering, so all layers would dominate the page's cost), else the top label-attention
+    heads'."""
+    if named:
+        return sorted({parse_heads(h)[0][0] for h in named})
+    return sorted({int(l) for l in attention.nlargest(top, "label_attention").layer})
 
 
 def prior_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, names: list[str], used: set[int]) -> PriorTables:
@@ -261,9 +288,12 @@ def run_report(
     title = f"{loaded.name} on {task.name}"
     with stages.stage("figures + views", "context 0 for the attention view"), plt.rc_context(FIGURE_DPI):
         rep = committed_replication(Path(cfg.findings)) if cfg.findings else committed_replication()
+        folder.csv("headline.csv", headline_table(data, rep))
         body = S.build_sections(folder, loaded, data, title, rep)
         sections = [with_competition(headline_section(data, rep), body), *with_agreement(body, data)]
-    sections = with_guides([*sections, S.facts_section(loaded, cfg, stages.table(), command)])
+    facts = S.facts_section(loaded, cfg, stages.table(), command)
+    folder.csv("facts.csv", facts.blocks[0].df)
+    sections = with_guides([*sections, facts])
     folder.csv("stages.csv", stages.table())
     folder.json("config.json", cfg)
     render_report(f"mechicl report: {title}", S.intro(loaded, task, cfg), sections, folder / "report.html")

@@ -1,4 +1,4 @@
-"""One line per `mechicl report` section that reads it against the headline: where the headline heads (the finder's
+"""One line per `mechicl report` mechanism section that reads it against the headline: where the headline heads (the finder's
 validated heads above their matched controls, ``report_data.headline_heads``) stand in that section's measure, and,
 where the section's own top head is another one, what the finder said about that head and why the two can differ.
 
@@ -67,7 +67,10 @@ def attention_line(d: ReportData, named: list[str]) -> str:
     if d.attattr is not None:
         t = top_label_heads(d.attattr, len(att))
         aa = pd.Series(t.attribution_flipped.to_numpy(), index=t.name)
-        text += f" AttAttr on label tokens (flipped labels): {_standing(aa, named, '{:+.3f}')}."
+        text += (
+            f" AttAttr on label tokens (flipped labels; among the heads of the layers it ran): "
+            f"{_standing(aa, named, '{:+.3f}')}."
+        )
         text += _top_other(aa, named, d.heads, "top AttAttr head", "{:+.3f}")
     return text + " Attention shows where a head looks; a head can look at labels and carry nothing the finder needs."
 
@@ -124,17 +127,12 @@ def prior_line(d: ReportData, named: list[str]) -> str:
     return text + (f" Prior heads that are not headline heads: {', '.join(others)}." if others else "")
 
 
-def circuit_line(d: ReportData, named: list[str]) -> str:
-    return f"Replication and paths are read for the headline heads ({', '.join(named)})."
-
-
 LINES: dict[str, Callable[[ReportData, list[str]], str]] = {
     "Who looks at labels": attention_line,
     "Who carries the label information causally": patching_line,
     "Validation": validation_line,
     "Prior vs context": prior_line,
-    "Circuit and findings": circuit_line,
-}
+}  # "Circuit and findings" is built from the headline heads themselves (replication rows, paths among them)
 
 
 def with_agreement(sections: Sequence[Section], d: ReportData) -> list[Section]:

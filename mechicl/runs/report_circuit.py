@@ -1,7 +1,8 @@
 """Section "Circuit and findings" of `mechicl report`, and the report's own circuit stage.
 
 **By default** the section holds (a) a small held-out path-patching run among the headline heads
-(``circuit_stage``: every headline head as sender, at label positions and at all positions, into each later
+(``circuit_stage``: every headline head as sender, at ``cfg.circuit_positions`` (all positions; --full adds the
+label positions alone), into each later
 headline head's q, k and v and straight into the logits; on ``n_circuit`` fresh contexts drawn from task rows that
 none of the finder's draws used, so the heads are measured on contexts that never selected them), and (b) their
 replication verdicts read from the committed per-cell grid results (``docs/results/grid/cells``).
@@ -23,6 +24,7 @@ from mechicl.analysis.engine.hooks import Head
 from mechicl.analysis.heads.replication import Replication
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.patching.paths import INPUTS, LOGITS, PathResult, path_matrix, path_patch
+from mechicl.analysis.stats import mean_ci
 from mechicl.data.batches import stage_draws
 from mechicl.data.names import parse_heads
 from mechicl.data.pairs import make_pair
@@ -36,7 +38,6 @@ from mechicl.viz.paths import path_figures
 from mechicl.viz.report_html import Figure, Note, Section, Table
 from mechicl.viz.table_words import ci_text
 
-REPORT_POSITIONS = ("label", "all")  # sender positions of the report's path patching (MLPs frozen)
 THRESHOLD = 0.05  # an edge of the circuit figure: |path effect| at least this, its 95% CI excluding 0
 
 
@@ -67,7 +68,7 @@ def circuit_stage(
     pair = make_pair(task, loaded.tokenizer, ids["circuit"], n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     patcher = Patcher(loaded.model, pair)
     receivers = [h for h in hs if h[0] > hs[0][0]]
-    results = tuple(path_patch(patcher, hs, receivers, p, "denoise", mlps="frozen") for p in REPORT_POSITIONS)
+    results = tuple(path_patch(patcher, hs, receivers, p, "denoise", mlps="frozen") for p in cfg.circuit_positions)
     paths = pd.concat([r.table() for r in results], ignore_index=True)
     return CircuitStage(hs, results, paths, cfg.n_circuit, len(excluded), ids["circuit"])
 
@@ -245,8 +246,13 @@ def own_circuit_blocks(folder: RunFolder, c: CircuitStage, model: str) -> list:
         f"the largest path between headline heads is {best.sender} -> {best.receiver} ({best.input}, sender at "
         f"{best.positions} positions) {ci_text(best.effect, best.ci_low, best.ci_high, signed=True)}"
         if best is not None
-        else "no path between headline heads reaches |effect| >= "
-        f"{THRESHOLD} with a CI excluding 0: at this size the evidence shows no path between them"
+        else f"no path between headline heads reaches |effect| >= {THRESHOLD} with a CI excluding 0 at this size"
+    )
+    gap, lo, hi = mean_ci(c.results[0].context_gap.numpy(), items=c.example_ids.numpy())
+    lead += (
+        f". The normaliser, the correct - flipped logit difference at the query, is "
+        f"{ci_text(gap, lo, hi, signed=True)} on these contexts; where it is small against its spread, path shares "
+        "have wide CIs"
     )
     direct = sig[(sig.receiver == LOGITS) & (sig.positions == "all")]
     blocks: list = [

@@ -64,8 +64,11 @@ class ReportConfig:
     batch_size: int = 8
     top: int = 6
     attribution: bool = True  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
-    attribution_steps: int = 20  # its Riemann steps; cost about 2 (m + 2) (L + 1) / 2 forward + backward pairs
-    n_circuit: int = 8  # held-out path patching among the headline heads: contexts of task rows no finder draw used
+    attribution_steps: int = 8  # its Riemann steps; cost about 2 (m + 2) forward + backward pairs per layer run
+    # exact sweeps of the patching stage (--full adds head_out_label: head outputs at the label positions)
+    patch_kinds: tuple[str, ...] = ("head_out", "head_out_readout", "resid")
+    circuit_positions: tuple[str, ...] = ("all",)  # sender positions of the circuit stage's path patching
+    n_circuit: int = 16  # held-out path patching among the headline heads: contexts of task rows no finder draw used
     findings: str | None = None  # a `mechicl findings` grid folder read into section 7 (no forwards)
     circuit: str | None = None  # a `mechicl circuit` run folder read into section 7 (no forwards)
 
@@ -109,6 +112,9 @@ class ReportConfig:
                 n_candidates=12,
                 resid_examples=0,
                 n_circuit=32,
+                attribution_steps=20,
+                patch_kinds=("head_out", "head_out_label", "head_out_readout", "resid"),
+                circuit_positions=("label", "all"),
             ),
         }
         if size not in presets:

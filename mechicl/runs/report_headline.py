@@ -58,24 +58,14 @@ def _grid_rows(rep: Replication | None, model: str) -> tuple[dict[str, str], str
     return text, f"Grid: {len(cells)} cells of {model} ({tasks}), {int(cells.votes.sum())} voting."
 
 
-def headline_section(d: ReportData, rep: Replication | None) -> Section:
-    """The headline table from the report's finder cell and the grid's replication."""
-    r, model = d.heads, d.config.model
-    grid, grid_note = _grid_rows(rep, model)
-    if not r.has_effect:
-        b = r.baseline
-        return Section(
-            "Headline",
-            (
-                Note(
-                    f"On this model and task the correct-vs-flipped gap in P(true) is "
-                    f"{_ci(b['gap'], b['gap_ci_low'], b['gap_ci_high'], 3)}: its CI does not lie above 0, so no head "
-                    f"is named ({r.verdict}). {grid_note}"
-                ),
-            ),
-        )
-    v = r.validate
-    table = pd.DataFrame(
+def headline_table(d: ReportData, rep: Replication | None) -> pd.DataFrame:
+    """One row per head the finder validated (none without an in-context effect): role, label information with its
+    CI, matched controls, zero-shot effect and the grid's verdict, as the reader sees them (written as headline.csv)."""
+    if not d.heads.has_effect:
+        return pd.DataFrame()
+    grid, _ = _grid_rows(rep, d.config.model)
+    v = d.heads.validate
+    return pd.DataFrame(
         {
             "head": v.heads,
             "role": v.role,
@@ -89,14 +79,33 @@ def headline_section(d: ReportData, rep: Replication | None) -> Section:
             ],
             "across tasks and seeds": [grid.get(h, "not validated in a voting grid cell") for h in v.heads],
         }
-    )
+    ).reset_index(drop=True)
+
+
+def headline_section(d: ReportData, rep: Replication | None) -> Section:
+    """The headline table from the report's finder cell and the grid's replication."""
+    r, model = d.heads, d.config.model
+    _, grid_note = _grid_rows(rep, model)
+    if not r.has_effect:
+        b = r.baseline
+        return Section(
+            "Headline",
+            (
+                Note(
+                    f"On this model and task the correct-vs-flipped gap in P(true) is "
+                    f"{_ci(b['gap'], b['gap_ci_low'], b['gap_ci_high'], 3)}: its CI does not lie above 0, so no head "
+                    f"is named ({r.verdict}). {grid_note}"
+                ),
+            ),
+        )
+    v = r.validate
     labels = list(v.heads[(v.role == "label") & v.above_control])
     lead = (
         f"Label heads on {model} / {d.config.task}: {', '.join(labels)}."
         if labels
         else f"No validated head on {model} / {d.config.task} is a pure label head (see the roles)."
     )
-    return Section("Headline", (Table(table, f"{lead} {r.verdict}. {grid_note}"),))
+    return Section("Headline", (Table(headline_table(d, rep), f"{lead} {r.verdict}. {grid_note}"),))
 
 
 def with_competition(headline: Section, body: Sequence[Section]) -> Section:

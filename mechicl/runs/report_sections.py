@@ -146,7 +146,8 @@ def attattr_blocks(folder: RunFolder, d: ReportData, title: str) -> list:
             folder.path / "attribution_label_vs_input.png",
             f"Attention attribution (AttAttr, integrated gradients over attention from a uniform-attention start, "
             f"m = {d.config.attribution_steps}) at the readout slot, summed over heads: label vs input tokens per layer, "
-            f"on the {n} patching contexts. Unlike raw attention it adds up to the change of the shown label's logit "
+            f"on the {n} patching contexts, at layers {', '.join(map(str, sorted(set(g.layer))))} (the headline heads' "
+            "layers; `mechicl attribute` runs every layer). Unlike raw attention it adds up to the change of the shown label's logit "
             f"difference. Over all layers, flipped labels: label tokens {lab_in.get('label', 0.0):+.3f}, input tokens "
             f"{lab_in.get('input', 0.0):+.3f}.",
         ),

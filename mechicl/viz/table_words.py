@@ -84,6 +84,7 @@ COLUMNS: dict[str, Col] = {
     "seconds": Col("wall time (s)", digits=1),
     "forwards": Col("forwards"),
     "rows": Col("context rows"),
+    "peak_rss_gb": Col("peak RSS so far (GB)", digits=2),
 }
 
 

@@ -62,13 +62,17 @@ def test_report_is_one_offline_page_with_every_section(report):
 
 
 def test_every_mechanism_section_is_read_against_the_headline(report):
-    """Attention, patching, validation, prior and circuit each open with a line naming the headline heads (the
-    validated heads above their controls) and quoting their values from that section's own CSVs."""
+    """Attention, patching, validation and prior each open with a line naming the headline heads (the validated
+    heads above their controls) and quoting their values from that section's own CSVs; the circuit section is built
+    from those heads."""
     out, html = report
     v = pd.read_csv(out / "validate.csv")
     named = list(v.heads[v.above_control])
     lines = re.findall(r"Against the headline \(([^)]*)\): (.*?)</p>", html, re.S)
-    assert len(lines) == 5 and all(n.split(", ") == named for n, _ in lines)
+    assert len(lines) == 4 and all(n.split(", ") == named for n, _ in lines)
+    sec8 = html[html.rindex("8. Circuit and findings") : html.rindex("9. Run facts")]
+    order = sorted(named, key=lambda h: tuple(map(int, h[1:].split("H"))))
+    assert f"Held-out path patching among the headline heads ({', '.join(order)})" in sec8
     att = pd.read_csv(out / "attention_heads.csv")
     att["name"] = [f"L{l}H{h}" for l, h in zip(att.layer, att["head"])]
     for h in named:

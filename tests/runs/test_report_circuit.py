@@ -117,7 +117,7 @@ def test_report_circuit_stage_measures_fresh_rows_and_matches_the_circuit_comman
     used = used_rows(task, fc.sizes, fc.k + 1, (cfg.seed,))
     c = circuit_stage(loaded, task, cfg, ["L1H1", "L0H2"], used)
     assert not set(c.example_ids.reshape(-1).tolist()) & used and c.n_contexts == cfg.n_circuit
-    assert c.heads == ((0, 2), (1, 1)) and set(c.paths.positions) == {"label", "all"}
+    assert c.heads == ((0, 2), (1, 1)) and set(c.paths.positions) == set(cfg.circuit_positions)
     pair = make_pair(task, loaded.tokenizer, c.example_ids, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
     ref = path_patch(Patcher(loaded.model, pair), [(0, 2), (1, 1)], [(1, 1)], "all").table()
     mine = c.paths[c.paths.positions == "all"].reset_index(drop=True)
