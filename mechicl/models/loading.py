@@ -21,6 +21,7 @@ import json
 import math
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +31,7 @@ import safetensors.torch as st
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 
 from mechicl.data.fetch import (
     cache_dir,
@@ -309,7 +311,18 @@ def _bridge(name: str, hf: Any, tok: Any) -> Any:
     if not getattr(hf.config, "architectures", None):
         hf.config.architectures = [type(hf).__name__]
     dtype = next(p.dtype for p in hf.parameters() if p.is_floating_point())
-    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, dtype=dtype).eval()
+    # TransformerLens 4.3 reloads a second copy of a tokenizer that does not say it adds BOS (0.27 GB resident on
+    # gemma3-270m); mechicl places BOS itself (``LoadedModel.prepend_bos``) and never tokenizes through the bridge,
+    # so the flag is shown to the bridge only while it boots, and the one tokenizer keeps its own settings.
+    kwargs, side = dict(tok.init_kwargs), tok.padding_side
+    tok.init_kwargs["add_bos_token"] = True
+    try:
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, dtype=dtype).eval()
+    finally:
+        tok.init_kwargs.clear()
+        tok.init_kwargs.update(kwargs)
+        tok.padding_side = side
+    return bridge
 
 
 def _native_prepend_bos(tok: Any) -> bool:
@@ -345,8 +358,10 @@ def _load_hf_dir(
     weights = path / "model.safetensors"
     if weights.exists() and device_map is None:
         config = AutoConfig.from_pretrained(str(path))
-        hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
-        missing, unexpected = st.load_model(hf, str(weights), strict=False)
+        with no_init_weights():  # every weight is read from the file next (6 s of random init on gemma3-270m saved)
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+        hf.tie_weights()  # tied weights share storage before the read: the file stores them once, under one name
+        missing, unexpected = load_in_place(hf, weights)
         if unexpected or [m for m in missing if "lm_head" not in m]:
             raise ModelUnavailable(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
         if missing:  # tied unembedding stored once
@@ -357,6 +372,42 @@ def _load_hf_dir(
         )
     hf.eval()
     return LoadedModel(name, _bridge(name, hf, tok), tok, _native_prepend_bos(tok), source or f"directory {path}")
+
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@torch.no_grad()
+def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
+    """Read ``weights`` (a safetensors file) straight into ``hf``'s tensors; returns (missing, unexpected) names as
+    ``safetensors.torch.load_model(strict=False)`` does.
+
+    Why not ``load_model``: it holds the whole file in memory beside the model's own tensors (a full copy, or a
+    memory map whose touched pages count as resident), so the peak holds the weights twice (gemma3-270m: about 1 GB
+    more, the run's peak). Here each tensor's bytes are read with ``readinto`` into the destination tensor itself
+    (a staging buffer only where the dtypes differ): no second copy. Reads the safetensors layout directly (an
+    8-byte header length, a JSON header of dtype, shape and byte offsets, then the data); shapes must match."""
+    own = hf.state_dict()  # tensors sharing the parameters' storage (a tied weight appears under each name)
+    with open(weights, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name in sorted(set(header) & set(own)):
+            meta, dst = header[name], own[name]
+            if tuple(meta["shape"]) != tuple(dst.shape) or meta["dtype"] not in ST_DTYPES:
+                raise ModelUnavailable(
+                    f"{weights}: {name} is {meta['dtype']} {meta['shape']}, the model's "
+                    f"{dst.dtype} {tuple(dst.shape)}: rebuild the cached model"
+                )
+            src_dtype = ST_DTYPES[meta["dtype"]]
+            buf = dst if src_dtype == dst.dtype and dst.is_contiguous() else torch.empty(dst.shape, dtype=src_dtype)
+            f.seek(8 + n + meta["data_offsets"][0])
+            if f.readinto(memoryview(buf.view(torch.uint8).numpy()).cast("B")) != buf.numel() * buf.element_size():
+                raise ModelUnavailable(f"{weights} ends inside {name}: copy or download the model again")
+            if buf is not dst:
+                dst.copy_(buf)
+    loaded = {own[k].data_ptr() for k in set(header) & set(own)}  # a tied weight is stored once, under either name
+    return sorted(k for k in set(own) - set(header) if own[k].data_ptr() not in loaded), sorted(set(header) - set(own))
 
 
 def _split_kwargs(device_map: DeviceMap) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from mechicl.analysis.engine.hooks import Head
 from mechicl.analysis.heads.replication import Replication
 from mechicl.analysis.patching.exact import Patcher
-from mechicl.analysis.patching.paths import INPUTS, LOGITS, PathResult, path_matrix, path_patch
+from mechicl.analysis.patching.paths import INPUTS, LOGITS, PathResult, path_patch
 from mechicl.analysis.stats import mean_ci
 from mechicl.data.batches import stage_draws
 from mechicl.data.names import parse_heads
@@ -34,7 +34,7 @@ from mechicl.models.base import LoadedModel
 from mechicl.runs.circuit import significant_edges
 from mechicl.runs.folder import RunFolder, safe_name
 from mechicl.runs.report_data import ReportConfig, ReportData, headline_heads
-from mechicl.viz.paths import path_figures
+from mechicl.viz.circuit import circuit_figure
 from mechicl.viz.report_html import Figure, Note, Section, Table
 from mechicl.viz.table_words import ci_text
 
@@ -227,20 +227,13 @@ def own_circuit_blocks(folder: RunFolder, c: CircuitStage, model: str) -> list:
     sig = significant_edges(p, THRESHOLD)
     between = sig[sig.receiver != LOGITS]
     best = between.iloc[between.effect.abs().argmax()] if len(between) else None
-    for r in c.results:
-        mats = {inp: path_matrix(r, inp) for inp in (*INPUTS, LOGITS)}
-        edges = significant_edges(r.table(), THRESHOLD)
-        path_figures(
-            mats,
-            edges,
+    for r in c.results:  # the circuit figure only (`mechicl circuit` also draws each input's sender x receiver map)
+        circuit_figure(
+            significant_edges(r.table(), THRESHOLD),
             c.names,
-            folder.path,
-            f"{r.positions}_{r.mlps}",
-            model,
-            r.positions,
-            r.mlps,
-            THRESHOLD,
-            c.n_contexts,
+            [folder.path / f"circuit_{r.positions}_{r.mlps}.png"],
+            f"{model}: path effects from headline heads' outputs at {r.positions} positions (MLPs {r.mlps}), |effect| "
+            f">= {THRESHOLD} with a 95% CI over {c.n_contexts} held-out contexts excluding 0",
         )
     lead = (
         f"the largest path between headline heads is {best.sender} -> {best.receiver} ({best.input}, sender at "

@@ -52,23 +52,23 @@ class ReportConfig:
     n_examples: int = 9  # examples per context (query included) for attention, lens, DLA, patching, heads
     n_inside: int = 16  # contexts for attention, lens, DLA
     k_min: int = 4  # readout slots with k >= k_min are averaged in attention, lens, DLA
-    n_patch: int = 4  # contexts for the patching sweeps
+    n_patch: int = 3  # contexts for the patching sweeps
     n_screen: int = 8  # head finder: screening contexts
     n_confirm: int = 16  # head finder: confirmation contexts
     n_eval: int = 32  # head finder: validation contexts
     n_candidates: int = 6  # screened heads confirmed
     n_top: int = 3  # confirmed heads validated against matched controls
-    n_prior: int = 16  # prior vs context: contexts of the validate draw (routes, dose, prior heads; k_min 1)
+    n_prior: int = 12  # prior vs context: contexts of the validate draw (routes, dose, prior heads; k_min 1)
     n_control: int = 5  # matched control heads per validated head
     resid_examples: int = 2  # residual x position patching covers the last this-many examples (0 = every position)
     batch_size: int = 8
     top: int = 6
     attribution: bool = True  # AttAttr (integrated gradients over attention) on the patching pair, both renderings
-    attribution_steps: int = 8  # its Riemann steps; cost about 2 (m + 2) forward + backward pairs per layer run
+    attribution_steps: int = 6  # its Riemann steps; cost about 2 (m + 2) forward + backward pairs per layer run
     # exact sweeps of the patching stage (--full adds head_out_label: head outputs at the label positions)
     patch_kinds: tuple[str, ...] = ("head_out", "head_out_readout", "resid")
     circuit_positions: tuple[str, ...] = ("all",)  # sender positions of the circuit stage's path patching
-    n_circuit: int = 16  # held-out path patching among the headline heads: contexts of task rows no finder draw used
+    n_circuit: int = 8  # held-out path patching among the headline heads: contexts of task rows no finder draw used
     findings: str | None = None  # a `mechicl findings` grid folder read into section 7 (no forwards)
     circuit: str | None = None  # a `mechicl circuit` run folder read into section 7 (no forwards)
 

@@ -1,0 +1,65 @@
+"""``models.loading.load_in_place`` reads a safetensors file straight into a model built without random init: every
+tensor equals safetensors' own ``load_model`` (tied embeddings stored once included); a wrong shape or dtype, or a
+file cut short, is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch as st
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from mechicl.errors import ModelUnavailable
+from mechicl.models.loading import load_in_place
+
+
+def _config(**kw) -> LlamaConfig:
+    kw = {"vocab_size": 97, **kw}
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **kw,
+    )
+
+
+def _empty(cfg: LlamaConfig) -> LlamaForCausalLM:
+    with no_init_weights():
+        m = LlamaForCausalLM(cfg)
+    m.tie_weights()
+    return m
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_equals_safetensors_load_model(tmp_path, tied):
+    torch.manual_seed(0)
+    cfg = _config(tie_word_embeddings=tied)
+    src = LlamaForCausalLM(cfg)
+    st.save_model(src, str(tmp_path / "model.safetensors"))  # a tied weight is stored once
+    mine, ref = _empty(cfg), LlamaForCausalLM(_config(tie_word_embeddings=tied))
+    assert load_in_place(mine, tmp_path / "model.safetensors") == ([], [])
+    st.load_model(ref, str(tmp_path / "model.safetensors"), strict=False)
+    a, b = mine.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(mine.lm_head.weight, src.lm_head.weight)
+
+
+def test_wrong_shape_dtype_or_short_file_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    st.save_model(LlamaForCausalLM(_config(vocab_size=98)), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ModelUnavailable, match="rebuild the cached model"):
+        load_in_place(_empty(_config()), tmp_path / "wide.safetensors")
+    st.save_model(LlamaForCausalLM(_config()), str(tmp_path / "ok.safetensors"))
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelUnavailable, match="ends inside"):
+        load_in_place(_empty(_config()), tmp_path / "cut.safetensors")
+    half = LlamaForCausalLM(_config()).to(torch.float16)
+    st.save_model(half, str(tmp_path / "half.safetensors"))
+    m = _empty(_config())
+    load_in_place(m, tmp_path / "half.safetensors")  # another float dtype is converted, as load_model does
+    assert torch.equal(m.model.norm.weight, half.model.norm.weight.float())
