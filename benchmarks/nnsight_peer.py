@@ -74,7 +74,9 @@ def nnsight_peer(bridge: Any) -> Any:
     if nnsight_version() is None:
         print("[bench] nnsight is not installed (pip install -e '.[bench]'): the nnsight arm is skipped", flush=True)
         return None
-    if getattr(bridge, "original_model", None) is None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(getattr(bridge, "original_model", None), PreTrainedModel):
         print("[bench] not a Hugging Face model (a boot_native bridge): the nnsight arm is skipped", flush=True)
         return None
     from nnsight import NNsight

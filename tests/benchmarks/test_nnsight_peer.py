@@ -63,3 +63,8 @@ def test_one_cell_patches_only_that_head(toy):
     peer = nnsight_peer(loaded.model)
     full, one = nnsight_head_sweep(peer, pair).values, nnsight_head_sweep(peer, pair, cells=[(1, 2)]).values
     assert one[1, 2] == full[1, 2] and int((one != 0).sum()) == 1
+
+
+def test_a_native_bridge_is_skipped_with_a_message(tiny, capsys):
+    assert nnsight_peer(tiny.model) is None
+    assert "nnsight arm is skipped" in capsys.readouterr().out
