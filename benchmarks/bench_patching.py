@@ -12,9 +12,14 @@ every position), correct -> flipped labels (denoising; every demonstration label
 * TransformerLens: ``run_with_cache`` of the clean run +
   ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos`` with the same
   normalised metric (its baselines come from full forwards, ``tests.helpers.tl_metric``,
-  and are not timed: favours TL).
+  and are not timed: favours TL), and
+* nnsight 0.8 (when installed, ``pip install -e '.[bench]'``; else the arm is skipped with a printed line):
+  the loop of nnsight's activation-patching docs over ``NNsight`` of the plain Hugging Face model on the
+  bridge's own weights (``nnsight_peer.py``): a clean trace saving every ``o_proj`` input (the heads' ``z``),
+  a corrupted trace for the baseline, then one ``model.trace(corrupted)`` per head writing the head's clean
+  slice at every position (its two baseline traces are timed).
 
-Both on the same prompts, 1 thread, repeats interleaved, medians reported (and the
+All on the same prompts, 1 thread, repeats interleaved, medians reported (and the
 median of the per-repeat ratios, robust to a noisy neighbour on a shared machine), with
 each side's peak RSS (``_common.timed``; the loaded model is in it).
 
@@ -60,6 +65,7 @@ from pathlib import Path
 
 import torch
 from _common import MACHINE, add_row, median, rss_mb, timed
+from nnsight_peer import nnsight_head_sweep, nnsight_peer, nnsight_version
 
 warnings.filterwarnings("ignore")
 
@@ -77,8 +83,9 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def measure_size(loaded, task, args, n_ex: int, rss_model: float):
-    """One size: interleaved repeats of mechicl and TL, the readout forward for the bound; prints a row."""
+def measure_size(loaded, task, args, n_ex: int, rss_model: float, peer=None):
+    """One size: interleaved repeats of mechicl, TL and (``peer``: ``nnsight_peer``, or None) nnsight, the readout
+    forward for the bound; prints a row (and a line for nnsight)."""
     import transformer_lens.patching as tlp
 
     from mechicl.analysis.engine.hooks import run_to_final
@@ -109,12 +116,18 @@ def measure_size(loaded, task, args, n_ex: int, rss_model: float):
     bound_forward = readout_forward if runner is None else (lambda: runner.run(pair.corrupted.tokens[:, p0:width]))
     with torch.no_grad():
         model(pair.corrupted.tokens)
-    t_o, t_r, t_ro, t_full, m_o, m_r = [], [], [], [], [], []
+    peer_sweep = None if peer is None else (lambda: nnsight_head_sweep(peer, pair))
+    if peer is not None:
+        nnsight_head_sweep(peer, pair, cells=[(L - 1, 0)])  # warm up (its two baselines and one cell)
+    t_o, t_r, t_n, t_ro, t_full, m_o, m_r, m_n = [], [], [], [], [], [], [], []
     for _ in range(args.repeats):
         dt, mb, res = timed(ours)
         t_o.append(dt), m_o.append(mb)
         dt, mb, res_tl = timed(tl)
         t_r.append(dt), m_r.append(mb)
+        if peer_sweep is not None:
+            dt, mb, res_nn = timed(peer_sweep)
+            t_n.append(dt), m_n.append(mb)
         t_ro.append(_median_time(bound_forward, 3)[0])
         t_full.append(_median_time(readout_forward, 3)[0])
     diff = float((res.values - res_tl).abs().max())
@@ -173,7 +186,46 @@ def measure_size(loaded, task, args, n_ex: int, rss_model: float):
         model_rss_mb=rss_model,
         goal="ratio >= 10 (Gemma), time <= 1.3 x bound, diff <= 1e-4",
     )
+    if peer_sweep is not None:
+        peer_row(args, loaded.name, size, pair, (t_o, t_r, t_n), (res, res_tl, res_nn), (max(m_o), max(m_n)), rss_model)
     return pair, res
+
+
+def peer_row(args, model_name: str, size: str, pair, times, values, peaks, rss_model: float) -> None:
+    """Print and record nnsight's line of one size: its times against mechicl's and TL's (same repeats), and its
+    effects' max difference from each (normalised scale, each side's own baselines; and from mechicl's raw mean
+    logit differences)."""
+    (t_o, t_r, t_n), (ours, ref_tl, peer), (peak_o, peak_n) = times, values, peaks
+    d_ours, d_tl = float((peer.values - ours.values).abs().max()), float((peer.values - ref_tl).abs().max())
+    raw = float((peer.logit_diff - ours.logit_diff.mean(-1)).abs().max())  # each side's own patched runs
+    per = median([n / o for n, o in zip(t_n, t_o)])
+    version = nnsight_version()
+    print(
+        f"|  | nnsight {version} (trace loop over NNsight(plain HF), {len(t_n)} repeats): **{median(t_n):.2f} s**; "
+        f"nnsight / mechicl **{median(t_n) / median(t_o):.2f}x** (per-repeat {per:.2f}x), nnsight / TL "
+        f"{median(t_n) / median(t_r):.2f}x (per-repeat {median([n / r for n, r in zip(t_n, t_r)]):.2f}x); "
+        f"max diff vs mechicl {d_ours:.1e} {verdict(d_ours <= 1e-4)} (norm.; raw LD {raw:.1e}), "
+        f"vs TL {d_tl:.1e} (norm.); nnsight peak MB {peak_n:.0f} |",
+        flush=True,
+    )
+    add_row(
+        args.rows,
+        bench="P1-nnsight",
+        model=model_name,
+        size=size,
+        pair=pair.description,
+        ours="Patcher.sweep('head_out')",
+        reference=f"nnsight {version} trace loop (NNsight of the plain HF model)",
+        ours_times=t_o,
+        ref_times=t_n,
+        tl_times=t_r,
+        max_diff=d_ours,
+        max_diff_vs_tl=d_tl,
+        raw_ld_max_diff=raw,
+        ours_peak_mb=peak_o,
+        ref_peak_mb=peak_n,
+        model_rss_mb=rss_model,
+    )
 
 
 def resid_sweep(loaded, task, args, rss_model: float) -> None:
@@ -318,9 +370,10 @@ def main() -> None:
         print(f"\ntotal benchmark wall time {time.perf_counter() - t0:.0f} s")
         return
     L, H = int(loaded.model.cfg.n_layers), int(loaded.model.cfg.n_heads)
+    peer = nnsight_peer(loaded.model)
     print(
         f"P1 all-heads output patching, {loaded.name} ({L} layers x {H} heads), task {task.name}, 1 thread, "
-        f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB"
+        f"median of {args.repeats} interleaved repeats; RSS after load {rss_model:.0f} MB; machine: {MACHINE}"
     )
     print(
         "| examples, pair | contexts x tokens, positions mechicl re-runs | mechicl s | TL s | ratio (goal >= 10 on Gemma) | per-repeat ratio "
@@ -330,7 +383,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     pair = res = None
     for n_ex in (int(x) for x in args.examples.split(",")):
-        pair, res = measure_size(loaded, task, args, n_ex, rss_model)
+        pair, res = measure_size(loaded, task, args, n_ex, rss_model, peer)
     if not args.no_extras:
         extras(loaded, pair, res, args.repeats)
     print(f"\ntotal benchmark wall time {time.perf_counter() - t0:.0f} s")
