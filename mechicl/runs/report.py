@@ -290,7 +290,9 @@ def run_report(
     title = f"{loaded.name} on {task.name}"
     with stages.stage("figures + views", "context 0 for the attention view"), plt.rc_context(FIGURE_DPI):
         rep = committed_replication(Path(cfg.findings)) if cfg.findings else committed_replication()
-        folder.csv("headline.csv", headline_table(data, rep))
+        head = headline_table(data, rep)
+        if len(head):  # none without an in-context effect: the headline then says why no head is named
+            folder.csv("headline.csv", head)
         body = S.build_sections(folder, loaded, data, title, rep)
         sections = [with_competition(headline_section(data, rep), body), *with_agreement(body, data)]
     facts = S.facts_section(loaded, cfg, stages.table(), command)

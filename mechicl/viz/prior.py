@@ -50,12 +50,21 @@ def prior_figures(tab: pd.DataFrame, folder: Path, title: str) -> list[Path]:
 ROUTE_COLOURS = {"labels": "tab:red", "query": "tab:blue", "rest": "tab:grey", "interaction": "tab:purple"}
 
 
+def _bin_low(label: str) -> float:
+    """The lower edge of a prior bin label such as ``"[-1, +0)"`` or ``"[+2, inf)"``; a label without one
+    (``"all"``) sorts first."""
+    try:
+        return float(label.strip("[]()").split(",")[0])
+    except ValueError:
+        return float("-inf")
+
+
 def competition_figure(routes: pd.DataFrame, sides: pd.DataFrame, path: Path, title: str) -> Path:
     """Who wins, at which k, for which queries: one column per prior bin. Top: each route's share of the
     flipped-vs-correct logit difference at the readout slot (label positions, the query's own input, the rest,
     and what only arrives when they combine), with 95% CIs. Bottom: the share of flipped-label queries still
     answered with the true class (above 0.5 the prior wins), with 95% CIs."""
-    bins = [b for b in routes.prior_bin.drop_duplicates()]
+    bins = sorted(routes.prior_bin.drop_duplicates(), key=_bin_low)  # left to right: weakest prior for the truth
     fig, axes = plt.subplots(2, len(bins), figsize=(2.6 * len(bins) + 1, 5.2), dpi=120, sharex=True, squeeze=False)
     for j, b in enumerate(bins):
         top, bottom = axes[0, j], axes[1, j]
