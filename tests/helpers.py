@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -260,3 +261,14 @@ SMALL_GRID = (
     "findings --models organism-strong --tasks organism --seeds 0 --k 8 --k-min 4 --n-screen 4 --n-confirm 4 "
     "--n-validate 8 --n-candidates 3 --n-top 2 --n-control 2 --n-resample 1"
 ).split()
+
+
+def script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package), and its path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path

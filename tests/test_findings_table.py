@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "findings_table.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("findings_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return helpers.script("findings_table")[0]
 
 
 def test_the_tables_match_the_committed_cells():

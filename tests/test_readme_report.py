@@ -3,7 +3,6 @@ in docs/results/report/ (scripts/readme_report.py); a changed number or a missin
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -11,15 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "readme_report.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("readme_report", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return helpers.script("readme_report")[0]
 
 
 def test_the_readme_block_matches_the_committed_run():
