@@ -272,3 +272,13 @@ def script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod, path
+
+
+def script_check(name: str) -> None:
+    """``python scripts/<name>.py --check`` exits 0 (what it prints on stderr is the failure message)."""
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    run = subprocess.run([sys.executable, str(path), "--check"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

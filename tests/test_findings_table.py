@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "findings_table.py"
 
 
 def _module():
@@ -19,8 +16,7 @@ def _module():
 
 
 def test_the_tables_match_the_committed_cells():
-    run = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    helpers.script_check("findings_table")
 
 
 def test_a_changed_number_or_a_missing_block_fails(tmp_path, monkeypatch):

@@ -4,8 +4,6 @@ in docs/results/report/ (scripts/readme_report.py); a changed number or a missin
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +11,6 @@ import pandas as pd
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "readme_report.py"
 
 
 def _module():
@@ -21,8 +18,7 @@ def _module():
 
 
 def test_the_readme_block_matches_the_committed_run():
-    run = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    helpers.script_check("readme_report")
     assert (ROOT / "docs" / "img" / "report_top.png").stat().st_size > 10_000  # the screenshot the README shows
 
 
