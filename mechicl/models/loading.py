@@ -337,11 +337,9 @@ def _load_hf_dir(
         with no_init_weights():  # every weight is read from the file next (6 s of random init on gemma3-270m saved)
             hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
         hf.tie_weights()  # tied weights share storage before the read: the file stores them once, under one name
-        missing, unexpected = load_in_place(hf, weights)
-        if unexpected or [m for m in missing if "lm_head" not in m]:
+        missing, unexpected = load_in_place(hf, weights)  # a tied weight stored once is not missing
+        if unexpected or missing:  # a missing tensor would stay uninitialised (no_init_weights)
             raise ModelUnavailable(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
-        if missing:  # tied unembedding stored once
-            hf.tie_weights()
     else:
         hf = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, attn_implementation="eager", **_split_kwargs(device_map)

@@ -28,7 +28,7 @@ from mechicl.analysis.engine.surgery import count_block_calls
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.batches import used_rows
-from mechicl.data.names import parse_heads
+from mechicl.data.names import parse_head
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -49,9 +49,9 @@ from mechicl.runs.report_agreement import with_agreement
 from mechicl.runs.report_circuit import check_external, circuit_stage
 from mechicl.runs.report_data import NHTest, PatchStage, ReportConfig, ReportData, arbitrary_words, headline_heads
 from mechicl.runs.report_guides import with_guides
-from mechicl.runs.report_headline import committed_replication, headline_section, headline_table, with_competition
+from mechicl.runs.report_headline import committed_replication, headline_section, with_competition
 from mechicl.runs.run import load_config, verdict_markdown
-from mechicl.viz.report_html import render_report
+from mechicl.viz.report_html import Table, render_report
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 NH_CONFIGS = ("nh1_random_labels.toml", "nh2_flipped_arbitrary.toml")
@@ -184,14 +184,14 @@ def compute_report(
         dla, pvc, _ = compute_dla(loaded, task, ic, Clock(), progress, runs=runs)
     with stages.stage("patching", f"{cfg.n_patch} contexts x {cfg.n_examples} examples (correct vs flipped)"):
         patch = patch_stage(loaded, task, cfg, progress, runs)
+    fc = cfg.heads()
     with stages.stage(
         "head finder", f"{cfg.n_screen} screen + {cfg.n_confirm} confirm + {cfg.n_eval} validate contexts"
     ):
-        heads = find_heads_for(loaded, task, cfg.heads(), progress)
+        heads = find_heads_for(loaded, task, fc, progress)
     prior = circuit = None
     named = headline_heads(heads)
     if named:
-        fc = cfg.heads()
         used = used_rows(task, fc.sizes, fc.k + 1, (cfg.seed,))  # the finder's rows: what follows is held out
         with stages.stage("prior vs context", f"{cfg.n_prior} contexts x {cfg.n_examples} examples + prior-head draws"):
             prior = prior_stage(loaded, task, cfg, named, used)
@@ -215,7 +215,7 @@ def attattr_layers(named: list[str], attention: pd.DataFrame, top: int) -> list[
     backward pairs per rendering, so all layers would dominate the page's cost), else the top label-attention
     heads'."""
     if named:
-        return sorted({parse_heads(h)[0][0] for h in named})
+        return sorted({parse_head(h)[0] for h in named})
     return sorted({int(l) for l in attention.nlargest(top, "label_attention").layer})
 
 
@@ -224,7 +224,7 @@ def prior_stage(loaded: LoadedModel, task: Task, cfg: ReportConfig, names: list[
     finder, at every slot k >= 1 of ``n_prior`` contexts (``runs.prior.compute_prior``) drawn from task rows outside
     ``used`` (the finder's)."""
     ic = InsideConfig(cfg.model, cfg.task, cfg.n_prior, cfg.n_examples, 1, cfg.seed, cfg.batch_size, cfg.top)
-    return compute_prior(loaded, task, ic, [[parse_heads(h)[0]] for h in names], find=True, exclude=used)
+    return compute_prior(loaded, task, ic, [[parse_head(h)] for h in names], find=True, exclude=used)
 
 
 def write_tables(folder: RunFolder, d: ReportData) -> None:
@@ -290,11 +290,12 @@ def run_report(
     title = f"{loaded.name} on {task.name}"
     with stages.stage("figures + views", "context 0 for the attention view"), plt.rc_context(FIGURE_DPI):
         rep = committed_replication(Path(cfg.findings)) if cfg.findings else committed_replication()
-        head = headline_table(data, rep)
-        if len(head):  # none without an in-context effect: the headline then says why no head is named
-            folder.csv("headline.csv", head)
+        headline = headline_section(data, rep)
+        tables = [b for b in headline.blocks if isinstance(b, Table)]
+        if tables:  # none without an in-context effect: the headline then says why no head is named
+            folder.csv("headline.csv", tables[0].df)
         body = S.build_sections(folder, loaded, data, title, rep)
-        sections = [with_competition(headline_section(data, rep), body), *with_agreement(body, data)]
+        sections = [with_competition(headline, body), *with_agreement(body, data)]
     facts = S.facts_section(loaded, cfg, stages.table(), command)
     folder.csv("facts.csv", facts.blocks[0].df)
     sections = with_guides([*sections, facts])

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 
 from mechicl.analysis.heads.finder import FindingsResult
+from mechicl.data.names import head_name
 from mechicl.runs.attribute import top_label_heads
 from mechicl.runs.report_data import ReportData, headline_heads
 from mechicl.viz.report_html import Note, Section
@@ -20,7 +21,7 @@ from mechicl.viz.table_words import ci_text
 
 
 def _names(df: pd.DataFrame) -> pd.Series:
-    return pd.Series([f"L{int(l)}H{int(h)}" for l, h in zip(df.layer, df["head"])], index=df.index)
+    return pd.Series([head_name(int(l), int(h)) for l, h in zip(df.layer, df["head"])], index=df.index)
 
 
 def finder_status(name: str, r: FindingsResult) -> str:

@@ -72,13 +72,10 @@ def _dose_caption(dose: pd.DataFrame) -> str:
         m = f"{at(r.flip_measured)} [{at(r.flip_measured_ci_low)}, {at(r.flip_measured_ci_high)}]"
         p = f"{at(r.flip_predicted)} [{at(r.flip_predicted_ci_low)}, {at(r.flip_predicted_ci_high)}]"
         parts.append(f"{r.heads}: half the flipped queries follow the labels at {m} (predicted from x0 and x1: {p})")
-    n = int(last.n_queries.iloc[0]) if "n_queries" in last.columns else None
     return (
         "Each headline head's label signal scaled in the flipped contexts (x0 = its correct-label output, x1 = as "
         "run); measured with 95% CIs, the linear prediction dashed. Flip points with 95% bootstrap CIs over contexts "
-        f"(k {int(last.k_lo.iloc[0])}-{int(last.k_hi.iloc[0])}"
-        + (f", {n} queries" if n else "")
-        + "): "
+        f"(k {int(last.k_lo.iloc[0])}-{int(last.k_hi.iloc[0])}): "
         + "; ".join(parts)
         + ". A wide interval means few queries sit near the flip."
     )

@@ -63,3 +63,14 @@ def test_wrong_shape_dtype_or_short_file_is_a_clear_error(tmp_path):
     m = _empty(_config())
     load_in_place(m, tmp_path / "half.safetensors")  # another float dtype is converted, as load_model does
     assert torch.equal(m.model.norm.weight, half.model.norm.weight.float())
+
+
+def test_a_tensor_the_file_lacks_is_reported_missing(tmp_path):
+    """An untied unembedding absent from the file is missing (it would stay uninitialised): the loader refuses it."""
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(_config(tie_word_embeddings=False))
+    st.save_file({k: v for k, v in src.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "m.safetensors"))
+    assert load_in_place(_empty(_config(tie_word_embeddings=False)), tmp_path / "m.safetensors") == (
+        ["lm_head.weight"],
+        [],
+    )
