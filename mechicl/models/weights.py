@@ -3,8 +3,9 @@
 ``load_in_place`` is what ``models.loading`` uses for cached model directories: the model is built without random
 init (``transformers.initialization.no_init_weights``), its tied weights tied, and every tensor's bytes are then read
 from the file straight into the tensor. ``safetensors.torch.load_model`` would hold the whole file beside the model
-(a full copy, or a memory map whose touched pages count as resident): on gemma3-270m the load's peak fell from 2.85
-to 1.81 GB and its time from 9.9 to 4.8 s (one thread, this project's 2-core machine)."""
+(a full copy, or a memory map whose touched pages count as resident): on gemma3-270m a fresh process's
+load peaked at 2.92 GB before and 1.85 GB after, in 12.2 s and 6.9 s with imports (one thread, this project's 2-core
+machine; docs/results/report/cost.txt)."""
 
 from __future__ import annotations
 

@@ -203,8 +203,8 @@ def compute_report(
         with stages.stage(
             "AttAttr", f"the patching pair, both renderings, m = {cfg.attribution_steps}, layers {layers}"
         ):
-            # 4 rows a chunk: the backward keeps every later layer's activations of the chunk (32 rows took the
-            # whole run's peak to 5.1 GB on gemma3-270m, 8 rows to 3.07 GB); the forwards are the same
+            # 4 rows a chunk: the backward keeps every later layer's activations of the chunk (with 32-row chunks the
+            # whole run peaked at 5.07 GB on gemma3-270m: docs/results/report/cost.txt); the forwards are the same
             ac = AttributeConfig(cfg.model, cfg.task, steps=cfg.attribution_steps, seed=cfg.seed, max_rows=4)
             groups = attattr_groups(patch.pair, attattr_both(loaded, patch.pair, ac, layers))
     return ReportData(cfg, beh, nh, att, lens, dla, pvc, patch, heads, task.n_classes, groups, runs, prior, circuit)
