@@ -100,6 +100,21 @@ def left_pad(tokens: Int[Tensor, "batch pos"], last: Int[Tensor, "batch"]) -> Le
     return LeftPadded(tok, mask, pos, width - (last + 1))
 
 
+def length_chunks(last: Int[Tensor, "batch"], tokens: int) -> list[Int[Tensor, "rows"]]:
+    """Rows grouped for chunked prefix forwards: sorted by length (``last + 1``), each group at most ``tokens``
+    tokens at its own width (one row at least), so short rows are not padded to the longest. Why: one forward
+    of 32 Gemma-3 contexts x 558 tokens took 2.4 s a context, one context at a time 1.6 s (activations that
+    fit the CPU's caches; ``docs/findings.md``, "Cost")."""
+    order = torch.argsort(last, stable=True)
+    groups: list[list[int]] = [[]]
+    for r in order.tolist():
+        width = int(last[r]) + 1  # the group's width once r joins it (sorted: r is its longest row)
+        if groups[-1] and (len(groups[-1]) + 1) * width > tokens:
+            groups.append([])
+        groups[-1].append(r)
+    return [torch.tensor(g, dtype=torch.long) for g in groups]
+
+
 @torch.no_grad()
 def prefix_cache(
     model: Any,

@@ -35,7 +35,8 @@ class SlotStepper:
     the full forward). Models without a usable KV cache fall back to one full forward per
     (intervention, slot) row (``mode == "full"``, ``reruns.kv_or_full``).
 
-    Cost: construction 1 forward; ``run``: ``n x S`` one-token steps per context from the lowest
+    Cost: construction 1 forward, in chunks of rows of similar length of at most ``build_tokens`` tokens each
+    (``reruns.length_chunks``: no row padded to the batch's longest, activations small); ``run``: ``n x S`` one-token steps per context from the lowest
     intervened layer on (kv; blocks below it are skipped: their output is the cached residual) or
     ``n x S`` forwards per context (full). Memory: the KV cache of the batch plus ``z`` at the slots,
     ``batch x S x n_layers x n_heads x d_head`` floats; a step's attention scores stay under
@@ -49,6 +50,7 @@ class SlotStepper:
         k_min: int,
         *,
         step_tokens: int = 8192,
+        build_tokens: int = 1024,
         max_rows: int = 64,
         score_bytes: int = 2**26,
         mode: str = "auto",
@@ -60,6 +62,7 @@ class SlotStepper:
             )
         self.model, self.batch, self.k_min = model, batch, k_min
         self.step_tokens, self.max_rows, self.score_bytes = step_tokens, max_rows, score_bytes
+        self.build_tokens = build_tokens
         self.pos = batch.readout_pos[:, k_min:]  # [b, S] readout positions of the slots
         self.label_ids = batch.label_token_ids
         self.n_layers, self.n_heads = reruns.dims(model)
@@ -100,18 +103,32 @@ class SlotStepper:
 
     @torch.no_grad()
     def _init_kv(self, atol: float) -> None:
-        lay, store = self.layout, {}
+        lay, b = self.layout, self.batch.n_contexts
         res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
-        hooks = capture(self._z_names() + self._post_names() + res_names, store, at=self._cols)
-        # every position kept: appended steps must not evict the prefix
-        self._cache, resid = reruns.prefix_cache(
-            self.model, lay.tokens, hooks, attention_mask=lay.mask, position_ids=lay.pos
-        )
+        names = self._z_names() + self._post_names() + res_names + ["final"]
+        store: dict[str, Tensor] = {}
+        self._cache = None
+        for rows in reruns.length_chunks(self.batch.readout_pos[:, -1], self.build_tokens):
+            sub = reruns.left_pad(self.batch.tokens[rows], self.batch.readout_pos[rows, -1])  # the chunk's own width
+            cols = self._cols[rows] - (lay.width - sub.width)  # [m, S] slot columns in the chunk's layout
+            part: dict[str, Tensor] = {}
+            # every position kept: appended steps must not evict the prefix
+            cache, resid = reruns.prefix_cache(
+                self.model,
+                sub.tokens,
+                capture(names[:-1], part, at=cols),
+                attention_mask=sub.mask,
+                position_ids=sub.pos,
+            )
+            part["final"] = resid[torch.arange(len(rows))[:, None], cols]  # [m, S, d]
+            self._cache = surgery.place_rows(self._cache, cache, rows, b, lay.width)
+            del cache, resid
+            for n in names:
+                store.setdefault(n, part[n].new_empty(b, *part[n].shape[1:]))[rows] = part[n]
         self.z = torch.stack([store[n] for n in self._z_names()], 2)  # [b, S, L, H, d]
         self._keep_post_scale(store)
         self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}  # [b, S, d]
-        rows = torch.arange(lay.tokens.shape[0])[:, None]
-        self.base_logits = unembed_labels(self.model, resid[rows, self._cols], self.label_ids)  # [b, S, labels]
+        self.base_logits = unembed_labels(self.model, store["final"], self.label_ids)  # [b, S, labels]
         self.mode = "kv"
         check = self.run(torch.zeros(2, self.n_layers, self.n_heads, dtype=torch.bool))
         reruns.check_rerun("the slots' KV re-run", check, self.base_logits[None], self.model, atol)

@@ -207,6 +207,29 @@ def _transient(layer: Any, tile: int = 1) -> Any:
     return layer
 
 
+def place_rows(full: Any | None, part: Any, rows: Tensor, n_rows: int, width: int) -> Any:
+    """Write ``part`` (the KV cache of a chunk of left-padded rows, at its own width) into ``rows`` of a
+    ``n_rows x width`` cache, right-aligned (a left-padded row's last token sits in the last column of either
+    layout); columns left of the chunk's width stay zero (pad columns: masked). ``full`` is allocated from
+    ``part``'s layers on the first call (``None``). Memory: the full cache once; the chunk is copied, not kept."""
+    if full is None:
+        full = copy.copy(part)
+        full.layers = []
+        for layer in part.layers:
+            twin = copy.copy(layer)
+            k, v = layer.keys, layer.values
+            twin.keys = k.new_zeros(n_rows, *k.shape[1:-2], width, k.shape[-1])
+            twin.values = v.new_zeros(n_rows, *v.shape[1:-2], width, v.shape[-1])
+            full.layers.append(twin)
+    if len(full.layers) != len(part.layers):
+        raise ValueError(f"a chunk cache of {len(part.layers)} layers cannot fill one of {len(full.layers)}")
+    for dst, src in zip(full.layers, part.layers):
+        w = src.keys.shape[-2]
+        dst.keys[rows, ..., width - w :, :] = src.keys
+        dst.values[rows, ..., width - w :, :] = src.values
+    return full
+
+
 def joined_cache(first: Any, second: Any) -> Any:
     """One KV cache holding ``first``'s positions then ``second``'s, per layer (``[batch, kv_heads, 2 x pos, d]``):
     two renderings of the same contexts side by side, so that an appended token's 4D mask can pick, position by

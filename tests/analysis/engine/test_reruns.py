@@ -101,3 +101,14 @@ def test_models_without_a_cache_take_the_full_path_quietly(tiny, toy):
         with pytest.raises(NoKVPath) as e:
             build()
         assert e.value.expected
+
+
+def test_length_chunks_sort_by_length_and_keep_each_chunk_within_its_token_budget():
+    from mechicl.analysis.engine.reruns import length_chunks
+
+    last = torch.tensor([9, 2, 5, 2, 30, 7])
+    chunks = length_chunks(last, tokens=16)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(6))  # every row once
+    lengths = [last[c] + 1 for c in chunks]
+    assert [c.tolist() for c in chunks] == [[1, 3], [2, 5], [0], [4]]  # sorted by length (stable); 3 x 6 > 16
+    assert all(len(n) * int(n.max()) <= 16 or len(n) == 1 for n in lengths)  # a row longer than the budget is alone

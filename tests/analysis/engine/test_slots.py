@@ -145,3 +145,22 @@ def test_full_mode_groups_contexts_without_changing_results(tiny):
     small = SlotStepper(tiny.model, b, k_min=1, max_rows=3).run(masks)
     big = SlotStepper(tiny.model, b, k_min=1, max_rows=10_000).run(masks)
     assert torch.allclose(small, big, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma"])
+def test_chunked_build_of_rows_of_unequal_length_equals_hooked_full_forwards(model):
+    """``build_tokens=1``: every context is built alone at its own width and placed into the left-padded cache."""
+    loaded = helpers.tiny_hf(model)
+    b = helpers.batch(loaded, helpers.toy_task(3), "flipped", n_contexts=4, n_examples=7, seed=5)
+    last = b.readout_pos[:, -1]
+    assert len(set(last.tolist())) > 1, "the check needs contexts of unequal length"
+    one = SlotStepper(loaded.model, b, k_min=3, build_tokens=1)
+    whole = SlotStepper(loaded.model, b, k_min=3, build_tokens=10_000)
+    assert one.mode == whole.mode == "kv"
+    assert torch.allclose(one.z, whole.z, atol=1e-5) and torch.allclose(one.base_logits, whole.base_logits, atol=1e-5)
+    sets = [[(0, 1)], [(1, 2), (0, 3)]]
+    got = one.run(head_masks(sets, 2, 4), one.z[torch.tensor([3, 0, 1, 2])])
+    for i, heads in enumerate(sets):
+        ref = _reference(loaded, b, 3, heads, one.z[torch.tensor([3, 0, 1, 2])])
+        assert torch.allclose(got[i], ref, atol=1e-4), float((got[i] - ref).abs().max())
+    assert torch.allclose(one.base_logits, _reference(loaded, b, 3, [], None), atol=1e-4)
