@@ -24,6 +24,7 @@ from _common import MACHINE  # noqa: F401 - importing it prints the machine line
 
 from mechicl.analysis.engine import slots as SL
 from mechicl.analysis.engine import stepper as ST
+from mechicl.analysis.heads import ablation as AB
 from mechicl.analysis.heads import finder as AF
 from mechicl.models.loading import load_model
 from mechicl.runs import findings as F
@@ -39,7 +40,8 @@ def rss() -> float:
 
 def sample(stop: threading.Event) -> None:
     while not stop.is_set():
-        PEAKS[LABEL[-1]] = max(PEAKS.get(LABEL[-1], 0.0), rss())
+        key = " > ".join(LABEL[1:]) or LABEL[0]  # the stack of steps: "validate > ablation build > stepper build"
+        PEAKS[key] = max(PEAKS.get(key, 0.0), rss())
         time.sleep(0.05)
 
 
@@ -80,9 +82,11 @@ def main() -> None:
         (SL.SlotStepper, "run", "slot re-runs"),
         (SL.SlotStepper, "attribution", "attribution"),
         (ST.ReadoutStepper, "__init__", "zero-shot"),
+        (AB.HeadAblation, "__init__", "ablation build"),
         (AF, "_screen", "screen"),
         (AF, "_confirm", "confirm"),
-        (AF, "_validate", "validate"),
+        (AF, "validate_top", "validate"),  # the finder's own reference (imported by name)
+        (AF, "_baseline", "check"),
     ]:
         label(obj, name, tag)
     stop = threading.Event()

@@ -41,6 +41,7 @@ from mechicl.data.tasks import load_task
 from mechicl.errors import ConfigError, MechiclError
 from mechicl.models.device import release_host_memory
 from mechicl.models.loading import load_model
+from mechicl.models.machine import peak_rss_gb
 from mechicl.runs.findings_grid import (
     RERUN_HINT,
     cell_key,
@@ -146,6 +147,7 @@ def write_cell(result: FindingsResult, cell: Cell, folder: RunFolder) -> None:
             "baseline": result.baseline,
             "stage_seeds": result.stage_seeds,
             "timings": result.timings,
+            "peak_rss_gb": peak_rss_gb(),  # the process's peak so far: this cell's own in a fresh worker process
             "config": asdict(result.config),
         },
     )
@@ -177,7 +179,6 @@ def run_grid(
     out: Path | str,
     *,
     executor: Any = None,
-    n_workers: int = 1,
     progress: bool = True,
     say: Callable[[str], None] = print,
     rerun_damaged: bool = False,
@@ -187,8 +188,10 @@ def run_grid(
     Before the first cell: ``check_grid`` (``--out``, models, tasks, draws), the grid's lock, and every finished
     cell against its manifest (``ConfigError`` for an edited or damaged one, unless ``rerun_damaged``: then it is
     removed and re-run). ``executor``: anything with ``submit(fn, *args)`` returning an object with ``result()``
-    (a ``concurrent.futures`` executor, ``distributed.Client.get_executor()``, a ``submitit`` executor); each
-    model's cells are split into ``n_workers`` jobs, and each job loads its model once.
+    (a ``concurrent.futures`` executor, ``distributed.Client.get_executor()``, a ``submitit`` executor), one job
+    per cell: a free worker takes the next cell, so cells of unequal cost balance themselves, and each job loads
+    its model (gemma3-270m: 5 s against 1-4 min a cell; ``docs/findings.md``, "Cost"). ``make_executor``'s local
+    pool gives every cell a fresh process, so no cell starts on the heap a previous one left behind.
     """
     out = check_grid(spec, out)
     with grid_lock(out):
@@ -205,14 +208,11 @@ def run_grid(
                     run_cell(loaded, c, spec.cell_config(c), out, progress=False)
                     bar.update()
         else:
-            jobs = [
-                (executor.submit(run_cells, m, cells[i::n_workers], spec, out), len(cells[i::n_workers]))
-                for m, cells in by_model.items()
-                for i in range(min(n_workers, len(cells)))
-            ]
-            for job, n in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
+            jobs = [(executor.submit(run_cells, c.model, [c], spec, out), c) for c in todo]
+            for job, c in jobs:  # in submission order: submitit jobs are not concurrent.futures futures
                 job.result()
-                bar.update(n)
+                bar.set_postfix_str(c.slug)
+                bar.update()
         bar.close()
         return _summarise(out, spec)
 
@@ -239,11 +239,12 @@ def _plan(spec: GridSpec, out: Path, rerun_damaged: bool, say: Callable[[str], N
 def make_executor(
     workers: int = 1, scheduler: str | None = None, slurm: dict[str, Any] | None = None, log_dir: Path | None = None
 ) -> tuple[Any, int]:
-    """An existing engine for the grid's cells, and how many jobs to split each model's cells into.
+    """An existing engine for the grid's cells, and how many cells it runs at once.
 
     ``scheduler`` (``tcp://host:port``): a Dask ``distributed`` cluster; ``slurm``: ``submitit``
     executor parameters (e.g. ``{"slurm_partition": "gpu", "timeout_min": 60}``); otherwise ``workers``
-    local processes (one torch thread each), or ``None`` (serial, in this process) for ``workers == 1``.
+    local processes (one torch thread each, a fresh process per cell: ``max_tasks_per_child=1``), or ``None``
+    (serial, in this process) for ``workers == 1``.
     Dask and submitit come with ``pip install mechicl[distributed]``.
     """
     if scheduler and slurm:
@@ -264,7 +265,8 @@ def make_executor(
             raise ConfigError(f"{e.name} is not installed: pip install 'mechicl[distributed]'") from e
     if workers <= 1:
         return None, 1
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")), workers
+    spawn = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=spawn, max_tasks_per_child=1), workers
 
 
 READ_COLUMNS = {"screen": {"layer", "head"}, "validate": {"layer", "head", "effect", "above_control"}, "sets": {"test"}}
@@ -376,7 +378,9 @@ def command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         slurm = dict(kv.split("=", 1) for kv in args.slurm.split(",")) if args.slurm else None
         executor, n = make_executor(args.workers, args.scheduler, slurm, args.out / "submitit")
-        run_grid(spec, args.out, executor=executor, n_workers=n, rerun_damaged=args.rerun_damaged)
+        if executor is not None:
+            print(f"[mechicl] {n} cells at a time, one job (and one model load) per cell", flush=True)
+        run_grid(spec, args.out, executor=executor, rerun_damaged=args.rerun_damaged)
     print((args.out / "summary" / "summary.md").read_text(encoding="utf-8"))
     print(f"[mechicl] wrote {args.out}/summary (cells in {args.out}/cells)")
     return 0
