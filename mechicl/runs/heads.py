@@ -7,6 +7,8 @@ the report's Validation section reads the same result (``runs.report``).
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,14 @@ def find_heads_for(
     exclude = used_rows(task, cfg.discovery_sizes, cfg.k + 1, cfg.excluded_seeds, load)  # fresh rows, if asked
     draws = stage_draws(task, cfg.sizes, cfg.k + 1, seed=cfg.seed, exclude=exclude)
     batches = held_out_batches(task, loaded.tokenizer, draws, n_ctx=loaded.n_ctx, prepend_bos=loaded.prepend_bos)
-    return find_label_heads(loaded.model, batches, cfg, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="mechicl-kv-", dir=spill_dir()) as scratch:  # the KV caches off memory
+        return find_label_heads(loaded.model, batches, cfg, progress=progress, spill=Path(scratch))
+
+
+def spill_dir() -> str | None:
+    """Where the finder's KV caches wait on disk: ``$MECHICL_SPILL``, else the system's temporary folder (where
+    that is a tmpfs, the files stay in memory: set ``MECHICL_SPILL`` to a folder on disk)."""
+    return os.environ.get("MECHICL_SPILL") or None
 
 
 def write_cell_tables(result: FindingsResult, folder: RunFolder, model: str, task: str) -> None:

@@ -10,7 +10,9 @@ the whole context: the re-run copy of slot ``s`` sees the cached positions befor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +71,7 @@ class SlotStepper:
         self.layout = reruns.left_pad(batch.tokens, batch.readout_pos[:, -1])
         self._cols = self.pos + self.layout.offset[:, None]  # [b, S] slot columns in the left-padded layout
         self._cache = None
+        self._spilled: Path | None = None  # the file holding the KV cache while it is out of memory (``spill``)
         self._kv_store: dict[str, Tensor] | None = None  # every layer's hook_k / hook_v: full mode's route patching
         self.mode = "kv" if reruns.kv_or_full("SlotStepper", mode, lambda: self._init_kv(atol)) else "full"
         if self.mode == "full":
@@ -160,10 +163,11 @@ class SlotStepper:
         per = self._kv_chunk(n) if self.mode == "kv" else max(1, self.max_rows // S)  # full: max_rows rows a forward
         step = self._run_kv if self.mode == "kv" else self._run_full
         chunks = range(0, n, per)
-        out = [
-            step(masks[c : c + per], source)
-            for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
-        ]
+        with self._resident():
+            out = [
+                step(masks[c : c + per], source)
+                for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
+            ]
         return torch.cat(out, 0) if out else torch.zeros(0, self.batch.n_contexts, S, len(self.label_ids))
 
     @torch.no_grad()
@@ -185,7 +189,32 @@ class SlotStepper:
         if from_donor.shape[1:] != (self.batch.n_contexts, self.n_slots, self.width):
             raise ValueError(f"from_donor must be [n, {self.batch.n_contexts}, {self.n_slots}, {self.width}]")
         run = self._mixed_kv if self.mode == "kv" and donor.mode == "kv" else self._mixed_full
-        return run(donor, from_donor, list(keep_z))
+        with self._resident(), donor._resident():
+            return run(donor, from_donor, list(keep_z))
+
+    def spill(self, path: Path) -> None:
+        """Keep the KV cache in the file ``path`` instead of memory from now on: ``run``, ``run_mixed`` and
+        ``attribution`` read it back for the call and drop it after, so of the steppers a finder stage holds, one
+        condition's cache is in memory at a time. The file is the caller's to remove (a temporary folder).
+        Why: a Gemma-3-270M findings cell on a sentence task at k = 16 holds the validation draw's two caches
+        (2 x 0.66 GB) while the confirmation draw's two (2 x 0.66 GB) run (``docs/findings.md``, "Cost").
+        Cost: one write of the cache now, one read (from the page cache when memory allows) per call.
+        No-op without a KV cache (full mode)."""
+        if self._cache is not None and self._spilled is None:
+            surgery.spill_cache(self._cache, path)
+            self._spilled = path
+
+    @contextlib.contextmanager
+    def _resident(self) -> Iterator[None]:
+        """The KV cache in memory for the duration (read back from its file when spilled, dropped again after)."""
+        if self._spilled is None:
+            yield
+            return
+        surgery.load_cache(self._cache, self._spilled)
+        try:
+            yield
+        finally:
+            surgery.drop_cache(self._cache)
 
     def _mixed_kv(self, donor: SlotStepper, from_donor: Tensor, keep_z: list[int]) -> tuple[Tensor, dict]:
         """Chunks of interventions (``_kv_chunk`` over both caches' keys), the caches joined once."""
@@ -284,7 +313,7 @@ class SlotStepper:
         S, b = self.n_slots, self.batch.n_contexts
         store: dict[str, Tensor] = {}
         hooks = capture(self._z_names(), store, grad=True)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._resident():
             if self.mode == "kv":
                 resid = self._step(self._cols, hooks)
                 logits = unembed_labels(self.model, resid, self.label_ids)  # [b, S, labels]

@@ -12,6 +12,10 @@ the keyword arguments a wrapped Hugging Face module receives, or (c) stay regist
   attention bridge reads ``past_key_values``, so without a ``forward_pre_hook`` that maps the
   keyword the cache is silently ignored (``ReadoutStepper`` checks itself against full forwards).
 
+It also owns the KV caches' storage: ``place_rows`` (a cache built in chunks, one block for all layers) and
+``spill_cache`` / ``load_cache`` (the block kept in a scratch file the caller names between uses, so a finder
+stage holds one cache in memory at a time; the only files an analysis writes, removed by the caller).
+
 Checked against transformer-lens 4.3.0, transformers 5.24 and torch 2.13. Everything else in
 mechicl intervenes through TL hooks (``analysis.engine.hooks``).
 """
@@ -23,6 +27,7 @@ import copy
 import inspect
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,11 +199,14 @@ def _cropped(layer: Any, keep: int | None) -> Any:
 
 def _transient(layer: Any, tile: int = 1) -> Any:
     """Make ``layer.update`` return what the layer's own update returns (on its prefix tiled ``tile``
-    times along the batch), without keeping it."""
+    times along the batch), without keeping it. The method holds the layer weakly: a strong reference would be
+    a cycle (layer -> method -> layer), alive until the garbage collector runs, and with it the keys and values
+    the layer views (a spilled cache's whole block, read back per call: ``spill_cache``)."""
     cls_update = type(layer).update
+    ref = weakref.ref(layer)
 
     def update(*args: Any, **kwargs: Any) -> Any:
-        twin = copy.copy(layer)
+        twin = copy.copy(ref())
         if tile > 1 and twin.get_seq_length() > 0:
             twin.keys, twin.values = twin.keys.repeat(tile, 1, 1, 1), twin.values.repeat(tile, 1, 1, 1)
         return cls_update(twin, *args, **kwargs)
@@ -211,16 +219,17 @@ def place_rows(full: Any | None, part: Any, rows: Tensor, n_rows: int, width: in
     """Write ``part`` (the KV cache of a chunk of left-padded rows, at its own width) into ``rows`` of a
     ``n_rows x width`` cache, right-aligned (a left-padded row's last token sits in the last column of either
     layout); columns left of the chunk's width stay zero (pad columns: masked). ``full`` is allocated from
-    ``part``'s layers on the first call (``None``). Memory: the full cache once; the chunk is copied, not kept."""
+    ``part``'s layers on the first call (``None``): every layer's keys and values are views of one block
+    ``[layer, 2, n_rows, kv_heads, width, d_head]`` (one allocation, handed back to the OS whole when freed;
+    what ``spill_cache`` writes). Memory: the full cache once; the chunk is copied, not kept."""
     if full is None:
+        k = part.layers[0].keys
+        if any(layer.keys.shape[1:] != k.shape[1:] or layer.values.shape != layer.keys.shape for layer in part.layers):
+            raise ValueError("a chunked cache needs layers of one shape (kv heads, positions, d_head)")
+        block = k.new_zeros(len(part.layers), 2, n_rows, k.shape[1], width, k.shape[-1])
         full = copy.copy(part)
-        full.layers = []
-        for layer in part.layers:
-            twin = copy.copy(layer)
-            k, v = layer.keys, layer.values
-            twin.keys = k.new_zeros(n_rows, *k.shape[1:-2], width, k.shape[-1])
-            twin.values = v.new_zeros(n_rows, *v.shape[1:-2], width, v.shape[-1])
-            full.layers.append(twin)
+        full.layers = [copy.copy(layer) for layer in part.layers]
+        _attach(full, block)
     if len(full.layers) != len(part.layers):
         raise ValueError(f"a chunk cache of {len(part.layers)} layers cannot fill one of {len(full.layers)}")
     for dst, src in zip(full.layers, part.layers):
@@ -228,6 +237,30 @@ def place_rows(full: Any | None, part: Any, rows: Tensor, n_rows: int, width: in
         dst.keys[rows, ..., width - w :, :] = src.keys
         dst.values[rows, ..., width - w :, :] = src.values
     return full
+
+
+def _attach(cache: Any, block: Tensor | None) -> None:
+    """Point every layer's keys and values at ``block[layer, 0]`` and ``block[layer, 1]`` (None: drop them)."""
+    cache.mechicl_block = block
+    for l, layer in enumerate(cache.layers):
+        layer.keys, layer.values = (None, None) if block is None else (block[l, 0], block[l, 1])
+
+
+def spill_cache(cache: Any, path: Path) -> None:
+    """Write a ``place_rows`` cache's block to ``path`` and drop it from memory (``load_cache`` brings it back).
+    Cost: one write of the block (Gemma-3-270M: 37 KB a token); its memory returns to the OS at once."""
+    torch.save(cache.mechicl_block, path)
+    _attach(cache, None)
+
+
+def load_cache(cache: Any, path: Path) -> None:
+    """Read a spilled cache's block back from ``path`` (``spill_cache``) and re-attach its layers."""
+    _attach(cache, torch.load(path, weights_only=True))
+
+
+def drop_cache(cache: Any) -> None:
+    """Drop a loaded cache's block again (its file stays: ``load_cache`` reads it next time)."""
+    _attach(cache, None)
 
 
 def joined_cache(first: Any, second: Any) -> Any:

@@ -37,8 +37,10 @@ label at the last slot; flipped contexts ablated) is the secondary, comparable n
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -173,7 +175,8 @@ class HeadAblation:
     ``2 x draws x S`` one-token steps per context (``SlotStepper``; draws = ``n_resample`` for resample,
     else 1). Memory: two steppers (the KV caches of both renderings), plus one step's activations:
     ``step_tokens`` appended tokens per step (on a Gemma-3-270M vader-words cell, 8192 gave a 0.22 GB
-    higher peak and no speed-up: ``docs/findings.md``).
+    higher peak and no speed-up: ``docs/findings.md``). ``spill``: a folder; each stepper's KV cache is kept
+    in a file there and read back per call (``SlotStepper.spill``), so one cache is in memory at a time.
     """
 
     def __init__(
@@ -187,15 +190,18 @@ class HeadAblation:
         n_resample: int = 2,
         seed: int = 0,
         step_tokens: int = 2048,
+        spill: Path | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"ablation mode must be one of {tuple(MODES)}, got {mode!r}")
         if not torch.equal(correct.example_ids, flipped.example_ids):
             raise ValueError("the correct and flipped renderings must hold the same contexts")
         self.mode, self.n_resample, self.seed = mode, n_resample, seed
-        self.st = {
-            c: SlotStepper(model, b, k_min, step_tokens=step_tokens) for c, b in zip(CONDITIONS, (correct, flipped))
-        }
+        self.st = {}
+        for c, b in zip(CONDITIONS, (correct, flipped)):
+            self.st[c] = SlotStepper(model, b, k_min, step_tokens=step_tokens)
+            if spill is not None:  # out of memory before the next is built: one cache in memory at a time
+                self.st[c].spill(spill / f"kv-{uuid.uuid4().hex}-{c}.pt")
         self.z = {c: s.z for c, s in self.st.items()}  # [b, S, L, H, d] each: head outputs at the slots
         self.L, self.H = self.st["correct"].n_layers, self.st["correct"].n_heads
         self.labels = self.st["correct"].true_labels  # [b, S]

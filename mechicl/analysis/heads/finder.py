@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,14 +138,19 @@ def _confirm(abl: HeadAblation, candidates: list[Head], cfg: FindingsConfig, pro
 
 
 def find_label_heads(
-    model: Any, batches: HeldOutBatches, cfg: FindingsConfig | None = None, progress: bool = True
+    model: Any,
+    batches: HeldOutBatches,
+    cfg: FindingsConfig | None = None,
+    progress: bool = True,
+    spill: Path | None = None,
 ) -> FindingsResult:
     """Screen, confirm and validate label-aggregation heads on the three disjoint draws of ``batches``.
 
     Cost: 2 forwards of each stage's contexts and 1 of the validation queries alone; 2 backwards of
     S slots per screening context; ``2 x n_resample x S`` one-token steps per context for each
     candidate (confirmation) and each validated set (top heads, controls, set tests); memory: the
-    KV caches of one stage's contexts.
+    KV caches of the validation draw and of the stage running (both conditions), or with ``spill`` (a
+    scratch folder, ``HeadAblation``) one condition's cache of one draw at a time.
     """
     cfg = cfg or FindingsConfig()
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -158,7 +164,7 @@ def find_label_heads(
         raise ValueError("held-out stages share task rows: build them with data.batches.stage_draws")
     say = (lambda s: print(f"[mechicl] {s}", flush=True)) if progress else (lambda s: None)
     timings, t = {}, time.perf_counter()
-    kw = dict(k_min=cfg.k_min, mode=cfg.ablation, n_resample=cfg.n_resample, seed=cfg.seed)
+    kw = dict(k_min=cfg.k_min, mode=cfg.ablation, n_resample=cfg.n_resample, seed=cfg.seed, spill=spill)
     val = HeadAblation(model, *batches.stages["validate"], **kw)
     zs = ReadoutStepper(model, batches.zero_shot)
     base = _baseline(val, zs, cfg)

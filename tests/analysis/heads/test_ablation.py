@@ -180,3 +180,15 @@ def test_the_light_mode_registry_names_every_mode():
     from mechicl.analysis.heads.modes import ABLATION_MODES, FINDINGS_DEFAULT
 
     assert ABLATION_MODES == tuple(MODES) and FINDINGS_DEFAULT in MODES
+
+
+def test_spilled_steppers_score_exactly_as_resident_ones_and_leave_one_file_per_condition(tmp_path):
+    loaded = helpers.tiny_hf("gemma")
+    correct, flipped = _pair(loaded, helpers.toy_task(3))
+    sets = [[(1, 2)], [(0, 1), (1, 3)]]
+    kept = HeadAblation(loaded.model, correct, flipped, k_min=2, mode="interchange")
+    spilled = HeadAblation(loaded.model, correct, flipped, k_min=2, mode="interchange", spill=tmp_path)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.iterdir()) == ["correct.pt", "flipped.pt"]
+    a, b = kept.scores(sets), spilled.scores(sets)
+    np.testing.assert_array_equal(a.closed, b.closed)
+    np.testing.assert_array_equal(spilled.attribution(), kept.attribution())
