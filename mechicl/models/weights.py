@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -22,6 +22,20 @@ ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 
 
 @torch.no_grad()
+def read_into(f: BinaryIO, offset: int, dst: torch.Tensor) -> bool:
+    """Read ``dst``'s bytes from ``f`` at ``offset`` straight into ``dst`` (contiguous; no staging copy); False when
+    the file ends first. The one way mechicl reads tensors from raw files (weights, spilled KV caches)."""
+    view = memoryview(dst.view(torch.uint8).numpy()).cast("B")
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
 def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
     """Read ``weights`` (a safetensors file) straight into ``hf``'s tensors; returns (missing, unexpected) names as
     ``safetensors.torch.load_model(strict=False)`` does.
@@ -45,8 +59,7 @@ def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
                 )
             src_dtype = ST_DTYPES[meta["dtype"]]
             buf = dst if src_dtype == dst.dtype and dst.is_contiguous() else torch.empty(dst.shape, dtype=src_dtype)
-            f.seek(8 + n + meta["data_offsets"][0])
-            if f.readinto(memoryview(buf.view(torch.uint8).numpy()).cast("B")) != buf.numel() * buf.element_size():
+            if not read_into(f, 8 + n + meta["data_offsets"][0], buf):
                 raise ModelUnavailable(f"{weights} ends inside {name}: copy or download the model again")
             if buf is not dst:
                 dst.copy_(buf)

@@ -11,6 +11,7 @@ the whole context: the re-run copy of slot ``s`` sees the cached positions befor
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from mechicl.analysis.engine import reruns, surgery
 from mechicl.analysis.engine.hooks import act_name, capture, run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.data.prompts import PromptBatch
+
+# A spilled stepper's run reads this much of its cache at a time (Gemma-3-270M: 13 contexts of 558 tokens).
+SPILL_READ_BYTES = 2**28
 
 
 class SlotStepper:
@@ -159,6 +163,10 @@ class SlotStepper:
         ``source`` (``None``: zero; ``[batch, slot, layer, head, d_head]``: per context and slot,
         e.g. a donor context's output at the same slot; ``[layer, head, d_head]``: one vector).
         """
+        if self._spilled is not None:  # a range of contexts at a time, its cache rows read back from the file
+            ranges = surgery.row_ranges(self._cache, SPILL_READ_BYTES)
+            srcs = (source if source is None or source.dim() == 3 else source[r] for r in ranges)
+            return torch.cat([self._rows(r).run(masks, src, progress) for r, src in zip(ranges, srcs)], 1)
         n, S = masks.shape[0], self.n_slots
         per = self._kv_chunk(n) if self.mode == "kv" else max(1, self.max_rows // S)  # full: max_rows rows a forward
         step = self._run_kv if self.mode == "kv" else self._run_full
@@ -193,16 +201,32 @@ class SlotStepper:
             return run(donor, from_donor, list(keep_z))
 
     def spill(self, path: Path) -> None:
-        """Keep the KV cache in the file ``path`` instead of memory from now on: ``run``, ``run_mixed`` and
-        ``attribution`` read it back for the call and drop it after, so of the steppers a finder stage holds, one
-        condition's cache is in memory at a time. The file is the caller's to remove (a temporary folder).
-        Why: a Gemma-3-270M findings cell on a sentence task at k = 16 holds the validation draw's two caches
-        (2 x 0.66 GB) while the confirmation draw's two (2 x 0.66 GB) run (``docs/findings.md``, "Cost").
+        """Keep the KV cache in the file ``path`` instead of memory from now on: ``run`` reads it back a range of
+        contexts at a time (at most ``SPILL_READ_BYTES`` of cache rows), ``run_mixed`` and ``attribution`` whole
+        for the call, and drop it after, so a finder stage holds a slice of one condition's cache at a time. The
+        file is the caller's to remove (a temporary folder).
+        Why: a Gemma-3-270M findings cell on a sentence task at k = 16 held the validation draw's two caches
+        (2 x 0.66 GB) while the confirmation draw's two ran (``docs/findings.md``, "Cost").
         Cost: one write of the cache now, one read (from the page cache when memory allows) per call.
         No-op without a KV cache (full mode)."""
         if self._cache is not None and self._spilled is None:
             surgery.spill_cache(self._cache, path)
             self._spilled = path
+
+    def _rows(self, rows: slice) -> SlotStepper:
+        """This stepper restricted to the contexts ``rows``, their cache rows read back from the spill file."""
+        v = copy.copy(self)
+        lay = self.layout
+        v.batch = self.batch.select(rows)
+        v.layout = reruns.LeftPadded(lay.tokens[rows], lay.mask[rows], lay.pos[rows], lay.offset[rows])
+        v._cols, v.pos, v.z, v.base_logits = self._cols[rows], self.pos[rows], self.z[rows], self.base_logits[rows]
+        v._resid_pre = {l: x[rows] for l, x in self._resid_pre.items()}
+        v.post_scale = None if self.post_scale is None else self.post_scale[rows]
+        v._cache = copy.copy(self._cache)
+        v._cache.layers = [copy.copy(layer) for layer in self._cache.layers]
+        surgery.load_cache(v._cache, self._spilled, rows)
+        v._spilled = None
+        return v
 
     @contextlib.contextmanager
     def _resident(self) -> Iterator[None]:

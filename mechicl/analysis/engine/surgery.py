@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from mechicl.models.device import input_device
+from mechicl.models.weights import read_into
 
 _TUPLE_OUT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
@@ -220,13 +222,14 @@ def place_rows(full: Any | None, part: Any, rows: Tensor, n_rows: int, width: in
     ``n_rows x width`` cache, right-aligned (a left-padded row's last token sits in the last column of either
     layout); columns left of the chunk's width stay zero (pad columns: masked). ``full`` is allocated from
     ``part``'s layers on the first call (``None``): every layer's keys and values are views of one block
-    ``[layer, 2, n_rows, kv_heads, width, d_head]`` (one allocation, handed back to the OS whole when freed;
-    what ``spill_cache`` writes). Memory: the full cache once; the chunk is copied, not kept."""
+    ``[n_rows, layer, 2, kv_heads, width, d_head]``, context-major, so the rows of a range of contexts are one
+    run of bytes (``spill_cache`` / ``load_cache``). One allocation, handed back to the OS whole when freed.
+    Memory: the full cache once; the chunk is copied, not kept."""
     if full is None:
         k = part.layers[0].keys
         if any(layer.keys.shape[1:] != k.shape[1:] or layer.values.shape != layer.keys.shape for layer in part.layers):
             raise ValueError("a chunked cache needs layers of one shape (kv heads, positions, d_head)")
-        block = k.new_zeros(len(part.layers), 2, n_rows, k.shape[1], width, k.shape[-1])
+        block = k.new_zeros(n_rows, len(part.layers), 2, k.shape[1], width, k.shape[-1])
         full = copy.copy(part)
         full.layers = [copy.copy(layer) for layer in part.layers]
         _attach(full, block)
@@ -240,22 +243,39 @@ def place_rows(full: Any | None, part: Any, rows: Tensor, n_rows: int, width: in
 
 
 def _attach(cache: Any, block: Tensor | None) -> None:
-    """Point every layer's keys and values at ``block[layer, 0]`` and ``block[layer, 1]`` (None: drop them)."""
+    """Point every layer's keys and values at ``block[:, layer, 0]`` and ``block[:, layer, 1]`` (None: drop them)."""
     cache.mechicl_block = block
     for l, layer in enumerate(cache.layers):
-        layer.keys, layer.values = (None, None) if block is None else (block[l, 0], block[l, 1])
+        layer.keys, layer.values = (None, None) if block is None else (block[:, l, 0], block[:, l, 1])
 
 
 def spill_cache(cache: Any, path: Path) -> None:
-    """Write a ``place_rows`` cache's block to ``path`` and drop it from memory (``load_cache`` brings it back).
+    """Write a ``place_rows`` cache's block to ``path`` (its bytes as they lie) and drop it from memory.
     Cost: one write of the block (Gemma-3-270M: 37 KB a token); its memory returns to the OS at once."""
-    torch.save(cache.mechicl_block, path)
+    block = cache.mechicl_block
+    block.view(torch.uint8).numpy().tofile(path)
+    cache.mechicl_spec = (tuple(block.shape), block.dtype)
     _attach(cache, None)
 
 
-def load_cache(cache: Any, path: Path) -> None:
-    """Read a spilled cache's block back from ``path`` (``spill_cache``) and re-attach its layers."""
-    _attach(cache, torch.load(path, weights_only=True))
+def row_ranges(cache: Any, budget: int) -> list[slice]:
+    """Ranges of a spilled cache's contexts whose rows together stay under ``budget`` bytes (one row at least)."""
+    shape, dtype = cache.mechicl_spec
+    per = max(1, budget // (math.prod(shape[1:]) * dtype.itemsize))
+    return [slice(r, min(shape[0], r + per)) for r in range(0, shape[0], per)]
+
+
+def load_cache(cache: Any, path: Path, rows: slice | None = None) -> None:
+    """Read a spilled cache back from ``path`` (all rows, or the contiguous ``rows``: one read of their bytes,
+    straight into the new block) and re-attach its layers."""
+    shape, dtype = cache.mechicl_spec
+    start, stop, _ = (rows or slice(None)).indices(shape[0])
+    block = torch.empty(stop - start, *shape[1:], dtype=dtype)
+    row_bytes = block[0].numel() * block.element_size() if len(block) else 0
+    with open(path, "rb") as f:
+        if not read_into(f, start * row_bytes, block):
+            raise OSError(f"{path}: the spilled cache is shorter than its {shape[0]} rows")
+    _attach(cache, block)
 
 
 def drop_cache(cache: Any) -> None:

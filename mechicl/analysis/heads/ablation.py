@@ -176,7 +176,8 @@ class HeadAblation:
     else 1). Memory: two steppers (the KV caches of both renderings), plus one step's activations:
     ``step_tokens`` appended tokens per step (on a Gemma-3-270M vader-words cell, 8192 gave a 0.22 GB
     higher peak and no speed-up: ``docs/findings.md``). ``spill``: a folder; each stepper's KV cache is kept
-    in a file there and read back per call (``SlotStepper.spill``), so one cache is in memory at a time.
+    in a file there and read back per call, a range of contexts at a time (``SlotStepper.spill``), so at most a
+    slice of one cache is in memory.
     """
 
     def __init__(
@@ -200,8 +201,8 @@ class HeadAblation:
         self.st = {}
         for c, b in zip(CONDITIONS, (correct, flipped)):
             self.st[c] = SlotStepper(model, b, k_min, step_tokens=step_tokens)
-            if spill is not None:  # out of memory before the next is built: one cache in memory at a time
-                self.st[c].spill(spill / f"kv-{uuid.uuid4().hex}-{c}.pt")
+            if spill is not None:  # out of memory before the next is built
+                self.st[c].spill(spill / f"kv-{uuid.uuid4().hex}-{c}.bin")
         self.z = {c: s.z for c, s in self.st.items()}  # [b, S, L, H, d] each: head outputs at the slots
         self.L, self.H = self.st["correct"].n_layers, self.st["correct"].n_heads
         self.labels = self.st["correct"].true_labels  # [b, S]

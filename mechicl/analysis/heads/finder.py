@@ -150,7 +150,7 @@ def find_label_heads(
     S slots per screening context; ``2 x n_resample x S`` one-token steps per context for each
     candidate (confirmation) and each validated set (top heads, controls, set tests); memory: the
     KV caches of the validation draw and of the stage running (both conditions), or with ``spill`` (a
-    scratch folder, ``HeadAblation``) one condition's cache of one draw at a time.
+    scratch folder, ``HeadAblation``) a slice of one condition's cache of one draw at a time.
     """
     cfg = cfg or FindingsConfig()
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)

@@ -200,3 +200,18 @@ def test_a_run_leaves_no_reference_cycle_behind():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_spilled_cache_read_back_one_context_at_a_time_gives_the_same_results(tmp_path, monkeypatch):
+    import mechicl.analysis.engine.slots as slots
+
+    loaded = helpers.tiny_hf("llama")
+    b = helpers.batch(loaded, helpers.toy_task(3), "flipped", n_contexts=4, n_examples=7, seed=5)
+    masks = head_masks([[(0, 1)], [(1, 2), (0, 3)], []], 2, 4)
+    kept, spilled = SlotStepper(loaded.model, b, k_min=3), SlotStepper(loaded.model, b, k_min=3)
+    spilled.spill(tmp_path / "kv.bin")
+    monkeypatch.setattr(slots, "SPILL_READ_BYTES", 1)  # one context's rows a read
+    assert len(slots.surgery.row_ranges(spilled._cache, slots.SPILL_READ_BYTES)) == 4
+    for src in (None, kept.z[torch.tensor([3, 0, 1, 2])], kept.z[0, 0]):  # per context, none, one vector per head
+        assert torch.allclose(spilled.run(masks, src), kept.run(masks, src), atol=1e-5)
+    assert torch.allclose(spilled.run(masks[2:])[0], kept.base_logits, atol=1e-4)  # no intervention = the forward

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
+from mechicl.analysis.engine import surgery
 from mechicl.analysis.engine.surgery import cache_kwargs, cache_shim, fresh_cache, new_kv_cache
 from tests import helpers
 
@@ -43,3 +45,21 @@ def test_fresh_cache_serves_repeated_copies_of_the_batch_and_stores_nothing():
     for layer, twin, (k, v) in zip(cache.layers, tiled.layers, stored):
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # the original is untouched
         assert twin.keys.shape == k.shape  # the copy kept neither the tiles nor the appended tokens
+
+
+def test_a_spilled_cache_reads_back_any_range_of_its_contexts(tmp_path):
+    part = DynamicCache()
+    keys = torch.randn(5, 2, 7, 3)
+    for l in range(3):
+        part.update(keys + l, -keys - l, l)
+    full = surgery.place_rows(None, part, torch.arange(5), 5, 9)  # right-aligned into 9 columns
+    want = [(layer.keys.clone(), layer.values.clone()) for layer in full.layers]
+    assert torch.equal(want[1][0][:, :, 2:], keys + 1) and not want[1][0][:, :, :2].any()
+    surgery.spill_cache(full, tmp_path / "kv.bin")
+    assert all(layer.keys is None for layer in full.layers)
+    surgery.load_cache(full, tmp_path / "kv.bin", slice(1, 4))
+    for (k, v), layer in zip(want, full.layers):
+        assert torch.equal(layer.keys, k[1:4]) and torch.equal(layer.values, v[1:4])
+    surgery.load_cache(full, tmp_path / "kv.bin")
+    assert all(torch.equal(layer.keys, k) for (k, _), layer in zip(want, full.layers))
+    assert [r.indices(5)[:2] for r in surgery.row_ranges(full, 2 * 3 * 2 * 2 * 9 * 3 * 4)] == [(0, 2), (2, 4), (4, 5)]

@@ -188,7 +188,7 @@ def test_spilled_steppers_score_exactly_as_resident_ones_and_leave_one_file_per_
     sets = [[(1, 2)], [(0, 1), (1, 3)]]
     kept = HeadAblation(loaded.model, correct, flipped, k_min=2, mode="interchange")
     spilled = HeadAblation(loaded.model, correct, flipped, k_min=2, mode="interchange", spill=tmp_path)
-    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.iterdir()) == ["correct.pt", "flipped.pt"]
+    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.iterdir()) == ["correct.bin", "flipped.bin"]
     a, b = kept.scores(sets), spilled.scores(sets)
     np.testing.assert_array_equal(a.closed, b.closed)
     np.testing.assert_array_equal(spilled.attribution(), kept.attribution())
