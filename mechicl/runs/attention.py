@@ -12,6 +12,7 @@ from mechicl.analysis.inside import attention as A
 from mechicl.analysis.inside.frames import top_heads
 from mechicl.analysis.inside.saliency import Saliency, attention_saliency
 from mechicl.data.batches import repeated_random_tokens
+from mechicl.data.names import head_name
 from mechicl.data.prompts import PromptBatch
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -86,7 +87,7 @@ def plot_attention(folder: RunFolder, r: AttentionResult, top: pd.DataFrame, tit
 def _pages(folder: RunFolder, loaded: LoadedModel, r: AttentionResult, top: pd.DataFrame, n_heads: int) -> None:
     """The top heads on context 0, default and flipped; the last slot's attention over tokens."""
     sel = [(int(l), int(h)) for l, h in zip(top.layer.head(n_heads), top["head"].head(n_heads))]
-    names = [f"L{l}H{h}" for l, h in sel]
+    names = [head_name(l, h) for l, h in sel]
     for cond, b in zip(("default", "flipped"), r.batches):
         p = A.context_patterns(loaded.model, b, 0, sel)
         attention_heads_html(

@@ -26,6 +26,7 @@ from mechicl.analysis.gradients.ig import ranking_comparison, sign_disagreements
 from mechicl.analysis.gradients.path_ig import PathIGResult, path_ig
 from mechicl.analysis.patching.attribution import attribution_patch
 from mechicl.analysis.patching.exact import Patcher
+from mechicl.data.names import head_name
 from mechicl.data.pairs import PatchPair, pair_for
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -127,7 +128,7 @@ def compute_attribute(loaded: LoadedModel, task: Task, cfg: AttributeConfig, clo
     clock.lap("path IG")
     path_comp = pd.concat([r.completeness() for r in sorted([*curve, ig], key=lambda r: r.steps)], ignore_index=True)
     heads = ig.table().assign(first_order=fo.effect.reshape(-1).numpy(), exact=exact.effect.reshape(-1).numpy())
-    heads.insert(2, "name", [f"L{l}H{h}" for l, h in zip(heads.layer, heads["head"])])
+    heads.insert(2, "name", [head_name(l, h) for l, h in zip(heads.layer, heads["head"])])
     ranking = ranking_comparison(
         exact.effect, {f"path IG (m={cfg.steps})": ig.heads, "first-order": fo.effect}, cfg.top
     )
@@ -187,7 +188,7 @@ def _plots_and_view(
     lab = r.groups[(r.groups.condition == "flipped") & (r.groups.group == "label")]
     top = lab.reindex(lab.attribution.abs().sort_values(ascending=False).index).head(cfg.view_heads)
     sel = [(int(l), int(h)) for l, h in zip(top.layer, top["head"])]
-    names = [f"L{l}H{h}" for l, h in sel]
+    names = [head_name(l, h) for l, h in sel]
     by_layer = {res.layer: res for res in r.attattr["flipped"]}
     pats = torch.stack([by_layer[l].pattern[0, h] for l, h in sel])  # [head, query, key], context 0
     atts = torch.stack([by_layer[l].attr[0, h] for l, h in sel])
@@ -215,7 +216,7 @@ def top_label_heads(groups: pd.DataFrame, n: int) -> pd.DataFrame:
     )
     lab.columns = [f"{v}_{c}" for v, c in lab.columns]
     lab = lab.reset_index()
-    lab.insert(0, "name", [f"L{l}H{h}" for l, h in zip(lab.layer, lab["head"])])
+    lab.insert(0, "name", [head_name(l, h) for l, h in zip(lab.layer, lab["head"])])
     lab = lab.reindex(lab.attribution_flipped.abs().sort_values(ascending=False).index).head(n)
     return lab[
         [

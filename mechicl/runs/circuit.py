@@ -27,7 +27,7 @@ from mechicl.analysis.patching.positions import (
     patch_position_sets,
     value_interval,
 )
-from mechicl.data.names import parse_heads
+from mechicl.data.names import head_name, parse_heads
 from mechicl.data.pairs import pair_for
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
@@ -140,7 +140,7 @@ def _draw_paths(
 ) -> None:
     """Per path-patching result: its sender x receiver maps per input and its circuit figure (edges above
     ``cfg.threshold`` whose interval excludes 0)."""
-    nodes = [f"L{l}H{h}" for l, h in sorted(set(senders) | set(receivers))]
+    nodes = [head_name(l, h) for l, h in sorted(set(senders) | set(receivers))]
     for r in results:
         mats = {inp: path_matrix(r, inp) for inp in (*INPUTS, LOGITS)}
         edges = significant_edges(r.table(), cfg.threshold)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mechicl.analysis.behavior.curves import BehaviorConfig
 from mechicl.analysis.heads.ablation import HeadAblation, gap_reduction
+from mechicl.data.names import head_name
 from mechicl.data.optimal_reader import bayes_curve
 from mechicl.data.organism import MAP_KINDS, LanguageConfig, organism_task, organism_tokenizer, sample_sequences
 from mechicl.data.prompts import build_prompt_batch, sample_contexts
@@ -299,8 +300,8 @@ def _pruning(result: Any) -> str:
     if not cfg.keep_heads:
         return "no pruning stage"
     last = cfg.n_layers - 1
-    gaps = ", ".join(f"L{last}H{h} {g:.2f}" for h, g in enumerate(result.gap_before_pruning))
-    kept = " ".join(f"L{last}H{h}" for h in result.kept_heads)
+    gaps = ", ".join(f"{head_name(last, h)} {g:.2f}" for h, g in enumerate(result.gap_before_pruning))
+    kept = " ".join(head_name(last, h) for h in result.kept_heads)
     return (
         f"pruning stage: after step {cfg.steps} the last layer's heads closed the flipped-label gap at k=16 by "
         f"{gaps} when mean-ablated alone at the readout slot; kept {kept}, zeroed the other heads' W_O and "

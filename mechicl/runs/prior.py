@@ -22,7 +22,7 @@ from mechicl.analysis.heads.ablation import HeadAblation
 from mechicl.analysis.prior.moderation import BINS, moderation, prior_strength
 from mechicl.analysis.prior.routes import route_patch, route_table
 from mechicl.data.batches import zero_shot_batch
-from mechicl.data.names import parse_heads
+from mechicl.data.names import head_name, parse_heads
 from mechicl.data.optimal_reader import evidence_flip_scale
 from mechicl.data.task import Task
 from mechicl.errors import ConfigError
@@ -42,7 +42,7 @@ def head_sets(text: str, n_layers: int, n_heads: int) -> list[list[tuple[int, in
     sets = [list(parse_heads(g)) for g in text.split(";") if g.strip()]
     if not sets:
         raise ConfigError("--heads names no head; e.g. --heads 'L11H2;L15H0' (find them with `mechicl heads`)")
-    bad = [f"L{l}H{h}" for s in sets for l, h in s if not (0 <= l < n_layers and 0 <= h < n_heads)]
+    bad = [head_name(l, h) for s in sets for l, h in s if not (0 <= l < n_layers and 0 <= h < n_heads)]
     if bad:
         raise ConfigError(f"--heads {bad} are not in this model ({n_layers} layers x {n_heads} heads)")
     return sets

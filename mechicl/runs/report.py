@@ -28,7 +28,7 @@ from mechicl.analysis.engine.surgery import count_block_calls
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.data.batches import used_rows
-from mechicl.data.names import parse_head
+from mechicl.data.names import head_name, parse_head
 from mechicl.data.pairs import pair_for, pair_from_batches
 from mechicl.data.task import Task
 from mechicl.models.base import LoadedModel
@@ -149,7 +149,7 @@ def patch_stage(
     exact = results[cfg.patch_kinds.index("head_out")]
     table = exact.table()[["layer", "head", "value"]].rename(columns={"value": "exact"})
     table["attribution"] = est.values.reshape(-1).numpy()
-    table["name"] = [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])]
+    table["name"] = [head_name(l, h) for l, h in zip(table.layer, table["head"])]
     return PatchStage(
         results, (lo, hi), table, agreement(est.values, exact.values, k=min(10, len(table))), pair.description, pair
     )

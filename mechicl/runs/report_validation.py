@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mechicl.analysis.heads.finder import FindingsResult
 from mechicl.analysis.stats import fmt_p
+from mechicl.data.names import head_name
 from mechicl.runs.folder import RunFolder
 from mechicl.runs.report_data import ReportData
 from mechicl.viz.plots import head_map
@@ -66,7 +67,7 @@ def _screen_figure(folder: RunFolder, r: FindingsResult, title: str) -> Figure:
     return Figure(
         folder.path / "screen_effect.png",
         f"Screen: each head ablated alone on the {r.config.n_screen} screening contexts ({col}). Ranked first: "
-        f"L{int(best.layer)}H{int(best['head'])} ({best[col]:+.2f}); the top {r.config.n_candidates} were confirmed "
+        f"{head_name(best.layer, best['head'])} ({best[col]:+.2f}); the top {r.config.n_candidates} were confirmed "
         f"on {r.config.n_confirm} other contexts and the top {r.config.n_top} validated (screen.csv, confirm.csv).",
     )
 

@@ -30,6 +30,7 @@ from mechicl.analysis.engine.readout import readout_activations, unembed_labels
 from mechicl.analysis.inside.dla import norm_affine
 from mechicl.analysis.stats import mean_ci
 from mechicl.data.evidence import EvidenceBatches
+from mechicl.data.names import head_name
 from mechicl.data.prompts import PromptBatch
 
 
@@ -155,7 +156,7 @@ def curves(proj: Projections, n_boot: int = 1000, seed: int = 0, model_series: b
     per (placement, count), over all contexts and per query class, with percentile-bootstrap CIs over contexts
     (``resampling.mean_ci``). The ``none`` / ``all`` renderings are repeated under every placement so that each
     placement's curve runs from 0 to k."""
-    series = {f"L{l}H{h}": (proj.measure, proj.delta[..., i]) for i, (l, h) in enumerate(proj.heads)}
+    series = {head_name(l, h): (proj.measure, proj.delta[..., i]) for i, (l, h) in enumerate(proj.heads)}
     if model_series:
         series |= {"p_flipped": ("model", proj.p_flipped), "acc_flipped": ("model", proj.acc_flipped)}
         if proj.ld_flipped is not None:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from mechicl.analysis.engine.hooks import Head, act_name, on_device, run_to_final
 from mechicl.analysis.engine.readout import readout_activations, unembed_labels
 from mechicl.analysis.stats import mean_ci
+from mechicl.data.names import head_name
 from mechicl.data.prompts import PromptBatch
 
 
@@ -146,7 +147,7 @@ def steering_tables(
     bootstrap CIs over contexts;
     per head: the per-context least-squares slope per unit alpha, averaged, with its bootstrap CI). ``vector``
     names the kind of steering vector in both tables (``pooled`` or ``per_class``; its norm: mean over classes)."""
-    names = [f"L{l}H{h}" for l, h in st.heads]
+    names = [head_name(l, h) for l, h in st.heads]
     rows = []
     groups = [("all", torch.ones_like(st.query_class, dtype=torch.bool))]
     groups += [(str(int(c)), st.query_class == c) for c in torch.unique(st.query_class)]

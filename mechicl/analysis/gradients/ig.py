@@ -33,6 +33,7 @@ from torch import Tensor
 
 from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.analysis.patching.attribution import agreement
+from mechicl.data.names import head_name
 
 METRICS = ("logit_diff", "prob")
 
@@ -140,7 +141,7 @@ def sign_disagreements(
             {
                 "layer": l,
                 "head": h,
-                "name": f"L{l}H{h}",
+                "name": head_name(l, h),
                 "first_order": float(fo[l, h]),
                 "ig": float(g[l, h]),
                 "exact": float(x[l, h]),

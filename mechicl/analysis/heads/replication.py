@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from mechicl.data.names import head_name
+
 REPLICATES, NOT_ROBUST, TOO_FEW = "replicates", "not robust", "too few voting cells"
 MIN_CELLS = 3  # fewer voting cells than this cannot show replication (2 of 2 is one coincidence away)
 MIN_GAP = 0.05  # the smallest correct-vs-flipped gap in P(true) with which a cell votes
@@ -88,10 +90,8 @@ def _cell_rows(cells: list[CellTables], min_gap: float) -> pd.DataFrame:
                     k: c.baseline.get(k, np.nan)
                     for k in ("gap", "gap_ci_low", "gap_ci_high", "icl_gain", "icl_gain_ci_low", "icl_gain_ci_high")
                 },
-                "top_heads": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in v.itertuples()) if len(v) else "",
-                "above_control": " ".join(f"L{int(r.layer)}H{int(r.head)}" for r in above.itertuples())
-                if len(v)
-                else "",
+                "top_heads": " ".join(head_name(r.layer, r.head) for r in v.itertuples()) if len(v) else "",
+                "above_control": " ".join(head_name(r.layer, r.head) for r in above.itertuples()) if len(v) else "",
                 "top_set_effect": np.nan if t is None else t.effect,
                 "top_set_control": np.nan if t is None else t.control_mean,
                 "top_set_gap_reduction": np.nan if t is None else t.get("gap_reduction", np.nan),
@@ -139,7 +139,7 @@ def _head_rows(cells: list[CellTables], model: str, share: float, min_gap: float
         rows.append(
             {
                 "model": model,
-                "head": f"L{int(l)}H{int(h)}",
+                "head": head_name(l, h),
                 "layer": int(l),
                 "head_index": int(h),
                 "design": "pre-registered" if all(c.preregistered for c in mine) else "discovery",

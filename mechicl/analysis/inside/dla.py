@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl.analysis.engine.readout import ReadoutRun, label_logits, readout_activations
+from mechicl.data.names import head_name
 from mechicl.data.prompts import PromptBatch
 from mechicl.models.device import model_dtype
 
@@ -97,7 +98,7 @@ def _attention_components(
     err = (out.sum(0) - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
     if err > tol:
         raise RuntimeError(f"layer {l}: per-head results do not sum to hook_attn_out (rel. error {err:.2e})")
-    names = [f"L{l}H{h}" for h in range(z.shape[2])] + ([f"L{l}.b_O"] if b_O is not None else [])
+    names = [head_name(l, h) for h in range(z.shape[2])] + ([f"L{l}.b_O"] if b_O is not None else [])
     return out, names
 
 

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mechicl.data.names import head_name
+
 
 def heads_frame(values: np.ndarray, **cols: Any) -> pd.DataFrame:
     """Long frame from ``values[layer, head, ...]`` with layer/head columns."""
@@ -18,5 +20,5 @@ def heads_frame(values: np.ndarray, **cols: Any) -> pd.DataFrame:
 def top_heads(df: pd.DataFrame, score: str, n: int = 10, ascending: bool = False) -> pd.DataFrame:
     """The ``n`` heads with the largest (or smallest) ``score``, named ``L{layer}H{head}``."""
     out = df.sort_values(score, ascending=ascending).head(n).copy()
-    out.insert(0, "name", [f"L{l}H{h}" for l, h in zip(out.layer, out["head"])])
+    out.insert(0, "name", [head_name(l, h) for l, h in zip(out.layer, out["head"])])
     return out.reset_index(drop=True)

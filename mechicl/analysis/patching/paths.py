@@ -44,6 +44,7 @@ from mechicl.analysis.engine.hooks import Head, act_name, capture, run_to_final
 from mechicl.analysis.patching.exact import Patcher
 from mechicl.analysis.patching.positions import position_mask, readout_ld, runs_for
 from mechicl.analysis.stats import ratio_ci
+from mechicl.data.names import head_name
 
 INPUTS = ("q", "k", "v")
 MLPS = ("frozen", "recomputed")
@@ -97,10 +98,10 @@ class PathResult:
                         direction=self.direction,
                         positions=self.positions,
                         mlps=self.mlps,
-                        sender=f"L{sl}H{sh}",
+                        sender=head_name(sl, sh),
                         sender_layer=sl,
                         sender_head=sh,
-                        receiver=f"L{recv[0]}H{recv[1]}" if recv else LOGITS,
+                        receiver=head_name(*recv) if recv else LOGITS,
                         receiver_layer=recv[0] if recv else np.nan,
                         receiver_head=recv[1] if recv else np.nan,
                         input=inp,
