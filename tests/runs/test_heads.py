@@ -18,7 +18,9 @@ def test_heads_writes_the_tables_of_the_same_findings_cell(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "above matched controls" in out
     (cell,) = (tmp_path / "g" / "cells").iterdir()
-    for name in [f"{t}.csv" for t in TABLES] + ["summary.md"]:
+    for name in [f"{t}.csv" for t in TABLES]:
         assert (tmp_path / "h" / name).read_bytes() == (cell / name).read_bytes(), name
+    untimed = lambda p: [l for l in p.read_text().splitlines() if not l.startswith("Stage timings")]  # noqa: E731
+    assert untimed(tmp_path / "h" / "summary.md") == untimed(cell / "summary.md")  # wall times differ run to run
     assert (tmp_path / "h" / "validate.csv").stat().st_size > 100  # the cell had an effect: not an empty table
     assert (tmp_path / "h" / "screen_effect.png").is_file() and (tmp_path / "h" / "screen_effect_est.png").is_file()
