@@ -58,6 +58,40 @@ def cell_rows(out: Path) -> list[dict]:
     return rows
 
 
+def print_cells(out: Path, csv: Path | None) -> None:
+    """The per-cell table (stage seconds, peak RSS of the cell's own process), printed and written to ``csv``."""
+    print("| cell | effect | baseline s | screen s | confirm s | validate s | total s | peak RSS GB (own process) |")
+    print("|---|---|---|---|---|---|---|---|")
+    lines = ["cell,effect,baseline_s,screen_s,confirm_s,validate_s,total_s,peak_rss_gb"]
+    for r in cell_rows(out):
+        stages = [r.get(k, 0.0) for k in ("baseline", "screen", "confirm", "validate")]
+        cells = " | ".join(f"{x:.0f}" for x in stages)
+        print(f"| {r['cell']} | {r['effect']} | {cells} | {sum(stages):.0f} | {r['peak_gb']:.2f} |")
+        nums = [f"{x:.1f}" for x in (*stages, sum(stages))]
+        lines.append(",".join([r["cell"], str(r["effect"]), *nums, f"{r['peak_gb']:.3f}"]))
+    if csv:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        csv.write_text("\n".join(lines) + "\n")
+    print_tasks(cell_rows(out))
+
+
+def print_tasks(rows: list[dict]) -> None:
+    """Per task: how many cells, the range of their stage times and totals, and of their peak RSS."""
+    print()
+    print("| task | cells (with an effect) | baseline s | screen s | confirm s | validate s | total s | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    tasks: dict[str, list[dict]] = {}
+    for r in rows:
+        tasks.setdefault(r["cell"].split("__")[1], []).append(r)
+    span = lambda xs, f: f(min(xs)) if f(min(xs)) == f(max(xs)) else f"{f(min(xs))}–{f(max(xs))}"  # noqa: E731
+    for task, rs in tasks.items():
+        cols = [[r.get(k, 0.0) for r in rs] for k in ("baseline", "screen", "confirm", "validate")]
+        total = [sum(x) for x in zip(*cols)]
+        secs = " | ".join(span(c, lambda x: f"{x:.0f}") for c in (*cols, total))
+        peak = span([r["peak_gb"] for r in rs], lambda x: f"{x:.2f}")
+        print(f"| {task} | {len(rs)} ({sum(r['effect'] for r in rs)}) | {secs} | {peak} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="experiments/findings.toml")
@@ -67,7 +101,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="keep both grid folders under this folder")
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
+    ap.add_argument("--cells", type=Path, default=None, help="write the per-cell table (CSV) of the workers' arm here")
+    ap.add_argument("--cells-from", type=Path, default=None, help="only print (and --cells: write) a kept arm's cells")
     args = ap.parse_args()
+    if args.cells_from:
+        print_cells(args.cells_from, args.cells)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench-grid-"))
     try:
         serial, pool = tmp / "serial", tmp / f"workers{args.workers}"
@@ -83,31 +122,14 @@ def main() -> None:
         )
         for d in differ:
             print(f"  differs: {d}")
-        print(
-            "| cell | effect | baseline s | screen s | confirm s | validate s | total s | peak RSS GB (own process) |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
-        for r in cell_rows(pool):
-            stages = [r.get(k, 0.0) for k in ("baseline", "screen", "confirm", "validate")]
-            cells = " | ".join(f"{x:.0f}" for x in stages)
-            print(f"| {r['cell']} | {r['effect']} | {cells} | {sum(stages):.0f} | {r['peak_gb']:.2f} |")
-            add_row(
-                args.rows,
-                bench="grid-cell",
-                model=r["cell"].split("__")[0],
-                size=r["cell"],
-                ours="findings cell",
-                ours_times=[sum(stages)],
-                ours_peak_mb=r["peak_gb"] * 1000,
-                stages=stages,
-            )
+        print_cells(pool, args.cells)
         add_row(
             args.rows,
             bench="grid",
             model=args.models,
             size=f"{len(cell_rows(pool))} cells, --workers {args.workers} vs 1",
             ours=f"mechicl findings --workers {args.workers}",
-            ref="mechicl findings --workers 1",
+            reference="mechicl findings --workers 1",
             ours_times=[p_wall],
             ref_times=[s_wall],
             ours_peak_mb=p_peak,

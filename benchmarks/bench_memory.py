@@ -1,6 +1,7 @@
-"""Peak memory (RSS) of `mechicl patch`, `mechicl heads` and `mechicl report` beside the model alone.
+"""Peak memory (RSS) and wall time of mechicl's commands at their defaults, beside the model alone.
 
     python benchmarks/bench_memory.py [--model gemma3-270m] [--commands load,patch,heads,report] [--rows FILE]
+    python benchmarks/bench_memory.py --model smollm2-135m --commands load,findings:all   # one cell per task
 
 Each command runs as its own subprocess (``.venv/bin/mechicl <command> --model M --threads 1
 --out <temp dir>``, default sizes otherwise); its peak resident set size is the child's
@@ -18,11 +19,13 @@ what dominates ``heads``' peak.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from _common import add_row
@@ -98,7 +101,8 @@ def main() -> None:
     ap.add_argument(
         "--commands",
         default="load,patch,heads,report",
-        help="comma list of load, patch, heads, report, heads-stages (the head finder's peak per stage)",
+        help="comma list of load, patch, heads, report, circuit, findings:<task> (one grid cell, seed 0; "
+        "findings:all = one per task of experiments/findings.toml), heads-stages (the head finder's peak per stage)",
     )
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
@@ -107,7 +111,13 @@ def main() -> None:
     print("| command | wall s | peak RSS MB | RSS after load MB | peak - load MB |")
     print("|---|---|---|---|---|")
     load_rss = None
+    names = []
     for name in args.commands.split(","):
+        if name == "findings:all":
+            names += [f"findings:{t}" for t in tomllib.loads((ROOT / "experiments/findings.toml").read_text())["tasks"]]
+        else:
+            names.append(name)
+    for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             if name == "load":
                 wall, peak, out = run_child([sys.executable, "-c", LOAD, args.model])
@@ -134,12 +144,30 @@ def main() -> None:
                 cmd = (
                     "find_heads_for(preset_config()) in one process (= mechicl heads defaults): the largest stage peak"
                 )
-            elif name in ("patch", "heads", "report"):
+            elif name in ("patch", "heads", "report", "circuit"):
                 argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
                 wall, peak, _ = run_child(argv)
                 cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
+            elif name.startswith("findings:"):  # one grid cell (seed 0) of a task, at the grid's settings
+                task = name.split(":", 1)[1]
+                grid = [
+                    "--config",
+                    "experiments/findings.toml",
+                    "--models",
+                    args.model,
+                    "--tasks",
+                    task,
+                    "--seeds",
+                    "0",
+                ]
+                wall, peak, _ = run_child([mechicl, "findings", *grid, "--threads", "1", "--out", str(Path(tmp) / "g")])
+                cell = json.loads(next((Path(tmp) / "g" / "cells").glob("*/cell.json")).read_text())
+                stages = ", ".join(f"{k} {v:.0f} s" for k, v in cell["timings"].items())
+                cmd = f"mechicl findings --config experiments/findings.toml --models {args.model} --tasks {task} --seeds 0 --threads 1 --out <tmp> ({stages})"
             else:
-                raise SystemExit(f"unknown command {name!r}; use load, patch, heads, report or heads-stages")
+                raise SystemExit(
+                    f"unknown command {name!r}; use load, patch, heads, report, circuit, findings:<task> or heads-stages"
+                )
         extra = f"{peak - load_rss:.0f}" if load_rss is not None else "n/a (add load to --commands)"
         print(
             f"| `{cmd}` | {wall:.0f} | {peak:.0f} | {'' if load_rss is None else f'{load_rss:.0f}'} | {extra} |",

@@ -3,7 +3,8 @@
     python benchmarks/table.py [benchmarks/results/rows.jsonl ...]
 
 Reads the JSON lines that ``bench_patching.py`` (P1 against TransformerLens; P1-nnsight, the same sweep against
-nnsight), ``bench_readout_heads.py``, ``bench_readout.py``, ``bench_memory.py`` and ``bench_long_context.py`` append with ``--rows FILE`` (rows that carry ``tokens``
+nnsight), ``bench_readout_heads.py``, ``bench_readout.py``, ``bench_memory.py``, ``bench_long_context.py`` and
+``bench_grid.py`` (the findings grid on workers against serial) append with ``--rows FILE`` (rows that carry ``tokens``
 also show the time per 1k tokens). Rows of the same benchmark, model and size
 (e.g. one repeat per locked invocation of a long run) are pooled: times are medians over all
 their repeats, the ratio is the ratio of those medians, max |diff| and peak RSS the largest.
@@ -19,7 +20,7 @@ import statistics
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "rows.jsonl"
-ORDER = {"P1": 0, "P1-nnsight": 1, "P1b": 2, "P3": 3, "memory": 4, "memory-stage": 5, "long-context": 6}
+ORDER = {"P1": 0, "P1-nnsight": 1, "P1b": 2, "P3": 3, "memory": 4, "memory-stage": 5, "long-context": 6, "grid": 7}
 COMMANDS = {"load": 0, "patch": 1, "heads": 2, "report": 3}
 
 
