@@ -21,7 +21,6 @@ from mechicl.errors import ModelUnavailable
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-@torch.no_grad()
 def read_into(f: BinaryIO, offset: int, dst: torch.Tensor) -> bool:
     """Read ``dst``'s bytes from ``f`` at ``offset`` straight into ``dst`` (contiguous; no staging copy); False when
     the file ends first. The one way mechicl reads tensors from raw files (weights, spilled KV caches)."""
@@ -36,6 +35,7 @@ def read_into(f: BinaryIO, offset: int, dst: torch.Tensor) -> bool:
     return True
 
 
+@torch.no_grad()
 def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
     """Read ``weights`` (a safetensors file) straight into ``hf``'s tensors; returns (missing, unexpected) names as
     ``safetensors.torch.load_model(strict=False)`` does.

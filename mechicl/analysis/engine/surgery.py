@@ -13,8 +13,9 @@ the keyword arguments a wrapped Hugging Face module receives, or (c) stay regist
   keyword the cache is silently ignored (``ReadoutStepper`` checks itself against full forwards).
 
 It also owns the KV caches' storage: ``place_rows`` (a cache built in chunks, one block for all layers) and
-``spill_cache`` / ``load_cache`` (the block kept in a scratch file the caller names between uses, so a finder
-stage holds one cache in memory at a time; the only files an analysis writes, removed by the caller).
+``spill_cache`` / ``load_cache`` (the block kept in a scratch file the caller names between uses and read back by
+ranges of contexts, so a finder stage holds a slice of one cache in memory at a time; the only files an analysis
+writes, removed by the caller).
 
 Checked against transformer-lens 4.3.0, transformers 5.24 and torch 2.13. Everything else in
 mechicl intervenes through TL hooks (``analysis.engine.hooks``).
