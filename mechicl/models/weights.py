@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from mechicl.errors import ModelUnavailable
@@ -35,6 +36,43 @@ def read_into(f: BinaryIO, offset: int, dst: torch.Tensor) -> bool:
     return True
 
 
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def map_tensor(path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A tensor whose bytes stay in ``path`` (a copy-on-write memory map of ``shape`` at ``offset``): its pages are
+    read in when first touched and count as resident only then; a write goes to a private copy, never the file.
+    None where the map cannot serve the tensor (a dtype numpy lacks, an offset not a multiple of its size, or a file
+    that ends first: the reader then says so)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if dtype not in NP_DTYPES or offset % dtype.itemsize or offset + nbytes > path.stat().st_size:
+        return None
+    return torch.from_numpy(np.memmap(path, dtype=NP_DTYPES[dtype], mode="c", offset=offset, shape=tuple(shape)))
+
+
+@torch.no_grad()
+def map_input_embedding(hf: Any, weights: Path, header: dict, start: int) -> str | None:
+    """Point ``hf``'s input embedding (tied to the unembedding on Gemma-3 and SmolLM2) at a memory map of its bytes
+    in ``weights`` instead of reading them; returns the name it was found under, or None when it was not mapped.
+
+    Why: the embedding is the largest tensor (gemma3-270m: 262144 x 640 floats, 0.67 GB of its 1.07 GB) and most
+    commands touch a few of its rows, the tokens they embed and the label tokens they read out
+    (``analysis.engine.readout.unembed_labels``). Mapped, only those pages are resident; a command that takes logits
+    over the whole vocabulary reads it all in and is where it was. Memory: ``docs/findings.md``, "Cost"."""
+    param = hf.get_input_embeddings().weight
+    name = next((k for k, v in hf.state_dict().items() if v.data_ptr() == param.data_ptr() and k in header), None)
+    if name is None or not param.is_contiguous():
+        return None
+    meta = header[name]
+    if tuple(meta["shape"]) != tuple(param.shape) or ST_DTYPES.get(meta["dtype"]) != param.dtype:
+        return None
+    mapped = map_tensor(weights, start + meta["data_offsets"][0], tuple(param.shape), param.dtype)
+    if mapped is None:
+        return None
+    param.data = mapped  # the Parameter object stays: a tied unembedding is the same object
+    return name
+
+
 @torch.no_grad()
 def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
     """Read ``weights`` (a safetensors file) straight into ``hf``'s tensors; returns (missing, unexpected) names as
@@ -44,13 +82,17 @@ def load_in_place(hf: Any, weights: Path) -> tuple[list[str], list[str]]:
     memory map whose touched pages count as resident), so the peak holds the weights twice (gemma3-270m: about 1 GB
     more, the run's peak). Here each tensor's bytes are read with ``readinto`` into the destination tensor itself
     (a staging buffer only where the dtypes differ): no second copy. Reads the safetensors layout directly (an
-    8-byte header length, a JSON header of dtype, shape and byte offsets, then the data); shapes must match."""
-    own = hf.state_dict()  # tensors sharing the parameters' storage (a tied weight appears under each name)
+    8-byte header length, a JSON header of dtype, shape and byte offsets, then the data); shapes must match.
+    The input embedding is memory-mapped instead (``map_input_embedding``): only its touched rows are resident."""
     with open(weights, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
+        mapped = map_input_embedding(hf, weights, header, 8 + n)
+        own = hf.state_dict()  # tensors sharing the parameters' storage (a tied weight appears under each name)
         for name in sorted(set(header) & set(own)):
+            if name == mapped:
+                continue
             meta, dst = header[name], own[name]
             if tuple(meta["shape"]) != tuple(dst.shape) or meta["dtype"] not in ST_DTYPES:
                 raise ModelUnavailable(

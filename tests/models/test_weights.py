@@ -34,6 +34,16 @@ def _empty(cfg: LlamaConfig) -> LlamaForCausalLM:
     return m
 
 
+def _mapped_file(ptr: int) -> str | None:
+    """The file the kernel maps at address ``ptr`` (``/proc/self/maps``), None for anonymous memory."""
+    for line in open("/proc/self/maps"):
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi:
+            return parts[5].strip() if len(parts) > 5 and parts[5].strip().startswith("/") else None
+    return None
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_equals_safetensors_load_model(tmp_path, tied):
     torch.manual_seed(0)
@@ -74,3 +84,36 @@ def test_a_tensor_the_file_lacks_is_reported_missing(tmp_path):
         ["lm_head.weight"],
         [],
     )
+
+
+def test_the_input_embedding_is_mapped_not_read_and_writes_never_reach_the_file(tmp_path):
+    """The tied embedding's bytes stay in the file (a copy-on-write memory map): equal values, the unembedding the same
+    tensor, and an in-place write changes this model only, not the file nor a model loaded from it afterwards."""
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(_config(tie_word_embeddings=True))
+    path = tmp_path / "model.safetensors"
+    st.save_model(src, str(path))
+    before = path.read_bytes()
+    m = _empty(_config(tie_word_embeddings=True))
+    assert load_in_place(m, path) == ([], [])
+    w = m.get_input_embeddings().weight
+    assert _mapped_file(w.data_ptr()) == str(path) and w.data_ptr() == m.lm_head.weight.data_ptr()
+    assert torch.equal(w, src.get_input_embeddings().weight)
+    with torch.no_grad():
+        w[3] = 7.0
+    assert torch.equal(m.lm_head.weight[3], torch.full((32,), 7.0)) and path.read_bytes() == before
+    again = _empty(_config(tie_word_embeddings=True))
+    load_in_place(again, path)
+    assert torch.equal(again.get_input_embeddings().weight, src.get_input_embeddings().weight)
+
+
+def test_an_embedding_the_map_cannot_serve_is_read(tmp_path):
+    """float16 in the file, float32 in the model: converted by the reader, as before (no map)."""
+    torch.manual_seed(0)
+    half = LlamaForCausalLM(_config()).to(torch.float16)
+    st.save_model(half, str(tmp_path / "half.safetensors"))
+    m = _empty(_config())
+    load_in_place(m, tmp_path / "half.safetensors")
+    w = m.get_input_embeddings().weight
+    assert _mapped_file(w.data_ptr()) is None
+    assert torch.equal(w, half.get_input_embeddings().weight.float())
