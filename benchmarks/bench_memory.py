@@ -31,6 +31,11 @@ from pathlib import Path
 from _common import add_row
 
 ROOT = Path(__file__).resolve().parents[1]
+# every command that runs a model at its defaults (``mechicl <name> --model M --threads 1 --out DIR``)
+COMMANDS = (
+    "demo", "behavior", "attention", "lens", "dla", "prior", "patch", "heads", "attribute", "report", "circuit",
+    "aggregate",
+)  # fmt: skip
 LOAD = """
 import sys, torch
 torch.set_num_threads(1)
@@ -101,8 +106,9 @@ def main() -> None:
     ap.add_argument(
         "--commands",
         default="load,patch,heads,report",
-        help="comma list of load, patch, heads, report, circuit, findings:<task> (one grid cell, seed 0; "
-        "findings:all = one per task of experiments/findings.toml), heads-stages (the head finder's peak per stage)",
+        help=f"comma list of load, {', '.join(COMMANDS)}, findings:<task> (one grid cell, seed 0; findings:all = one "
+        "per task of experiments/findings.toml), heads-stages (the head finder's peak per stage); all = load, every "
+        "command and findings:all",
     )
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
@@ -112,62 +118,73 @@ def main() -> None:
     print("|---|---|---|---|---|")
     load_rss = None
     names = []
-    for name in args.commands.split(","):
+    asked = args.commands.split(",")
+    for name in [x for n in asked for x in (["load", *COMMANDS, "findings:all"] if n == "all" else [n])]:
         if name == "findings:all":
             names += [f"findings:{t}" for t in tomllib.loads((ROOT / "experiments/findings.toml").read_text())["tasks"]]
         else:
             names.append(name)
+    known = {"load", "heads-stages", *COMMANDS}
+    bad = [n for n in names if n not in known and not n.startswith("findings:")]
+    if bad:  # before any run: a typo must not end a long run halfway
+        raise SystemExit(
+            f"unknown command {bad}; use all, load, {', '.join(COMMANDS)}, findings:<task> or heads-stages"
+        )
     for name in names:
-        with tempfile.TemporaryDirectory() as tmp:
-            if name == "load":
-                wall, peak, out = run_child([sys.executable, "-c", LOAD, args.model])
-                rss_kb, hwm_kb = (int(x) for x in out.split("RSS_KB")[1].split())
-                load_rss = rss_kb * 1024 / 1e6
-                cmd = f"python -c <load_model({args.model!r})>"
-            elif name == "heads-stages":  # where `heads` peaks: the finder in one process, peak RSS per stage
-                wall, _, out = run_child([sys.executable, "-c", STAGES, args.model])
-                peak = 0.0  # the child's ru_maxrss only covers the last stage: resetting VmHWM resets it too
-                for line in out.splitlines():
-                    if line.startswith("STAGE"):
-                        stage, _, mb = line[len("STAGE ") :].rpartition(" ")
-                        peak = max(peak, float(mb)) if stage != "model loaded (RSS now)" else peak
-                        print(f"| &nbsp;&nbsp;{stage} | | {float(mb):.0f} | | |")
-                        add_row(
-                            args.rows,
-                            bench="memory-stage",
-                            model=args.model,
-                            size=stage,
-                            ours="heads stage",
-                            ours_times=[wall],
-                            ours_peak_mb=float(mb),
-                        )
-                cmd = (
-                    "find_heads_for(preset_config()) in one process (= mechicl heads defaults): the largest stage peak"
-                )
-            elif name in ("patch", "heads", "report", "circuit"):
-                argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
-                wall, peak, _ = run_child(argv)
-                cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
-            elif name.startswith("findings:"):  # one grid cell (seed 0) of a task, at the grid's settings
-                task = name.split(":", 1)[1]
-                grid = [
-                    "--config",
-                    "experiments/findings.toml",
-                    "--models",
-                    args.model,
-                    "--tasks",
-                    task,
-                    "--seeds",
-                    "0",
-                ]
-                wall, peak, _ = run_child([mechicl, "findings", *grid, "--threads", "1", "--out", str(Path(tmp) / "g")])
-                cell = json.loads(next((Path(tmp) / "g" / "cells").glob("*/cell.json")).read_text())
-                stages = ", ".join(f"{k} {v:.0f} s" for k, v in cell["timings"].items())
-                cmd = f"mechicl findings --config experiments/findings.toml --models {args.model} --tasks {task} --seeds 0 --threads 1 --out <tmp> ({stages})"
-            else:
-                raise SystemExit(
-                    f"unknown command {name!r}; use load, patch, heads, report, circuit, findings:<task> or heads-stages"
-                )
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                if name == "load":
+                    wall, peak, out = run_child([sys.executable, "-c", LOAD, args.model])
+                    rss_kb, hwm_kb = (int(x) for x in out.split("RSS_KB")[1].split())
+                    load_rss = rss_kb * 1024 / 1e6
+                    cmd = f"python -c <load_model({args.model!r})>"
+                elif name == "heads-stages":  # where `heads` peaks: the finder in one process, peak RSS per stage
+                    wall, _, out = run_child([sys.executable, "-c", STAGES, args.model])
+                    peak = 0.0  # the child's ru_maxrss only covers the last stage: resetting VmHWM resets it too
+                    for line in out.splitlines():
+                        if line.startswith("STAGE"):
+                            stage, _, mb = line[len("STAGE ") :].rpartition(" ")
+                            peak = max(peak, float(mb)) if stage != "model loaded (RSS now)" else peak
+                            print(f"| &nbsp;&nbsp;{stage} | | {float(mb):.0f} | | |")
+                            add_row(
+                                args.rows,
+                                bench="memory-stage",
+                                model=args.model,
+                                size=stage,
+                                ours="heads stage",
+                                ours_times=[wall],
+                                ours_peak_mb=float(mb),
+                            )
+                    cmd = "find_heads_for(preset_config()) in one process (= mechicl heads defaults): the largest stage peak"
+                elif name in COMMANDS:
+                    argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
+                    wall, peak, _ = run_child(argv)
+                    cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
+                elif name.startswith("findings:"):  # one grid cell (seed 0) of a task, at the grid's settings
+                    task = name.split(":", 1)[1]
+                    grid = [
+                        "--config",
+                        "experiments/findings.toml",
+                        "--models",
+                        args.model,
+                        "--tasks",
+                        task,
+                        "--seeds",
+                        "0",
+                    ]
+                    wall, peak, _ = run_child(
+                        [mechicl, "findings", *grid, "--threads", "1", "--out", str(Path(tmp) / "g")]
+                    )
+                    cell = json.loads(next((Path(tmp) / "g" / "cells").glob("*/cell.json")).read_text())
+                    stages = ", ".join(f"{k} {v:.0f} s" for k, v in cell["timings"].items())
+                    cmd = f"mechicl findings --config experiments/findings.toml --models {args.model} --tasks {task} --seeds 0 --threads 1 --out <tmp> ({stages})"
+                else:
+                    raise SystemExit(
+                        f"unknown command {name!r}; use all, load, {', '.join(COMMANDS)}, findings:<task> or heads-stages"
+                    )
+        except RuntimeError as e:  # one failing command is reported, the others still run
+            print(f"| `{name}` | failed: {str(e).splitlines()[0]} | | | |", flush=True)
+            continue
         extra = f"{peak - load_rss:.0f}" if load_rss is not None else "n/a (add load to --commands)"
         print(
             f"| `{cmd}` | {wall:.0f} | {peak:.0f} | {'' if load_rss is None else f'{load_rss:.0f}'} | {extra} |",

@@ -28,6 +28,9 @@ from mechicl.data.prompts import PromptBatch
 
 # A spilled stepper's run reads this much of its cache at a time (Gemma-3-270M: 13 contexts of 558 tokens).
 SPILL_READ_BYTES = 2**28
+# ... and its ``attribution`` this much: the backward keeps every layer's keys and values again, repeated per query
+# head (Gemma-3-270M: 4 per key head), so a range costs several times its cache rows (one 742-token context: 27 MB).
+ATTRIBUTION_READ_BYTES = 2**25
 
 
 class SlotStepper:
@@ -202,8 +205,8 @@ class SlotStepper:
 
     def spill(self, path: Path) -> None:
         """Keep the KV cache in the file ``path`` instead of memory from now on: ``run`` reads it back a range of
-        contexts at a time (at most ``SPILL_READ_BYTES`` of cache rows), ``run_mixed`` and ``attribution`` whole
-        for the call, and drop it after, so a finder stage holds a slice of one condition's cache at a time. The
+        contexts at a time (at most ``SPILL_READ_BYTES`` of cache rows; ``attribution``: ``ATTRIBUTION_READ_BYTES``),
+        ``run_mixed`` whole for the call, and drop it after, so a finder stage holds a slice of one condition's cache at a time. The
         file is the caller's to remove (a temporary folder).
         Why: a Gemma-3-270M findings cell on a sentence task at k = 16 held the validation draw's two caches
         (2 x 0.66 GB) while the confirmation draw's two ran (``docs/findings.md``, "Cost").
@@ -332,9 +335,15 @@ class SlotStepper:
         ``metric(logits [b, S, labels], true_labels [b, S]) -> [b, S]`` (e.g. P(true label)). Estimate:
         ``(source - z) . d metric(slot) / d z(slot)``, the gradient taken at the re-run copy of each slot,
         so it holds the slot's own effect only (attribution patching, Nanda 2023). Cost: ``S`` tokens per
-        context forward and backward (kv) or ``S`` forwards and backwards per context (full).
+        context forward and backward (kv) or ``S`` forwards and backwards per context (full). A spilled stepper
+        runs ranges of contexts of at most ``ATTRIBUTION_READ_BYTES`` of cache rows, one backward each.
         """
         S, b = self.n_slots, self.batch.n_contexts
+        if self._spilled is not None:
+            ranges = surgery.row_ranges(self._cache, ATTRIBUTION_READ_BYTES)
+            per_context = source is not None and source.dim() == 5 and source.shape[0] == b
+            srcs = (source[r] if per_context else source for r in ranges)
+            return torch.cat([self._rows(r).attribution(src, metric) for r, src in zip(ranges, srcs)], 0)
         store: dict[str, Tensor] = {}
         hooks = capture(self._z_names(), store, grad=True)
         with torch.enable_grad(), self._resident():

@@ -215,3 +215,7 @@ def test_a_spilled_cache_read_back_one_context_at_a_time_gives_the_same_results(
     for src in (None, kept.z[torch.tensor([3, 0, 1, 2])], kept.z[0, 0]):  # per context, none, one vector per head
         assert torch.allclose(spilled.run(masks, src), kept.run(masks, src), atol=1e-5)
     assert torch.allclose(spilled.run(masks[2:])[0], kept.base_logits, atol=1e-4)  # no intervention = the forward
+    monkeypatch.setattr(slots, "ATTRIBUTION_READ_BYTES", 1)  # one context a backward
+    p_true = lambda lg, y: lg.softmax(-1).gather(-1, y[..., None])[..., 0]  # noqa: E731
+    for src in (None, kept.z[torch.tensor([3, 0, 1, 2])], kept.z[0, 0]):
+        assert torch.allclose(spilled.attribution(src, p_true), kept.attribution(src, p_true), atol=1e-5)
