@@ -2,10 +2,11 @@
 
 ``load_in_place`` is what ``models.loading`` uses for cached model directories: the model is built without random
 init (``transformers.initialization.no_init_weights``), its tied weights tied, and every tensor's bytes are then read
-from the file straight into the tensor. ``safetensors.torch.load_model`` would hold the whole file beside the model
-(a full copy, or a memory map whose touched pages count as resident): on gemma3-270m a fresh process's
-load peaked at 2.92 GB before and 1.85 GB after, in 12.2 s and 6.9 s with imports (one thread, this project's 2-core
-machine; docs/results/report/cost.txt)."""
+from the file straight into the tensor, except the input embedding's, which stay in the file behind a copy-on-write
+memory map (``map_input_embedding``: rows a command never touches are never resident).
+``safetensors.torch.load_model`` would hold the whole file beside the model (a full copy, or a memory map whose
+touched pages count as resident): on gemma3-270m a fresh process's load peaked at 2.92 GB before and 1.85 GB after,
+in 12.2 s and 6.9 s with imports (one thread, this project's 2-core machine; docs/results/report/cost.txt)."""
 
 from __future__ import annotations
 

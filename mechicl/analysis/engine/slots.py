@@ -26,11 +26,9 @@ from mechicl.analysis.engine.hooks import act_name, capture, run_to_final
 from mechicl.analysis.engine.readout import unembed_labels
 from mechicl.data.prompts import PromptBatch
 
-# A spilled stepper's run reads this much of its cache at a time (Gemma-3-270M: 13 contexts of 558 tokens).
-SPILL_READ_BYTES = 2**28
-# ... and its ``attribution`` this much: the backward keeps every layer's keys and values again, repeated per query
-# head (Gemma-3-270M: 4 per key head), so a range costs several times its cache rows (one 742-token context: 27 MB).
-ATTRIBUTION_READ_BYTES = 2**25
+# A spilled stepper's run reads this much of its cache at a time (Gemma-3-270M: 13 contexts of 558 tokens); its
+# ``attribution`` less: the backward keeps the keys and values again, once per query head (Gemma: 4x).
+SPILL_READ_BYTES, ATTRIBUTION_READ_BYTES = 2**28, 2**25
 
 
 class SlotStepper:
@@ -45,11 +43,10 @@ class SlotStepper:
     (intervention, slot) row (``mode == "full"``, ``reruns.kv_or_full``).
 
     Cost: construction 1 forward, in chunks of rows of similar length of at most ``build_tokens`` tokens each
-    (``reruns.length_chunks``: no row padded to the batch's longest, activations small); ``run``: ``n x S`` one-token steps per context from the lowest
-    intervened layer on (kv; blocks below it are skipped: their output is the cached residual) or
-    ``n x S`` forwards per context (full). Memory: the KV cache of the batch plus ``z`` at the slots,
-    ``batch x S x n_layers x n_heads x d_head`` floats; a step's attention scores stay under
-    ``score_bytes`` (the chunking of ``run``).
+    (``reruns.length_chunks``: no row padded to the batch's longest); ``run``: ``n x S`` one-token steps per context
+    from the lowest intervened layer on (kv; blocks below it are skipped) or ``n x S`` forwards per context (full).
+    Memory: the batch's KV cache, ``z`` at the slots (``batch x S x n_layers x n_heads x d_head`` floats); a step's
+    attention scores stay under ``score_bytes`` (the chunking of ``run``).
     """
 
     def __init__(
@@ -167,9 +164,7 @@ class SlotStepper:
         e.g. a donor context's output at the same slot; ``[layer, head, d_head]``: one vector).
         """
         if self._spilled is not None:  # a range of contexts at a time, its cache rows read back from the file
-            ranges = surgery.row_ranges(self._cache, SPILL_READ_BYTES)
-            srcs = (source if source is None or source.dim() == 3 else source[r] for r in ranges)
-            return torch.cat([self._rows(r).run(masks, src, progress) for r, src in zip(ranges, srcs)], 1)
+            return self._in_ranges(SPILL_READ_BYTES, lambda v, src: v.run(masks, src, progress), source, 1)
         n, S = masks.shape[0], self.n_slots
         per = self._kv_chunk(n) if self.mode == "kv" else max(1, self.max_rows // S)  # full: max_rows rows a forward
         step = self._run_kv if self.mode == "kv" else self._run_full
@@ -190,7 +185,6 @@ class SlotStepper:
         information that reaches slot ``s`` from those positions, through every layer's attention, with nothing
         else changed (route patching, ``analysis.prior.routes``). ``donor``: the same contexts rendered otherwise
         (same token layout). Also returns the slot's head outputs (``hook_z``) of the layers ``keep_z``.
-
         Cost (kv): ``n x S`` one-token steps per context over both caches joined (memory: both caches again).
         Full mode (no KV cache): ``n x S`` forwards per context up to the slot, every layer's keys and values
         before the slot overwritten from both renderings' cached ``hook_k`` / ``hook_v`` (cached once per stepper:
@@ -204,17 +198,20 @@ class SlotStepper:
             return run(donor, from_donor, list(keep_z))
 
     def spill(self, path: Path) -> None:
-        """Keep the KV cache in the file ``path`` instead of memory from now on: ``run`` reads it back a range of
-        contexts at a time (at most ``SPILL_READ_BYTES`` of cache rows; ``attribution``: ``ATTRIBUTION_READ_BYTES``),
-        ``run_mixed`` whole for the call, and drop it after, so a finder stage holds a slice of one condition's cache at a time. The
-        file is the caller's to remove (a temporary folder).
-        Why: a Gemma-3-270M findings cell on a sentence task at k = 16 held the validation draw's two caches
-        (2 x 0.66 GB) while the confirmation draw's two ran (``docs/findings.md``, "Cost").
-        Cost: one write of the cache now, one read (from the page cache when memory allows) per call.
-        No-op without a KV cache (full mode)."""
+        """Keep the KV cache in the file ``path`` (the caller's to remove) instead of memory from now on: ``run`` reads
+        back ranges of contexts of at most ``SPILL_READ_BYTES`` of cache rows (``attribution``: ``ATTRIBUTION_READ_BYTES``),
+        ``run_mixed`` the whole cache, and each drops it after. Why: a Gemma-3-270M findings cell held the validation
+        draw's two caches (2 x 0.66 GB) while the confirmation draw's ran (``docs/findings.md``, "Cost"). Cost: one
+        write now, one read per call (from the page cache when memory allows). No-op without a KV cache (full mode)."""
         if self._cache is not None and self._spilled is None:
             surgery.spill_cache(self._cache, path)
             self._spilled = path
+
+    def _in_ranges(self, budget: int, call: Callable, source: Tensor | None, dim: int) -> Tensor:
+        """``call(view, source)`` on ranges of contexts (``budget`` bytes of spilled cache rows), joined on ``dim``."""
+        ranges = surgery.row_ranges(self._cache, budget)
+        cut = source is not None and source.dim() == 5  # [batch, slot, layer, head, d_head]; else one vector per head
+        return torch.cat([call(self._rows(r), source[r] if cut else source) for r in ranges], dim)
 
     def _rows(self, rows: slice) -> SlotStepper:
         """This stepper restricted to the contexts ``rows``, their cache rows read back from the spill file."""
@@ -333,17 +330,13 @@ class SlotStepper:
         """First-order estimate of each head's replacement effect at each slot on ``metric``.
 
         ``metric(logits [b, S, labels], true_labels [b, S]) -> [b, S]`` (e.g. P(true label)). Estimate:
-        ``(source - z) . d metric(slot) / d z(slot)``, the gradient taken at the re-run copy of each slot,
-        so it holds the slot's own effect only (attribution patching, Nanda 2023). Cost: ``S`` tokens per
-        context forward and backward (kv) or ``S`` forwards and backwards per context (full). A spilled stepper
-        runs ranges of contexts of at most ``ATTRIBUTION_READ_BYTES`` of cache rows, one backward each.
-        """
+        ``(source - z) . d metric(slot) / d z(slot)``, the gradient taken at the re-run copy of each slot, so it holds
+        the slot's own effect only (attribution patching, Nanda 2023). Cost: ``S`` tokens per context forward and
+        backward (kv; spilled: one backward per ``ATTRIBUTION_READ_BYTES`` of cache rows) or ``S`` forwards and
+        backwards per context (full)."""
         S, b = self.n_slots, self.batch.n_contexts
         if self._spilled is not None:
-            ranges = surgery.row_ranges(self._cache, ATTRIBUTION_READ_BYTES)
-            per_context = source is not None and source.dim() == 5 and source.shape[0] == b
-            srcs = (source[r] if per_context else source for r in ranges)
-            return torch.cat([self._rows(r).attribution(src, metric) for r, src in zip(ranges, srcs)], 0)
+            return self._in_ranges(ATTRIBUTION_READ_BYTES, lambda v, src: v.attribution(src, metric), source, 0)
         store: dict[str, Tensor] = {}
         hooks = capture(self._z_names(), store, grad=True)
         with torch.enable_grad(), self._resident():
