@@ -36,6 +36,8 @@ COMMANDS = (
     "demo", "behavior", "attention", "lens", "dla", "prior", "patch", "heads", "attribute", "report", "circuit",
     "aggregate",
 )  # fmt: skip
+# `prior` needs label heads (no default): the validated ones the docs name (README "Findings"; docs/commands.md)
+PRIOR_HEADS = {"gemma3-270m": "L11H2;L15H0", "smollm2-135m": "L18H7"}
 LOAD = """
 import sys, torch
 torch.set_num_threads(1)
@@ -110,6 +112,7 @@ def main() -> None:
         "per task of experiments/findings.toml), heads-stages (the head finder's peak per stage); all = load, every "
         "command and findings:all",
     )
+    ap.add_argument("--heads", default=None, help="label heads for `prior` (default: PRIOR_HEADS of the model)")
     ap.add_argument("--rows", type=Path, default=None, help="append result rows (JSON lines) for benchmarks/table.py")
     args = ap.parse_args()
     mechicl = str(Path(sys.executable).with_name("mechicl"))
@@ -158,8 +161,12 @@ def main() -> None:
                     cmd = "find_heads_for(preset_config()) in one process (= mechicl heads defaults): the largest stage peak"
                 elif name in COMMANDS:
                     argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
-                    wall, peak, _ = run_child(argv)
+                    heads = args.heads or PRIOR_HEADS.get(args.model) if name == "prior" else None
+                    if name == "prior" and heads is None:
+                        raise SystemExit(f"`prior` needs label heads for {args.model}: pass --heads 'L11H2;L15H0'")
+                    wall, peak, _ = run_child(argv + (["--heads", heads] if heads else []))
                     cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
+                    cmd += f" --heads '{heads}'" if heads else ""
                 elif name.startswith("findings:"):  # one grid cell (seed 0) of a task, at the grid's settings
                     task = name.split(":", 1)[1]
                     grid = [
