@@ -133,6 +133,8 @@ def main() -> None:
         raise SystemExit(
             f"unknown command {bad}; use all, load, {', '.join(COMMANDS)}, findings:<task> or heads-stages"
         )
+    if "prior" in names and not (args.heads or args.model in PRIOR_HEADS):
+        raise SystemExit(f"`prior` needs label heads for {args.model}: pass --heads 'L11H2;L15H0'")
     for name in names:
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +164,6 @@ def main() -> None:
                 elif name in COMMANDS:
                     argv = [mechicl, name, "--model", args.model, "--threads", "1", "--out", str(Path(tmp) / "run")]
                     heads = args.heads or PRIOR_HEADS.get(args.model) if name == "prior" else None
-                    if name == "prior" and heads is None:
-                        raise SystemExit(f"`prior` needs label heads for {args.model}: pass --heads 'L11H2;L15H0'")
                     wall, peak, _ = run_child(argv + (["--heads", heads] if heads else []))
                     cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
                     cmd += f" --heads '{heads}'" if heads else ""
@@ -185,10 +185,6 @@ def main() -> None:
                     cell = json.loads(next((Path(tmp) / "g" / "cells").glob("*/cell.json")).read_text())
                     stages = ", ".join(f"{k} {v:.0f} s" for k, v in cell["timings"].items())
                     cmd = f"mechicl findings --config experiments/findings.toml --models {args.model} --tasks {task} --seeds 0 --threads 1 --out <tmp> ({stages})"
-                else:
-                    raise SystemExit(
-                        f"unknown command {name!r}; use all, load, {', '.join(COMMANDS)}, findings:<task> or heads-stages"
-                    )
         except RuntimeError as e:  # one failing command is reported, the others still run
             print(f"| `{name}` | failed: {str(e).splitlines()[0]} | | | |", flush=True)
             continue
