@@ -66,7 +66,7 @@ def compute_attention(
     heads = heads.merge(ind, on=["layer", "head"])
     sal = None
     if saliency:
-        sal = attention_saliency(model, [bd, bf], "last", cfg.k_min, max(1, cfg.batch_size // 2), progress)
+        sal = attention_saliency(model, [bd, bf], "last", cfg.k_min, progress=progress)  # one context a backward
         clock.lap("saliency")
         heads = heads.merge(
             sal.heads[sal.heads.condition == "default"][["layer", "head", "saliency"]], on=["layer", "head"]
