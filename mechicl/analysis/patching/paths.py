@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -70,6 +70,7 @@ class PathResult:
     context_gap: Float[Tensor, "batch"]  # LD clean - LD corrupted, per context
     mlps: str = "frozen"
     seconds: float = 0.0
+    items: Int[Tensor, "batch example"] | None = None  # each context's task rows: widens the intervals
 
     @property
     def gap(self) -> float:
@@ -82,10 +83,16 @@ class PathResult:
 
     def table(self, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
         """One row per (sender, target) with reachable paths: the effect (a ratio of means over contexts)
-        and its context-bootstrap interval (``resampling.ratio_ci``: numerator and gap resampled together)."""
+        and its context-bootstrap interval (``stats.ratio_ci``: numerator and gap resampled together), widened by
+        the shared-row design effect when ``items`` (the contexts' task rows) are known."""
         eff = self.effect.mean(-1).numpy()  # the ratio of means (defined for any non-zero gap)
         _, lo_all, hi_all = ratio_ci(
-            (self.ld - self.receiver_ld).numpy(), self.context_gap.numpy(), n_boot=n_boot, level=level, seed=seed
+            (self.ld - self.receiver_ld).numpy(),
+            self.context_gap.numpy(),
+            n_boot=n_boot,
+            level=level,
+            seed=seed,
+            items=None if self.items is None else self.items.numpy(),
         )  # NaN where the gap is not positive
         rows = []
         for i, (sl, sh) in enumerate(self.senders):
@@ -215,7 +222,16 @@ def path_patch(
             ld[idx, t] = _receiver_run(patcher, rcv, inp, stacked, direction)
     gap = patcher.baseline("clean") - patcher.baseline("corrupted")
     return PathResult(
-        direction, positions, tuple(senders), tuple(targets), ld, base, gap, mlps, time.perf_counter() - t0
+        direction,
+        positions,
+        tuple(senders),
+        tuple(targets),
+        ld,
+        base,
+        gap,
+        mlps,
+        time.perf_counter() - t0,
+        patcher.pair.clean.example_ids,
     )
 
 

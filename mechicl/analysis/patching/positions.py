@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -82,6 +82,7 @@ class PositionSetResult:
     clean_ld: Float[Tensor, "batch"]
     corrupted_ld: Float[Tensor, "batch"]
     seconds: float = 0.0
+    items: Int[Tensor, "batch example"] | None = None  # each context's task rows: widens the intervals
 
     @property
     def effect(self) -> Float[Tensor, "layer set"]:
@@ -98,7 +99,7 @@ class PositionSetResult:
             mean_logit_diff=self.logit_diff.mean(-1),
         )
         df.insert(3, "positions", [self.sets[i] for i in df["set_index"]])
-        low, high = value_interval(self)
+        low, high = value_interval(self, items=self.items)
         df["ci_low"], df["ci_high"] = low.reshape(-1), high.reshape(-1)
         return df.drop(columns="set_index")
 
@@ -129,12 +130,19 @@ def patch_position_sets(
         patcher.forwards += n * (L - l) / L
     clean, corr = patcher.baseline("clean"), patcher.baseline("corrupted")
     return PositionSetResult(
-        direction, tuple(sets), normalise(ld, clean, corr), ld, clean, corr, time.perf_counter() - t0
+        direction,
+        tuple(sets),
+        normalise(ld, clean, corr),
+        ld,
+        clean,
+        corr,
+        time.perf_counter() - t0,
+        pair.clean.example_ids,
     )
 
 
 def value_interval(
-    result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+    result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0, items: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Context-bootstrap interval of a patching result's normalised value, per cell (``[n0, n1]`` arrays).
 
@@ -143,11 +151,15 @@ def value_interval(
     recomputes numerator and denominator together (``resampling.ratio_ci``, the findings' convention).
     A cell that is exact in every context (patching everything) has a zero-width interval at 1; a
     t-interval of per-context values normalised by the mean gap would charge it the gap's variance.
-    Works for ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``).
+    Works for ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``). ``items``
+    (each context's task rows, ``PromptBatch.example_ids``): contexts that share rows are not independent, so the
+    interval is widened by the shared-row design effect (``stats.widen_for_shared_rows``).
     """
     base = result.corrupted_ld if result.direction == "denoise" else result.clean_ld
     num = (result.logit_diff - base).numpy()  # [n0, n1, batch]
-    _, lo, hi = ratio_ci(num, (result.clean_ld - result.corrupted_ld).numpy(), n_boot=n_boot, level=level, seed=seed)
+    gap = (result.clean_ld - result.corrupted_ld).numpy()
+    ids = None if items is None else np.asarray(items)
+    _, lo, hi = ratio_ci(num, gap, n_boot=n_boot, level=level, seed=seed, items=ids)
     offset = 0.0 if result.direction == "denoise" else 1.0
     return lo + offset, hi + offset
 

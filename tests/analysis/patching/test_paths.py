@@ -164,3 +164,30 @@ def test_equals_transformer_lens_direct_path_into_the_last_layer(toy):
             )
         assert ref[last].abs().max() > 1e-4  # small on a random model: compare tightly
         torch.testing.assert_close(mean[i, :-1], ref[last].float(), atol=5e-6, rtol=0)
+
+
+def test_table_interval_widens_for_contexts_that_share_task_rows():
+    """Contexts that share rows are not independent: the path table's interval is the context bootstrap's, widened
+    about the estimate by sqrt(design effect); distinct rows leave it as it is (design effect 1)."""
+    from mechicl.analysis.patching.paths import PathResult
+    from mechicl.analysis.stats import ratio_ci, shared_row_design_effect
+
+    rng = np.random.default_rng(0)
+    n = 12
+    ld = torch.tensor(rng.normal(1.0, 0.5, (1, 1, n)), dtype=torch.float32)
+    base = torch.tensor(rng.normal(0.0, 0.2, n), dtype=torch.float32)
+    gap = torch.tensor(rng.normal(2.0, 0.3, n), dtype=torch.float32)
+    shared = torch.arange(n * 4).reshape(n, 4) % 8  # every context draws from the same 8 rows
+    distinct = torch.arange(n * 4).reshape(n, 4)
+
+    def table(items):
+        r = PathResult("denoise", "label", ((0, 0),), ((None, LOGITS),), ld, base, gap, items=items)
+        return r.table(n_boot=500).iloc[0]
+
+    plain, wide, same = table(None), table(shared), table(distinct)
+    est, lo, hi = ratio_ci((ld - base).numpy()[0, 0], gap.numpy(), n_boot=500)
+    f = np.sqrt(shared_row_design_effect(shared.numpy()))
+    assert f > 1.2
+    np.testing.assert_allclose([plain.ci_low, plain.ci_high], [lo, hi], rtol=1e-6)
+    np.testing.assert_allclose([same.ci_low, same.ci_high], [lo, hi], rtol=1e-6)
+    np.testing.assert_allclose([wide.ci_low, wide.ci_high], [est - f * (est - lo), est + f * (hi - est)], rtol=1e-6)

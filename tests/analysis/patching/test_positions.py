@@ -15,6 +15,7 @@ from mechicl.analysis.patching.positions import (
     patch_position_sets,
     position_mask,
 )
+from mechicl.analysis.stats import shared_row_design_effect
 from mechicl.data.pairs import pair_for
 from mechicl.data.prompts import INPUT, LABEL
 from mechicl.data.tasks import load_task
@@ -70,7 +71,10 @@ def test_every_position_recovers_the_donor_run(organism, organism_pair, directio
     )
     idx = np.random.default_rng(0).integers(0, len(gap), size=(2000, len(gap)))
     draws = [num[i].mean() / gap[i].mean() for i in idx if gap[i].mean() > 0]
-    lo, hi = np.percentile(draws, [2.5, 97.5]) + (0.0 if direction == "denoise" else 1.0)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    # the organism's contexts share task rows: widened about the ratio of means by sqrt(design effect)
+    est, f = num.mean() / gap.mean(), np.sqrt(shared_row_design_effect(organism_pair.clean.example_ids.numpy()))
+    lo, hi = np.array([est - f * (est - lo), est + f * (hi - est)]) + (0.0 if direction == "denoise" else 1.0)
     assert (row.ci_low, row.ci_high) == pytest.approx((lo, hi), abs=1e-9)
     untouched = df[(df["positions"] == "input") & (df["layer"] == 0)]  # a no-op patch: zero width at the receiver
     assert np.allclose(untouched[["ci_low", "ci_high"]].to_numpy(), 1.0 - donor, atol=1e-5)
@@ -110,3 +114,27 @@ def test_value_part_isolates_one_query_head_under_gqa(toy):
         assert not torch.allclose(per_head.values[l, ::2], kv.values[l], atol=1e-4)
     with pytest.raises(ValueError, match="one layer"):
         patch_heads_part(patcher, [(0, 0), (1, 0)], "value")
+
+
+def test_value_interval_widens_for_contexts_that_share_task_rows():
+    """``value_interval`` with the contexts' task rows: the bootstrap interval widened about the ratio of means by
+    sqrt(design effect) of those rows (the offset of noising results kept)."""
+    from types import SimpleNamespace
+
+    from mechicl.analysis.patching.positions import value_interval
+    from mechicl.analysis.stats import ratio_ci
+
+    rng = np.random.default_rng(1)
+    n = 10
+    clean, corr = torch.tensor(rng.normal(2, 0.4, n)), torch.tensor(rng.normal(0, 0.4, n))
+    ld = torch.tensor(rng.normal(1, 0.5, (2, 3, n)))
+    items = np.arange(n * 3).reshape(n, 3) % 6
+    for direction, offset in (("denoise", 0.0), ("noise", 1.0)):
+        res = SimpleNamespace(direction=direction, logit_diff=ld, clean_ld=clean, corrupted_ld=corr)
+        base = corr if direction == "denoise" else clean
+        est, lo, hi = ratio_ci((ld - base).numpy(), (clean - corr).numpy(), n_boot=400)
+        f = np.sqrt(shared_row_design_effect(items))
+        got_lo, got_hi = value_interval(res, n_boot=400, items=items)
+        np.testing.assert_allclose(got_lo, est - f * (est - lo) + offset, rtol=1e-6)
+        np.testing.assert_allclose(got_hi, est + f * (hi - est) + offset, rtol=1e-6)
+        assert f > 1.1
