@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument(
         "--commands",
         default="load,patch,heads,report",
-        help=f"comma list of load, {', '.join(COMMANDS)}, findings:<task> (one grid cell, seed 0; findings:all = one "
+        help=f"comma list of load, {', '.join(COMMANDS)}, findings:<task>[@seed] (one grid cell, seed 0 unless @seed; findings:all = one "
         "per task of experiments/findings.toml), heads-stages (the head finder's peak per stage); all = load, every "
         "command and findings:all",
     )
@@ -129,9 +129,10 @@ def main() -> None:
             names.append(name)
     known = {"load", "heads-stages", *COMMANDS}
     bad = [n for n in names if n not in known and not n.startswith("findings:")]
+    bad += [n for n in names if n.startswith("findings:") and not (n.partition("@")[2] or "0").isdigit()]
     if bad:  # before any run: a typo must not end a long run halfway
         raise SystemExit(
-            f"unknown command {bad}; use all, load, {', '.join(COMMANDS)}, findings:<task> or heads-stages"
+            f"unknown command {bad}; use all, load, {', '.join(COMMANDS)}, findings:<task>[@seed] or heads-stages"
         )
     if "prior" in names and not (args.heads or args.model in PRIOR_HEADS):
         raise SystemExit(f"`prior` needs label heads for {args.model}: pass --heads 'L11H2;L15H0'")
@@ -167,24 +168,17 @@ def main() -> None:
                     wall, peak, _ = run_child(argv + (["--heads", heads] if heads else []))
                     cmd = f"mechicl {name} --model {args.model} --threads 1 --out <tmp>"
                     cmd += f" --heads '{heads}'" if heads else ""
-                elif name.startswith("findings:"):  # one grid cell (seed 0) of a task, at the grid's settings
-                    task = name.split(":", 1)[1]
-                    grid = [
-                        "--config",
-                        "experiments/findings.toml",
-                        "--models",
-                        args.model,
-                        "--tasks",
-                        task,
-                        "--seeds",
-                        "0",
-                    ]
+                elif name.startswith("findings:"):  # one grid cell of a task (seed 0, or @seed), grid settings
+                    task, _, seed = name.split(":", 1)[1].partition("@")
+                    seed = seed or "0"
+                    grid = ["--config", "experiments/findings.toml", "--models", args.model, "--tasks", task]
+                    grid += ["--seeds", seed]
                     wall, peak, _ = run_child(
                         [mechicl, "findings", *grid, "--threads", "1", "--out", str(Path(tmp) / "g")]
                     )
                     cell = json.loads(next((Path(tmp) / "g" / "cells").glob("*/cell.json")).read_text())
                     stages = ", ".join(f"{k} {v:.0f} s" for k, v in cell["timings"].items())
-                    cmd = f"mechicl findings --config experiments/findings.toml --models {args.model} --tasks {task} --seeds 0 --threads 1 --out <tmp> ({stages})"
+                    cmd = f"mechicl findings --config experiments/findings.toml --models {args.model} --tasks {task} --seeds {seed} --threads 1 --out <tmp> ({stages})"
         except RuntimeError as e:  # one failing command is reported, the others still run
             print(f"| `{name}` | failed: {str(e).splitlines()[0]} | | | |", flush=True)
             continue
