@@ -27,6 +27,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from _common import add_row
 
@@ -86,12 +87,13 @@ for k, v in peaks.items():
 """
 
 
-def run_child(cmd: list[str]) -> tuple[float, float, str]:
-    """``(wall seconds, peak RSS in MB, stdout)`` of one child process (its own ``ru_maxrss``); raises if it fails."""
+def run_child(cmd: list[str], preexec: Any = None) -> tuple[float, float, str]:
+    """``(wall seconds, peak RSS in MB, stdout)`` of one child process (its own ``ru_maxrss``), one torch thread;
+    raises if it fails. ``preexec``: run in the child before ``cmd`` (``bench_slow_core`` joins a CPU-quota group)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fo, stderr=fe, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fo, stderr=fe, text=True, preexec_fn=preexec)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage (Popen.wait would discard it)
         wall = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)

@@ -5,12 +5,12 @@
 
 Issue 31 asks the main job to finish in 5 min on a core with a 40-GFLOPS one-thread fp32 matmul (an AVX2-only
 AMD EPYC took 826 s). No such machine is here, so this script slows this one down: it measures the sustained
-one-thread matmul rate (``--probe-seconds`` of back-to-back 512 x 512 products, total FLOPs over total time: a
-median of single products would miss the throttling, each fits inside one quota slice), creates a cgroup-v1
+one-thread matmul rate (``--probe-seconds`` of back-to-back 512 x 512 products, ``machine.matmul_gflops(seconds=)``:
+a median of single products would miss the throttling, each fits inside one quota slice), creates a cgroup-v1
 ``cpu`` group whose CFS quota is ``period x target / measured``, measures the rate again inside it (and corrects the
 quota up to twice until it is within 5% of the target), then runs the
-command inside it (children inherit the group) and prints its wall time and peak RSS (``os.wait4``). The group
-is removed afterwards.
+command inside it (children inherit the group; ``bench_memory.run_child``, its output captured) and prints its wall
+time and peak RSS (``os.wait4``). The group is removed afterwards.
 
 What it emulates and what not: the quota gives the command that share of the core's time in slices of
 ``--period-us`` (default 10 ms), so compute-bound work runs at the target rate; memory bandwidth, caches and the
@@ -23,38 +23,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import _common  # noqa: F401  (prints this machine's line first, as every benchmark does)
+from bench_memory import run_child  # also prints this machine's line first, as every benchmark does
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
-PROBE = """
-import sys, time, torch
-torch.set_num_threads(1)
-a, b = torch.randn(512, 512), torch.randn(512, 512)
-torch.mm(a, b)
-n, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < float(sys.argv[1]):
-    torch.mm(a, b)
-    n += 1
-print(2 * 512**3 * n / (time.perf_counter() - t0) / 1e9)
-"""
+PROBE = "import sys; from mechicl.models.machine import matmul_gflops; print(matmul_gflops(seconds=float(sys.argv[1])))"
 
 
-def sustained_gflops(seconds: float, preexec: object = None) -> float:
-    """The one-thread fp32 matmul rate over ``seconds`` of back-to-back products, in a child process."""
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(seconds)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
-        preexec_fn=preexec,  # type: ignore[arg-type]
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+def sustained_gflops(seconds: float, preexec: Any = None) -> float:
+    """The sustained one-thread matmul rate (``machine.matmul_gflops(seconds=...)``) in a child process."""
+    return float(run_child([sys.executable, "-c", PROBE, str(seconds)], preexec)[2].strip().splitlines()[-1])
 
 
 def make_group(quota_us: int, period_us: int) -> Path:
@@ -73,7 +55,7 @@ def make_group(quota_us: int, period_us: int) -> Path:
     return group
 
 
-def join(group: Path) -> object:
+def join(group: Path) -> Any:
     """A ``preexec_fn`` that moves the child into ``group`` before it runs."""
     return lambda: (group / "tasks").write_text(str(os.getpid()))
 
@@ -103,11 +85,7 @@ def main() -> None:
             capped = sustained_gflops(args.probe_seconds, join(group))
         print(f"sustained one-thread matmul: {native:.1f} GFLOPS here, {capped:.1f} GFLOPS inside the group")
         print(f"CFS quota {quota} us per {args.period_us} us ({quota / args.period_us:.1%} of one CPU)")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=join(group))  # noqa: PLW1509 (the group, before exec)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
+        wall, peak, _ = run_child(cmd, join(group))  # raises with the command's stderr if it fails
         after = sustained_gflops(args.probe_seconds, join(group))
     finally:
         for _ in range(50):  # the group empties once its last child has exited
@@ -116,14 +94,10 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-    code = os.waitstatus_to_exitcode(status)
     print(f"inside the group again after the command: {after:.1f} GFLOPS")
-    print("| command | exit | wall s | peak RSS MB | emulated GFLOPS (before / after) |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| `{' '.join(cmd)}` | {code} | {wall:.0f} | {usage.ru_maxrss * 1024 / 1e6:.0f} | {capped:.1f} / {after:.1f} |"
-    )
-    sys.exit(code)
+    print("| command | wall s | peak RSS MB | emulated GFLOPS (before / after) |")
+    print("|---|---|---|---|")
+    print(f"| `{' '.join(cmd)}` | {wall:.0f} | {peak:.0f} | {capped:.1f} / {after:.1f} |")
 
 
 if __name__ == "__main__":

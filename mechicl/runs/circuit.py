@@ -90,10 +90,10 @@ def select_heads(patcher: Patcher, cfg: CircuitConfig) -> tuple[list[Head], list
     return sorted(senders), sorted(receivers), table
 
 
-def _with_ci(result: Any, items: Any) -> pd.DataFrame:
-    """A ``PatchResult`` table with the value's context-bootstrap interval (``patching.positions.value_interval``),
-    widened for the task rows ``items`` its contexts share."""
-    low, high = value_interval(result, items=items)
+def _with_ci(result: Any) -> pd.DataFrame:
+    """A ``PatchResult`` table with the value's context-bootstrap interval (``patching.positions.value_interval``,
+    widened for the task rows its contexts share)."""
+    low, high = value_interval(result)
     return result.table().assign(ci_low=low.reshape(-1), ci_high=high.reshape(-1))
 
 
@@ -118,7 +118,7 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
     sets = pd.concat([patch_position_sets(ev, d).table() for d in ("denoise", "noise")])
     folder.csv("resid_sets.csv", sets)
     resid_set_maps(sets, folder.path, loaded.name)
-    parts = pd.concat([_with_ci(patch_head_parts(ev, p, "denoise"), ev.pair.clean.example_ids) for p in PARTS])
+    parts = pd.concat([_with_ci(patch_head_parts(ev, p, "denoise")) for p in PARTS])
     folder.csv("head_parts.csv", parts)
     clock.lap("label patching")
     results = [path_patch(ev, senders, receivers, p, "denoise", mlps=m) for p in cfg.positions for m in MLPS]

@@ -202,6 +202,7 @@ class Patcher:
             computed=computed,
             pos_roles=roles,
             description=spec.description,
+            items=self.pair.clean.example_ids,
         )
 
     @torch.no_grad()

@@ -92,7 +92,7 @@ class PathResult:
             n_boot=n_boot,
             level=level,
             seed=seed,
-            items=None if self.items is None else self.items.numpy(),
+            items=self.items,
         )  # NaN where the gap is not positive
         rows = []
         for i, (sl, sh) in enumerate(self.senders):

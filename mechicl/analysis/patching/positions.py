@@ -99,7 +99,7 @@ class PositionSetResult:
             mean_logit_diff=self.logit_diff.mean(-1),
         )
         df.insert(3, "positions", [self.sets[i] for i in df["set_index"]])
-        low, high = value_interval(self, items=self.items)
+        low, high = value_interval(self)
         df["ci_low"], df["ci_high"] = low.reshape(-1), high.reshape(-1)
         return df.drop(columns="set_index")
 
@@ -142,7 +142,7 @@ def patch_position_sets(
 
 
 def value_interval(
-    result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0, items: Any = None
+    result: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Context-bootstrap interval of a patching result's normalised value, per cell (``[n0, n1]`` arrays).
 
@@ -151,15 +151,15 @@ def value_interval(
     recomputes numerator and denominator together (``resampling.ratio_ci``, the findings' convention).
     A cell that is exact in every context (patching everything) has a zero-width interval at 1; a
     t-interval of per-context values normalised by the mean gap would charge it the gap's variance.
-    Works for ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``). ``items``
-    (each context's task rows, ``PromptBatch.example_ids``): contexts that share rows are not independent, so the
-    interval is widened by the shared-row design effect (``stats.widen_for_shared_rows``).
+    Works for ``PatchResult`` and ``PositionSetResult`` (both keep ``logit_diff[n0, n1, batch]``). With the
+    result's ``items`` (each context's task rows, ``PromptBatch.example_ids``; None leaves it as is): contexts that
+    share rows are not independent, so the interval is widened by the shared-row design effect
+    (``stats.widen_for_shared_rows``).
     """
     base = result.corrupted_ld if result.direction == "denoise" else result.clean_ld
     num = (result.logit_diff - base).numpy()  # [n0, n1, batch]
     gap = (result.clean_ld - result.corrupted_ld).numpy()
-    ids = None if items is None else np.asarray(items)
-    _, lo, hi = ratio_ci(num, gap, n_boot=n_boot, level=level, seed=seed, items=ids)
+    _, lo, hi = ratio_ci(num, gap, n_boot=n_boot, level=level, seed=seed, items=result.items)
     offset = 0.0 if result.direction == "denoise" else 1.0
     return lo + offset, hi + offset
 
@@ -245,6 +245,7 @@ def patch_head_parts(patcher: Patcher, part: str, direction: str = "denoise", pr
         seconds=time.perf_counter() - t0,
         computed=torch.ones(L, H, dtype=torch.bool),
         description=f"one head's z recomputed with the donor's label {part}s",
+        items=patcher.pair.clean.example_ids,
     )
 
 

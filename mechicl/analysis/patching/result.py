@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechicl.errors import PairError
@@ -50,6 +50,7 @@ class PatchResult:
     computed: Bool[Tensor, "layer idx"] | None = None  # cells actually run (others are no-ops / not requested)
     pos_roles: tuple[str, ...] = ()  # role of each position (for pos axes), "mixed" where contexts differ
     description: str = ""
+    items: Int[Tensor, "batch example"] | None = None  # each context's task rows: widens the intervals
 
     @property
     def effect(self) -> Float[Tensor, "layer idx"]:

@@ -130,11 +130,11 @@ def test_value_interval_widens_for_contexts_that_share_task_rows():
     ld = torch.tensor(rng.normal(1, 0.5, (2, 3, n)))
     items = np.arange(n * 3).reshape(n, 3) % 6
     for direction, offset in (("denoise", 0.0), ("noise", 1.0)):
-        res = SimpleNamespace(direction=direction, logit_diff=ld, clean_ld=clean, corrupted_ld=corr)
+        res = SimpleNamespace(direction=direction, logit_diff=ld, clean_ld=clean, corrupted_ld=corr, items=items)
         base = corr if direction == "denoise" else clean
         est, lo, hi = ratio_ci((ld - base).numpy(), (clean - corr).numpy(), n_boot=400)
         f = np.sqrt(shared_row_design_effect(items))
-        got_lo, got_hi = value_interval(res, n_boot=400, items=items)
+        got_lo, got_hi = value_interval(res, n_boot=400)
         np.testing.assert_allclose(got_lo, est - f * (est - lo) + offset, rtol=1e-6)
         np.testing.assert_allclose(got_hi, est + f * (hi - est) + offset, rtol=1e-6)
         assert f > 1.1
