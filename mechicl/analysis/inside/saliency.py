@@ -101,9 +101,10 @@ def attention_saliency(
     """S_wp, S_pq, S_ww per layer and each head's pq saliency, averaged over the contexts of each batch.
 
     ``batch_size``: contexts per forward + backward. The backward keeps every layer's attention tensors; one
-    context at a time costs no time on the embedded models and bounds the memory (vader-words, 16 examples, one
-    thread, 8 contexts: smollm2-135m 9.0 s and +0.5 GB over the loaded model at 1, 9.1 s and +1.8 GB at 4;
-    gemma3-270m 6.8 s, +0.3 GB at 1 and 6.7 s, +1.2 GB at 4; issue 31).
+    context at a time is no slower on the embedded models and bounds the memory (vader-words, 16 examples, one
+    thread, 8 contexts: smollm2-135m 9.5 s and +0.50 GB over the loaded model at 1, 13.3 s and +2.05 GB at 4;
+    gemma3-270m 7.5 s, +0.31 GB at 1 and 8.8 s, +1.19 GB at 4; ``benchmarks/bench_saliency_memory.py``,
+    docs/results/memory/saliency_batch.md; issue 31).
     """
     layer_rows, head_rows = [], []
     for batch in batches:
