@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl.analysis.engine.hooks import Hook
-from mechicl.analysis.engine.reruns import ATOL, NoKVPath, check_rerun, prefix_cache, rerun, rerun_mask
+from mechicl.analysis.engine.reruns import ATOL, NoKVPath, cheapest_runs, check_rerun, prefix_cache, rerun, rerun_mask
 from mechicl.data.pairs import PatchPair
 
 
@@ -132,16 +132,8 @@ def suffix_groups(
     """Which patch positions share one suffix re-run: consecutive runs of the sorted ``positions``, at most ``per``
     each, a call running every cell from its group's first position ``s`` (``rows`` rows of ``width - s`` tokens
     per cell). Chosen to minimise ``sum(call_cost + len(group) x rows x (width - s))`` (dynamic programming over the
-    cut points; ``call_cost`` in row-tokens). Cost: ``len(positions) x per`` steps, no forwards."""
+    cut points, ``reruns.cheapest_runs``; ``call_cost`` in row-tokens). Cost: ``len(positions) x per`` steps, no
+    forwards."""
     p = sorted(int(x) for x in positions)
-    best, cut = [0.0] + [float("inf")] * len(p), [0] * (len(p) + 1)
-    for i in range(1, len(p) + 1):
-        for j in range(max(0, i - per), i):
-            c = best[j] + call_cost + (i - j) * rows * (width - p[j])
-            if c < best[i]:
-                best[i], cut[i] = c, j
-    groups, i = [], len(p)
-    while i > 0:
-        groups.append(p[cut[i] : i])
-        i = cut[i]
-    return groups[::-1]
+    runs = cheapest_runs(len(p), per, lambda j, size: call_cost + size * rows * (width - p[j]))
+    return [p[a:b] for a, b in runs]

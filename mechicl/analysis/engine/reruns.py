@@ -27,6 +27,8 @@ What they share, written once here:
 * **One fallback** (``kv_or_full``): ``mode="auto"`` takes the KV path when it builds and passes the check,
   else full forwards (quietly where the model has no cache, with a warning otherwise); ``"kv"`` raises instead;
   ``"full"`` never tries.
+* **One chunking rule** (``layer_chunks``): interventions grouped into calls by the lowest layer they touch, so
+  each call re-runs from its own (a screen listing every head re-ran heads of layer 12 from layer 0 before).
 * **One intervention vocabulary** (``z_hooks``): head outputs (``hook_z``) replaced at a row's own slot, by zero,
   one vector per head, or a per-context (and per-slot) source.
 
@@ -57,6 +59,9 @@ from mechicl.models.device import model_dtype
 
 MODES = ("auto", "kv", "full")
 ATOL = 1e-3  # the self-check's absolute tolerance in float32 (relative to max(1, max |reference|))
+# ``layer_chunks``: a call's fixed cost per block, in token rows (a modelling constant; it only decides where chunks
+# are cut, never what they compute)
+CALL_ROWS = 64
 
 
 class NoKVPath(RuntimeError):
@@ -231,6 +236,45 @@ def lowest_layer(masks: Bool[Tensor, "n layer head"]) -> int:
     """The lowest layer any intervention touches (the last layer when none does): blocks below it are unchanged."""
     used = masks.any(0).any(-1).nonzero()[:, 0]
     return int(used.min()) if len(used) else masks.shape[1] - 1
+
+
+def cheapest_runs(n: int, per: int, cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
+    """Cut items ``0 .. n-1`` (already sorted) into consecutive runs ``(start, stop)`` of at most ``per`` items that
+    minimise ``sum(cost(start, stop - start))``: a dynamic programme over the cut points, exact. The one grouping rule
+    of the engine's front-ends (``layer_chunks``; ``prefix_reuse.suffix_groups``). Cost: ``n x per`` calls of
+    ``cost``."""
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - max(1, per)), i):
+            c = best[j] + cost(j, i - j)
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    runs, i = [], n
+    while i > 0:
+        runs.append((cut[i], i))
+        i = cut[i]
+    return runs[::-1]
+
+
+def layer_chunks(
+    masks: Bool[Tensor, "n layer head"], per: int, rows: int = 1, call_rows: int = CALL_ROWS
+) -> list[Int[Tensor, "m"]]:
+    """The interventions in chunks of at most ``per``, grouped by the lowest layer each touches, so that every chunk
+    re-runs from its own lowest layer (``lowest_layer``) and not from the lowest of whatever slice it was given.
+
+    Why: a screen lists every head layer by layer; cut in slices of ``per``, a slice holding heads of layers 0-12
+    re-ran 13 layers for each of them. Here the interventions are sorted by their lowest layer and cut
+    (``cheapest_runs``) where the work is least: a chunk starting at layer ``l`` costs ``(its interventions x rows +
+    call_rows) x (L - l)`` token rows through blocks (``rows`` = token rows per intervention; ``call_rows`` = what a
+    call's fixed cost per block, hooks and smaller matrix products, is taken to be worth). Returns index tensors
+    into ``masks`` that together hold each index once. Cost: ``n x per`` steps, no forwards."""
+    n, L = masks.shape[0], masks.shape[1]
+    touched = masks.any(-1)  # [n, L]
+    low = torch.where(touched.any(-1), touched.to(torch.int8).argmax(-1), torch.full((n,), L - 1))
+    order = torch.argsort(low, stable=True)
+    depth = (L - low[order]).tolist()  # blocks re-run by a chunk that starts at this intervention
+    runs = cheapest_runs(n, per, lambda j, size: (size * rows + call_rows) * depth[j])
+    return [order[a:b] for a, b in runs]
 
 
 def z_hooks(

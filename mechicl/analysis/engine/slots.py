@@ -44,7 +44,8 @@ class SlotStepper:
 
     Cost: construction 1 forward, in chunks of rows of similar length of at most ``build_tokens`` tokens each
     (``reruns.length_chunks``: no row padded to the batch's longest); ``run``: ``n x S`` one-token steps per context
-    from the lowest intervened layer on (kv; blocks below it are skipped) or ``n x S`` forwards per context (full).
+    from the lowest intervened layer on (kv; blocks below it are skipped; interventions are grouped into calls by that
+    layer, ``reruns.layer_chunks``) or ``n x S`` forwards per context (full).
     Memory: the batch's KV cache, ``z`` at the slots (``batch x S x n_layers x n_heads x d_head`` floats); a step's
     attention scores stay under ``score_bytes`` (the chunking of ``run``).
     """
@@ -165,16 +166,21 @@ class SlotStepper:
         """
         if self._spilled is not None:  # a range of contexts at a time, its cache rows read back from the file
             return self._in_ranges(SPILL_READ_BYTES, lambda v, src: v.run(masks, src, progress), source, 1)
-        n, S = masks.shape[0], self.n_slots
+        n, S, b = masks.shape[0], self.n_slots, self.batch.n_contexts
         per = self._kv_chunk(n) if self.mode == "kv" else max(1, self.max_rows // S)  # full: max_rows rows a forward
         step = self._run_kv if self.mode == "kv" else self._run_full
-        chunks = range(0, n, per)
+        chunks = reruns.layer_chunks(masks, per, rows=b * S)  # grouped by the lowest layer (each re-runs from its own)
         with self._resident():
-            out = [
-                step(masks[c : c + per], source)
-                for c in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
+            parts = [
+                (idx, step(masks[idx], source))
+                for idx in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
             ]
-        return torch.cat(out, 0) if out else torch.zeros(0, self.batch.n_contexts, S, len(self.label_ids))
+        if not parts:
+            return torch.zeros(0, b, S, len(self.label_ids))
+        out = parts[0][1].new_empty(n, *parts[0][1].shape[1:])
+        for idx, part in parts:
+            out[idx.to(out.device)] = part
+        return out
 
     @torch.no_grad()
     def run_mixed(

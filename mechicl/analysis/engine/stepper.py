@@ -39,10 +39,12 @@ class ReadoutStepper:
     KV cache (e.g. TL-native models) or the check fails (``reruns.kv_or_full``).
 
     Cost: construction 1 forward; ``run`` of ``n`` interventions: ``n`` tokens per
-    context (``mode == "kv"``, ``step_tokens`` tokens per call) or ``n`` forwards from
-    the lowest intervened layer (``"full"``, ``max_rows`` rows per call), reported in
+    context (``mode == "kv"``, ``step_tokens`` tokens per call) or ``n`` forwards (``"full"``, ``max_rows`` rows
+    per call), either way from the lowest layer a call's interventions touch (the residual entering it is kept
+    at the query slot; calls are grouped by that layer, ``reruns.layer_chunks``); reported in
     ``last_cost`` (forward equivalents). Memory (kv): the prefix cache,
-    ``batch x pos x n_layers x 2 x n_kv_heads x d_head`` floats, plus one step.
+    ``batch x pos x n_layers x 2 x n_kv_heads x d_head`` floats, and ``batch x n_layers x d_model`` (the
+    residual at the query slot), plus one step.
     Devices: ``z`` and the cache stay on the model's device(s); logits come back float32 on the CPU.
     """
 
@@ -93,7 +95,8 @@ class ReadoutStepper:
         b, width = self.n_contexts, self.width
         store: dict[str, Tensor] = {}
         lay = self.layout
-        hooks = capture(self._z_names(), store, at=torch.full((b, 1), width - 1))
+        res_names = [act_name("resid_pre", l) for l in range(1, self.n_layers)]
+        hooks = capture(self._z_names() + res_names, store, at=torch.full((b, 1), width - 1))
         cache, resid = reruns.prefix_cache(
             self.model, lay.tokens, hooks, keep_all=self.keep_all, attention_mask=lay.mask, position_ids=lay.pos
         )
@@ -101,6 +104,7 @@ class ReadoutStepper:
         self._kv_cache = cache
         dev = input_device(self.model)  # a split model's layers live on several devices
         self.z = torch.stack([store[n][:, 0].to(dev) for n in self._z_names()], 1)  # [batch, layer, head, d_head]
+        self._resid_pre = {l: store[act_name("resid_pre", l)] for l in range(1, self.n_layers)}  # [batch, 1, d_model]
         self.base_logits = to_host(unembed_labels(self.model, resid[:, -1], self.label_ids))
         self.mode = "kv"
         check = self.run(torch.zeros(3, self.n_layers, self.n_heads, dtype=torch.bool), None)
@@ -137,12 +141,12 @@ class ReadoutStepper:
         if self.mode == "kv" and self.window and not self.keep_all:  # sliding layers evict past the window
             per = max(1, min(per, self.window - self.width))
         src = source[:, None] if source is not None and source.dim() == 4 else source  # one slot: [batch, 1, ...]
-        out = []
+        out = torch.zeros(n, b, len(self.label_ids))
         self.last_cost = 0.0
-        for c0 in tqdm(range(0, n, per), desc="readout interventions", unit="chunk", disable=not progress, leave=False):
-            chunk = masks[c0 : c0 + per]
-            out.append(self._run_kv(chunk, src) if self.mode == "kv" else self._run_full(chunk, src))
-        return torch.cat(out, 0) if out else torch.zeros(0, b, len(self.label_ids))
+        chunks = reruns.layer_chunks(masks, per, rows=b)  # grouped by the lowest layer (each re-runs from its own)
+        for idx in tqdm(chunks, desc="readout interventions", unit="chunk", disable=not progress, leave=False):
+            out[idx] = self._run_kv(masks[idx], src) if self.mode == "kv" else self._run_full(masks[idx], src)
+        return out
 
     def _run_kv(self, masks: Tensor, source: Tensor | None) -> Tensor:
         """``n`` copies of each context's query token side by side, all at the query's position; copy ``i`` sees
@@ -151,6 +155,7 @@ class ReadoutStepper:
         pm = self.width - 1  # cached prefix length
         q_pos = self.q[:, None].expand(b, n).contiguous()
         mask = reruns.copies_mask(self.model, lay.mask[:, None, :pm].bool().expand(b, n, pm), q_pos, lay.pos[:, :pm])
+        l0 = reruns.lowest_layer(masks)  # blocks below the lowest intervened layer are unchanged: start there
         resid = reruns.rerun(
             self.model,
             self._kv_cache,
@@ -158,8 +163,9 @@ class ReadoutStepper:
             reruns.z_hooks(masks, source, 1, b),
             attention_mask=mask,
             position_ids=q_pos,
+            start=(l0, self._resid_pre[l0].repeat(1, n, 1)) if l0 > 0 else None,
         )
-        self.last_cost += n / max(1, int(self.q.float().mean()) + 1)
+        self.last_cost += n * (self.n_layers - l0) / self.n_layers / max(1, int(self.q.float().mean()) + 1)
         return to_host(unembed_labels(self.model, resid, self.label_ids)).transpose(0, 1)  # [n, b, labels]
 
     def _run_full(self, masks: Tensor, source: Tensor | None) -> Tensor:

@@ -112,3 +112,49 @@ def test_length_chunks_sort_by_length_and_keep_each_chunk_within_its_token_budge
     lengths = [last[c] + 1 for c in chunks]
     assert [c.tolist() for c in chunks] == [[1, 3], [2, 5], [0], [4]]  # sorted by length (stable); 3 x 6 > 16
     assert all(len(n) * int(n.max()) <= 16 or len(n) == 1 for n in lengths)  # a row longer than the budget is alone
+
+
+def _chunk_cost(chunks, low, L, fixed):
+    """Blocks re-run, in token rows per intervention: each chunk from its own lowest layer."""
+    return sum((len(c) + fixed) * (L - min(low[i] for i in c)) for c in chunks)
+
+
+def test_layer_chunks_cover_every_intervention_once_and_cost_the_brute_force_minimum():
+    import itertools
+
+    from mechicl.analysis.engine.reruns import layer_chunks
+
+    L, H, per, rows, call_rows = 6, 2, 3, 4, 8
+    sets = [[(5, 0)], [(0, 1)], [(3, 0)], [], [(1, 1), (4, 0)], [(0, 0)], [(3, 1)], [(2, 0)]]
+    masks = head_masks(sets, L, H)
+    low = [min((l for l, _ in s), default=L - 1) for s in sets]
+    chunks = [c.tolist() for c in layer_chunks(masks, per, rows=rows, call_rows=call_rows)]
+    assert sorted(i for c in chunks for i in c) == list(range(len(sets)))
+    assert all(1 <= len(c) <= per for c in chunks)
+    fixed = call_rows / rows
+    got = _chunk_cost(chunks, low, L, fixed)
+    # brute force: every partition of the interventions, sorted by layer, into runs of at most ``per``
+    order = sorted(range(len(sets)), key=lambda i: low[i])
+    best = min(
+        _chunk_cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], low, L, fixed)
+        for r in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), r)
+        if all(b - a <= per for a, b in zip((0, *cuts), (*cuts, len(order))))
+    )
+    assert got == pytest.approx(best)
+    naive = [list(range(i, min(len(sets), i + per))) for i in range(0, len(sets), per)]  # slices in the order given
+    assert got < _chunk_cost(naive, low, L, fixed)
+    assert layer_chunks(masks[:0], per) == []
+
+
+def test_interventions_in_any_order_give_the_same_results_in_both_steppers():
+    loaded = helpers.tiny_hf("llama")
+    b = helpers.batch(loaded, helpers.toy_task(), "default", n_contexts=4, n_examples=6)
+    masks = head_masks([[(l, h)] for l in range(2) for h in range(4)] + [[], [(0, 2), (1, 1)]], 2, 4)
+    perm = torch.randperm(len(masks), generator=torch.Generator().manual_seed(0))
+    for st in (SlotStepper(loaded.model, b, k_min=2, step_tokens=24), ReadoutStepper(loaded.model, b, step_tokens=12)):
+        donor = st.z[torch.tensor([1, 2, 3, 0])]
+        got, ref = st.run(masks[perm], donor), st.run(masks, donor)[perm]
+        assert torch.allclose(got, ref, atol=1e-5), type(st).__name__
+        ones = torch.stack([st.run(m[None], donor)[0] for m in masks])  # one intervention a call: no grouping at all
+        assert torch.allclose(st.run(masks, donor), ones, atol=1e-5), type(st).__name__

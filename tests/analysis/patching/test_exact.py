@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
+from mechicl.analysis.engine.hooks import head_masks
 from mechicl.analysis.engine.stepper import ReadoutStepper
 from mechicl.analysis.patching.attribution import agreement, attribution_patch
 from mechicl.analysis.patching.exact import KINDS, Patcher
@@ -178,6 +179,7 @@ def test_readout_stepper_kv_equals_full_forward(toy):
         assert st.mode == "kv"
         ref = ReadoutStepper(loaded.model, b, mode="full")
         masks = torch.rand(5, 2, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+        masks = torch.cat([masks, head_masks([[(1, 0)], [(1, 2), (1, 3)]], 2, 4)])  # these re-run from block 1
         for src in (None, st.z.mean(0), st.z * 0.5):
             assert torch.allclose(st.run(masks, src), ref.run(masks, src), atol=1e-4)
         assert torch.allclose(st.base_logits, helpers.full_label_logits(loaded, b)[:, -1], atol=1e-4)
