@@ -118,7 +118,7 @@ def run_circuit(loaded: Any, task: Task, cfg: CircuitConfig, out: Path) -> tuple
     sets = pd.concat([patch_position_sets(ev, d).table() for d in ("denoise", "noise")])
     folder.csv("resid_sets.csv", sets)
     resid_set_maps(sets, folder.path, loaded.name)
-    parts = pd.concat([_with_ci(patch_head_parts(ev, p, "denoise")) for p in PARTS])
+    parts = pd.concat([_with_ci(r) for r in patch_head_parts(ev, PARTS, "denoise")])
     folder.csv("head_parts.csv", parts)
     clock.lap("label patching")
     results = [path_patch(ev, senders, receivers, p, "denoise", mlps=m) for p in cfg.positions for m in MLPS]

@@ -116,6 +116,12 @@ class Patcher:
             self.forwards += 1
         return store
 
+    def forget(self, which: str, names: Sequence[str]) -> None:
+        """Drop run ``which``'s cached activations ``names`` (a later ``cached`` runs a forward for them again): how a
+        layer-by-layer sweep keeps one layer's activations at a time. Cost: none."""
+        for n in names:
+            self._store[which].pop(n, None)
+
     def prime(self, which: str, run: ReadoutRun) -> None:
         """Fill run ``which``'s cache from ``run``, a ``ReadoutRun`` whose first contexts are this pair's ``which``
         contexts (same tokens up to the query slot), so that they are not run again. Its full-position

@@ -220,33 +220,50 @@ def _run_z_patches(
 
 
 @torch.no_grad()
-def patch_head_parts(patcher: Patcher, part: str, direction: str = "denoise", progress: bool = False) -> PatchResult:
-    """Every head, one at a time: ``z`` recomputed with the donor's label ``pattern`` or label ``value``s.
+def patch_head_parts(
+    patcher: Patcher, parts: Sequence[str] = PARTS, direction: str = "denoise", progress: bool = False
+) -> list[PatchResult]:
+    """Every head, one at a time: ``z`` recomputed with the donor's label ``pattern`` or label ``value``s; one result
+    per part of ``parts``.
 
-    Returns a ``PatchResult`` of kind ``head_{part}_label_z`` on axes (layer, head). Cost: per layer one
-    forward of ``n_heads x batch`` rows from that layer, plus cached runs (pattern and ``v`` per layer).
+    Each a ``PatchResult`` of kind ``head_{part}_label_z`` on axes (layer, head). Cost: per layer and part one
+    forward of ``n_heads x batch`` rows from that layer, plus one cached forward per run and layer (its pattern and
+    ``v``). Memory: one layer's patterns at a time: a layer's are dropped from the patcher's cache once every part
+    has used them (smollm2-135m's `circuit` kept all 30 layers' and passed 3 GB, issue 31), unless it held them before.
     """
+    if isinstance(parts, str) or not set(parts) <= set(PARTS):
+        raise ValueError(f"parts must be a sequence of {PARTS}, got {parts!r}")
     t0, f0 = time.perf_counter(), patcher.forwards
-    recv, _ = runs_for(direction)
+    recv, donor = runs_for(direction)
     L, H = patcher.n_layers, int(patcher.model.cfg.n_heads)
-    ld = torch.empty(L, H, patcher.pair.n_contexts)
-    for l in tqdm(range(L), desc=f"patch head {part}", unit="layer", disable=not progress, leave=False):
-        ld[l] = _run_z_patches(patcher, l, recv, _part_z(patcher, l, part, direction), [[h] for h in range(H)])
+    ld = {p: torch.empty(L, H, patcher.pair.n_contexts) for p in parts}
+    for l in tqdm(range(L), desc="patch head parts", unit="layer", disable=not progress, leave=False):
+        names = [act_name("pattern", l), act_name("v", l)]
+        had = {w: [n for n in names if n in patcher.cached(w, [])] for w in (recv, donor)}
+        for p in parts:
+            ld[p][l] = _run_z_patches(patcher, l, recv, _part_z(patcher, l, p, direction), [[h] for h in range(H)])
+        for w in (recv, donor):
+            patcher.forget(w, [n for n in names if n not in had[w]])
     clean, corr = patcher.baseline("clean"), patcher.baseline("corrupted")
-    return PatchResult(
-        kind=f"head_{part}_label_z",
-        direction=direction,
-        axes=("layer", "head"),
-        values=normalise(ld, clean, corr),
-        logit_diff=ld,
-        clean_ld=clean,
-        corrupted_ld=corr,
-        forwards=patcher.forwards - f0,
-        seconds=time.perf_counter() - t0,
-        computed=torch.ones(L, H, dtype=torch.bool),
-        description=f"one head's z recomputed with the donor's label {part}s",
-        items=patcher.pair.clean.example_ids,
-    )
+    # the parts cost the same (one forward per layer each; the cached runs shared): time and forwards split evenly
+    seconds, forwards = (time.perf_counter() - t0) / len(parts), (patcher.forwards - f0) / len(parts)
+    return [
+        PatchResult(
+            kind=f"head_{p}_label_z",
+            direction=direction,
+            axes=("layer", "head"),
+            values=normalise(ld[p], clean, corr),
+            logit_diff=ld[p],
+            clean_ld=clean,
+            corrupted_ld=corr,
+            forwards=forwards,
+            seconds=seconds,
+            computed=torch.ones(L, H, dtype=torch.bool),
+            description=f"one head's z recomputed with the donor's label {p}s",
+            items=patcher.pair.clean.example_ids,
+        )
+        for p in parts
+    ]
 
 
 @torch.no_grad()

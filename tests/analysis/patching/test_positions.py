@@ -92,8 +92,11 @@ def test_readout_set_equals_the_resid_sweep_cell(organism, organism_pair):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_head_parts_equal_the_hook_level_sweeps_without_gqa(organism, organism_pair, direction):
     patcher = Patcher(organism.model, organism_pair)
-    for part, kind in zip(PARTS, ("head_pattern_label", "head_v_label")):
-        mine = patch_head_parts(patcher, part, direction)
+    held = set(patcher.cached("clean", [])) | set(patcher.cached("corrupted", []))
+    both = patch_head_parts(patcher, PARTS, direction)
+    after = set(patcher.cached("clean", [])) | set(patcher.cached("corrupted", []))
+    assert not any(n.endswith(("hook_pattern", "hook_v")) for n in after - held)  # one layer's patterns at a time
+    for part, kind, mine in zip(PARTS, ("head_pattern_label", "head_v_label"), both):
         ref = patcher.sweep(kind, direction)  # n_kv_heads == n_heads here, so kv_head == head
         torch.testing.assert_close(mine.values, ref.values, atol=1e-5, rtol=0)
         assert mine.kind == f"head_{part}_label_z"
@@ -104,7 +107,7 @@ def test_value_part_isolates_one_query_head_under_gqa(toy):
     pair = pair_for(loaded, toy, 4, 6, seed=2)
     patcher = Patcher(loaded.model, pair)
     kv = patcher.sweep("head_v_label", "denoise")  # [layer, kv_head]
-    per_head = patch_head_parts(patcher, "value", "denoise")
+    (per_head,) = patch_head_parts(patcher, ["value"], "denoise")
     for l in range(2):
         for g in range(2):
             group = [(l, 2 * g), (l, 2 * g + 1)]
@@ -114,6 +117,8 @@ def test_value_part_isolates_one_query_head_under_gqa(toy):
         assert not torch.allclose(per_head.values[l, ::2], kv.values[l], atol=1e-4)
     with pytest.raises(ValueError, match="one layer"):
         patch_heads_part(patcher, [(0, 0), (1, 0)], "value")
+    with pytest.raises(ValueError, match="sequence of"):
+        patch_head_parts(patcher, "value")  # a name, not a sequence of names
 
 
 def test_value_interval_widens_for_contexts_that_share_task_rows():
