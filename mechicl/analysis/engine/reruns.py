@@ -62,6 +62,7 @@ ATOL = 1e-3  # the self-check's absolute tolerance in float32 (relative to max(1
 # ``layer_chunks``: a call's fixed cost per block, in token rows (a modelling constant; it only decides where chunks
 # are cut, never what they compute)
 CALL_ROWS = 64
+DP_STEPS = 10**6  # ``cheapest_runs``: cost evaluations before it falls back to plain runs (bounds its planning time)
 
 
 class NoKVPath(RuntimeError):
@@ -242,10 +243,13 @@ def cheapest_runs(n: int, per: int, cost: Callable[[int, int], float]) -> list[t
     """Cut items ``0 .. n-1`` (already sorted) into consecutive runs ``(start, stop)`` of at most ``per`` items that
     minimise ``sum(cost(start, stop - start))``: a dynamic programme over the cut points, exact. The one grouping rule
     of the engine's front-ends (``layer_chunks``; ``prefix_reuse.suffix_groups``). Cost: ``n x per`` calls of
-    ``cost``."""
+    ``cost``; past ``DP_STEPS`` of them, plain runs of ``per`` in the sorted order (what a sort alone saves)."""
+    per = max(1, per)
+    if n * min(n, per) > DP_STEPS:
+        return [(a, min(n, a + per)) for a in range(0, n, per)]
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for i in range(1, n + 1):
-        for j in range(max(0, i - max(1, per)), i):
+        for j in range(max(0, i - per), i):
             c = best[j] + cost(j, i - j)
             if c < best[i]:
                 best[i], cut[i] = c, j

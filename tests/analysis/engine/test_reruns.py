@@ -158,3 +158,10 @@ def test_interventions_in_any_order_give_the_same_results_in_both_steppers():
         assert torch.allclose(got, ref, atol=1e-5), type(st).__name__
         ones = torch.stack([st.run(m[None], donor)[0] for m in masks])  # one intervention a call: no grouping at all
         assert torch.allclose(st.run(masks, donor), ones, atol=1e-5), type(st).__name__
+
+
+def test_cheapest_runs_past_its_step_budget_cuts_plain_runs_in_the_sorted_order(monkeypatch):
+    monkeypatch.setattr(reruns, "DP_STEPS", 10)
+    assert reruns.cheapest_runs(7, 3, lambda j, size: 1.0) == [(0, 3), (3, 6), (6, 7)]
+    monkeypatch.setattr(reruns, "DP_STEPS", 10**6)
+    assert reruns.cheapest_runs(7, 3, lambda j, size: 1.0) == [(0, 1), (1, 4), (4, 7)]  # the DP: 3 runs too, cut elsewhere
