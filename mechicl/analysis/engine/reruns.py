@@ -281,6 +281,15 @@ def layer_chunks(
     return [order[a:b] for a, b in runs]
 
 
+def in_order(parts: Sequence[tuple[Tensor, Tensor]], n: int) -> Tensor:
+    """``(indices, results)`` of chunks (``layer_chunks``) back in the interventions' order: ``[n, ...]``, on the
+    results' device (the first chunk's shape after dim 0)."""
+    out = parts[0][1].new_empty(n, *parts[0][1].shape[1:])
+    for idx, part in parts:
+        out[idx.to(out.device)] = part
+    return out
+
+
 def z_hooks(
     masks: Bool[Tensor, "n layer head"],
     source: Tensor | None,

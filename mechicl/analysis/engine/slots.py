@@ -44,10 +44,9 @@ class SlotStepper:
 
     Cost: construction 1 forward, in chunks of rows of similar length of at most ``build_tokens`` tokens each
     (``reruns.length_chunks``: no row padded to the batch's longest); ``run``: ``n x S`` one-token steps per context
-    from the lowest intervened layer on (kv; blocks below it are skipped; interventions are grouped into calls by that
-    layer, ``reruns.layer_chunks``) or ``n x S`` forwards per context (full).
-    Memory: the batch's KV cache, ``z`` at the slots (``batch x S x n_layers x n_heads x d_head`` floats); a step's
-    attention scores stay under ``score_bytes`` (the chunking of ``run``).
+    from the lowest intervened layer on (kv; calls grouped by that layer, ``reruns.layer_chunks``) or ``n x S``
+    forwards per context (full). Memory: the batch's KV cache, ``z`` at the slots (``batch x S x n_layers x
+    n_heads x d_head`` floats); a step's attention scores stay under ``score_bytes`` (the chunking of ``run``).
     """
 
     def __init__(
@@ -175,12 +174,7 @@ class SlotStepper:
                 (idx, step(masks[idx], source))
                 for idx in tqdm(chunks, desc="slot interventions", unit="chunk", disable=not progress, leave=False)
             ]
-        if not parts:
-            return torch.zeros(0, b, S, len(self.label_ids))
-        out = parts[0][1].new_empty(n, *parts[0][1].shape[1:])
-        for idx, part in parts:
-            out[idx.to(out.device)] = part
-        return out
+        return reruns.in_order(parts, n) if parts else torch.zeros(0, b, S, len(self.label_ids))
 
     @torch.no_grad()
     def run_mixed(

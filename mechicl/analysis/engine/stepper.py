@@ -141,12 +141,14 @@ class ReadoutStepper:
         if self.mode == "kv" and self.window and not self.keep_all:  # sliding layers evict past the window
             per = max(1, min(per, self.window - self.width))
         src = source[:, None] if source is not None and source.dim() == 4 else source  # one slot: [batch, 1, ...]
-        out = torch.zeros(n, b, len(self.label_ids))
         self.last_cost = 0.0
+        step = self._run_kv if self.mode == "kv" else self._run_full
         chunks = reruns.layer_chunks(masks, per, rows=b)  # grouped by the lowest layer (each re-runs from its own)
-        for idx in tqdm(chunks, desc="readout interventions", unit="chunk", disable=not progress, leave=False):
-            out[idx] = self._run_kv(masks[idx], src) if self.mode == "kv" else self._run_full(masks[idx], src)
-        return out
+        parts = [
+            (idx, step(masks[idx], src))
+            for idx in tqdm(chunks, desc="readout interventions", unit="chunk", disable=not progress, leave=False)
+        ]
+        return reruns.in_order(parts, n) if parts else torch.zeros(0, b, len(self.label_ids))
 
     def _run_kv(self, masks: Tensor, source: Tensor | None) -> Tensor:
         """``n`` copies of each context's query token side by side, all at the query's position; copy ``i`` sees

@@ -164,4 +164,8 @@ def test_cheapest_runs_past_its_step_budget_cuts_plain_runs_in_the_sorted_order(
     monkeypatch.setattr(reruns, "DP_STEPS", 10)
     assert reruns.cheapest_runs(7, 3, lambda j, size: 1.0) == [(0, 3), (3, 6), (6, 7)]
     monkeypatch.setattr(reruns, "DP_STEPS", 10**6)
-    assert reruns.cheapest_runs(7, 3, lambda j, size: 1.0) == [(0, 1), (1, 4), (4, 7)]  # the DP: 3 runs too, cut elsewhere
+    assert reruns.cheapest_runs(7, 3, lambda j, size: 1.0) == [
+        (0, 1),
+        (1, 4),
+        (4, 7),
+    ]  # the DP: 3 runs too, cut elsewhere
