@@ -52,8 +52,9 @@ floats per position: ``p0`` positions shared, ``width - 1`` per receiver swept b
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -116,11 +117,17 @@ class Patcher:
             self.forwards += 1
         return store
 
-    def forget(self, which: str, names: Sequence[str]) -> None:
-        """Drop run ``which``'s cached activations ``names`` (a later ``cached`` runs a forward for them again): how a
-        layer-by-layer sweep keeps one layer's activations at a time. Cost: none."""
-        for n in names:
-            self._store[which].pop(n, None)
+    @contextlib.contextmanager
+    def transient(self, names: Sequence[str]) -> Iterator[None]:
+        """Activations ``names`` cached inside the block (either run) are dropped when it ends; those cached before
+        it stay: how a layer-by-layer sweep keeps one layer's activations at a time. Cost: none."""
+        held = {w: set(names) & set(s) for w, s in self._store.items()}
+        try:
+            yield
+        finally:
+            for w, s in self._store.items():
+                for n in set(names) - held[w]:
+                    s.pop(n, None)
 
     def prime(self, which: str, run: ReadoutRun) -> None:
         """Fill run ``which``'s cache from ``run``, a ``ReadoutRun`` whose first contexts are this pair's ``which``

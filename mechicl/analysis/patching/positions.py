@@ -234,16 +234,13 @@ def patch_head_parts(
     if isinstance(parts, str) or not set(parts) <= set(PARTS):
         raise ValueError(f"parts must be a sequence of {PARTS}, got {parts!r}")
     t0, f0 = time.perf_counter(), patcher.forwards
-    recv, donor = runs_for(direction)
+    recv, _ = runs_for(direction)
     L, H = patcher.n_layers, int(patcher.model.cfg.n_heads)
     ld = {p: torch.empty(L, H, patcher.pair.n_contexts) for p in parts}
     for l in tqdm(range(L), desc="patch head parts", unit="layer", disable=not progress, leave=False):
-        names = [act_name("pattern", l), act_name("v", l)]
-        had = {w: [n for n in names if n in patcher.cached(w, [])] for w in (recv, donor)}
-        for p in parts:
-            ld[p][l] = _run_z_patches(patcher, l, recv, _part_z(patcher, l, p, direction), [[h] for h in range(H)])
-        for w in (recv, donor):
-            patcher.forget(w, [n for n in names if n not in had[w]])
+        with patcher.transient([act_name("pattern", l), act_name("v", l)]):  # both parts read them, then dropped
+            for p in parts:
+                ld[p][l] = _run_z_patches(patcher, l, recv, _part_z(patcher, l, p, direction), [[h] for h in range(H)])
     clean, corr = patcher.baseline("clean"), patcher.baseline("corrupted")
     # the parts cost the same (one forward per layer each; the cached runs shared): time and forwards split evenly
     seconds, forwards = (time.perf_counter() - t0) / len(parts), (patcher.forwards - f0) / len(parts)
